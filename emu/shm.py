@@ -1,0 +1,170 @@
+"""Named POSIX shared-memory segments shared by the processes of one emulated host.
+
+This is the emulator's stand-in for physical memory: the page memory, the page table, the per-CPU pool
+structures, the statistics blocks and the BPF maps all live in segments created here.  It is a thin
+layer over `multiprocessing.shared_memory`'s primitive (`_posixshmem.shm_open` + `mmap`), with three
+deliberate differences from `SharedMemory`:
+
+* **Only the creator registers with the resource tracker.**  Before Python 3.13 `SharedMemory`
+  registers every segment it *attaches* as well, so an independently started process (``emu host``, a
+  test's subprocess) would unlink a segment it merely used when it exits.  Attaching here never touches
+  the tracker; the creator unlinks.
+* **Space is reserved at creation.**  A segment is a sparse file on tmpfs; touching a page tmpfs cannot
+  back raises SIGBUS, not an exception.  `posix_fallocate` makes an undersized ``/dev/shm`` fail at once
+  with the size that was needed.
+* **Names carry a run prefix** (``ppemu-<pid>-<token>``) so that `sweep_stale` can remove what a run
+  killed with SIGKILL left behind, and nothing else.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import shutil
+from multiprocessing import resource_tracker
+
+import _posixshmem
+import numpy as np
+
+SHM_DIR = "/dev/shm"
+PREFIX = "ppemu"
+
+
+class ShmSpaceError(OSError):
+    """``/dev/shm`` cannot hold what a topology needs."""
+
+
+def new_run_prefix() -> str:
+    """A run-unique name prefix: the creating pid (for `sweep_stale`) and a random token."""
+    return f"{PREFIX}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def shm_free_bytes() -> int:
+    """Bytes still free in ``/dev/shm``."""
+    return shutil.disk_usage(SHM_DIR).free
+
+
+class Segment:
+    """One mapped shared-memory segment; `array` carves typed numpy views out of it."""
+
+    def __init__(self, name: str, fd: int, size: int, owner: bool) -> None:
+        self.name = name
+        self.size = size
+        self.owner = owner
+        self._mmap: mmap.mmap | None = mmap.mmap(fd, size)
+        os.close(fd)
+        self.buf = memoryview(self._mmap)
+
+    @classmethod
+    def create(cls, name: str, size: int) -> Segment:
+        """Create a zero-filled segment of `size` bytes, reserving its tmpfs space up front."""
+        size = max(int(size), 1)
+        fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+        try:
+            os.ftruncate(fd, size)
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            os.close(fd)
+            _posixshmem.shm_unlink("/" + name)
+            raise ShmSpaceError(
+                exc.errno,
+                f"cannot reserve {size:,} bytes for shared-memory segment {name!r} in {SHM_DIR} "
+                f"({shm_free_bytes():,} bytes free): {exc.strerror}",
+            ) from None
+        resource_tracker.register("/" + name, "shared_memory")
+        return cls(name, fd, size, owner=True)
+
+    @classmethod
+    def attach(cls, name: str) -> Segment:
+        """Map an existing segment without taking responsibility for unlinking it."""
+        fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
+        size = os.fstat(fd).st_size
+        return cls(name, fd, size, owner=False)
+
+    def array(self, dtype: np.dtype | str | type, count: int, offset: int) -> np.ndarray:
+        """A numpy view of `count` items of `dtype` at byte `offset` of the segment."""
+        return np.frombuffer(self.buf, dtype=dtype, count=count, offset=offset)
+
+    def close(self) -> None:
+        """Drop this process's mapping.
+
+        Numpy views handed out by `array` keep the mapping alive; while any exists the kernel mapping is
+        released at garbage collection instead, which is harmless: only `unlink` frees the memory.
+        """
+        if self._mmap is None:
+            return
+        self.buf.release()
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass
+        self._mmap = None
+
+    def unlink(self) -> None:
+        """Remove the segment's name (the creator's job); mappings stay valid until closed."""
+        try:
+            _posixshmem.shm_unlink("/" + self.name)
+        except FileNotFoundError:
+            pass
+        if self.owner:
+            try:
+                resource_tracker.unregister("/" + self.name, "shared_memory")
+            except Exception:  # the tracker may already be gone at interpreter exit
+                pass
+
+
+def segments_with_prefix(prefix: str) -> list[str]:
+    """Names of the segments in ``/dev/shm`` that belong to a run prefix."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if n.startswith(prefix + "-") or n == prefix)
+
+
+def unlink_prefix(prefix: str) -> list[str]:
+    """Unlink every segment of a run prefix; returns the names removed."""
+    removed = []
+    for name in segments_with_prefix(prefix):
+        try:
+            _posixshmem.shm_unlink("/" + name)
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale() -> list[str]:
+    """Unlink the segments of runs whose creating process no longer exists (after a SIGKILL).
+
+    Only names of the form ``ppemu-<pid>-<token>-...`` are considered, and only when `<pid>` is dead, so
+    concurrent runs (parallel tests, other users' labs) are never touched.
+    """
+    removed = []
+    try:
+        names = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        parts = name.split("-")
+        if len(parts) < 3 or parts[0] != PREFIX or not parts[1].isdigit():
+            continue
+        if _pid_alive(int(parts[1])):
+            continue
+        try:
+            _posixshmem.shm_unlink("/" + name)
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+    return removed

@@ -1,0 +1,1 @@
+"""The processes of an emulated host: CPU workers, devices and traffic ports."""
