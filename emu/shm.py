@@ -18,13 +18,13 @@ deliberate differences from `SharedMemory`:
 
 from __future__ import annotations
 
+import _posixshmem
 import mmap
 import os
 import secrets
 import shutil
 from multiprocessing import resource_tracker
 
-import _posixshmem
 import numpy as np
 
 SHM_DIR = "/dev/shm"

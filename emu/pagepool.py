@@ -1,0 +1,456 @@
+"""The per-CPU page pool: the kernel's ``net/core/page_pool.c`` over the host's shared page memory.
+
+Structure and rules follow the kernel (see ``shared/reference/kernel-page-pool-and-xdp.md`` §1):
+
+* an **alloc cache** (a LIFO stack of 128 entries, refilled 64 at a time) that only the owning CPU
+  touches, without a lock;
+* a **recycle ring** (``ptr_ring`` of `pool_size` entries, 1024 by default, at most 16384) for pages
+  returned from any other context: producers take the ring's lock, the owner consumes without one;
+* a **slow path** that bulk-allocates `refill` pages from the page allocator (``alloc_pages_bulk``)
+  when both are empty;
+* the kernel's statistics under the kernel's names (`alloc_fast` ... `recycle_released_refcnt`), plus
+  ``hold_cnt``/``release_cnt`` whose difference is the pool's in-flight count.
+
+Where the kernel *trusts* its drivers, the emulator *enforces*: a direct recycle into the cache from a
+process that does not own the pool is refused (`ForeignRecycleError`) and counted as
+`foreign_cache_return`; a double free, a stale generation or an out-of-range page id is refused, counted
+and never reaches a structure.  Refused pages stay with the caller, so nothing is lost.
+
+The seed discussion's "hard limit (ethtool configurable) on number of recycle-able pages" is
+`recycle_limit`: once the cache and ring together keep that many pages, returned pages go back to the
+page allocator (`recycle_hard_limit`).
+
+Allocation semantics per page, as in ``page_pool_alloc_netmems``: served from the cache
+(`alloc_fast`); else the cache is refilled from the ring and that refill serves the page
+(`alloc_refill`; `alloc_empty` when the ring was empty); else the slow path bulk-allocates and serves
+it (`alloc_slow`).  `alloc` hands out many pages at once with exactly those per-page counts.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from emu.pagemem import (
+    _H_EXTRA_REFS,
+    _P_CACHE_COUNT,
+    _P_OWNER_PID,
+    _P_RING_HEAD,
+    _P_RING_TAIL,
+    ALLOCATOR_LOCK,
+    IN_USE,
+    NO_OWNER,
+    POOL_COUNTERS,
+    C,
+    PageError,
+    PageMemory,
+    PageState,
+)
+
+
+class ForeignRecycleError(PageError):
+    """A direct (lockless) recycle into a CPU's alloc cache from a process that does not own it."""
+
+
+class PoolOwnershipError(RuntimeError):
+    """A second live process tried to own a CPU's pool."""
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class PagePool:
+    """A handle on one CPU's page pool.
+
+    Exactly one process owns a pool (``PageMemory.pool(cpu, owner=True)``); it alone allocates and
+    recycles directly.  Any process may hold a non-owner handle and `put` pages into the ring.
+    """
+
+    def __init__(self, pm: PageMemory, cpu: int, owner: bool) -> None:
+        if not 0 <= cpu < pm.ncpus:
+            raise ValueError(f"cpu {cpu} out of range: this host has {pm.ncpus} CPUs")
+        self.pm = pm
+        self.cpu = cpu
+        self.is_owner = owner
+        # Scalar words go through memoryviews: ~5x cheaper than numpy scalar indexing on the hot path.
+        self.ctl = memoryview(pm.pool_ctl[cpu])
+        self.cnt = memoryview(pm.pool_counters[cpu])
+        # Byte patterns for validating a uniform batch with one bytes comparison.
+        self._mine = np.full(pm.params.cache_size * 4 + 1024, cpu, dtype=np.int16).tobytes()
+        self._pos = np.arange(1 << 16, dtype=np.int32)
+        self.cache = pm.caches[cpu]
+        self.ring = pm.rings[cpu]
+        self.cache_size = pm.params.cache_size
+        self.refill = pm.params.refill
+        self.ring_size = pm.params.pool_size
+        self.limit = pm.params.recycle_limit
+        self.ring_lock = 1 + cpu
+        if owner:
+            pid = os.getpid()
+            prev = int(self.ctl[_P_OWNER_PID])
+            if prev and prev != pid and _pid_alive(prev):
+                raise PoolOwnershipError(f"cpu {cpu}'s page pool is already owned by live pid {prev}")
+            self.ctl[_P_OWNER_PID] = pid
+
+    # -- introspection ----------------------------------------------------------------------------
+
+    @property
+    def cache_count(self) -> int:
+        return int(self.ctl[_P_CACHE_COUNT])
+
+    @property
+    def ring_count(self) -> int:
+        return int(self.ctl[_P_RING_TAIL] - self.ctl[_P_RING_HEAD])
+
+    @property
+    def inflight(self) -> int:
+        """The kernel's ``page_pool_inflight``: hold_cnt - release_cnt (cached pages count too)."""
+        return int(self.cnt[C["hold_cnt"]] - self.cnt[C["release_cnt"]])
+
+    def stats(self) -> dict[str, int]:
+        out = {name: int(v) for name, v in zip(POOL_COUNTERS, self.cnt, strict=True)}
+        out["inflight"] = out["hold_cnt"] - out["release_cnt"]
+        out["cached"] = self.cache_count
+        out["ring"] = self.ring_count
+        return out
+
+    # -- allocation (owner only) ------------------------------------------------------------------
+
+    def _require_owner(self, what: str) -> None:
+        if not self.is_owner:
+            self.cnt[C["foreign_cache_return"]] += 1
+            raise ForeignRecycleError(
+                f"{what} on cpu {self.cpu}'s page pool from pid {os.getpid()}, which does not own it "
+                f"(owner pid {int(self.ctl[_P_OWNER_PID])}): only the owning CPU may touch its alloc cache"
+            )
+
+    def alloc(self, n: int, state: PageState = PageState.ALLOCATED, holder: int = -1) -> np.ndarray:
+        """Allocate up to `n` pages (fewer only when the page allocator runs dry); returns page ids.
+
+        Each page's generation is bumped, so descriptors of its previous life become stale.
+        """
+        self._require_owner("alloc")
+        parts = []
+        want = n
+        cnt = self.cnt
+        while want > 0:
+            have = int(self.ctl[_P_CACHE_COUNT])
+            if have:
+                k = min(have, want)
+                parts.append(self.cache[have - k : have].copy())
+                self.ctl[_P_CACHE_COUNT] = have - k
+                cnt[C["alloc_fast"]] += k
+                want -= k
+                continue
+            # The cache is empty: one page comes from a ring refill, else from the slow path.
+            if self._refill_from_ring():
+                cnt[C["alloc_refill"]] += 1
+            elif self._alloc_slow():
+                cnt[C["alloc_slow"]] += 1
+            else:
+                cnt[C["alloc_failed"]] += 1
+                break
+            have = int(self.ctl[_P_CACHE_COUNT])
+            parts.append(self.cache[have - 1 : have].copy())
+            self.ctl[_P_CACHE_COUNT] = have - 1
+            want -= 1
+        if not parts:
+            return np.empty(0, dtype=np.int32)
+        ids = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        pm = self.pm
+        gen = pm.gen
+        gen.put(ids, gen.take(ids) + 1)
+        pm.state.put(ids, state)
+        if holder >= 0:
+            pm.holder.put(ids, holder)
+        return ids
+
+    def _refill_from_ring(self) -> int:
+        """Move up to `refill` pages from the ring into the empty cache; the owner needs no lock."""
+        head = int(self.ctl[_P_RING_HEAD])
+        avail = int(self.ctl[_P_RING_TAIL]) - head
+        if avail <= 0:
+            self.cnt[C["alloc_empty"]] += 1
+            return 0
+        k = min(avail, self.refill, self.cache_size)
+        ids = self._ring_slice(head, k)
+        self.cache[:k] = ids
+        self.pm.state[ids] = PageState.CACHE
+        self.ctl[_P_CACHE_COUNT] = k
+        self.ctl[_P_RING_HEAD] = head + k  # published last: producers may now reuse the slots
+        return k
+
+    def _ring_slice(self, start: int, k: int) -> np.ndarray:
+        i = start % self.ring_size
+        if i + k <= self.ring_size:
+            return self.ring[i : i + k].copy()
+        return np.concatenate((self.ring[i:], self.ring[: i + k - self.ring_size]))
+
+    def _alloc_slow(self) -> int:
+        ids = self.pm.alloc_pages_bulk(self.refill)
+        k = len(ids)
+        if k == 0:
+            return 0
+        pm = self.pm
+        pm.owner[ids] = self.cpu
+        pm.refcnt[ids] = 1
+        self.cnt[C["hold_cnt"]] += k
+        self.cache[:k] = ids
+        pm.state[ids] = PageState.CACHE
+        self.ctl[_P_CACHE_COUNT] = k
+        return k
+
+    # -- return paths -----------------------------------------------------------------------------
+
+    def _validate(self, ids: np.ndarray, gens: np.ndarray | None, errors: list[str]) -> np.ndarray:
+        """Drop (and count) every page that may not be returned to this pool now; return the rest."""
+        ids = np.asarray(ids)
+        n = len(ids)
+        if 0 < n <= len(self._pos) and ids.dtype.kind in "iu":
+            try:
+                if self._valid_uniform(ids, gens, n):
+                    return ids
+            except IndexError:
+                pass  # an id out of range: the full check below names it
+        return self._validate_full(ids, gens, errors)
+
+    def _valid_uniform(self, ids: np.ndarray, gens: np.ndarray | None, n: int) -> bool:
+        """The common case in a few gathers and byte compares: every page in one in-use state, owned
+        by this pool, of the current generation, and no page twice."""
+        pm = self.pm
+        if ids.dtype.kind == "i" and n and ids.min() < 0:
+            return False
+        st = pm.state.take(ids)
+        first = int(st[0])
+        if not IN_USE[first] or st.tobytes() != bytes((first,)) * n:
+            return False
+        if pm.owner.take(ids).tobytes() != self._mine[: 2 * n]:
+            return False
+        if gens is not None and pm.gen.take(ids).tobytes() != np.asarray(gens, dtype=np.uint32).tobytes():
+            return False
+        mark, pos = pm._mark, self._pos[:n]
+        mark.put(ids, pos)
+        return mark.take(ids).tobytes() == pos.tobytes()
+
+    def _validate_full(self, ids: np.ndarray, gens: np.ndarray | None, errors: list[str]) -> np.ndarray:
+        pm = self.pm
+        ids = np.asarray(ids, dtype=np.int64)
+        cnt = self.cnt
+        inrange = (ids >= 0) & (ids < pm.npages)
+        if not inrange.all():
+            bad = ids[~inrange]
+            cnt[C["bad_page"]] += len(bad)
+            errors.append(f"{len(bad)} page ids out of range 0..{pm.npages - 1}, e.g. {int(bad[0])}")
+            ids = ids[inrange]
+            if gens is not None:
+                gens = np.asarray(gens)[inrange]
+        if len(ids) == 0:
+            return ids
+        st = pm.state[ids]
+        in_use = IN_USE[st]
+        mine = pm.owner[ids] == self.cpu
+        fresh = np.ones(len(ids), dtype=bool) if gens is None else pm.gen[ids] == gens
+        # A page twice in one batch is a double free of its later copies.
+        mark = pm._mark
+        pos = np.arange(len(ids), dtype=np.int32)
+        mark[ids] = pos
+        dup = mark[ids] != pos
+        good = in_use & mine & fresh & ~dup
+        if good.all():
+            return ids
+        freed = ~in_use | dup
+        foreign = ~freed & ~mine
+        stale = ~freed & mine & ~fresh
+        if freed.any():
+            cnt[C["double_free"]] += int(np.count_nonzero(freed))
+            p = int(ids[freed][0])
+            errors.append(
+                f"double free of {int(np.count_nonzero(freed))} pages, e.g. page {p} "
+                f"(already {PageState(int(pm.state[p])).name})"
+            )
+        if foreign.any():
+            cnt[C["bad_page"]] += int(np.count_nonzero(foreign))
+            p = int(ids[foreign][0])
+            errors.append(
+                f"{int(np.count_nonzero(foreign))} pages of another pool returned to cpu {self.cpu}'s, "
+                f"e.g. page {p} of cpu {int(pm.owner[p])}"
+            )
+        if stale.any():
+            cnt[C["stale_generation"]] += int(np.count_nonzero(stale))
+            p = int(ids[stale][0])
+            g = int(np.asarray(gens)[stale][0])
+            errors.append(
+                f"{int(np.count_nonzero(stale))} stale descriptors, e.g. page {p} gen {g} "
+                f"but the page is at gen {int(pm.gen[p])}"
+            )
+        return ids[good]
+
+    def _release_refcnt(self, ids: np.ndarray) -> np.ndarray:
+        """Pages someone else still references leave the pool (``recycle_released_refcnt``)."""
+        pm = self.pm
+        if not pm.header[_H_EXTRA_REFS]:
+            return ids
+        shared = pm.refcnt[ids] > 1
+        if not shared.any():
+            return ids
+        out = ids[shared]
+        pm.refcnt[out] -= 1
+        pm.owner[out] = NO_OWNER
+        with pm.locks.lock(ALLOCATOR_LOCK):
+            self.cnt[C["release_cnt"]] += len(out)
+        self.cnt[C["recycle_released_refcnt"]] += len(out)
+        return ids[~shared]
+
+    def recycle_direct(self, ids: np.ndarray, gens: np.ndarray | None = None, errors: str = "raise") -> int:
+        """``page_pool_recycle_direct``: the owner puts pages straight into its cache.
+
+        Pages that do not fit go to the ring (`recycle_cache_full`), as in the kernel.  Returns how many
+        pages were accepted; with ``errors="raise"`` a refused page raises `PageError` after the good
+        ones are placed (the bad ones stay with the caller), with ``errors="count"`` it is only counted.
+        """
+        if not self.is_owner:
+            self.cnt[C["foreign_cache_return"]] += len(ids)
+            raise ForeignRecycleError(
+                f"direct recycle of {len(ids)} pages into cpu {self.cpu}'s alloc cache from pid "
+                f"{os.getpid()}, which does not own that pool (owner pid {int(self.ctl[_P_OWNER_PID])}); "
+                f"return them through the pool's ring with put()"
+            )
+        problems: list[str] = []
+        ids = self._validate(ids, gens, problems)
+        ids = self._release_refcnt(ids)
+        accepted = len(ids)
+        if accepted:
+            ids = self._cache_put(ids)
+            if len(ids):
+                self._ring_put(ids)
+        self._raise(problems, errors)
+        return accepted
+
+    def _cache_put(self, ids: np.ndarray) -> np.ndarray:
+        """Put what fits into the cache; return the rest (counted `recycle_cache_full`)."""
+        have = int(self.ctl[_P_CACHE_COUNT])
+        room = self.cache_size - have
+        if self.limit:
+            room = min(room, max(0, self.limit - have - self.ring_count))
+        k = min(room, len(ids))
+        if k:
+            head = ids[:k]
+            self.pm.state.put(head, PageState.CACHE)
+            self.cache[have : have + k] = head
+            self.ctl[_P_CACHE_COUNT] = have + k
+            self.cnt[C["recycle_cached"]] += k
+        rest = ids[k:]
+        if len(rest) and have + k >= self.cache_size:
+            self.cnt[C["recycle_cache_full"]] += len(rest)
+        return rest
+
+    def put(self, ids: np.ndarray, gens: np.ndarray | None = None, errors: str = "raise") -> int:
+        """Return pages from any context through the recycle ring (``page_pool_put_page`` without
+        allow_direct); a full ring, or the hard limit, releases them to the page allocator."""
+        problems: list[str] = []
+        with self.pm.locks.lock(self.ring_lock):
+            # Validated under the ring lock: two processes returning the same page serialise here, so the
+            # second sees it in the ring and is refused as a double free.
+            ids = self._validate(ids, gens, problems)
+            ids = self._release_refcnt(ids)
+            accepted = len(ids)
+            if accepted:
+                self._ring_put_locked(ids)
+        self._raise(problems, errors)
+        return accepted
+
+    def _ring_put(self, ids: np.ndarray) -> None:
+        with self.pm.locks.lock(self.ring_lock):
+            self._ring_put_locked(ids)
+
+    def _ring_put_locked(self, ids: np.ndarray) -> None:
+        head = int(self.ctl[_P_RING_HEAD])
+        tail = int(self.ctl[_P_RING_TAIL])
+        n = len(ids)
+        fits = min(self.ring_size - (tail - head), n)
+        k = fits
+        if self.limit:
+            k = min(k, max(0, self.limit - (tail - head) - int(self.ctl[_P_CACHE_COUNT])))
+            self.cnt[C["recycle_hard_limit"]] += fits - k
+        if k:
+            put = ids[:k]
+            self.pm.state[put] = PageState.RING
+            self.pm.holder[put] = -1
+            i = tail % self.ring_size
+            first = min(k, self.ring_size - i)
+            self.ring[i : i + first] = put[:first]
+            if first < k:
+                self.ring[: k - first] = put[first:]
+            self.ctl[_P_RING_TAIL] = tail + k  # published last: the owner may now consume the entries
+            self.cnt[C["recycle_ring"]] += k
+        if n > fits:
+            self.cnt[C["recycle_ring_full"]] += n - fits
+        if n > k:
+            self.pm.free_pages_bulk(ids[k:], release_pool=self.cpu)
+
+    @staticmethod
+    def _raise(problems: list[str], errors: str) -> None:
+        if problems and errors == "raise":
+            raise PageError("; ".join(problems))
+
+    # -- shutdown ---------------------------------------------------------------------------------
+
+    def drain(self) -> int:
+        """``page_pool_destroy``'s first half: give the cache's and ring's pages back to the allocator.
+
+        Returns the in-flight count left (pages still out: the caller retries until it reaches 0).
+        """
+        self._require_owner("drain")
+        with self.pm.locks.lock(self.ring_lock):
+            head = int(self.ctl[_P_RING_HEAD])
+            k = int(self.ctl[_P_RING_TAIL]) - head
+            ring_ids = self._ring_slice(head, k) if k > 0 else np.empty(0, np.int32)
+            self.ctl[_P_RING_HEAD] = head + max(k, 0)
+        have = int(self.ctl[_P_CACHE_COUNT])
+        cache_ids = self.cache[:have].copy()
+        self.ctl[_P_CACHE_COUNT] = 0
+        self.pm.free_pages_bulk(np.concatenate((cache_ids, ring_ids)), release_pool=self.cpu)
+        return self.inflight
+
+
+def return_pages(
+    pm: PageMemory, local: PagePool | None, ids: np.ndarray, gens: np.ndarray | None = None,
+    errors: str = "count",
+) -> int:
+    """Return pages to whichever pools own them (``page_pool_put_netmem_bulk``).
+
+    Pages of `local` (the caller's own pool, if it owns one) are recycled directly; the others are grouped
+    by owner and each group goes through its owner's ring with one lock round trip.  Returns the number
+    of pages accepted.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) == 0:
+        return 0
+    inrange = (ids >= 0) & (ids < pm.npages)
+    owners = np.full(len(ids), NO_OWNER, dtype=np.int64)
+    owners[inrange] = pm.owner[ids[inrange]]
+    accepted = 0
+    for cpu in np.unique(owners):
+        sel = owners == cpu
+        g = None if gens is None else np.asarray(gens)[sel]
+        cpu = int(cpu)
+        if cpu == NO_OWNER or cpu >= pm.ncpus:
+            # Out of range, or already back in the allocator: let the caller's pool (or CPU 0's) refuse
+            # and count it with the usual message.
+            target = local if local is not None else pm.pool(0)
+            accepted += target.put(ids[sel], g, errors=errors)
+        elif local is not None and cpu == local.cpu and local.is_owner:
+            accepted += local.recycle_direct(ids[sel], g, errors=errors)
+        else:
+            accepted += pm.pool(cpu).put(ids[sel], g, errors=errors)
+    return accepted
