@@ -143,6 +143,8 @@ POOL_EXTRA = (
     "stale_generation",
     "bad_page",
     "foreign_cache_return",
+    "recycled_before_tx_completion",  # a page still queued for TX or awaiting completion came back
+    "wrong_state",  # a page returned from a path that does not hold it (e.g. a posted RX buffer)
 )
 POOL_COUNTERS = POOL_STATS + POOL_ACCOUNTING + POOL_EXTRA
 C = {name: i for i, name in enumerate(POOL_COUNTERS)}

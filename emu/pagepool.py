@@ -212,19 +212,31 @@ class PagePool:
 
     # -- return paths -----------------------------------------------------------------------------
 
-    def _validate(self, ids: np.ndarray, gens: np.ndarray | None, errors: list[str]) -> np.ndarray:
-        """Drop (and count) every page that may not be returned to this pool now; return the rest."""
+    def _validate(
+        self, ids: np.ndarray, gens: np.ndarray | None, errors: list[str], expect: int | None = None
+    ) -> np.ndarray:
+        """Drop (and count) every page that may not be returned to this pool now; return the rest.
+
+        `expect` is the state the returning path holds its pages in (e.g. TX_INFLIGHT for a TX
+        completion); without it any in-use state is accepted.
+        """
         ids = np.asarray(ids)
         n = len(ids)
         if 0 < n <= len(self._pos) and ids.dtype.kind in "iu":
             try:
-                if self._valid_uniform(ids, gens, n):
+                if self._valid_uniform(ids, gens, n, expect):
                     return ids
             except IndexError:
                 pass  # an id out of range: the full check below names it
-        return self._validate_full(ids, gens, errors)
+        return self._validate_full(ids, gens, errors, expect)
 
-    def _valid_uniform(self, ids: np.ndarray, gens: np.ndarray | None, n: int) -> bool:
+    def check(self, ids: np.ndarray, gens: np.ndarray | None, expect: int) -> tuple[np.ndarray, list[str]]:
+        """Validate descriptors a peer handed over (same rules as a return); returns the good page ids
+        and the problems found (already counted)."""
+        errors: list[str] = []
+        return self._validate(ids, gens, errors, expect), errors
+
+    def _valid_uniform(self, ids: np.ndarray, gens: np.ndarray | None, n: int, expect: int | None) -> bool:
         """The common case in a few gathers and byte compares: every page in one in-use state, owned
         by this pool, of the current generation, and no page twice."""
         pm = self.pm
@@ -232,7 +244,9 @@ class PagePool:
             return False
         st = pm.state.take(ids)
         first = int(st[0])
-        if not IN_USE[first] or st.tobytes() != bytes((first,)) * n:
+        if (first != expect if expect is not None else not IN_USE[first]) or st.tobytes() != bytes(
+            (first,)
+        ) * n:
             return False
         if pm.owner.take(ids).tobytes() != self._mine[: 2 * n]:
             return False
@@ -242,7 +256,9 @@ class PagePool:
         mark.put(ids, pos)
         return mark.take(ids).tobytes() == pos.tobytes()
 
-    def _validate_full(self, ids: np.ndarray, gens: np.ndarray | None, errors: list[str]) -> np.ndarray:
+    def _validate_full(
+        self, ids: np.ndarray, gens: np.ndarray | None, errors: list[str], expect: int | None
+    ) -> np.ndarray:
         pm = self.pm
         ids = np.asarray(ids, dtype=np.int64)
         cnt = self.cnt
@@ -258,6 +274,31 @@ class PagePool:
             return ids
         st = pm.state[ids]
         in_use = IN_USE[st]
+        if expect is not None:
+            early = in_use & (st != expect) & ((st == PageState.TX_QUEUED) | (st == PageState.TX_INFLIGHT))
+            wrong = in_use & (st != expect) & ~early
+            if early.any():
+                cnt[C["recycled_before_tx_completion"]] += int(np.count_nonzero(early))
+                p = int(ids[early][0])
+                errors.append(
+                    f"{int(np.count_nonzero(early))} pages returned before their TX completion, e.g. page {p} "
+                    f"({PageState(int(st[early][0])).name})"
+                )
+            if wrong.any():
+                cnt[C["wrong_state"]] += int(np.count_nonzero(wrong))
+                p = int(ids[wrong][0])
+                errors.append(
+                    f"{int(np.count_nonzero(wrong))} pages in the wrong state, e.g. page {p} is "
+                    f"{PageState(int(st[wrong][0])).name}, expected {PageState(expect).name}"
+                )
+            in_use = st == expect
+            if (early | wrong).any():
+                keep = ~(early | wrong)
+                ids, st, in_use = ids[keep], st[keep], in_use[keep]
+                if gens is not None:
+                    gens = np.asarray(gens)[keep]
+                if len(ids) == 0:
+                    return ids
         mine = pm.owner[ids] == self.cpu
         fresh = np.ones(len(ids), dtype=bool) if gens is None else pm.gen[ids] == gens
         # A page twice in one batch is a double free of its later copies.
@@ -311,7 +352,9 @@ class PagePool:
         self.cnt[C["recycle_released_refcnt"]] += len(out)
         return ids[~shared]
 
-    def recycle_direct(self, ids: np.ndarray, gens: np.ndarray | None = None, errors: str = "raise") -> int:
+    def recycle_direct(
+        self, ids: np.ndarray, gens: np.ndarray | None = None, errors: str = "raise", expect: int | None = None
+    ) -> int:
         """``page_pool_recycle_direct``: the owner puts pages straight into its cache.
 
         Pages that do not fit go to the ring (`recycle_cache_full`), as in the kernel.  Returns how many
@@ -326,7 +369,7 @@ class PagePool:
                 f"return them through the pool's ring with put()"
             )
         problems: list[str] = []
-        ids = self._validate(ids, gens, problems)
+        ids = self._validate(ids, gens, problems, expect)
         ids = self._release_refcnt(ids)
         accepted = len(ids)
         if accepted:
@@ -354,14 +397,16 @@ class PagePool:
             self.cnt[C["recycle_cache_full"]] += len(rest)
         return rest
 
-    def put(self, ids: np.ndarray, gens: np.ndarray | None = None, errors: str = "raise") -> int:
+    def put(
+        self, ids: np.ndarray, gens: np.ndarray | None = None, errors: str = "raise", expect: int | None = None
+    ) -> int:
         """Return pages from any context through the recycle ring (``page_pool_put_page`` without
         allow_direct); a full ring, or the hard limit, releases them to the page allocator."""
         problems: list[str] = []
         with self.pm.locks.lock(self.ring_lock):
             # Validated under the ring lock: two processes returning the same page serialise here, so the
             # second sees it in the ring and is refused as a double free.
-            ids = self._validate(ids, gens, problems)
+            ids = self._validate(ids, gens, problems, expect)
             ids = self._release_refcnt(ids)
             accepted = len(ids)
             if accepted:
@@ -426,6 +471,7 @@ class PagePool:
 def return_pages(
     pm: PageMemory, local: PagePool | None, ids: np.ndarray, gens: np.ndarray | None = None,
     errors: str = "count",
+    expect: int | None = None,
 ) -> int:
     """Return pages to whichever pools own them (``page_pool_put_netmem_bulk``).
 
@@ -448,9 +494,9 @@ def return_pages(
             # Out of range, or already back in the allocator: let the caller's pool (or CPU 0's) refuse
             # and count it with the usual message.
             target = local if local is not None else pm.pool(0)
-            accepted += target.put(ids[sel], g, errors=errors)
+            accepted += target.put(ids[sel], g, errors=errors, expect=expect)
         elif local is not None and cpu == local.cpu and local.is_owner:
-            accepted += local.recycle_direct(ids[sel], g, errors=errors)
+            accepted += local.recycle_direct(ids[sel], g, errors=errors, expect=expect)
         else:
-            accepted += pm.pool(cpu).put(ids[sel], g, errors=errors)
+            accepted += pm.pool(cpu).put(ids[sel], g, errors=errors, expect=expect)
     return accepted

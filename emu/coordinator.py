@@ -1,0 +1,387 @@
+"""The coordinator: the control plane of a run.  It is never on the per-packet path.
+
+It reads the topology, creates each host's shared memory (page memory and pools, BPF maps, the stats
+table), starts and supervises the processes (one per emulated CPU, pinned; one per device; one per
+traffic port), tells them when to start and stop through control words in shared memory, watches
+their counters and heartbeats, audits page conservation, and tears everything down in the kernel's
+order:
+
+1. QUIESCE: generators stop; forwarding goes on until every generated packet is delivered or counted
+   in a named drop counter (or nothing moves any more);
+2. DOWN (``ndo_stop``): devices hand posted RX buffers back and deliver outstanding TX completions;
+   the coordinator waits for every page to come home, printing the kernel's
+   ``page_pool_release_retry() stalled pool shutdown`` warning while some stay in flight;
+3. EXIT: CPU workers destroy their pools (cache and ring back to the page allocator) and everyone
+   exits; the final strict audit counts every page, then every segment is unlinked.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from emu import report as rep
+from emu.pagemem import PageMemory, PageState, PoolParams, required_shm_bytes
+from emu.shm import SHM_DIR, ShmSpaceError, new_run_prefix, shm_free_bytes, sweep_stale, unlink_prefix
+from emu.stats import Cmd, ProcState, StatsTable
+from emu.topology import HostConfig, Topology
+from workers import cpu as cpu_worker
+from workers import device as device_worker
+from workers import traffic as traffic_worker
+from workers.common import ProcSpec
+
+READY_TIMEOUT = 60.0  # spawning a dozen Python processes on a loaded 2-core machine can take a while
+DRAIN_STALL = 3.0  # seconds without progress after which traffic is declared settled
+SHUTDOWN_TIMEOUT = 10.0
+HOME_STATES = (PageState.FREE, PageState.CACHE, PageState.RING)
+
+
+class RunError(RuntimeError):
+    """A run could not start or a process failed; the message says which and why."""
+
+
+@dataclass
+class RunOptions:
+    count: int | None = None  # overrides every generator's count
+    duration: float | None = None
+    interval: float = 2.0
+    extended: bool = False
+    quiet: bool = False
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+
+
+@dataclass
+class Proc:
+    kind: str
+    key: str
+    process: multiprocessing.process.BaseProcess
+
+
+def pool_params(host: HostConfig) -> PoolParams:
+    p = host.pool
+    return PoolParams(p.cache_size, p.refill, p.pool_size, p.recycle_limit)
+
+
+class Run:
+    """One run of a topology on this machine."""
+
+    def __init__(self, topo: Topology, opts: RunOptions | None = None) -> None:
+        self.topo = topo
+        self.opts = opts or RunOptions()
+        self.prefix = new_run_prefix()
+        self.run_dir = ""
+        self.pms: dict[str, PageMemory] = {}
+        self.mapsets: list = []
+        self.table: StatsTable | None = None
+        self.procs: list[Proc] = []
+        self.events: list[str] = []
+        self.started_ns = 0
+        self.first_packet_s: float | None = None
+        self.stalled: list[str] = []
+
+    # -- output -----------------------------------------------------------------------------------
+
+    def say(self, text: str) -> None:
+        if not self.opts.quiet:
+            print(text, file=self.opts.out, flush=True)
+
+    def event(self, text: str) -> None:
+        self.events.append(text)
+        print(f"emu: {text}", file=sys.stderr, flush=True)
+
+    # -- set-up -----------------------------------------------------------------------------------
+
+    def check_space(self) -> None:
+        need = 0
+        for host in self.topo.hosts.values():
+            need += required_shm_bytes(host.pages, host.page_size, host.cpus, pool_params(host))
+        need += 1 << 20  # stats table and BPF maps
+        free = shm_free_bytes()
+        if need > free:
+            raise ShmSpaceError(
+                28, f"{SHM_DIR} has {free:,} bytes free but topology {self.topo.name!r} needs {need:,} bytes; "
+                "give it more (docker: --shm-size / shm_size) or use fewer pages"
+            )
+
+    def setup(self) -> None:
+        from emu import xdp_runtime
+
+        sweep_stale()
+        self.check_space()
+        self.run_dir = tempfile.mkdtemp(prefix=f"{self.prefix}-")
+        rows: list[tuple[str, str]] = []
+        for hname, host in self.topo.hosts.items():
+            self.pms[hname] = PageMemory.create(
+                f"{self.prefix}-{hname}", host.pages, host.page_size, host.cpus, pool_params(host)
+            )
+            rows += [("cpu", f"{hname}/cpu{c}") for c in range(host.cpus)]
+            rows += [("device", f"{hname}/{d}") for d in host.devices]
+        rows += [("traffic", name) for name in self.topo.traffic]
+        self.table = StatsTable.create(f"{self.prefix}-stats", rows)
+        self.maps: dict[str, dict[str, str]] = {}
+        for hname, host in self.topo.hosts.items():
+            names, sets = xdp_runtime.create_maps(f"{self.prefix}-{hname}", host)
+            self.maps[hname] = names
+            self.mapsets += sets
+
+    def endpoints(self) -> dict:
+        d = self.run_dir
+        ep: dict = {"hosts": {}, "link": {}}
+        for hname, host in self.topo.hosts.items():
+            ep["hosts"][hname] = {
+                "cpu": {c: f"ipc://{d}/{hname}-cpu{c}" for c in range(host.cpus)},
+                "device": {dev: f"ipc://{d}/{hname}-{dev}" for dev in host.devices},
+            }
+            for dev in host.devices:
+                ep["link"][f"{hname}:{dev}"] = f"ipc://{d}/{hname}-{dev}.link"
+        for name in self.topo.traffic:
+            ep["link"][name] = f"ipc://{d}/tp-{name}.link"
+        return ep
+
+    def link_of(self, endpoint: str) -> tuple[str | None, str | None]:
+        """(address this endpoint binds for its link ingress, its peer's ingress address)."""
+        ep = self.endpoints()["link"]
+        for link in self.topo.links:
+            a, b = str(link.a), str(link.b)
+            if endpoint == a:
+                return ep[a], ep[b]
+            if endpoint == b:
+                return ep[b], ep[a]
+        return None, None
+
+    def spawn(self) -> None:
+        assert self.table is not None
+        mp = multiprocessing.get_context("spawn")
+        ep = self.endpoints()
+        rows = self.table.specs()
+        core = 0
+        common = dict(stats_name=self.table.seg.name, stats_rows=rows, parent_pid=os.getpid())
+        specs: list[tuple[ProcSpec, object]] = []
+        for hname, host in self.topo.hosts.items():
+            hep = ep["hosts"][hname]
+            for c in range(host.cpus):
+                pinned = host.cpu_affinity[c] if host.cpu_affinity else core
+                core += 1
+                spec = ProcSpec(
+                    "cpu", f"{hname}/cpu{c}", host=host, host_prefix=f"{self.prefix}-{hname}", cpu=c,
+                    core=pinned, endpoints=dict(hep), maps=self.maps[hname], **common,
+                )
+                specs.append((spec, cpu_worker.main))
+            for dev in host.devices:
+                bind, peer = self.link_of(f"{hname}:{dev}")
+                spec = ProcSpec(
+                    "device", f"{hname}/{dev}", host=host, host_prefix=f"{self.prefix}-{hname}", device=dev,
+                    endpoints=dict(hep, link_bind=bind, link_peer=peer), **common,
+                )
+                specs.append((spec, device_worker.main))
+        for name, port in self.topo.traffic.items():
+            bind, peer = self.link_of(name)
+            if bind is None:
+                bind = ep["link"][name]
+            spec = ProcSpec(
+                "traffic", name, port=port, endpoints={"link_bind": bind, "link_peer": peer},
+                options={"count": self.opts.count}, **common,
+            )
+            specs.append((spec, traffic_worker.main))
+        for spec, target in specs:
+            p = mp.Process(target=target, args=(spec,), name=f"emu-{spec.key}", daemon=True)
+            p.start()
+            self.procs.append(Proc(spec.kind, spec.key, p))
+
+    def wait_ready(self) -> None:
+        assert self.table is not None
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            states = {p.key: self.table.read(p.key)["state"] for p in self.procs}
+            self.check_procs()
+            if all(s >= ProcState.READY for s in states.values()):
+                return
+            if time.monotonic() > deadline:
+                late = [k for k, s in states.items() if s < ProcState.READY]
+                raise RunError(f"processes not ready after {READY_TIMEOUT:.0f} s: {', '.join(late)}")
+            time.sleep(0.01)
+
+    def check_procs(self) -> None:
+        for p in self.procs:
+            if p.process.exitcode is not None and p.process.exitcode != 0:
+                raise RunError(f"{p.kind} process {p.key} died (exit code {p.process.exitcode})")
+
+    # -- the run ----------------------------------------------------------------------------------
+
+    def generators_done(self) -> bool:
+        assert self.table is not None
+        gens = [n for n, port in self.topo.traffic.items() if port.generate is not None and self.link_of(n)[1]]
+        if not gens:
+            return False
+        counted = self.opts.count if self.opts.count is not None else None
+        for n in gens:
+            count = counted if counted is not None else self.topo.traffic[n].generate.count
+            if not count:
+                return False
+            if self.table.read(n)["state"] < ProcState.DONE:
+                return False
+        return True
+
+    def snapshot(self) -> rep.Snapshot:
+        assert self.table is not None
+        return rep.snapshot(self.table, time.monotonic())
+
+    def run(self) -> dict:
+        """Set up, run, tear down; returns the final report.  Always cleans up."""
+        try:
+            self.setup()
+            self.spawn()
+            self.wait_ready()
+            self.say(rep.banner(self.topo))
+            assert self.table is not None
+            self.started_ns = time.monotonic_ns()
+            self.table.command_all(Cmd.START)
+            self.main_loop()
+            return self.teardown()
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self.cleanup()
+
+    def main_loop(self) -> None:
+        opts = self.opts
+        start = time.monotonic()
+        last = self.snapshot()
+        next_line = start + opts.interval
+        try:
+            while True:
+                time.sleep(0.02)
+                self.check_procs()
+                now = time.monotonic()
+                if self.first_packet_s is None:
+                    s = self.snapshot()
+                    if s.delivered() > 0 or s.total("cpu", "rx_packets") > 0:
+                        self.first_packet_s = now - start
+                if now >= next_line:
+                    cur = self.snapshot()
+                    self.say(rep.interval_lines(self.topo, last, cur, opts.extended))
+                    last, next_line = cur, now + opts.interval
+                if opts.duration is not None and now - start >= opts.duration:
+                    break
+                if opts.duration is None and self.generators_done():
+                    break
+        except KeyboardInterrupt:
+            self.event("interrupted: tearing down and reporting what ran")
+
+    def wait_settled(self) -> None:
+        """After QUIESCE: until every generated packet is accounted for, or nothing moves."""
+        last_sig, last_change = None, time.monotonic()
+        while True:
+            self.check_procs()
+            s = self.snapshot()
+            if s.unaccounted() == 0 and self.in_transit() == 0:
+                return
+            sig = (s.delivered(), s.dropped(), s.consumed())
+            now = time.monotonic()
+            if sig != last_sig:
+                last_sig, last_change = sig, now
+            elif now - last_change > DRAIN_STALL:
+                return
+            time.sleep(0.02)
+
+    def in_transit(self) -> int:
+        """Pages carrying packets (received, queued or awaiting TX completion)."""
+        n = 0
+        for pm in self.pms.values():
+            st = pm.state
+            n += int(((st == PageState.XDP) | (st == PageState.TX_QUEUED) | (st == PageState.TX_INFLIGHT)
+                      | (st == PageState.SKB)).sum())
+        return n
+
+    def wait_pages_home(self) -> None:
+        """After DOWN: every page back in a pool or the allocator (``page_pool_release_retry``)."""
+        start = time.monotonic()
+        next_warn = start + 1.0
+        while True:
+            out = self.pages_out()
+            if not any(out.values()):
+                return
+            now = time.monotonic()
+            if now >= next_warn:
+                for key, n in out.items():
+                    if n:
+                        msg = (f"page_pool_release_retry() stalled pool shutdown: id {key} "
+                               f"{n} inflight {int(now - start)} sec")
+                        self.stalled.append(msg)
+                        self.event(msg)
+                next_warn = now + 1.0
+            if now - start > SHUTDOWN_TIMEOUT:
+                return
+            time.sleep(0.02)
+
+    def pages_out(self) -> dict[str, int]:
+        out = {}
+        for hname, pm in self.pms.items():
+            st = pm.state.copy()
+            home = (st == PageState.FREE) | (st == PageState.CACHE) | (st == PageState.RING)
+            owners = pm.owner.copy()
+            for c in range(pm.ncpus):
+                out[f"{hname}/cpu{c}"] = int(((owners == c) & ~home).sum())
+        return out
+
+    def teardown(self) -> dict:
+        assert self.table is not None
+        t = self.table
+        t.command_all(Cmd.QUIESCE)
+        self.wait_settled()
+        t.command_all(Cmd.DOWN)
+        self.wait_pages_home()
+        t.command_all(Cmd.EXIT)
+        self.join()
+        final = self.snapshot()
+        elapsed = (time.monotonic_ns() - self.started_ns) / 1e9
+        audits = {h: pm.audit(strict=True) for h, pm in self.pms.items()}
+        report = rep.build_report(self, final, audits, elapsed)
+        self.say(rep.summary(report))
+        return report
+
+    def join(self) -> None:
+        deadline = time.monotonic() + SHUTDOWN_TIMEOUT
+        for p in self.procs:
+            p.process.join(max(0.1, deadline - time.monotonic()))
+        for p in self.procs:
+            if p.process.is_alive():
+                self.event(f"{p.kind} process {p.key} did not exit; killing it")
+                p.process.kill()
+                p.process.join(5)
+
+    def abort(self) -> None:
+        if self.table is not None:
+            try:
+                self.table.command_all(Cmd.EXIT)
+            except Exception:
+                pass
+        for p in self.procs:
+            p.process.join(3)
+            if p.process.is_alive():
+                p.process.kill()
+                p.process.join(3)
+
+    def cleanup(self) -> None:
+        for ms in self.mapsets:
+            try:
+                ms.unlink()
+                ms.close()
+            except Exception:
+                pass
+        for pm in self.pms.values():
+            pm.unlink()
+            pm.close()
+        if self.table is not None:
+            self.table.unlink()
+            self.table.close()
+        unlink_prefix(self.prefix)
+        if self.run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)

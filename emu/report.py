@@ -1,0 +1,240 @@
+"""What a run shows: xdp-bench-style interval lines, the final summary and the JSON report.
+
+Everything here is computed from counters (the stats table, the pools' counters in the page table), so
+the numbers a script reads from ``--json`` are the ones the lines showed.  Traffic is accounted the way
+the issue tracker's users asked: every generated packet ends ``delivered`` (at a traffic port),
+``dropped`` (in a named drop counter), or ``consumed`` (passed to the emulated host stack);
+``unaccounted`` is what is left and is 0 in a correct run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from emu.pagemem import C, POOL_COUNTERS, POOL_STATS, PageState
+from emu.stats import StatsTable
+
+if TYPE_CHECKING:
+    from emu.coordinator import Run
+    from emu.pagemem import Audit
+    from emu.topology import Topology
+
+CPU_DROPS = ("xdp_drop", "xdp_aborted", "redirect_err", "xdp_tx_full", "xmit_drops")
+DEVICE_DROPS = ("rx_dropped", "tx_dropped")
+
+
+@dataclass
+class Snapshot:
+    t: float
+    rows: dict[str, dict[str, int]]
+    kinds: dict[str, str]
+
+    def keys(self, kind: str) -> list[str]:
+        return [k for k, v in self.kinds.items() if v == kind]
+
+    def total(self, kind: str, name: str) -> int:
+        return sum(self.rows[k][name] for k in self.keys(kind))
+
+    def generated(self) -> int:
+        return self.total("traffic", "generated")
+
+    def delivered(self) -> int:
+        return self.total("traffic", "received")
+
+    def drops(self) -> dict[str, int]:
+        out = {f"cpu.{n}": self.total("cpu", n) for n in CPU_DROPS}
+        out.update({f"device.{n}": self.total("device", n) for n in DEVICE_DROPS})
+        return out
+
+    def dropped(self) -> int:
+        return sum(self.drops().values())
+
+    def consumed(self) -> int:
+        return self.total("cpu", "stack_rx")
+
+    def unaccounted(self) -> int:
+        return self.generated() - self.delivered() - self.dropped() - self.consumed()
+
+
+def snapshot(table: StatsTable, t: float) -> Snapshot:
+    rows = {key: table.read(key) for key in table.rows}
+    return Snapshot(t, rows, {key: spec.kind for key, spec in table.rows.items()})
+
+
+def fmt(n: float, width: int = 13) -> str:
+    return f"{round(n):>{width},}"
+
+
+def banner(topo: Topology) -> str:
+    parts = []
+    for hname, host in topo.hosts.items():
+        for dname, dev in host.devices.items():
+            prog = dev.xdp.program if dev.xdp else "(none: XDP_PASS)"
+            parts.append(
+                f"{hname}:{dname} (ifindex {dev.ifindex}; {dev.rx_queues} rxq, {dev.tx_queues} txq; "
+                f"xdp_xmit {'on' if dev.xdp_xmit else 'off'}) running {prog}"
+            )
+    cpus = sum(h.cpus for h in topo.hosts.values())
+    return f"Running topology {topo.name!r} on {cpus} emulated CPUs:\n  " + "\n  ".join(parts)
+
+
+def interval_lines(topo: Topology, a: Snapshot, b: Snapshot, extended: bool) -> str:
+    dt = max(b.t - a.t, 1e-9)
+
+    def rate(kind: str, name: str, keys: list[str] | None = None) -> float:
+        keys = keys if keys is not None else b.keys(kind)
+        return sum(b.rows[k][name] - a.rows[k][name] for k in keys) / dt
+
+    def drops(keys: list[str]) -> float:
+        return sum(rate("cpu", n, keys) for n in CPU_DROPS)
+
+    cpu_keys = b.keys("cpu")
+    dev_keys = b.keys("device")
+    err = drops(cpu_keys) + sum(rate("device", n, dev_keys) for n in DEVICE_DROPS)
+    lines = [
+        f"{'Summary':<14}{fmt(rate('cpu', 'rx_packets'))} rx/s{fmt(err)} err,drop/s"
+        f"{fmt(rate('cpu', 'xdp_redirect'))} redir/s{fmt(rate('device', 'tx_packets'))} xmit/s"
+    ]
+    if extended or err:
+        for k in cpu_keys:
+            lines.append(
+                f"  {k:<12}{fmt(rate('cpu', 'rx_packets', [k]))} pkt/s{fmt(drops([k]))} drop/s"
+                f"{fmt(rate('cpu', 'xdp_exception', [k]))} error/s{fmt(rate('cpu', 'xdp_redirect', [k]))} redir/s"
+            )
+    if extended:
+        for k in dev_keys:
+            lines.append(
+                f"  {k:<12}{fmt(rate('device', 'rx_packets', [k]))} rx/s{fmt(rate('device', 'rx_dropped', [k]))}"
+                f" rx_drop/s{fmt(rate('device', 'tx_packets', [k]))} tx/s"
+                f"{fmt(rate('device', 'tx_completions', [k]))} txc/s"
+            )
+        for k in b.keys("traffic"):
+            lines.append(
+                f"  {k:<12}{fmt(rate('traffic', 'generated', [k]))} gen/s"
+                f"{fmt(rate('traffic', 'received', [k]))} recv/s"
+            )
+    return "\n".join(lines)
+
+
+def _pool_report(counters: np.ndarray, pm_cache: int, pm_ring: int) -> dict[str, int]:
+    d = {name: int(counters[C[name]]) for name in POOL_COUNTERS}
+    d["inflight"] = d["hold_cnt"] - d["release_cnt"]
+    d["cached"] = pm_cache
+    d["ring"] = pm_ring
+    return d
+
+
+def build_report(run: Run, final: Snapshot, audits: dict[str, Audit], elapsed: float) -> dict[str, Any]:
+    from emu import xdp_runtime
+
+    topo = run.topo
+    cpus, devices = [], []
+    viol = {"foreign_cache_return": 0, "recycled_before_tx_completion": 0, "double_free": 0, "leaked": 0,
+            "stale_generation": 0, "bad_descriptors": 0, "bad_messages": 0}
+    pages = {"total": 0, "accounted": 0, "in_flight": 0, "by_state": {}, "problems": []}
+    for hname, host in topo.hosts.items():
+        pm = run.pms[hname]
+        for c in range(host.cpus):
+            row = final.rows[f"{hname}/cpu{c}"]
+            ctl = pm.pool_ctl[c]
+            pool = _pool_report(pm.pool_counters[c], int(ctl[0]), int(ctl[2] - ctl[1]))
+            cpus.append({
+                "host": hname,
+                "cpu": c,
+                "page_pool": pool,
+                "xdp": {a: row[f"xdp_{a}"] for a in ("aborted", "drop", "pass", "tx", "redirect")},
+                "redirect_err": row["redirect_err"],
+                "xdp_exception": row["xdp_exception"],
+                **{k: row[k] for k in ("rx_packets", "rx_bytes", "xdp_tx_full", "xmit_drops", "xmit_bulks",
+                                       "redirect_skb", "stack_rx", "tx_completions", "remote_returns",
+                                       "rx_posted", "rx_alloc_fail", "polls", "bad_descriptors",
+                                       "bad_messages")},
+            })
+            for k in ("foreign_cache_return", "recycled_before_tx_completion", "double_free",
+                      "stale_generation"):
+                viol[k] += pool[k]
+            viol["bad_descriptors"] += row["bad_descriptors"]
+            viol["bad_messages"] += row["bad_messages"]
+            pages["in_flight"] += pool["inflight"]
+        for dname, dev in host.devices.items():
+            row = final.rows[f"{hname}/{dname}"]
+            devices.append({
+                "host": hname, "name": dname, "ifindex": dev.ifindex,
+                **{k: v for k, v in row.items() if k not in ("cmd", "state", "pid", "heartbeat_ns")},
+            })
+            viol["bad_descriptors"] += row["bad_descriptors"]
+            viol["bad_messages"] += row["bad_messages"]
+        audit = audits[hname]
+        pages["total"] += audit.total
+        pages["accounted"] += audit.accounted
+        for s, n in audit.by_state.items():
+            pages["by_state"][s] = pages["by_state"].get(s, 0) + n
+        pages["problems"] += [f"{hname}: {p}" for p in audit.problems]
+        viol["leaked"] += audit.total - audit.by_state[PageState.FREE.name.lower()]
+    ports = {k: {n: v for n, v in final.rows[k].items() if n not in ("cmd", "pid", "heartbeat_ns")}
+             for k in final.keys("traffic")}
+    for p in ports.values():
+        viol["bad_messages"] += p["bad_messages"]
+    traffic = {
+        "generated": final.generated(),
+        "delivered": final.delivered(),
+        "dropped": final.dropped(),
+        "consumed": final.consumed(),
+        "corrupted": final.total("traffic", "corrupted"),
+        "duplicates": final.total("traffic", "duplicates"),
+        "unaccounted": final.unaccounted(),
+        "drops": final.drops(),
+        "ports": ports,
+    }
+    return {
+        "topology": topo.name,
+        "elapsed_s": round(elapsed, 3),
+        "first_packet_s": None if run.first_packet_s is None else round(run.first_packet_s, 3),
+        "delivered_pps": round(traffic["delivered"] / elapsed) if elapsed > 0 else 0,
+        "cpus": cpus,
+        "devices": devices,
+        "pages": pages,
+        "violations": viol,
+        "traffic": traffic,
+        "maps": xdp_runtime.snapshot_maps(run.mapsets),
+        "events": list(run.events),
+        "stalled_shutdown": list(run.stalled),
+    }
+
+
+def summary(r: dict[str, Any]) -> str:
+    t = r["traffic"]
+    v = r["violations"]
+    out = [f"\nSummary of {r['topology']!r}: {r['elapsed_s']:.2f} s"]
+    out.append(
+        f"  traffic  generated {t['generated']:,}  delivered {t['delivered']:,}  dropped {t['dropped']:,}  "
+        f"consumed {t['consumed']:,}  corrupted {t['corrupted']:,}  unaccounted {t['unaccounted']:,}"
+    )
+    drops = ", ".join(f"{k} {n:,}" for k, n in t["drops"].items() if n)
+    if drops:
+        out.append(f"  drops    {drops}")
+    out.append(f"  rate     {r['delivered_pps']:,} delivered pkt/s")
+    for c in r["cpus"]:
+        x = c["xdp"]
+        out.append(
+            f"  {c['host']}/cpu{c['cpu']:<3} rx {c['rx_packets']:,}  drop {x['drop']:,}  pass {x['pass']:,}  "
+            f"tx {x['tx']:,}  redirect {x['redirect']:,}  aborted {x['aborted']:,}  redirect_err "
+            f"{c['redirect_err']:,}  xdp_exception {c['xdp_exception']:,}"
+        )
+        pp = c["page_pool"]
+        out.append("      page_pool " + "  ".join(f"{k} {pp[k]:,}" for k in POOL_STATS if pp[k]))
+    for d in r["devices"]:
+        out.append(
+            f"  {d['host']}:{d['name']:<8} RX packets {d['rx_packets']:,} bytes {d['rx_bytes']:,} dropped "
+            f"{d['rx_dropped']:,} | TX packets {d['tx_packets']:,} bytes {d['tx_bytes']:,} completions "
+            f"{d['tx_completions']:,} xdp_xmit {d['xdp_xmit']:,}"
+        )
+    p = r["pages"]
+    out.append(f"  pages    total {p['total']:,}  accounted {p['accounted']:,}  in_flight {p['in_flight']:,}")
+    out.append("  violations " + "  ".join(f"{k} {n:,}" for k, n in v.items()))
+    for prob in p["problems"]:
+        out.append(f"  AUDIT: {prob}")
+    return "\n".join(out)

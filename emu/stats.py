@@ -1,0 +1,184 @@
+"""Counters and control words in shared memory: how the coordinator watches a run without touching it.
+
+Every process of a run (CPU worker, device, traffic port) owns one row of int64 words in one
+``<prefix>-stats`` segment: a few control words (the coordinator's command, the process's state, its pid
+and a heartbeat) followed by its counters.  A process bumps its own counters with plain stores (one
+writer per row, like the kernel's per-CPU counters); the coordinator reads every row whenever it wants,
+for the xdp-bench-style interval lines, heartbeats and the final report.  So the coordinator is never on
+the per-packet path and no message is spent on statistics.
+
+Counter names follow the kernel where one exists: the XDP verdict totals are what the ``xdp:*``
+tracepoints would show (XDP itself keeps no counters), device counters are ``ip -s link``'s and
+ethtool's.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from emu.shm import Segment
+
+
+class Cmd(enum.IntEnum):
+    """What the coordinator asks a process to do (monotonic: a process only moves forward)."""
+
+    RUN = 0  # set up and run; traffic ports wait for START
+    START = 1  # traffic ports start generating
+    QUIESCE = 2  # traffic ports stop generating; everything else keeps forwarding
+    DOWN = 3  # devices stop receiving and hand posted RX pages back (ndo_stop)
+    EXIT = 4  # CPU workers destroy their pools; everyone exits
+
+
+class ProcState(enum.IntEnum):
+    STARTING = 0
+    READY = 1
+    RUNNING = 2
+    DONE = 3  # a generator that has sent its count
+    DOWN = 4
+    EXITED = 5
+    FAILED = 6
+
+
+CONTROL = ("cmd", "state", "pid", "heartbeat_ns")
+
+CPU_COUNTERS = (
+    "rx_packets",  # packets the XDP program ran on
+    "rx_bytes",
+    "xdp_aborted",
+    "xdp_drop",
+    "xdp_pass",
+    "xdp_tx",
+    "xdp_redirect",
+    "redirect_err",  # xdp:xdp_redirect_err (unknown target, or -EOPNOTSUPP with the drop fallback)
+    "xdp_exception",  # xdp:xdp_exception: the program raised or returned an unknown verdict
+    "xdp_tx_full",  # XDP_TX frames dropped because the TX ring was full
+    "xmit_drops",  # redirected frames the target's ndo_xdp_xmit did not take (devmap_xmit drops)
+    "xmit_bulks",  # ndo_xdp_xmit calls (devmap bulk flushes)
+    "redirect_skb",  # redirects copied into an skb for a target without ndo_xdp_xmit
+    "stack_rx",  # skbs consumed by the emulated network stack (XDP_PASS)
+    "skb_remote_free",  # skbs freed on this CPU for pages of another CPU's pool
+    "tx_completions",  # TX-completion descriptors handled by this CPU
+    "remote_returns",  # pages this CPU returned to another CPU's ring
+    "rx_posted",  # RX buffers posted to devices
+    "rx_alloc_fail",  # RX refills short of pages
+    "polls",  # NAPI polls that did work
+    "bad_descriptors",  # refused descriptors (stale, wrong state, out of range)
+    "bad_messages",  # refused messages (garbled, foreign, unknown kind)
+)
+
+DEVICE_COUNTERS = (
+    "rx_packets",
+    "rx_bytes",
+    "rx_dropped",  # no RX buffer posted on the queue RSS chose
+    "tx_packets",
+    "tx_bytes",
+    "tx_dropped",  # frames that could not go on the wire (no link)
+    "tx_completions",
+    "xdp_xmit",  # frames taken through ndo_xdp_xmit (redirect target)
+    "xdp_tx",  # frames taken on the XDP TX queues (XDP_TX)
+    "skb_xmit",  # frames sent through the normal (skb) transmit path
+    "xmit_full",  # frames refused because the TX ring was full
+    "rx_posted_now",  # gauge: RX buffers currently posted
+    "bad_descriptors",
+    "bad_messages",
+)
+
+TRAFFIC_COUNTERS = (
+    "generated",
+    "tx_bytes",
+    "received",
+    "rx_bytes",
+    "verified",
+    "corrupted",
+    "foreign",  # frames that are not ours (no magic)
+    "duplicates",
+    "bad_messages",
+)
+
+KINDS = {"cpu": CPU_COUNTERS, "device": DEVICE_COUNTERS, "traffic": TRAFFIC_COUNTERS}
+
+
+@dataclass(frozen=True, slots=True)
+class RowSpec:
+    kind: str
+    key: str  # e.g. "h1/cpu0", "h1/eth0", "gen0"
+    offset: int  # in int64 words
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return CONTROL + KINDS[self.kind]
+
+
+class StatsTable:
+    """All rows of a run's stats segment."""
+
+    def __init__(self, seg: Segment, rows: list[RowSpec]) -> None:
+        self.seg = seg
+        self.rows = {r.key: r for r in rows}
+        words = sum(len(r.names) for r in rows)
+        self.words = seg.array(np.int64, words, 0)
+
+    @classmethod
+    def create(cls, name: str, rows: list[tuple[str, str]]) -> StatsTable:
+        specs, pos = [], 0
+        for kind, key in rows:
+            specs.append(RowSpec(kind, key, pos))
+            pos += len(CONTROL) + len(KINDS[kind])
+        return cls(Segment.create(name, 8 * max(pos, 1)), specs)
+
+    @classmethod
+    def attach(cls, name: str, rows: list[RowSpec]) -> StatsTable:
+        return cls(Segment.attach(name), rows)
+
+    def specs(self) -> list[RowSpec]:
+        return list(self.rows.values())
+
+    def row(self, key: str) -> StatsRow:
+        return StatsRow(self, self.rows[key])
+
+    def read(self, key: str) -> dict[str, int]:
+        r = self.rows[key]
+        vals = self.words[r.offset : r.offset + len(r.names)].tolist()
+        return dict(zip(r.names, vals, strict=True))
+
+    def command(self, key: str, cmd: Cmd) -> None:
+        r = self.rows[key]
+        self.words[r.offset] = max(int(self.words[r.offset]), int(cmd))
+
+    def command_all(self, cmd: Cmd, kind: str | None = None) -> None:
+        for key, r in self.rows.items():
+            if kind is None or r.kind == kind:
+                self.command(key, cmd)
+
+    def close(self) -> None:
+        self.seg.close()
+
+    def unlink(self) -> None:
+        self.seg.unlink()
+
+
+class StatsRow:
+    """One process's row: `c` is a memoryview of its words for cheap ``c[i] += n`` on the hot path."""
+
+    def __init__(self, table: StatsTable, spec: RowSpec) -> None:
+        self.spec = spec
+        self.array = table.words[spec.offset : spec.offset + len(spec.names)]
+        self.c = memoryview(self.array)
+        self.index = {n: i for i, n in enumerate(spec.names)}
+
+    def i(self, name: str) -> int:
+        return self.index[name]
+
+    @property
+    def cmd(self) -> int:
+        return self.c[0]
+
+    def set_state(self, state: ProcState) -> None:
+        self.c[1] = int(state)
+
+    def beat(self) -> None:
+        self.c[3] = time.monotonic_ns()

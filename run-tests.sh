@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up (a virtualenv with the project and its test extras) and run the whole test suite in parallel.
+# Slow multi-process tests are included; Docker tests are too, and skip themselves where no engine runs.
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+"$VENV/bin/python" -m pip install --quiet -e ".[test]"
+"$VENV/bin/python" -m ruff check .
+status=0
+"$VENV/bin/python" -m pytest -n auto -q "$@" || status=$?
+# pytest exits 5 when it collected nothing: that is a failure of the suite, not a pass.
+exit "$status"

@@ -1,0 +1,122 @@
+"""What every emulator process shares: its launch description, CPU pinning, sockets and liveness.
+
+Processes are started with the ``spawn`` method (a forked child would inherit the parent's zmq context,
+which libzmq does not survive) and get one `ProcSpec`: which row of the stats table is theirs, which
+host's page memory to map, and the zmq endpoints of everything they talk to.  Each creates its own zmq
+context after start.  A process exits by itself when the coordinator asks (``Cmd.EXIT``) or when the
+process that launched it is gone, so a coordinator killed with SIGKILL leaves no worker behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from emu.stats import ProcState, RowSpec, StatsRow, StatsTable
+
+# Messages queued per socket before a sender sees back-pressure.  Small on purpose: a batch is tens of
+# packets, so a few hundred messages already buffer tens of thousands of packets in flight.
+DATA_HWM = 256
+LINK_HWM = 64
+
+
+@dataclass(slots=True)
+class ProcSpec:
+    """Everything one process needs to find its place in a run (picklable for ``spawn``)."""
+
+    kind: str  # "cpu" | "device" | "traffic"
+    key: str  # stats row key
+    stats_name: str
+    stats_rows: list[RowSpec]
+    parent_pid: int
+    host: Any = None  # emu.topology.HostConfig for cpu/device
+    host_prefix: str = ""  # page memory of the host
+    cpu: int = -1
+    core: int | None = None  # real core to pin to
+    device: str = ""
+    port: Any = None  # emu.topology.TrafficPort for traffic ports
+    endpoints: dict[str, Any] = field(default_factory=dict)
+    maps: dict[str, str] = field(default_factory=dict)  # device -> BPF map-set segment name
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def pin(core: int | None) -> int | None:
+    """Pin this process to one real core (emulated CPU i -> core i mod the cores we may use)."""
+    if core is None or not hasattr(os, "sched_setaffinity"):
+        return None
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+        real = allowed[core % len(allowed)]
+        os.sched_setaffinity(0, {real})
+        return real
+    except OSError:
+        return None
+
+
+def new_context() -> zmq.Context:
+    ctx = zmq.Context(io_threads=1)
+    ctx.setsockopt(zmq.LINGER, 0)
+    return ctx
+
+
+def pull(ctx: zmq.Context, addr: str, hwm: int = DATA_HWM) -> zmq.Socket:
+    s = ctx.socket(zmq.PULL)
+    s.setsockopt(zmq.RCVHWM, hwm)
+    s.bind(addr)
+    return s
+
+
+def push(ctx: zmq.Context, addr: str, hwm: int = DATA_HWM) -> zmq.Socket:
+    s = ctx.socket(zmq.PUSH)
+    s.setsockopt(zmq.SNDHWM, hwm)
+    s.setsockopt(zmq.IMMEDIATE, 0)
+    s.connect(addr)
+    return s
+
+
+class Liveness:
+    """Heartbeat into the stats row and notice a vanished parent, checked cheaply from a hot loop."""
+
+    def __init__(self, row: StatsRow, parent_pid: int, every: float = 0.05) -> None:
+        self.row = row
+        self.parent_pid = parent_pid
+        self.every = every
+        self.next = 0.0
+
+    def tick(self) -> bool:
+        """False when the process should stop because its parent is gone."""
+        now = time.monotonic()
+        if now < self.next:
+            return True
+        self.next = now + self.every
+        self.row.beat()
+        return os.getppid() == self.parent_pid
+
+
+def run_process(spec: ProcSpec, body) -> None:
+    """Common frame for a process: attach its stats row, run `body(spec, table, row)`, record the end."""
+    # Ctrl-C reaches the whole process group; the coordinator alone decides how to tear down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    table = StatsTable.attach(spec.stats_name, spec.stats_rows)
+    row = table.row(spec.key)
+    row.c[row.i("pid")] = os.getpid()
+    row.beat()
+    try:
+        body(spec, table, row)
+        row.set_state(ProcState.EXITED)
+    except KeyboardInterrupt:
+        row.set_state(ProcState.EXITED)
+    except BaseException:
+        row.set_state(ProcState.FAILED)
+        sys.stderr.write(f"emu: {spec.kind} {spec.key} failed:\n{traceback.format_exc()}")
+        sys.stderr.flush()
+        raise SystemExit(1) from None
+    finally:
+        table.close()

@@ -1,0 +1,419 @@
+"""A CPU worker: one pinned process per emulated CPU, running its NAPI poll loop over its own page pool.
+
+What one poll does, in the kernel's order (drivers' ``napi_poll`` + ``xdp_do_flush``):
+
+1. take the RX-completion descriptors the devices sent for the RX queues bound to this CPU, at most
+   `napi_budget` (64) packets per queue per poll;
+2. run the ingress device's XDP program on each packet through a writable zero-copy view of its page;
+3. act on the verdicts: DROP and ABORTED (and a program that raised or returned nonsense, counted as
+   ``xdp_exception``) recycle the page directly into this CPU's cache; PASS hands the page to the
+   emulated stack as an skb, freed at the end of the poll (or on `stack_cpu`, through the owner's
+   ring); TX puts it on the same device's XDP TX queue for this CPU; REDIRECT bulks it per target device
+   (16 frames per ``ndo_xdp_xmit`` call), or, for a target without XDP transmit, copies it into an skb
+   (``redirect_fallback: skb``) or drops it (``drop``: -EOPNOTSUPP, ``redirect_err``);
+4. flush the bulks (one message per target device per poll), then refill the RX rings from the pool.
+
+TX completions for the TX queues this CPU services come back here; each page goes back to the pool that
+allocated it: directly when that is this CPU's, through that CPU's recycle ring otherwise.  A page is
+never recycled before its completion: the return path checks that it is ``TX_INFLIGHT``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+
+from emu import wire
+from emu.pagemem import DESC_DTYPE, PageMemory, PageState, descs_from_bytes
+from emu.pagepool import return_pages
+from emu.stats import Cmd, ProcState, StatsRow, StatsTable
+from emu.xdp import XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
+from workers.common import Liveness, ProcSpec, new_context, pin, pull, push, run_process
+
+# Byte offset of packet data in a page: the kernel's XDP_PACKET_HEADROOM.
+HEADROOM = 256
+# Post RX buffers once a queue is short of this many (drivers refill in small batches, not per packet).
+REFILL_MIN = 8
+
+CPU_KINDS = ("rx", "txc", "txdrop", "rxret", "skb")
+
+
+def device_code(index: int) -> int:
+    """`holder` value of a page held by device number `index` of the host."""
+    return 256 + index
+
+
+@dataclass(slots=True)
+class RxQueue:
+    """One RX queue of one device, bound to this CPU."""
+
+    dev: str
+    ifindex: int
+    q: int
+    ring_size: int
+    program: object  # the XDP callable, or None (no program: every packet is passed)
+    ctx: object
+    posted: int = 0  # buffers posted and not yet completed
+    pending: list[np.ndarray] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Target:
+    """A device of this host as seen by a CPU: where to send frames for it and how it transmits."""
+
+    name: str
+    index: int
+    ifindex: int
+    xdp_xmit: bool
+    fallback: str
+    tx_queues: int
+
+
+class CpuWorker:
+    def __init__(self, spec: ProcSpec, table: StatsTable, row: StatsRow) -> None:
+        self.spec = spec
+        self.row = row
+        self.c = row.c
+        self.i = row.index
+        host = spec.host
+        self.host = host
+        self.cpu = spec.cpu
+        self.ncpus = host.cpus
+        self.budget = host.napi_budget
+        self.bulk = host.redirect_bulk
+        self.stack_cpu = self.cpu if host.stack_cpu is None else host.stack_cpu
+        self.pm = PageMemory.attach(spec.host_prefix)
+        self.pool = self.pm.pool(self.cpu, owner=True)
+        self.ps = self.pm.page_size
+        self.buf = self.pm.data_seg.buf
+        self.data2d = self.pm.data.reshape(self.pm.npages, self.ps)
+        self.zctx = new_context()
+        self.inbox = pull(self.zctx, spec.endpoints["cpu"][self.cpu])
+        self.out: dict[str, zmq.Socket] = {}
+        self.cpu_out: dict[int, zmq.Socket] = {}
+        self.targets: dict[int, Target] = {}
+        self.by_name: dict[str, Target] = {}
+        for index, (name, dev) in enumerate(host.devices.items()):
+            t = Target(name, index, dev.ifindex, dev.xdp_xmit, dev.redirect_fallback, dev.tx_queues)
+            self.targets[dev.ifindex] = t
+            self.by_name[name] = t
+        self.rxqs: dict[tuple[str, int], RxQueue] = {}
+        self._load_programs()
+        self.warned: set[str] = set()
+        # Per-poll batches: (device, kind) -> list of page-id arrays to transmit.
+        self.tx_bulk: dict[tuple[str, str], list[np.ndarray]] = {}
+        self.skb_local: list[np.ndarray] = []
+        self.skb_remote: list[np.ndarray] = []
+
+    # -- set-up -----------------------------------------------------------------------------------
+
+    def _load_programs(self) -> None:
+        from emu.xdp_runtime import make_context, program_for
+
+        ifindex_of = {name: t.ifindex for name, t in self.by_name.items()}
+        for name, dev in self.host.devices.items():
+            prog, maps = program_for(dev, self.spec.maps.get(name), self.ncpus, self.cpu)
+            for q in range(dev.rx_queues):
+                if dev.rx_cpus[q] != self.cpu:
+                    continue
+                ctx = make_context(prog, maps, dev, q, self.cpu, ifindex_of)
+                fn = None if prog is None else prog.fn
+                self.rxqs[(name, q)] = RxQueue(name, dev.ifindex, q, dev.rx_ring_size, fn, ctx)
+
+    def sock(self, dev: str) -> zmq.Socket:
+        s = self.out.get(dev)
+        if s is None:
+            s = self.out[dev] = push(self.zctx, self.spec.endpoints["device"][dev])
+        return s
+
+    def cpu_sock(self, cpu: int) -> zmq.Socket:
+        s = self.cpu_out.get(cpu)
+        if s is None:
+            s = self.cpu_out[cpu] = push(self.zctx, self.spec.endpoints["cpu"][cpu])
+        return s
+
+    def send_descs(self, sock: zmq.Socket, kind: str, header: dict, ids: np.ndarray) -> None:
+        d = np.empty(len(ids), dtype=DESC_DTYPE)
+        pm = self.pm
+        d["page"] = ids
+        d["gen"] = pm.gen.take(ids)
+        d["off"] = pm.off.take(ids)
+        d["len"] = pm.len.take(ids)
+        d["owner"] = pm.owner.take(ids)
+        d["aux"] = self.cpu
+        sock.send(wire.pack_msg(kind, header, d.tobytes()), copy=False)
+
+    def warn_once(self, key: str, text: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            sys.stderr.write(f"emu: {self.spec.key}: {text}\n")
+            sys.stderr.flush()
+
+    # -- messages from devices and other CPUs -----------------------------------------------------
+
+    def dispatch(self, msg: bytes) -> None:
+        try:
+            kind, hdr, blob = wire.unpack_msg(msg, CPU_KINDS)
+            d = descs_from_bytes(blob)
+        except (wire.WireError, ValueError) as exc:
+            self.c[self.i["bad_messages"]] += 1
+            self.warn_once("badmsg", f"refused a message: {exc}")
+            return
+        if kind == "rx":
+            rxq = self.rxqs.get((hdr.get("dev"), hdr.get("q")))
+            if rxq is None:
+                self.c[self.i["bad_messages"]] += 1
+                self.warn_once("badq", f"RX descriptors for a queue not bound here: {hdr!r}")
+                return
+            rxq.posted -= len(d)
+            ids = self._accept(d, PageState.RX_POSTED)
+            if len(ids):
+                self.pm.state.put(ids, PageState.XDP)
+                self.pm.holder.put(ids, self.cpu)
+                if len(ids) == len(d):
+                    rxq.pending.append(d)
+                else:
+                    rxq.pending.append(d[np.isin(d["page"], ids)])
+        elif kind == "rxret":
+            rxq = self.rxqs.get((hdr.get("dev"), hdr.get("q")))
+            if rxq is not None:
+                rxq.posted -= len(d)
+            return_pages(self.pm, self.pool, d["page"], d["gen"], expect=PageState.RX_POSTED)
+        elif kind == "txc":
+            self.c[self.i["tx_completions"]] += len(d)
+            self._return(d, PageState.TX_INFLIGHT)
+        elif kind == "txdrop":
+            what = "xdp_tx_full" if hdr.get("kind") == "tx" else "xmit_drops"
+            self.c[self.i[what]] += len(d)
+            self._return(d, PageState.TX_QUEUED)
+        elif kind == "skb":
+            self.c[self.i["stack_rx"]] += len(d)
+            self.c[self.i["skb_remote_free"]] += len(d)
+            self._return(d, PageState.SKB)
+
+    def _accept(self, d: np.ndarray, expect: PageState) -> np.ndarray:
+        """Validate descriptors handed to this CPU for its own pages; count and drop the bad ones."""
+        ids, problems = self.pool.check(d["page"], d["gen"], expect)
+        if problems:
+            self.c[self.i["bad_descriptors"]] += len(d) - len(ids)
+            self.warn_once("baddesc", "refused descriptors: " + "; ".join(problems))
+        return ids
+
+    def _return(self, d: np.ndarray, expect: PageState) -> None:
+        ids = d["page"]
+        remote = int(np.count_nonzero(self.pm.owner.take(ids, mode="clip") != self.cpu))
+        if remote:
+            self.c[self.i["remote_returns"]] += remote
+        return_pages(self.pm, self.pool, ids, d["gen"], expect=expect)
+
+    # -- the NAPI poll ----------------------------------------------------------------------------
+
+    def napi_poll(self) -> int:
+        done = 0
+        for rxq in self.rxqs.values():
+            if not rxq.pending:
+                continue
+            batch = rxq.pending[0]
+            if len(batch) > self.budget:
+                rxq.pending[0] = batch[self.budget :]
+                batch = batch[: self.budget]
+            else:
+                rxq.pending.pop(0)
+            self.run_xdp(rxq, batch)
+            done += len(batch)
+        if done:
+            self.c[self.i["polls"]] += 1
+        self.xdp_do_flush()
+        return done
+
+    def run_xdp(self, rxq: RxQueue, d: np.ndarray) -> None:
+        n = len(d)
+        pages = d["page"]
+        lens = d["len"]
+        c, i = self.c, self.i
+        c[i["rx_packets"]] += n
+        c[i["rx_bytes"]] += int(lens.sum())
+        prog = rxq.program
+        if prog is None:
+            verdicts = np.full(n, XDP_PASS, dtype=np.int64)
+            targets = None
+        else:
+            starts = (pages.astype(np.int64) * self.ps + d["off"]).tolist()
+            ln = lens.tolist()
+            ctx = rxq.ctx
+            buf = self.buf
+            out = [0] * n
+            redirects: dict[int, int] = {}
+            errors = 0
+            for k in range(n):
+                s = starts[k]
+                ctx.data = buf[s : s + ln[k]]
+                ctx.redirect_ifindex = -1
+                try:
+                    v = prog(ctx)
+                except Exception as exc:
+                    errors += 1
+                    self.warn_once("raise", f"XDP program raised {type(exc).__name__}: {exc} (counted ABORTED)")
+                    v = XDP_ABORTED
+                if v == XDP_REDIRECT:
+                    redirects[k] = ctx.redirect_ifindex
+                out[k] = v
+            ctx.data = None
+            verdicts = np.fromiter(out, dtype=np.int64, count=n) if n else np.empty(0, np.int64)
+            invalid = (verdicts < XDP_ABORTED) | (verdicts > XDP_REDIRECT)
+            bad = int(np.count_nonzero(invalid))
+            if bad:
+                self.warn_once("verdict", "XDP program returned an unknown verdict (counted ABORTED)")
+                verdicts[invalid] = XDP_ABORTED
+            if bad or errors:
+                c[i["xdp_exception"]] += bad + errors
+            targets = redirects
+        self.act(rxq, pages, verdicts, targets)
+
+    def act(self, rxq: RxQueue, pages: np.ndarray, v: np.ndarray, targets: dict[int, int] | None) -> None:
+        c, i = self.c, self.i
+        counts = np.bincount(v, minlength=5)
+        aborted, drop, passed, tx, redirect = (int(x) for x in counts[:5])
+        if aborted:
+            c[i["xdp_aborted"]] += aborted
+        if drop:
+            c[i["xdp_drop"]] += drop
+        if aborted or drop:
+            self.pool.recycle_direct(pages[v <= XDP_DROP], errors="count", expect=PageState.XDP)
+        if passed:
+            c[i["xdp_pass"]] += passed
+            ids = pages[v == XDP_PASS]
+            self.pm.state.put(ids, PageState.SKB)
+            (self.skb_local if self.stack_cpu == self.cpu else self.skb_remote).append(ids)
+        if tx:
+            c[i["xdp_tx"]] += tx
+            self.tx_bulk.setdefault((rxq.dev, "tx"), []).append(pages[v == XDP_TX])
+        if redirect and targets is not None:
+            c[i["xdp_redirect"]] += redirect
+            self.redirect(pages, targets)
+
+    def redirect(self, pages: np.ndarray, targets: dict[int, int]) -> None:
+        by_target: dict[int, list[int]] = {}
+        for k, ifindex in targets.items():
+            by_target.setdefault(ifindex, []).append(k)
+        for ifindex, idx in by_target.items():
+            ids = pages[np.asarray(idx, dtype=np.int64)]
+            t = self.targets.get(ifindex)
+            if t is None:
+                # bpf_redirect to an ifindex this host does not have: the kernel drops it (-ENODEV).
+                self.c[self.i["redirect_err"]] += len(ids)
+                self.warn_once(f"noif{ifindex}", f"redirect to unknown ifindex {ifindex} (redirect_err)")
+                self.pool.recycle_direct(ids, errors="count", expect=PageState.XDP)
+            elif t.xdp_xmit:
+                self.tx_bulk.setdefault((t.name, "redirect"), []).append(ids)
+            elif t.fallback == "skb":
+                self.redirect_skb(t, ids)
+            else:
+                # __xdp_enqueue: no NETDEV_XDP_ACT_NDO_XMIT -> -EOPNOTSUPP, the driver frees the frame.
+                self.c[self.i["redirect_err"]] += len(ids)
+                self.pool.recycle_direct(ids, errors="count", expect=PageState.XDP)
+
+    def redirect_skb(self, t: Target, ids: np.ndarray) -> None:
+        """The seed's fallback: build an skb (a copy of the frame) and use the normal transmit path; the
+        page itself is recycled at once."""
+        pm = self.pm
+        offs = pm.off.take(ids)
+        lens = pm.len.take(ids)
+        frames = [bytes(self.data2d[p, o : o + n]) for p, o, n in zip(ids.tolist(), offs.tolist(), lens.tolist())]
+        self.sock(t.name).send(wire.pack_frames(frames), copy=False)
+        self.c[self.i["redirect_skb"]] += len(ids)
+        self.pool.recycle_direct(ids, errors="count", expect=PageState.XDP)
+
+    def xdp_do_flush(self) -> None:
+        """End of poll: hand every bulk to its device (``__dev_flush``) and free the poll's skbs."""
+        if self.tx_bulk:
+            for (dev, kind), parts in self.tx_bulk.items():
+                ids = parts[0] if len(parts) == 1 else np.concatenate(parts)
+                t = self.by_name[dev]
+                self.pm.state.put(ids, PageState.TX_QUEUED)
+                self.pm.holder.put(ids, device_code(t.index))
+                bulks = math.ceil(len(ids) / self.bulk) if kind == "redirect" else 1
+                if kind == "redirect":
+                    self.c[self.i["xmit_bulks"]] += bulks
+                hdr = {"txq": self.cpu % t.tx_queues, "cpu": self.cpu, "kind": kind, "bulks": bulks}
+                self.send_descs(self.sock(dev), "xmit", hdr, ids)
+            self.tx_bulk.clear()
+        if self.skb_local:
+            ids = np.concatenate(self.skb_local)
+            self.skb_local.clear()
+            self.c[self.i["stack_rx"]] += len(ids)
+            self.pool.recycle_direct(ids, errors="count", expect=PageState.SKB)
+        if self.skb_remote:
+            ids = np.concatenate(self.skb_remote)
+            self.skb_remote.clear()
+            self.send_descs(self.cpu_sock(self.stack_cpu), "skb", {"cpu": self.cpu}, ids)
+
+    def refill(self) -> None:
+        """Keep every bound RX ring full of pages from this CPU's pool (the driver's RX refill)."""
+        for rxq in self.rxqs.values():
+            want = rxq.ring_size - rxq.posted
+            if want < REFILL_MIN:
+                continue
+            ids = self.pool.alloc(want, PageState.RX_POSTED, holder=device_code(self.by_name[rxq.dev].index))
+            if len(ids) < want:
+                self.c[self.i["rx_alloc_fail"]] += want - len(ids)
+            if len(ids) == 0:
+                continue
+            self.pm.off.put(ids, HEADROOM)
+            self.pm.len.put(ids, 0)
+            rxq.posted += len(ids)
+            self.c[self.i["rx_posted"]] += len(ids)
+            self.send_descs(self.sock(rxq.dev), "post", {"q": rxq.q, "cpu": self.cpu}, ids)
+
+    # -- main loop --------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        live = Liveness(self.row, self.spec.parent_pid)
+        c = self.c
+        inbox = self.inbox
+        self.row.set_state(ProcState.READY)
+        while True:
+            cmd = c[0]
+            if cmd >= Cmd.EXIT or not live.tick():
+                break
+            got = 0
+            while got < 256:
+                try:
+                    msg = inbox.recv(zmq.NOBLOCK, copy=True)
+                except zmq.Again:
+                    break
+                self.dispatch(msg)
+                got += 1
+            done = self.napi_poll()
+            if cmd < Cmd.DOWN:
+                self.refill()
+            if not got and not done:
+                inbox.poll(5)
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """``page_pool_destroy``: give the cache's and ring's pages back; what is still out is reported
+        by the coordinator ("stalled pool shutdown")."""
+        for rxq in self.rxqs.values():
+            for d in rxq.pending:
+                self.pool.recycle_direct(d["page"], errors="count", expect=PageState.XDP)
+            rxq.pending.clear()
+        self.pool.drain()
+        self.inbox.close(0)
+        for s in (*self.out.values(), *self.cpu_out.values()):
+            s.close(0)
+        self.zctx.term()
+
+
+def _body(spec: ProcSpec, table: StatsTable, row: StatsRow) -> None:
+    pin(spec.core)
+    CpuWorker(spec, table, row).run()
+
+
+def main(spec: ProcSpec) -> None:
+    """Process entry point."""
+    run_process(spec, _body)

@@ -1,0 +1,407 @@
+"""A device: one process per emulated NIC, doing what the hardware does with the pages it is given.
+
+* **RX.**  CPUs post empty pages to the device's RX queues.  Frames arriving from the link are hashed
+  across the RX queues (RSS on the flow's 5-tuple), "DMAed" into the next posted page of the chosen
+  queue (written into shared memory at the XDP headroom) and completed to the CPU that services the
+  queue as one batch of descriptors.  No posted page on that queue: the frame is dropped
+  (``rx_dropped``, the driver's missed/no-buffer count).  While every queue is short of buffers the
+  device pauses its link (802.3x flow control) for at most `pause_ms`, then drops.
+* **TX.**  One XDP TX queue per CPU (lockless, as in mlx5); with fewer queues than CPUs CPUs share
+  them (``cpu % tx_queues``, as veth does).  Frames come from XDP_TX, from ``ndo_xdp_xmit`` (redirect
+  bulks; only when the device has `xdp_xmit`) and from the normal skb path (copies).  A full TX ring
+  refuses the excess back to the submitting CPU.  Queued pages are transmitted onto the link (frame
+  bytes, never page ids), then after `tx_completion_us` their TX completion goes to the CPU servicing
+  the queue, which returns each page to its pool.  Until then the page is ``TX_INFLIGHT`` and nobody may
+  recycle it.
+* **Down** (``ndo_stop``): the link stops, posted RX pages go back to their CPUs, pending completions
+  are delivered at once and new transmits are refused.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+
+from emu import wire
+from emu.packets import FrameBatch, rss_queue
+from emu.pagemem import DESC_DTYPE, PageMemory, PageState, descs_from_bytes
+from emu.stats import Cmd, ProcState, StatsRow, StatsTable
+from workers.common import LINK_HWM, Liveness, ProcSpec, new_context, pin, pull, push, run_process
+
+DEVICE_KINDS = ("post", "xmit", "frames")
+# Frames per message on the wire: bounds the work one link message can ask of a receiver.
+LINK_BATCH = 64
+
+
+@dataclass(slots=True)
+class TxQueue:
+    queued: collections.deque = field(default_factory=collections.deque)  # (descs, kind, cpu)
+    nqueued: int = 0
+    inflight: collections.deque = field(default_factory=collections.deque)  # (deadline_ns, descs)
+    ninflight: int = 0
+
+
+class Device:
+    def __init__(self, spec: ProcSpec, row: StatsRow) -> None:
+        self.spec = spec
+        self.row = row
+        self.c = row.c
+        self.i = row.index
+        host = spec.host
+        self.host = host
+        self.name = spec.device
+        self.cfg = host.devices[self.name]
+        self.ncpus = host.cpus
+        self.pm = PageMemory.attach(spec.host_prefix)
+        self.ps = self.pm.page_size
+        self.data2d = self.pm.data.reshape(self.pm.npages, self.ps)
+        self.zctx = new_context()
+        ep = spec.endpoints
+        self.inbox = pull(self.zctx, ep["device"][self.name])
+        self.link_in = pull(self.zctx, ep["link_bind"], hwm=LINK_HWM) if ep.get("link_bind") else None
+        self.link_out = push(self.zctx, ep["link_peer"], hwm=LINK_HWM) if ep.get("link_peer") else None
+        self.cpu_out = [push(self.zctx, ep["cpu"][c]) for c in range(self.ncpus)]
+        self.nrxq = self.cfg.rx_queues
+        self.rx_cpus = list(self.cfg.rx_cpus)
+        # Posted RX buffers per queue: a FIFO of descriptor arrays (the RX ring).
+        self.posted: list[collections.deque] = [collections.deque() for _ in range(self.nrxq)]
+        self.nposted = [0] * self.nrxq
+        self.txqs = [TxQueue() for _ in range(self.cfg.tx_queues)]
+        self.tx_ring = self.cfg.tx_ring_size
+        self.completion_ns = self.cfg.tx_completion_us * 1000
+        self.wire_backlog: collections.deque = collections.deque()  # packed link messages not yet sent
+        self.pause_ns = int(spec.options.get("pause_ms", 10) * 1e6)
+        self.paused_since = 0
+        self.down = False
+        self.warned: set[str] = set()
+
+    def warn_once(self, key: str, text: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            sys.stderr.write(f"emu: {self.spec.key}: {text}\n")
+            sys.stderr.flush()
+
+    # -- messages from CPUs -----------------------------------------------------------------------
+
+    def dispatch(self, msg: bytes) -> None:
+        try:
+            kind, hdr, blob = wire.unpack_msg(msg, DEVICE_KINDS)
+            if kind == "frames":
+                self.skb_xmit(wire.unpack_frames(msg))
+                return
+            d = descs_from_bytes(blob)
+            if kind == "post":
+                q, cpu = int(hdr["q"]), int(hdr["cpu"])
+                if not 0 <= q < self.nrxq or self.rx_cpus[q] != cpu:
+                    raise ValueError(f"post to RX queue {q} from cpu {cpu}, which does not service it")
+            else:
+                txq, cpu = int(hdr["txq"]), int(hdr["cpu"])
+                if not 0 <= txq < len(self.txqs) or not 0 <= cpu < self.ncpus:
+                    raise ValueError(f"xmit to TX queue {txq} from cpu {cpu}")
+                xkind = hdr["kind"]
+                if xkind not in ("tx", "redirect"):
+                    raise ValueError(f"unknown xmit kind {xkind!r}")
+        except (wire.WireError, ValueError, KeyError, TypeError) as exc:
+            self.c[self.i["bad_messages"]] += 1
+            self.warn_once("badmsg", f"refused a message: {exc}")
+            return
+        if kind == "post":
+            d = self._valid(d, PageState.RX_POSTED, owner=cpu)
+            if self.down:
+                self._send(cpu, "rxret", {"dev": self.name, "q": q}, d)
+            elif len(d):
+                self.posted[q].append(d)
+                self.nposted[q] += len(d)
+        else:
+            self.xmit(txq, cpu, xkind, self._valid(d, PageState.TX_QUEUED))
+
+    def _valid(self, d: np.ndarray, expect: PageState, owner: int | None = None) -> np.ndarray:
+        """Keep the descriptors that name a page of this host in the state the message implies."""
+        pm = self.pm
+        pages = d["page"]
+        ok = pages < pm.npages
+        if ok.all():
+            ok = (pm.state.take(pages) == expect) & (pm.gen.take(pages) == d["gen"])
+            if owner is not None:
+                ok &= pm.owner.take(pages) == owner
+        if not ok.all():
+            self.c[self.i["bad_descriptors"]] += int(np.count_nonzero(~ok))
+            self.warn_once(f"bad{expect}", f"refused descriptors not in state {expect.name}")
+            d = d[ok] if len(ok) == len(d) else d[:0]
+            if len(d):
+                return self._valid(d, expect, owner)
+        return d
+
+    def xmit(self, txq: int, cpu: int, kind: str, d: np.ndarray) -> None:
+        """``ndo_xdp_xmit`` / the XDP TX ring: take what fits, refuse the rest back to the CPU."""
+        if not len(d):
+            return
+        if kind == "redirect" and not self.cfg.xdp_xmit:
+            # A CPU only redirects here through the skb fallback; descriptors mean a confused peer.
+            self.c[self.i["bad_messages"]] += 1
+            self._send(cpu, "txdrop", {"dev": self.name, "kind": kind}, d)
+            return
+        q = self.txqs[txq]
+        room = 0 if self.down else max(0, self.tx_ring - q.nqueued - q.ninflight)
+        take = min(room, len(d))
+        if take < len(d):
+            self.c[self.i["xmit_full"]] += len(d) - take
+            self._send(cpu, "txdrop", {"dev": self.name, "kind": kind}, d[take:])
+        if take:
+            q.queued.append(d[:take])
+            q.nqueued += take
+            self.c[self.i["xdp_xmit" if kind == "redirect" else "xdp_tx"]] += take
+
+    def skb_xmit(self, frames: FrameBatch) -> None:
+        """The normal transmit path for skbs (copies): straight onto the wire."""
+        n = len(frames)
+        self.c[self.i["skb_xmit"]] += n
+        if self.down:
+            self.c[self.i["tx_dropped"]] += n
+            return
+        self._wire_send(frames.data, frames.offsets, frames.lengths)
+
+    def _send(self, cpu: int, kind: str, hdr: dict, d: np.ndarray) -> None:
+        if len(d):
+            self.cpu_out[cpu].send(wire.pack_msg(kind, hdr, np.ascontiguousarray(d).tobytes()), copy=False)
+
+    # -- the wire ---------------------------------------------------------------------------------
+
+    def _wire_send(self, data: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> None:
+        n = len(lengths)
+        self.c[self.i["tx_packets"]] += n
+        self.c[self.i["tx_bytes"]] += int(lengths.sum())
+        if self.link_out is None:
+            self.c[self.i["tx_dropped"]] += n
+            return
+        for s in range(0, n, LINK_BATCH):
+            e = min(n, s + LINK_BATCH)
+            self.wire_backlog.append(wire.pack_frames(FrameBatch(data, offsets[s:e], lengths[s:e])))
+        self.flush_wire()
+
+    def flush_wire(self) -> None:
+        while self.wire_backlog:
+            try:
+                self.link_out.send(self.wire_backlog[0], zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.wire_backlog.popleft()
+
+    def transmit(self) -> int:
+        """Put every queued page's frame on the wire and start its completion timer."""
+        sent = 0
+        now = time.monotonic_ns()
+        for q in self.txqs:
+            if not q.queued or len(self.wire_backlog) > 4 * LINK_HWM:
+                continue
+            d = np.concatenate(q.queued) if len(q.queued) > 1 else q.queued[0]
+            q.queued.clear()
+            q.nqueued = 0
+            data, offsets, lengths = self._gather(d)
+            self._wire_send(data, offsets, lengths)
+            self.pm.state.put(d["page"], PageState.TX_INFLIGHT)
+            q.inflight.append((now + self.completion_ns, d))
+            q.ninflight += len(d)
+            sent += len(d)
+        return sent
+
+    def _gather(self, d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The frames' bytes out of their pages: one fancy-indexing copy per distinct length."""
+        pages = d["page"].astype(np.int64)
+        offs = d["off"].astype(np.int64)
+        lens = d["len"].astype(np.int64)
+        n = len(d)
+        if n and (lens == lens[0]).all() and (offs == offs[0]).all():
+            ln, off = int(lens[0]), int(offs[0])
+            data = self.data2d[pages, off : off + ln].reshape(-1)
+            offsets = np.arange(n, dtype=np.uint32) * ln
+            return data, offsets, lens.astype(np.uint32)
+        chunks = [self.data2d[p, o : o + ln] for p, o, ln in zip(pages.tolist(), offs.tolist(), lens.tolist())]
+        data = np.concatenate(chunks) if chunks else np.empty(0, np.uint8)
+        offsets = np.zeros(n, dtype=np.uint32)
+        if n > 1:
+            offsets[1:] = np.cumsum(lens[:-1])
+        return data, offsets, lens.astype(np.uint32)
+
+    def complete(self, force: bool = False) -> int:
+        """Deliver due TX completions to the CPUs that service the queues."""
+        now = time.monotonic_ns()
+        done = 0
+        for t, q in enumerate(self.txqs):
+            while q.inflight and (force or q.inflight[0][0] <= now):
+                _, d = q.inflight.popleft()
+                q.ninflight -= len(d)
+                done += len(d)
+                self._send(t % self.ncpus, "txc", {"dev": self.name, "txq": t}, d)
+        if done:
+            self.c[self.i["tx_completions"]] += done
+        return done
+
+    def receive(self) -> int:
+        """Take frames from the link into posted pages (or drop them) and complete them to the CPUs."""
+        if self.link_in is None:
+            return 0
+        low = min(self.nposted)
+        now = time.monotonic_ns()
+        if low < LINK_BATCH:
+            # Pause the link while buffers are short, but never for longer than pause_ns.
+            if not self.paused_since:
+                self.paused_since = now
+            if now - self.paused_since < self.pause_ns:
+                return 0
+        self.paused_since = 0
+        got = 0
+        for _ in range(8):
+            try:
+                msg = self.link_in.recv(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            try:
+                frames = wire.unpack_frames(msg, max_frame=self.ps - 256)
+            except wire.WireError as exc:
+                self.c[self.i["bad_messages"]] += 1
+                self.warn_once("badframes", f"refused a link message: {exc}")
+                continue
+            got += self.dma(frames)
+            if min(self.nposted) < LINK_BATCH:
+                break
+        return got
+
+    def dma(self, frames: FrameBatch) -> int:
+        n = len(frames)
+        c, i = self.c, self.i
+        c[i["rx_packets"]] += n
+        c[i["rx_bytes"]] += int(frames.lengths.sum())
+        qs = rss_queue(frames, self.nrxq) if self.nrxq > 1 else np.zeros(n, dtype=np.int64)
+        taken = 0
+        for q in range(self.nrxq):
+            idx = np.flatnonzero(qs == q)
+            if not len(idx):
+                continue
+            bufs = self._take_posted(q, len(idx))
+            k = len(bufs)
+            if k < len(idx):
+                c[i["rx_dropped"]] += len(idx) - k
+            if not k:
+                continue
+            idx = idx[:k]
+            lens = frames.lengths[idx]
+            pages = bufs["page"].astype(np.int64)
+            offs = bufs["off"].astype(np.int64)
+            self._write(frames, idx, pages, offs, lens)
+            self.pm.len.put(pages, lens)
+            bufs = bufs.copy()
+            bufs["len"] = lens
+            self._send(self.rx_cpus[q], "rx", {"dev": self.name, "q": q}, bufs)
+            taken += k
+        return taken
+
+    def _write(self, frames: FrameBatch, idx: np.ndarray, pages: np.ndarray, offs: np.ndarray,
+               lens: np.ndarray) -> None:
+        data, foffs = frames.data, frames.offsets[idx].astype(np.int64)
+        if len(idx) and (lens == lens[0]).all() and (offs == offs[0]).all():
+            ln, off = int(lens[0]), int(offs[0])
+            src = data[foffs[:, None] + np.arange(ln)]
+            self.data2d[pages, off : off + ln] = src
+            return
+        for p, o, fo, ln in zip(pages.tolist(), offs.tolist(), foffs.tolist(), lens.tolist()):
+            self.data2d[p, o : o + ln] = data[fo : fo + ln]
+
+    def _take_posted(self, q: int, n: int) -> np.ndarray:
+        out, have = [], 0
+        dq = self.posted[q]
+        while dq and have < n:
+            d = dq[0]
+            need = n - have
+            if len(d) <= need:
+                out.append(dq.popleft())
+                have += len(d)
+            else:
+                out.append(d[:need])
+                dq[0] = d[need:]
+                have += need
+        self.nposted[q] -= have
+        if not out:
+            return np.empty(0, dtype=DESC_DTYPE)
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def go_down(self) -> None:
+        """``ndo_stop``: posted buffers back to their CPUs; completions delivered now."""
+        self.down = True
+        for q in range(self.nrxq):
+            d = self._take_posted(q, self.nposted[q])
+            self._send(self.rx_cpus[q], "rxret", {"dev": self.name, "q": q}, d)
+        for q in self.txqs:
+            if q.queued:
+                d = np.concatenate(q.queued)
+                q.queued.clear()
+                q.nqueued = 0
+                self.pm.state.put(d["page"], PageState.TX_INFLIGHT)
+                q.inflight.append((0, d))
+                q.ninflight += len(d)
+                self.c[self.i["tx_dropped"]] += len(d)
+        self.complete(force=True)
+
+    # -- main loop --------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        live = Liveness(self.row, self.spec.parent_pid)
+        c = self.c
+        self.row.set_state(ProcState.READY)
+        poller = zmq.Poller()
+        poller.register(self.inbox, zmq.POLLIN)
+        if self.link_in is not None:
+            poller.register(self.link_in, zmq.POLLIN)
+        while True:
+            cmd = c[0]
+            if cmd >= Cmd.EXIT or not live.tick():
+                break
+            if cmd >= Cmd.DOWN and not self.down:
+                self.go_down()
+                self.row.set_state(ProcState.DOWN)
+            work = 0
+            for _ in range(256):
+                try:
+                    msg = self.inbox.recv(zmq.NOBLOCK, copy=True)
+                except zmq.Again:
+                    break
+                self.dispatch(msg)
+                work += 1
+            if not self.down:
+                work += self.receive()
+            work += self.transmit()
+            if self.link_out is not None and self.wire_backlog:
+                self.flush_wire()
+            work += self.complete(force=self.down)
+            c[self.i["rx_posted_now"]] = sum(self.nposted)
+            if not work:
+                timeout = 5
+                pending = [q.inflight[0][0] for q in self.txqs if q.inflight]
+                if pending:
+                    timeout = max(0, min(timeout, (min(pending) - time.monotonic_ns()) // 1_000_000))
+                if self.paused_since or self.wire_backlog:
+                    timeout = min(timeout, 1)
+                if timeout:
+                    poller.poll(timeout)
+        self.close()
+
+    def close(self) -> None:
+        for s in (self.inbox, self.link_in, self.link_out, *self.cpu_out):
+            if s is not None:
+                s.close(0)
+        self.zctx.term()
+
+
+def _body(spec: ProcSpec, table: StatsTable, row: StatsRow) -> None:
+    pin(spec.core)
+    Device(spec, row).run()
+
+
+def main(spec: ProcSpec) -> None:
+    """Process entry point."""
+    run_process(spec, _body)
