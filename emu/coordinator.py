@@ -370,7 +370,7 @@ class Run:
                 p.process.join(3)
 
     def cleanup(self) -> None:
-        for ms in self.mapsets:
+        for _, ms in self.mapsets:
             try:
                 ms.unlink()
                 ms.close()

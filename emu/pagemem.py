@@ -337,7 +337,7 @@ class PageMemory:
         """Take up to `n` pages from the page allocator (fewer when it runs dry)."""
         with self.locks.lock(ALLOCATOR_LOCK):
             have = int(self.header[_H_FREE_COUNT])
-            k = min(n, have)
+            k = max(0, min(n, have))
             ids = self.free_stack[have - k : have][::-1].copy()
             self.header[_H_FREE_COUNT] = have - k
             # Marked while still under the lock so that an audit never sees a page in no place.
@@ -366,7 +366,9 @@ class PageMemory:
 
     def page_get(self, ids: np.ndarray) -> None:
         """``get_page``: take an extra reference (a pool will then release rather than recycle it)."""
-        self.refcnt[ids] += 1
+        ids = np.asarray(ids, dtype=np.int64)
+        ids = ids[self.check_ids(ids)]
+        np.add.at(self.refcnt, ids, 1)  # add.at: a page named twice takes two references
         self.header[_H_EXTRA_REFS] += len(ids)
 
     def put_page(self, ids: np.ndarray) -> None:
@@ -380,8 +382,9 @@ class PageMemory:
         refs = self.refcnt[ids]
         ownerless = self.owner[ids] == NO_OWNER
         ids = ids[(refs > 1) | (ownerless & (refs > 0) & IN_USE[self.state[ids]])]
-        self.refcnt[ids] -= 1
+        np.subtract.at(self.refcnt, ids, 1)
         self.header[_H_EXTRA_REFS] -= len(ids)
+        ids = np.unique(ids)
         last = (self.refcnt[ids] == 0) & (self.owner[ids] == NO_OWNER)
         self.free_pages_bulk(ids[last])
 

@@ -48,6 +48,8 @@ from emu.pagemem import (
     PageState,
 )
 
+_ALLOC_FAST = C["alloc_fast"]
+
 
 class ForeignRecycleError(PageError):
     """A direct (lockless) recycle into a CPU's alloc cache from a process that does not own it."""
@@ -140,14 +142,21 @@ class PagePool:
         Each page's generation is bumped, so descriptors of its previous life become stale.
         """
         self._require_owner("alloc")
+        cnt = self.cnt
+        have = self.ctl[_P_CACHE_COUNT]
+        if have >= n > 0:
+            # The common case, kept free of lists and concatenation: the cache alone serves the bulk.
+            ids = self.cache[have - n : have].astype(np.intp)
+            self.ctl[_P_CACHE_COUNT] = have - n
+            cnt[_ALLOC_FAST] += n
+            return self._hand_out(ids, state, holder)
         parts = []
         want = n
-        cnt = self.cnt
         while want > 0:
             have = int(self.ctl[_P_CACHE_COUNT])
             if have:
                 k = min(have, want)
-                parts.append(self.cache[have - k : have].copy())
+                parts.append(self.cache[have - k : have].astype(np.intp))
                 self.ctl[_P_CACHE_COUNT] = have - k
                 cnt[C["alloc_fast"]] += k
                 want -= k
@@ -161,18 +170,20 @@ class PagePool:
                 cnt[C["alloc_failed"]] += 1
                 break
             have = int(self.ctl[_P_CACHE_COUNT])
-            parts.append(self.cache[have - 1 : have].copy())
+            parts.append(self.cache[have - 1 : have].astype(np.intp))
             self.ctl[_P_CACHE_COUNT] = have - 1
             want -= 1
         if not parts:
-            return np.empty(0, dtype=np.int32)
+            return np.empty(0, dtype=np.intp)
         ids = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return self._hand_out(ids, state, holder)
+
+    def _hand_out(self, ids: np.ndarray, state: int, holder: int) -> np.ndarray:
         pm = self.pm
         gen = pm.gen
         gen.put(ids, gen.take(ids) + 1)
-        pm.state.put(ids, state)
-        if holder >= 0:
-            pm.holder.put(ids, holder)
+        pm.state.put(ids, int(state))
+        pm.holder.put(ids, holder)
         return ids
 
     def _refill_from_ring(self) -> int:
@@ -185,7 +196,7 @@ class PagePool:
         k = min(avail, self.refill, self.cache_size)
         ids = self._ring_slice(head, k)
         self.cache[:k] = ids
-        self.pm.state[ids] = PageState.CACHE
+        self.pm.state.put(ids, int(PageState.CACHE))
         self.ctl[_P_CACHE_COUNT] = k
         self.ctl[_P_RING_HEAD] = head + k  # published last: producers may now reuse the slots
         return k
@@ -206,7 +217,7 @@ class PagePool:
         pm.refcnt[ids] = 1
         self.cnt[C["hold_cnt"]] += k
         self.cache[:k] = ids
-        pm.state[ids] = PageState.CACHE
+        pm.state.put(ids, int(PageState.CACHE))
         self.ctl[_P_CACHE_COUNT] = k
         return k
 
@@ -240,9 +251,9 @@ class PagePool:
         """The common case in a few gathers and byte compares: every page in one in-use state, owned
         by this pool, of the current generation, and no page twice."""
         pm = self.pm
-        if ids.dtype.kind == "i" and n and ids.min() < 0:
-            return False
-        st = pm.state.take(ids)
+        # Viewed unsigned, a negative id is huge and `take` raises IndexError: the full check names it.
+        # Once this gather succeeded every id is in range, so the rest use the (faster) signed ids.
+        st = pm.state.take(ids.view(f"u{ids.itemsize}") if ids.dtype.kind == "i" else ids)
         first = int(st[0])
         if (first != expect if expect is not None else not IN_USE[first]) or st.tobytes() != bytes(
             (first,)
@@ -370,9 +381,9 @@ class PagePool:
             )
         problems: list[str] = []
         ids = self._validate(ids, gens, problems, expect)
-        ids = self._release_refcnt(ids)
         accepted = len(ids)
-        if accepted:
+        ids = self._release_refcnt(ids)
+        if len(ids):
             ids = self._cache_put(ids)
             if len(ids):
                 self._ring_put(ids)
@@ -407,9 +418,9 @@ class PagePool:
             # Validated under the ring lock: two processes returning the same page serialise here, so the
             # second sees it in the ring and is refused as a double free.
             ids = self._validate(ids, gens, problems, expect)
-            ids = self._release_refcnt(ids)
             accepted = len(ids)
-            if accepted:
+            ids = self._release_refcnt(ids)
+            if len(ids):
                 self._ring_put_locked(ids)
         self._raise(problems, errors)
         return accepted
@@ -429,7 +440,7 @@ class PagePool:
             self.cnt[C["recycle_hard_limit"]] += fits - k
         if k:
             put = ids[:k]
-            self.pm.state[put] = PageState.RING
+            self.pm.state.put(put, int(PageState.RING))
             self.pm.holder[put] = -1
             i = tail % self.ring_size
             first = min(k, self.ring_size - i)

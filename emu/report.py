@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from emu.pagemem import C, POOL_COUNTERS, POOL_STATS, PageState
+from emu.pagemem import POOL_COUNTERS, POOL_STATS, C, PageState
 from emu.stats import StatsTable
 
 if TYPE_CHECKING:

@@ -323,7 +323,8 @@ class CpuWorker:
         pm = self.pm
         offs = pm.off.take(ids)
         lens = pm.len.take(ids)
-        frames = [bytes(self.data2d[p, o : o + n]) for p, o, n in zip(ids.tolist(), offs.tolist(), lens.tolist())]
+        spans = zip(ids.tolist(), offs.tolist(), lens.tolist(), strict=True)
+        frames = [bytes(self.data2d[p, o : o + n]) for p, o, n in spans]
         self.sock(t.name).send(wire.pack_frames(frames), copy=False)
         self.c[self.i["redirect_skb"]] += len(ids)
         self.pool.recycle_direct(ids, errors="count", expect=PageState.XDP)

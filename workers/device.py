@@ -221,7 +221,8 @@ class Device:
             data = self.data2d[pages, off : off + ln].reshape(-1)
             offsets = np.arange(n, dtype=np.uint32) * ln
             return data, offsets, lens.astype(np.uint32)
-        chunks = [self.data2d[p, o : o + ln] for p, o, ln in zip(pages.tolist(), offs.tolist(), lens.tolist())]
+        spans = zip(pages.tolist(), offs.tolist(), lens.tolist(), strict=True)
+        chunks = [self.data2d[p, o : o + ln] for p, o, ln in spans]
         data = np.concatenate(chunks) if chunks else np.empty(0, np.uint8)
         offsets = np.zeros(n, dtype=np.uint32)
         if n > 1:
@@ -309,7 +310,7 @@ class Device:
             src = data[foffs[:, None] + np.arange(ln)]
             self.data2d[pages, off : off + ln] = src
             return
-        for p, o, fo, ln in zip(pages.tolist(), offs.tolist(), foffs.tolist(), lens.tolist()):
+        for p, o, fo, ln in zip(pages.tolist(), offs.tolist(), foffs.tolist(), lens.tolist(), strict=True):
             self.data2d[p, o : o + ln] = data[fo : fo + ln]
 
     def _take_posted(self, q: int, n: int) -> np.ndarray:

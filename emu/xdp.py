@@ -1,0 +1,255 @@
+"""XDP verdicts, the per-packet program context and program loading.
+
+Kernel counterpart: ``struct xdp_md`` / ``struct xdp_buff`` (include/uapi/linux/bpf.h, include/net/xdp.h),
+the ``bpf_redirect``/``bpf_redirect_map`` helpers and their per-CPU ``bpf_redirect_info``
+(net/core/filter.c), and ``bpf_prog_run_xdp`` with ``bpf_warn_invalid_xdp_action``.  The emulator's CPU
+worker calls an XDP program once per received packet, so this module is on the hot path: one
+`XdpContext` (``__slots__``) is built per RX queue and reused, the worker only swaps in the packet's
+``memoryview`` and clears the redirect target, and the helpers are a few attribute stores.
+
+Programs
+    A program is a plain Python callable ``fn(ctx) -> int`` returning one of the five actions.  It
+    reads and writes the frame in place through ``ctx.data`` (a writable ``memoryview`` of exactly the
+    packet bytes inside its page; ``len(ctx.data)`` is ``data_end - data``).  Exceptions and return
+    values that are not an action are the program's bugs; the worker counts them as ``xdp_exception``
+    and treats the packet as XDP_ABORTED (`classify_verdict`).
+
+    Optional function attributes, set by hand or with the `xdp_program` decorator:
+
+    ``fn.maps``   ``{name: emu.bpfmaps.MapSpec}``: the maps the program uses (its ``SEC(".maps")``).  The
+                  runtime creates them once per attachment and the program finds them in ``ctx.maps``.
+    ``fn.setup``  ``setup(ctx) -> None``, called once per context before the first packet: the place to
+                  resolve ``ctx.params`` (``ctx.ifindex_of(ctx.params["egress"])``) and to look maps up,
+                  caching the result in ``ctx.priv``.  This is the analogue of libbpf filling a
+                  program's ``const volatile`` ``.rodata`` before load, and keeps dictionary lookups
+                  off the per-packet path.  Per-context (not per-function) state matters because one
+                  program can be attached to several devices with different params.
+
+    `load_program` turns ``"module:function"`` into a `Program`; `Program.new_context` builds a context
+    and runs the setup hook.
+
+XDP itself keeps no counters: programs count in their maps, and the worker keeps the per-action totals
+the kernel's ``xdp:*`` tracepoints would show.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from emu.bpfmaps import BpfMap, DevMap, MapSpec
+
+__all__ = [
+    "XDP_ABORTED",
+    "XDP_DROP",
+    "XDP_PASS",
+    "XDP_REDIRECT",
+    "XDP_TX",
+    "Program",
+    "ProgramFn",
+    "XdpAction",
+    "XdpContext",
+    "classify_verdict",
+    "load_program",
+    "xdp_program",
+]
+
+
+class XdpAction(enum.IntEnum):
+    """``enum xdp_action`` (include/uapi/linux/bpf.h)."""
+
+    XDP_ABORTED = 0
+    XDP_DROP = 1
+    XDP_PASS = 2
+    XDP_TX = 3
+    XDP_REDIRECT = 4
+
+
+# Plain ints: comparing against an IntEnum member goes through enum machinery, a global int does not.
+XDP_ABORTED = 0
+XDP_DROP = 1
+XDP_PASS = 2
+XDP_TX = 3
+XDP_REDIRECT = 4
+
+# bpf_redirect_map(): the low bits of flags are the action on a lookup miss (XDP_ABORTED..XDP_TX).
+_ACTION_MASK = XDP_ABORTED | XDP_DROP | XDP_PASS | XDP_TX
+
+
+class XdpContext:
+    """``struct xdp_md`` plus the redirect helpers, one per RX queue, reused for every packet.
+
+    The worker sets `data` and clears `redirect_ifindex` before each call (`reset`, or the two stores
+    inlined); everything else is fixed when the context is built.  `priv` belongs to the program.
+    """
+
+    __slots__ = (
+        "_ifindexes",
+        "cpu",
+        "data",
+        "ingress_ifindex",
+        "maps",
+        "params",
+        "priv",
+        "redirect_ifindex",
+        "rx_queue_index",
+    )
+
+    def __init__(
+        self,
+        ingress_ifindex: int,
+        rx_queue_index: int,
+        cpu: int,
+        params: Mapping[str, Any] | None = None,
+        maps: Mapping[str, BpfMap] | None = None,
+        ifindexes: Mapping[str, int] | None = None,
+    ) -> None:
+        self.data: memoryview | None = None
+        self.ingress_ifindex = ingress_ifindex
+        self.rx_queue_index = rx_queue_index
+        self.cpu = cpu
+        # A private deep copy behind a read-only proxy: a program cannot change the topology's params
+        # for the other queues or CPUs by mutating what it was given.
+        self.params: Mapping[str, Any] = MappingProxyType(copy.deepcopy(dict(params or {})))
+        self.maps: Mapping[str, BpfMap] = MappingProxyType(dict(maps or {}))
+        self._ifindexes: dict[str, int] = dict(ifindexes or {})
+        self.redirect_ifindex = -1
+        self.priv: Any = None
+
+    def reset(self, data: memoryview | None) -> None:
+        """Per-packet: point at the next frame and forget the previous packet's redirect target."""
+        self.data = data
+        self.redirect_ifindex = -1
+
+    def redirect(self, ifindex: int, flags: int = 0) -> int:
+        """``bpf_redirect``: remember the target and return XDP_REDIRECT; any flag is an error."""
+        if flags:
+            return XDP_ABORTED
+        self.redirect_ifindex = ifindex
+        return XDP_REDIRECT
+
+    def redirect_map(self, devmap: DevMap, key: int, flags: int = 0) -> int:
+        """``bpf_redirect_map`` on a devmap: XDP_REDIRECT on a hit, else the action in ``flags & 3``.
+
+        Flags beyond the action bits (BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS) are not emulated and
+        return XDP_ABORTED, as unknown flags do in the kernel.
+        """
+        if flags & ~_ACTION_MASK:
+            return XDP_ABORTED
+        slots = devmap.ifindexes  # inlined DevMap.lookup: this runs per packet
+        if 0 <= key < len(slots):
+            ifindex = slots[key]
+            if ifindex:
+                self.redirect_ifindex = ifindex
+                return XDP_REDIRECT
+        return flags
+
+    def ifindex_of(self, name: str) -> int:
+        """The ifindex of device `name` on this host (for setup hooks resolving params)."""
+        try:
+            return self._ifindexes[name]
+        except KeyError:
+            known = ", ".join(sorted(self._ifindexes)) or "none"
+            raise ValueError(f"no device {name!r} on this host (devices: {known})") from None
+
+    def __repr__(self) -> str:
+        return (
+            f"<XdpContext ifindex={self.ingress_ifindex} rxq={self.rx_queue_index} cpu={self.cpu} "
+            f"maps={sorted(self.maps)}>"
+        )
+
+
+ProgramFn = Callable[[XdpContext], int]
+SetupFn = Callable[[XdpContext], None]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def xdp_program(maps: Mapping[str, MapSpec] | None = None, setup: SetupFn | None = None) -> Callable[[F], F]:
+    """Declare a program's maps and setup hook: sets ``fn.maps`` and ``fn.setup``, returns `fn` itself."""
+
+    def wrap(fn: F) -> F:
+        fn.maps = dict(maps or {})  # type: ignore[attr-defined]
+        fn.setup = setup  # type: ignore[attr-defined]
+        return fn
+
+    return wrap
+
+
+@dataclass(frozen=True, slots=True)
+class Program:
+    """A loaded program: the per-packet callable, its name, its map specs and its setup hook."""
+
+    fn: ProgramFn
+    name: str
+    maps: Mapping[str, MapSpec] = field(default_factory=dict)
+    setup: SetupFn | None = None
+
+    @classmethod
+    def from_callable(cls, fn: ProgramFn, name: str | None = None) -> Program:
+        """Read the ``maps``/``setup`` attributes of `fn` (see the module docstring)."""
+        if not callable(fn):
+            raise TypeError(f"an XDP program must be callable, not {type(fn).__name__}")
+        if name is None:
+            name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
+        maps = getattr(fn, "maps", None) or {}
+        if not isinstance(maps, Mapping) or not all(isinstance(s, MapSpec) for s in maps.values()):
+            raise TypeError(f"xdp program {name}: 'maps' must map names to emu.bpfmaps.MapSpec")
+        setup = getattr(fn, "setup", None)
+        if setup is not None and not callable(setup):
+            raise TypeError(f"xdp program {name}: 'setup' must be callable")
+        return cls(fn, name, MappingProxyType(dict(maps)), setup)
+
+    def initial_maps(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The params named after one of this program's maps: its initial entries (`emu.bpfmaps.populate`)."""
+        return {k: v for k, v in params.items() if k in self.maps}
+
+    def new_context(
+        self,
+        ingress_ifindex: int,
+        rx_queue_index: int,
+        cpu: int,
+        params: Mapping[str, Any] | None = None,
+        maps: Mapping[str, BpfMap] | None = None,
+        ifindexes: Mapping[str, int] | None = None,
+    ) -> XdpContext:
+        """A context for one RX queue, with the program's setup hook already run on it."""
+        maps = dict(maps or {})
+        missing = sorted(set(self.maps) - set(maps))
+        if missing:
+            raise ValueError(f"xdp program {self.name}: maps {missing} were not created")
+        ctx = XdpContext(ingress_ifindex, rx_queue_index, cpu, params, maps, ifindexes)
+        if self.setup is not None:
+            self.setup(ctx)
+        return ctx
+
+
+def load_program(spec: str) -> Program:
+    """Import ``"module:function"`` and wrap it; ValueError says what failed (as topology validation does)."""
+    from emu.topology import resolve_program  # the one place that imports program modules
+
+    return Program.from_callable(resolve_program(spec), spec)
+
+
+_VALID = frozenset(range(XDP_ABORTED, XDP_REDIRECT + 1))
+
+
+def classify_verdict(ret: object) -> tuple[int, bool]:
+    """(action, invalid): anything but one of the five actions becomes XDP_ABORTED with ``invalid`` set.
+
+    ``invalid`` is when the kernel calls ``bpf_warn_invalid_xdp_action``; note that its ``xdp_exception``
+    tracepoint also fires for a genuine XDP_ABORTED.  Booleans are rejected: ``True`` as "drop" is a bug.
+    """
+    if isinstance(ret, bool):
+        return XDP_ABORTED, True
+    try:
+        v = operator.index(ret)  # int, IntEnum, numpy integers
+    except TypeError:
+        return XDP_ABORTED, True
+    if v in _VALID:
+        return v, False
+    return XDP_ABORTED, True

@@ -1,0 +1,68 @@
+"""Attaching XDP programs to a host's devices: loading, their BPF maps, one context per RX queue.
+
+The coordinator creates each attached program's maps once per device (`create_maps`), in shared memory,
+pre-populated from the topology's params named after a map (``{"tx_port": {0: "eth1"}}``), the way
+user space loads and fills maps before attaching.  Every CPU worker then attaches the same map set
+(per-CPU maps resolve to its own row) and builds one `XdpContext` per RX queue it services.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from emu.bpfmaps import MapSet, populate
+from emu.topology import DeviceConfig, HostConfig
+from emu.xdp import Program, XdpContext, load_program
+
+
+def create_maps(prefix: str, host: HostConfig) -> tuple[dict[str, str], list[tuple[str, MapSet]]]:
+    """Create (and populate) the map set of every device whose program declares maps."""
+    names: dict[str, str] = {}
+    sets: list[tuple[str, MapSet]] = []
+    ifindexes = {name: dev.ifindex for name, dev in host.devices.items()}
+    try:
+        for dname, dev in host.devices.items():
+            if dev.xdp is None:
+                continue
+            prog = load_program(dev.xdp.program)
+            if not prog.maps:
+                continue
+            name = f"{prefix}-maps-{dname}"
+            ms = MapSet.create(name, prog.maps, host.cpus)
+            sets.append((f"{host.name}:{dname}", ms))
+            names[dname] = name
+            populate(ms, prog.initial_maps(dev.xdp.params), lambda n: ifindexes[n])
+    except BaseException:
+        for _, ms in sets:
+            ms.unlink()
+            ms.close()
+        raise
+    return names, sets
+
+
+def program_for(
+    dev: DeviceConfig, mapset_name: str | None, ncpus: int, cpu: int
+) -> tuple[Program | None, dict[str, Any]]:
+    """In a CPU worker: the device's program and its maps as seen from `cpu`."""
+    if dev.xdp is None:
+        return None, {}
+    prog = load_program(dev.xdp.program)
+    if not prog.maps or mapset_name is None:
+        return prog, {}
+    ms = MapSet.attach(mapset_name, prog.maps, ncpus, cpu)
+    return prog, dict(ms.maps)
+
+
+def make_context(
+    prog: Program | None, maps: dict[str, Any], dev: DeviceConfig, q: int, cpu: int, ifindexes: dict[str, int]
+) -> XdpContext:
+    """The context of RX queue `q` of `dev` on `cpu`, with the program's setup hook run."""
+    params = dev.xdp.params if dev.xdp is not None else {}
+    if prog is None:
+        return XdpContext(dev.ifindex, q, cpu, params, maps, ifindexes)
+    return prog.new_context(dev.ifindex, q, cpu, params, maps, ifindexes)
+
+
+def snapshot_maps(sets: list[tuple[str, MapSet]]) -> dict[str, Any]:
+    """The contents of every map, per device, for the final report."""
+    return {label: ms.snapshot() for label, ms in sets}

@@ -1,0 +1,309 @@
+"""XDP verdicts, the program context and its helpers, program loading, and the bundled programs.
+
+The bundled programs run on a real 64-byte Ethernet/IPv4/UDP frame (built with dpkt) placed at the XDP
+headroom of a page-sized buffer, with their maps in a real shared-memory `MapSet` created under the
+test's `run_prefix` and unlinked by the fixture, as a CPU worker would run them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import dpkt
+import numpy as np
+import pytest
+
+from emu import programs
+from emu.bpfmaps import MapSet, MapSpec, populate
+from emu.shm import segments_with_prefix
+from emu.xdp import (
+    XDP_ABORTED,
+    XDP_DROP,
+    XDP_PASS,
+    XDP_REDIRECT,
+    XDP_TX,
+    Program,
+    XdpAction,
+    XdpContext,
+    classify_verdict,
+    load_program,
+    xdp_program,
+)
+
+HEADROOM = 256
+PAGE = 4096
+SRC_MAC = bytes.fromhex("020000000102")
+DST_MAC = bytes.fromhex("020000000203")
+IFINDEXES = {"eth0": 2, "eth1": 3}
+
+
+def make_frame(size: int = 64) -> bytes:
+    payload = bytes(range(size - 14 - 20 - 8))  # Ethernet, IPv4 and UDP headers
+    udp = dpkt.udp.UDP(sport=1234, dport=9, ulen=8 + len(payload), data=payload)
+    ip = dpkt.ip.IP(
+        src=bytes([10, 0, 0, 1]),
+        dst=bytes([10, 0, 0, 2]),
+        p=dpkt.ip.IP_PROTO_UDP,
+        len=20 + udp.ulen,
+        data=udp,
+    )
+    eth = dpkt.ethernet.Ethernet(src=SRC_MAC, dst=DST_MAC, type=dpkt.ethernet.ETH_TYPE_IP, data=ip)
+    frame = bytes(eth)  # dpkt fills in the checksums
+    assert len(frame) == size
+    return frame
+
+
+def in_page(frame: bytes) -> tuple[bytearray, memoryview]:
+    """The frame at the XDP headroom of a page, and a writable view of exactly its bytes."""
+    page = bytearray(PAGE)
+    page[HEADROOM : HEADROOM + len(frame)] = frame
+    return page, memoryview(page)[HEADROOM : HEADROOM + len(frame)]
+
+
+Loader = Callable[..., tuple[Program, XdpContext, MapSet]]
+
+
+@pytest.fixture
+def loaded(run_prefix: str) -> Iterator[Loader]:
+    """``loaded("emu.programs:l2fwd", params={...}, cpu=0)`` -> (program, context, map set)."""
+    sets: list[MapSet] = []
+
+    def load(
+        spec: str, params: Mapping[str, Any] | None = None, cpu: int = 0
+    ) -> tuple[Program, XdpContext, MapSet]:
+        prog = load_program(spec)
+        ms = MapSet.create(f"{run_prefix}-m{len(sets)}", prog.maps, ncpus=2, cpu=cpu)
+        sets.append(ms)
+        params = dict(params or {})
+        populate(ms, prog.initial_maps(params), IFINDEXES.__getitem__)
+        ctx = prog.new_context(IFINDEXES["eth0"], 0, cpu, params, ms.maps, IFINDEXES)
+        return prog, ctx, ms
+
+    yield load
+    for ms in sets:
+        ms.unlink()
+        ms.close()
+    assert segments_with_prefix(run_prefix) == []
+
+
+def run(prog: Program, ctx: XdpContext, data: memoryview) -> int:
+    ctx.reset(data)
+    return prog.fn(ctx)
+
+
+def swapped(frame: bytes) -> bytes:
+    return frame[6:12] + frame[0:6] + frame[12:]
+
+
+# --------------------------------------------------------------------------------------------------
+# Verdicts
+
+
+def test_action_values_are_the_kernels() -> None:
+    assert [int(a) for a in XdpAction] == [0, 1, 2, 3, 4]
+    assert [a.name for a in XdpAction] == ["XDP_ABORTED", "XDP_DROP", "XDP_PASS", "XDP_TX", "XDP_REDIRECT"]
+    assert (XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT) == tuple(XdpAction)
+    assert all(type(c) is int for c in (XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT))
+
+
+@pytest.mark.parametrize(
+    ("ret", "expected"),
+    [
+        (0, (XDP_ABORTED, False)),
+        (1, (XDP_DROP, False)),
+        (XdpAction.XDP_PASS, (XDP_PASS, False)),
+        (np.int64(3), (XDP_TX, False)),
+        (4, (XDP_REDIRECT, False)),
+        (5, (XDP_ABORTED, True)),
+        (42, (XDP_ABORTED, True)),
+        (-1, (XDP_ABORTED, True)),
+        (None, (XDP_ABORTED, True)),
+        ("2", (XDP_ABORTED, True)),
+        (2.0, (XDP_ABORTED, True)),
+        (True, (XDP_ABORTED, True)),
+    ],
+)
+def test_classify_verdict(ret: object, expected: tuple[int, bool]) -> None:
+    assert classify_verdict(ret) == expected
+
+
+# --------------------------------------------------------------------------------------------------
+# Context and helpers
+
+
+def test_context_basics() -> None:
+    params = {"egress": "eth1", "nested": {"a": 1}}
+    ctx = XdpContext(2, 1, 0, params, {}, IFINDEXES)
+    assert (ctx.ingress_ifindex, ctx.rx_queue_index, ctx.cpu, ctx.redirect_ifindex) == (2, 1, 0, -1)
+    assert ctx.ifindex_of("eth1") == 3
+    with pytest.raises(ValueError, match=r"no device 'eth9'.*eth0, eth1"):
+        ctx.ifindex_of("eth9")
+    with pytest.raises(TypeError):
+        ctx.params["egress"] = "eth0"  # type: ignore[index]
+    params["nested"]["a"] = 2
+    assert ctx.params["nested"]["a"] == 1  # a private copy
+    with pytest.raises(AttributeError):
+        ctx.something = 1  # type: ignore[attr-defined]
+    _, data = in_page(make_frame())
+    ctx.redirect_ifindex = 7
+    ctx.reset(data)
+    assert ctx.data is data and ctx.redirect_ifindex == -1
+
+
+def test_redirect() -> None:
+    ctx = XdpContext(2, 0, 0)
+    assert ctx.redirect(3) == XDP_REDIRECT and ctx.redirect_ifindex == 3
+    ctx.redirect_ifindex = -1
+    assert ctx.redirect(3, flags=1) == XDP_ABORTED and ctx.redirect_ifindex == -1
+
+
+def test_redirect_map_hit_and_miss(run_prefix: str) -> None:
+    ms = MapSet.create(f"{run_prefix}-dev", {"tx": MapSpec("devmap", 4)}, 1)
+    try:
+        tx = ms["tx"]
+        tx.update(1, 3)
+        ctx = XdpContext(2, 0, 0, maps=ms.maps)
+        assert ctx.redirect_map(tx, 1) == XDP_REDIRECT and ctx.redirect_ifindex == 3
+        ctx.redirect_ifindex = -1
+        assert ctx.redirect_map(tx, 0) == XDP_ABORTED  # miss, flags 0
+        for action in (XDP_DROP, XDP_PASS, XDP_TX):
+            assert ctx.redirect_map(tx, 0, action) == action  # miss: the low flag bits are the action
+        assert ctx.redirect_map(tx, 4, XDP_PASS) == XDP_PASS  # out of range is a miss
+        assert ctx.redirect_map(tx, -1, XDP_PASS) == XDP_PASS
+        assert ctx.redirect_ifindex == -1
+        assert ctx.redirect_map(tx, 1, 1 << 13) == XDP_ABORTED  # BPF_F_BROADCAST: not emulated
+        assert ctx.redirect_ifindex == -1
+    finally:
+        ms.unlink()
+        ms.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def test_load_program_reads_maps_and_setup() -> None:
+    prog = load_program("emu.programs:l2fwd")
+    assert prog.fn is programs.l2fwd and prog.name == "emu.programs:l2fwd"
+    assert set(prog.maps) == {"rxcnt"} and prog.setup is not None
+    bare = load_program("emu.programs:xdp_pass")
+    assert dict(bare.maps) == {} and bare.setup is None
+    assert load_program("emu.programs:l2fwd_map").initial_maps({"tx_port": {0: "eth1"}, "x": 1}) == {
+        "tx_port": {0: "eth1"}
+    }
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ("emu.programs", "module:function"),
+        ("emu.no_such_module:f", "cannot import"),
+        ("emu.programs:no_such_program", "no attribute"),
+        ("emu.programs:__doc__", "not callable"),
+    ],
+)
+def test_load_program_errors(spec: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        load_program(spec)
+
+
+def test_decorator_and_function_attributes() -> None:
+    seen: list[XdpContext] = []
+
+    @xdp_program(maps={"m": MapSpec("array", 1)}, setup=seen.append)
+    def prog(ctx: XdpContext) -> int:
+        return XDP_PASS
+
+    p = Program.from_callable(prog)
+    assert p.fn is prog and set(p.maps) == {"m"} and p.name.endswith("prog")
+    with pytest.raises(ValueError, match=r"maps \['m'\] were not created"):
+        p.new_context(2, 0, 0)
+
+    def raw(ctx: XdpContext) -> int:
+        return XDP_DROP
+
+    raw.maps = {"m": "not a spec"}  # type: ignore[attr-defined]
+    with pytest.raises(TypeError, match="MapSpec"):
+        Program.from_callable(raw)
+    raw.maps = {}  # type: ignore[attr-defined]
+    raw.setup = lambda ctx: setattr(ctx, "priv", "ready")  # type: ignore[attr-defined]
+    ctx = Program.from_callable(raw).new_context(2, 0, 0)
+    assert ctx.priv == "ready"
+
+
+# --------------------------------------------------------------------------------------------------
+# Bundled programs
+
+
+def test_xdp_drop_counts_per_cpu(loaded: Loader) -> None:
+    prog, ctx, ms = loaded("emu.programs:xdp_drop", cpu=1)
+    frame = make_frame()
+    _, data = in_page(frame)
+    for _ in range(3):
+        assert run(prog, ctx, data) == XDP_DROP
+    assert bytes(data) == frame
+    rxcnt = ms["rxcnt"]
+    assert rxcnt.values(0) == [0, 3] and rxcnt.values(1) == [0, 3 * 64]  # type: ignore[attr-defined]
+
+
+def test_xdp_pass(loaded: Loader) -> None:
+    prog, ctx, _ = loaded("emu.programs:xdp_pass")
+    frame = make_frame()
+    _, data = in_page(frame)
+    assert run(prog, ctx, data) == XDP_PASS and bytes(data) == frame
+
+
+def test_xdp_tx_swaps_macs_in_place(loaded: Loader) -> None:
+    prog, ctx, _ = loaded("emu.programs:xdp_tx")
+    frame = make_frame()
+    page, data = in_page(frame)
+    assert run(prog, ctx, data) == XDP_TX
+    assert bytes(page[HEADROOM : HEADROOM + 64]) == swapped(frame)
+    assert not any(page[:HEADROOM]) and not any(page[HEADROOM + 64 :])  # nothing outside the frame
+    eth = dpkt.ethernet.Ethernet(bytes(data))
+    assert (eth.src, eth.dst) == (DST_MAC, SRC_MAC) and isinstance(eth.data.data, dpkt.udp.UDP)
+
+
+def test_l2fwd_redirects_to_egress(loaded: Loader) -> None:
+    prog, ctx, ms = loaded("emu.programs:l2fwd", params={"egress": "eth1"})
+    frame = make_frame()
+    _, data = in_page(frame)
+    assert run(prog, ctx, data) == XDP_REDIRECT
+    assert ctx.redirect_ifindex == IFINDEXES["eth1"] and bytes(data) == swapped(frame)
+    assert ms["rxcnt"].values(0) == [1, 0]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("params", "fragment"), [({}, "params.egress"), ({"egress": "eth9"}, "no device 'eth9'")]
+)
+def test_l2fwd_setup_errors(loaded: Loader, params: dict, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        loaded("emu.programs:l2fwd", params=params)
+
+
+def test_l2fwd_map(loaded: Loader) -> None:
+    prog, ctx, ms = loaded("emu.programs:l2fwd_map", params={"tx_port": {"0": "eth1"}})
+    frame = make_frame()
+    _, data = in_page(frame)
+    assert run(prog, ctx, data) == XDP_REDIRECT
+    assert ctx.redirect_ifindex == 3 and bytes(data) == swapped(frame)
+    ms["tx_port"].delete(0)
+    assert run(prog, ctx, data) == XDP_ABORTED and ctx.redirect_ifindex == -1  # empty slot: flags 0
+    assert ms["rxcnt"].sum(0) == 2  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name", ["xdp_tx", "l2fwd"])
+def test_runt_frames_are_dropped(loaded: Loader, name: str) -> None:
+    prog, ctx, _ = loaded(f"emu.programs:{name}", params={"egress": "eth1"})
+    _, data = in_page(b"\x01" * 10)
+    assert run(prog, ctx, data) == XDP_DROP and bytes(data) == b"\x01" * 10
+
+
+def test_buggy_programs(loaded: Loader) -> None:
+    _, data = in_page(make_frame())
+    prog, ctx, _ = loaded("emu.programs:buggy_raise")
+    with pytest.raises(RuntimeError):
+        run(prog, ctx, data)
+    prog, ctx, _ = loaded("emu.programs:buggy_bad_verdict")
+    assert classify_verdict(run(prog, ctx, data)) == (XDP_ABORTED, True)
