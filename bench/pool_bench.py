@@ -203,7 +203,7 @@ def cross_process_case(bench: Bench, pm: PageMemory) -> Callable[[int], None]:
                     raise TimeoutError("the returning process stopped returning pages")
                 more = alloc(BULK - len(ids))
                 ids = np.concatenate((ids, more)) if len(more) else ids
-            send(ids.tobytes())
+            send(ids.astype(np.int32).tobytes())
         # Quiesce: every page sent is back in the ring before the next path is measured.
         while owner.inflight - owner.cache_count - owner.ring_count > 0:
             if time.monotonic() > deadline:
