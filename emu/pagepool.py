@@ -251,9 +251,11 @@ class PagePool:
         """The common case in a few gathers and byte compares: every page in one in-use state, owned
         by this pool, of the current generation, and no page twice."""
         pm = self.pm
-        # Viewed unsigned, a negative id is huge and `take` raises IndexError: the full check names it.
-        # Once this gather succeeded every id is in range, so the rest use the (faster) signed ids.
-        st = pm.state.take(ids.view(f"u{ids.itemsize}") if ids.dtype.kind == "i" else ids)
+        # `take` wraps negative ids like Python indexing, so signed ids need their own check (the
+        # descriptors' unsigned ids do not); an id past the end raises IndexError: the full check names it.
+        if ids.dtype.kind == "i" and ids.min() < 0:
+            return False
+        st = pm.state.take(ids)
         first = int(st[0])
         if (first != expect if expect is not None else not IN_USE[first]) or st.tobytes() != bytes(
             (first,)

@@ -74,7 +74,8 @@ DEV_MAP_BULK_SIZE = 16
 XDP_BULK_QUEUE_SIZE = 16
 XDP_PACKET_HEADROOM = 256
 
-MIN_FRAME = 60  # smallest Ethernet frame without FCS
+# Smallest test frame: Ethernet/IPv4/UDP headers plus the generator's sequence header and CRC.
+from emu.packets import MIN_PKT_SIZE as MIN_FRAME  # noqa: E402
 
 
 class TopologyError(ValueError):

@@ -49,7 +49,7 @@ def _owner_main(prefix: str, outs: list, results, total: int, per_round: int) ->
             direct += k
             rest = ids[k:]
             if len(rest):
-                outs[r % len(outs)].put((rest.tobytes(), pm.gen[rest].tobytes()))
+                outs[r % len(outs)].put((rest.astype(np.int32).tobytes(), pm.gen[rest].tobytes()))
                 sent += len(rest)
             r += 1
         for q in outs:
@@ -216,7 +216,7 @@ def test_concurrent_double_return_accepted_once(page_memory) -> None:
     results, go = CTX.Queue(), CTX.Event()
     with Procs() as procs:
         for i in range(2):
-            procs.start(_racer_main, pm.prefix, ids.tobytes(), go, results, i)
+            procs.start(_racer_main, pm.prefix, ids.astype(np.int32).tobytes(), go, results, i)
         go.set()
         got = _collect(results, 2)
         procs.join_all()

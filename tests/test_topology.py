@@ -1362,7 +1362,7 @@ BAD: list[tuple[str, str, int, str]] = [
           - endpoints: [gen0, "h1:eth0"]
         """,
         7,
-        "'pkt_size' must be >= 60, not 59",
+        "'pkt_size' must be >= 62, not 59",
     ),
     (
         "pkt-size-too-large-for-page",

@@ -66,9 +66,7 @@ class TrafficPort:
             c[i["verified"]] += res.ok
             c[i["corrupted"]] += res.corrupted
             c[i["foreign"]] += res.foreign
-            before = self.tracker.duplicates
-            self.tracker.add(res.seqs)
-            c[i["duplicates"]] += self.tracker.duplicates - before
+            c[i["duplicates"]] += self.tracker.record(res.seqs)
             got += n
         return got
 

@@ -1,0 +1,659 @@
+"""Test traffic for the emulator: pktgen-style Ethernet/IPv4/UDP frames, their verification, RSS, pacing.
+
+The traffic ports of a topology generate real frames (so XDP programs can parse them with the same offsets
+a kernel program would use) and check what comes back.  A frame is::
+
+    Ethernet (14) | IPv4 (20, valid header checksum) | UDP (8, checksum 0) | payload
+
+and the payload (little-endian) is::
+
+    magic u32 = 0x50504755 ("PPGU") | flow u32 | seq u64 | frame length u32 | filler ... | crc32 u32
+
+The filler byte ``i`` of frame ``seq`` is ``(seq + i) & 0xff``, so a page that was recycled while still in
+flight, or a descriptor that points at the wrong page, shows up as a CRC or sequence error rather than as a
+plausible frame.  The CRC (``zlib.crc32``) covers the payload only: XDP programs legitimately rewrite the
+MAC addresses (``xdp_tx``, l2fwd), and the IP/UDP headers are not ours to police.
+
+Everything works on whole batches (`FrameBatch`: one uint8 buffer plus offsets and lengths) with numpy:
+this module sits on the hot path of processes that move hundreds of thousands of frames per second, so
+there are no per-frame Python objects except where ``zlib.crc32`` has to be called once per frame.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import time
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import dpkt
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+# -- frame layout -----------------------------------------------------------------------------------
+
+ETH_HLEN = 14
+IPV4_OFF = ETH_HLEN
+IPV4_HLEN = 20
+UDP_OFF = IPV4_OFF + IPV4_HLEN
+UDP_HLEN = 8
+PAYLOAD_OFF = UDP_OFF + UDP_HLEN  # 42
+
+MAGIC = 0x50504755  # "PPGU"
+# The fixed part of the payload; 20 bytes, no padding, so a batch of them is a flat (n, 20) byte block.
+# 16 bytes, so that a pktgen-default 64-byte frame (42 bytes of headers) still carries it and the CRC.
+PAYLOAD_HDR_DTYPE = np.dtype([("magic", "<u4"), ("seq", "<u8"), ("flow", "<u2"), ("len", "<u2")])
+PAYLOAD_HDR_LEN = PAYLOAD_HDR_DTYPE.itemsize
+_VARYING = 10  # payload bytes 4..13 (seq, flow) differ between the frames of one factory
+CRC_LEN = 4
+FILLER_OFF = PAYLOAD_OFF + PAYLOAD_HDR_LEN  # 58
+
+ETH_MIN_FRAME = 60  # Ethernet minimum without FCS
+# Our own minimum is larger: headers plus magic/flow/seq/len/crc do not fit in 60 bytes.
+MIN_PKT_SIZE = max(ETH_MIN_FRAME, PAYLOAD_OFF + PAYLOAD_HDR_LEN + CRC_LEN)  # 62
+MAX_PKT_SIZE = 0xFFFF  # the payload's length field is 16 bits
+MAX_FLOWS = 65536
+
+ETH_P_IP = 0x0800
+IPPROTO_UDP = 17
+
+# -- MAC helpers ------------------------------------------------------------------------------------
+
+_MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(\1[0-9A-Fa-f]{2}){4}$")
+
+
+def mac_to_bytes(s: str) -> bytes:
+    """``"02:00:00:00:00:01"`` (or with ``-``) -> 6 bytes; ValueError for anything else."""
+    if not isinstance(s, str) or not _MAC_RE.match(s):
+        raise ValueError(f"not a MAC address: {s!r} (expected six hex pairs like 02:00:00:00:00:01)")
+    return bytes.fromhex(s.replace(s[2], ""))
+
+
+def bytes_to_mac(b: bytes | bytearray | memoryview) -> str:
+    """6 bytes -> ``"02:00:00:00:00:01"``."""
+    b = bytes(b)
+    if len(b) != 6:
+        raise ValueError(f"a MAC address is 6 bytes, got {len(b)}")
+    return b.hex(":")
+
+
+def swap_macs(frame: memoryview | bytearray) -> None:
+    """Swap destination and source MAC of one frame in place (what ``xdp_tx``/l2fwd samples do)."""
+    if len(frame) < 12:
+        raise ValueError(f"frame of {len(frame)} bytes has no Ethernet addresses")
+    dst = bytes(frame[0:6])
+    frame[0:6] = frame[6:12]
+    frame[6:12] = dst
+
+
+# Gather order that turns dst|src into src|dst.
+_SWAP_PERM = np.r_[6:12, 0:6]
+_AR12 = np.arange(12, dtype=np.int64)
+
+
+def swap_macs_batch(data: np.ndarray, offsets: np.ndarray, lengths: np.ndarray | None = None) -> None:
+    """Swap the MACs of every frame starting at `offsets` in the uint8 buffer `data`, in place.
+
+    With `lengths`, frames shorter than 12 bytes are left alone (they have no addresses to swap)."""
+    offs = np.asarray(offsets, dtype=np.int64)
+    if lengths is not None:
+        offs = offs[np.asarray(lengths) >= 12]
+    if not len(offs):
+        return
+    if offs.min() < 0 or offs.max() + 12 > data.size:
+        raise ValueError("swap_macs_batch: a frame offset points outside the buffer")
+    idx = offs[:, None] + _AR12
+    data[idx] = data[idx[:, _SWAP_PERM]]
+
+
+# -- batches ----------------------------------------------------------------------------------------
+
+
+class FrameBatch:
+    """Frames concatenated in one uint8 buffer: frame ``i`` is ``data[offsets[i] : offsets[i] + lengths[i]]``.
+
+    `stride` is nonzero when every frame has that length and they sit back to back from offset 0; such a
+    batch is also a 2-D ``(n, stride)`` array (`rows()`), which is what makes per-field work cheap.
+    """
+
+    __slots__ = ("data", "lengths", "offsets", "stride")
+
+    data: np.ndarray
+    offsets: np.ndarray
+    lengths: np.ndarray
+    stride: int
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> None:
+        data = np.asarray(data)
+        offsets = np.asarray(offsets)
+        lengths = np.asarray(lengths)
+        if data.dtype != np.uint8 or data.ndim != 1:
+            raise ValueError(f"FrameBatch data must be a 1-D uint8 array, got {data.dtype} {data.shape}")
+        if offsets.shape != lengths.shape or offsets.ndim != 1:
+            raise ValueError(f"offsets {offsets.shape} and lengths {lengths.shape} must be equal 1-D shapes")
+        if len(offsets) and (
+            offsets.min() < 0
+            or lengths.min() < 0
+            or int((offsets.astype(np.int64) + lengths).max()) > data.size
+        ):
+            raise ValueError("FrameBatch: a frame lies outside the data buffer")
+        self.data = data
+        self.offsets = offsets.astype(np.uint32, copy=False)
+        self.lengths = lengths.astype(np.uint32, copy=False)
+        self.stride = _detect_stride(self.data, self.offsets, self.lengths)
+
+    @classmethod
+    def _make(cls, data: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, stride: int) -> FrameBatch:
+        """Unchecked constructor for callers that built a consistent batch themselves (the hot path)."""
+        b = object.__new__(cls)
+        b.data, b.offsets, b.lengths, b.stride = data, offsets, lengths, stride
+        return b
+
+    @classmethod
+    def from_frames(cls, frames: Sequence[bytes | bytearray | memoryview]) -> FrameBatch:
+        """A batch holding copies of `frames` back to back."""
+        lengths = np.fromiter(map(len, frames), dtype=np.uint32, count=len(frames))
+        data = np.frombuffer(bytearray(b"".join(frames)), dtype=np.uint8)
+        offsets = _exclusive_cumsum(lengths)
+        return cls._make(data, offsets, lengths, _uniform_len(lengths))
+
+    @classmethod
+    def concat(cls, batches: Iterable[FrameBatch]) -> FrameBatch:
+        """One batch with the frames of `batches` in order (copies)."""
+        parts = [b.compact() for b in batches if len(b)]
+        if not parts:
+            return cls._make(np.zeros(0, np.uint8), np.zeros(0, np.uint32), np.zeros(0, np.uint32), 0)
+        lengths = np.concatenate([p.lengths for p in parts])
+        data = np.concatenate([p.data[: p.nbytes] for p in parts])
+        return cls._make(data, _exclusive_cumsum(lengths), lengths, _uniform_len(lengths))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __repr__(self) -> str:
+        return f"FrameBatch(n={len(self)}, nbytes={self.nbytes}, stride={self.stride})"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of frame data (not of the buffer, which may be larger)."""
+        return int(self.lengths.sum(dtype=np.uint64))
+
+    def frame(self, i: int) -> memoryview:
+        """Frame `i` as a memoryview into `data` (writable if `data` is)."""
+        o = int(self.offsets[i])
+        return memoryview(self.data)[o : o + int(self.lengths[i])]
+
+    def to_list(self) -> list[bytes]:
+        """Copies of every frame; for tests and debugging, not for the hot path."""
+        mv = memoryview(self.data)
+        return [
+            bytes(mv[o : o + n]) for o, n in zip(self.offsets.tolist(), self.lengths.tolist(), strict=True)
+        ]
+
+    def rows(self) -> np.ndarray | None:
+        """The frames as an ``(n, stride)`` view when they are uniform and packed, else None."""
+        if not self.stride:
+            return None
+        n = len(self)
+        return self.data[: n * self.stride].reshape(n, self.stride)
+
+    def is_compact(self) -> bool:
+        """True when the frames sit back to back, in order, from offset 0."""
+        if self.stride or not len(self):
+            return True
+        return bool(self.offsets[0] == 0) and np.array_equal(
+            self.offsets[1:], np.cumsum(self.lengths[:-1], dtype=np.uint64)
+        )
+
+    def compact(self) -> FrameBatch:
+        """This batch if `is_compact()`, else a copy whose frames are back to back (one gather)."""
+        if self.is_compact():
+            return self
+        lengths = self.lengths
+        new_offs = _exclusive_cumsum(lengths)
+        # Index of every output byte in the old buffer: per-frame shift plus a running position.
+        shift = self.offsets.astype(np.int64) - new_offs.astype(np.int64)
+        idx = np.repeat(shift, lengths.astype(np.int64)) + np.arange(int(lengths.sum(dtype=np.uint64)))
+        return FrameBatch._make(self.data[idx], new_offs, lengths.copy(), _uniform_len(lengths))
+
+
+def _exclusive_cumsum(lengths: np.ndarray) -> np.ndarray:
+    offs = np.empty(len(lengths), dtype=np.uint32)
+    if len(lengths):
+        offs[0] = 0
+        np.cumsum(lengths[:-1], out=offs[1:], dtype=np.uint32)
+    return offs
+
+
+def _uniform_len(lengths: np.ndarray) -> int:
+    """The common length of compact frames, or 0 if they differ (or there are none)."""
+    if not len(lengths):
+        return 0
+    first = int(lengths[0])
+    return first if first and bool((lengths == first).all()) else 0
+
+
+def _detect_stride(data: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> int:
+    stride = _uniform_len(lengths)
+    if stride and not np.array_equal(offsets, np.arange(0, len(offsets) * stride, stride, dtype=np.uint64)):
+        return 0
+    return stride
+
+
+def _gather(data: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
+    """``(len(starts), width)`` bytes copied from `data` at `starts` (callers guarantee the bounds)."""
+    return data[starts.astype(np.int64)[:, None] + np.arange(width, dtype=np.int64)]
+
+
+# -- generation -------------------------------------------------------------------------------------
+
+
+class FrameFactory:
+    """Builds batches of numbered test frames for `flows` flows, pktgen style.
+
+    Flow ``f`` has UDP source port ``base_udp_port + f`` and destination port `base_udp_port` (pktgen's
+    ``udp_src_min``/``udp_dst_min``, both 9 by default); when the ports run out, the source IP is
+    incremented instead, so every flow has its own 5-tuple and an RSS hash spreads them.  Frame ``seq``
+    belongs to flow ``seq % flows``.
+    """
+
+    def __init__(
+        self,
+        pkt_size: int,
+        flows: int,
+        src_mac: str,
+        dst_mac: str,
+        src_ip: str = "198.18.0.1",
+        dst_ip: str = "198.19.0.1",
+        base_udp_port: int = 9,
+    ) -> None:
+        if not MIN_PKT_SIZE <= pkt_size <= MAX_PKT_SIZE:
+            raise ValueError(
+                f"pkt_size {pkt_size} out of range {MIN_PKT_SIZE}..{MAX_PKT_SIZE} (headers, magic, flow, "
+                f"seq, length and CRC need {MIN_PKT_SIZE} bytes)"
+            )
+        if not 1 <= flows <= MAX_FLOWS:
+            raise ValueError(f"flows {flows} out of range 1..{MAX_FLOWS}")
+        if not 1 <= base_udp_port <= 0xFFFF:
+            raise ValueError(f"base_udp_port {base_udp_port} out of range 1..65535")
+        self.pkt_size = pkt_size
+        self.flows = flows
+        self.src_mac = mac_to_bytes(src_mac)
+        self.dst_mac = mac_to_bytes(dst_mac)
+        src = int(ipaddress.IPv4Address(src_ip))
+        dst = ipaddress.IPv4Address(dst_ip).packed
+        nports = 0x10000 - base_udp_port
+        if src + (flows - 1) // nports > 0xFFFFFFFF:
+            raise ValueError(f"{flows} flows from {src_ip} run past 255.255.255.255")
+
+        flow = np.arange(flows)
+        ip_index = flow // nports
+        # dpkt builds the headers (and the IPv4 checksum) once per distinct source address; the source
+        # port is the only per-flow difference within one, and UDP checksum 0 means it covers nothing.
+        per_ip = np.stack(
+            [
+                self._template(ipaddress.IPv4Address(src + k).packed, dst, base_udp_port)
+                for k in range(ip_index[-1] + 1)
+            ]
+        )
+        tmpl = per_ip[ip_index]
+        sport = (base_udp_port + flow % nports).astype(">u2")
+        tmpl[:, UDP_OFF : UDP_OFF + 2] = sport.view(np.uint8).reshape(flows, 2)
+        self.templates: np.ndarray = tmpl  # (flows, 42) uint8
+
+        self._filler_len = pkt_size - MIN_PKT_SIZE
+        # Row r of the windows is the filler of every seq with seq & 0xff == r: a gather, not arithmetic.
+        ramp = (np.arange(256 + self._filler_len) & 0xFF).astype(np.uint8)
+        self._filler = sliding_window_view(ramp, self._filler_len)[:256] if self._filler_len else None
+        self._crc_base, self._crc_table = self._crc_tables()
+
+    def _template(self, src: bytes, dst: bytes, port: int) -> np.ndarray:
+        udp = dpkt.udp.UDP(sport=port, dport=port, ulen=self.pkt_size - UDP_OFF, sum=0)
+        # Raw bytes as IP data (not a dpkt Packet) so dpkt does not fill in a UDP checksum.
+        body = bytes(udp) + bytes(self.pkt_size - PAYLOAD_OFF)
+        ip = dpkt.ip.IP(src=src, dst=dst, p=IPPROTO_UDP, ttl=64, data=body)
+        eth = dpkt.ethernet.Ethernet(dst=self.dst_mac, src=self.src_mac, type=ETH_P_IP, data=bytes(ip))
+        return np.frombuffer(bytes(eth)[:PAYLOAD_OFF], dtype=np.uint8).copy()
+
+    def _crc_tables(self) -> tuple[int, np.ndarray]:
+        """CRC-32 is affine over GF(2) for a fixed length: crc(a ^ b) = crc(a) ^ crc(b) ^ crc(0).  Only the
+        seq and flow bytes (payload bytes 4..13) and the filler (a function of seq's low byte) vary between
+        frames, so crc = base ^ T[0][b4] ^ ... ^ T[9][b13]: ten table lookups per frame for a whole
+        batch in numpy, instead of a zlib call per frame."""
+        plen = self.pkt_size - PAYLOAD_OFF - CRC_LEN
+        hdr = np.zeros(1, PAYLOAD_HDR_DTYPE)
+        hdr["magic"], hdr["len"] = MAGIC, self.pkt_size
+        base_msg = bytearray(plen)
+        base_msg[:PAYLOAD_HDR_LEN] = hdr.tobytes()
+        if self._filler is not None:
+            base_msg[PAYLOAD_HDR_LEN:] = self._filler[0].tobytes()
+        base = zlib.crc32(base_msg)
+        zero = zlib.crc32(bytes(plen))
+        table = np.empty((_VARYING, 256), dtype=np.uint32)
+        buf = bytearray(plen)
+        for j in range(_VARYING):
+            for v in range(256):
+                buf[4 + j] = v
+                if j == 0 and self._filler is not None:  # seq's low byte also selects the filler
+                    buf[PAYLOAD_HDR_LEN:] = (self._filler[v] ^ self._filler[0]).tobytes()
+                table[j, v] = zlib.crc32(buf) ^ zero
+            buf[4 + j] = 0
+            if j == 0 and self._filler is not None:
+                buf[PAYLOAD_HDR_LEN:] = bytes(self._filler_len)
+        return base, table
+
+    def build(self, seq_start: int, n: int) -> FrameBatch:
+        """`n` frames with sequence numbers ``seq_start .. seq_start + n - 1``."""
+        size = self.pkt_size
+        if n < 0 or seq_start < 0 or seq_start + n > 1 << 64:
+            raise ValueError(f"bad sequence range {seq_start} + {n}")
+        if n * size > 0xFFFFFFFF:
+            raise ValueError(f"batch of {n} x {size} bytes does not fit 32-bit offsets")
+        rows = np.empty((n, size), dtype=np.uint8)
+        seq = np.arange(n, dtype=np.uint64)
+        seq += np.uint64(seq_start)
+        if self.flows == 1:
+            flow = np.zeros(n, dtype=np.uint32)
+            rows[:, :PAYLOAD_OFF] = self.templates[0]
+        else:
+            flow = (seq % np.uint64(self.flows)).astype(np.uint32)
+            rows[:, :PAYLOAD_OFF] = self.templates[flow]
+        hdr = np.empty(n, PAYLOAD_HDR_DTYPE)
+        hdr["magic"] = MAGIC
+        hdr["flow"] = flow
+        hdr["seq"] = seq
+        hdr["len"] = size
+        hb = hdr.view(np.uint8).reshape(n, PAYLOAD_HDR_LEN)
+        rows[:, PAYLOAD_OFF:FILLER_OFF] = hb
+        low = (seq & np.uint64(0xFF)).astype(np.intp)
+        if self._filler is not None:
+            rows[:, FILLER_OFF : size - CRC_LEN] = self._filler[low]
+        crc = np.bitwise_xor.reduce(self._crc_table[_AR12[:_VARYING], hb[:, 4 : 4 + _VARYING]], axis=1)
+        crc ^= np.uint32(self._crc_base)
+        rows[:, size - CRC_LEN :] = crc.astype("<u4").view(np.uint8).reshape(n, CRC_LEN)
+        offsets = np.arange(0, n * size, size, dtype=np.uint32)
+        lengths = np.full(n, size, dtype=np.uint32)
+        return FrameBatch._make(rows.reshape(-1), offsets, lengths, size if n else 0)
+
+
+# -- verification -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class VerifyResult:
+    """Outcome of `verify_batch`: counts, the per-frame verdict, and what the good frames carried."""
+
+    ok: int
+    corrupted: int  # our magic, but a wrong length field, a truncated payload or a bad CRC
+    foreign: int  # no magic: not traffic we generated
+    good: np.ndarray  # bool per frame
+    seqs: np.ndarray  # uint64, of the good frames, in batch order
+    flows: np.ndarray  # uint32, of the good frames
+
+
+def verify_batch(batch: FrameBatch) -> VerifyResult:
+    """Check every frame of `batch`: magic present, length field equal to the frame length, CRC correct."""
+    n = len(batch)
+    data = batch.data
+    rows = batch.rows()
+    hdr = np.zeros(n, PAYLOAD_HDR_DTYPE)
+    stored = np.zeros(n, dtype=np.uint32)
+    if rows is not None:
+        size = batch.stride
+        lens = None
+        full = np.full(n, size >= MIN_PKT_SIZE)
+        if size >= MIN_PKT_SIZE:
+            hdr = np.ascontiguousarray(rows[:, PAYLOAD_OFF:FILLER_OFF]).view(PAYLOAD_HDR_DTYPE)[:, 0]
+            stored = np.ascontiguousarray(rows[:, size - CRC_LEN :]).view("<u4")[:, 0]
+        elif size >= PAYLOAD_OFF + 4:
+            hdr["magic"] = np.ascontiguousarray(rows[:, PAYLOAD_OFF : PAYLOAD_OFF + 4]).view("<u4")[:, 0]
+    else:
+        lens = batch.lengths.astype(np.int64)
+        offs = batch.offsets.astype(np.int64)
+        full = lens >= MIN_PKT_SIZE
+        if full.any():
+            fo, fl = offs[full], lens[full]
+            hdr[full] = _gather(data, fo + PAYLOAD_OFF, PAYLOAD_HDR_LEN).view(PAYLOAD_HDR_DTYPE)[:, 0]
+            stored[full] = _gather(data, fo + fl - CRC_LEN, CRC_LEN).view("<u4")[:, 0]
+        short = ~full & (lens >= PAYLOAD_OFF + 4)
+        if short.any():
+            hdr["magic"][short] = _gather(data, offs[short] + PAYLOAD_OFF, 4).view("<u4")[:, 0]
+
+    ours = hdr["magic"] == MAGIC
+    cand = ours & full & (hdr["len"] == (batch.lengths if lens is None else lens))
+    good = np.zeros(n, dtype=bool)
+    idx = np.flatnonzero(cand)
+    if len(idx):
+        # zlib has no batch interface; one call per frame over a memoryview slice, no copies.
+        mv = memoryview(data)
+        starts = batch.offsets[idx].astype(np.int64) + PAYLOAD_OFF
+        ends = starts + batch.lengths[idx] - (PAYLOAD_OFF + CRC_LEN)
+        crc32 = zlib.crc32
+        calc = np.fromiter(
+            (crc32(mv[s:e]) for s, e in zip(starts.tolist(), ends.tolist(), strict=True)),
+            dtype=np.uint32,
+            count=len(idx),
+        )
+        good[idx] = calc == stored[idx]
+    nours = int(ours.sum())
+    nok = int(good.sum())
+    return VerifyResult(
+        ok=nok,
+        corrupted=nours - nok,
+        foreign=n - nours,
+        good=good,
+        seqs=hdr["seq"][good].astype(np.uint64),
+        flows=hdr["flow"][good].astype(np.uint32),
+    )
+
+
+class SeqTracker:
+    """Which sequence numbers arrived, as a bitmap: proves "every packet delivered exactly once".
+
+    With `count` the bitmap is allocated once and sequence numbers ``>= count`` are counted as
+    `out_of_range`; without it the bitmap grows (doubling) up to `MAX_TRACKED` sequence numbers, so a
+    stray huge number cannot make the sink allocate gigabytes.
+    """
+
+    MAX_TRACKED = 1 << 32  # 512 MiB of bitmap
+
+    def __init__(self, count: int | None = None) -> None:
+        if count is not None and not 0 <= count <= self.MAX_TRACKED:
+            raise ValueError(f"count {count} out of range 0..{self.MAX_TRACKED}")
+        self.count = count
+        self._bits = np.zeros(((count if count is not None else 1 << 16) + 7) >> 3, dtype=np.uint8)
+        self.received = 0  # every sequence number passed to record(), duplicates included
+        self.duplicates = 0
+        self.out_of_range = 0
+        self.unique = 0
+
+    def _limit(self) -> int:
+        return self.count if self.count is not None else self.MAX_TRACKED
+
+    def record(self, seqs: np.ndarray) -> int:
+        """Record a batch of sequence numbers; returns how many of them were duplicates."""
+        seqs = np.asarray(seqs, dtype=np.uint64)
+        if not len(seqs):
+            return 0
+        self.received += len(seqs)
+        limit = self._limit()
+        if int(seqs.max()) >= limit:
+            inr = seqs < np.uint64(limit)
+            self.out_of_range += len(seqs) - int(inr.sum())
+            seqs = seqs[inr]
+            if not len(seqs):
+                return 0
+        top = int(seqs.max())
+        if top >> 3 >= len(self._bits):
+            grown = np.zeros(max(2 * len(self._bits), (top >> 3) + 1), dtype=np.uint8)
+            grown[: len(self._bits)] = self._bits
+            self._bits = grown
+        u = np.unique(seqs)
+        byte = (u >> np.uint64(3)).astype(np.intp)
+        bit = np.left_shift(1, (u & np.uint64(7)).astype(np.uint8), dtype=np.uint8)
+        seen = int(np.count_nonzero(self._bits[byte] & bit))
+        # Distinct seqs can share a byte, so a plain fancy |= would lose bits; ufunc.at accumulates.
+        np.bitwise_or.at(self._bits, byte, bit)
+        dups = len(seqs) - len(u) + seen
+        self.duplicates += dups
+        self.unique += len(u) - seen
+        return dups
+
+    def missing(self, generated: int) -> int:
+        """How many of the sequence numbers ``0 .. generated - 1`` never arrived."""
+        return generated - self._popcount(min(generated, len(self._bits) * 8))
+
+    def _popcount(self, nbits: int) -> int:
+        full = nbits >> 3
+        got = int(np.bitwise_count(self._bits[:full]).sum(dtype=np.uint64))
+        if nbits & 7:
+            got += int(self._bits[full] & ((1 << (nbits & 7)) - 1)).bit_count()
+        return got
+
+    def missing_seqs(self, generated: int, limit: int = 100) -> np.ndarray:
+        """The first `limit` missing sequence numbers below `generated` (for error messages)."""
+        out: list[np.ndarray] = []
+        found = 0
+        chunk = 1 << 20
+        for start in range(0, generated, chunk):
+            stop = min(start + chunk, generated)
+            have = np.zeros(stop - start, dtype=bool)
+            bits = np.unpackbits(self._bits[start >> 3 : (stop + 7) >> 3], bitorder="little")
+            have[: len(bits)] = bits[: stop - start].astype(bool)
+            miss = np.flatnonzero(~have)[: limit - found] + start
+            out.append(miss.astype(np.uint64))
+            found += len(miss)
+            if found >= limit:
+                break
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.uint64)
+
+    def complete(self, generated: int) -> bool:
+        """Every one of ``0 .. generated - 1`` arrived exactly once and nothing else did."""
+        return self.missing(generated) == 0 and self.duplicates == 0 and self.out_of_range == 0
+
+
+# -- RSS --------------------------------------------------------------------------------------------
+
+# The Microsoft RSS verification key, which is also what most NIC drivers used as their default.
+RSS_KEY = bytes.fromhex("6d5a56da255b0ec24167253d43a38fb0d0ca2bcbae7b30b477cb2da38030f20c6a42b73bbeac01fa")
+
+
+@lru_cache(maxsize=8)
+def _toeplitz_table(key: bytes, nbytes: int) -> np.ndarray:
+    """T[j, v]: the Toeplitz hash contribution of input byte j having value v.  The hash is linear in its
+    input, so a whole batch hashes as nbytes table lookups XORed together."""
+    k = int.from_bytes(key, "big")
+    klen = len(key) * 8
+    # Window for input bit i (MSB first): the 32 key bits starting at bit i.
+    win = np.array([(k >> (klen - 32 - i)) & 0xFFFFFFFF for i in range(nbytes * 8)], dtype=np.uint32)
+    bits = ((np.arange(256)[:, None] >> np.arange(7, -1, -1)) & 1).astype(bool)  # (256, 8), MSB first
+    table = np.zeros((nbytes, 256), dtype=np.uint32)
+    for j in range(nbytes):
+        w = win[8 * j : 8 * j + 8]
+        table[j] = np.bitwise_xor.reduce(np.where(bits, w, np.uint32(0)), axis=1)
+    return table
+
+
+# Bytes 12..37 of a frame: ethertype, the IPv4 header, the UDP ports.
+_RSS_SPAN = slice(12, UDP_OFF + 4)
+
+
+def rss_hash(batch: FrameBatch, key: bytes = RSS_KEY) -> np.ndarray:
+    """Toeplitz hash (uint32) of (src ip, dst ip, src port, dst port) of each IPv4/UDP frame, as a NIC
+    with UDP 4-tuple hashing computes it; 0 for anything else (other ethertypes or protocols, IP options,
+    fragments, frames too short)."""
+    n = len(batch)
+    rows = batch.rows()
+    width = _RSS_SPAN.stop - _RSS_SPAN.start
+    if rows is not None:
+        if batch.stride < UDP_OFF + 4:
+            return np.zeros(n, dtype=np.uint32)
+        hdr = rows[:, _RSS_SPAN]
+        okmask = None
+    else:
+        okmask = batch.lengths >= UDP_OFF + 4
+        hdr = _gather(batch.data, batch.offsets[okmask].astype(np.int64) + _RSS_SPAN.start, width)
+    # Columns relative to byte 12.
+    is_udp = (
+        (hdr[:, 0] == ETH_P_IP >> 8)
+        & (hdr[:, 1] == ETH_P_IP & 0xFF)
+        & (hdr[:, 2] == 0x45)
+        & (hdr[:, 11] == IPPROTO_UDP)
+        & ((hdr[:, 8] & 0x3F) == 0)  # MF flag and fragment offset (high bits)
+        & (hdr[:, 9] == 0)
+    )
+    tuple_bytes = hdr[:, 26 - 12 : UDP_OFF + 4 - 12]  # saddr, daddr, sport, dport
+    table = _toeplitz_table(key, 12)
+    h = np.bitwise_xor.reduce(table[_AR12, tuple_bytes], axis=1)
+    h[~is_udp] = 0
+    if okmask is None:
+        return h
+    out = np.zeros(n, dtype=np.uint32)
+    out[okmask] = h
+    return out
+
+
+def rss_queue(batch: FrameBatch, nqueues: int, key: bytes = RSS_KEY) -> np.ndarray:
+    """RX queue per frame: ``rss_hash % nqueues`` (non-IPv4/UDP frames hash to 0, so land on queue 0)."""
+    if nqueues < 1:
+        raise ValueError(f"nqueues must be >= 1, got {nqueues}")
+    if nqueues == 1:
+        return np.zeros(len(batch), dtype=np.intp)
+    return (rss_hash(batch, key) % np.uint32(nqueues)).astype(np.intp)
+
+
+# -- pacing -----------------------------------------------------------------------------------------
+
+_NS = 1_000_000_000
+
+
+class Pacer:
+    """Token-bucket pacing like pktgen's: at most `rate_pps` packets per second on average, in bursts of
+    at most `burst`.  Counted in integer nanoseconds so rounding can never let it run ahead of its rate:
+    over any interval of t seconds it allows at most ``burst + rate_pps * t`` packets.
+
+    The bucket starts full, so the first burst goes out at once.  `clock` is injectable for tests.
+    """
+
+    def __init__(self, rate_pps: int, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        if rate_pps < 0:
+            raise ValueError(f"rate_pps must be >= 0 (0 = unlimited), got {rate_pps}")
+        if burst < 1:
+            raise ValueError(f"burst must be >= 1, got {burst}")
+        self.rate = rate_pps
+        self.burst = burst
+        self._clock = clock
+        self._cap = burst * _NS  # bucket size in packet-nanoseconds
+        self._credit = self._cap  # packets * 1e9
+        self._last = self._now_ns()
+
+    def _now_ns(self) -> int:
+        return int(self._clock() * _NS)
+
+    def _refill(self) -> None:
+        now = self._now_ns()
+        elapsed = now - self._last
+        if elapsed > 0:  # a clock that steps back (a test's, say) must not drain the bucket
+            self._credit = min(self._cap, self._credit + elapsed * self.rate)
+            self._last = now
+
+    def next_burst(self, limit: int | None = None) -> int:
+        """How many packets may go now (0..burst, at most `limit`); the caller is assumed to send them."""
+        want = self.burst if limit is None else max(0, min(limit, self.burst))
+        if self.rate == 0:
+            return want
+        self._refill()
+        k = min(want, self._credit // _NS)
+        self._credit -= k * _NS
+        return k
+
+    def wait_hint(self) -> float:
+        """Seconds until the next packet is due (0.0 if one may go now)."""
+        if self.rate == 0:
+            return 0.0
+        self._refill()
+        deficit = _NS - self._credit
+        return 0.0 if deficit <= 0 else deficit / self.rate / _NS
