@@ -81,8 +81,10 @@ class Run:
         self.table: StatsTable | None = None
         self.procs: list[Proc] = []
         self.events: list[str] = []
+        self.created = time.monotonic()
         self.started_ns = 0
-        self.first_packet_s: float | None = None
+        self.settled_ns = 0
+        self.first_packet_s: float | None = None  # from `emu run` (this object) to the first delivery
         self.stalled: list[str] = []
 
     # -- output -----------------------------------------------------------------------------------
@@ -260,10 +262,8 @@ class Run:
                 time.sleep(0.02)
                 self.check_procs()
                 now = time.monotonic()
-                if self.first_packet_s is None:
-                    s = self.snapshot()
-                    if s.delivered() > 0 or s.total("cpu", "rx_packets") > 0:
-                        self.first_packet_s = now - start
+                if self.first_packet_s is None and self.snapshot().delivered() > 0:
+                    self.first_packet_s = now - self.created
                 if now >= next_line:
                     cur = self.snapshot()
                     self.say(rep.interval_lines(self.topo, last, cur, opts.extended))
@@ -336,12 +336,13 @@ class Run:
         t = self.table
         t.command_all(Cmd.QUIESCE)
         self.wait_settled()
+        self.settled_ns = time.monotonic_ns()
         t.command_all(Cmd.DOWN)
         self.wait_pages_home()
         t.command_all(Cmd.EXIT)
         self.join()
         final = self.snapshot()
-        elapsed = (time.monotonic_ns() - self.started_ns) / 1e9
+        elapsed = (self.settled_ns - self.started_ns) / 1e9
         audits = {h: pm.audit(strict=True) for h, pm in self.pms.items()}
         report = rep.build_report(self, final, audits, elapsed)
         self.say(rep.summary(report))

@@ -194,6 +194,7 @@ def build_report(run: Run, final: Snapshot, audits: dict[str, Audit], elapsed: f
         "elapsed_s": round(elapsed, 3),
         "first_packet_s": None if run.first_packet_s is None else round(run.first_packet_s, 3),
         "delivered_pps": round(traffic["delivered"] / elapsed) if elapsed > 0 else 0,
+        "rx_pps": round(final.total("cpu", "rx_packets") / elapsed) if elapsed > 0 else 0,
         "cpus": cpus,
         "devices": devices,
         "pages": pages,
@@ -216,7 +217,7 @@ def summary(r: dict[str, Any]) -> str:
     drops = ", ".join(f"{k} {n:,}" for k, n in t["drops"].items() if n)
     if drops:
         out.append(f"  drops    {drops}")
-    out.append(f"  rate     {r['delivered_pps']:,} delivered pkt/s")
+    out.append(f"  rate     {r['rx_pps']:,} XDP rx pkt/s, {r['delivered_pps']:,} delivered pkt/s")
     for c in r["cpus"]:
         x = c["xdp"]
         out.append(

@@ -883,8 +883,8 @@ class _Validator:
             mac = f"02:00:00:{host_index:02x}:{ifindex >> 8:02x}:{ifindex & 0xFF:02x}"
         rx_queues = f.int("rx_queues", 1, 64, cpus)
         tx_queues = f.int("tx_queues", 1, 64, cpus)
-        rx_ring_size = f.int("rx_ring_size", 8, 16384, 256)
-        tx_ring_size = f.int("tx_ring_size", 8, 16384, 256)
+        rx_ring_size = f.int("rx_ring_size", 8, 16384, 1024)
+        tx_ring_size = f.int("tx_ring_size", 8, 16384, 1024)
         rx_cpus = f.int_list("rx_cpus", 0, cpus - 1, rx_queues, "RX queue")
         if rx_cpus is None:
             rx_cpus = tuple(q % cpus for q in range(rx_queues))

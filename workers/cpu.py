@@ -169,8 +169,10 @@ class CpuWorker:
                 self.c[self.i["bad_messages"]] += 1
                 self.warn_once("badq", f"RX descriptors for a queue not bound here: {hdr!r}")
                 return
-            rxq.posted -= len(d)
             ids = self._accept(d, PageState.RX_POSTED)
+            # A completed descriptor keeps its ring slot until NAPI processes it (see napi_poll); only
+            # refused ones free theirs now.  So the pool lends out no more than the ring holds.
+            rxq.posted -= len(d) - len(ids)
             if len(ids):
                 self.pm.state.put(ids, PageState.XDP)
                 self.pm.holder.put(ids, self.cpu)
@@ -224,6 +226,7 @@ class CpuWorker:
             else:
                 rxq.pending.pop(0)
             self.run_xdp(rxq, batch)
+            rxq.posted -= len(batch)
             done += len(batch)
         if done:
             self.c[self.i["polls"]] += 1
@@ -402,6 +405,7 @@ class CpuWorker:
         for rxq in self.rxqs.values():
             for d in rxq.pending:
                 self.pool.recycle_direct(d["page"], errors="count", expect=PageState.XDP)
+                rxq.posted -= len(d)
             rxq.pending.clear()
         self.pool.drain()
         self.inbox.close(0)
