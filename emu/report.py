@@ -149,7 +149,7 @@ def build_report(run: Run, final: Snapshot, audits: dict[str, Audit], elapsed: f
                 "redirect_err": row["redirect_err"],
                 "xdp_exception": row["xdp_exception"],
                 **{k: row[k] for k in ("rx_packets", "rx_bytes", "xdp_tx_full", "xmit_drops", "xmit_bulks",
-                                       "redirect_skb", "stack_rx", "tx_completions", "remote_returns",
+                                       "redirect_skb", "stack_rx", "skb_remote_free", "tx_completions", "remote_returns",
                                        "rx_posted", "rx_alloc_fail", "polls", "bad_descriptors",
                                        "bad_messages")},
             })
