@@ -24,6 +24,12 @@ if TYPE_CHECKING:
 
 CPU_DROPS = ("xdp_drop", "xdp_aborted", "redirect_err", "xdp_tx_full", "xmit_drops")
 DEVICE_DROPS = ("rx_dropped", "tx_dropped")
+# CPU counters reported as they are, next to the fixed keys.
+CPU_EXTRA = (
+    "rx_packets", "rx_bytes", "xdp_tx_full", "xmit_drops", "xmit_bulks", "redirect_skb", "stack_rx",
+    "skb_remote_free", "tx_completions", "remote_returns", "rx_posted", "rx_alloc_fail", "polls",
+    "bad_descriptors", "bad_messages",
+)
 
 
 @dataclass
@@ -148,10 +154,7 @@ def build_report(run: Run, final: Snapshot, audits: dict[str, Audit], elapsed: f
                 "xdp": {a: row[f"xdp_{a}"] for a in ("aborted", "drop", "pass", "tx", "redirect")},
                 "redirect_err": row["redirect_err"],
                 "xdp_exception": row["xdp_exception"],
-                **{k: row[k] for k in ("rx_packets", "rx_bytes", "xdp_tx_full", "xmit_drops", "xmit_bulks",
-                                       "redirect_skb", "stack_rx", "skb_remote_free", "tx_completions", "remote_returns",
-                                       "rx_posted", "rx_alloc_fail", "polls", "bad_descriptors",
-                                       "bad_messages")},
+                **{k: row[k] for k in CPU_EXTRA},
             })
             for k in ("foreign_cache_return", "recycled_before_tx_completion", "double_free",
                       "stale_generation"):
