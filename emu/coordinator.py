@@ -20,8 +20,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -86,6 +88,9 @@ class Run:
         self.settled_ns = 0
         self.first_packet_s: float | None = None  # from `emu run` (this object) to the first delivery
         self.stalled: list[str] = []
+        self.interrupted = False
+        self.audits = 0  # conservation audits taken while traffic ran
+        self.audit_problems: list[str] = []
 
     # -- output -----------------------------------------------------------------------------------
 
@@ -202,7 +207,7 @@ class Run:
         while True:
             states = {p.key: self.table.read(p.key)["state"] for p in self.procs}
             self.check_procs()
-            if all(s >= ProcState.READY for s in states.values()):
+            if all(s >= ProcState.READY for s in states.values()) or self.interrupted:
                 return
             if time.monotonic() > deadline:
                 late = [k for k, s in states.items() if s < ProcState.READY]
@@ -234,8 +239,26 @@ class Run:
         assert self.table is not None
         return rep.snapshot(self.table, time.monotonic())
 
+    def _on_sigint(self, signum: int, frame: object) -> None:
+        self.interrupted = True
+
     def run(self) -> dict:
-        """Set up, run, tear down; returns the final report.  Always cleans up."""
+        """Set up, run, tear down; returns the final report.  Always cleans up.
+
+        Ctrl-C at any point after set-up ends the run the orderly way: quiesce, bring devices down, wait
+        for the pages, report what ran.
+        """
+        self.interrupted = False
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            return self._run()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    def _run(self) -> dict:
         try:
             self.setup()
             self.spawn()
@@ -258,13 +281,14 @@ class Run:
         last = self.snapshot()
         next_line = start + opts.interval
         try:
-            while True:
+            while not self.interrupted:
                 time.sleep(0.02)
                 self.check_procs()
                 now = time.monotonic()
                 if self.first_packet_s is None and self.snapshot().delivered() > 0:
                     self.first_packet_s = now - self.created
                 if now >= next_line:
+                    self.audit_live()
                     cur = self.snapshot()
                     self.say(rep.interval_lines(self.topo, last, cur, opts.extended))
                     last, next_line = cur, now + opts.interval
@@ -273,7 +297,19 @@ class Run:
                 if opts.duration is None and self.generators_done():
                     break
         except KeyboardInterrupt:
+            self.interrupted = True
+        if self.interrupted:
             self.event("interrupted: tearing down and reporting what ran")
+
+    def audit_live(self) -> None:
+        """Page conservation while traffic runs (the state histogram; exact structures only at the end)."""
+        for hname, pm in self.pms.items():
+            audit = pm.audit(strict=False)
+            self.audits += 1
+            if not audit.ok:
+                for prob in audit.problems:
+                    self.audit_problems.append(f"{hname}: {prob}")
+                    self.event(f"audit: {hname}: {prob}")
 
     def wait_settled(self) -> None:
         """After QUIESCE: until every generated packet is accounted for, or nothing moves."""

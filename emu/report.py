@@ -140,7 +140,8 @@ def build_report(run: Run, final: Snapshot, audits: dict[str, Audit], elapsed: f
     cpus, devices = [], []
     viol = {"foreign_cache_return": 0, "recycled_before_tx_completion": 0, "double_free": 0, "leaked": 0,
             "stale_generation": 0, "bad_descriptors": 0, "bad_messages": 0}
-    pages = {"total": 0, "accounted": 0, "in_flight": 0, "by_state": {}, "problems": []}
+    pages = {"total": 0, "accounted": 0, "in_flight": 0, "by_state": {}, "problems": list(run.audit_problems),
+             "audits": run.audits + len(audits)}
     for hname, host in topo.hosts.items():
         pm = run.pms[hname]
         for c in range(host.cpus):

@@ -23,6 +23,7 @@ import mmap
 import os
 import secrets
 import shutil
+import tempfile
 from multiprocessing import resource_tracker
 
 import numpy as np
@@ -145,22 +146,32 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _stale_pid(name: str) -> bool:
+    parts = name.split("-")
+    return len(parts) >= 3 and parts[0] == PREFIX and parts[1].isdigit() and not _pid_alive(int(parts[1]))
+
+
 def sweep_stale() -> list[str]:
-    """Unlink the segments of runs whose creating process no longer exists (after a SIGKILL).
+    """Unlink the segments of runs whose creating process no longer exists (after a SIGKILL), and remove
+    their socket directories.
 
     Only names of the form ``ppemu-<pid>-<token>-...`` are considered, and only when `<pid>` is dead, so
     concurrent runs (parallel tests, other users' labs) are never touched.
     """
     removed = []
+    tmp = tempfile.gettempdir()
+    try:
+        for name in os.listdir(tmp):
+            if _stale_pid(name) and os.path.isdir(os.path.join(tmp, name)):
+                shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+    except OSError:
+        pass
     try:
         names = os.listdir(SHM_DIR)
     except FileNotFoundError:
         return removed
     for name in names:
-        parts = name.split("-")
-        if len(parts) < 3 or parts[0] != PREFIX or not parts[1].isdigit():
-            continue
-        if _pid_alive(int(parts[1])):
+        if not _stale_pid(name):
             continue
         try:
             _posixshmem.shm_unlink("/" + name)

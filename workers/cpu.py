@@ -186,16 +186,14 @@ class CpuWorker:
                 rxq.posted -= len(d)
             return_pages(self.pm, self.pool, d["page"], d["gen"], expect=PageState.RX_POSTED)
         elif kind == "txc":
-            self.c[self.i["tx_completions"]] += len(d)
-            self._return(d, PageState.TX_INFLIGHT)
+            self.c[self.i["tx_completions"]] += self._return(d, PageState.TX_INFLIGHT)
         elif kind == "txdrop":
             what = "xdp_tx_full" if hdr.get("kind") == "tx" else "xmit_drops"
-            self.c[self.i[what]] += len(d)
-            self._return(d, PageState.TX_QUEUED)
+            self.c[self.i[what]] += self._return(d, PageState.TX_QUEUED)
         elif kind == "skb":
-            self.c[self.i["stack_rx"]] += len(d)
-            self.c[self.i["skb_remote_free"]] += len(d)
-            self._return(d, PageState.SKB)
+            n = self._return(d, PageState.SKB)
+            self.c[self.i["stack_rx"]] += n
+            self.c[self.i["skb_remote_free"]] += n
 
     def _accept(self, d: np.ndarray, expect: PageState) -> np.ndarray:
         """Validate descriptors handed to this CPU for its own pages; count and drop the bad ones."""
@@ -205,12 +203,27 @@ class CpuWorker:
             self.warn_once("baddesc", "refused descriptors: " + "; ".join(problems))
         return ids
 
-    def _return(self, d: np.ndarray, expect: PageState) -> None:
+    def _return(self, d: np.ndarray, expect: PageState) -> int:
+        """Return pages a peer handed back to whichever pools own them; returns how many were valid.
+
+        Descriptors are screened first (range, generation, state) so that a forged or stale message
+        moves no counter: counters count packets, and only real pages are packets."""
+        pm = self.pm
         ids = d["page"]
-        remote = int(np.count_nonzero(self.pm.owner.take(ids, mode="clip") != self.cpu))
+        ok = ids < pm.npages
+        if ok.all():
+            ok = (pm.state.take(ids) == expect) & (pm.gen.take(ids) == d["gen"])
+        else:
+            ok[ok] = (pm.state.take(ids[ok]) == expect) & (pm.gen.take(ids[ok]) == d["gen"][ok])
+        if not ok.all():
+            self.c[self.i["bad_descriptors"]] += int(np.count_nonzero(~ok))
+            self.warn_once(f"bad{expect}", f"refused descriptors not in state {expect.name} (or stale)")
+            d = d[ok]
+            ids = d["page"]
+        remote = int(np.count_nonzero(pm.owner.take(ids) != self.cpu))
         if remote:
             self.c[self.i["remote_returns"]] += remote
-        return_pages(self.pm, self.pool, ids, d["gen"], expect=expect)
+        return return_pages(pm, self.pool, ids, d["gen"], expect=expect)
 
     # -- the NAPI poll ----------------------------------------------------------------------------
 

@@ -28,7 +28,9 @@ from emu.xdp import XDP_DROP, XDP_PASS, XDP_TX, XdpContext, xdp_program
 
 __all__ = [
     "buggy_bad_verdict",
+    "buggy_out_of_bounds",
     "buggy_raise",
+    "buggy_slow",
     "l2fwd",
     "l2fwd_map",
     "xdp_drop",
@@ -122,3 +124,20 @@ def buggy_raise(ctx: XdpContext) -> int:
 def buggy_bad_verdict(ctx: XdpContext) -> int:
     """Returns 42, not an action: ``bpf_warn_invalid_xdp_action`` territory, handled as XDP_ABORTED."""
     return 42
+
+
+def buggy_out_of_bounds(ctx: XdpContext) -> int:
+    """Writes past the end of the packet (the verifier would have refused it): ``ctx.data`` is exactly the
+    packet, so the store raises and the packet is ABORTED; the neighbouring page stays intact."""
+    d = ctx.data
+    d[len(d) + 8] = 0xFF  # type: ignore[index]
+    return XDP_DROP
+
+
+def buggy_slow(ctx: XdpContext) -> int:
+    """Takes a millisecond per packet (a program doing far too much work): slow, but every packet is
+    still accounted for and the worker keeps its heartbeat."""
+    import time
+
+    time.sleep(0.001)
+    return XDP_DROP

@@ -1,0 +1,454 @@
+"""The reference points the emulator is measured against (used by ``bench/run.py``).
+
+* `BareXdp`: the ceiling of the per-packet work.  The l2fwd XDP program called once per packet in a
+  tight loop, in this process, over real pages: a shared-memory `PageMemory` holding generator frames at
+  the XDP headroom, a ``memoryview`` slice per packet, and a context built the way ``workers/cpu.py``
+  builds it (``emu.xdp_runtime.create_maps`` / ``program_for`` / ``make_context``).  No pools, no
+  sockets, no verdict handling: what is left when everything but the program is free.
+* `transport_one_way` / `transport_rtt`: the ceiling of the descriptor transport.  Raw zmq PUSH/PULL
+  between this process and a second one over ``ipc://`` (same socket options as the emulator's,
+  ``workers.common``), moving batches of 64 ``DESC_DTYPE`` descriptors in a ``wire.pack_msg`` envelope;
+  the receiving side unpacks and validates each message (``unpack_msg`` + ``descs_from_bytes``) as the
+  emulator's receivers do.
+* `naive_queue`: what one would write without the emulator: generator -> forwarder -> sink processes,
+  every packet a pickled dataclass through ``multiprocessing.Queue``, the forwarder swapping the MACs.
+
+Each function returns a dict with what it counted, so a caller (and the tests) can check that the work it
+timed really happened: descriptors received, packets at the sink, the program's own packet counter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+L2FWD_TOPOLOGY = REPO / "topology" / "l2fwd.yaml"
+BATCH = 64  # descriptors per message / packets per NAPI poll
+JOIN_TIMEOUT = 10.0
+
+
+def frame_factory(topology: Path = L2FWD_TOPOLOGY):
+    """The frames the topology's first generator sends (size, flows, MACs)."""
+    from emu.packets import FrameFactory
+    from emu.topology import load_topology
+
+    gen = next(p.generate for p in load_topology(topology).traffic.values() if p.generate is not None)
+    return FrameFactory(gen.pkt_size, gen.flows, gen.src_mac, gen.dst_mac)
+
+
+def _child_setup() -> None:
+    """In a benchmark child: Ctrl-C goes to the whole process group; the parent decides and ends us."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop(procs: list[mp.process.BaseProcess]) -> None:
+    """Join, then terminate, then kill whatever is still running (only the processes we started)."""
+    deadline = time.monotonic() + JOIN_TIMEOUT
+    for p in procs:
+        if p.pid is not None:
+            p.join(max(0.1, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+            p.join(3)
+        if p.is_alive():
+            p.kill()
+            p.join(3)
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. bare ceiling: the XDP program alone
+
+
+class BareXdp:
+    """The l2fwd program over `npages` real pages, one memoryview per packet, as the CPU worker calls it.
+
+    `run(iters)` makes `iters` passes over all pages, in NAPI-sized batches of 64 (the per-batch
+    ``tolist`` of starts and lengths is the worker's too).  `packets_counted` reads the program's own
+    ``rxcnt`` map counter, so a caller can check every call really ran the program.
+    """
+
+    def __init__(self, prefix: str, npages: int = 1024, topology: Path = L2FWD_TOPOLOGY,
+                 device: str = "eth0") -> None:
+        from emu import xdp_runtime
+        from emu.pagemem import PageMemory, PoolParams
+        from emu.topology import load_topology
+        from emu.xdp import XDP_REDIRECT
+
+        topo = load_topology(topology)
+        host = next(iter(topo.hosts.values()))
+        factory = frame_factory(topology)
+        pkt_size = factory.pkt_size
+        dev = host.devices[device]
+        self.prefix = prefix
+        self.mapsets: list = []
+        self.pm = PageMemory.create(f"{prefix}-bare", npages, host.page_size, 1, PoolParams())
+        try:
+            names, self.mapsets = xdp_runtime.create_maps(f"{prefix}-bare", host)
+            prog, maps = xdp_runtime.program_for(dev, names.get(device), host.cpus, 0)
+            assert prog is not None, f"{device} of {topology} has no XDP program"
+            ifindexes = {name: d.ifindex for name, d in host.devices.items()}
+            self.ctx = xdp_runtime.make_context(prog, maps, dev, 0, 0, ifindexes)
+            self.fn = prog.fn
+            self.rxcnt = maps.get("rxcnt")
+            # Real frames in real pages, at the XDP headroom (what a device's RX DMA leaves there).
+            headroom = 256
+            frames = factory.build(0, npages)
+            rows = frames.data.reshape(npages, pkt_size)
+            data2d = self.pm.data.reshape(npages, host.page_size)
+            data2d[:, headroom : headroom + pkt_size] = rows
+            starts = np.arange(npages, dtype=np.int64) * host.page_size + headroom
+            self.batches = [
+                (starts[i : i + BATCH].tolist(), [pkt_size] * len(starts[i : i + BATCH]))
+                for i in range(0, npages, BATCH)
+            ]
+        except BaseException:
+            self.close()
+            raise
+        self.npages = npages
+        self.redirect = XDP_REDIRECT
+        self.verdicts_ok = True
+
+    def packets_counted(self) -> int:
+        """The program's own packet counter (``rxcnt[0]``, summed over CPUs)."""
+        if self.rxcnt is None:
+            return -1
+        return int(np.asarray(self.rxcnt.view)[0])
+
+    def run(self, iters: int) -> None:
+        fn, ctx, buf = self.fn, self.ctx, self.pm.data_seg.buf
+        redirect = self.redirect
+        for _ in range(iters):
+            for starts, lens in self.batches:
+                out = [0] * len(starts)
+                for k in range(len(starts)):
+                    s = starts[k]
+                    ctx.data = buf[s : s + lens[k]]
+                    ctx.redirect_ifindex = -1
+                    out[k] = fn(ctx)
+                if out[0] != redirect or out[-1] != redirect:
+                    self.verdicts_ok = False
+        ctx.data = None
+
+    def close(self) -> None:
+        for _, ms in self.mapsets:
+            with contextlib.suppress(Exception):
+                ms.unlink()
+                ms.close()
+        self.mapsets = []
+        if getattr(self, "ctx", None) is not None:
+            self.ctx.data = None
+        self.pm.unlink()
+        with contextlib.suppress(BufferError):
+            self.pm.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. transport ceiling: zmq PUSH/PULL of packed descriptor batches
+
+
+def _desc_message(seq: int) -> bytes:
+    from emu import wire
+    from emu.pagemem import DESC_DTYPE
+
+    d = np.zeros(BATCH, dtype=DESC_DTYPE)
+    d["page"] = np.arange(BATCH) + seq * BATCH % 4096
+    d["gen"] = seq & 0xFFFFFFFF
+    d["off"] = 256
+    d["len"] = 64
+    return wire.pack_msg("rx", {"dev": "eth0", "q": 0, "seq": seq}, d.tobytes())
+
+
+def _take(msg: bytes) -> tuple[int, int]:
+    """Unpack and validate one message as a receiver does; (seq, descriptors)."""
+    from emu import wire
+    from emu.pagemem import descs_from_bytes
+
+    _, hdr, blob = wire.unpack_msg(msg, ("rx",))
+    return hdr["seq"], len(descs_from_bytes(blob))
+
+
+def _transport_peer(mode: str, addr_in: str, addr_out: str, n: int, conn) -> None:
+    """The second process.  ``send``: push one warm-up batch (so the connection is up before the clock
+    starts), then `n` batches to `addr_out` once told to go.  ``echo``: pull from `addr_in` and push every
+    message back to `addr_out`: the parent's warm-up batch, then `n` more."""
+    _child_setup()
+    from workers.common import new_context, pull, push
+
+    ctx = new_context()
+    inbox = pull(ctx, addr_in) if mode == "echo" else None
+    out = push(ctx, addr_out)
+    try:
+        if mode == "send":
+            out.send(_desc_message(-1), copy=False)
+        conn.send("ready")
+        if conn.recv() != "go":
+            return
+        if mode == "send":
+            for seq in range(n):
+                out.send(_desc_message(seq), copy=False)
+        else:
+            for _ in range(n + 1):
+                msg = inbox.recv(copy=True)
+                _take(msg)  # validate, as the device would
+                out.send(msg, copy=False)
+        conn.send("done")
+        conn.recv()  # the parent has everything: now it is safe to close (LINGER 0 drops unsent data)
+    finally:
+        if inbox is not None:
+            inbox.close(0)
+        out.close(0)
+        ctx.term()
+
+
+def _wait_ready(conn, p: mp.process.BaseProcess, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not conn.poll(0.1):
+        if not p.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"{p.name} did not start (exit code {p.exitcode})")
+    conn.recv()
+
+
+@contextlib.contextmanager
+def _ipc_dir() -> Iterator[str]:
+    d = tempfile.mkdtemp(prefix="ppemu-bench-")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def transport_one_way(n_batches: int) -> dict:
+    """Push `n_batches` descriptor batches from a second process to this one; time from "go" to the
+    last batch received (unpacked and validated)."""
+    from workers.common import new_context, pull
+
+    mpc = mp.get_context("spawn")
+    with _ipc_dir() as d:
+        addr = f"ipc://{d}/oneway"
+        zctx = new_context()
+        inbox = pull(zctx, addr)
+        parent, child = mpc.Pipe()
+        p = mpc.Process(target=_transport_peer, args=("send", "", addr, n_batches, child), daemon=True,
+                        name="bench-transport-send")
+        try:
+            p.start()
+            _wait_ready(parent, p)
+            if not inbox.poll(30_000) or _take(inbox.recv(copy=True))[0] != -1:
+                raise RuntimeError("transport peer: no warm-up batch")
+            got = descs = 0
+            expect = 0
+            in_order = True
+            t0 = time.perf_counter()
+            parent.send("go")
+            while got < n_batches:
+                seq, k = _take(inbox.recv(copy=True))
+                in_order &= seq == expect
+                expect += 1
+                got += 1
+                descs += k
+            t1 = time.perf_counter()
+            parent.recv()
+            parent.send("bye")
+        finally:
+            _stop([p])
+            inbox.close(0)
+            zctx.term()
+    return {"batches": got, "descs": descs, "in_order": in_order, "seconds": t1 - t0,
+            "desc_per_s": descs / (t1 - t0)}
+
+
+def transport_rtt(n_batches: int, window: int = 16) -> dict:
+    """Batches out to a second process and back (it validates and returns each), `window` of them in
+    flight; window 1 is the round-trip latency of one batch."""
+    from workers.common import new_context, pull, push
+
+    mpc = mp.get_context("spawn")
+    with _ipc_dir() as d:
+        a_in, a_out = f"ipc://{d}/back", f"ipc://{d}/out"
+        zctx = new_context()
+        inbox = pull(zctx, a_in)
+        parent, child = mpc.Pipe()
+        p = mpc.Process(target=_transport_peer, args=("echo", a_out, a_in, n_batches, child), daemon=True,
+                        name="bench-transport-echo")
+        out = None
+        try:
+            p.start()
+            _wait_ready(parent, p)
+            out = push(zctx, a_out)
+            msgs = [_desc_message(s) for s in range(min(n_batches, 4 * window))]
+            sent = got = descs = 0
+            seen = 0  # sum of sequence numbers back, to check each batch came back once
+            parent.send("go")
+            out.send(_desc_message(-1), copy=False)  # warm-up: both connections up before the clock starts
+            if not inbox.poll(30_000) or _take(inbox.recv(copy=True))[0] != -1:
+                raise RuntimeError("transport echo: the warm-up batch did not come back")
+            t0 = time.perf_counter()
+            while sent < min(window, n_batches):
+                out.send(msgs[sent % len(msgs)], copy=False)
+                sent += 1
+            while got < n_batches:
+                if not inbox.poll(30_000):
+                    raise RuntimeError(f"transport echo stalled after {got} of {n_batches} batches")
+                seq, k = _take(inbox.recv(copy=True))
+                seen += seq
+                got += 1
+                descs += k
+                if sent < n_batches:
+                    out.send(msgs[sent % len(msgs)], copy=False)
+                    sent += 1
+            t1 = time.perf_counter()
+            parent.recv()
+            parent.send("bye")
+        finally:
+            _stop([p])
+            if out is not None:
+                out.close(0)
+            inbox.close(0)
+            zctx.term()
+    m = len(msgs)
+    expect_seen = sum(s % m for s in range(n_batches))
+    secs = t1 - t0
+    return {"batches": got, "descs": descs, "window": window, "all_back": seen == expect_seen,
+            "seconds": secs, "desc_per_s": descs / secs, "rtt_us": secs / n_batches * 1e6 * window}
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. naive baseline: pickled packets through multiprocessing.Queue
+
+
+@dataclass
+class Packet:
+    """What a hand-rolled emulator would pass around: one Python object per packet."""
+
+    seq: int
+    ifindex: int
+    data: bytes
+
+
+def _naive_generator(n: int, frame: bytes, out: mp.Queue, ready: mp.Queue, go) -> None:
+    _child_setup()
+    ready.put("gen")
+    go.wait()
+    for seq in range(n):
+        out.put(Packet(seq, 2, frame))
+    out.put(None)
+
+
+def _naive_forwarder(inq: mp.Queue, out: mp.Queue, ready: mp.Queue) -> None:
+    _child_setup()
+    ready.put("fwd")
+    while True:
+        p = inq.get()
+        if p is None:
+            out.put(None)
+            return
+        d = p.data
+        p.data = d[6:12] + d[0:6] + d[12:]  # swap the MACs
+        p.ifindex = 3  # "redirect" to the egress port
+        out.put(p)
+
+
+def _naive_sink(inq: mp.Queue, expect_dst: bytes, result: mp.Queue, ready: mp.Queue) -> None:
+    _child_setup()
+    ready.put("sink")
+    count = seq_sum = bad = 0
+    while True:
+        p = inq.get()
+        if p is None:
+            break
+        count += 1
+        seq_sum += p.seq
+        if p.data[:6] != expect_dst or p.ifindex != 3:
+            bad += 1
+    result.put({"count": count, "seq_sum": seq_sum, "bad": bad, "t_end": time.monotonic()})
+
+
+def naive_queue(n: int) -> dict:
+    """Forward `n` packets generator -> forwarder -> sink; time from "go" to the sink's last packet.
+    The frame is the l2fwd topology's generator frame (64 bytes)."""
+    frame = bytes(frame_factory().build(0, 1).data)
+    mpc = mp.get_context("spawn")
+    q1, q2, res, ready = mpc.Queue(), mpc.Queue(), mpc.Queue(), mpc.Queue()
+    go = mpc.Event()
+    procs = [
+        mpc.Process(target=_naive_generator, args=(n, frame, q1, ready, go), daemon=True, name="bench-naive-gen"),
+        mpc.Process(target=_naive_forwarder, args=(q1, q2, ready), daemon=True, name="bench-naive-fwd"),
+        mpc.Process(target=_naive_sink, args=(q2, frame[6:12], res, ready), daemon=True,
+                    name="bench-naive-sink"),
+    ]
+    try:
+        for p in procs:
+            p.start()
+        for _ in procs:  # every interpreter up (start-up is not timed)
+            ready.get(timeout=60)
+        t0 = time.monotonic()
+        go.set()
+        deadline = time.monotonic() + max(60.0, n / 2000)
+        while True:
+            try:
+                r = res.get(timeout=0.5)
+                break
+            except queue.Empty:
+                if time.monotonic() > deadline or any(p.exitcode not in (None, 0) for p in procs):
+                    raise RuntimeError("naive baseline: the pipeline stopped") from None
+    finally:
+        _stop(procs)
+        for q in (q1, q2, res, ready):
+            q.close()
+            q.join_thread()
+    secs = r["t_end"] - t0
+    return {"sent": n, "received": r["count"], "bad": r["bad"], "seq_ok": r["seq_sum"] == n * (n - 1) // 2,
+            "seconds": secs, "pps": r["count"] / secs}
+
+
+# --------------------------------------------------------------------------------------------------
+# process memory
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmHWM, VmRSS, RssAnon, RssShmem of a process in kB ({} if it is gone)."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                    out[key] = int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
+def proc_pss_kb(pid: int) -> int:
+    """Proportional set size (shared pages divided among the processes mapping them), in kB; 0 if unknown."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def proc_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process, in seconds."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None

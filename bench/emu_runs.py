@@ -1,0 +1,254 @@
+"""The emulator under measurement (used by ``bench/run.py`` and ``bench/profile_run.py``).
+
+`run_topology` runs a topology in this process through ``emu.coordinator.Run`` for a fixed duration and
+reads its report, while a thread samples the run's child processes (``multiprocessing.active_children()``
+named ``emu-<key>``): peak RSS (``VmHWM``) and private RSS per process, and CPU time (utime + stime), so
+that CPU microseconds per forwarded packet can be split by process kind.  `cli_end_to_end` times
+``python -m emu.cli run ... --count N --json -`` as a user would start it and samples the coordinator's
+own peak RSS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+from bench.baselines import REPO, proc_cpu_seconds, proc_pss_kb, proc_status
+
+TOPOLOGIES = REPO / "topology"
+VIOLATION_KEYS = ("foreign_cache_return", "recycled_before_tx_completion", "double_free", "leaked",
+                  "stale_generation", "bad_descriptors", "bad_messages")
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run under measurement was interrupted (Ctrl-C / SIGTERM); it has torn itself down."""
+
+
+def load(name: str):
+    from emu.topology import load_topology
+
+    return load_topology(TOPOLOGIES / f"{name}.yaml")
+
+
+def l2fwd_with_cpus(cpus: int):
+    """The bundled l2fwd topology with `cpus` CPU workers and as many RX queues on eth0."""
+    from emu.topology import validate_topology_text
+
+    text = (TOPOLOGIES / "l2fwd.yaml").read_text()
+    text, n1 = re.subn(r"(?m)^(\s*cpus:\s*)\d+", rf"\g<1>{cpus}", text)
+    text, n2 = re.subn(r"(?m)^(\s*rx_queues:\s*)\d+", rf"\g<1>{cpus}", text)
+    if n1 != 1 or n2 != 1:
+        raise ValueError(f"topology/l2fwd.yaml changed shape: {n1} 'cpus:' and {n2} 'rx_queues:' lines")
+    return validate_topology_text(text, f"l2fwd-{cpus}cpu.yaml")
+
+
+def kinds_of(topo) -> dict[str, str]:
+    """Process key -> kind ("cpu", "device", "traffic") for a topology's processes."""
+    out = {}
+    for hname, host in topo.hosts.items():
+        for c in range(host.cpus):
+            out[f"{hname}/cpu{c}"] = "cpu"
+        for d in host.devices:
+            out[f"{hname}/{d}"] = "device"
+    for name in topo.traffic:
+        out[name] = "traffic"
+    return out
+
+
+def sum_violations(report: dict) -> int:
+    """Every violation counter of one report, summed (0 in a correct run)."""
+    return int(sum(int(report["violations"].get(k, 0)) for k in report["violations"]))
+
+
+@dataclass
+class Sample:
+    t: float
+    cpu_s: dict[str, float]  # process key -> utime + stime
+    delivered: int
+    rx: int
+
+
+@dataclass
+class Sampler:
+    """Samples the run's children from a thread of the coordinator's process every `every` seconds."""
+
+    run: object
+    kinds: dict[str, str]
+    every: float = 0.25
+    hwm_kb: dict[str, int] = field(default_factory=dict)
+    anon_kb: dict[str, int] = field(default_factory=dict)
+    pss_kb: dict[str, int] = field(default_factory=dict)
+    samples: list[Sample] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bench-rss-sampler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _children(self) -> dict[str, int]:
+        try:
+            kids = multiprocessing.active_children()
+        except RuntimeError:  # the set of children changed while it was listed: next time
+            return {}
+        return {p.name[4:]: p.pid for p in kids if p.name.startswith("emu-") and p.pid}
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.sample()
+            except Exception as exc:  # never let the sampler break a run; say what went wrong
+                self.errors.append(repr(exc))
+
+    def sample(self) -> None:
+        kids = self._children()
+        cpu: dict[str, float] = {}
+        for key, pid in kids.items():
+            st = proc_status(pid)
+            if st:
+                self.hwm_kb[key] = max(self.hwm_kb.get(key, 0), st.get("VmHWM", 0))
+                self.anon_kb[key] = max(self.anon_kb.get(key, 0), st.get("RssAnon", 0))
+                self.pss_kb[key] = max(self.pss_kb.get(key, 0), proc_pss_kb(pid))
+            secs = proc_cpu_seconds(pid)
+            if secs is not None:
+                cpu[key] = secs
+        run = self.run
+        if getattr(run, "started_ns", 0) and getattr(run, "table", None) is not None and not run.settled_ns:
+            snap = run.snapshot()
+            self.samples.append(Sample(time.monotonic(), cpu, snap.delivered(), snap.total("cpu", "rx_packets")))
+
+    def per_kind_mb(self, table: dict[str, int]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key, kb in table.items():
+            kind = self.kinds.get(key, "other")
+            out[kind] = max(out.get(kind, 0.0), round(kb / 1024, 1))
+        return out
+
+    def cpu_us_per_packet(self, skip: float = 0.5) -> dict[str, float]:
+        """CPU time per packet by process kind (summed over the kind's processes), over the steady part of
+        the run: from the first sample `skip` s into traffic to the last one before the drain."""
+        if len(self.samples) < 2:
+            return {}
+        first = next((s for s in self.samples if s.t >= self.samples[0].t + skip), self.samples[0])
+        last = self.samples[-1]
+        pkts = (last.rx - first.rx) or (last.delivered - first.delivered)
+        if pkts <= 0 or last is first:
+            return {}
+        out: dict[str, float] = {}
+        for key, secs in last.cpu_s.items():
+            if key in first.cpu_s:
+                kind = self.kinds.get(key, "other")
+                out[kind] = out.get(kind, 0.0) + (secs - first.cpu_s[key])
+        return {k: round(v / pkts * 1e6, 2) for k, v in out.items()}
+
+
+def run_topology(topo, duration: float, sample_every: float = 0.25) -> dict:
+    """Run `topo` for `duration` seconds and return the numbers the suite reads from its report."""
+    from emu.coordinator import Run, RunOptions
+
+    run = Run(topo, RunOptions(duration=duration, quiet=True))
+    sampler = Sampler(run, kinds_of(topo), sample_every)
+    sampler.start()
+    try:
+        report = run.run()
+    finally:
+        sampler.stop()
+    if getattr(run, "interrupted", False):
+        raise Interrupted
+    t = report["traffic"]
+    return {
+        "topology": topo.name,
+        "rx_pps": report["rx_pps"],
+        "delivered_pps": report["delivered_pps"],
+        "elapsed_s": report["elapsed_s"],
+        "first_packet_s": report.get("first_packet_s"),
+        "generated": t["generated"],
+        "delivered": t["delivered"],
+        "dropped": t["dropped"],
+        "corrupted": t["corrupted"],
+        "unaccounted": t["unaccounted"],
+        "violations": sum_violations(report),
+        "violations_by_kind": {k: int(v) for k, v in report["violations"].items() if v},
+        "rss_mb": sampler.per_kind_mb(sampler.hwm_kb),
+        "rss_private_mb": sampler.per_kind_mb(sampler.anon_kb),
+        "pss_mb": sampler.per_kind_mb(sampler.pss_kb),
+        "rss_processes_seen": len(sampler.hwm_kb),
+        "cpu_us_per_pkt": sampler.cpu_us_per_packet(),
+        "sampler_errors": sampler.errors,
+    }
+
+
+def cli_end_to_end(count: int = 20000, topology: str = "l2fwd", timeout: float = 120.0) -> dict:
+    """``python -m emu.cli run topology/<topology>.yaml --count N --json -``: wall time to exit, the
+    coordinator's peak RSS, and the report's first-packet time; plus the interpreter + import time of
+    the CLI alone, which `first_packet_s` (measured from the Run object) does not include."""
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import emu.cli, emu.coordinator"], cwd=REPO, check=True,
+                   timeout=timeout)
+    import_s = time.monotonic() - t0
+    cmd = [sys.executable, "-m", "emu.cli", "run", f"topology/{topology}.yaml", "--count", str(count),
+           "--json", "-"]
+    hwm = anon = pss = 0
+    t0 = time.monotonic()
+    # Files, not pipes: a report larger than a pipe buffer would block the child while we only poll it.
+    fout, ferr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=fout, stderr=ferr, text=True)
+    try:
+        while proc.poll() is None:
+            st = proc_status(proc.pid)
+            hwm, anon = max(hwm, st.get("VmHWM", 0)), max(anon, st.get("RssAnon", 0))
+            pss = max(pss, proc_pss_kb(proc.pid))
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"{' '.join(cmd)} did not finish in {timeout:.0f} s")
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            # Ctrl-C reached it too (same process group) and it is tearing down: give it the time.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(15)
+        if proc.poll() is None:
+            proc.terminate()  # its workers exit when their parent is gone
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(15)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+            from emu.shm import sweep_stale
+
+            sweep_stale()  # the segments of a coordinator that did not finish
+    wall = time.monotonic() - t0
+    fout.seek(0)
+    ferr.seek(0)
+    out, err = fout.read(), ferr.read()
+    fout.close()
+    ferr.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {err.strip()[-400:]}")
+    report = json.loads(out)
+    fp = report.get("first_packet_s")
+    return {
+        "count": count,
+        "wall_s": round(wall, 3),
+        "import_s": round(import_s, 3),
+        "first_packet_s": fp,
+        "first_packet_from_exec_s": None if fp is None else round(fp + import_s, 3),
+        "delivered": report["traffic"]["delivered"],
+        "violations": sum_violations(report),
+        "coordinator_hwm_mb": round(hwm / 1024, 1),
+        "coordinator_private_mb": round(anon / 1024, 1),
+        "coordinator_pss_mb": round(pss / 1024, 1),
+    }
