@@ -28,8 +28,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
+import numpy as np
+
 from emu import report as rep
 from emu.pagemem import PageMemory, PageState, PoolParams, required_shm_bytes
+from emu.pagepool import return_pages
 from emu.shm import SHM_DIR, ShmSpaceError, new_run_prefix, shm_free_bytes, sweep_stale, unlink_prefix
 from emu.stats import Cmd, ProcState, StatsTable
 from emu.topology import HostConfig, Topology
@@ -42,6 +45,7 @@ READY_TIMEOUT = 60.0  # spawning a dozen Python processes on a loaded 2-core mac
 DRAIN_STALL = 3.0  # seconds without progress after which traffic is declared settled
 SHUTDOWN_TIMEOUT = 10.0
 HOME_STATES = (PageState.FREE, PageState.CACHE, PageState.RING)
+HUNG_NS = 5_000_000_000  # a process this long without a heartbeat is declared hung and killed
 
 
 class RunError(RuntimeError):
@@ -89,6 +93,10 @@ class Run:
         self.first_packet_s: float | None = None  # from `emu run` (this object) to the first delivery
         self.stalled: list[str] = []
         self.interrupted = False
+        self.dead: set[str] = set()
+        self.dead_pools: list = []
+        self.offline: dict[str, int] = {}
+        self.lost = 0  # packets in pages reclaimed from dead processes
         self.audits = 0  # conservation audits taken while traffic ran
         self.audit_problems: list[str] = []
 
@@ -215,9 +223,83 @@ class Run:
             time.sleep(0.01)
 
     def check_procs(self) -> None:
+        """Notice dead or hung processes.  A CPU worker's death is survived (its RX queues go offline and
+        its pages are reclaimed); any other process's death ends the run with an error naming it."""
+        assert self.table is not None
+        now = time.monotonic_ns()
         for p in self.procs:
-            if p.process.exitcode is not None and p.process.exitcode != 0:
-                raise RunError(f"{p.kind} process {p.key} died (exit code {p.process.exitcode})")
+            if p.key in self.dead:
+                continue
+            code = p.process.exitcode
+            if code is None and self.table.read(p.key)["state"] >= ProcState.READY:
+                beat = self.table.read(p.key)["heartbeat_ns"]
+                if now - beat > HUNG_NS:
+                    self.event(f"{p.kind} {p.key} sent no heartbeat for {(now - beat) / 1e9:.1f} s: killing it")
+                    p.process.kill()
+                    p.process.join(5)
+                    code = p.process.exitcode
+            if code is None or (code == 0 and self.table.read(p.key)["cmd"] >= Cmd.EXIT):
+                continue
+            if p.kind == "cpu" and self.started_ns:
+                self.cpu_died(p, code)
+            else:
+                raise RunError(f"{p.kind} process {p.key} died (exit code {code})")
+
+    def cpu_died(self, proc: Proc, code: int) -> None:
+        """A CPU worker is gone: take its CPU offline everywhere, then reclaim every page it owned or held.
+
+        Devices first drop its RX queues' posted buffers and move its TX completions to a live CPU, and
+        every process acknowledges; only then are the page table's pages that name the dead CPU as their
+        holder or owner reclaimed, so no live process still uses a page the coordinator frees.
+        """
+        assert self.table is not None
+        self.dead.add(proc.key)
+        hname, cpu_s = proc.key.split("/")
+        cpu = int(cpu_s[3:])
+        host = self.topo.hosts[hname]
+        pm = self.pms[hname]
+        self.offline[hname] = self.offline.get(hname, 0) | (1 << cpu)
+        mask = self.offline[hname]
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        self.event(f"cpu {proc.key} died ({how}): taking it offline")
+        rows = [p.key for p in self.procs if p.key.startswith(hname + "/") and p.key not in self.dead]
+        for key in rows:
+            self.table.set_word(key, "offline", mask)
+        deadline = time.monotonic() + 10.0
+        while any(self.table.read(k)["offline_ack"] != mask for k in rows):
+            if time.monotonic() > deadline:
+                late = [k for k in rows if self.table.read(k)["offline_ack"] != mask]
+                raise RunError(f"{', '.join(late)} did not take cpu {proc.key} offline")
+            time.sleep(0.005)
+        time.sleep(0.05)  # messages already on their way to the dead CPU have landed in its socket
+        lost, reclaimed = self.reclaim_cpu(pm, cpu)
+        self.lost += lost
+        queues = [f"{d}:{q}" for d, dev in host.devices.items() for q in range(dev.rx_queues)
+                  if dev.rx_cpus[q] == cpu]
+        self.event(f"cpu {proc.key}: reclaimed {reclaimed} pages ({lost} carried packets, counted lost); "
+                   f"RX queues {', '.join(queues) or 'none'} offline; its TX completions moved to live CPUs")
+
+    def reclaim_cpu(self, pm: PageMemory, cpu: int) -> tuple[int, int]:
+        """Return the pages a dead CPU held to their pools and free the ones its pool kept."""
+        st = pm.state.copy()
+        holder = pm.holder.copy()
+        owner = pm.owner.copy()
+        home = (st == PageState.FREE) | (st == PageState.CACHE) | (st == PageState.RING)
+        held = np.flatnonzero((holder == cpu) & ~home)
+        carrying = (st[held] == PageState.RX_POSTED) | (st[held] == PageState.XDP) | (
+            st[held] == PageState.SKB) | (st[held] == PageState.TX_QUEUED)
+        lost = int(np.count_nonzero(carrying & (pm.len[held] > 0)))
+        # Empty RX buffers of the dead CPU that devices dropped from their (now offline) rings.
+        empty = np.flatnonzero((owner == cpu) & (st == PageState.RX_POSTED) & (holder != cpu))
+        for ids in (held, empty):
+            if len(ids):
+                return_pages(pm, None, ids, errors="count")
+        # The dead CPU's own pool: the coordinator takes it over (its owner is gone) and destroys it; pages
+        # still out come back to its ring later and are drained at the end.
+        pool = pm.pool(cpu, owner=True)
+        self.dead_pools.append(pool)
+        pool.drain()
+        return lost, len(held) + len(empty)
 
     # -- the run ----------------------------------------------------------------------------------
 
@@ -237,7 +319,7 @@ class Run:
 
     def snapshot(self) -> rep.Snapshot:
         assert self.table is not None
-        return rep.snapshot(self.table, time.monotonic())
+        return rep.snapshot(self.table, time.monotonic(), self.lost)
 
     def _on_sigint(self, signum: int, frame: object) -> None:
         self.interrupted = True
@@ -377,6 +459,8 @@ class Run:
         self.wait_pages_home()
         t.command_all(Cmd.EXIT)
         self.join()
+        for pool in self.dead_pools:  # pages that came back to dead CPUs' rings since they were reclaimed
+            pool.drain()
         final = self.snapshot()
         elapsed = (self.settled_ns - self.started_ns) / 1e9
         audits = {h: pm.audit(strict=True) for h, pm in self.pms.items()}

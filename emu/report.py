@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from emu.pagemem import POOL_COUNTERS, POOL_STATS, C, PageState
-from emu.stats import StatsTable
+from emu.stats import CONTROL, StatsTable
 
 if TYPE_CHECKING:
     from emu.coordinator import Run
@@ -37,6 +37,7 @@ class Snapshot:
     t: float
     rows: dict[str, dict[str, int]]
     kinds: dict[str, str]
+    lost: int = 0  # packets in pages the coordinator reclaimed from dead processes
 
     def keys(self, kind: str) -> list[str]:
         return [k for k, v in self.kinds.items() if v == kind]
@@ -53,6 +54,7 @@ class Snapshot:
     def drops(self) -> dict[str, int]:
         out = {f"cpu.{n}": self.total("cpu", n) for n in CPU_DROPS}
         out.update({f"device.{n}": self.total("device", n) for n in DEVICE_DROPS})
+        out["fault.lost"] = self.lost
         return out
 
     def dropped(self) -> int:
@@ -65,9 +67,9 @@ class Snapshot:
         return self.generated() - self.delivered() - self.dropped() - self.consumed()
 
 
-def snapshot(table: StatsTable, t: float) -> Snapshot:
+def snapshot(table: StatsTable, t: float, lost: int = 0) -> Snapshot:
     rows = {key: table.read(key) for key in table.rows}
-    return Snapshot(t, rows, {key: spec.kind for key, spec in table.rows.items()})
+    return Snapshot(t, rows, {key: spec.kind for key, spec in table.rows.items()}, lost)
 
 
 def fmt(n: float, width: int = 13) -> str:
@@ -167,7 +169,7 @@ def build_report(run: Run, final: Snapshot, audits: dict[str, Audit], elapsed: f
             row = final.rows[f"{hname}/{dname}"]
             devices.append({
                 "host": hname, "name": dname, "ifindex": dev.ifindex,
-                **{k: v for k, v in row.items() if k not in ("cmd", "state", "pid", "heartbeat_ns")},
+                **{k: v for k, v in row.items() if k not in CONTROL},
             })
             viol["bad_descriptors"] += row["bad_descriptors"]
             viol["bad_messages"] += row["bad_messages"]
@@ -178,7 +180,7 @@ def build_report(run: Run, final: Snapshot, audits: dict[str, Audit], elapsed: f
             pages["by_state"][s] = pages["by_state"].get(s, 0) + n
         pages["problems"] += [f"{hname}: {p}" for p in audit.problems]
         viol["leaked"] += audit.total - audit.by_state[PageState.FREE.name.lower()]
-    ports = {k: {n: v for n, v in final.rows[k].items() if n not in ("cmd", "pid", "heartbeat_ns")}
+    ports = {k: {n: v for n, v in final.rows[k].items() if n not in CONTROL}
              for k in final.keys("traffic")}
     for p in ports.values():
         viol["bad_messages"] += p["bad_messages"]
@@ -206,6 +208,7 @@ def build_report(run: Run, final: Snapshot, audits: dict[str, Audit], elapsed: f
         "traffic": traffic,
         "maps": xdp_runtime.snapshot_maps(run.mapsets),
         "events": list(run.events),
+        "dead_processes": sorted(run.dead),
         "stalled_shutdown": list(run.stalled),
     }
 

@@ -43,7 +43,9 @@ class ProcState(enum.IntEnum):
     FAILED = 6
 
 
-CONTROL = ("cmd", "state", "pid", "heartbeat_ns")
+# offline: bitmask of the host's CPUs the coordinator declared dead (written by the coordinator);
+# offline_ack: the mask this process has applied (its queues rebound, nothing more sent to those CPUs).
+CONTROL = ("cmd", "state", "pid", "heartbeat_ns", "offline", "offline_ack")
 
 CPU_COUNTERS = (
     "rx_packets",  # packets the XDP program ran on
@@ -149,6 +151,10 @@ class StatsTable:
         r = self.rows[key]
         self.words[r.offset] = max(int(self.words[r.offset]), int(cmd))
 
+    def set_word(self, key: str, name: str, value: int) -> None:
+        r = self.rows[key]
+        self.words[r.offset + r.names.index(name)] = value
+
     def command_all(self, cmd: Cmd, kind: str | None = None) -> None:
         for key, r in self.rows.items():
             if kind is None or r.kind == kind:
@@ -176,6 +182,13 @@ class StatsRow:
     @property
     def cmd(self) -> int:
         return self.c[0]
+
+    @property
+    def offline(self) -> int:
+        return self.c[4]
+
+    def ack_offline(self, mask: int) -> None:
+        self.c[5] = mask
 
     def set_state(self, state: ProcState) -> None:
         self.c[1] = int(state)

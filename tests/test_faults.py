@@ -277,3 +277,54 @@ def test_garbled_messages_on_every_socket(inner: list[bytes], link: list[bytes])
 def test_validate_and_load_agree_on_bundled_files() -> None:
     for name in ("l2fwd", "xdp-drop"):
         assert load_topology(ROOT / "topology" / f"{name}.yaml").name == name
+
+
+KILL = """
+name: kill
+hosts:
+  h1:
+    cpus: 2
+    devices:
+      eth0: {ifindex: 2, rx_queues: 2, xdp: {program: "emu.programs:l2fwd", params: {egress: eth1}}}
+      eth1: {ifindex: 3}
+traffic:
+  gen0: {generate: {count: 60000, flows: 32, rate: 40000}}
+  sink0: {}
+links:
+  - endpoints: [gen0, "h1:eth0"]
+  - endpoints: ["h1:eth1", sink0]
+"""
+
+
+def test_cpu_worker_killed_mid_run_is_survived() -> None:
+    """SIGKILL one CPU worker during traffic: the run goes on on the other CPU, the dead CPU's RX queue
+    goes offline (its frames are counted rx_dropped), and at the end every page is accounted for."""
+    run = Run(validate_topology_text(KILL, "kill.yaml"), RunOptions(quiet=True))
+    killer_done = []
+
+    def killer() -> None:
+        wait_for(lambda: run.started_ns and run.table is not None
+                 and run.table.read("h1/cpu1")["rx_packets"] > 5000, "traffic on cpu1")
+        victim = next(p for p in run.procs if p.key == "h1/cpu1")
+        os.kill(victim.process.pid, signal.SIGKILL)
+        killer_done.append(victim.process.pid)
+
+    import threading
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    report = run.run()
+    t.join(5)
+    assert killer_done
+    assert report["dead_processes"] == ["h1/cpu1"]
+    assert any("cpu h1/cpu1 died (signal 9)" in e for e in report["events"])
+    assert any("reclaimed" in e for e in report["events"])
+    v = report["violations"]
+    assert v["leaked"] == 0 and v["double_free"] == 0 and v["foreign_cache_return"] == 0, v
+    p = report["pages"]
+    assert p["total"] == p["accounted"] and not p["problems"] and p["in_flight"] == 0, p
+    t_ = report["traffic"]
+    assert t_["generated"] == 60000 and t_["corrupted"] == 0
+    assert t_["unaccounted"] == 0, t_
+    assert report["devices"][0]["rx_dropped"] > 0  # frames RSS sent to the offline queue
+    assert report["cpus"][0]["rx_packets"] > 0

@@ -108,6 +108,7 @@ class CpuWorker:
         self.tx_bulk: dict[tuple[str, str], list[np.ndarray]] = {}
         self.skb_local: list[np.ndarray] = []
         self.skb_remote: list[np.ndarray] = []
+        self.offline = 0
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -367,6 +368,7 @@ class CpuWorker:
         if self.skb_remote:
             ids = np.concatenate(self.skb_remote)
             self.skb_remote.clear()
+            self.pm.holder.put(ids, self.stack_cpu)
             self.send_descs(self.cpu_sock(self.stack_cpu), "skb", {"cpu": self.cpu}, ids)
 
     def refill(self) -> None:
@@ -386,6 +388,13 @@ class CpuWorker:
             self.c[self.i["rx_posted"]] += len(ids)
             self.send_descs(self.sock(rxq.dev), "post", {"q": rxq.q, "cpu": self.cpu}, ids)
 
+    def apply_offline(self, mask: int) -> None:
+        """CPUs died: free skbs here instead of on a dead stack CPU."""
+        self.offline = mask
+        if mask >> self.stack_cpu & 1:
+            self.stack_cpu = self.cpu
+        self.row.ack_offline(mask)
+
     # -- main loop --------------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -397,6 +406,8 @@ class CpuWorker:
             cmd = c[0]
             if cmd >= Cmd.EXIT or not live.tick():
                 break
+            if c[4] != self.offline:
+                self.apply_offline(c[4])
             got = 0
             while got < 256:
                 try:

@@ -79,6 +79,9 @@ class Device:
         self.paused_since = 0
         self.down = False
         self.warned: set[str] = set()
+        self.offline = 0  # CPUs declared dead by the coordinator
+        self.rxq_online = [True] * self.nrxq
+        self.txc_cpu = [t % self.ncpus for t in range(self.cfg.tx_queues)]
 
     def warn_once(self, key: str, text: str) -> None:
         if key not in self.warned:
@@ -112,6 +115,8 @@ class Device:
             return
         if kind == "post":
             d = self._valid(d, PageState.RX_POSTED, owner=cpu)
+            if not self.rxq_online[q]:
+                return  # posted by a CPU declared dead: the coordinator reclaims the pages
             if self.down:
                 self._send(cpu, "rxret", {"dev": self.name, "q": q}, d)
             elif len(d):
@@ -172,6 +177,8 @@ class Device:
 
     def _send(self, cpu: int, kind: str, hdr: dict, d: np.ndarray) -> None:
         if len(d):
+            # The receiving CPU holds these pages from now on: if it dies, the coordinator finds them here.
+            self.pm.holder.put(d["page"], cpu)
             self.cpu_out[cpu].send(wire.pack_msg(kind, hdr, np.ascontiguousarray(d).tobytes()), copy=False)
 
     # -- the wire ---------------------------------------------------------------------------------
@@ -242,7 +249,7 @@ class Device:
                 _, d = q.inflight.popleft()
                 q.ninflight -= len(d)
                 done += len(d)
-                self._send(t % self.ncpus, "txc", {"dev": self.name, "txq": t}, d)
+                self._send(self.txc_cpu[t], "txc", {"dev": self.name, "txq": t}, d)
         if done:
             self.c[self.i["tx_completions"]] += done
         return done
@@ -251,7 +258,8 @@ class Device:
         """Take frames from the link into posted pages (or drop them) and complete them to the CPUs."""
         if self.link_in is None:
             return 0
-        low = min(self.nposted)
+        online = [n for n, up in zip(self.nposted, self.rxq_online, strict=True) if up]
+        low = min(online) if online else 0
         now = time.monotonic_ns()
         if low < LINK_BATCH:
             # Pause the link while buffers are short, but never for longer than pause_ns.
@@ -273,7 +281,7 @@ class Device:
                 self.warn_once("badframes", f"refused a link message: {exc}")
                 continue
             got += self.dma(frames)
-            if min(self.nposted) < LINK_BATCH:
+            if min(online, default=0) < LINK_BATCH:
                 break
         return got
 
@@ -335,6 +343,22 @@ class Device:
             return np.empty(0, dtype=DESC_DTYPE)
         return out[0] if len(out) == 1 else np.concatenate(out)
 
+    def apply_offline(self, mask: int) -> None:
+        """CPUs died: their RX queues go offline (posted buffers are abandoned to the coordinator, which
+        reclaims them; frames hashed there are dropped) and their TX completions move to a live CPU."""
+        self.offline = mask
+        live = [c for c in range(self.ncpus) if not mask >> c & 1]
+        for q in range(self.nrxq):
+            if mask >> self.rx_cpus[q] & 1 and self.rxq_online[q]:
+                self.rxq_online[q] = False
+                self.posted[q].clear()
+                self.nposted[q] = 0
+                self.warn_once(f"rxq{q}", f"RX queue {q} offline: cpu {self.rx_cpus[q]} is gone")
+        for t in range(len(self.txc_cpu)):
+            if mask >> self.txc_cpu[t] & 1 and live:
+                self.txc_cpu[t] = live[t % len(live)]
+        self.row.ack_offline(mask)
+
     def go_down(self) -> None:
         """``ndo_stop``: posted buffers back to their CPUs; completions delivered now."""
         self.down = True
@@ -366,6 +390,8 @@ class Device:
             cmd = c[0]
             if cmd >= Cmd.EXIT or not live.tick():
                 break
+            if c[4] != self.offline:
+                self.apply_offline(c[4])
             if cmd >= Cmd.DOWN and not self.down:
                 self.go_down()
                 self.row.set_state(ProcState.DOWN)
