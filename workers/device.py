@@ -258,8 +258,7 @@ class Device:
         """Take frames from the link into posted pages (or drop them) and complete them to the CPUs."""
         if self.link_in is None:
             return 0
-        online = [n for n, up in zip(self.nposted, self.rxq_online, strict=True) if up]
-        low = min(online) if online else 0
+        low = self._low_water()
         now = time.monotonic_ns()
         if low < LINK_BATCH:
             # Pause the link while buffers are short, but never for longer than pause_ns.
@@ -281,9 +280,13 @@ class Device:
                 self.warn_once("badframes", f"refused a link message: {exc}")
                 continue
             got += self.dma(frames)
-            if min(online, default=0) < LINK_BATCH:
+            if self._low_water() < LINK_BATCH:
                 break
         return got
+
+    def _low_water(self) -> int:
+        """The fewest buffers posted on any online RX queue (offline queues take no part in pausing)."""
+        return min((n for n, up in zip(self.nposted, self.rxq_online, strict=True) if up), default=0)
 
     def dma(self, frames: FrameBatch) -> int:
         n = len(frames)
