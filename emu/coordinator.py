@@ -35,11 +35,12 @@ from emu.pagemem import PageMemory, PageState, PoolParams, required_shm_bytes
 from emu.pagepool import return_pages
 from emu.shm import SHM_DIR, ShmSpaceError, new_run_prefix, shm_free_bytes, sweep_stale, unlink_prefix
 from emu.stats import Cmd, ProcState, StatsTable
-from emu.topology import HostConfig, Topology
+from emu.topology import Endpoint, HostConfig, Topology
 from workers import cpu as cpu_worker
 from workers import device as device_worker
 from workers import traffic as traffic_worker
 from workers.common import ProcSpec
+from workers.cpu import DEVICE_BIT, LINK_DOWN_BIT, device_code
 
 READY_TIMEOUT = 60.0  # spawning a dozen Python processes on a loaded 2-core machine can take a while
 DRAIN_STALL = 3.0  # seconds without progress after which traffic is declared settled
@@ -95,6 +96,7 @@ class Run:
         self.interrupted = False
         self.dead: set[str] = set()
         self.dead_pools: list = []
+        self.dead_links: list[tuple[str, str | None, str | None]] = []
         self.offline: dict[str, int] = {}
         self.lost = 0  # packets in pages reclaimed from dead processes
         self.audits = 0  # conservation audits taken while traffic ran
@@ -242,6 +244,8 @@ class Run:
                 continue
             if p.kind == "cpu" and self.started_ns:
                 self.cpu_died(p, code)
+            elif p.kind == "device" and self.started_ns:
+                self.device_died(p, code)
             else:
                 raise RunError(f"{p.kind} process {p.key} died (exit code {code})")
 
@@ -258,26 +262,107 @@ class Run:
         cpu = int(cpu_s[3:])
         host = self.topo.hosts[hname]
         pm = self.pms[hname]
-        self.offline[hname] = self.offline.get(hname, 0) | (1 << cpu)
-        mask = self.offline[hname]
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
         self.event(f"cpu {proc.key} died ({how}): taking it offline")
-        rows = [p.key for p in self.procs if p.key.startswith(hname + "/") and p.key not in self.dead]
-        for key in rows:
-            self.table.set_word(key, "offline", mask)
-        deadline = time.monotonic() + 10.0
-        while any(self.table.read(k)["offline_ack"] != mask for k in rows):
-            if time.monotonic() > deadline:
-                late = [k for k in rows if self.table.read(k)["offline_ack"] != mask]
-                raise RunError(f"{', '.join(late)} did not take cpu {proc.key} offline")
-            time.sleep(0.005)
-        time.sleep(0.05)  # messages already on their way to the dead CPU have landed in its socket
+        self._offline(hname, cpu, {})
         lost, reclaimed = self.reclaim_cpu(pm, cpu)
         self.lost += lost
         queues = [f"{d}:{q}" for d, dev in host.devices.items() for q in range(dev.rx_queues)
                   if dev.rx_cpus[q] == cpu]
         self.event(f"cpu {proc.key}: reclaimed {reclaimed} pages ({lost} carried packets, counted lost); "
                    f"RX queues {', '.join(queues) or 'none'} offline; its TX completions moved to live CPUs")
+
+    def _offline(self, hname: str, bit: int, extra: dict[str, int]) -> None:
+        """Add `bit` to a host's offline mask, tell every live process of the host (and `extra` rows,
+        e.g. a dead device's link peer, their own values), and wait until each has applied it."""
+        assert self.table is not None
+        self.offline[hname] = self.offline.get(hname, 0) | (1 << bit)
+        mask = self.offline[hname]
+        want = {p.key: mask for p in self.procs if p.key.startswith(hname + "/") and p.key not in self.dead}
+        for key, value in extra.items():
+            if key not in self.dead:
+                want[key] = want.get(key, 0) | value
+        for key, value in want.items():
+            self.table.set_word(key, "offline", value)
+        deadline = time.monotonic() + 10.0
+        while any(self.table.read(k)["offline_ack"] != v for k, v in want.items()):
+            if time.monotonic() > deadline:
+                late = [k for k, v in want.items() if self.table.read(k)["offline_ack"] != v]
+                raise RunError(f"{', '.join(late)} did not acknowledge the loss of a process")
+            time.sleep(0.005)
+        time.sleep(0.05)  # messages already on their way to the dead process have landed in its socket
+
+    def device_died(self, proc: Proc, code: int) -> None:
+        """A device is gone: its link goes down (the peer counts what it can no longer send), CPUs stop
+        posting and transmitting to it (redirects to it become redirect_err), and the pages it held —
+        posted RX buffers, frames queued or awaiting TX completion — are reclaimed."""
+        assert self.table is not None
+        self.dead.add(proc.key)
+        hname, dname = proc.key.split("/")
+        host = self.topo.hosts[hname]
+        index = list(host.devices).index(dname)
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        self.event(f"device {proc.key} died ({how}): its link goes down")
+        peer = self.topo.peer_of(Endpoint("device", hname, dname))
+        extra: dict[str, int] = {}
+        peer_key = None
+        if peer is not None:
+            peer_key = str(peer) if peer.kind == "traffic" else f"{peer.host}/{peer.name}"
+            extra[peer_key] = 1 << LINK_DOWN_BIT
+        self._offline(hname, DEVICE_BIT + index, extra)
+        pm = self.pms[hname]
+        st = pm.state.copy()
+        home = (st == PageState.FREE) | (st == PageState.CACHE) | (st == PageState.RING)
+        held = np.flatnonzero((pm.holder == device_code(index)) & ~home)
+        carrying = int(np.count_nonzero((st[held] == PageState.TX_QUEUED) & (pm.len[held] > 0)))
+        if len(held):
+            return_pages(pm, None, held, errors="count")
+        self.lost += carrying
+        self.dead_links.append((proc.key, peer_key, None if peer is None else peer.kind))
+        self.event(f"device {proc.key}: reclaimed {len(held)} pages; {carrying} queued frames lost; "
+                   f"link to {peer} down")
+
+    def reclaim_stranded(self) -> None:
+        """After every process exited: pages a dead process left mid-flight (a completion it was about to
+        send, say) are still out.  Return them to their pools, count the packets they carried as lost,
+        and destroy the pools again.  Without a dead process, pages still out are a leak and stay
+        visible in the report."""
+        if not self.dead:
+            return
+        for hname, pm in self.pms.items():
+            st = pm.state.copy()
+            home = (st == PageState.FREE) | (st == PageState.CACHE) | (st == PageState.RING)
+            ids = np.flatnonzero(~home)
+            if len(ids):
+                s = st[ids]
+                carrying = ((s == PageState.RX_POSTED) | (s == PageState.XDP) | (s == PageState.SKB)
+                            | (s == PageState.TX_QUEUED)) & (pm.len[ids] > 0)
+                self.lost += int(np.count_nonzero(carrying))
+                return_pages(pm, None, ids, errors="count")
+                self.event(f"{hname}: reclaimed {len(ids)} pages stranded by dead processes "
+                           f"({int(np.count_nonzero(carrying))} carried packets, counted lost)")
+            for cpu in range(pm.ncpus):
+                pm.pool(cpu, owner=True).drain()
+
+    def wire_losses(self) -> int:
+        """Frames lost with dead devices, counted once traffic has settled: those their link peer sent
+        that they never took, those they took but never completed to a CPU, and those they put on the
+        wire that never reached the peer."""
+        assert self.table is not None
+        lost = 0
+        for key, peer_key, peer_kind in self.dead_links:
+            dead = self.table.read(key)
+            lost += dead["rx_packets"] - dead["rx_dropped"] - dead["rx_completed"]
+            if peer_key is None or peer_key in self.dead:
+                continue
+            peer = self.table.read(peer_key)
+            if peer_kind == "traffic":
+                sent, got = peer["generated"] - peer["link_down"], peer["received"]
+            else:
+                sent, got = peer["tx_packets"] - peer["tx_dropped"], peer["rx_packets"]
+            lost += max(0, sent - dead["rx_packets"])
+            lost += max(0, dead["tx_packets"] - dead["tx_dropped"] - got)
+        return lost
 
     def reclaim_cpu(self, pm: PageMemory, cpu: int) -> tuple[int, int]:
         """Return the pages a dead CPU held to their pools and free the ones its pool kept."""
@@ -319,7 +404,7 @@ class Run:
 
     def snapshot(self) -> rep.Snapshot:
         assert self.table is not None
-        return rep.snapshot(self.table, time.monotonic(), self.lost)
+        return rep.snapshot(self.table, time.monotonic(), self.lost + self.wire_losses())
 
     def _on_sigint(self, signum: int, frame: object) -> None:
         self.interrupted = True
@@ -422,11 +507,17 @@ class Run:
         """After DOWN: every page back in a pool or the allocator (``page_pool_release_retry``)."""
         start = time.monotonic()
         next_warn = start + 1.0
+        last, last_change = None, start
         while True:
             out = self.pages_out()
             if not any(out.values()):
                 return
             now = time.monotonic()
+            total = sum(out.values())
+            if total != last:
+                last, last_change = total, now
+            elif self.dead and now - last_change > 2.0:
+                return  # stranded by a dead process: reclaimed once everyone has exited
             if now >= next_warn:
                 for key, n in out.items():
                     if n:
@@ -461,6 +552,7 @@ class Run:
         self.join()
         for pool in self.dead_pools:  # pages that came back to dead CPUs' rings since they were reclaimed
             pool.drain()
+        self.reclaim_stranded()
         final = self.snapshot()
         elapsed = (self.settled_ns - self.started_ns) / 1e9
         audits = {h: pm.audit(strict=True) for h, pm in self.pms.items()}

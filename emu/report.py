@@ -54,6 +54,7 @@ class Snapshot:
     def drops(self) -> dict[str, int]:
         out = {f"cpu.{n}": self.total("cpu", n) for n in CPU_DROPS}
         out.update({f"device.{n}": self.total("device", n) for n in DEVICE_DROPS})
+        out["traffic.link_down"] = self.total("traffic", "link_down")
         out["fault.lost"] = self.lost
         return out
 

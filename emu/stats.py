@@ -76,6 +76,7 @@ DEVICE_COUNTERS = (
     "rx_packets",
     "rx_bytes",
     "rx_dropped",  # no RX buffer posted on the queue RSS chose
+    "rx_completed",  # frames written into pages and completed to a CPU
     "tx_packets",
     "tx_bytes",
     "tx_dropped",  # frames that could not go on the wire (no link)
@@ -98,6 +99,7 @@ TRAFFIC_COUNTERS = (
     "corrupted",
     "foreign",  # frames that are not ours (no magic)
     "duplicates",
+    "link_down",  # generated while the link's peer was gone (counted as lost on the wire)
     "bad_messages",
 )
 

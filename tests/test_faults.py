@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -296,35 +297,66 @@ links:
 """
 
 
-def test_cpu_worker_killed_mid_run_is_survived() -> None:
-    """SIGKILL one CPU worker during traffic: the run goes on on the other CPU, the dead CPU's RX queue
-    goes offline (its frames are counted rx_dropped), and at the end every page is accounted for."""
+def run_and_kill(victim_key: str, watch: str = "h1/cpu1") -> dict:
+    """Run the KILL topology and SIGKILL process `victim_key` once traffic flows; returns the report."""
     run = Run(validate_topology_text(KILL, "kill.yaml"), RunOptions(quiet=True))
-    killer_done = []
+    killed = []
 
     def killer() -> None:
         wait_for(lambda: run.started_ns and run.table is not None
-                 and run.table.read("h1/cpu1")["rx_packets"] > 5000, "traffic on cpu1")
-        victim = next(p for p in run.procs if p.key == "h1/cpu1")
+                 and run.table.read(watch)["rx_packets"] > 5000, "traffic")
+        victim = next(p for p in run.procs if p.key == victim_key)
         os.kill(victim.process.pid, signal.SIGKILL)
-        killer_done.append(victim.process.pid)
-
-    import threading
+        killed.append(victim.process.pid)
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     report = run.run()
     t.join(5)
-    assert killer_done
-    assert report["dead_processes"] == ["h1/cpu1"]
+    assert killed
+    assert report["dead_processes"] == [victim_key]
+    assert segments_of(os.getpid()) == []
+    return report
+
+
+def assert_conserved(report: dict) -> None:
+    v = report["violations"]
+    assert v["leaked"] == 0 and v["double_free"] == 0 and v["foreign_cache_return"] == 0, (v, report["pages"])
+    assert v["recycled_before_tx_completion"] == 0, v
+    p = report["pages"]
+    assert p["total"] == p["accounted"] and not p["problems"] and p["in_flight"] == 0, p
+    t = report["traffic"]
+    assert t["generated"] == 60000 and t["corrupted"] == 0, t
+    # Pages are accounted exactly.  Packets are too, but for the instant of the SIGKILL: a process killed
+    # between two stores (a counter and a page's state) leaves at most one batch counted twice or not at all.
+    assert abs(t["unaccounted"]) <= 64, t
+
+
+@pytest.mark.parametrize("victim", ["h1/eth1", "h1/eth0"])
+def test_device_killed_mid_run_is_survived(victim: str) -> None:
+    report = run_and_kill(victim)
+    assert any(f"device {victim} died (signal 9)" in e for e in report["events"])
+    assert_conserved(report)
+    if victim == "h1/eth1":
+        # Redirects to the dead egress device are refused like any -ENETDOWN target.
+        assert sum(c["redirect_err"] for c in report["cpus"]) > 0
+    else:
+        # The generator's cable lost its far end: what it generated afterwards is counted link_down.
+        assert report["traffic"]["ports"]["gen0"]["link_down"] > 0
+
+
+def test_cpu_worker_killed_mid_run_is_survived() -> None:
+    """SIGKILL one CPU worker during traffic: the run goes on on the other CPU, the dead CPU's RX queue
+    goes offline (its frames are counted rx_dropped), and at the end every page is accounted for."""
+    report = run_and_kill("h1/cpu1")
     assert any("cpu h1/cpu1 died (signal 9)" in e for e in report["events"])
     assert any("reclaimed" in e for e in report["events"])
     v = report["violations"]
-    assert v["leaked"] == 0 and v["double_free"] == 0 and v["foreign_cache_return"] == 0, v
+    assert v["leaked"] == 0 and v["double_free"] == 0 and v["foreign_cache_return"] == 0, (v, report["pages"])
     p = report["pages"]
     assert p["total"] == p["accounted"] and not p["problems"] and p["in_flight"] == 0, p
     t_ = report["traffic"]
     assert t_["generated"] == 60000 and t_["corrupted"] == 0
-    assert t_["unaccounted"] == 0, t_
+    assert abs(t_["unaccounted"]) <= 64, t_  # see assert_conserved
     assert report["devices"][0]["rx_dropped"] > 0  # frames RSS sent to the offline queue
     assert report["cpus"][0]["rx_packets"] > 0

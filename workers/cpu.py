@@ -40,6 +40,8 @@ HEADROOM = 256
 REFILL_MIN = 8
 
 CPU_KINDS = ("rx", "txc", "txdrop", "rxret", "skb")
+DEVICE_BIT = 32  # in the offline mask, device number i is bit 32 + i
+LINK_DOWN_BIT = 62  # in a device's or traffic port's offline word: its link peer is gone
 
 
 def device_code(index: int) -> int:
@@ -71,6 +73,7 @@ class Target:
     xdp_xmit: bool
     fallback: str
     tx_queues: int
+    down: bool = False  # the device process died
 
 
 class CpuWorker:
@@ -308,7 +311,11 @@ class CpuWorker:
             (self.skb_local if self.stack_cpu == self.cpu else self.skb_remote).append(ids)
         if tx:
             c[i["xdp_tx"]] += tx
-            self.tx_bulk.setdefault((rxq.dev, "tx"), []).append(pages[v == XDP_TX])
+            if self.by_name[rxq.dev].down:
+                c[i["xdp_tx_full"]] += tx
+                self.pool.recycle_direct(pages[v == XDP_TX], errors="count", expect=PageState.XDP)
+            else:
+                self.tx_bulk.setdefault((rxq.dev, "tx"), []).append(pages[v == XDP_TX])
         if redirect and targets is not None:
             c[i["xdp_redirect"]] += redirect
             self.redirect(pages, targets)
@@ -320,7 +327,11 @@ class CpuWorker:
         for ifindex, idx in by_target.items():
             ids = pages[np.asarray(idx, dtype=np.int64)]
             t = self.targets.get(ifindex)
-            if t is None:
+            if t is not None and t.down:
+                # The target device is gone (-ENETDOWN): the frame is freed, counted as a redirect error.
+                self.c[self.i["redirect_err"]] += len(ids)
+                self.pool.recycle_direct(ids, errors="count", expect=PageState.XDP)
+            elif t is None:
                 # bpf_redirect to an ifindex this host does not have: the kernel drops it (-ENODEV).
                 self.c[self.i["redirect_err"]] += len(ids)
                 self.warn_once(f"noif{ifindex}", f"redirect to unknown ifindex {ifindex} (redirect_err)")
@@ -375,7 +386,7 @@ class CpuWorker:
         """Keep every bound RX ring full of pages from this CPU's pool (the driver's RX refill)."""
         for rxq in self.rxqs.values():
             want = rxq.ring_size - rxq.posted
-            if want < REFILL_MIN:
+            if want < REFILL_MIN or self.by_name[rxq.dev].down:
                 continue
             ids = self.pool.alloc(want, PageState.RX_POSTED, holder=device_code(self.by_name[rxq.dev].index))
             if len(ids) < want:
@@ -389,10 +400,14 @@ class CpuWorker:
             self.send_descs(self.sock(rxq.dev), "post", {"q": rxq.q, "cpu": self.cpu}, ids)
 
     def apply_offline(self, mask: int) -> None:
-        """CPUs died: free skbs here instead of on a dead stack CPU."""
+        """CPUs or devices died (mask: CPUs in bits 0..31, devices from bit 32): free skbs here instead of
+        on a dead stack CPU, post and transmit nothing more to a dead device."""
         self.offline = mask
         if mask >> self.stack_cpu & 1:
             self.stack_cpu = self.cpu
+        for t in self.by_name.values():
+            if mask >> (DEVICE_BIT + t.index) & 1:
+                t.down = True
         self.row.ack_offline(mask)
 
     # -- main loop --------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from emu.packets import FrameBatch, rss_queue
 from emu.pagemem import DESC_DTYPE, PageMemory, PageState, descs_from_bytes
 from emu.stats import Cmd, ProcState, StatsRow, StatsTable
 from workers.common import LINK_HWM, Liveness, ProcSpec, new_context, pin, pull, push, run_process
+from workers.cpu import LINK_DOWN_BIT
 
 DEVICE_KINDS = ("post", "xmit", "frames")
 # Frames per message on the wire: bounds the work one link message can ask of a receiver.
@@ -214,8 +215,10 @@ class Device:
             q.queued.clear()
             q.nqueued = 0
             data, offsets, lengths = self._gather(d)
-            self._wire_send(data, offsets, lengths)
+            # State first: should this process die in between, a page already counted as sent must not
+            # also look like a frame still queued (the coordinator counts those as lost).
             self.pm.state.put(d["page"], PageState.TX_INFLIGHT)
+            self._wire_send(data, offsets, lengths)
             q.inflight.append((now + self.completion_ns, d))
             q.ninflight += len(d)
             sent += len(d)
@@ -313,6 +316,7 @@ class Device:
             self.pm.len.put(pages, lens)
             bufs = bufs.copy()
             bufs["len"] = lens
+            c[i["rx_completed"]] += k
             self._send(self.rx_cpus[q], "rx", {"dev": self.name, "q": q}, bufs)
             taken += k
         return taken
@@ -350,6 +354,14 @@ class Device:
         """CPUs died: their RX queues go offline (posted buffers are abandoned to the coordinator, which
         reclaims them; frames hashed there are dropped) and their TX completions move to a live CPU."""
         self.offline = mask
+        if mask >> LINK_DOWN_BIT & 1 and self.link_out is not None:
+            # The peer at the other end of the cable is gone: carrier lost, frames are dropped here.
+            self.warn_once("linkdown", "link peer is gone: carrier down")
+            self.link_out.close(0)
+            self.link_out = None
+            self.c[self.i["tx_dropped"]] += sum(_frames_in(m) for m in self.wire_backlog)
+            self.wire_backlog.clear()
+        mask &= (1 << 32) - 1
         live = [c for c in range(self.ncpus) if not mask >> c & 1]
         for q in range(self.nrxq):
             if mask >> self.rx_cpus[q] & 1 and self.rxq_online[q]:
@@ -360,7 +372,7 @@ class Device:
         for t in range(len(self.txc_cpu)):
             if mask >> self.txc_cpu[t] & 1 and live:
                 self.txc_cpu[t] = live[t % len(live)]
-        self.row.ack_offline(mask)
+        self.row.ack_offline(self.offline)
 
     def go_down(self) -> None:
         """``ndo_stop``: posted buffers back to their CPUs; completions delivered now."""
@@ -429,6 +441,10 @@ class Device:
             if s is not None:
                 s.close(0)
         self.zctx.term()
+
+
+def _frames_in(msg: bytes) -> int:
+    return len(wire.unpack_frames(msg))
 
 
 def _body(spec: ProcSpec, table: StatsTable, row: StatsRow) -> None:

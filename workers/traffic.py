@@ -21,6 +21,7 @@ from emu import wire
 from emu.packets import FrameFactory, Pacer, SeqTracker, verify_batch
 from emu.stats import Cmd, ProcState, StatsRow, StatsTable
 from workers.common import LINK_HWM, Liveness, ProcSpec, new_context, pin, pull, push, run_process
+from workers.cpu import LINK_DOWN_BIT
 
 
 class TrafficPort:
@@ -80,6 +81,13 @@ class TrafficPort:
             batch = self.factory.build(self.seq, n)
             self.pending = (n, int(batch.lengths.sum()), wire.pack_frames(batch))
         n, nbytes, msg = self.pending
+        if self.c[self.i["offline"]] >> LINK_DOWN_BIT & 1:
+            # Carrier down: pktgen's transmit fails; the packets are counted, as generated and lost.
+            self.pending = None
+            self.seq += n
+            self.c[self.i["generated"]] += n
+            self.c[self.i["link_down"]] += n
+            return n
         try:
             self.link_out.send(msg, zmq.NOBLOCK, copy=False)
         except zmq.Again:
@@ -102,6 +110,8 @@ class TrafficPort:
             if cmd >= Cmd.EXIT or not live.tick():
                 break
             work = self.receive()
+            if c[4] != c[5]:
+                c[5] = c[4]  # link down noticed: nothing more goes on the wire (see generate)
             if generating and Cmd.START <= cmd < Cmd.QUIESCE:
                 if self.count and self.seq >= self.count:
                     generating = False
