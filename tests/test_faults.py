@@ -360,3 +360,37 @@ def test_cpu_worker_killed_mid_run_is_survived() -> None:
     assert abs(t_["unaccounted"]) <= 64, t_  # see assert_conserved
     assert report["devices"][0]["rx_dropped"] > 0  # frames RSS sent to the offline queue
     assert report["cpus"][0]["rx_packets"] > 0
+
+
+EXHAUST = """
+name: exhaust
+hosts:
+  h1:
+    cpus: 1
+    pages: 256
+    devices:
+      eth0: {ifindex: 2, xdp: {program: "emu.programs:l2fwd", params: {egress: eth1}}}
+      eth1: {ifindex: 3, tx_completion_us: 2000}
+traffic:
+  gen0: {generate: {count: 20000, burst: 64}}
+  sink0: {}
+links:
+  - endpoints: [gen0, "h1:eth0"]
+  - endpoints: ["h1:eth1", sink0]
+"""
+
+
+def test_pool_exhaustion_drops_and_counts_but_never_hangs() -> None:
+    """256 pages for two 1024-entry RX rings and slow TX completions: the page allocator runs dry, RX
+    refills fall short, frames are dropped and counted, and the run still ends with every page home."""
+    report = Run(validate_topology_text(EXHAUST, "x.yaml"), RunOptions(quiet=True)).run()
+    cpu = report["cpus"][0]
+    pp = cpu["page_pool"]
+    assert pp["alloc_failed"] > 0 and pp["alloc_empty"] > 0
+    assert cpu["rx_alloc_fail"] > 0
+    t = report["traffic"]
+    assert t["generated"] == 20000 and t["unaccounted"] == 0 and t["corrupted"] == 0, t
+    assert t["delivered"] > 0
+    p = report["pages"]
+    assert p["total"] == p["accounted"] == 256 and p["in_flight"] == 0 and not p["problems"]
+    assert report["violations"]["leaked"] == 0
