@@ -540,11 +540,14 @@ class Run:
                 out[f"{hname}/cpu{c}"] = int(((owners == c) & ~home).sum())
         return out
 
-    def teardown(self) -> dict:
+    def teardown(self, settle: bool = True) -> dict:
+        """Quiesce, (unless `settle` is False) wait for traffic to settle, bring devices down, wait for
+        the pages, destroy the pools, audit and report."""
         assert self.table is not None
         t = self.table
         t.command_all(Cmd.QUIESCE)
-        self.wait_settled()
+        if settle:
+            self.wait_settled()
         self.settled_ns = time.monotonic_ns()
         t.command_all(Cmd.DOWN)
         self.wait_pages_home()

@@ -891,7 +891,7 @@ class _Validator:
         xdp = self.xdp(where, f)
         xdp_xmit = f.bool("xdp_xmit", True)
         redirect_fallback = f.choice("redirect_fallback", ("drop", "skb"), "drop")
-        tx_completion_us = f.int("tx_completion_us", 0, 1_000_000, 0)
+        tx_completion_us = f.int("tx_completion_us", 0, 10_000_000, 0)
         dev = DeviceConfig(
             name=name,
             ifindex=ifindex,

@@ -394,3 +394,44 @@ def test_pool_exhaustion_drops_and_counts_but_never_hangs() -> None:
     p = report["pages"]
     assert p["total"] == p["accounted"] == 256 and p["in_flight"] == 0 and not p["problems"]
     assert report["violations"]["leaked"] == 0
+
+
+STALL = """
+name: stall
+hosts:
+  h1:
+    cpus: 1
+    devices:
+      eth0: {ifindex: 2, tx_completion_us: 3000000, xdp: {program: "emu.programs:xdp_tx"}}
+traffic:
+  t0: {generate: {count: 500, burst: 50, rate: 2000}}
+links:
+  - endpoints: [t0, "h1:eth0"]
+"""
+
+
+def test_teardown_with_pages_in_flight_warns_then_exits_cleanly() -> None:
+    """Bring the device down while its TX completions are 3 s away: the shutdown retries and prints the
+    kernel's stalled-pool warning with the in-flight count until the completions land, then exits with
+    every page home."""
+    run = Run(validate_topology_text(STALL, "stall.yaml"), RunOptions(quiet=True))
+    try:
+        run.setup()
+        run.spawn()
+        run.wait_ready()
+        run.started_ns = time.monotonic_ns()
+        assert run.table is not None
+        run.table.command_all(Cmd.START)
+        pm = run.pms["h1"]
+        wait_for(lambda: int((pm.state == 7).sum()) >= 100, "frames awaiting TX completion")  # TX_INFLIGHT
+        report = run.teardown(settle=False)
+    finally:
+        run.abort()
+        run.cleanup()
+    assert report["stalled_shutdown"], report["events"]
+    assert "page_pool_release_retry() stalled pool shutdown: id h1/cpu0" in report["stalled_shutdown"][0]
+    assert " inflight " in report["stalled_shutdown"][0]
+    p = report["pages"]
+    assert p["total"] == p["accounted"] and p["in_flight"] == 0 and not p["problems"]
+    assert report["violations"]["leaked"] == 0
+    assert report["devices"][0]["tx_completions"] == report["devices"][0]["tx_packets"]

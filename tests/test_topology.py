@@ -948,10 +948,10 @@ BAD: list[tuple[str, str, int, str]] = [
           h1:
             cpus: 1
             devices:
-              eth0: {ifindex: 1, tx_completion_us: 1000001}
+              eth0: {ifindex: 1, tx_completion_us: 10000001}
         """,
         6,
-        "'tx_completion_us' must be between 0 and 1000000, not 1000001",
+        "'tx_completion_us' must be between 0 and 10000000, not 10000001",
     ),
     (
         "xdp-missing-program",

@@ -13,8 +13,8 @@
   bytes, never page ids), then after `tx_completion_us` their TX completion goes to the CPU servicing
   the queue, which returns each page to its pool.  Until then the page is ``TX_INFLIGHT`` and nobody may
   recycle it.
-* **Down** (``ndo_stop``): the link stops, posted RX pages go back to their CPUs, pending completions
-  are delivered at once and new transmits are refused.
+* **Down** (``ndo_stop``): the link stops, posted RX pages go back to their CPUs, frames not yet sent
+  are freed, frames on the wire still complete when due, and new transmits are refused.
 """
 
 from __future__ import annotations
@@ -386,10 +386,12 @@ class Device:
                 q.queued.clear()
                 q.nqueued = 0
                 self.pm.state.put(d["page"], PageState.TX_INFLIGHT)
-                q.inflight.append((0, d))
+                q.inflight.appendleft((0, d))  # never sent: completed (freed) at once
                 q.ninflight += len(d)
                 self.c[self.i["tx_dropped"]] += len(d)
-        self.complete(force=True)
+        # Frames already on the wire complete when their DMA does, down or not: until then their pages
+        # are in flight and the pools' shutdown waits for them.
+        self.complete()
 
     # -- main loop --------------------------------------------------------------------------------
 
@@ -423,7 +425,7 @@ class Device:
             work += self.transmit()
             if self.link_out is not None and self.wire_backlog:
                 self.flush_wire()
-            work += self.complete(force=self.down)
+            work += self.complete()
             c[self.i["rx_posted_now"]] = sum(self.nposted)
             if not work:
                 timeout = 5

@@ -1,0 +1,215 @@
+"""The benchmark suite (bench/run.py) measures what it says it measures.
+
+No test asserts a speed: they check that every number is there and positive, that the ratios are the
+quotients of the numbers they name, that each baseline really did the work it timed (the program's own
+packet counter, every transport batch received, exactly N packets at the naive sink), that violations
+are summed from the emulator's reports, and that nothing is left running or in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import baselines, emu_runs  # noqa: E402
+from bench import run as suite  # noqa: E402
+from emu.shm import SHM_DIR, new_run_prefix, unlink_prefix  # noqa: E402
+
+
+def _our_segments() -> set[str]:
+    mine = f"ppemu-{os.getpid()}-"
+    try:
+        return {n for n in os.listdir(SHM_DIR) if n.startswith(mine)}
+    except FileNotFoundError:
+        return set()
+
+
+@pytest.fixture
+def no_leftovers():
+    """Nothing this test process creates stays in /dev/shm, and no child process stays alive."""
+    before = _our_segments()
+    yield
+    assert _our_segments() - before == set()
+    left = [p.name for p in multiprocessing.active_children() if p.name.startswith(("bench-", "emu-"))]
+    assert left == []
+
+
+# --------------------------------------------------------------------------------------------------
+# pure functions
+
+
+def _emu_sample(pps: int, violations: int = 0, kind_rss: float = 60.0, fp: float = 0.8) -> dict:
+    return {"topology": "t", "rx_pps": pps, "delivered_pps": pps, "first_packet_s": fp, "violations": violations,
+            "unaccounted": 0, "corrupted": 0, "rss_mb": {"cpu": kind_rss, "device": kind_rss + 1},
+            "rss_private_mb": {"cpu": 20.0}, "pss_mb": {"cpu": 30.0}, "cpu_us_per_pkt": {"cpu": 2.0}}
+
+
+def _samples() -> dict:
+    return {
+        "bare": [{"pps": 3e6}, {"pps": 1e6}, {"pps": 2e6}],
+        "transport": [{"desc_per_s": 5e6, "rtt_desc_per_s": 4e6, "rtt_us": 50.0}],
+        "naive": [{"pps": 50_000.0}, {"pps": 70_000.0}],
+        "pool": [{"fast_ns": 100.0, "ring_ns": 200.0, "allocator_ns": 150.0}],
+        "xdp-drop": [_emu_sample(400_000, violations=2)],
+        "xdp-tx": [_emu_sample(200_000)],
+        "l2fwd": [_emu_sample(150_000, violations=1, kind_rss=70.0, fp=1.2), _emu_sample(130_000, fp=0.6),
+                  _emu_sample(110_000, violations=3)],
+        "l2fwd-1cpu": [_emu_sample(100_000)],
+    }
+
+
+def test_derive_medians_ratios_and_summed_violations():
+    r = suite.derive(_samples(), cli=None)
+    assert r["bare_xdp_pps"] == 2_000_000
+    assert r["naive_queue_pps"] == 60_000
+    assert r["l2fwd_pps"] == r["l2fwd_2cpu_pps"] == 130_000
+    assert r["l2fwd_to_bare"] == pytest.approx(r["l2fwd_pps"] / r["bare_xdp_pps"], abs=1e-4)
+    assert r["l2fwd_to_naive"] == pytest.approx(r["l2fwd_pps"] / r["naive_queue_pps"], abs=1e-4)
+    assert r["scaling_2_to_1"] == pytest.approx(r["l2fwd_2cpu_pps"] / r["l2fwd_1cpu_pps"], abs=1e-4)
+    assert r["drop_to_l2fwd"] == pytest.approx(r["xdp_drop_pps"] / r["l2fwd_pps"], abs=1e-4)
+    assert r["violations"] == 2 + 1 + 3 == sum(x["violations"] for x in r["runs"])
+    assert len(r["runs"]) == 6
+    assert r["rss_mb"]["cpu"] == 70.0 and r["rss_mb"]["device"] == 71.0  # the peak over runs
+    assert r["rss_mb"]["coordinator"] > 0  # this process, without the CLI run
+    assert r["first_packet_s"] == 0.8 and r["first_packet_max_s"] == 1.2
+
+
+def test_cli_violations_count_too():
+    cli = {"violations": 4, "coordinator_hwm_mb": 40.0, "coordinator_private_mb": 20.0,
+           "coordinator_pss_mb": 25.0}
+    r = suite.derive(_samples(), cli=cli)
+    assert r["violations"] == 6 + 4
+    assert r["rss_mb"]["coordinator"] == 40.0
+
+
+def test_targets_met_and_not_met():
+    r = suite.derive(_samples(), cli=None)
+    targets = {t["key"]: t for t in suite.evaluate_targets(r)}
+    assert set(targets) == {"l2fwd_to_bare", "l2fwd_to_naive", "drop_to_l2fwd", "scaling_2_to_1", "rss_mb",
+                            "first_packet_s"}
+    assert targets["l2fwd_to_bare"]["met"] is False  # 0.065
+    assert targets["drop_to_l2fwd"]["met"] is True  # 400k / 130k
+    assert targets["scaling_2_to_1"]["met"] is False  # 1.3
+    assert targets["rss_mb"]["met"] is False  # 71 MB
+    assert targets["first_packet_s"]["met"] is True  # 0.8 s
+    assert targets["l2fwd_to_naive"]["goal_met"] is False
+
+
+def test_sum_violations_of_a_report():
+    report = {"violations": {"double_free": 1, "leaked": 2, "bad_messages": 0, "stale_generation": 3}}
+    assert emu_runs.sum_violations(report) == 6
+
+
+def test_topology_variants_are_validated_edits():
+    one = emu_runs.l2fwd_with_cpus(1)
+    h = one.hosts["h1"]
+    assert h.cpus == 1 and h.devices["eth0"].rx_queues == 1
+    v = emu_runs.l2fwd_variant(burst=256, napi_budget=128, pages=4096, page_size=2048)
+    h = v.hosts["h1"]
+    assert (h.cpus, h.napi_budget, h.pages, h.page_size) == (2, 128, 4096, 2048)
+    assert v.traffic["gen0"].generate.burst == 256
+    assert emu_runs.kinds_of(one) == {"h1/cpu0": "cpu", "h1/eth0": "device", "h1/eth1": "device",
+                                      "gen0": "traffic", "sink0": "traffic"}
+
+
+def test_proc_readers_see_this_process():
+    st = baselines.proc_status(os.getpid())
+    assert st["VmHWM"] > 0 and st["VmRSS"] > 0
+    assert baselines.proc_cpu_seconds(os.getpid()) > 0
+    assert baselines.proc_status(2**22 + 12345) == {}
+
+
+def test_bare_ceiling_runs_the_program_on_every_packet(no_leftovers):
+    prefix = new_run_prefix()
+    bare = baselines.BareXdp(prefix, npages=128)
+    try:
+        before = bare.packets_counted()
+        bare.run(3)
+        assert bare.packets_counted() - before == 3 * 128
+        assert bare.verdicts_ok
+    finally:
+        bare.close()
+        unlink_prefix(prefix)
+
+
+def test_chart_is_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    res = _fake_result()
+    assert suite.write_chart(res, tmp_path / "c.png") is None
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chart_without_matplotlib_says_so(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    why = suite.write_chart(_fake_result(), tmp_path / "c.png")
+    assert why is not None and "matplotlib" in why
+    assert not (tmp_path / "c.png").exists()
+
+
+def _fake_result() -> dict:
+    r = suite.derive(_samples(), cli=None)
+    r.update(when="now", machine={"cpu_model": "test", "usable_cores": 2}, config={"rounds": 1})
+    return r
+
+
+# --------------------------------------------------------------------------------------------------
+# processes
+
+
+@pytest.mark.slow
+def test_transport_delivers_every_batch(no_leftovers):
+    one = baselines.transport_one_way(50)
+    assert one["batches"] == 50 and one["descs"] == 50 * baselines.BATCH and one["in_order"]
+    assert one["desc_per_s"] > 0
+    rtt = baselines.transport_rtt(40, window=4)
+    assert rtt["batches"] == 40 and rtt["descs"] == 40 * baselines.BATCH and rtt["all_back"]
+    lat = baselines.transport_rtt(5, window=1)
+    assert lat["batches"] == 5 and lat["all_back"] and lat["rtt_us"] > 0
+
+
+@pytest.mark.slow
+def test_naive_sink_receives_exactly_n(no_leftovers):
+    r = baselines.naive_queue(500)
+    assert r["received"] == r["sent"] == 500
+    assert r["seq_ok"] and r["bad"] == 0  # each seq once, every MAC swapped by the forwarder
+    assert r["pps"] == pytest.approx(500 / r["seconds"])
+
+
+@pytest.mark.slow
+def test_tiny_suite_writes_every_key(tmp_path, no_leftovers):
+    out = tmp_path / "run.json"
+    assert suite.main(["--tiny", "--no-save", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for key in ("bare_xdp_pps", "naive_queue_pps", "transport_desc_per_s", "transport_rtt_desc_per_s",
+                "xdp_drop_pps", "xdp_tx_pps", "l2fwd_pps", "l2fwd_1cpu_pps", "l2fwd_2cpu_pps", "l2fwd_to_bare",
+                "l2fwd_to_naive", "scaling_2_to_1", "shm_bytes_l2fwd", "first_packet_s"):
+        assert isinstance(res[key], int | float) and res[key] > 0, key
+    assert res["l2fwd_to_bare"] == pytest.approx(res["l2fwd_pps"] / res["bare_xdp_pps"], abs=1e-4)
+    assert res["l2fwd_to_naive"] == pytest.approx(res["l2fwd_pps"] / res["naive_queue_pps"], abs=1e-4)
+    assert res["scaling_2_to_1"] == pytest.approx(res["l2fwd_2cpu_pps"] / res["l2fwd_1cpu_pps"], abs=1e-4)
+    for kind in ("cpu", "device", "traffic", "coordinator"):
+        assert res["rss_mb"][kind] > 0, kind
+    assert res["machine"]["cores"] >= 1 and res["machine"]["cpu_model"]
+    # violations: the sum of the per-run counts, one run per emulator case and round
+    assert res["violations"] == sum(r["violations"] for r in res["runs"])
+    assert len(res["runs"]) == len(suite.EMU_CASES) * res["config"]["rounds"]
+    assert res["violations"] == 0 and res["unaccounted"] == 0 and res["corrupted"] == 0
+    # each baseline did the work it timed
+    s = res["samples"]
+    cfg = res["config"]
+    assert all(x["counted_by_program"] == x["packets"] > 0 and x["verdicts_ok"] for x in s["bare"])
+    assert all(x["batches"] == cfg["transport_batches"] and x["in_order"] for x in s["transport"])
+    assert all(x["rtt_batches"] == cfg["rtt_batches"] and x["rtt_all_back"] for x in s["transport"])
+    assert all(x["received"] == cfg["naive_packets"] and x["seq_ok"] for x in s["naive"])
+    assert all(x["delivered"] > 0 for x in s["l2fwd"] + s["xdp-tx"] + s["l2fwd-1cpu"])
+    assert {t["key"] for t in res["targets"]} >= {"l2fwd_to_bare", "scaling_2_to_1", "rss_mb"}
+    assert all(isinstance(t["met"], bool) for t in res["targets"])
