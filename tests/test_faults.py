@@ -90,7 +90,7 @@ def _started(pid: int) -> bool:
     return any(n.endswith("-stats") for n in segments_of(pid))
 
 
-def test_coordinator_killed_leaves_nothing_behind() -> None:
+def test_coordinator_killed_leaves_nothing_behind(reliability) -> None:
     p = start_cli("run", "topology/l2fwd.yaml", "--duration", "120", "-q")
     try:
         kids = wait_running(p)
@@ -102,6 +102,7 @@ def test_coordinator_killed_leaves_nothing_behind() -> None:
         sweep_stale()  # what the next `emu run` (or `emu clean`) does first
         assert segments_of(p.pid) == []
         assert not [d for d in os.listdir("/tmp") if d.startswith(f"{PREFIX}-{p.pid}-")]
+        reliability("coordinator SIGKILL")
     finally:
         if p.poll() is None:
             p.kill()
@@ -110,7 +111,7 @@ def test_coordinator_killed_leaves_nothing_behind() -> None:
         p.stderr.close()
 
 
-def test_ctrl_c_tears_down_and_reports(tmp_path: Path) -> None:
+def test_ctrl_c_tears_down_and_reports(tmp_path: Path, reliability) -> None:
     out = tmp_path / "r.json"
     p = start_cli("run", "topology/l2fwd.yaml", "-i", "0.5", "--json", str(out))
     try:
@@ -126,6 +127,7 @@ def test_ctrl_c_tears_down_and_reports(tmp_path: Path) -> None:
     assert "interrupted" in stderr
     assert "Summary of 'l2fwd'" in stdout
     report = json.loads(out.read_text())
+    reliability("Ctrl-C", report)
     t = report["traffic"]
     assert t["unaccounted"] == 0 and t["corrupted"] == 0
     assert report["violations"]["leaked"] == 0
@@ -133,7 +135,7 @@ def test_ctrl_c_tears_down_and_reports(tmp_path: Path) -> None:
     assert segments_of(p.pid) == []
 
 
-def test_topology_too_big_for_dev_shm(tmp_path: Path) -> None:
+def test_topology_too_big_for_dev_shm(tmp_path: Path, reliability) -> None:
     topo = tmp_path / "huge.yaml"
     topo.write_text("name: huge\nhosts:\n  h1:\n    cpus: 1\n    pages: 1048576\n    page_size: 65536\n"
                     "    devices: {eth0: {ifindex: 2}}\n")
@@ -141,6 +143,7 @@ def test_topology_too_big_for_dev_shm(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert "/dev/shm has" in p.stderr and "needs" in p.stderr and "huge" in p.stderr
+    reliability("/dev/shm too small", inputs=1)
 
 
 BUGGY = """
@@ -158,10 +161,11 @@ links:
 
 
 @pytest.mark.parametrize(("prog", "verdict"), [("buggy_out_of_bounds", "aborted"), ("buggy_slow", "drop")])
-def test_buggy_programs_keep_the_worker_alive(prog: str, verdict: str) -> None:
+def test_buggy_programs_keep_the_worker_alive(prog: str, verdict: str, reliability) -> None:
     count = 2_000 if prog == "buggy_slow" else 5_000
     report = Run(validate_topology_text(BUGGY.format(prog=prog), "b.yaml"),
                  RunOptions(count=count, quiet=True)).run()
+    reliability(f"XDP program {prog}", report)
     cpu = report["cpus"][0]
     # A slow program is a slow consumer: once the link has been paused for long enough the device drops
     # (rx_dropped), like a NIC whose ring the CPU does not refill in time.
@@ -230,7 +234,7 @@ links:
 @settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
 @given(inner=st.lists(cpu_or_device_message, min_size=10, max_size=40),
        link=st.lists(link_message, min_size=5, max_size=20))
-def test_garbled_messages_on_every_socket(inner: list[bytes], link: list[bytes]) -> None:
+def test_garbled_messages_on_every_socket(inner: list[bytes], link: list[bytes], reliability) -> None:
     run = Run(validate_topology_text(FUZZ, "fuzz.yaml"), RunOptions(quiet=True))
     ctx = zmq.Context()
     try:
@@ -265,6 +269,7 @@ def test_garbled_messages_on_every_socket(inner: list[bytes], link: list[bytes])
         ctx.term()
         run.abort()
         run.cleanup()
+    reliability("garbled, truncated, foreign and stale messages", report, inputs=len(inner) + 2 * len(link))
     v = report["violations"]
     assert v["bad_messages"] + v["bad_descriptors"] > 0
     for k in ("foreign_cache_return", "recycled_before_tx_completion", "leaked"):
@@ -333,8 +338,9 @@ def assert_conserved(report: dict) -> None:
 
 
 @pytest.mark.parametrize("victim", ["h1/eth1", "h1/eth0"])
-def test_device_killed_mid_run_is_survived(victim: str) -> None:
+def test_device_killed_mid_run_is_survived(victim: str, reliability) -> None:
     report = run_and_kill(victim)
+    reliability("device SIGKILL", report)
     assert any(f"device {victim} died (signal 9)" in e for e in report["events"])
     assert_conserved(report)
     if victim == "h1/eth1":
@@ -345,10 +351,11 @@ def test_device_killed_mid_run_is_survived(victim: str) -> None:
         assert report["traffic"]["ports"]["gen0"]["link_down"] > 0
 
 
-def test_cpu_worker_killed_mid_run_is_survived() -> None:
+def test_cpu_worker_killed_mid_run_is_survived(reliability) -> None:
     """SIGKILL one CPU worker during traffic: the run goes on on the other CPU, the dead CPU's RX queue
     goes offline (its frames are counted rx_dropped), and at the end every page is accounted for."""
     report = run_and_kill("h1/cpu1")
+    reliability("CPU worker SIGKILL", report)
     assert any("cpu h1/cpu1 died (signal 9)" in e for e in report["events"])
     assert any("reclaimed" in e for e in report["events"])
     v = report["violations"]
@@ -380,10 +387,11 @@ links:
 """
 
 
-def test_pool_exhaustion_drops_and_counts_but_never_hangs() -> None:
+def test_pool_exhaustion_drops_and_counts_but_never_hangs(reliability) -> None:
     """256 pages for two 1024-entry RX rings and slow TX completions: the page allocator runs dry, RX
     refills fall short, frames are dropped and counted, and the run still ends with every page home."""
     report = Run(validate_topology_text(EXHAUST, "x.yaml"), RunOptions(quiet=True)).run()
+    reliability("pool exhaustion", report)
     cpu = report["cpus"][0]
     pp = cpu["page_pool"]
     assert pp["alloc_failed"] > 0 and pp["alloc_empty"] > 0
@@ -410,7 +418,7 @@ links:
 """
 
 
-def test_teardown_with_pages_in_flight_warns_then_exits_cleanly() -> None:
+def test_teardown_with_pages_in_flight_warns_then_exits_cleanly(reliability) -> None:
     """Bring the device down while its TX completions are 3 s away: the shutdown retries and prints the
     kernel's stalled-pool warning with the in-flight count until the completions land, then exits with
     every page home."""
@@ -428,6 +436,7 @@ def test_teardown_with_pages_in_flight_warns_then_exits_cleanly() -> None:
     finally:
         run.abort()
         run.cleanup()
+    reliability("teardown with pages in flight", report)
     assert report["stalled_shutdown"], report["events"]
     assert "page_pool_release_retry() stalled pool shutdown: id h1/cpu0" in report["stalled_shutdown"][0]
     assert " inflight " in report["stalled_shutdown"][0]

@@ -1425,8 +1425,9 @@ BAD: list[tuple[str, str, int, str]] = [
 
 @pytest.mark.usefixtures("raising_module")
 @pytest.mark.parametrize(("text", "line", "fragment"), [c[1:] for c in BAD], ids=[c[0] for c in BAD])
-def test_malformed(text: str, line: int, fragment: str) -> None:
+def test_malformed(text: str, line: int, fragment: str, reliability) -> None:
     _bad(text, line, fragment)
+    reliability("malformed topology", inputs=1)
 
 
 def test_alias_bomb_is_checked_quickly() -> None:
