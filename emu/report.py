@@ -49,7 +49,8 @@ class Snapshot:
         return self.total("traffic", "generated")
 
     def delivered(self) -> int:
-        return self.total("traffic", "received")
+        """Frames of our generators that reached a traffic port (foreign frames are not the run's)."""
+        return self.total("traffic", "received") - self.total("traffic", "foreign")
 
     def drops(self) -> dict[str, int]:
         out = {f"cpu.{n}": self.total("cpu", n) for n in CPU_DROPS}

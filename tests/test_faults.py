@@ -204,12 +204,13 @@ cpu_or_device_message = st.one_of(
                                      "txq": st.integers(-2, 5), "cpu": st.integers(-2, 5),
                                      "kind": st.sampled_from(["tx", "redirect", "?"])}),
               forged_descriptors),
-    st.builds(msgpack.packb, st.lists(st.integers() | st.text(max_size=5), max_size=5)),  # foreign msgpack
+    st.builds(msgpack.packb, st.lists(st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5), max_size=5)),  # foreign msgpack
     st.builds(lambda d: msgpack.packb(["rx", 99, {}, d]), forged_descriptors),  # wrong version
     st.builds(lambda d: wire.pack_msg("rx", {"dev": "eth0", "q": 0}, d + b"\x01"), forged_descriptors),
 )
 link_message = st.one_of(
     st.binary(max_size=200),
+    st.just(wire.pack_frames([b"x" * 5000])),  # oversize: larger than a page's room for a frame
     st.builds(lambda k: wire.pack_frames([b"x" * 64] * 3)[:k], st.integers(0, 40)),
     st.builds(wire.pack_msg, st.sampled_from(["rx", "frames"]), st.just({"n": 5}), st.binary(max_size=40)),
 )
@@ -254,6 +255,13 @@ def test_garbled_messages_on_every_socket(inner: list[bytes], link: list[bytes],
             socks.append(s)
         for i, msg in enumerate(inner):
             socks[i % len(socks)].send(msg)
+        # Well-formed and current, but foreign: CPU 1's posted buffers, with their live generations,
+        # presented to CPU 0 as its RX completions.  CPU 0 must refuse them (they are not its pages).
+        pm = run.pms["h1"]
+        wait_for(lambda: int(((pm.owner == 1) & (pm.state == 4)).sum()) > 0, "cpu1's posted buffers")
+        theirs = np.flatnonzero((pm.owner == 1) & (pm.state == 4))[:8]  # RX_POSTED
+        socks[0].send(wire.pack_msg("rx", {"dev": "eth0", "q": 0}, _descs(theirs.tolist(), pm.gen[theirs].tolist(),
+                                                                            [64] * len(theirs))))
         for addr in (ep["link"]["h1:eth1"], ep["link"]["sink0"]):
             s = ctx.socket(zmq.PUSH)
             s.setsockopt(zmq.LINGER, 1000)
@@ -269,7 +277,8 @@ def test_garbled_messages_on_every_socket(inner: list[bytes], link: list[bytes],
         ctx.term()
         run.abort()
         run.cleanup()
-    reliability("garbled, truncated, foreign and stale messages", report, inputs=len(inner) + 2 * len(link))
+    reliability("garbled, truncated, foreign and stale messages", report, inputs=len(inner) + 2 * len(link) + 1)
+    assert report["cpus"][0]["bad_descriptors"] > 0  # at least the foreign CPU's pages
     v = report["violations"]
     assert v["bad_messages"] + v["bad_descriptors"] > 0
     for k in ("foreign_cache_return", "recycled_before_tx_completion", "leaked"):
