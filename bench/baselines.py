@@ -53,9 +53,10 @@ def _child_setup() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _stop(procs: list[mp.process.BaseProcess]) -> None:
-    """Join, then terminate, then kill whatever is still running (only the processes we started)."""
-    deadline = time.monotonic() + JOIN_TIMEOUT
+def _stop(procs: list[mp.process.BaseProcess], graceful: bool = True) -> None:
+    """Join (when the measurement finished; not after an error or Ctrl-C), then terminate, then kill
+    whatever is still running (only the processes we started)."""
+    deadline = time.monotonic() + (JOIN_TIMEOUT if graceful else 0.0)
     for p in procs:
         if p.pid is not None:
             p.join(max(0.1, deadline - time.monotonic()))
@@ -243,6 +244,7 @@ def transport_one_way(n_batches: int) -> dict:
         parent, child = mpc.Pipe()
         p = mpc.Process(target=_transport_peer, args=("send", "", addr, n_batches, child), daemon=True,
                         name="bench-transport-send")
+        done = False
         try:
             p.start()
             _wait_ready(parent, p)
@@ -262,8 +264,9 @@ def transport_one_way(n_batches: int) -> dict:
             t1 = time.perf_counter()
             parent.recv()
             parent.send("bye")
+            done = True
         finally:
-            _stop([p])
+            _stop([p], graceful=done)
             inbox.close(0)
             zctx.term()
     return {"batches": got, "descs": descs, "in_order": in_order, "seconds": t1 - t0,
@@ -284,6 +287,7 @@ def transport_rtt(n_batches: int, window: int = 16) -> dict:
         p = mpc.Process(target=_transport_peer, args=("echo", a_out, a_in, n_batches, child), daemon=True,
                         name="bench-transport-echo")
         out = None
+        done = False
         try:
             p.start()
             _wait_ready(parent, p)
@@ -312,8 +316,9 @@ def transport_rtt(n_batches: int, window: int = 16) -> dict:
             t1 = time.perf_counter()
             parent.recv()
             parent.send("bye")
+            done = True
         finally:
-            _stop([p])
+            _stop([p], graceful=done)
             if out is not None:
                 out.close(0)
             inbox.close(0)
@@ -389,6 +394,7 @@ def naive_queue(n: int) -> dict:
         mpc.Process(target=_naive_sink, args=(q2, frame[6:12], res, ready), daemon=True,
                     name="bench-naive-sink"),
     ]
+    done = False
     try:
         for p in procs:
             p.start()
@@ -404,8 +410,9 @@ def naive_queue(n: int) -> dict:
             except queue.Empty:
                 if time.monotonic() > deadline or any(p.exitcode not in (None, 0) for p in procs):
                     raise RuntimeError("naive baseline: the pipeline stopped") from None
+        done = True
     finally:
-        _stop(procs)
+        _stop(procs, graceful=done)
         for q in (q1, q2, res, ready):
             q.close()
             q.join_thread()
@@ -451,4 +458,35 @@ def proc_cpu_seconds(pid: int) -> float | None:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
+        return None
+
+
+def proc_threads_cpu(pid: int) -> dict[str, float]:
+    """utime + stime per thread name of a process (threads of one name summed), in seconds: shows how much
+    of a process's CPU its zmq I/O thread (``ZMQbg/IO/0``) takes."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                head, _, rest = f.read().rpartition(")")
+            name = head.split("(", 1)[1]
+            fields = rest.split()
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def thread_schedstat(pid: int, tid: int | None = None) -> tuple[int, int] | None:
+    """(ns on a CPU, ns runnable but waiting for a CPU) of a thread (the main thread by default)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid or pid}/schedstat") as f:
+            run_ns, wait_ns, _ = f.read().split()
+        return int(run_ns), int(wait_ns)
+    except (OSError, ValueError):
         return None

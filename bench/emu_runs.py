@@ -40,14 +40,36 @@ def load(name: str):
 
 def l2fwd_with_cpus(cpus: int):
     """The bundled l2fwd topology with `cpus` CPU workers and as many RX queues on eth0."""
+    return l2fwd_variant(cpus=cpus)
+
+
+def l2fwd_variant(cpus: int | None = None, burst: int | None = None, napi_budget: int | None = None,
+                  pages: int | None = None, page_size: int | None = None):
+    """The bundled l2fwd topology with some knobs changed by editing its text (then validated as a file)."""
     from emu.topology import validate_topology_text
 
     text = (TOPOLOGIES / "l2fwd.yaml").read_text()
-    text, n1 = re.subn(r"(?m)^(\s*cpus:\s*)\d+", rf"\g<1>{cpus}", text)
-    text, n2 = re.subn(r"(?m)^(\s*rx_queues:\s*)\d+", rf"\g<1>{cpus}", text)
-    if n1 != 1 or n2 != 1:
-        raise ValueError(f"topology/l2fwd.yaml changed shape: {n1} 'cpus:' and {n2} 'rx_queues:' lines")
-    return validate_topology_text(text, f"l2fwd-{cpus}cpu.yaml")
+    name = ["l2fwd"]
+
+    def sub(pattern: str, repl: str) -> None:
+        nonlocal text
+        text, n = re.subn(pattern, repl, text)
+        if n != 1:
+            raise ValueError(f"topology/l2fwd.yaml changed shape: {n} matches for {pattern!r}")
+
+    if cpus is not None:
+        sub(r"(?m)^(\s*cpus:\s*)\d+", rf"\g<1>{cpus}")
+        sub(r"(?m)^(\s*rx_queues:\s*)\d+", rf"\g<1>{cpus}")
+        name.append(f"{cpus}cpu")
+    if burst is not None:
+        sub(r"(?m)^(\s*burst:\s*)\d+", rf"\g<1>{burst}")
+        name.append(f"burst{burst}")
+    extra = {"napi_budget": napi_budget, "pages": pages, "page_size": page_size}
+    for key, value in extra.items():
+        if value is not None:
+            sub(r"(?m)^(\s*)(cpus:.*)$", rf"\g<1>\g<2>\n\g<1>{key}: {value}")
+            name.append(f"{key}{value}")
+    return validate_topology_text(text, "-".join(name) + ".yaml")
 
 
 def kinds_of(topo) -> dict[str, str]:

@@ -35,6 +35,7 @@ import os
 import signal
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -374,6 +375,7 @@ def render_table(res: dict) -> str:
             lines.append(f"| {k} | {res['rss_mb'][k]:,.1f} | {res['rss_private_mb'].get(k, 0):,.1f} | "
                          f"{res['pss_mb'].get(k, 0):,.1f} |")
     lines += [
+        "",
         f"Shared memory of the l2fwd topology: {res['shm_bytes_l2fwd'] / 2**20:,.1f} MiB "
         f"({res['shm_bytes_l2fwd']:,} bytes; VmHWM counts the part of it a process touched).  {res['rss_note']}.",
         "",
@@ -447,7 +449,7 @@ def write_chart(res: dict, path: Path) -> str | None:
     ax2.axhline(RSS_LIMIT_MB, color="r", ls="--", lw=1, label=f"{RSS_LIMIT_MB:.0f} MB target")
     ax2.set_xticks(list(x), kinds)
     ax2.set_ylabel("MB per process")
-    ax2.set_title("memory per process kind (l2fwd)")
+    ax2.set_title("memory per process kind (peak over runs)")
     ax2.legend(fontsize=8)
     m = res["machine"]
     fig.suptitle(f"pagepool-emu bench/run.py, {res['when']}: {m['cpu_model']}, {m['usable_cores']} cores", fontsize=9)
@@ -507,8 +509,10 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _end_children() -> None:
-    """Whatever this process started and is still running (only our own children, by pid)."""
+    """Whatever the suite started and is still running (our own children, by name and pid)."""
     for p in multiprocessing.active_children():
+        if not p.name.startswith(("bench-", "emu-")):
+            continue
         p.terminate()
         p.join(3)
         if p.is_alive():
@@ -537,7 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     if over:
         cfg = Config(**{**asdict(cfg), **over})
 
-    signal.signal(signal.SIGTERM, _interrupt)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         res = run_suite(cfg)
         table = render_table(res)
@@ -557,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         _end_children()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

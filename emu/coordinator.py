@@ -89,6 +89,7 @@ class Run:
         self.procs: list[Proc] = []
         self.events: list[str] = []
         self.created = time.monotonic()
+        self.created_ns = time.monotonic_ns()
         self.started_ns = 0
         self.settled_ns = 0
         self.first_packet_s: float | None = None  # from `emu run` (this object) to the first delivery
@@ -452,8 +453,6 @@ class Run:
                 time.sleep(0.02)
                 self.check_procs()
                 now = time.monotonic()
-                if self.first_packet_s is None and self.snapshot().delivered() > 0:
-                    self.first_packet_s = now - self.created
                 if now >= next_line:
                     self.audit_live()
                     cur = self.snapshot()
@@ -557,6 +556,9 @@ class Run:
             pool.drain()
         self.reclaim_stranded()
         final = self.snapshot()
+        firsts = [final.rows[k]["first_rx_ns"] for k in final.keys("traffic") if final.rows[k]["first_rx_ns"]]
+        if firsts:
+            self.first_packet_s = (min(firsts) - self.created_ns) / 1e9
         elapsed = (self.settled_ns - self.started_ns) / 1e9
         audits = {h: pm.audit(strict=True) for h, pm in self.pms.items()}
         report = rep.build_report(self, final, audits, elapsed)

@@ -101,6 +101,7 @@ TRAFFIC_COUNTERS = (
     "duplicates",
     "link_down",  # generated while the link's peer was gone (counted as lost on the wire)
     "bad_messages",
+    "first_rx_ns",  # CLOCK_MONOTONIC time of the first frame received (for the start-up measurement)
 )
 
 KINDS = {"cpu": CPU_COUNTERS, "device": DEVICE_COUNTERS, "traffic": TRAFFIC_COUNTERS}

@@ -204,7 +204,8 @@ cpu_or_device_message = st.one_of(
                                      "txq": st.integers(-2, 5), "cpu": st.integers(-2, 5),
                                      "kind": st.sampled_from(["tx", "redirect", "?"])}),
               forged_descriptors),
-    st.builds(msgpack.packb, st.lists(st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5), max_size=5)),  # foreign msgpack
+    # foreign msgpack
+    st.builds(msgpack.packb, st.lists(st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5), max_size=5)),
     st.builds(lambda d: msgpack.packb(["rx", 99, {}, d]), forged_descriptors),  # wrong version
     st.builds(lambda d: wire.pack_msg("rx", {"dev": "eth0", "q": 0}, d + b"\x01"), forged_descriptors),
 )

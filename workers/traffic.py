@@ -61,6 +61,8 @@ class TrafficPort:
                 continue
             c, i = self.c, self.i
             n = len(frames)
+            if not c[i["first_rx_ns"]]:
+                c[i["first_rx_ns"]] = time.monotonic_ns()
             c[i["received"]] += n
             c[i["rx_bytes"]] += int(frames.lengths.sum())
             res = verify_batch(frames)
@@ -105,6 +107,10 @@ class TrafficPort:
         self.row.set_state(ProcState.READY)
         poller = zmq.Poller()
         poller.register(self.link_in, zmq.POLLIN)
+        out_poller = zmq.Poller()
+        out_poller.register(self.link_in, zmq.POLLIN)
+        if self.link_out is not None:
+            out_poller.register(self.link_out, zmq.POLLOUT)
         while True:
             cmd = c[0]
             if cmd >= Cmd.EXIT or not live.tick():
@@ -120,6 +126,13 @@ class TrafficPort:
                     self.row.set_state(ProcState.RUNNING)
                     work += self.generate()
             if not work:
+                if generating and Cmd.START <= cmd < Cmd.QUIESCE and self.pending is not None:
+                    # The link is full (the device paused it): sleep until it takes a message or a
+                    # frame arrives, instead of spinning.
+                    if out_poller.poll(5):
+                        continue
+                    poller.poll(0)
+                    continue
                 wait = 5.0
                 if generating and cmd >= Cmd.START:
                     wait = min(wait, max(0.0, self.pacer.wait_hint() * 1000), 1.0)
