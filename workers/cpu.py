@@ -37,7 +37,7 @@ from workers.common import Liveness, ProcSpec, new_context, pin, pull, push, run
 # Byte offset of packet data in a page: the kernel's XDP_PACKET_HEADROOM.
 HEADROOM = 256
 # Post RX buffers once a queue is short of this many (drivers refill in small batches, not per packet).
-REFILL_MIN = 8
+REFILL_MIN = 64
 
 CPU_KINDS = ("rx", "txc", "txdrop", "rxret", "skb")
 DEVICE_BIT = 32  # in the offline mask, device number i is bit 32 + i

@@ -270,8 +270,13 @@ class Device:
             if now - self.paused_since < self.pause_ns:
                 return 0
         self.paused_since = 0
-        got = 0
-        for _ in range(8):
+        # Coalesce several link messages into one DMA pass (one RX completion message per queue), as
+        # far as the posted buffers go: fewer, larger messages are what keep the CPUs busy with packets.
+        batches: list[FrameBatch] = []
+        room = low
+        for _ in range(16):
+            if room < LINK_BATCH:
+                break
             try:
                 msg = self.link_in.recv(zmq.NOBLOCK, copy=True)
             except zmq.Again:
@@ -282,10 +287,11 @@ class Device:
                 self.c[self.i["bad_messages"]] += 1
                 self.warn_once("badframes", f"refused a link message: {exc}")
                 continue
-            got += self.dma(frames)
-            if self._low_water() < LINK_BATCH:
-                break
-        return got
+            batches.append(frames)
+            room -= len(frames)
+        if not batches:
+            return 0
+        return self.dma(batches[0] if len(batches) == 1 else FrameBatch.concat(batches))
 
     def _low_water(self) -> int:
         """The fewest buffers posted on any online RX queue (offline queues take no part in pausing)."""
