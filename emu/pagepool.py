@@ -290,20 +290,12 @@ class PagePool:
         if expect is not None:
             early = in_use & (st != expect) & ((st == PageState.TX_QUEUED) | (st == PageState.TX_INFLIGHT))
             wrong = in_use & (st != expect) & ~early
-            if early.any():
-                cnt[C["recycled_before_tx_completion"]] += int(np.count_nonzero(early))
-                p = int(ids[early][0])
-                errors.append(
-                    f"{int(np.count_nonzero(early))} pages returned before their TX completion, e.g. page {p} "
-                    f"({PageState(int(st[early][0])).name})"
-                )
-            if wrong.any():
-                cnt[C["wrong_state"]] += int(np.count_nonzero(wrong))
-                p = int(ids[wrong][0])
-                errors.append(
-                    f"{int(np.count_nonzero(wrong))} pages in the wrong state, e.g. page {p} is "
-                    f"{PageState(int(st[wrong][0])).name}, expected {PageState(expect).name}"
-                )
+            self._refuse(early, "recycled_before_tx_completion", ids, errors,
+                         lambda n, p: f"{n} pages returned before their TX completion, e.g. page {p} "
+                                      f"({PageState(int(pm.state[p])).name})")
+            self._refuse(wrong, "wrong_state", ids, errors,
+                         lambda n, p: f"{n} pages in the wrong state, e.g. page {p} is "
+                                      f"{PageState(int(pm.state[p])).name}, expected {PageState(expect).name}")
             in_use = st == expect
             if (early | wrong).any():
                 keep = ~(early | wrong)
@@ -325,29 +317,25 @@ class PagePool:
         freed = ~in_use | dup
         foreign = ~freed & ~mine
         stale = ~freed & mine & ~fresh
-        if freed.any():
-            cnt[C["double_free"]] += int(np.count_nonzero(freed))
-            p = int(ids[freed][0])
-            errors.append(
-                f"double free of {int(np.count_nonzero(freed))} pages, e.g. page {p} "
-                f"(already {PageState(int(pm.state[p])).name})"
-            )
-        if foreign.any():
-            cnt[C["bad_page"]] += int(np.count_nonzero(foreign))
-            p = int(ids[foreign][0])
-            errors.append(
-                f"{int(np.count_nonzero(foreign))} pages of another pool returned to cpu {self.cpu}'s, "
-                f"e.g. page {p} of cpu {int(pm.owner[p])}"
-            )
+        self._refuse(freed, "double_free", ids, errors,
+                     lambda n, p: f"double free of {n} pages, e.g. page {p} "
+                                  f"(already {PageState(int(pm.state[p])).name})")
+        self._refuse(foreign, "bad_page", ids, errors,
+                     lambda n, p: f"{n} pages of another pool returned to cpu {self.cpu}'s, e.g. page {p} of cpu "
+                                  f"{int(pm.owner[p])}")
         if stale.any():
-            cnt[C["stale_generation"]] += int(np.count_nonzero(stale))
-            p = int(ids[stale][0])
             g = int(np.asarray(gens)[stale][0])
-            errors.append(
-                f"{int(np.count_nonzero(stale))} stale descriptors, e.g. page {p} gen {g} "
-                f"but the page is at gen {int(pm.gen[p])}"
-            )
+            self._refuse(stale, "stale_generation", ids, errors,
+                         lambda n, p: f"{n} stale descriptors, e.g. page {p} gen {g} but the page is at gen "
+                                      f"{int(pm.gen[p])}")
         return ids[good]
+
+    def _refuse(self, mask: np.ndarray, counter: str, ids: np.ndarray, errors: list[str], describe) -> None:
+        """Count the pages `mask` selects under `counter` and describe the first of them."""
+        n = int(np.count_nonzero(mask))
+        if n:
+            self.cnt[C[counter]] += n
+            errors.append(describe(n, int(ids[mask][0])))
 
     def _release_refcnt(self, ids: np.ndarray) -> np.ndarray:
         """Pages someone else still references leave the pool (``recycle_released_refcnt``)."""

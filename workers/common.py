@@ -100,6 +100,20 @@ class Liveness:
         return os.getppid() == self.parent_pid
 
 
+class WarnOnce:
+    """Print each kind of problem once per process (like the kernel's WARN_ONCE); counters carry the rest."""
+
+    def __init__(self, who: str) -> None:
+        self.who = who
+        self.seen: set[str] = set()
+
+    def __call__(self, key: str, text: str) -> None:
+        if key not in self.seen:
+            self.seen.add(key)
+            sys.stderr.write(f"emu: {self.who}: {text}\n")
+            sys.stderr.flush()
+
+
 def run_process(spec: ProcSpec, body) -> None:
     """Common frame for a process: attach its stats row, run `body(spec, table, row)`, record the end."""
     # Ctrl-C reaches the whole process group; the coordinator alone decides how to tear down.

@@ -21,7 +21,6 @@ never recycled before its completion: the return path checks that it is ``TX_INF
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +31,7 @@ from emu.pagemem import DESC_DTYPE, PageMemory, PageState, descs_from_bytes
 from emu.pagepool import return_pages
 from emu.stats import Cmd, ProcState, StatsRow, StatsTable
 from emu.xdp import XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
-from workers.common import Liveness, ProcSpec, new_context, pin, pull, push, run_process
+from workers.common import Liveness, ProcSpec, WarnOnce, new_context, pin, pull, push, run_process
 
 # Byte offset of packet data in a page: the kernel's XDP_PACKET_HEADROOM.
 HEADROOM = 256
@@ -106,7 +105,7 @@ class CpuWorker:
             self.by_name[name] = t
         self.rxqs: dict[tuple[str, int], RxQueue] = {}
         self._load_programs()
-        self.warned: set[str] = set()
+        self.warn_once = WarnOnce(spec.key)
         # Per-poll batches: (device, kind) -> list of page-id arrays to transmit.
         self.tx_bulk: dict[tuple[str, str], list[np.ndarray]] = {}
         self.skb_local: list[np.ndarray] = []
@@ -150,12 +149,6 @@ class CpuWorker:
         d["owner"] = pm.owner.take(ids)
         d["aux"] = self.cpu
         sock.send(wire.pack_msg(kind, header, d.tobytes()), copy=False)
-
-    def warn_once(self, key: str, text: str) -> None:
-        if key not in self.warned:
-            self.warned.add(key)
-            sys.stderr.write(f"emu: {self.spec.key}: {text}\n")
-            sys.stderr.flush()
 
     # -- messages from devices and other CPUs -----------------------------------------------------
 

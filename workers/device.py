@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import collections
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -31,7 +30,7 @@ from emu import wire
 from emu.packets import FrameBatch, rss_queue
 from emu.pagemem import DESC_DTYPE, PageMemory, PageState, descs_from_bytes
 from emu.stats import Cmd, ProcState, StatsRow, StatsTable
-from workers.common import LINK_HWM, Liveness, ProcSpec, new_context, pin, pull, push, run_process
+from workers.common import LINK_HWM, Liveness, ProcSpec, WarnOnce, new_context, pin, pull, push, run_process
 from workers.cpu import LINK_DOWN_BIT
 
 DEVICE_KINDS = ("post", "xmit", "frames")
@@ -79,16 +78,10 @@ class Device:
         self.pause_ns = int(spec.options.get("pause_ms", 1000) * 1e6)
         self.paused_since = 0
         self.down = False
-        self.warned: set[str] = set()
+        self.warn_once = WarnOnce(spec.key)
         self.offline = 0  # CPUs declared dead by the coordinator
         self.rxq_online = [True] * self.nrxq
         self.txc_cpu = [t % self.ncpus for t in range(self.cfg.tx_queues)]
-
-    def warn_once(self, key: str, text: str) -> None:
-        if key not in self.warned:
-            self.warned.add(key)
-            sys.stderr.write(f"emu: {self.spec.key}: {text}\n")
-            sys.stderr.flush()
 
     # -- messages from CPUs -----------------------------------------------------------------------
 
