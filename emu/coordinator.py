@@ -46,7 +46,7 @@ READY_TIMEOUT = 60.0  # spawning a dozen Python processes on a loaded 2-core mac
 DRAIN_STALL = 3.0  # seconds without progress after which traffic is declared settled
 SHUTDOWN_TIMEOUT = 10.0
 HOME_STATES = (PageState.FREE, PageState.CACHE, PageState.RING)
-HUNG_NS = 5_000_000_000  # a process this long without a heartbeat is declared hung and killed
+HUNG_NS = 15_000_000_000  # this long without a heartbeat: declared hung and killed (generous: 2 loaded cores)
 
 
 class RunError(RuntimeError):
