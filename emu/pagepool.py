@@ -87,9 +87,11 @@ class PagePool:
         # Scalar words go through memoryviews: ~5x cheaper than numpy scalar indexing on the hot path.
         self.ctl = memoryview(pm.pool_ctl[cpu])
         self.cnt = memoryview(pm.pool_counters[cpu])
+        self._hdr = memoryview(pm.header)
         # Byte patterns for validating a uniform batch with one bytes comparison.
         self._mine = np.full(pm.params.cache_size * 4 + 1024, cpu, dtype=np.int16).tobytes()
         self._pos = np.arange(1 << 16, dtype=np.int32)
+        self._patterns: dict[int, tuple] = {}  # batch size -> the byte patterns a valid batch shows
         self.cache = pm.caches[cpu]
         self.ring = pm.rings[cpu]
         self.cache_size = pm.params.cache_size
@@ -255,19 +257,24 @@ class PagePool:
         # descriptors' unsigned ids do not); an id past the end raises IndexError: the full check names it.
         if ids.dtype.kind == "i" and ids.min() < 0:
             return False
+        pat = self._patterns.get(n)
+        if pat is None:
+            pos = self._pos[:n]
+            pat = (self._mine[: 2 * n], pos, pos.tobytes(), [bytes((s,)) * n for s in range(16)])
+            if n <= 1024:  # the sizes NAPI and the rings use; larger ones are rare and not worth keeping
+                self._patterns[n] = pat
+        mine, pos, pos_bytes, uniform = pat
         st = pm.state.take(ids)
         first = int(st[0])
-        if (first != expect if expect is not None else not IN_USE[first]) or st.tobytes() != bytes(
-            (first,)
-        ) * n:
+        if (first != expect if expect is not None else not IN_USE[first]) or st.tobytes() != uniform[first]:
             return False
-        if pm.owner.take(ids).tobytes() != self._mine[: 2 * n]:
+        if pm.owner.take(ids).tobytes() != mine:
             return False
         if gens is not None and pm.gen.take(ids).tobytes() != np.asarray(gens, dtype=np.uint32).tobytes():
             return False
-        mark, pos = pm._mark, self._pos[:n]
+        mark = pm._mark
         mark.put(ids, pos)
-        return mark.take(ids).tobytes() == pos.tobytes()
+        return mark.take(ids).tobytes() == pos_bytes
 
     def _validate_full(
         self, ids: np.ndarray, gens: np.ndarray | None, errors: list[str], expect: int | None
@@ -340,7 +347,7 @@ class PagePool:
     def _release_refcnt(self, ids: np.ndarray) -> np.ndarray:
         """Pages someone else still references leave the pool (``recycle_released_refcnt``)."""
         pm = self.pm
-        if not pm.header[_H_EXTRA_REFS]:
+        if not self._hdr[_H_EXTRA_REFS]:
             return ids
         shared = pm.refcnt[ids] > 1
         if not shared.any():
