@@ -45,7 +45,6 @@ from workers.cpu import DEVICE_BIT, LINK_DOWN_BIT, device_code
 READY_TIMEOUT = 60.0  # spawning a dozen Python processes on a loaded 2-core machine can take a while
 DRAIN_STALL = 3.0  # seconds without progress after which traffic is declared settled
 SHUTDOWN_TIMEOUT = 10.0
-HOME_STATES = (PageState.FREE, PageState.CACHE, PageState.RING)
 HUNG_NS = 15_000_000_000  # this long without a heartbeat: declared hung and killed (generous: 2 loaded cores)
 
 
@@ -394,9 +393,8 @@ class Run:
         gens = [n for n, port in self.topo.traffic.items() if port.generate is not None and self.link_of(n)[1]]
         if not gens:
             return False
-        counted = self.opts.count if self.opts.count is not None else None
         for n in gens:
-            count = counted if counted is not None else self.topo.traffic[n].generate.count
+            count = self.opts.count if self.opts.count is not None else self.topo.traffic[n].generate.count
             if not count:
                 return False
             if self.table.read(n)["state"] < ProcState.DONE:

@@ -488,12 +488,13 @@ def return_pages(
     pm: PageMemory, local: PagePool | None, ids: np.ndarray, gens: np.ndarray | None = None,
     errors: str = "count",
     expect: int | None = None,
+    bulk: int | None = None,
 ) -> int:
     """Return pages to whichever pools own them (``page_pool_put_netmem_bulk``).
 
     Pages of `local` (the caller's own pool, if it owns one) are recycled directly; the others are grouped
-    by owner and each group goes through its owner's ring with one lock round trip.  Returns the number
-    of pages accepted.
+    by owner and go through their owner's ring, one lock round trip per `bulk` pages (the whole group
+    when None; ``xdp_return_frame_bulk`` flushes every 16).  Returns the number of pages accepted.
     """
     ids = np.asarray(ids, dtype=np.int64)
     if len(ids) == 0:
@@ -514,5 +515,8 @@ def return_pages(
         elif local is not None and cpu == local.cpu and local.is_owner:
             accepted += local.recycle_direct(ids[sel], g, errors=errors, expect=expect)
         else:
-            accepted += pm.pool(cpu).put(ids[sel], g, errors=errors, expect=expect)
+            mine, step = ids[sel], bulk or len(ids)
+            for k in range(0, len(mine), step):
+                accepted += pm.pool(cpu).put(mine[k : k + step], None if g is None else g[k : k + step],
+                                             errors=errors, expect=expect)
     return accepted

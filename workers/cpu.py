@@ -87,6 +87,7 @@ class CpuWorker:
         self.ncpus = host.cpus
         self.budget = host.napi_budget
         self.bulk = host.redirect_bulk
+        self.tx_bulk_size = host.tx_bulk
         self.stack_cpu = self.cpu if host.stack_cpu is None else host.stack_cpu
         self.pm = PageMemory.attach(spec.host_prefix)
         self.pool = self.pm.pool(self.cpu, owner=True)
@@ -183,7 +184,8 @@ class CpuWorker:
                 rxq.posted -= len(d)
             return_pages(self.pm, self.pool, d["page"], d["gen"], expect=PageState.RX_POSTED)
         elif kind == "txc":
-            self.c[self.i["tx_completions"]] += self._return(d, PageState.TX_INFLIGHT)
+            # xdp_return_frame_bulk: another pool's pages go back tx_bulk (16) per ring-lock round trip.
+            self.c[self.i["tx_completions"]] += self._return(d, PageState.TX_INFLIGHT, bulk=self.tx_bulk_size)
         elif kind == "txdrop":
             what = "xdp_tx_full" if hdr.get("kind") == "tx" else "xmit_drops"
             self.c[self.i[what]] += self._return(d, PageState.TX_QUEUED)
@@ -200,7 +202,7 @@ class CpuWorker:
             self.warn_once("baddesc", "refused descriptors: " + "; ".join(problems))
         return ids
 
-    def _return(self, d: np.ndarray, expect: PageState) -> int:
+    def _return(self, d: np.ndarray, expect: PageState, bulk: int | None = None) -> int:
         """Return pages a peer handed back to whichever pools own them; returns how many were valid.
 
         Descriptors are screened first (range, generation, state) so that a forged or stale message
@@ -220,7 +222,7 @@ class CpuWorker:
         remote = int(np.count_nonzero(pm.owner.take(ids) != self.cpu))
         if remote:
             self.c[self.i["remote_returns"]] += remote
-        return return_pages(pm, self.pool, ids, d["gen"], expect=expect)
+        return return_pages(pm, self.pool, ids, d["gen"], expect=expect, bulk=bulk)
 
     # -- the NAPI poll ----------------------------------------------------------------------------
 
