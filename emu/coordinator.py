@@ -31,7 +31,7 @@ from typing import TextIO
 import numpy as np
 
 from emu import report as rep
-from emu.pagemem import PageMemory, PageState, PoolParams, required_shm_bytes
+from emu.pagemem import HOME, PageMemory, PageState, PoolParams, required_shm_bytes
 from emu.pagepool import return_pages
 from emu.shm import SHM_DIR, ShmSpaceError, new_run_prefix, shm_free_bytes, sweep_stale, unlink_prefix
 from emu.stats import Cmd, ProcState, StatsTable
@@ -82,6 +82,7 @@ class Run:
         self.opts = opts or RunOptions()
         self.prefix = new_run_prefix()
         self.run_dir = ""
+        self._links: dict[str, str] | None = None
         self.pms: dict[str, PageMemory] = {}
         self.mapsets: list = []
         self.table: StatsTable | None = None
@@ -163,7 +164,9 @@ class Run:
 
     def link_of(self, endpoint: str) -> tuple[str | None, str | None]:
         """(address this endpoint binds for its link ingress, its peer's ingress address)."""
-        ep = self.endpoints()["link"]
+        if self._links is None:
+            self._links = self.endpoints()["link"]
+        ep = self._links
         for link in self.topo.links:
             a, b = str(link.a), str(link.b)
             if endpoint == a:
@@ -312,7 +315,7 @@ class Run:
         self._offline(hname, DEVICE_BIT + index, extra)
         pm = self.pms[hname]
         st = pm.state.copy()
-        home = (st == PageState.FREE) | (st == PageState.CACHE) | (st == PageState.RING)
+        home = HOME[st]
         held = np.flatnonzero((pm.holder == device_code(index)) & ~home)
         carrying = int(np.count_nonzero((st[held] == PageState.TX_QUEUED) & (pm.len[held] > 0)))
         if len(held):
@@ -331,7 +334,7 @@ class Run:
             return
         for hname, pm in self.pms.items():
             st = pm.state.copy()
-            home = (st == PageState.FREE) | (st == PageState.CACHE) | (st == PageState.RING)
+            home = HOME[st]
             ids = np.flatnonzero(~home)
             if len(ids):
                 s = st[ids]
@@ -369,7 +372,7 @@ class Run:
         st = pm.state.copy()
         holder = pm.holder.copy()
         owner = pm.owner.copy()
-        home = (st == PageState.FREE) | (st == PageState.CACHE) | (st == PageState.RING)
+        home = HOME[st]
         held = np.flatnonzero((holder == cpu) & ~home)
         carrying = (st[held] == PageState.RX_POSTED) | (st[held] == PageState.XDP) | (
             st[held] == PageState.SKB) | (st[held] == PageState.TX_QUEUED)
@@ -531,7 +534,7 @@ class Run:
         out = {}
         for hname, pm in self.pms.items():
             st = pm.state.copy()
-            home = (st == PageState.FREE) | (st == PageState.CACHE) | (st == PageState.RING)
+            home = HOME[st]
             owners = pm.owner.copy()
             for c in range(pm.ncpus):
                 out[f"{hname}/cpu{c}"] = int(((owners == c) & ~home).sum())

@@ -57,6 +57,9 @@ IN_USE_STATES = (
 )
 IN_USE = np.zeros(256, dtype=bool)
 IN_USE[list(IN_USE_STATES)] = True
+# States in which a page is home: in the allocator or kept by its pool (`HOME[state]`, like IN_USE).
+HOME = np.zeros(256, dtype=bool)
+HOME[[PageState.FREE, PageState.CACHE, PageState.RING]] = True
 
 # One descriptor: 20 bytes, little-endian, no padding, so a batch is a flat blob on the wire.
 DESC_DTYPE = np.dtype(
