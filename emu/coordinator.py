@@ -427,15 +427,22 @@ class Run:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
 
+    def start(self) -> None:
+        """Create the shared memory, start every process, wait until all are ready, start the traffic.
+
+        `run` is start + main_loop + teardown; a caller driving the phases itself (a test injecting a
+        fault) must call `abort` and `cleanup` when it is done."""
+        self.setup()
+        self.spawn()
+        self.wait_ready()
+        self.say(rep.banner(self.topo))
+        assert self.table is not None
+        self.started_ns = time.monotonic_ns()
+        self.table.command_all(Cmd.START)
+
     def _run(self) -> dict:
         try:
-            self.setup()
-            self.spawn()
-            self.wait_ready()
-            self.say(rep.banner(self.topo))
-            assert self.table is not None
-            self.started_ns = time.monotonic_ns()
-            self.table.command_all(Cmd.START)
+            self.start()
             self.main_loop()
             return self.teardown()
         except BaseException:

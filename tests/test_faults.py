@@ -27,9 +27,8 @@ from hypothesis import strategies as st
 
 from emu import wire
 from emu.coordinator import Run, RunOptions
-from emu.pagemem import DESC_DTYPE
+from emu.pagemem import DESC_DTYPE, PageState
 from emu.shm import PREFIX, SHM_DIR, sweep_stale
-from emu.stats import Cmd
 from emu.topology import load_topology, validate_topology_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -240,12 +239,7 @@ def test_garbled_messages_on_every_socket(inner: list[bytes], link: list[bytes],
     run = Run(validate_topology_text(FUZZ, "fuzz.yaml"), RunOptions(quiet=True))
     ctx = zmq.Context()
     try:
-        run.setup()
-        run.spawn()
-        run.wait_ready()
-        run.started_ns = time.monotonic_ns()
-        assert run.table is not None
-        run.table.command_all(Cmd.START)
+        run.start()
         ep = run.endpoints()
         targets = [*ep["hosts"]["h1"]["cpu"].values(), *ep["hosts"]["h1"]["device"].values()]
         socks = []
@@ -259,8 +253,9 @@ def test_garbled_messages_on_every_socket(inner: list[bytes], link: list[bytes],
         # Well-formed and current, but foreign: CPU 1's posted buffers, with their live generations,
         # presented to CPU 0 as its RX completions.  CPU 0 must refuse them (they are not its pages).
         pm = run.pms["h1"]
-        wait_for(lambda: int(((pm.owner == 1) & (pm.state == 4)).sum()) > 0, "cpu1's posted buffers")
-        theirs = np.flatnonzero((pm.owner == 1) & (pm.state == 4))[:8]  # RX_POSTED
+        posted = lambda: np.flatnonzero((pm.owner == 1) & (pm.state == PageState.RX_POSTED))  # noqa: E731
+        wait_for(lambda: len(posted()) > 0, "cpu1's posted buffers")
+        theirs = posted()[:8]
         socks[0].send(wire.pack_msg("rx", {"dev": "eth0", "q": 0}, _descs(theirs.tolist(), pm.gen[theirs].tolist(),
                                                                             [64] * len(theirs))))
         for addr in (ep["link"]["h1:eth1"], ep["link"]["sink0"]):
@@ -434,14 +429,9 @@ def test_teardown_with_pages_in_flight_warns_then_exits_cleanly(reliability) -> 
     every page home."""
     run = Run(validate_topology_text(STALL, "stall.yaml"), RunOptions(quiet=True))
     try:
-        run.setup()
-        run.spawn()
-        run.wait_ready()
-        run.started_ns = time.monotonic_ns()
-        assert run.table is not None
-        run.table.command_all(Cmd.START)
+        run.start()
         pm = run.pms["h1"]
-        wait_for(lambda: int((pm.state == 7).sum()) >= 100, "frames awaiting TX completion")  # TX_INFLIGHT
+        wait_for(lambda: int((pm.state == PageState.TX_INFLIGHT).sum()) >= 100, "frames awaiting TX completion")
         report = run.teardown(settle=False)
     finally:
         run.abort()
