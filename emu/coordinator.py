@@ -102,6 +102,10 @@ class Run:
         self.lost = 0  # packets in pages reclaimed from dead processes
         self.audits = 0  # conservation audits taken while traffic ran
         self.audit_problems: list[str] = []
+        self.keys_dir: str | None = None  # CURVE keys for links that leave the machine
+
+    def tick(self) -> None:
+        """Called from every waiting loop; a host agent services its coordinator channel here."""
 
     # -- output -----------------------------------------------------------------------------------
 
@@ -175,6 +179,15 @@ class Run:
                 return ep[b], ep[a]
         return None, None
 
+    def impair_of(self, endpoint: str) -> object | None:
+        """The impairment of the link `endpoint` sends on, for its LinkShaper (None: a perfect wire)."""
+        link = self.topo.link_of(Endpoint.parse(endpoint))
+        return link.impair if link is not None and link.impair.active else None
+
+    def is_local(self, ep: Endpoint) -> bool:
+        """Whether an endpoint runs in this process group (always, for a run of a whole topology)."""
+        return ep.name in self.topo.traffic if ep.kind == "traffic" else ep.host in self.topo.hosts
+
     def spawn(self) -> None:
         assert self.table is not None
         mp = multiprocessing.get_context("spawn")
@@ -197,7 +210,8 @@ class Run:
                 bind, peer = self.link_of(f"{hname}:{dev}")
                 spec = ProcSpec(
                     "device", f"{hname}/{dev}", host=host, host_prefix=f"{self.prefix}-{hname}", device=dev,
-                    endpoints=dict(hep, link_bind=bind, link_peer=peer), **common,
+                    endpoints=dict(hep, link_bind=bind, link_peer=peer),
+                    options={"impair": self.impair_of(f"{hname}:{dev}"), "keys_dir": self.keys_dir}, **common,
                 )
                 specs.append((spec, device_worker.main))
         for name, port in self.topo.traffic.items():
@@ -206,7 +220,7 @@ class Run:
                 bind = ep["link"][name]
             spec = ProcSpec(
                 "traffic", name, port=port, endpoints={"link_bind": bind, "link_peer": peer},
-                options={"count": self.opts.count}, **common,
+                options={"count": self.opts.count, "impair": self.impair_of(name)}, **common,
             )
             specs.append((spec, traffic_worker.main))
         for spec, target in specs:
@@ -225,6 +239,7 @@ class Run:
             if time.monotonic() > deadline:
                 late = [k for k, s in states.items() if s < ProcState.READY]
                 raise RunError(f"processes not ready after {READY_TIMEOUT:.0f} s: {', '.join(late)}")
+            self.tick()
             time.sleep(0.01)
 
     def check_procs(self) -> None:
@@ -275,23 +290,28 @@ class Run:
         self.event(f"cpu {proc.key}: reclaimed {reclaimed} pages ({lost} carried packets, counted lost); "
                    f"RX queues {', '.join(queues) or 'none'} offline; its TX completions moved to live CPUs")
 
-    def _offline(self, hname: str, bit: int, extra: dict[str, int]) -> None:
+    def _offline(self, hname: str | None, bit: int, extra: dict[str, int]) -> None:
         """Add `bit` to a host's offline mask, tell every live process of the host (and `extra` rows,
-        e.g. a dead device's link peer, their own values), and wait until each has applied it."""
+        e.g. a dead device's link peer, their own values), and wait until each has applied it.  With
+        `hname` None only the `extra` rows are told."""
         assert self.table is not None
-        self.offline[hname] = self.offline.get(hname, 0) | (1 << bit)
-        mask = self.offline[hname]
-        want = {p.key: mask for p in self.procs if p.key.startswith(hname + "/") and p.key not in self.dead}
+        want: dict[str, int] = {}
+        if hname is not None:
+            self.offline[hname] = self.offline.get(hname, 0) | (1 << bit)
+            mask = self.offline[hname]
+            want = {p.key: mask for p in self.procs if p.key.startswith(hname + "/") and p.key not in self.dead}
         for key, value in extra.items():
             if key not in self.dead:
                 want[key] = want.get(key, 0) | value
         for key, value in want.items():
+            want[key] = value = value | self.table.read(key)["offline"]
             self.table.set_word(key, "offline", value)
         deadline = time.monotonic() + 10.0
         while any(self.table.read(k)["offline_ack"] != v for k, v in want.items()):
             if time.monotonic() > deadline:
                 late = [k for k, v in want.items() if self.table.read(k)["offline_ack"] != v]
                 raise RunError(f"{', '.join(late)} did not acknowledge the loss of a process")
+            self.tick()
             time.sleep(0.005)
         time.sleep(0.05)  # messages already on their way to the dead process have landed in its socket
 
@@ -309,6 +329,9 @@ class Run:
         peer = self.topo.peer_of(Endpoint("device", hname, dname))
         extra: dict[str, int] = {}
         peer_key = None
+        if peer is not None and not self.is_local(peer):
+            self.remote_link_down(str(peer))
+            peer = None
         if peer is not None:
             peer_key = str(peer) if peer.kind == "traffic" else f"{peer.host}/{peer.name}"
             extra[peer_key] = 1 << LINK_DOWN_BIT
@@ -324,6 +347,15 @@ class Run:
         self.dead_links.append((proc.key, peer_key, None if peer is None else peer.kind))
         self.event(f"device {proc.key}: reclaimed {len(held)} pages; {carrying} queued frames lost; "
                    f"link to {peer} down")
+
+    def remote_link_down(self, endpoint: str) -> None:
+        """The peer of a dead device runs on another host (only in a host agent's run, which tells the
+        coordinator)."""
+
+    def link_down(self, key: str) -> None:
+        """The far end of this row's link is gone (a device on a lost host): carrier down."""
+        self.event(f"{key}: link peer lost: carrier down")
+        self._offline(None, 0, {key: 1 << LINK_DOWN_BIT})
 
     def reclaim_stranded(self) -> None:
         """After every process exited: pages a dead process left mid-flight (a completion it was about to
@@ -360,9 +392,9 @@ class Run:
                 continue
             peer = self.table.read(peer_key)
             if peer_kind == "traffic":
-                sent, got = peer["generated"] - peer["link_down"], peer["received"]
+                sent, got = peer["generated"] - peer["link_down"] - peer["link_lost"], peer["received"]
             else:
-                sent, got = peer["tx_packets"] - peer["tx_dropped"], peer["rx_packets"]
+                sent, got = peer["tx_packets"] - peer["tx_dropped"] - peer["link_lost"], peer["rx_packets"]
             lost += max(0, sent - dead["rx_packets"])
             lost += max(0, dead["tx_packets"] - dead["tx_dropped"] - got)
         return lost
@@ -535,6 +567,7 @@ class Run:
                 next_warn = now + 1.0
             if now - start > SHUTDOWN_TIMEOUT:
                 return
+            self.tick()
             time.sleep(0.02)
 
     def pages_out(self) -> dict[str, int]:
@@ -558,7 +591,13 @@ class Run:
         self.settled_ns = time.monotonic_ns()
         t.command_all(Cmd.DOWN)
         self.wait_pages_home()
-        t.command_all(Cmd.EXIT)
+        return self.finish()
+
+    def finish(self) -> dict:
+        """After DOWN and the wait for the pages: everyone exits, the pools are destroyed, the final
+        strict audit runs and the report is built (and printed)."""
+        assert self.table is not None
+        self.table.command_all(Cmd.EXIT)
         self.join()
         for pool in self.dead_pools:  # pages that came back to dead CPUs' rings since they were reclaimed
             pool.drain()

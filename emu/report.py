@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from emu.topology import Topology
 
 CPU_DROPS = ("xdp_drop", "xdp_aborted", "redirect_err", "xdp_tx_full", "xmit_drops")
-DEVICE_DROPS = ("rx_dropped", "tx_dropped")
+DEVICE_DROPS = ("rx_dropped", "tx_dropped", "link_lost")
 # CPU counters reported as they are, next to the issue's fixed keys.
 CPU_EXTRA = (
     "rx_packets", "rx_bytes", "xdp_tx_full", "xmit_drops", "xmit_bulks", "redirect_skb", "stack_rx",
@@ -38,6 +38,7 @@ class Snapshot:
     rows: dict[str, dict[str, int]]
     kinds: dict[str, str]
     lost: int = 0  # packets in pages the coordinator reclaimed from dead processes
+    host_lost: int = 0  # packets that vanished with a lost host (a multi-host run's survivors can't tell more)
 
     def keys(self, kind: str) -> list[str]:
         return [k for k, v in self.kinds.items() if v == kind]
@@ -56,7 +57,9 @@ class Snapshot:
         out = {f"cpu.{n}": self.total("cpu", n) for n in CPU_DROPS}
         out.update({f"device.{n}": self.total("device", n) for n in DEVICE_DROPS})
         out["traffic.link_down"] = self.total("traffic", "link_down")
+        out["traffic.link_lost"] = self.total("traffic", "link_lost")
         out["fault.lost"] = self.lost
+        out["fault.host_lost"] = self.host_lost
         return out
 
     def dropped(self) -> int:
@@ -137,6 +140,21 @@ def _pool_report(counters: np.ndarray, pm_cache: int, pm_ring: int) -> dict[str,
     return d
 
 
+def traffic_section(final: Snapshot) -> dict[str, Any]:
+    """Where every generated packet went, from the final counters."""
+    return {
+        "generated": final.generated(),
+        "delivered": final.delivered(),
+        "dropped": final.dropped(),
+        "consumed": final.consumed(),
+        "corrupted": final.total("traffic", "corrupted"),
+        "duplicates": final.total("traffic", "duplicates"),
+        "unaccounted": final.unaccounted(),
+        "drops": final.drops(),
+        "ports": {k: {n: v for n, v in final.rows[k].items() if n not in CONTROL} for k in final.keys("traffic")},
+    }
+
+
 def build_report(run: Run, final: Snapshot, audits: dict[str, Audit], elapsed: float) -> dict[str, Any]:
     from emu import xdp_runtime
 
@@ -182,21 +200,9 @@ def build_report(run: Run, final: Snapshot, audits: dict[str, Audit], elapsed: f
             pages["by_state"][s] = pages["by_state"].get(s, 0) + n
         pages["problems"] += [f"{hname}: {p}" for p in audit.problems]
         viol["leaked"] += audit.total - audit.by_state[PageState.FREE.name.lower()]
-    ports = {k: {n: v for n, v in final.rows[k].items() if n not in CONTROL}
-             for k in final.keys("traffic")}
-    for p in ports.values():
-        viol["bad_messages"] += p["bad_messages"]
-    traffic = {
-        "generated": final.generated(),
-        "delivered": final.delivered(),
-        "dropped": final.dropped(),
-        "consumed": final.consumed(),
-        "corrupted": final.total("traffic", "corrupted"),
-        "duplicates": final.total("traffic", "duplicates"),
-        "unaccounted": final.unaccounted(),
-        "drops": final.drops(),
-        "ports": ports,
-    }
+    for p in final.keys("traffic"):
+        viol["bad_messages"] += final.rows[p]["bad_messages"]
+    traffic = traffic_section(final)
     return {
         "topology": topo.name,
         "elapsed_s": round(elapsed, 3),
@@ -212,6 +218,60 @@ def build_report(run: Run, final: Snapshot, audits: dict[str, Audit], elapsed: f
         "events": list(run.events),
         "dead_processes": sorted(run.dead),
         "stalled_shutdown": list(run.stalled),
+        "hosts_lost": [],
+    }
+
+
+def merge_reports(name: str, parts: dict[str, dict[str, Any]], final: Snapshot, elapsed: float,
+                  first_packet_s: float | None, events: list[str], hosts_lost: list[str],
+                  control_refused: int) -> dict[str, Any]:
+    """One report for a multi-host run from each surviving host's own report (their pages, pools and
+    audits) and the coordinator's merged final counters (the traffic, across hosts)."""
+    cpus: list[dict[str, Any]] = []
+    devices: list[dict[str, Any]] = []
+    pages: dict[str, Any] = {"total": 0, "accounted": 0, "in_flight": 0, "by_state": {}, "problems": [],
+                             "audits": 0}
+    viol: dict[str, int] = {}
+    maps: dict[str, Any] = {}
+    all_events = list(events)
+    dead: list[str] = []
+    stalled: list[str] = []
+    for hname, r in parts.items():
+        cpus += r["cpus"]
+        devices += r["devices"]
+        p = r["pages"]
+        for k in ("total", "accounted", "in_flight", "audits"):
+            pages[k] += p[k]
+        for st, n in p["by_state"].items():
+            pages["by_state"][st] = pages["by_state"].get(st, 0) + n
+        pages["problems"] += p["problems"]
+        for k, n in r["violations"].items():
+            viol[k] = viol.get(k, 0) + n
+        maps.update(r["maps"])
+        all_events += [f"{hname}: {e}" for e in r["events"]]
+        dead += r["dead_processes"]
+        stalled += r["stalled_shutdown"]
+    traffic = traffic_section(final)
+    if final.host_lost:
+        traffic["lost_with_hosts"] = final.host_lost
+    link_refused = sum(final.rows[k]["link_refused"] for k in final.keys("device"))
+    return {
+        "topology": name,
+        "elapsed_s": round(elapsed, 3),
+        "first_packet_s": None if first_packet_s is None else round(first_packet_s, 3),
+        "delivered_pps": round(traffic["delivered"] / elapsed) if elapsed > 0 else 0,
+        "rx_pps": round(final.total("cpu", "rx_packets") / elapsed) if elapsed > 0 else 0,
+        "cpus": cpus,
+        "devices": devices,
+        "pages": pages,
+        "violations": viol,
+        "traffic": traffic,
+        "maps": maps,
+        "events": all_events,
+        "dead_processes": sorted(dead),
+        "stalled_shutdown": stalled,
+        "hosts_lost": list(hosts_lost),
+        "security": {"control_refused": control_refused, "link_refused": link_refused},
     }
 
 
@@ -245,6 +305,13 @@ def summary(r: dict[str, Any]) -> str:
     p = r["pages"]
     out.append(f"  pages    total {p['total']:,}  accounted {p['accounted']:,}  in_flight {p['in_flight']:,}")
     out.append("  violations " + "  ".join(f"{k} {n:,}" for k, n in v.items()))
+    if r.get("hosts_lost"):
+        out.append(f"  LOST     hosts {', '.join(r['hosts_lost'])}: their pages died with them; "
+                   f"{t.get('lost_with_hosts', 0):,} packets lost with them (drops: fault.host_lost)")
+    sec = r.get("security")
+    if sec and (sec["control_refused"] or sec["link_refused"]):
+        out.append(f"  security refused {sec['control_refused']:,} control and {sec['link_refused']:,} link "
+                   "connection attempts without the cluster's CURVE key")
     for prob in p["problems"]:
         out.append(f"  AUDIT: {prob}")
     return "\n".join(out)

@@ -86,6 +86,10 @@ DEVICE_COUNTERS = (
     "skb_xmit",  # frames sent through the normal (skb) transmit path
     "xmit_full",  # frames refused because the TX ring was full
     "rx_posted_now",  # gauge: RX buffers currently posted
+    "link_lost",  # frames the link's loss impairment dropped after this device sent them
+    "link_refused",  # connection attempts to this device's link ingress refused by CURVE
+    "link_port",  # gauge: TCP port of the link ingress (links between hosts), 0 for local links
+    "link_up",  # gauge: 1 once a link between hosts is cabled to its peer
     "bad_descriptors",
     "bad_messages",
 )
@@ -100,6 +104,7 @@ TRAFFIC_COUNTERS = (
     "foreign",  # frames that are not ours (no magic)
     "duplicates",
     "link_down",  # generated while the link's peer was gone (counted as lost on the wire)
+    "link_lost",  # frames the link's loss impairment dropped after this port sent them
     "bad_messages",
     "first_rx_ns",  # CLOCK_MONOTONIC time of the first frame received (for the start-up measurement)
 )

@@ -33,6 +33,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Literal, NoReturn
 
 import yaml
@@ -41,6 +42,8 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 __all__ = [
     "DEV_MAP_BULK_SIZE",
+    "MAX_LINK_DELAY_US",
+    "MAX_LINK_RATE_BPS",
     "NAPI_POLL_WEIGHT",
     "PP_ALLOC_CACHE_REFILL",
     "PP_ALLOC_CACHE_SIZE",
@@ -52,6 +55,7 @@ __all__ = [
     "GeneratorConfig",
     "HostConfig",
     "LinkConfig",
+    "LinkImpairment",
     "PoolConfig",
     "Topology",
     "TopologyError",
@@ -73,6 +77,10 @@ NAPI_POLL_WEIGHT = 64
 DEV_MAP_BULK_SIZE = 16
 XDP_BULK_QUEUE_SIZE = 16
 XDP_PACKET_HEADROOM = 256
+
+# Link impairment limits (emulator choices; tc-netem itself allows more).
+MAX_LINK_DELAY_US = 10_000_000  # 10 s for `delay` and `jitter`
+MAX_LINK_RATE_BPS = 10 * 10**12  # 10 tbit
 
 # Smallest test frame: Ethernet/IPv4/UDP headers plus the generator's sequence header and CRC.
 from emu.packets import MIN_PKT_SIZE as MIN_FRAME  # noqa: E402
@@ -204,12 +212,41 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class LinkImpairment:
+    """What a link does to the frames on it, like tc-netem on both ends of a veth pair.
+
+    Each end applies it to what *it* sends (`emu.netem.LinkShaper`).  The default impairs nothing.
+    """
+
+    delay_us: int = 0
+    jitter_us: int = 0
+    loss: float = 0.0  # probability 0..1 that a frame is lost (the file says it in percent)
+    rate_bps: int = 0  # bits per second; 0 = unlimited
+
+    @property
+    def active(self) -> bool:
+        """Whether anything is impaired at all (False: senders keep their fast path)."""
+        return bool(self.delay_us or self.jitter_us or self.loss or self.rate_bps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"delay_us": self.delay_us, "jitter_us": self.jitter_us, "loss": self.loss, "rate_bps": self.rate_bps}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> LinkImpairment:
+        """The inverse of `to_dict`; None (a dict from before impairments existed) = no impairment."""
+        if d is None:
+            return cls()
+        return cls(int(d["delay_us"]), int(d["jitter_us"]), float(d["loss"]), int(d["rate_bps"]))
+
+
+@dataclass(frozen=True, slots=True)
 class LinkConfig:
-    """A point-to-point wire between two endpoints."""
+    """A point-to-point wire between two endpoints, and its impairments (none by default)."""
 
     a: Endpoint
     b: Endpoint
     line: int = 0
+    impair: LinkImpairment = LinkImpairment()
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +290,15 @@ class Topology:
                 return link.a
         return None
 
+    def link_of(self, endpoint: Endpoint | str) -> LinkConfig | None:
+        """The link `endpoint` (an `Endpoint` or its text, ``"h1:eth0"``) is on, or None when it is not linked."""
+        if isinstance(endpoint, str):
+            endpoint = Endpoint.parse(endpoint)
+        for link in self.links:
+            if link.a == endpoint or link.b == endpoint:
+                return link
+        return None
+
     def device_of(self, endpoint: Endpoint) -> DeviceConfig:
         """The device a device endpoint names; KeyError for traffic endpoints and unknown names."""
         if endpoint.kind != "device" or endpoint.host is None:
@@ -265,7 +311,10 @@ class Topology:
             "name": self.name,
             "path": self.path,
             "hosts": {name: host.to_dict() for name, host in self.hosts.items()},
-            "links": [{"a": str(link.a), "b": str(link.b), "line": link.line} for link in self.links],
+            "links": [
+                {"a": str(link.a), "b": str(link.b), "line": link.line, "impair": link.impair.to_dict()}
+                for link in self.links
+            ],
             "traffic": {
                 name: {
                     "name": port.name,
@@ -363,7 +412,13 @@ def topology_from_dict(d: Mapping[str, Any]) -> Topology:
         path=d["path"],
         hosts={name: host_from_dict(hd) for name, hd in d["hosts"].items()},
         links=tuple(
-            LinkConfig(Endpoint.parse(ld["a"]), Endpoint.parse(ld["b"]), ld["line"]) for ld in d["links"]
+            LinkConfig(
+                Endpoint.parse(ld["a"]),
+                Endpoint.parse(ld["b"]),
+                ld["line"],
+                LinkImpairment.from_dict(ld.get("impair")),
+            )
+            for ld in d["links"]
         ),
         traffic=traffic,
     )
@@ -460,7 +515,7 @@ _DEVICE_KEYS = (
     "tx_completion_us",
 )
 _XDP_KEYS = ("program", "params")
-_LINK_KEYS = ("endpoints",)
+_LINK_KEYS = ("endpoints", "delay", "jitter", "loss", "rate")
 _TRAFFIC_KEYS = ("generate",)
 _GENERATE_KEYS = ("count", "rate", "pkt_size", "flows", "burst", "src_mac", "dst_mac")
 
@@ -534,6 +589,93 @@ def _describe(node: Node) -> str:
 
 def _prefix(where: str) -> str:
     return f"{where}: " if where else ""
+
+
+# -- tc-style quantities (link impairments) ------------------------------------------------------------
+# Each parser takes the text as written and returns the value in the dataclass's unit, or raises
+# ValueError with the end of a sentence that the caller starts with ``KEY 'TEXT'``.  Units are matched
+# case-insensitively, as tc does.  Decimal keeps "1.1ms" exactly 1100 us (a float would not).
+
+_QUANTITY_RE = re.compile(r"(?P<num>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?P<unit>[A-Za-z%/]*)\Z")
+_TIME_UNITS = {
+    **dict.fromkeys(("us", "usec", "usecs"), 1),
+    **dict.fromkeys(("ms", "msec", "msecs"), 1000),
+    **dict.fromkeys(("s", "sec", "secs"), 1_000_000),
+}
+_RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
+# tc reads these as *bytes* per second; refused, because "100mbps" is nearly always meant as bits.
+_BYTE_RATE_UNITS = {"bps": 1, "kbps": 10**3, "mbps": 10**6, "gbps": 10**9, "tbps": 10**12}
+
+
+def _split_quantity(text: str, form: str) -> tuple[Decimal, str]:
+    m = _QUANTITY_RE.match(text.strip())
+    if m is None:
+        if text.strip().startswith("-"):
+            raise ValueError("must not be negative")
+        raise ValueError(f"is not {form}")
+    return Decimal(m["num"]), m["unit"].lower()
+
+
+def _parse_duration_us(text: str) -> int:
+    number, unit = _split_quantity(text, "a duration such as 5ms, 200us or 1.5s")
+    if not unit:
+        raise ValueError("needs a unit: us, ms or s")
+    if unit not in _TIME_UNITS:
+        raise ValueError(f"has an unknown unit '{unit}': use us, ms or s (or usec, msec, sec)")
+    us = number * _TIME_UNITS[unit]
+    if us != us.to_integral_value():
+        raise ValueError("is not a whole number of microseconds")
+    if us > MAX_LINK_DELAY_US:
+        raise ValueError(f"is more than the maximum of {MAX_LINK_DELAY_US // 1_000_000}s")
+    return int(us)
+
+
+def _parse_percent(text: str) -> float:
+    number, unit = _split_quantity(text, "a percentage such as 0.1% or 5%")
+    if not unit:
+        raise ValueError("needs a '%': write a percentage such as 0.1% or 5%")
+    if unit != "%":
+        raise ValueError("is not a percentage such as 0.1% or 5%")
+    if number > 100:
+        raise ValueError("must be between 0% and 100%")
+    return float(number / 100)
+
+
+def _parse_bit_rate(text: str) -> int:
+    number, unit = _split_quantity(text, "a bit rate such as 100mbit, 1gbit or 64000bit")
+    units = "bit, kbit, mbit, gbit or tbit"
+    if not unit:
+        raise ValueError(f"needs a unit: {units}")
+    if unit in _BYTE_RATE_UNITS:
+        bits = number * _BYTE_RATE_UNITS[unit] * 8
+        suffix = unit[:-3] + "bit"
+        in_bits = format((bits / _RATE_UNITS[suffix]).normalize(), "f") + suffix
+        raise ValueError(
+            f"is in bytes per second ('{unit}' means BYTES/s in tc); "
+            f"write the rate in bits: '{in_bits}' (units: {units})"
+        )
+    if unit not in _RATE_UNITS:
+        raise ValueError(f"has an unknown unit '{unit}': use {units}")
+    bps = number * _RATE_UNITS[unit]
+    if bps == 0:
+        raise ValueError("must be more than 0 (leave 'rate' out for an unlimited link)")
+    if bps != bps.to_integral_value():
+        raise ValueError("is not a whole number of bits per second")
+    if bps > MAX_LINK_RATE_BPS:
+        raise ValueError(f"is more than the maximum of {MAX_LINK_RATE_BPS // 10**12}tbit")
+    return int(bps)
+
+
+@dataclass(frozen=True, slots=True)
+class _Quantity:
+    form: str  # how a wrong-typed value is told what is expected
+    parse: Callable[[str], Any]
+    zero: Any  # the value when the key is absent
+
+
+_DURATION = _Quantity("a duration such as 5ms, 200us or 1.5s", _parse_duration_us, 0)
+_PERCENT = _Quantity("a percentage such as 0.1% or 5%", _parse_percent, 0.0)
+_BIT_RATE = _Quantity("a bit rate such as 100mbit, 1gbit or 64000bit", _parse_bit_rate, 0)
 
 
 class _Fields:
@@ -660,6 +802,22 @@ class _Fields:
                 f"{self.pfx}'{key}' must have {length} entries (one per {length_what}), not {len(values)}",
             )
         return tuple(values)
+
+    def quantity(self, key: str, q: _Quantity) -> Any:
+        """A tc-style number with a unit (``5ms``, ``0.1%``, ``100mbit``), or ``q.zero`` when absent.
+
+        Plain YAML numbers are parsed from their source text too, so that they are told they need a unit.
+        """
+        node = self.get(key)
+        if node is None:
+            return q.zero
+        if not isinstance(node, ScalarNode) or node.tag not in (_TAG_STR, _TAG_INT, _TAG_FLOAT):
+            self.v.fail(node, f"{self.pfx}'{key}' must be {q.form}, not {_describe(node)}")
+        text = str(node.value)
+        try:
+            return q.parse(text)
+        except ValueError as e:
+            self.v.fail(node, f"{self.pfx}{key} '{text}' {e}")
 
 
 class _Validator:
@@ -1037,7 +1195,13 @@ class _Validator:
                     )
             for ep in eps:
                 used[ep] = _line(item)
-            links.append(LinkConfig(a, b, _line(item)))
+            impair = LinkImpairment(
+                delay_us=f.quantity("delay", _DURATION),
+                jitter_us=f.quantity("jitter", _DURATION),
+                loss=f.quantity("loss", _PERCENT),
+                rate_bps=f.quantity("rate", _BIT_RATE),
+            )
+            links.append(LinkConfig(a, b, _line(item), impair))
         return links
 
     def endpoint(

@@ -16,6 +16,7 @@ from emu.topology import (
     DeviceConfig,
     Endpoint,
     GeneratorConfig,
+    LinkImpairment,
     PoolConfig,
     Topology,
     TopologyError,
@@ -182,6 +183,8 @@ def test_defaults_and_derived_values() -> None:
         ("gen0", "h1:eth0", 18),
         ("h1:eth1", "sink0", 19),
     ]
+    assert all(link.impair == LinkImpairment() and not link.impair.active for link in topo.links)
+    assert topo.link_of(Endpoint.parse("h1:eth0")) is topo.links[0] and topo.link_of("sink0") is topo.links[1]
     assert topo.device_of(Endpoint.parse("h1:eth1")).ifindex == 3
 
 
@@ -1162,7 +1165,7 @@ BAD: list[tuple[str, str, int, str]] = [
             mtu: 1500
         """,
         6,
-        "links[0]: unknown key 'mtu' (expected one of: endpoints)",
+        "links[0]: unknown key 'mtu' (expected one of: endpoints, delay, jitter, loss, rate)",
     ),
     (
         "link-missing-endpoints",

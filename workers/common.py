@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,17 +67,26 @@ def new_context() -> zmq.Context:
     return ctx
 
 
-def pull(ctx: zmq.Context, addr: str, hwm: int = DATA_HWM) -> zmq.Socket:
+SocketSetup = Callable[[zmq.Socket], None] | None
+
+
+def pull(ctx: zmq.Context, addr: str, hwm: int = DATA_HWM, setup: SocketSetup = None) -> zmq.Socket:
+    """A bound PULL socket; `setup` runs before the bind (CURVE must be configured by then)."""
     s = ctx.socket(zmq.PULL)
     s.setsockopt(zmq.RCVHWM, hwm)
+    if setup is not None:
+        setup(s)
     s.bind(addr)
     return s
 
 
-def push(ctx: zmq.Context, addr: str, hwm: int = DATA_HWM) -> zmq.Socket:
+def push(ctx: zmq.Context, addr: str, hwm: int = DATA_HWM, setup: SocketSetup = None) -> zmq.Socket:
+    """A connected PUSH socket; `setup` runs before the connect."""
     s = ctx.socket(zmq.PUSH)
     s.setsockopt(zmq.SNDHWM, hwm)
     s.setsockopt(zmq.IMMEDIATE, 0)
+    if setup is not None:
+        setup(s)
     s.connect(addr)
     return s
 

@@ -26,16 +26,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from emu import wire
+from emu import security, wire
+from emu.netem import LinkShaper
 from emu.packets import FrameBatch, rss_queue
 from emu.pagemem import DESC_DTYPE, PageMemory, PageState, descs_from_bytes
 from emu.stats import Cmd, ProcState, StatsRow, StatsTable
 from workers.common import LINK_HWM, Liveness, ProcSpec, WarnOnce, new_context, pin, pull, push, run_process
 from workers.cpu import LINK_DOWN_BIT
+from workers.link import LINK_BATCH, LinkSender
 
-DEVICE_KINDS = ("post", "xmit", "frames")
-# Frames per message on the wire: bounds the work one link message can ask of a receiver.
-LINK_BATCH = 64
+# "link" comes from the host's own agent: the address of a peer on another host, once it is known.
+DEVICE_KINDS = ("post", "xmit", "frames", "link")
 
 
 @dataclass(slots=True)
@@ -63,8 +64,26 @@ class Device:
         self.zctx = new_context()
         ep = spec.endpoints
         self.inbox = pull(self.zctx, ep["device"][self.name])
-        self.link_in = pull(self.zctx, ep["link_bind"], hwm=LINK_HWM) if ep.get("link_bind") else None
-        self.link_out = push(self.zctx, ep["link_peer"], hwm=LINK_HWM) if ep.get("link_peer") else None
+        # CURVE on links that leave the machine (keys given): a peer without the cluster's key is refused
+        # by the handshake and counted in link_refused.
+        self.keys = security.load_keys(spec.options.get("keys_dir"))
+        self.gatekeeper: security.Gatekeeper | None = None
+        self.link_in = None
+        if ep.get("link_bind"):
+            secure = self.keys is not None and ep["link_bind"].startswith("tcp://")
+            if secure:
+                self.gatekeeper = security.Gatekeeper(self.zctx, self.keys).start()
+            self.link_in = pull(self.zctx, ep["link_bind"], hwm=LINK_HWM,
+                                setup=lambda s: security.make_server(s, self.keys) if secure else None)
+            if secure:
+                self.gatekeeper.watch(self.link_in)
+            bound = self.link_in.getsockopt_string(zmq.LAST_ENDPOINT)
+            if bound.startswith("tcp://"):
+                self.c[self.i["link_port"]] = int(bound.rsplit(":", 1)[1])
+        imp = spec.options.get("impair")
+        self.tx = LinkSender(None, LinkShaper(imp) if imp is not None else None)
+        if ep.get("link_peer"):
+            self.tx.connect(self._link_socket(ep["link_peer"]))
         self.cpu_out = [push(self.zctx, ep["cpu"][c]) for c in range(self.ncpus)]
         self.nrxq = self.cfg.rx_queues
         self.rx_cpus = list(self.cfg.rx_cpus)
@@ -74,7 +93,6 @@ class Device:
         self.txqs = [TxQueue() for _ in range(self.cfg.tx_queues)]
         self.tx_ring = self.cfg.tx_ring_size
         self.completion_ns = self.cfg.tx_completion_us * 1000
-        self.wire_backlog: collections.deque = collections.deque()  # packed link messages not yet sent
         self.pause_ns = int(spec.options.get("pause_ms", 1000) * 1e6)
         self.paused_since = 0
         self.down = False
@@ -90,6 +108,9 @@ class Device:
             kind, hdr, blob = wire.unpack_msg(msg, DEVICE_KINDS)
             if kind == "frames":
                 self.skb_xmit(wire.unpack_frames(msg))
+                return
+            if kind == "link":
+                self.cable(hdr["peer"])
                 return
             d = descs_from_bytes(blob)
             if kind == "post":
@@ -118,6 +139,21 @@ class Device:
                 self.nposted[q] += len(d)
         else:
             self.xmit(txq, cpu, xkind, self._valid(d, PageState.TX_QUEUED))
+
+    def _link_socket(self, addr: str) -> zmq.Socket:
+        secure = self.keys is not None and addr.startswith("tcp://")
+        return push(self.zctx, addr, hwm=LINK_HWM,
+                    setup=lambda s: security.make_client(s, self.keys) if secure else None)
+
+    def cable(self, peer: object) -> None:
+        """Plug the link into its peer's ingress (sent by the host agent once every host has reported
+        where its devices listen)."""
+        if not isinstance(peer, str) or not peer.startswith(("tcp://", "ipc://")):
+            raise ValueError(f"link peer address {peer!r} is not a tcp:// or ipc:// endpoint")
+        if self.offline >> LINK_DOWN_BIT & 1:
+            return
+        self.tx.connect(self._link_socket(peer))
+        self.c[self.i["link_up"]] = 1
 
     def _valid(self, d: np.ndarray, expect: PageState, owner: int | None = None) -> np.ndarray:
         """Keep the descriptors that name a page of this host in the state the message implies."""
@@ -181,28 +217,19 @@ class Device:
         n = len(lengths)
         self.c[self.i["tx_packets"]] += n
         self.c[self.i["tx_bytes"]] += int(lengths.sum())
-        if self.link_out is None:
+        if not self.tx.connected:
             self.c[self.i["tx_dropped"]] += n
             return
-        for s in range(0, n, LINK_BATCH):
-            e = min(n, s + LINK_BATCH)
-            self.wire_backlog.append(wire.pack_frames(FrameBatch(data, offsets[s:e], lengths[s:e])))
-        self.flush_wire()
-
-    def flush_wire(self) -> None:
-        while self.wire_backlog:
-            try:
-                self.link_out.send(self.wire_backlog[0], zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self.wire_backlog.popleft()
+        lost = self.tx.send(FrameBatch(data, offsets, lengths))
+        if lost:
+            self.c[self.i["link_lost"]] += lost
 
     def transmit(self) -> int:
         """Put every queued page's frame on the wire and start its completion timer."""
         sent = 0
         now = time.monotonic_ns()
         for q in self.txqs:
-            if not q.queued or len(self.wire_backlog) > 4 * LINK_HWM:
+            if not q.queued or self.tx.busy():
                 continue
             d = np.concatenate(q.queued) if len(q.queued) > 1 else q.queued[0]
             q.queued.clear()
@@ -353,13 +380,11 @@ class Device:
         """CPUs died: their RX queues go offline (posted buffers are abandoned to the coordinator, which
         reclaims them; frames hashed there are dropped) and their TX completions move to a live CPU."""
         self.offline = mask
-        if mask >> LINK_DOWN_BIT & 1 and self.link_out is not None:
+        if mask >> LINK_DOWN_BIT & 1 and self.tx.connected:
             # The peer at the other end of the cable is gone: carrier lost, frames are dropped here.
             self.warn_once("linkdown", "link peer is gone: carrier down")
-            self.link_out.close(0)
-            self.link_out = None
-            self.c[self.i["tx_dropped"]] += sum(_frames_in(m) for m in self.wire_backlog)
-            self.wire_backlog.clear()
+            self.c[self.i["tx_dropped"]] += self.tx.cut()
+            self.c[self.i["link_up"]] = 0
         mask &= (1 << 32) - 1
         live = [c for c in range(self.ncpus) if not mask >> c & 1]
         for q in range(self.nrxq):
@@ -422,30 +447,35 @@ class Device:
             if not self.down:
                 work += self.receive()
             work += self.transmit()
-            if self.link_out is not None and self.wire_backlog:
-                self.flush_wire()
+            if self.tx.backlog:
+                self.tx.flush()
             work += self.complete()
             c[self.i["rx_posted_now"]] = sum(self.nposted)
+            if self.gatekeeper is not None:
+                c[self.i["link_refused"]] = self.gatekeeper.refused
             if not work:
                 timeout = 5
                 pending = [q.inflight[0][0] for q in self.txqs if q.inflight]
                 if pending:
                     timeout = max(0, min(timeout, (min(pending) - time.monotonic_ns()) // 1_000_000))
-                if self.paused_since or self.wire_backlog:
+                due = self.tx.next_due_ms()
+                if due is not None:
+                    timeout = min(timeout, max(due, 1))
+                if self.paused_since:
                     timeout = min(timeout, 1)
                 if timeout:
                     poller.poll(timeout)
         self.close()
 
     def close(self) -> None:
-        for s in (self.inbox, self.link_in, self.link_out, *self.cpu_out):
+        self.tx.close()
+        for s in (self.inbox, self.link_in, *self.cpu_out):
             if s is not None:
                 s.close(0)
+        if self.gatekeeper is not None:
+            self.c[self.i["link_refused"]] = self.gatekeeper.refused
+            self.gatekeeper.stop()
         self.zctx.term()
-
-
-def _frames_in(msg: bytes) -> int:
-    return len(wire.unpack_frames(msg))
 
 
 def _body(spec: ProcSpec, table: StatsTable, row: StatsRow) -> None:

@@ -8,7 +8,8 @@ travel as batches (at most `burst` per message), never one message per packet.
 
 Generation waits for the coordinator's START, so the first packet leaves only when every device and CPU
 is ready, and stops at QUIESCE or after `count` packets.  A full link (the device paused it) makes the
-generator wait: packets are counted as generated only once they are on the wire.
+generator wait: packets are counted as generated once they are handed to the link, and at most one
+batch waits for a paused link.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import time
 import zmq
 
 from emu import wire
+from emu.netem import LinkShaper
 from emu.packets import FrameFactory, Pacer, SeqTracker, verify_batch
 from emu.stats import Cmd, ProcState, StatsRow, StatsTable
 from workers.common import LINK_HWM, Liveness, ProcSpec, new_context, pin, pull, push, run_process
 from workers.cpu import LINK_DOWN_BIT
+from workers.link import LinkSender
 
 
 class TrafficPort:
@@ -38,14 +41,17 @@ class TrafficPort:
         self.zctx = new_context()
         ep = spec.endpoints
         self.link_in = pull(self.zctx, ep["link_bind"], hwm=LINK_HWM)
-        self.link_out = push(self.zctx, ep["link_peer"], hwm=LINK_HWM) if ep.get("link_peer") else None
+        imp = spec.options.get("impair")
+        self.tx = LinkSender(
+            push(self.zctx, ep["link_peer"], hwm=LINK_HWM) if ep.get("link_peer") else None,
+            LinkShaper(imp) if imp is not None else None,
+        )
         self.tracker = SeqTracker(self.count or None)
         self.factory = None
         if gen is not None:
             self.factory = FrameFactory(gen.pkt_size, gen.flows, gen.src_mac, gen.dst_mac)
             self.pacer = Pacer(gen.rate, gen.burst)
         self.seq = 0
-        self.pending = None  # a built batch the link has not taken yet
 
     def receive(self) -> int:
         got = 0
@@ -75,42 +81,39 @@ class TrafficPort:
 
     def generate(self) -> int:
         """Send one burst if the pacer and the link allow; returns packets sent."""
-        if self.pending is None:
-            left = self.count - self.seq if self.count else self.gen.burst
-            n = min(self.pacer.next_burst(), left)
-            if n <= 0:
-                return 0
-            batch = self.factory.build(self.seq, n)
-            self.pending = (n, int(batch.lengths.sum()), wire.pack_frames(batch))
-        n, nbytes, msg = self.pending
-        if self.c[self.i["offline"]] >> LINK_DOWN_BIT & 1:
-            # Carrier down: pktgen's transmit fails; the packets are counted, as generated and lost.
-            self.pending = None
-            self.seq += n
-            self.c[self.i["generated"]] += n
-            self.c[self.i["link_down"]] += n
-            return n
-        try:
-            self.link_out.send(msg, zmq.NOBLOCK, copy=False)
-        except zmq.Again:
+        if self.tx.backlog:
+            self.tx.flush()
+            if self.tx.blocked() or self.tx.busy():
+                return 0  # the link is full (the device paused it): wait
+        left = self.count - self.seq if self.count else self.gen.burst
+        n = min(self.pacer.next_burst(), left)
+        if n <= 0:
             return 0
-        self.pending = None
+        c, i = self.c, self.i
         self.seq += n
-        self.c[self.i["generated"]] += n
-        self.c[self.i["tx_bytes"]] += nbytes
+        c[i["generated"]] += n
+        if c[i["offline"]] >> LINK_DOWN_BIT & 1:
+            # Carrier down: pktgen's transmit fails; the packets are counted, as generated and lost.
+            c[i["link_down"]] += n
+            return n
+        batch = self.factory.build(self.seq - n, n)
+        c[i["tx_bytes"]] += int(batch.lengths.sum())
+        lost = self.tx.send(batch)
+        if lost:
+            c[i["link_lost"]] += lost
         return n
 
     def run(self) -> None:
         live = Liveness(self.row, self.spec.parent_pid)
         c = self.c
-        generating = self.factory is not None and self.link_out is not None
+        generating = self.factory is not None and self.tx.connected
         self.row.set_state(ProcState.READY)
         poller = zmq.Poller()
         poller.register(self.link_in, zmq.POLLIN)
         out_poller = zmq.Poller()
         out_poller.register(self.link_in, zmq.POLLIN)
-        if self.link_out is not None:
-            out_poller.register(self.link_out, zmq.POLLOUT)
+        if self.tx.sock is not None:
+            out_poller.register(self.tx.sock, zmq.POLLOUT)
         while True:
             cmd = c[0]
             if cmd >= Cmd.EXIT or not live.tick():
@@ -118,6 +121,11 @@ class TrafficPort:
             work = self.receive()
             if c[4] != c[5]:
                 c[5] = c[4]  # link down noticed: nothing more goes on the wire (see generate)
+                if c[4] >> LINK_DOWN_BIT & 1 and self.tx.connected:
+                    out_poller.unregister(self.tx.sock)
+                    c[self.i["link_down"]] += self.tx.cut()
+            if self.tx.backlog:
+                self.tx.flush()
             if generating and Cmd.START <= cmd < Cmd.QUIESCE:
                 if self.count and self.seq >= self.count:
                     generating = False
@@ -126,14 +134,13 @@ class TrafficPort:
                     self.row.set_state(ProcState.RUNNING)
                     work += self.generate()
             if not work:
-                if generating and Cmd.START <= cmd < Cmd.QUIESCE and self.pending is not None:
+                due = self.tx.next_due_ms()
+                if due == 0 and self.tx.connected:
                     # The link is full (the device paused it): sleep until it takes a message or a
                     # frame arrives, instead of spinning.
-                    if out_poller.poll(5):
-                        continue
-                    poller.poll(0)
+                    out_poller.poll(5)
                     continue
-                wait = 5.0
+                wait = 5.0 if due is None else float(max(due, 1))
                 if generating and cmd >= Cmd.START:
                     wait = min(wait, max(0.0, self.pacer.wait_hint() * 1000), 1.0)
                 if wait >= 0.2:
@@ -141,8 +148,7 @@ class TrafficPort:
                 else:
                     time.sleep(wait / 1000)
         self.link_in.close(0)
-        if self.link_out is not None:
-            self.link_out.close(0)
+        self.tx.close()
         self.zctx.term()
 
 

@@ -1,0 +1,126 @@
+"""The sending end of an emulated wire: frames leave in batches, through the link's impairments, and wait
+in a short backlog when the peer is not taking them.
+
+Devices and traffic ports both put frames on links, so both use this.  A link carries frame bytes, never
+page ids: the receiving end DMAs them into pages of its own host, which is what lets a link cross hosts
+(zmq over TCP) as easily as processes (zmq over ipc).  Frames travel as messages of at most `LINK_BATCH`
+frames, so one message never asks more of a receiver than one RX burst.
+
+Impairments (``delay``, ``jitter``, ``loss``, ``rate`` on the link in the topology) are applied here, by
+the sender, to what it sends, as netem would on each end of a veth pair: lost frames are counted in the
+sender's ``link_lost`` counter (a named drop in the run's accounting), and a delayed message waits in the
+backlog until its departure time.  Without impairments nothing of this is on the path.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import numpy as np
+import zmq
+
+from emu import wire
+from emu.netem import LinkShaper
+from emu.packets import FrameBatch
+
+# Frames per message on the wire: bounds the work one link message can ask of a receiver.
+LINK_BATCH = 64
+# Messages waiting to leave before a sender counts as busy (pauses its generator, stops transmitting).
+BACKLOG_MAX = 256
+
+
+class LinkSender:
+    """One link's transmit side: `sock` is None while the link has no peer (not cabled, or down)."""
+
+    def __init__(self, sock: zmq.Socket | None, shaper: LinkShaper | None = None) -> None:
+        self.sock = sock
+        self.shaper = shaper if shaper is not None and shaper.active else None
+        self.backlog: collections.deque[tuple[int, bytes, int]] = collections.deque()  # (due_ns, msg, frames)
+        self.lost = 0  # frames the link's loss impairment dropped
+
+    @property
+    def connected(self) -> bool:
+        return self.sock is not None
+
+    def connect(self, sock: zmq.Socket) -> None:
+        """The peer's address became known (a link between hosts is cabled after both ends are up)."""
+        if self.sock is not None:
+            self.sock.close(0)
+        self.sock = sock
+
+    def busy(self) -> bool:
+        """Too much waits to leave: the sender should stop producing until the peer takes more."""
+        return len(self.backlog) >= BACKLOG_MAX
+
+    def blocked(self) -> bool:
+        """A message is due but the peer's queue is full (it paused the link)."""
+        if not self.backlog:
+            return False
+        due = self.backlog[0][0]
+        return not due or due <= time.monotonic_ns()
+
+    def send(self, frames: FrameBatch) -> int:
+        """Put a batch on the wire (or in the backlog); returns how many frames the link lost."""
+        n = len(frames)
+        lost = 0
+        shaper = self.shaper
+        if shaper is not None:
+            mask = shaper.lose(n)
+            if mask is not None and mask.any():
+                keep = np.flatnonzero(~mask)
+                lost = n - len(keep)
+                self.lost += lost
+                frames = FrameBatch(frames.data, frames.offsets[keep], frames.lengths[keep])
+                n = len(keep)
+        now = time.monotonic_ns() if shaper is not None else 0
+        for s in range(0, n, LINK_BATCH):
+            e = min(n, s + LINK_BATCH)
+            part = FrameBatch(frames.data, frames.offsets[s:e], frames.lengths[s:e])
+            due = shaper.departure(int(part.lengths.sum()), now) if shaper is not None else 0
+            self.backlog.append((due, wire.pack_frames(part), e - s))
+        self.flush()
+        return lost
+
+    def flush(self) -> None:
+        """Send what is due, until the peer's queue is full."""
+        sock = self.sock
+        if sock is None:
+            return
+        backlog = self.backlog
+        now = time.monotonic_ns() if self.shaper is not None else 0
+        while backlog:
+            due, msg, _ = backlog[0]
+            if due > now:
+                return
+            try:
+                sock.send(msg, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            backlog.popleft()
+
+    def next_due_ms(self) -> int | None:
+        """Milliseconds until the backlog's head may leave (None: nothing waits; 0: now or blocked)."""
+        if not self.backlog:
+            return None
+        due = self.backlog[0][0]
+        if not due:
+            return 0
+        return max(0, (due - time.monotonic_ns()) // 1_000_000)
+
+    def pending_frames(self) -> int:
+        return sum(n for _, _, n in self.backlog)
+
+    def cut(self) -> int:
+        """Carrier lost: close the socket and drop the backlog; returns the frames dropped."""
+        dropped = self.pending_frames()
+        self.backlog.clear()
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None
+        return dropped
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None
