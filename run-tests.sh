@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up (a virtualenv with the project and its test extras) and run the whole test suite in parallel.
-# Slow multi-process tests are included; Docker tests are too, and skip themselves where no engine runs.
+# Slow multi-process tests are included; Docker tests are too: they skip where no engine runs, except in CI
+# (.ci/run sets EMU_REQUIRE_DOCKER=1, so there a missing engine fails the run).
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}

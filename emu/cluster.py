@@ -19,7 +19,6 @@ It is never on the packet path: frames go device to device, and counters arrive 
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -98,12 +97,7 @@ class Cluster:
         print(f"emu: {text}", file=sys.stderr, flush=True)
 
     def status(self, word: str) -> None:
-        if self.status_file:
-            tmp = f"{self.status_file}.tmp"
-            os.makedirs(os.path.dirname(os.path.abspath(tmp)), exist_ok=True)
-            with open(tmp, "w") as f:
-                f.write(word + "\n")
-            os.replace(tmp, self.status_file)
+        control.write_status(self.status_file, word)
 
     # -- the channel --------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ else (garbled, foreign, an unknown kind) raises `ControlError` naming what was w
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import msgpack
@@ -58,3 +59,14 @@ def field(header: dict[str, Any], name: str, kind: type) -> Any:
     if type(value) is not kind:
         raise ControlError(f"header field {name!r} should be a {kind.__name__}, got {value!r}")
     return value
+
+
+def write_status(path: str | None, word: str) -> None:
+    """Replace a status file's contents atomically (a healthcheck may read it at any moment)."""
+    if not path:
+        return
+    tmp = f"{path}.tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(tmp)), exist_ok=True)
+    with open(tmp, "w") as f:
+        f.write(word + "\n")
+    os.replace(tmp, path)

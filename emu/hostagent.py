@@ -136,12 +136,7 @@ class HostAgent:
 
     def status(self, word: str) -> None:
         self.phase = word
-        if self.opts.status_file:
-            tmp = f"{self.opts.status_file}.tmp"
-            os.makedirs(os.path.dirname(os.path.abspath(tmp)), exist_ok=True)
-            with open(tmp, "w") as f:
-                f.write(word + "\n")
-            os.replace(tmp, self.opts.status_file)
+        control.write_status(self.opts.status_file, word)
 
     # -- the channel --------------------------------------------------------------------------------
 
