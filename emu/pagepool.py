@@ -228,7 +228,8 @@ class PagePool:
     # -- return paths -----------------------------------------------------------------------------
 
     def _validate(
-        self, ids: np.ndarray, gens: np.ndarray | None, errors: list[str], expect: int | None = None
+        self, ids: np.ndarray, gens: np.ndarray | None, errors: list[str], expect: int | None = None,
+        returning: bool = True,
     ) -> np.ndarray:
         """Drop (and count) every page that may not be returned to this pool now; return the rest.
 
@@ -243,13 +244,14 @@ class PagePool:
                     return ids
             except IndexError:
                 pass  # an id out of range: the full check below names it
-        return self._validate_full(ids, gens, errors, expect)
+        return self._validate_full(ids, gens, errors, expect, returning)
 
     def check(self, ids: np.ndarray, gens: np.ndarray | None, expect: int) -> tuple[np.ndarray, list[str]]:
-        """Validate descriptors a peer handed over (same rules as a return); returns the good page ids
+        """Validate descriptors a peer handed over (same rules as a return, except that nothing is being
+        recycled: a page awaiting TX completion is merely in the wrong state); returns the good page ids
         and the problems found (already counted)."""
         errors: list[str] = []
-        return self._validate(ids, gens, errors, expect), errors
+        return self._validate(ids, gens, errors, expect, returning=False), errors
 
     def _valid_uniform(self, ids: np.ndarray, gens: np.ndarray | None, n: int, expect: int | None) -> bool:
         """The common case in a few gathers and byte compares: every page in one in-use state, owned
@@ -285,7 +287,8 @@ class PagePool:
         return mark.take(ids).tobytes() == pos_bytes
 
     def _validate_full(
-        self, ids: np.ndarray, gens: np.ndarray | None, errors: list[str], expect: int | None
+        self, ids: np.ndarray, gens: np.ndarray | None, errors: list[str], expect: int | None,
+        returning: bool = True,
     ) -> np.ndarray:
         pm = self.pm
         ids = np.asarray(ids, dtype=np.int64)
@@ -304,6 +307,8 @@ class PagePool:
         in_use = IN_USE[st]
         if expect is not None:
             early = in_use & (st != expect) & ((st == PageState.TX_QUEUED) | (st == PageState.TX_INFLIGHT))
+            if not returning:
+                early[:] = False
             wrong = in_use & (st != expect) & ~early
             self._refuse(early, "recycled_before_tx_completion", ids, errors,
                          lambda n, p: f"{n} pages returned before their TX completion, e.g. page {p} "

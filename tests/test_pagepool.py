@@ -669,6 +669,11 @@ def test_expected_state_on_return(page_memory) -> None:
     # check(): the same validation without returning anything.
     good, errors = pool.check(np.concatenate((tx, rx)), None, PageState.TX_QUEUED)
     assert sorted(good.tolist()) == sorted(tx.tolist()) and len(errors) == 1 and "wrong state" in errors[0]
+    # check() recycles nothing: a descriptor naming a page that awaits its TX completion (a forged RX
+    # completion, say) is in the wrong state, not a page recycled before its completion.
+    good, errors = pool.check(tx, None, PageState.RX_POSTED)
+    assert len(good) == 0 and "wrong state" in errors[0]
+    expect_stats(pool, cached=61, recycle_cached=2, recycled_before_tx_completion=4, wrong_state=5, **base)
     # Uniform batches in the expected state take the fast validation and go home, also through the ring.
     pm.state[tx] = PageState.TX_INFLIGHT
     assert pm.pool(0).put(tx, pm.gen[tx], expect=PageState.TX_INFLIGHT) == 2
