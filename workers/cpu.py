@@ -11,7 +11,8 @@ What one poll does, in the kernel's order (drivers' ``napi_poll`` + ``xdp_do_flu
    ring); TX puts it on the same device's XDP TX queue for this CPU; REDIRECT bulks it per target device
    (16 frames per ``ndo_xdp_xmit`` call), or, for a target without XDP transmit, copies it into an skb
    (``redirect_fallback: skb``) or drops it (``drop``: -EOPNOTSUPP, ``redirect_err``);
-4. flush the bulks (one message per target device per poll), then refill the RX rings from the pool.
+4. flush the bulks (one message per target device for up to `POLLS_PER_FLUSH` polls: counters are per
+   poll, messages per pass), then refill the RX rings from the pool.
 
 TX completions for the TX queues this CPU services come back here; each page goes back to the pool that
 allocated it: directly when that is this CPU's, through that CPU's recycle ring otherwise.  A page is
@@ -31,12 +32,14 @@ from emu.pagemem import DESC_DTYPE, PageMemory, PageState, descs_from_bytes
 from emu.pagepool import return_pages
 from emu.stats import Cmd, ProcState, StatsRow, StatsTable
 from emu.xdp import XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
-from workers.common import Liveness, ProcSpec, WarnOnce, new_context, pin, pull, push, run_process
+from workers.common import Liveness, ProcSpec, WarnOnce, new_context, pin, pull, push, run_process, take
 
 # Byte offset of packet data in a page: the kernel's XDP_PACKET_HEADROOM.
 HEADROOM = 256
 # Post RX buffers once a queue is short of this many (drivers refill in small batches, not per packet).
 REFILL_MIN = 64
+# NAPI polls (of napi_budget packets per queue each) whose TX/redirect bulks go out in one message.
+POLLS_PER_FLUSH = 8
 
 CPU_KINDS = ("rx", "txc", "txdrop", "rxret", "skb")
 DEVICE_BIT = 32  # in the offline mask, device number i is bit 32 + i
@@ -109,6 +112,7 @@ class CpuWorker:
         self.warn_once = WarnOnce(spec.key)
         # Per-poll batches: (device, kind) -> list of page-id arrays to transmit.
         self.tx_bulk: dict[tuple[str, str], list[np.ndarray]] = {}
+        self.posts: dict[tuple[str, int], list[np.ndarray]] = {}  # refilled RX buffers not yet posted
         self.skb_local: list[np.ndarray] = []
         self.skb_remote: list[np.ndarray] = []
         self.offline = 0
@@ -228,6 +232,7 @@ class CpuWorker:
 
     def napi_poll(self) -> int:
         done = 0
+        before = {key: len(parts) for key, parts in self.tx_bulk.items()}
         for rxq in self.rxqs.values():
             if not rxq.pending:
                 continue
@@ -242,7 +247,13 @@ class CpuWorker:
             done += len(batch)
         if done:
             self.c[self.i["polls"]] += 1
-        self.xdp_do_flush()
+            # The devmap bulk queue: one ndo_xdp_xmit call per `bulk` frames, and a partial one at the
+            # end of the poll.
+            for (dev, kind), parts in self.tx_bulk.items():
+                if kind == "redirect":
+                    new = sum(len(p) for p in parts[before.get((dev, kind), 0):])
+                    if new:
+                        self.c[self.i["xmit_bulks"]] += math.ceil(new / self.bulk)
         return done
 
     def run_xdp(self, rxq: RxQueue, d: np.ndarray) -> None:
@@ -361,8 +372,6 @@ class CpuWorker:
                 self.pm.state.put(ids, PageState.TX_QUEUED)
                 self.pm.holder.put(ids, device_code(t.index))
                 bulks = math.ceil(len(ids) / self.bulk) if kind == "redirect" else 1
-                if kind == "redirect":
-                    self.c[self.i["xmit_bulks"]] += bulks
                 hdr = {"txq": self.cpu % t.tx_queues, "cpu": self.cpu, "kind": kind, "bulks": bulks}
                 self.send_descs(self.sock(dev), "xmit", hdr, ids)
             self.tx_bulk.clear()
@@ -392,7 +401,14 @@ class CpuWorker:
             self.pm.len.put(ids, 0)
             rxq.posted += len(ids)
             self.c[self.i["rx_posted"]] += len(ids)
-            self.send_descs(self.sock(rxq.dev), "post", {"q": rxq.q, "cpu": self.cpu}, ids)
+            self.posts.setdefault((rxq.dev, rxq.q), []).append(ids)
+
+    def post_flush(self) -> None:
+        """Ring the RX doorbells: the buffers refilled during this pass go to their devices."""
+        for (dev, q), parts in self.posts.items():
+            ids = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            self.send_descs(self.sock(dev), "post", {"q": q, "cpu": self.cpu}, ids)
+        self.posts.clear()
 
     def apply_offline(self, mask: int) -> None:
         """CPUs or devices died (mask: CPUs in bits 0..31, devices from bit 32): free skbs here instead of
@@ -420,15 +436,24 @@ class CpuWorker:
                 self.apply_offline(c[4])
             got = 0
             while got < 256:
-                try:
-                    msg = inbox.recv(zmq.NOBLOCK, copy=True)
-                except zmq.Again:
+                msg = take(inbox)
+                if msg is None:
                     break
                 self.dispatch(msg)
                 got += 1
-            done = self.napi_poll()
-            if cmd < Cmd.DOWN:
-                self.refill()
+            # Several polls, then one flush: the kernel flushes (xdp_do_flush) at the end of each poll,
+            # which hands the bulks to the driver's rings for free; here a flush is a message, so the
+            # polls of one pass share it (as xmit_more defers the doorbell).  Counters stay per poll.
+            done = 0
+            for _ in range(POLLS_PER_FLUSH):
+                n = self.napi_poll()
+                done += n
+                if cmd < Cmd.DOWN:
+                    self.refill()  # inside each poll, as drivers do: freed pages are reused from the cache
+                if not n:
+                    break
+            self.xdp_do_flush()
+            self.post_flush()
             if not got and not done:
                 inbox.poll(5)
         self.shutdown()

@@ -31,7 +31,18 @@ from emu.netem import LinkShaper
 from emu.packets import FrameBatch, rss_queue
 from emu.pagemem import DESC_DTYPE, PageMemory, PageState, descs_from_bytes
 from emu.stats import Cmd, ProcState, StatsRow, StatsTable
-from workers.common import LINK_HWM, Liveness, ProcSpec, WarnOnce, new_context, pin, pull, push, run_process
+from workers.common import (
+    LINK_HWM,
+    Liveness,
+    ProcSpec,
+    WarnOnce,
+    new_context,
+    pin,
+    pull,
+    push,
+    run_process,
+    take,
+)
 from workers.cpu import LINK_DOWN_BIT
 from workers.link import LINK_BATCH, LinkSender
 
@@ -295,11 +306,8 @@ class Device:
         batches: list[FrameBatch] = []
         room = low
         for _ in range(16):
-            if room < LINK_BATCH:
-                break
-            try:
-                msg = self.link_in.recv(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
+            msg = take(self.link_in) if room >= LINK_BATCH else None
+            if msg is None:
                 break
             try:
                 frames = wire.unpack_frames(msg, max_frame=self.ps - 256)
@@ -438,9 +446,8 @@ class Device:
                 self.row.set_state(ProcState.DOWN)
             work = 0
             for _ in range(256):
-                try:
-                    msg = self.inbox.recv(zmq.NOBLOCK, copy=True)
-                except zmq.Again:
+                msg = take(self.inbox)
+                if msg is None:
                     break
                 self.dispatch(msg)
                 work += 1

@@ -24,8 +24,9 @@ from emu import wire
 from emu.netem import LinkShaper
 from emu.packets import FrameBatch
 
-# Frames per message on the wire: bounds the work one link message can ask of a receiver.
-LINK_BATCH = 64
+# Frames per message on the wire: bounds the work one link message can ask of a receiver (a device takes
+# a message only with this many RX buffers posted on every queue).
+LINK_BATCH = 256
 # Messages waiting to leave before a sender counts as busy (pauses its generator, stops transmitting).
 BACKLOG_MAX = 256
 

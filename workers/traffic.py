@@ -4,7 +4,8 @@ A port with ``generate`` sends real Ethernet/IPv4/UDP frames (pktgen's knobs: co
 pkt_size, flows, burst) whose payload carries a sequence number and a CRC; every port checks every frame
 it receives (magic, length, CRC) and tracks sequence numbers, so a page reused before its TX completion,
 a frame written into the wrong page or a duplicate shows up as ``corrupted`` or ``duplicates``.  Frames
-travel as batches (at most `burst` per message), never one message per packet.
+travel as batches (a burst per message, or several back-to-back bursts when unpaced), never one message
+per packet.
 
 Generation waits for the coordinator's START, so the first packet leaves only when every device and CPU
 is ready, and stops at QUIESCE or after `count` packets.  A full link (the device paused it) makes the
@@ -22,9 +23,9 @@ from emu import wire
 from emu.netem import LinkShaper
 from emu.packets import FrameFactory, Pacer, SeqTracker, verify_batch
 from emu.stats import Cmd, ProcState, StatsRow, StatsTable
-from workers.common import LINK_HWM, Liveness, ProcSpec, new_context, pin, pull, push, run_process
+from workers.common import LINK_HWM, Liveness, ProcSpec, new_context, pin, pull, push, run_process, take
 from workers.cpu import LINK_DOWN_BIT
-from workers.link import LinkSender
+from workers.link import LINK_BATCH, LinkSender
 
 
 class TrafficPort:
@@ -56,9 +57,8 @@ class TrafficPort:
     def receive(self) -> int:
         got = 0
         for _ in range(16):
-            try:
-                msg = self.link_in.recv(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
+            msg = take(self.link_in)
+            if msg is None:
                 break
             try:
                 frames = wire.unpack_frames(msg)
@@ -85,10 +85,14 @@ class TrafficPort:
             self.tx.flush()
             if self.tx.blocked() or self.tx.busy():
                 return 0  # the link is full (the device paused it): wait
-        left = self.count - self.seq if self.count else self.gen.burst
+        left = self.count - self.seq if self.count else LINK_BATCH
         n = min(self.pacer.next_burst(), left)
         if n <= 0:
             return 0
+        if not self.gen.rate:
+            # Unpaced: back-to-back bursts share one link message (up to LINK_BATCH frames), as pktgen's
+            # bursts share one doorbell; paced, every burst leaves on its own schedule.
+            n = min(left, max(n, LINK_BATCH // n * n))
         c, i = self.c, self.i
         self.seq += n
         c[i["generated"]] += n
