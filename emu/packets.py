@@ -426,7 +426,14 @@ def verify_batch(batch: FrameBatch) -> VerifyResult:
     cand = ours & full & (hdr["len"] == (batch.lengths if lens is None else lens))
     good = np.zeros(n, dtype=bool)
     idx = np.flatnonzero(cand)
-    if len(idx):
+    if rows is not None and len(idx) and batch.stride - PAYLOAD_OFF - CRC_LEN <= _CRC_VECTOR_MAX:
+        # Uniform short frames: the CRC of the whole batch at once, from per-position tables.
+        plen = batch.stride - PAYLOAD_OFF - CRC_LEN
+        zero, table = _crc_position_table(plen)
+        payload = rows[idx, PAYLOAD_OFF : PAYLOAD_OFF + plen] if len(idx) < n else rows[:, PAYLOAD_OFF:-CRC_LEN]
+        calc = np.bitwise_xor.reduce(table[_positions(plen), payload], axis=1) ^ np.uint32(zero)
+        good[idx] = calc == stored[idx]
+    elif len(idx):
         # zlib has no batch interface; one call per frame over a memoryview slice, no copies.
         mv = memoryview(data)
         starts = batch.offsets[idx].astype(np.int64) + PAYLOAD_OFF
@@ -448,6 +455,32 @@ def verify_batch(batch: FrameBatch) -> VerifyResult:
         seqs=hdr["seq"][good].astype(np.uint64),
         flows=hdr["flow"][good].astype(np.uint32),
     )
+
+
+# Frames whose CRC'd payload is at most this long are verified with per-position tables (a 256-entry
+# table per byte position); longer ones with one zlib call each, which is faster from ~100 bytes up
+# (measured on 256-frame batches: 64-byte frames 0.13 vs 0.20 us each, 256-byte frames 0.64 vs 0.27).
+_CRC_VECTOR_MAX = 48
+
+
+@lru_cache(maxsize=8)
+def _crc_position_table(plen: int) -> tuple[int, np.ndarray]:
+    """CRC-32 is affine over GF(2) for a fixed length: crc(m) = crc(0) ^ T[0][m0] ^ ... ^ T[plen-1][m_last],
+    with T[p][v] = crc(v at position p, zeros elsewhere) ^ crc(0).  Built once per payload length."""
+    zero = zlib.crc32(bytes(plen))
+    table = np.empty((plen, 256), dtype=np.uint32)
+    buf = bytearray(plen)
+    for p in range(plen):
+        for v in range(256):
+            buf[p] = v
+            table[p, v] = zlib.crc32(buf) ^ zero
+        buf[p] = 0
+    return zero, table
+
+
+@lru_cache(maxsize=8)
+def _positions(plen: int) -> np.ndarray:
+    return np.arange(plen, dtype=np.intp)
 
 
 class SeqTracker:
@@ -491,7 +524,8 @@ class SeqTracker:
             grown = np.zeros(max(2 * len(self._bits), (top >> 3) + 1), dtype=np.uint8)
             grown[: len(self._bits)] = self._bits
             self._bits = grown
-        u = np.unique(seqs)
+        # A sink mostly sees runs of increasing sequence numbers: those need no sort to be unique.
+        u = seqs if len(seqs) < 2 or bool((seqs[1:] > seqs[:-1]).all()) else np.unique(seqs)
         byte = (u >> np.uint64(3)).astype(np.intp)
         bit = np.left_shift(1, (u & np.uint64(7)).astype(np.uint8), dtype=np.uint8)
         seen = int(np.count_nonzero(self._bits[byte] & bit))

@@ -357,6 +357,12 @@ class Device:
 
     def _write(self, frames: FrameBatch, idx: np.ndarray, pages: np.ndarray, offs: np.ndarray,
                lens: np.ndarray) -> None:
+        rows = frames.rows()
+        if rows is not None and len(idx) and (offs == offs[0]).all():
+            # Uniform frames back to back: one row gather and one scatter into the pages.
+            off = int(offs[0])
+            self.data2d[pages, off : off + frames.stride] = rows if len(idx) == len(frames) else rows[idx]
+            return
         data, foffs = frames.data, frames.offsets[idx].astype(np.int64)
         if len(idx) and (lens == lens[0]).all() and (offs == offs[0]).all():
             ln, off = int(lens[0]), int(offs[0])
