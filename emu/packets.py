@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-import dpkt
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -311,6 +310,8 @@ class FrameFactory:
         self._crc_base, self._crc_table = self._crc_tables()
 
     def _template(self, src: bytes, dst: bytes, port: int) -> np.ndarray:
+        import dpkt  # only generators build headers; sinks, devices and CPUs never need it
+
         udp = dpkt.udp.UDP(sport=port, dport=port, ulen=self.pkt_size - UDP_OFF, sum=0)
         # Raw bytes as IP data (not a dpkt Packet) so dpkt does not fill in a UDP checksum.
         body = bytes(udp) + bytes(self.pkt_size - PAYLOAD_OFF)

@@ -54,9 +54,7 @@ from pathlib import Path
 from queue import Empty, SimpleQueue
 
 import zmq
-import zmq.auth
 from zmq.utils import z85
-from zmq.utils.monitor import parse_monitor_message
 
 __all__ = [
     "PUBLIC_NAME",
@@ -121,6 +119,8 @@ def generate_keys(directory: str, force: bool = False) -> tuple[str, str]:
                 )
     tmp = tempfile.mkdtemp(prefix=".emu-keys-", dir=d)  # mode 0700
     try:
+        import zmq.auth  # only `emu keys` needs it; workers stay lighter without (it pulls in asyncio)
+
         tmp_public, tmp_secret = zmq.auth.create_certificates(tmp, KEY_NAME)
         os.chmod(tmp_secret, 0o600)
         os.chmod(tmp_public, 0o644)
@@ -148,6 +148,8 @@ def _read_certificate(path: Path, want_secret: bool) -> tuple[bytes, bytes | Non
         hint = f" (create the key set with `emu keys {path.parent}`)" if path.name in (PUBLIC_NAME, SECRET_NAME) else ""
         raise KeyFileError(f"{path}: key file does not exist{hint}")
     try:
+        import zmq.auth
+
         public, secret = zmq.auth.load_certificate(path)
     except OSError as e:
         raise KeyFileError(f"{path}: cannot read key file: {e.strerror or e}") from e
@@ -487,7 +489,7 @@ class Gatekeeper:
             except zmq.Again:
                 return True
             try:
-                ev = parse_monitor_message(frames)
+                ev = _parse_monitor_message(frames)
                 event, value = int(ev["event"]), int(ev["value"])
                 endpoint = ev["endpoint"].decode("utf-8", "replace") if ev["endpoint"] else w.endpoint
             except Exception:
@@ -537,3 +539,11 @@ class Gatekeeper:
                 del w.resolved[value]  # an established connection closing (or one whose credit stays owed)
             elif w.failure_credit:
                 w.failure_credit -= 1  # a connection accepted before watch() began
+
+
+def _parse_monitor_message(frames: list[bytes]) -> dict:
+    # Imported on first use: zmq.utils.monitor pulls in zmq.asyncio and asyncio, a few MB in every
+    # device process that would never watch a socket.
+    from zmq.utils.monitor import parse_monitor_message
+
+    return parse_monitor_message(frames)
