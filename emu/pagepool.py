@@ -307,6 +307,8 @@ class PagePool:
         in_use = IN_USE[st]
         if expect is not None:
             early = in_use & (st != expect) & ((st == PageState.TX_QUEUED) | (st == PageState.TX_INFLIGHT))
+            if gens is not None:
+                early &= pm.gen[ids] == gens  # a stale descriptor names an earlier life, not this one
             if not returning:
                 early[:] = False
             wrong = in_use & (st != expect) & ~early
@@ -337,9 +339,13 @@ class PagePool:
         freed = ~in_use | dup
         foreign = ~freed & ~mine
         stale = ~freed & mine & ~fresh
-        self._refuse(freed, "double_free", ids, errors,
-                     lambda n, p: f"double free of {n} pages, e.g. page {p} "
-                                  f"(already {PageState(int(pm.state[p])).name})")
+        if returning:
+            self._refuse(freed, "double_free", ids, errors,
+                         lambda n, p: f"double free of {n} pages, e.g. page {p} "
+                                      f"(already {PageState(int(pm.state[p])).name})")
+        else:  # nothing is being freed: a descriptor of a page at home is just in the wrong state
+            self._refuse(freed, "wrong_state", ids, errors,
+                         lambda n, p: f"{n} pages not in use, e.g. page {p} is {PageState(int(pm.state[p])).name}")
         self._refuse(foreign, "bad_page", ids, errors,
                      lambda n, p: f"{n} pages of another pool returned to cpu {self.cpu}'s, e.g. page {p} of cpu "
                                   f"{int(pm.owner[p])}")

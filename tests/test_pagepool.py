@@ -938,3 +938,22 @@ def test_alloc_without_holder_clears_previous_holder(page_memory) -> None:
     again = pool.alloc(4)
     assert sorted(again.tolist()) == sorted(ids.tolist())
     assert set(pm.holder[again]) == {-1}
+
+
+def test_stale_or_forged_descriptors_are_not_violations(page_memory) -> None:
+    """Only a live page returned early is `recycled_before_tx_completion`, and only a real second free a
+    `double_free`: a stale descriptor (an earlier life of a page now in flight) and a handed-over one
+    naming a page at home are refused as what they are, so forged messages cannot fake a violation."""
+    pm = page_memory()
+    pool = pm.pool(0, owner=True)
+    tx = pool.alloc(4, state=PageState.TX_INFLIGHT)
+    home = pool.alloc(2, state=PageState.XDP)
+    pool.recycle_direct(home, expect=PageState.XDP)
+    assert return_pages(pm, pool, tx, pm.gen[tx] - 1, errors="count", expect=PageState.XDP) == 0
+    good, errors = pool.check(home, None, PageState.RX_POSTED)
+    assert len(good) == 0 and errors
+    stats = pool.stats()
+    assert stats["recycled_before_tx_completion"] == 0 and stats["double_free"] == 0
+    assert stats["wrong_state"] == 4 + 2
+    assert states(pm, tx) == {PageState.TX_INFLIGHT}
+    audit_ok(pm)

@@ -183,10 +183,12 @@ class CpuWorker:
                 else:
                     rxq.pending.append(d[np.isin(d["page"], ids)])
         elif kind == "rxret":
+            # Posted buffers a device hands back at ndo_stop; screened like any return, so a forged one
+            # naming pages in flight moves nothing.
             rxq = self.rxqs.get((hdr.get("dev"), hdr.get("q")))
+            n = self._return(d, PageState.RX_POSTED)
             if rxq is not None:
-                rxq.posted -= len(d)
-            return_pages(self.pm, self.pool, d["page"], d["gen"], expect=PageState.RX_POSTED)
+                rxq.posted -= n
         elif kind == "txc":
             # xdp_return_frame_bulk: another pool's pages go back tx_bulk (16) per ring-lock round trip.
             self.c[self.i["tx_completions"]] += self._return(d, PageState.TX_INFLIGHT, bulk=self.tx_bulk_size)
