@@ -34,6 +34,7 @@ from emu import report as rep
 from emu.pagemem import HOME, PageMemory, PageState, PoolParams, required_shm_bytes
 from emu.pagepool import return_pages
 from emu.shm import SHM_DIR, ShmSpaceError, new_run_prefix, shm_free_bytes, sweep_stale, unlink_prefix
+from emu.shmring import RING_BYTES, MsgRing
 from emu.stats import Cmd, ProcState, StatsTable
 from emu.topology import Endpoint, HostConfig, Topology
 from workers import cpu as cpu_worker
@@ -69,6 +70,14 @@ class Proc:
     process: multiprocessing.process.BaseProcess
 
 
+def ring_pairs(host: HostConfig) -> list[tuple[str, str]]:
+    """Producer -> consumer pairs of a host's shared-memory rings: each CPU with each device, both ways,
+    and each CPU to each other CPU (skbs freed on the stack CPU)."""
+    cpus = [f"cpu{c}" for c in range(host.cpus)]
+    pairs = [(c, d) for c in cpus for d in host.devices] + [(d, c) for c in cpus for d in host.devices]
+    return pairs + [(a, b) for a in cpus for b in cpus if a != b]
+
+
 def pool_params(host: HostConfig) -> PoolParams:
     p = host.pool
     return PoolParams(p.cache_size, p.refill, p.pool_size, p.recycle_limit)
@@ -85,6 +94,8 @@ class Run:
         self._links: dict[str, str] | None = None
         self.pms: dict[str, PageMemory] = {}
         self.mapsets: list = []
+        self.rings: list[MsgRing] = []
+        self.ring_names: dict[str, dict[str, str]] = {}  # host -> {"cpu0>eth1": segment name}
         self.table: StatsTable | None = None
         self.procs: list[Proc] = []
         self.events: list[str] = []
@@ -123,6 +134,7 @@ class Run:
         need = 0
         for host in self.topo.hosts.values():
             need += required_shm_bytes(host.pages, host.page_size, host.cpus, pool_params(host))
+            need += len(ring_pairs(host)) * (RING_BYTES + 4096)
         need += 1 << 20  # stats table and BPF maps
         free = shm_free_bytes()
         if need > free:
@@ -146,6 +158,11 @@ class Run:
             rows += [("device", f"{hname}/{d}") for d in host.devices]
         rows += [("traffic", name) for name in self.topo.traffic]
         self.table = StatsTable.create(f"{self.prefix}-stats", rows)
+        for hname, host in self.topo.hosts.items():
+            names = self.ring_names[hname] = {}
+            for src, dst in ring_pairs(host):
+                name = names[f"{src}>{dst}"] = f"{self.prefix}-{hname}-ring-{src}-{dst}"
+                self.rings.append(MsgRing.create(name))
         self.maps: dict[str, dict[str, str]] = {}
         for hname, host in self.topo.hosts.items():
             names, sets = xdp_runtime.create_maps(f"{self.prefix}-{hname}", host)
@@ -159,6 +176,7 @@ class Run:
             ep["hosts"][hname] = {
                 "cpu": {c: f"ipc://{d}/{hname}-cpu{c}" for c in range(host.cpus)},
                 "device": {dev: f"ipc://{d}/{hname}-{dev}" for dev in host.devices},
+                "rings": dict(self.ring_names.get(hname, {})),
             }
             for dev in host.devices:
                 ep["link"][f"{hname}:{dev}"] = f"ipc://{d}/{hname}-{dev}.link"
@@ -635,6 +653,10 @@ class Run:
                 p.process.join(3)
 
     def cleanup(self) -> None:
+        for ring in self.rings:
+            ring.unlink()
+            ring.close()
+        self.rings = []
         for _, ms in self.mapsets:
             try:
                 ms.unlink()

@@ -20,6 +20,7 @@ from typing import Any
 
 import zmq
 
+from emu.shmring import Channel, MsgRing
 from emu.stats import ProcState, RowSpec, StatsRow, StatsTable
 
 # Messages queued per socket before a sender sees back-pressure.  Small on purpose: a batch is tens of
@@ -100,6 +101,19 @@ def take(sock: zmq.Socket) -> bytes | None:
         return sock.recv(zmq.NOBLOCK, copy=True)
     except zmq.Again:
         return None
+
+
+def attach_rings(spec: ProcSpec, to: str) -> list[MsgRing]:
+    """The shared-memory rings whose consumer is `to` (``cpu0``, ``eth1``) on this process's host."""
+    rings = spec.endpoints.get("rings", {})
+    return [MsgRing.attach(name) for key, name in rings.items() if key.split(">")[1] == to]
+
+
+def channel(ctx: zmq.Context, spec: ProcSpec, src: str, dst: str, addr: str) -> Channel:
+    """The way from `src` to `dst` on one host: their ring, with the peer's socket for overflow and
+    wake-ups."""
+    name = spec.endpoints.get("rings", {}).get(f"{src}>{dst}")
+    return Channel(push(ctx, addr), MsgRing.attach(name) if name else None)
 
 
 class Liveness:

@@ -25,14 +25,24 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import zmq
 
 from emu import wire
 from emu.pagemem import DESC_DTYPE, PageMemory, PageState, descs_from_bytes
 from emu.pagepool import return_pages
+from emu.shmring import IDLE_POLL_MS, Channel, Inbox
 from emu.stats import Cmd, ProcState, StatsRow, StatsTable
 from emu.xdp import XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
-from workers.common import Liveness, ProcSpec, WarnOnce, new_context, pin, pull, push, run_process, take
+from workers.common import (
+    Liveness,
+    ProcSpec,
+    WarnOnce,
+    attach_rings,
+    channel,
+    new_context,
+    pin,
+    pull,
+    run_process,
+)
 
 # Byte offset of packet data in a page: the kernel's XDP_PACKET_HEADROOM.
 HEADROOM = 256
@@ -41,7 +51,7 @@ REFILL_MIN = 64
 # NAPI polls (of napi_budget packets per queue each) whose TX/redirect bulks go out in one message.
 POLLS_PER_FLUSH = 8
 
-CPU_KINDS = ("rx", "txc", "txdrop", "rxret", "skb")
+CPU_KINDS = ("rx", "txc", "txdrop", "rxret", "skb", "bell")
 DEVICE_BIT = 32  # in the offline mask, device number i is bit 32 + i
 LINK_DOWN_BIT = 62  # in a device's or traffic port's offline word: its link peer is gone
 
@@ -98,9 +108,10 @@ class CpuWorker:
         self.buf = self.pm.data_seg.buf
         self.data2d = self.pm.data.reshape(self.pm.npages, self.ps)
         self.zctx = new_context()
-        self.inbox = pull(self.zctx, spec.endpoints["cpu"][self.cpu])
-        self.out: dict[str, zmq.Socket] = {}
-        self.cpu_out: dict[int, zmq.Socket] = {}
+        me = f"cpu{self.cpu}"
+        self.inbox = Inbox(pull(self.zctx, spec.endpoints["cpu"][self.cpu]), attach_rings(spec, to=me))
+        self.out: dict[str, Channel] = {}
+        self.cpu_out: dict[int, Channel] = {}
         self.targets: dict[int, Target] = {}
         self.by_name: dict[str, Target] = {}
         for index, (name, dev) in enumerate(host.devices.items()):
@@ -132,19 +143,21 @@ class CpuWorker:
                 fn = None if prog is None else prog.fn
                 self.rxqs[(name, q)] = RxQueue(name, dev.ifindex, q, dev.rx_ring_size, fn, ctx)
 
-    def sock(self, dev: str) -> zmq.Socket:
+    def sock(self, dev: str) -> Channel:
         s = self.out.get(dev)
         if s is None:
-            s = self.out[dev] = push(self.zctx, self.spec.endpoints["device"][dev])
+            s = self.out[dev] = channel(self.zctx, self.spec, f"cpu{self.cpu}", dev,
+                                        self.spec.endpoints["device"][dev])
         return s
 
-    def cpu_sock(self, cpu: int) -> zmq.Socket:
+    def cpu_sock(self, cpu: int) -> Channel:
         s = self.cpu_out.get(cpu)
         if s is None:
-            s = self.cpu_out[cpu] = push(self.zctx, self.spec.endpoints["cpu"][cpu])
+            s = self.cpu_out[cpu] = channel(self.zctx, self.spec, f"cpu{self.cpu}", f"cpu{cpu}",
+                                            self.spec.endpoints["cpu"][cpu])
         return s
 
-    def send_descs(self, sock: zmq.Socket, kind: str, header: dict, ids: np.ndarray) -> None:
+    def send_descs(self, sock: Channel, kind: str, header: dict, ids: np.ndarray) -> None:
         d = np.empty(len(ids), dtype=DESC_DTYPE)
         pm = self.pm
         d["page"] = ids
@@ -153,13 +166,15 @@ class CpuWorker:
         d["len"] = pm.len.take(ids)
         d["owner"] = pm.owner.take(ids)
         d["aux"] = self.cpu
-        sock.send(wire.pack_msg(kind, header, d.tobytes()), copy=False)
+        sock.send(wire.pack_msg(kind, header, d.tobytes()))
 
     # -- messages from devices and other CPUs -----------------------------------------------------
 
     def dispatch(self, msg: bytes) -> None:
         try:
             kind, hdr, blob = wire.unpack_msg(msg, CPU_KINDS)
+            if kind == "bell":
+                return  # a producer woke us up: its message is in our ring
             d = descs_from_bytes(blob)
         except (wire.WireError, ValueError) as exc:
             self.c[self.i["bad_messages"]] += 1
@@ -361,7 +376,7 @@ class CpuWorker:
         lens = pm.len.take(ids)
         spans = zip(ids.tolist(), offs.tolist(), lens.tolist(), strict=True)
         frames = [bytes(self.data2d[p, o : o + n]) for p, o, n in spans]
-        self.sock(t.name).send(wire.pack_frames(frames), copy=False)
+        self.sock(t.name).send(wire.pack_frames(frames))
         self.c[self.i["redirect_skb"]] += len(ids)
         self.pool.recycle_direct(ids, errors="count", expect=PageState.XDP)
 
@@ -438,7 +453,7 @@ class CpuWorker:
                 self.apply_offline(c[4])
             got = 0
             while got < 256:
-                msg = take(inbox)
+                msg = inbox.take()
                 if msg is None:
                     break
                 self.dispatch(msg)
@@ -456,8 +471,9 @@ class CpuWorker:
                     break
             self.xdp_do_flush()
             self.post_flush()
-            if not got and not done:
-                inbox.poll(5)
+            if not got and not done and inbox.idle():
+                inbox.sock.poll(IDLE_POLL_MS)
+                inbox.awake()
         self.shutdown()
 
     def shutdown(self) -> None:
@@ -469,9 +485,10 @@ class CpuWorker:
                 rxq.posted -= len(d)
             rxq.pending.clear()
         self.pool.drain()
-        self.inbox.close(0)
+        self.inbox.sock.close(0)
+        self.inbox.close()
         for s in (*self.out.values(), *self.cpu_out.values()):
-            s.close(0)
+            s.close()
         self.zctx.term()
 
 

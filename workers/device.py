@@ -30,12 +30,15 @@ from emu import security, wire
 from emu.netem import LinkShaper
 from emu.packets import FrameBatch, rss_queue
 from emu.pagemem import DESC_DTYPE, PageMemory, PageState, descs_from_bytes
+from emu.shmring import IDLE_POLL_MS, Inbox
 from emu.stats import Cmd, ProcState, StatsRow, StatsTable
 from workers.common import (
     LINK_HWM,
     Liveness,
     ProcSpec,
     WarnOnce,
+    attach_rings,
+    channel,
     new_context,
     pin,
     pull,
@@ -47,7 +50,7 @@ from workers.cpu import LINK_DOWN_BIT
 from workers.link import LINK_BATCH, LinkSender
 
 # "link" comes from the host's own agent: the address of a peer on another host, once it is known.
-DEVICE_KINDS = ("post", "xmit", "frames", "link")
+DEVICE_KINDS = ("post", "xmit", "frames", "link", "bell")
 
 
 @dataclass(slots=True)
@@ -74,7 +77,7 @@ class Device:
         self.data2d = self.pm.data.reshape(self.pm.npages, self.ps)
         self.zctx = new_context()
         ep = spec.endpoints
-        self.inbox = pull(self.zctx, ep["device"][self.name])
+        self.inbox = Inbox(pull(self.zctx, ep["device"][self.name]), attach_rings(spec, to=self.name))
         # CURVE on links that leave the machine (keys given): a peer without the cluster's key is refused
         # by the handshake and counted in link_refused.
         self.keys = security.load_keys(spec.options.get("keys_dir"))
@@ -95,7 +98,7 @@ class Device:
         self.tx = LinkSender(None, LinkShaper(imp) if imp is not None else None)
         if ep.get("link_peer"):
             self.tx.connect(self._link_socket(ep["link_peer"]))
-        self.cpu_out = [push(self.zctx, ep["cpu"][c]) for c in range(self.ncpus)]
+        self.cpu_out = [channel(self.zctx, spec, self.name, f"cpu{c}", ep["cpu"][c]) for c in range(self.ncpus)]
         self.nrxq = self.cfg.rx_queues
         self.rx_cpus = list(self.cfg.rx_cpus)
         # Posted RX buffers per queue: a FIFO of descriptor arrays (the RX ring).
@@ -123,6 +126,8 @@ class Device:
             if kind == "link":
                 self.cable(hdr["peer"])
                 return
+            if kind == "bell":
+                return  # a CPU woke us up: its message is in our ring
             d = descs_from_bytes(blob)
             if kind == "post":
                 q, cpu = int(hdr["q"]), int(hdr["cpu"])
@@ -220,7 +225,7 @@ class Device:
         if len(d):
             # The receiving CPU holds these pages from now on: if it dies, the coordinator finds them here.
             self.pm.holder.put(d["page"], cpu)
-            self.cpu_out[cpu].send(wire.pack_msg(kind, hdr, np.ascontiguousarray(d).tobytes()), copy=False)
+            self.cpu_out[cpu].send(wire.pack_msg(kind, hdr, np.ascontiguousarray(d).tobytes()))
 
     # -- the wire ---------------------------------------------------------------------------------
 
@@ -438,7 +443,7 @@ class Device:
         c = self.c
         self.row.set_state(ProcState.READY)
         poller = zmq.Poller()
-        poller.register(self.inbox, zmq.POLLIN)
+        poller.register(self.inbox.sock, zmq.POLLIN)
         if self.link_in is not None:
             poller.register(self.link_in, zmq.POLLIN)
         while True:
@@ -452,7 +457,7 @@ class Device:
                 self.row.set_state(ProcState.DOWN)
             work = 0
             for _ in range(256):
-                msg = take(self.inbox)
+                msg = self.inbox.take()
                 if msg is None:
                     break
                 self.dispatch(msg)
@@ -467,7 +472,7 @@ class Device:
             if self.gatekeeper is not None:
                 c[self.i["link_refused"]] = self.gatekeeper.refused
             if not work:
-                timeout = 5
+                timeout = IDLE_POLL_MS
                 pending = [q.inflight[0][0] for q in self.txqs if q.inflight]
                 if pending:
                     timeout = max(0, min(timeout, (min(pending) - time.monotonic_ns()) // 1_000_000))
@@ -476,15 +481,19 @@ class Device:
                     timeout = min(timeout, max(due, 1))
                 if self.paused_since:
                     timeout = min(timeout, 1)
-                if timeout:
+                if timeout and self.inbox.idle():
                     poller.poll(timeout)
+                    self.inbox.awake()
         self.close()
 
     def close(self) -> None:
         self.tx.close()
-        for s in (self.inbox, self.link_in, *self.cpu_out):
+        self.inbox.close()
+        for s in (self.inbox.sock, self.link_in):
             if s is not None:
                 s.close(0)
+        for ch in self.cpu_out:
+            ch.close()
         if self.gatekeeper is not None:
             self.c[self.i["link_refused"]] = self.gatekeeper.refused
             self.gatekeeper.stop()

@@ -1,0 +1,192 @@
+"""Descriptor rings in shared memory between the processes of one host, as a NIC and its driver share
+their rings: a message costs a copy into memory the peer maps, not a trip through sockets and threads.
+
+Each ring has one producer and one consumer (CPU -> device for posts and transmits, device -> CPU for RX
+and TX completions, CPU -> CPU for skbs freed elsewhere), like the kernel's per-queue rings.  Messages
+are the emulator's usual envelopes (`emu.wire`), stored as ``[u32 length, u32 0, bytes, padding to 8]``;
+a record that does not fit before the end of the buffer is preceded by a wrap marker.  The producer
+publishes a record by storing the new tail after its bytes; the consumer frees it by storing the new
+head.  Both are aligned 8-byte stores, and x86-64 keeps stores in order (the page pool's rings rely on
+the same), so a consumer that sees a tail sees the bytes before it.
+
+A consumer that has nothing to do sleeps in ``zmq_poll`` on its inbox socket, after raising its
+`sleeping` word; a producer that finds the word raised after publishing rings the doorbell (a tiny
+``bell`` message on that socket).  A full ring, or a message larger than half of it, goes over the
+socket instead, so the socket remains the fallback and back-pressure path, and what anyone sends to
+the socket itself (a test, a foreign process) is still validated and counted as before.  Raising the
+word and publishing are plain stores that the CPU may reorder with the following load, so a wake-up can
+be missed; the consumer's poll timeout bounds that delay (milliseconds), and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import zmq
+
+from emu import wire
+from emu.shm import Segment
+
+RING_BYTES = 1 << 18  # 256 KiB: a dozen of the largest descriptor messages (1024 descriptors)
+_HDR_WORDS = 8  # head, tail, sleeping, (reserved)
+_HEAD, _TAIL, _SLEEPING = 0, 1, 2
+_WRAP = 0xFFFFFFFF
+BELL = wire.pack_msg("bell", {})
+# Interrupt moderation: a sleeping consumer is woken at once only when this much waits for it;
+# otherwise its poll timeout (IDLE_POLL_MS, like ethtool's rx-usecs) picks the messages up.
+BELL_FILL = 1 << 15
+IDLE_POLL_MS = 1
+
+
+def _align8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+class MsgRing:
+    """One single-producer single-consumer message ring in a shared-memory segment."""
+
+    def __init__(self, seg: Segment) -> None:
+        self.seg = seg
+        self.hdr = seg.array(np.int64, _HDR_WORDS, 0)
+        self.cap = seg.size - 8 * _HDR_WORDS
+        self.data = seg.array(np.uint8, self.cap, 8 * _HDR_WORDS)
+        self.words = self.data.view(np.uint32)
+        self.mv = memoryview(self.data)
+        # Each side keeps its own position; the other side's is read from the header.
+        self.head = int(self.hdr[_HEAD])
+        self.tail = int(self.hdr[_TAIL])
+
+    @classmethod
+    def create(cls, name: str, size: int = RING_BYTES) -> MsgRing:
+        return cls(Segment.create(name, 8 * _HDR_WORDS + _align8(size)))
+
+    @classmethod
+    def attach(cls, name: str) -> MsgRing:
+        return cls(Segment.attach(name))
+
+    def close(self) -> None:
+        self.mv.release()
+        del self.hdr, self.data, self.words
+        self.seg.close()
+
+    def unlink(self) -> None:
+        self.seg.unlink()
+
+    # -- producer ---------------------------------------------------------------------------------
+
+    def put(self, msg: bytes) -> bool:
+        """Append one message; False when it does not fit now (the caller sends it another way)."""
+        n = len(msg)
+        need = 8 + _align8(n)
+        cap = self.cap
+        if need > cap // 2:
+            return False
+        tail = self.tail
+        free = cap - (tail - int(self.hdr[_HEAD]))
+        off = tail % cap
+        room = cap - off
+        if need > room:  # wrap: skip the end of the buffer
+            if free < room + need:
+                return False
+            self.words[off >> 2] = _WRAP
+            tail += room
+            off = 0
+        elif free < need:
+            return False
+        self.words[off >> 2] = n
+        self.mv[off + 8 : off + 8 + n] = msg
+        tail += need
+        self.tail = tail
+        self.hdr[_TAIL] = tail  # publish
+        return True
+
+    def consumer_sleeping(self) -> bool:
+        return bool(self.hdr[_SLEEPING])
+
+    def fill(self) -> int:
+        """Bytes waiting for the consumer."""
+        return self.tail - int(self.hdr[_HEAD])
+
+    # -- consumer ---------------------------------------------------------------------------------
+
+    def get(self) -> bytes | None:
+        head = self.head
+        if head == int(self.hdr[_TAIL]):
+            return None
+        cap = self.cap
+        off = head % cap
+        n = int(self.words[off >> 2])
+        if n == _WRAP:
+            head += cap - off
+            off = 0
+            n = int(self.words[0])
+        msg = bytes(self.mv[off + 8 : off + 8 + n])
+        head += 8 + _align8(n)
+        self.head = head
+        self.hdr[_HEAD] = head
+        return msg
+
+    def empty(self) -> bool:
+        return self.head == int(self.hdr[_TAIL])
+
+    def sleeping(self, flag: bool) -> None:
+        self.hdr[_SLEEPING] = int(flag)
+
+
+class Channel:
+    """The sending side towards one peer: its ring when there is room, its socket otherwise."""
+
+    def __init__(self, sock: zmq.Socket, ring: MsgRing | None) -> None:
+        self.sock = sock
+        self.ring = ring
+
+    def send(self, msg: bytes) -> None:
+        ring = self.ring
+        if ring is not None and ring.put(msg):
+            if ring.consumer_sleeping() and ring.fill() >= BELL_FILL:
+                self.sock.send(BELL, copy=True)
+            return
+        self.sock.send(msg, copy=True)
+
+    def close(self) -> None:
+        self.sock.close(0)
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+
+
+class Inbox:
+    """The receiving side: every ring towards this process, then its socket."""
+
+    def __init__(self, sock: zmq.Socket, rings: list[MsgRing]) -> None:
+        self.sock = sock
+        self.rings = rings
+
+    def take(self) -> bytes | None:
+        for ring in self.rings:
+            msg = ring.get()
+            if msg is not None:
+                return msg
+        if not self.sock.get(zmq.EVENTS) & zmq.POLLIN:
+            return None
+        try:
+            return self.sock.recv(zmq.NOBLOCK, copy=True)
+        except zmq.Again:
+            return None
+
+    def idle(self) -> bool:
+        """Announce sleep; False (and no sleep) when a ring filled meanwhile."""
+        for ring in self.rings:
+            ring.sleeping(True)
+        if all(ring.empty() for ring in self.rings):
+            return True
+        self.awake()
+        return False
+
+    def awake(self) -> None:
+        for ring in self.rings:
+            ring.sleeping(False)
+
+    def close(self) -> None:
+        for ring in self.rings:
+            ring.close()
+        self.rings = []
