@@ -46,14 +46,17 @@ class MsgRing:
 
     def __init__(self, seg: Segment) -> None:
         self.seg = seg
-        self.hdr = seg.array(np.int64, _HDR_WORDS, 0)
+        # memoryviews, not numpy scalars: a header word is read or written several times per message,
+        # and a memoryview index costs half as much.
+        self._hdr = seg.array(np.int64, _HDR_WORDS, 0)
+        self.hdr = memoryview(self._hdr)
         self.cap = seg.size - 8 * _HDR_WORDS
         self.data = seg.array(np.uint8, self.cap, 8 * _HDR_WORDS)
-        self.words = self.data.view(np.uint32)
+        self.words = memoryview(self.data.view(np.uint32))
         self.mv = memoryview(self.data)
         # Each side keeps its own position; the other side's is read from the header.
-        self.head = int(self.hdr[_HEAD])
-        self.tail = int(self.hdr[_TAIL])
+        self.head = self.hdr[_HEAD]
+        self.tail = self.hdr[_TAIL]
 
     @classmethod
     def create(cls, name: str, size: int = RING_BYTES) -> MsgRing:
@@ -64,8 +67,9 @@ class MsgRing:
         return cls(Segment.attach(name))
 
     def close(self) -> None:
-        self.mv.release()
-        del self.hdr, self.data, self.words
+        for view in (self.mv, self.words, self.hdr):
+            view.release()
+        del self._hdr, self.data
         self.seg.close()
 
     def unlink(self) -> None:
@@ -81,7 +85,7 @@ class MsgRing:
         if need > cap // 2:
             return False
         tail = self.tail
-        free = cap - (tail - int(self.hdr[_HEAD]))
+        free = cap - (tail - self.hdr[_HEAD])
         off = tail % cap
         room = cap - off
         if need > room:  # wrap: skip the end of the buffer
@@ -104,21 +108,21 @@ class MsgRing:
 
     def fill(self) -> int:
         """Bytes waiting for the consumer."""
-        return self.tail - int(self.hdr[_HEAD])
+        return self.tail - self.hdr[_HEAD]
 
     # -- consumer ---------------------------------------------------------------------------------
 
     def get(self) -> bytes | None:
         head = self.head
-        if head == int(self.hdr[_TAIL]):
+        if head == self.hdr[_TAIL]:
             return None
         cap = self.cap
         off = head % cap
-        n = int(self.words[off >> 2])
+        n = self.words[off >> 2]
         if n == _WRAP:
             head += cap - off
             off = 0
-            n = int(self.words[0])
+            n = self.words[0]
         msg = bytes(self.mv[off + 8 : off + 8 + n])
         head += 8 + _align8(n)
         self.head = head
@@ -126,7 +130,7 @@ class MsgRing:
         return msg
 
     def empty(self) -> bool:
-        return self.head == int(self.hdr[_TAIL])
+        return self.head == self.hdr[_TAIL]
 
     def sleeping(self, flag: bool) -> None:
         self.hdr[_SLEEPING] = int(flag)
