@@ -199,6 +199,16 @@ class FrameBatch:
         n = len(self)
         return self.data[: n * self.stride].reshape(n, self.stride)
 
+    def slice(self, start: int, stop: int) -> FrameBatch:
+        """Frames ``start:stop``; for a uniform batch a view that is itself uniform and compact (no copy
+        now, none when it is packed for the wire)."""
+        stop = min(stop, len(self))
+        if self.stride:
+            st = self.stride
+            return FrameBatch._make(self.data[start * st : stop * st], self.offsets[: stop - start],
+                                    self.lengths[start:stop], st if stop > start else 0)
+        return FrameBatch(self.data, self.offsets[start:stop], self.lengths[start:stop])
+
     def is_compact(self) -> bool:
         """True when the frames sit back to back, in order, from offset 0."""
         if self.stride or not len(self):

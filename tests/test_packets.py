@@ -364,3 +364,14 @@ def test_table_crc_and_zlib_agree_on_every_flipped_bit(size: int, monkeypatch: p
         verdicts.append(r.good.tolist())
         assert r.ok == 64 - 20 and r.corrupted == 20
     assert verdicts[0] == verdicts[1]
+
+
+def test_slice_of_uniform_and_mixed_batches() -> None:
+    uniform = FrameFactory(64, 4, "02:00:00:00:00:01", "02:00:00:00:00:02").build(0, 10)
+    mixed = FrameBatch.from_frames([bytes([i]) * (60 + i) for i in range(10)])
+    for batch in (uniform, mixed):
+        for start, stop in ((0, 10), (3, 7), (9, 10), (4, 4), (8, 20)):
+            part = batch.slice(start, stop)
+            assert part.to_list() == batch.to_list()[start:stop]
+            assert part.is_compact() or not batch.stride
+    assert uniform.slice(3, 7).stride == 64 and uniform.slice(3, 7).rows().shape == (4, 64)

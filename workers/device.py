@@ -219,7 +219,7 @@ class Device:
         if self.down:
             self.c[self.i["tx_dropped"]] += n
             return
-        self._wire_send(frames.data, frames.offsets, frames.lengths)
+        self._wire_send(frames)
 
     def _send(self, cpu: int, kind: str, hdr: dict, d: np.ndarray) -> None:
         if len(d):
@@ -229,14 +229,14 @@ class Device:
 
     # -- the wire ---------------------------------------------------------------------------------
 
-    def _wire_send(self, data: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> None:
-        n = len(lengths)
+    def _wire_send(self, frames: FrameBatch) -> None:
+        n = len(frames)
         self.c[self.i["tx_packets"]] += n
-        self.c[self.i["tx_bytes"]] += int(lengths.sum())
+        self.c[self.i["tx_bytes"]] += int(frames.lengths.sum())
         if not self.tx.connected:
             self.c[self.i["tx_dropped"]] += n
             return
-        lost = self.tx.send(FrameBatch(data, offsets, lengths))
+        lost = self.tx.send(frames)
         if lost:
             self.c[self.i["link_lost"]] += lost
 
@@ -250,18 +250,18 @@ class Device:
             d = np.concatenate(q.queued) if len(q.queued) > 1 else q.queued[0]
             q.queued.clear()
             q.nqueued = 0
-            data, offsets, lengths = self._gather(d)
+            frames = self._gather(d)
             # State first: should this process die in between, a page already counted as sent must not
             # also look like a frame still queued (the coordinator counts those as lost).
             self.pm.state.put(d["page"], PageState.TX_INFLIGHT)
-            self._wire_send(data, offsets, lengths)
+            self._wire_send(frames)
             q.inflight.append((now + self.completion_ns, d))
             q.ninflight += len(d)
             sent += len(d)
         return sent
 
-    def _gather(self, d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The frames' bytes out of their pages: one fancy-indexing copy per distinct length."""
+    def _gather(self, d: np.ndarray) -> FrameBatch:
+        """The frames' bytes out of their pages (one fancy-indexing copy when they are uniform)."""
         pages = d["page"].astype(np.int64)
         offs = d["off"].astype(np.int64)
         lens = d["len"].astype(np.int64)
@@ -270,14 +270,14 @@ class Device:
             ln, off = int(lens[0]), int(offs[0])
             data = self.data2d[pages, off : off + ln].reshape(-1)
             offsets = np.arange(n, dtype=np.uint32) * ln
-            return data, offsets, lens.astype(np.uint32)
+            return FrameBatch._make(data, offsets, lens.astype(np.uint32), ln if ln else 0)
         spans = zip(pages.tolist(), offs.tolist(), lens.tolist(), strict=True)
         chunks = [self.data2d[p, o : o + ln] for p, o, ln in spans]
         data = np.concatenate(chunks) if chunks else np.empty(0, np.uint8)
         offsets = np.zeros(n, dtype=np.uint32)
         if n > 1:
             offsets[1:] = np.cumsum(lens[:-1])
-        return data, offsets, lens.astype(np.uint32)
+        return FrameBatch(data, offsets, lens.astype(np.uint32))
 
     def complete(self, force: bool = False) -> int:
         """Deliver due TX completions to the CPUs that service the queues."""

@@ -72,12 +72,12 @@ class LinkSender:
                 keep = np.flatnonzero(~mask)
                 lost = n - len(keep)
                 self.lost += lost
-                frames = FrameBatch(frames.data, frames.offsets[keep], frames.lengths[keep])
+                frames = FrameBatch(frames.data, frames.offsets[keep], frames.lengths[keep]).compact()
                 n = len(keep)
         now = time.monotonic_ns() if shaper is not None else 0
         for s in range(0, n, LINK_BATCH):
             e = min(n, s + LINK_BATCH)
-            part = FrameBatch(frames.data, frames.offsets[s:e], frames.lengths[s:e])
+            part = frames if (s, e) == (0, n) else frames.slice(s, e)
             due = shaper.departure(int(part.lengths.sum()), now) if shaper is not None else 0
             self.backlog.append((due, wire.pack_frames(part), e - s))
         self.flush()
