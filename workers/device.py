@@ -113,6 +113,7 @@ class Device:
         self.warn_once = WarnOnce(spec.key)
         self.offline = 0  # CPUs declared dead by the coordinator
         self.rxq_online = [True] * self.nrxq
+        self.all_online = True
         self.txc_cpu = [t % self.ncpus for t in range(self.cfg.tx_queues)]
 
     # -- messages from CPUs -----------------------------------------------------------------------
@@ -328,6 +329,8 @@ class Device:
 
     def _low_water(self) -> int:
         """The fewest buffers posted on any online RX queue (offline queues take no part in pausing)."""
+        if self.all_online:
+            return min(self.nposted)
         return min((n for n, up in zip(self.nposted, self.rxq_online, strict=True) if up), default=0)
 
     def dma(self, frames: FrameBatch) -> int:
@@ -409,6 +412,7 @@ class Device:
         for q in range(self.nrxq):
             if mask >> self.rx_cpus[q] & 1 and self.rxq_online[q]:
                 self.rxq_online[q] = False
+                self.all_online = False
                 self.posted[q].clear()
                 self.nposted[q] = 0
                 self.warn_once(f"rxq{q}", f"RX queue {q} offline: cpu {self.rx_cpus[q]} is gone")
