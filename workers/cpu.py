@@ -472,8 +472,7 @@ class CpuWorker:
             self.xdp_do_flush()
             self.post_flush()
             if not got and not done and inbox.idle():
-                inbox.sock.poll(IDLE_POLL_MS)
-                inbox.awake()
+                inbox.awake(bool(inbox.sock.poll(IDLE_POLL_MS)))
         self.shutdown()
 
     def shutdown(self) -> None:

@@ -486,8 +486,8 @@ class Device:
                 if self.paused_since:
                     timeout = min(timeout, 1)
                 if timeout and self.inbox.idle():
-                    poller.poll(timeout)
-                    self.inbox.awake()
+                    events = dict(poller.poll(timeout))
+                    self.inbox.awake(self.inbox.sock in events)
         self.close()
 
     def close(self) -> None:
