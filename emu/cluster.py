@@ -20,7 +20,6 @@ It is never on the packet path: frames go device to device, and counters arrive 
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import zmq
 
 from emu import control, security
 from emu import report as rep
-from emu.coordinator import DRAIN_STALL, READY_TIMEOUT, RunError, RunOptions
+from emu.coordinator import DRAIN_STALL, READY_TIMEOUT, Console, RunError, RunOptions, wait_settled
 from emu.stats import ProcState
 from emu.topology import Endpoint, Topology
 from workers.common import new_context
@@ -58,7 +57,7 @@ class HostSlot:
         return self.state not in ("lost", "failed")
 
 
-class Cluster:
+class Cluster(Console):
     """One multi-host run driven from here."""
 
     def __init__(self, topo: Topology, bind: str, opts: RunOptions | None = None, keys_dir: str | None = None,
@@ -85,16 +84,6 @@ class Cluster:
         self.bad_messages = 0
         self.address = ""
         self.peers_sent = False
-
-    # -- output -----------------------------------------------------------------------------------
-
-    def say(self, text: str) -> None:
-        if not self.opts.quiet:
-            print(text, file=self.opts.out, flush=True)
-
-    def event(self, text: str) -> None:
-        self.events.append(text)
-        print(f"emu: {text}", file=sys.stderr, flush=True)
 
     def status(self, word: str) -> None:
         control.write_status(self.status_file, word)
@@ -392,18 +381,8 @@ class Cluster:
             self.event("interrupted: tearing down and reporting what ran")
 
     def wait_settled(self) -> None:
-        last_sig, last_change = None, time.monotonic()
-        while True:
-            self.pump()
-            s = self.snapshot()
-            if s.unaccounted() == 0 and self.in_transit() == 0:
-                return
-            sig = (s.delivered(), s.dropped(), s.consumed())
-            now = time.monotonic()
-            if sig != last_sig:
-                last_sig, last_change = sig, now
-            elif now - last_change > DRAIN_STALL + 2 * self.host_timeout / 5:
-                return
+        # Counters arrive a few times a second: a stall is judged over a little more than DRAIN_STALL.
+        wait_settled(self.pump, self.snapshot, self.in_transit, DRAIN_STALL + 2 * self.host_timeout / 5)
 
     def teardown(self) -> dict[str, Any]:
         self.broadcast("quiesce")

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -70,6 +71,25 @@ class Proc:
     process: multiprocessing.process.BaseProcess
 
 
+def wait_settled(step: Callable[[], None], snapshot: Callable[[], rep.Snapshot], in_transit: Callable[[], int],
+                 stall: float) -> None:
+    """After QUIESCE (one host or many): until every generated packet is delivered, dropped or consumed
+    and no page carries one, or until the totals stop moving for `stall` seconds.  `step` waits a
+    little and watches the processes (or hosts)."""
+    last_sig, last_change = None, time.monotonic()
+    while True:
+        s = snapshot()
+        if s.unaccounted() == 0 and in_transit() == 0:
+            return
+        sig = (s.delivered(), s.dropped(), s.consumed())
+        now = time.monotonic()
+        if sig != last_sig:
+            last_sig, last_change = sig, now
+        elif now - last_change > stall:
+            return
+        step()
+
+
 def ring_pairs(host: HostConfig) -> list[tuple[str, str]]:
     """Producer -> consumer pairs of a host's shared-memory rings: each CPU with each device, both ways,
     and each CPU to each other CPU (skbs freed on the stack CPU)."""
@@ -83,7 +103,22 @@ def pool_params(host: HostConfig) -> PoolParams:
     return PoolParams(p.cache_size, p.refill, p.pool_size, p.recycle_limit)
 
 
-class Run:
+class Console:
+    """What a run says: live lines and the summary on `opts.out`, events (kept for the report) on stderr."""
+
+    opts: RunOptions
+    events: list[str]
+
+    def say(self, text: str) -> None:
+        if not self.opts.quiet:
+            print(text, file=self.opts.out, flush=True)
+
+    def event(self, text: str) -> None:
+        self.events.append(text)
+        print(f"emu: {text}", file=sys.stderr, flush=True)
+
+
+class Run(Console):
     """One run of a topology on this machine."""
 
     def __init__(self, topo: Topology, opts: RunOptions | None = None) -> None:
@@ -117,16 +152,6 @@ class Run:
 
     def tick(self) -> None:
         """Called from every waiting loop; a host agent services its coordinator channel here."""
-
-    # -- output -----------------------------------------------------------------------------------
-
-    def say(self, text: str) -> None:
-        if not self.opts.quiet:
-            print(text, file=self.opts.out, flush=True)
-
-    def event(self, text: str) -> None:
-        self.events.append(text)
-        print(f"emu: {text}", file=sys.stderr, flush=True)
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -537,19 +562,12 @@ class Run:
 
     def wait_settled(self) -> None:
         """After QUIESCE: until every generated packet is accounted for, or nothing moves."""
-        last_sig, last_change = None, time.monotonic()
-        while True:
-            self.check_procs()
-            s = self.snapshot()
-            if s.unaccounted() == 0 and self.in_transit() == 0:
-                return
-            sig = (s.delivered(), s.dropped(), s.consumed())
-            now = time.monotonic()
-            if sig != last_sig:
-                last_sig, last_change = sig, now
-            elif now - last_change > DRAIN_STALL:
-                return
+
+        def step() -> None:
             time.sleep(0.02)
+            self.check_procs()
+
+        wait_settled(step, self.snapshot, self.in_transit, DRAIN_STALL)
 
     def in_transit(self) -> int:
         """Pages carrying packets (received, queued or awaiting TX completion)."""

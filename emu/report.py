@@ -140,6 +140,17 @@ def _pool_report(counters: np.ndarray, pm_cache: int, pm_ring: int) -> dict[str,
     return d
 
 
+def _headline(name: str, final: Snapshot, traffic: dict[str, Any], elapsed: float,
+              first_packet_s: float | None) -> dict[str, Any]:
+    return {
+        "topology": name,
+        "elapsed_s": round(elapsed, 3),
+        "first_packet_s": None if first_packet_s is None else round(first_packet_s, 3),
+        "delivered_pps": round(traffic["delivered"] / elapsed) if elapsed > 0 else 0,
+        "rx_pps": round(final.total("cpu", "rx_packets") / elapsed) if elapsed > 0 else 0,
+    }
+
+
 def traffic_section(final: Snapshot) -> dict[str, Any]:
     """Where every generated packet went, from the final counters."""
     return {
@@ -204,11 +215,7 @@ def build_report(run: Run, final: Snapshot, audits: dict[str, Audit], elapsed: f
         viol["bad_messages"] += final.rows[p]["bad_messages"]
     traffic = traffic_section(final)
     return {
-        "topology": topo.name,
-        "elapsed_s": round(elapsed, 3),
-        "first_packet_s": None if run.first_packet_s is None else round(run.first_packet_s, 3),
-        "delivered_pps": round(traffic["delivered"] / elapsed) if elapsed > 0 else 0,
-        "rx_pps": round(final.total("cpu", "rx_packets") / elapsed) if elapsed > 0 else 0,
+        **_headline(topo.name, final, traffic, elapsed, run.first_packet_s),
         "cpus": cpus,
         "devices": devices,
         "pages": pages,
@@ -256,11 +263,7 @@ def merge_reports(name: str, parts: dict[str, dict[str, Any]], final: Snapshot, 
         traffic["lost_with_hosts"] = final.host_lost
     link_refused = sum(final.rows[k]["link_refused"] for k in final.keys("device"))
     return {
-        "topology": name,
-        "elapsed_s": round(elapsed, 3),
-        "first_packet_s": None if first_packet_s is None else round(first_packet_s, 3),
-        "delivered_pps": round(traffic["delivered"] / elapsed) if elapsed > 0 else 0,
-        "rx_pps": round(final.total("cpu", "rx_packets") / elapsed) if elapsed > 0 else 0,
+        **_headline(name, final, traffic, elapsed, first_packet_s),
         "cpus": cpus,
         "devices": devices,
         "pages": pages,
