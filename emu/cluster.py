@@ -403,8 +403,11 @@ class Cluster(Console):
                         self.host_lost(s, f"no final report within {FINAL_TIMEOUT:.0f} s")
                 break
             self.pump()
+        report = self.report()
+        # Hosts wait for this before they exit, so that `docker compose up --exit-code-from coordinator`
+        # (which stops everything when the first container exits) shows the report above.
         self.broadcast("bye")
-        return self.report()
+        return report
 
     def report(self) -> dict[str, Any]:
         final = self.snapshot()

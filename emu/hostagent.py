@@ -37,6 +37,7 @@ from workers.common import new_context
 HELLO_EVERY = 1.0
 STATS_EVERY = 0.25
 LINK_TIMEOUT = 30.0
+BYE_TIMEOUT = 60.0  # after our final report, how long to wait for the coordinator's
 
 
 def host_part(topo: Topology, hname: str) -> Topology:
@@ -338,6 +339,11 @@ class HostAgent:
                 p = report["pages"]
                 self.say(f"finished: pages total {p['total']:,} accounted {p['accounted']:,} "
                          f"in_flight {p['in_flight']:,}")
+                self.run = None
+                try:  # until the coordinator has printed the run's report (it says bye)
+                    self.next_message(("bye",), BYE_TIMEOUT)
+                except (CoordinatorLost, RunError, KeyboardInterrupt):
+                    pass  # our part is done and reported either way
                 return 0
             else:
                 return self._ended(kind, header)
