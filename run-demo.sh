@@ -8,5 +8,5 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet -e .
+"$VENV/bin/python" -m pip install -qq -e .
 exec "$VENV/bin/emu" run topology/l2fwd.yaml --count "${COUNT:-200000}" -i 1 -e "$@"

@@ -9,7 +9,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet -e ".[test]"
+"$VENV/bin/python" -m pip install -qq -e ".[test]"
 "$VENV/bin/python" -m ruff check .
 status=0
 "$VENV/bin/python" -m pytest -n auto -q "$@" || status=$?
