@@ -421,6 +421,18 @@ class Run(Console):
                            f"({int(np.count_nonzero(carrying))} carried packets, counted lost)")
             for cpu in range(pm.ncpus):
                 pm.pool(cpu, owner=True).drain()
+            # Every cache and ring is empty now, so a page still marked CACHE or RING is in none: a
+            # process killed between two stores (a cache's count and its pages' states) left it there.
+            # It carried no packet; it goes back to the page allocator, released by its pool.
+            st = pm.state.copy()
+            torn = np.flatnonzero((st == PageState.CACHE) | (st == PageState.RING))
+            if len(torn):
+                owners = pm.owner[torn]
+                for cpu in np.unique(owners).tolist():
+                    mine = torn[owners == cpu]
+                    pm.free_pages_bulk(mine, release_pool=cpu if 0 <= cpu < pm.ncpus else -1)
+                self.event(f"{hname}: {len(torn)} pages a killed process left marked as pooled but in no "
+                           "pool went back to the page allocator")
 
     def wire_losses(self) -> int:
         """Frames lost with dead devices, counted once traffic has settled: those their link peer sent

@@ -403,3 +403,30 @@ def test_teardown_with_pages_in_flight_warns_then_exits_cleanly(reliability) -> 
     assert p["total"] == p["accounted"] and p["in_flight"] == 0 and not p["problems"]
     assert report["violations"]["leaked"] == 0
     assert report["devices"][0]["tx_completions"] == report["devices"][0]["tx_packets"]
+
+
+def test_pages_a_kill_tore_out_of_a_cache_go_back_to_the_allocator(reliability) -> None:
+    """A CPU killed inside an alloc, after its cache's count dropped but before the pages taken got their
+    new state, leaves pages marked CACHE in no cache.  After every process exited the coordinator finds
+    them (every cache and ring is empty by then) and gives them back: the strict audit is clean."""
+    from emu.pagemem import _P_CACHE_COUNT
+
+    run = Run(validate_topology_text(KILL, "kill.yaml"), RunOptions(quiet=True))
+    try:
+        run.setup()
+        pm = run.pms["h1"]
+        pool = pm.pool(1, owner=True)
+        ids = pool.alloc(100, PageState.RX_POSTED)
+        torn = int(pm.pool_ctl[1][_P_CACHE_COUNT])
+        assert torn > 0
+        pm.pool_ctl[1][_P_CACHE_COUNT] = 0  # the count went down; the states never changed
+        assert any("in no structure" in p for p in pm.audit(strict=True).problems)
+        run.dead.add("h1/cpu1")
+        run.reclaim_stranded()
+        audit = pm.audit(strict=True)
+        assert audit.ok, audit.problems
+        assert audit.by_state["free"] == pm.npages and len(ids) == 100
+        assert any(f"{torn} pages a killed process left" in e for e in run.events)
+        reliability("pages torn out of a cache by a kill", inputs=1)
+    finally:
+        run.cleanup()
