@@ -50,7 +50,6 @@ class HostSlot:
     lost: int = 0
     in_transit: int = 0
     report: dict[str, Any] | None = None
-    stalled: list[str] = field(default_factory=list)
 
     @property
     def live(self) -> bool:
@@ -178,8 +177,7 @@ class Cluster(Console):
         if kind in ("stats", "home", "final"):
             self.take_stats(slot, payload)
             if kind == "home":
-                slot.state = "home"
-                slot.stalled = list(payload.get("stalled", [])) if isinstance(payload, dict) else []
+                slot.state = "home"  # its pages are home (its report lists any stalled pool)
             elif kind == "final":
                 slot.state = "final"
                 slot.report = payload.get("report") if isinstance(payload, dict) else None

@@ -331,7 +331,7 @@ class HostAgent:
                 run.settled_ns = time.monotonic_ns()
                 run.table.command_all(Cmd.DOWN)
                 run.wait_pages_home()
-                self.send_stats("home", {"stalled": run.stalled})
+                self.send_stats("home")
             elif kind == "exit":
                 report = run.finish()
                 self.send_stats("final", {"report": report})

@@ -92,20 +92,6 @@ def push(ctx: zmq.Context, addr: str, hwm: int = DATA_HWM, setup: SocketSetup = 
     return s
 
 
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: enum flags cost a Python call per `&`
-
-
-def take(sock: zmq.Socket) -> bytes | None:
-    """The next waiting message, or None.  Asking ZMQ_EVENTS first is much cheaper than a non-blocking
-    recv that raises zmq.Again: an exception object per empty poll is a measurable share of a loop."""
-    if not sock.getsockopt(_EVENTS) & _POLLIN:
-        return None
-    try:
-        return sock.recv(zmq.NOBLOCK, copy=True)
-    except zmq.Again:
-        return None
-
-
 def attach_rings(spec: ProcSpec, to: str) -> list[MsgRing]:
     """The shared-memory rings whose consumer is `to` (``cpu0``, ``eth1``) on this process's host."""
     rings = spec.endpoints.get("rings", {})

@@ -30,7 +30,7 @@ from emu import security, wire
 from emu.netem import LinkShaper
 from emu.packets import FrameBatch, rss_queue
 from emu.pagemem import DESC_DTYPE, PageMemory, PageState, descs_from_bytes
-from emu.shmring import IDLE_POLL_MS, Inbox
+from emu.shmring import IDLE_POLL_MS, Inbox, take
 from emu.stats import Cmd, ProcState, StatsRow, StatsTable
 from workers.common import (
     LINK_HWM,
@@ -44,7 +44,6 @@ from workers.common import (
     pull,
     push,
     run_process,
-    take,
 )
 from workers.cpu import LINK_DOWN_BIT
 from workers.link import LINK_BATCH, LinkSender

@@ -22,8 +22,9 @@ import zmq
 from emu import wire
 from emu.netem import LinkShaper
 from emu.packets import FrameFactory, Pacer, SeqTracker, verify_batch
+from emu.shmring import take
 from emu.stats import Cmd, ProcState, StatsRow, StatsTable
-from workers.common import LINK_HWM, Liveness, ProcSpec, new_context, pin, pull, push, run_process, take
+from workers.common import LINK_HWM, Liveness, ProcSpec, new_context, pin, pull, push, run_process
 from workers.cpu import LINK_DOWN_BIT
 from workers.link import LINK_BATCH, LinkSender
 
