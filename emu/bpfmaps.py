@@ -529,6 +529,7 @@ class HashMap(BpfMap):
         "_mask",
         "_shift",
         "_states",
+        "cpu",
     )
 
     def __init__(
@@ -542,6 +543,7 @@ class HashMap(BpfMap):
         lockfile: OfdLockFile,
     ) -> None:
         super().__init__(name, spec)
+        self.cpu = cpu  # whose row `_v` is (a per-CPU map's program-side value)
         cap = place.capacity
         self._cap = cap
         self._mask = cap - 1
@@ -729,20 +731,7 @@ class PerCpuHashMap(HashMap):
     key takes the lock.
     """
 
-    __slots__ = ("cpu",)
-
-    def __init__(
-        self,
-        name: str,
-        spec: MapSpec,
-        seg: Segment,
-        place: _Place,
-        rows: list[Any],
-        cpu: int,
-        lockfile: OfdLockFile,
-    ) -> None:
-        super().__init__(name, spec, seg, place, rows, cpu, lockfile)
-        self.cpu = cpu
+    __slots__ = ()
 
     def _store_new(self, i: int, value: Any) -> None:
         zero = np.zeros((), self.dtype)[()] if self.dtype.fields is not None else 0

@@ -29,7 +29,15 @@ import zmq
 
 from emu import control, security
 from emu import report as rep
-from emu.coordinator import DRAIN_STALL, READY_TIMEOUT, Console, RunError, RunOptions, wait_settled
+from emu.coordinator import (
+    DRAIN_STALL,
+    READY_TIMEOUT,
+    Console,
+    RunError,
+    RunOptions,
+    generators_done,
+    wait_settled,
+)
 from emu.stats import ProcState
 from emu.topology import Endpoint, Topology
 from workers.common import new_context
@@ -282,18 +290,13 @@ class Cluster(Console):
         return rep.Snapshot(time.monotonic(), rows, kinds, lost)
 
     def generators_done(self) -> bool:
-        snap = self.snapshot()
-        gens = [n for n, p in self.topo.traffic.items()
-                if p.generate is not None and self.topo.peer_of(Endpoint("traffic", None, n)) is not None]
-        if not gens:
-            return False
-        for n in gens:
-            count = self.opts.count if self.opts.count is not None else self.topo.traffic[n].generate.count
-            if not count:
-                return False
-            if n in snap.rows and snap.rows[n]["state"] < ProcState.DONE and self.host_of(n).live:
-                return False
-        return True
+        rows = self.snapshot().rows
+
+        def done(n: str) -> bool:
+            # A generator on a lost host (or not yet heard of) sends nothing more.
+            return n not in rows or rows[n]["state"] >= ProcState.DONE or not self.host_of(n).live
+
+        return generators_done(self.topo, self.opts.count, done)
 
     def host_of(self, key: str) -> HostSlot:
         for slot in self.slots.values():

@@ -71,6 +71,21 @@ class Proc:
     process: multiprocessing.process.BaseProcess
 
 
+def generators_done(topo: Topology, count: int | None, done: Callable[[str], bool]) -> bool:
+    """Whether every cabled generator has sent its count (`count` overrides the topology's); False while
+    any runs without one.  `done(name)` says whether that generator has finished."""
+    gens = [n for n, p in topo.traffic.items()
+            if p.generate is not None and topo.peer_of(Endpoint("traffic", None, n)) is not None]
+    if not gens:
+        return False
+    for n in gens:
+        if not (count if count is not None else topo.traffic[n].generate.count):
+            return False
+        if not done(n):
+            return False
+    return True
+
+
 def wait_settled(step: Callable[[], None], snapshot: Callable[[], rep.Snapshot], in_transit: Callable[[], int],
                  stall: float) -> None:
     """After QUIESCE (one host or many): until every generated packet is delivered, dropped or consumed
@@ -211,16 +226,12 @@ class Run(Console):
 
     def link_of(self, endpoint: str) -> tuple[str | None, str | None]:
         """(address this endpoint binds for its link ingress, its peer's ingress address)."""
+        peer = self.topo.peer_of(Endpoint.parse(endpoint))
+        if peer is None:
+            return None, None
         if self._links is None:
             self._links = self.endpoints()["link"]
-        ep = self._links
-        for link in self.topo.links:
-            a, b = str(link.a), str(link.b)
-            if endpoint == a:
-                return ep[a], ep[b]
-            if endpoint == b:
-                return ep[b], ep[a]
-        return None, None
+        return self._links[endpoint], self._links[str(peer)]
 
     def impair_of(self, endpoint: str) -> object | None:
         """The impairment of the link `endpoint` sends on, for its LinkShaper (None: a perfect wire)."""
@@ -479,17 +490,9 @@ class Run(Console):
     # -- the run ----------------------------------------------------------------------------------
 
     def generators_done(self) -> bool:
-        assert self.table is not None
-        gens = [n for n, port in self.topo.traffic.items() if port.generate is not None and self.link_of(n)[1]]
-        if not gens:
-            return False
-        for n in gens:
-            count = self.opts.count if self.opts.count is not None else self.topo.traffic[n].generate.count
-            if not count:
-                return False
-            if self.table.read(n)["state"] < ProcState.DONE:
-                return False
-        return True
+        table = self.table
+        assert table is not None
+        return generators_done(self.topo, self.opts.count, lambda n: table.read(n)["state"] >= ProcState.DONE)
 
     def snapshot(self) -> rep.Snapshot:
         assert self.table is not None

@@ -79,7 +79,6 @@ class HostRun(Run):
     def __init__(self, agent: HostAgent, full: Topology, hname: str, opts: RunOptions) -> None:
         super().__init__(host_part(full, hname), opts)
         self.agent = agent
-        self.full = full
         self.hname = hname
         self.keys_dir = agent.opts.keys_dir
 
@@ -87,11 +86,8 @@ class HostRun(Run):
         self.agent.service()
 
     def link_of(self, endpoint: str) -> tuple[str | None, str | None]:
-        link = self.topo.link_of(Endpoint.parse(endpoint))
-        if link is None:
-            return None, None
-        other = link.b if str(link.a) == endpoint else link.a
-        if self.is_local(other):
+        peer = self.topo.peer_of(Endpoint.parse(endpoint))
+        if peer is None or self.is_local(peer):
             return super().link_of(endpoint)
         port = self.agent.opts.link_port
         if port:
@@ -128,7 +124,6 @@ class HostAgent:
         self.next_stats = 0.0
         self.sent_events = 0
         self.stop = False
-        self.phase = "connecting"
 
     # -- output and status --------------------------------------------------------------------------
 
@@ -136,7 +131,6 @@ class HostAgent:
         print(f"emu host {self.name}: {text}", file=self.opts.out, flush=True)
 
     def status(self, word: str) -> None:
-        self.phase = word
         control.write_status(self.opts.status_file, word)
 
     # -- the channel --------------------------------------------------------------------------------

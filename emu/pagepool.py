@@ -48,6 +48,7 @@ from emu.pagemem import (
     PageMemory,
     PageState,
 )
+from emu.shm import pid_alive
 
 _ALLOC_FAST = C["alloc_fast"]
 _LITTLE = sys.byteorder == "little"
@@ -59,18 +60,6 @@ class ForeignRecycleError(PageError):
 
 class PoolOwnershipError(RuntimeError):
     """A second live process tried to own a CPU's pool."""
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class PagePool:
@@ -104,7 +93,7 @@ class PagePool:
         if owner:
             pid = os.getpid()
             prev = int(self.ctl[_P_OWNER_PID])
-            if prev and prev != pid and _pid_alive(prev):
+            if prev and prev != pid and pid_alive(prev):
                 raise PoolOwnershipError(f"cpu {cpu}'s page pool is already owned by live pid {prev}")
             self.ctl[_P_OWNER_PID] = pid
 

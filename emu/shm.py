@@ -136,7 +136,10 @@ def unlink_prefix(prefix: str) -> list[str]:
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (a zombie counts until it is reaped)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -148,7 +151,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _stale_pid(name: str) -> bool:
     parts = name.split("-")
-    return len(parts) >= 3 and parts[0] == PREFIX and parts[1].isdigit() and not _pid_alive(int(parts[1]))
+    return len(parts) >= 3 and parts[0] == PREFIX and parts[1].isdigit() and not pid_alive(int(parts[1]))
 
 
 def sweep_stale() -> list[str]:

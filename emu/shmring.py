@@ -212,6 +212,7 @@ class Inbox:
         self.poked = poked
 
     def close(self) -> None:
+        self.sock.close(0)
         for ring in self.rings:
             ring.close()
         self.rings = []

@@ -11,8 +11,8 @@ What one poll does, in the kernel's order (drivers' ``napi_poll`` + ``xdp_do_flu
    ring); TX puts it on the same device's XDP TX queue for this CPU; REDIRECT bulks it per target device
    (16 frames per ``ndo_xdp_xmit`` call), or, for a target without XDP transmit, copies it into an skb
    (``redirect_fallback: skb``) or drops it (``drop``: -EOPNOTSUPP, ``redirect_err``);
-4. flush the bulks (one message per target device for up to `POLLS_PER_FLUSH` polls: counters are per
-   poll, messages per pass), then refill the RX rings from the pool.
+4. refill the RX rings from the pool; the bulks and the refilled buffers go to the devices in one message
+   per device for up to `POLLS_PER_FLUSH` polls (counters such as ``xmit_bulks`` stay per poll).
 
 TX completions for the TX queues this CPU services come back here; each page goes back to the pool that
 allocated it: directly when that is this CPU's, through that CPU's recycle ring otherwise.  A page is
@@ -388,8 +388,7 @@ class CpuWorker:
                 t = self.by_name[dev]
                 self.pm.state.put(ids, PageState.TX_QUEUED)
                 self.pm.holder.put(ids, device_code(t.index))
-                bulks = math.ceil(len(ids) / self.bulk) if kind == "redirect" else 1
-                hdr = {"txq": self.cpu % t.tx_queues, "cpu": self.cpu, "kind": kind, "bulks": bulks}
+                hdr = {"txq": self.cpu % t.tx_queues, "cpu": self.cpu, "kind": kind}
                 self.send_descs(self.sock(dev), "xmit", hdr, ids)
             self.tx_bulk.clear()
         if self.skb_local:
@@ -484,7 +483,6 @@ class CpuWorker:
                 rxq.posted -= len(d)
             rxq.pending.clear()
         self.pool.drain()
-        self.inbox.sock.close(0)
         self.inbox.close()
         for s in (*self.out.values(), *self.cpu_out.values()):
             s.close()

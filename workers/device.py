@@ -492,9 +492,8 @@ class Device:
     def close(self) -> None:
         self.tx.close()
         self.inbox.close()
-        for s in (self.inbox.sock, self.link_in):
-            if s is not None:
-                s.close(0)
+        if self.link_in is not None:
+            self.link_in.close(0)
         for ch in self.cpu_out:
             ch.close()
         if self.gatekeeper is not None:

@@ -38,7 +38,6 @@ class LinkSender:
         self.sock = sock
         self.shaper = shaper if shaper is not None and shaper.active else None
         self.backlog: collections.deque[tuple[int, bytes, int]] = collections.deque()  # (due_ns, msg, frames)
-        self.lost = 0  # frames the link's loss impairment dropped
 
     @property
     def connected(self) -> bool:
@@ -71,7 +70,6 @@ class LinkSender:
             if mask is not None and mask.any():
                 keep = np.flatnonzero(~mask)
                 lost = n - len(keep)
-                self.lost += lost
                 frames = FrameBatch(frames.data, frames.offsets[keep], frames.lengths[keep]).compact()
                 n = len(keep)
         now = time.monotonic_ns() if shaper is not None else 0
