@@ -9,11 +9,14 @@ publishes a record by storing the new tail after its bytes; the consumer frees i
 head.  Both are aligned 8-byte stores, and x86-64 keeps stores in order (the page pool's rings rely on
 the same), so a consumer that sees a tail sees the bytes before it.
 
-A consumer that has nothing to do sleeps in ``zmq_poll`` on its inbox socket, after raising its
-`sleeping` word; a producer that finds the word raised after publishing rings the doorbell (a tiny
-``bell`` message on that socket).  A full ring, or a message larger than half of it, goes over the
-socket instead, so the socket remains the fallback and back-pressure path, and what anyone sends to
-the socket itself (a test, a foreign process) is still validated and counted as before.  Raising the
+A consumer that has nothing to do sleeps in ``zmq_poll`` on its inbox socket, after storing in its
+`sleeping` word how many waiting bytes are worth waking it for; a producer that finds the word set and
+at least that much waiting after publishing rings the doorbell (a tiny ``bell`` message on that
+socket).  Normally that is `BELL_FILL` (interrupt moderation); a consumer that is stuck until a message
+comes asks for less (a device whose RX queues ran short of buffers asks for the posts it needs to
+resume).  A full ring, or a message larger than half of it, goes over the socket instead, so the socket
+remains the fallback and back-pressure path, and what anyone sends to the socket itself (a test, a
+foreign process) is still validated and counted as before.  Raising the
 word and publishing are plain stores that the CPU may reorder with the following load, so a wake-up can
 be missed; the consumer's poll timeout bounds that delay (milliseconds), and nothing is lost.
 """
@@ -27,7 +30,7 @@ from emu import wire
 from emu.shm import Segment
 
 RING_BYTES = 1 << 18  # 256 KiB: a dozen of the largest descriptor messages (1024 descriptors)
-_HDR_WORDS = 8  # head, tail, sleeping, (reserved)
+_HDR_WORDS = 8  # head, tail, sleeping (0: awake, else the fill that rings the bell), (reserved)
 _HEAD, _TAIL, _SLEEPING = 0, 1, 2
 _WRAP = 0xFFFFFFFF
 BELL = wire.pack_msg("bell", {})
@@ -103,12 +106,14 @@ class MsgRing:
         self.hdr[_TAIL] = tail  # publish
         return True
 
-    def consumer_sleeping(self) -> bool:
-        return bool(self.hdr[_SLEEPING])
-
     def fill(self) -> int:
         """Bytes waiting for the consumer."""
         return self.tail - self.hdr[_HEAD]
+
+    def wants_bell(self) -> bool:
+        """The consumer sleeps and what waits for it now is worth waking it for."""
+        at = self.hdr[_SLEEPING]
+        return bool(at) and self.tail - self.hdr[_HEAD] >= at
 
     # -- consumer ---------------------------------------------------------------------------------
 
@@ -132,8 +137,9 @@ class MsgRing:
     def empty(self) -> bool:
         return self.head == self.hdr[_TAIL]
 
-    def sleeping(self, flag: bool) -> None:
-        self.hdr[_SLEEPING] = int(flag)
+    def sleeping(self, bell_at: int) -> None:
+        """Sleep until `bell_at` bytes wait (0: awake)."""
+        self.hdr[_SLEEPING] = bell_at
 
 
 class Channel:
@@ -146,7 +152,7 @@ class Channel:
     def send(self, msg: bytes) -> None:
         ring = self.ring
         if ring is not None and ring.put(msg):
-            if ring.consumer_sleeping() and ring.fill() >= BELL_FILL:
+            if ring.wants_bell():
                 self.sock.send(BELL, copy=True)
             return
         self.sock.send(msg, copy=True)
@@ -196,19 +202,23 @@ class Inbox:
         self.poked = False
         return take(self.sock)
 
-    def idle(self) -> bool:
-        """Announce sleep; False (and no sleep) when a ring filled meanwhile."""
-        for ring in self.rings:
-            ring.sleeping(True)
-        if all(ring.empty() for ring in self.rings):
-            return True
-        self.awake(False)
-        return False
+    def idle(self, bell_at: int = BELL_FILL) -> bool:
+        """Announce sleep until `bell_at` bytes wait in a ring; False (and no sleep) when a ring filled
+        meanwhile."""
+        bell_at = max(1, bell_at)
+        rings = self.rings
+        for ring in rings:
+            ring.sleeping(bell_at)
+        for ring in rings:
+            if not ring.empty():
+                self.awake(False)
+                return False
+        return True
 
     def awake(self, poked: bool = True) -> None:
         """Back from sleep; `poked`: the poll said the socket has something."""
         for ring in self.rings:
-            ring.sleeping(False)
+            ring.sleeping(0)
         self.poked = poked
 
     def close(self) -> None:

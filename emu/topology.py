@@ -117,10 +117,12 @@ class PoolConfig:
 
 @dataclass(frozen=True, slots=True)
 class XdpConfig:
-    """The XDP program attached to a device: ``"module:function"`` and its free-form parameters."""
+    """The XDP program attached to a device: ``"module:function"``, its free-form parameters, and whether
+    CPUs may run its vectorised form (`emu.xdp.XdpBatch`) when it has one."""
 
     program: str
     params: dict[str, Any] = field(default_factory=dict)
+    vectorised: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,7 +352,8 @@ def _device_to_dict(dev: DeviceConfig) -> dict[str, Any]:
         # frozen configuration through a shared params dict.
         "xdp": None
         if dev.xdp is None
-        else {"program": dev.xdp.program, "params": copy.deepcopy(dev.xdp.params)},
+        else {"program": dev.xdp.program, "params": copy.deepcopy(dev.xdp.params),
+              "vectorised": dev.xdp.vectorised},
         "xdp_xmit": dev.xdp_xmit,
         "redirect_fallback": dev.redirect_fallback,
         "tx_completion_us": dev.tx_completion_us,
@@ -372,7 +375,9 @@ def host_from_dict(d: Mapping[str, Any]) -> HostConfig:
             rx_ring_size=dd["rx_ring_size"],
             tx_ring_size=dd["tx_ring_size"],
             rx_cpus=tuple(dd["rx_cpus"]),
-            xdp=None if xdp is None else XdpConfig(xdp["program"], copy.deepcopy(dict(xdp["params"]))),
+            xdp=None
+            if xdp is None
+            else XdpConfig(xdp["program"], copy.deepcopy(dict(xdp["params"])), xdp.get("vectorised", True)),
             xdp_xmit=dd["xdp_xmit"],
             redirect_fallback=dd["redirect_fallback"],
             tx_completion_us=dd["tx_completion_us"],
@@ -514,7 +519,7 @@ _DEVICE_KEYS = (
     "redirect_fallback",
     "tx_completion_us",
 )
-_XDP_KEYS = ("program", "params")
+_XDP_KEYS = ("program", "params", "vectorised")
 _LINK_KEYS = ("endpoints", "delay", "jitter", "loss", "rate")
 _TRAFFIC_KEYS = ("generate",)
 _GENERATE_KEYS = ("count", "rate", "pkt_size", "flows", "burst", "src_mac", "dst_mac")
@@ -1089,7 +1094,7 @@ class _Validator:
             for key_node, value_node in params_node.value:
                 key = self.key_text(key_node, f"{where}: xdp: params")
                 params[key] = self.plain_value(value_node, f"{where}: xdp: params: '{key}'")
-        return XdpConfig(program, params)
+        return XdpConfig(program, params, f.bool("vectorised", True))
 
     def plain_value(self, node: Node, where: str) -> Any:
         """A free-form parameter value, restricted to what JSON and msgpack can carry."""

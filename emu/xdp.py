@@ -25,6 +25,14 @@ Programs
                   off the per-packet path.  Per-context (not per-function) state matters because one
                   program can be attached to several devices with different params.
 
+    ``fn.batch``  ``batch(ctx, pkts: XdpBatch) -> verdicts``: the same program over a whole NAPI poll at
+                  once (a vectorised form, as DPDK drivers have vector RX paths next to their scalar
+                  ones).  It must behave exactly as calling ``fn`` on each packet in order: same frame
+                  bytes, verdicts, redirect targets and map updates (the bundled programs' tests check
+                  this).  A CPU worker uses it unless the topology says ``xdp: {vectorised: false}``.
+                  A raise or a result that is not one integer verdict per packet aborts the whole poll's
+                  packets (each counted as ``xdp_exception``).
+
     `load_program` turns ``"module:function"`` into a `Program`; `Program.new_context` builds a context
     and runs the setup hook.
 
@@ -42,6 +50,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+import numpy as np
+
 from emu.bpfmaps import BpfMap, DevMap, MapSpec
 
 __all__ = [
@@ -53,8 +63,10 @@ __all__ = [
     "Program",
     "ProgramFn",
     "XdpAction",
+    "XdpBatch",
     "XdpContext",
     "classify_verdict",
+    "classify_verdicts",
     "load_program",
     "xdp_program",
 ]
@@ -164,17 +176,92 @@ class XdpContext:
         )
 
 
+class XdpBatch:
+    """One NAPI poll's packets for a vectorised program: the per-packet ``xdp_md`` fields as arrays.
+
+    `pages`, `offs` and `lens` say where each packet is (page id, offset of ``data`` in the page,
+    ``data_end - data``); the frame bytes are read and written through `head`/`store_head`, which keep
+    the verifier's rule that a program touches only ``[data, data_end)``.  `redirect_ifindex` plays the
+    per-CPU ``bpf_redirect_info`` for each packet: -1 until `redirect` or `redirect_map` sets it.
+    """
+
+    __slots__ = ("_uniform", "lens", "mem", "offs", "pages", "redirect_ifindex")
+
+    def __init__(self, mem: np.ndarray, pages: np.ndarray, offs: np.ndarray, lens: np.ndarray) -> None:
+        self.mem = mem  # (npages, page_size) uint8: the host's page memory
+        self.pages = pages  # int64
+        self.offs = offs  # int64
+        self.lens = lens  # int64
+        n = len(pages)
+        self.redirect_ifindex = np.full(n, -1, dtype=np.int64)
+        self._uniform = int(offs[0]) if n and bool((offs == offs[0]).all()) else None
+
+    def __len__(self) -> int:
+        return len(self.pages)
+
+    def head(self, nbytes: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ok, rows): `ok` marks the packets at least `nbytes` long, `rows` (one per ok packet, in order)
+        is a copy of their first `nbytes` bytes (the ``data + n > data_end`` check, for a whole poll)."""
+        ok = self.lens >= nbytes
+        pages, offs = self.pages, self.offs
+        every = bool(ok.all())
+        if not every:
+            pages, offs = pages[ok], offs[ok]
+        if self._uniform is not None:
+            o = self._uniform
+            return ok, self.mem[pages, o : o + nbytes]
+        return ok, self.mem[pages[:, None], offs[:, None] + np.arange(nbytes)]
+
+    def store_head(self, ok: np.ndarray, rows: np.ndarray) -> None:
+        """Write `rows` (as `head` returned them, changed) back over the first bytes of the ok packets."""
+        nbytes = rows.shape[1]
+        pages, offs = self.pages, self.offs
+        if len(rows) != len(pages):
+            pages, offs = pages[ok], offs[ok]
+        if self._uniform is not None:
+            o = self._uniform
+            self.mem[pages, o : o + nbytes] = rows
+        else:
+            self.mem[pages[:, None], offs[:, None] + np.arange(nbytes)] = rows
+
+    def redirect(self, ifindex: int, where: np.ndarray | slice = slice(None)) -> int:
+        """``bpf_redirect`` for the packets `where` selects: remember the target, return XDP_REDIRECT."""
+        self.redirect_ifindex[where] = ifindex
+        return XDP_REDIRECT
+
+    def redirect_map(self, devmap: DevMap, keys: np.ndarray | int, where: np.ndarray | slice = slice(None),
+                     flags: int = 0) -> np.ndarray:
+        """``bpf_redirect_map`` on a devmap for the packets `where` selects (`keys` one per selected packet,
+        or one for all): the verdict of each, XDP_REDIRECT on a hit, else the action in ``flags & 3``."""
+        sel = np.arange(len(self.pages))[where]
+        if flags & ~_ACTION_MASK:
+            return np.full(len(sel), XDP_ABORTED, dtype=np.int64)
+        slots = np.asarray(devmap.ifindexes, dtype=np.int64)
+        keys = np.broadcast_to(np.asarray(keys, dtype=np.int64), sel.shape)
+        inside = (keys >= 0) & (keys < len(slots))
+        ifx = np.zeros(len(sel), dtype=np.int64)
+        ifx[inside] = slots[keys[inside]]
+        hit = ifx != 0
+        self.redirect_ifindex[sel[hit]] = ifx[hit]
+        return np.where(hit, XDP_REDIRECT, flags)
+
+
 ProgramFn = Callable[[XdpContext], int]
 SetupFn = Callable[[XdpContext], None]
+BatchFn = Callable[[XdpContext, XdpBatch], Any]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def xdp_program(maps: Mapping[str, MapSpec] | None = None, setup: SetupFn | None = None) -> Callable[[F], F]:
-    """Declare a program's maps and setup hook: sets ``fn.maps`` and ``fn.setup``, returns `fn` itself."""
+def xdp_program(
+    maps: Mapping[str, MapSpec] | None = None, setup: SetupFn | None = None, batch: BatchFn | None = None
+) -> Callable[[F], F]:
+    """Declare a program's maps, setup hook and vectorised form: sets ``fn.maps``, ``fn.setup`` and
+    ``fn.batch``, returns `fn` itself."""
 
     def wrap(fn: F) -> F:
         fn.maps = dict(maps or {})  # type: ignore[attr-defined]
         fn.setup = setup  # type: ignore[attr-defined]
+        fn.batch = batch  # type: ignore[attr-defined]
         return fn
 
     return wrap
@@ -182,12 +269,14 @@ def xdp_program(maps: Mapping[str, MapSpec] | None = None, setup: SetupFn | None
 
 @dataclass(frozen=True, slots=True)
 class Program:
-    """A loaded program: the per-packet callable, its name, its map specs and its setup hook."""
+    """A loaded program: the per-packet callable, its name, its map specs, its setup hook and its
+    vectorised form."""
 
     fn: ProgramFn
     name: str
     maps: Mapping[str, MapSpec] = field(default_factory=dict)
     setup: SetupFn | None = None
+    batch: BatchFn | None = None
 
     @classmethod
     def from_callable(cls, fn: ProgramFn, name: str | None = None) -> Program:
@@ -202,7 +291,10 @@ class Program:
         setup = getattr(fn, "setup", None)
         if setup is not None and not callable(setup):
             raise TypeError(f"xdp program {name}: 'setup' must be callable")
-        return cls(fn, name, MappingProxyType(dict(maps)), setup)
+        batch = getattr(fn, "batch", None)
+        if batch is not None and not callable(batch):
+            raise TypeError(f"xdp program {name}: 'batch' must be callable")
+        return cls(fn, name, MappingProxyType(dict(maps)), setup, batch)
 
     def initial_maps(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The params named after one of this program's maps: its initial entries (`emu.bpfmaps.populate`)."""
@@ -253,3 +345,21 @@ def classify_verdict(ret: object) -> tuple[int, bool]:
     if v in _VALID:
         return v, False
     return XDP_ABORTED, True
+
+
+def classify_verdicts(ret: object, n: int) -> tuple[np.ndarray, int] | None:
+    """A vectorised program's result as (verdicts, invalid count), or None when it is not one integer
+    verdict per packet (the whole poll is then ABORTED).  Unknown values become XDP_ABORTED, counted;
+    booleans are refused, as `classify_verdict` refuses them."""
+    try:
+        v = np.asarray(ret)
+    except Exception:
+        return None
+    if v.shape != (n,) or v.dtype.kind not in "iu":
+        return None
+    v = v.astype(np.int64)  # always a copy: the caller may keep the program's own array
+    invalid = (v < XDP_ABORTED) | (v > XDP_REDIRECT)
+    bad = int(np.count_nonzero(invalid))
+    if bad:
+        v[invalid] = XDP_ABORTED
+    return v, bad

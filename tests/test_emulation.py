@@ -74,7 +74,23 @@ def test_l2fwd_delivers_every_packet() -> None:
     for c in r["cpus"]:
         pp = c["page_pool"]
         assert pp["recycle_cached"] + pp["recycle_ring"] + pp["recycle_ring_full"] >= c["rx_packets"]
-    assert r["maps"]["h1:eth0"]  # the program counted in its per-CPU map
+    # The program (its vectorised form) counted every packet in its per-CPU map, on both CPUs.
+    rxcnt = r["maps"]["h1:eth0"]["rxcnt"]["entries"]["0"]
+    assert rxcnt["sum"] == 20_000 and all(rxcnt["cpus"])
+
+
+def test_l2fwd_per_packet_programs_forward_the_same() -> None:
+    """``vectorised: false``: the CPUs call the program once per packet (bpf_prog_run_xdp), with the
+    same counters and the same verified frames as its vectorised form."""
+    text = (TOPO / "l2fwd.yaml").read_text()
+    assert "params: {egress: eth1}" in text
+    text = text.replace("params: {egress: eth1}", "params: {egress: eth1}\n          vectorised: false")
+    topo = validate_topology_text(text, "l2fwd.yaml")
+    assert topo.hosts["h1"].devices["eth0"].xdp.vectorised is False
+    r = run(topo, count=10_000)
+    assert_clean(r)
+    assert r["traffic"]["delivered"] == 10_000 == totals(r, "redirect")
+    assert r["maps"]["h1:eth0"]["rxcnt"]["entries"]["0"]["sum"] == 10_000
 
 
 def test_xdp_drop_recycles_into_the_cache() -> None:
@@ -167,7 +183,9 @@ def test_pass_frees_skbs_on_the_stack_cpu() -> None:
     assert cpu0["page_pool"]["recycle_ring"] + cpu0["page_pool"]["recycle_ring_full"] >= cpu0["rx_packets"]
 
 
-@pytest.mark.parametrize("program", ["emu.programs:buggy_raise", "emu.programs:buggy_bad_verdict"])
+@pytest.mark.parametrize(
+    "program", ["emu.programs:buggy_raise", "emu.programs:buggy_bad_verdict", "emu.programs:buggy_batch_short"]
+)
 def test_buggy_program_is_aborted_and_worker_survives(program: str) -> None:
     r = run(validate_topology_text(topo_text("buggy", program), "t.yaml"), count=3_000)
     assert_clean(r)

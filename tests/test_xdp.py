@@ -25,8 +25,10 @@ from emu.xdp import (
     XDP_TX,
     Program,
     XdpAction,
+    XdpBatch,
     XdpContext,
     classify_verdict,
+    classify_verdicts,
     load_program,
     xdp_program,
 )
@@ -307,3 +309,121 @@ def test_buggy_programs(loaded: Loader) -> None:
         run(prog, ctx, data)
     prog, ctx, _ = loaded("emu.programs:buggy_bad_verdict")
     assert classify_verdict(run(prog, ctx, data)) == (XDP_ABORTED, True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Vectorised forms: the same program over a whole poll
+
+
+def random_poll(rng: np.random.Generator, n: int, uniform: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                             np.ndarray]:
+    """Page memory holding `n` frames (real 64-byte frames, random bytes, and runts shorter than the MACs)
+    at the headroom or at random offsets, and their page ids, offsets and lengths."""
+    npages = 2 * n + 3
+    mem = rng.integers(0, 256, size=(npages, PAGE), dtype=np.uint8)
+    pages = rng.choice(npages, size=n, replace=False).astype(np.int64)
+    lens = rng.integers(0, 200, size=n).astype(np.int64)
+    runts = rng.random(n) < 0.2
+    lens[runts] = rng.integers(0, 12, size=int(runts.sum()))
+    lens[::7] = 64
+    lens[1::11] = 11  # one byte short of the two MACs
+    offs = np.full(n, HEADROOM, dtype=np.int64) if uniform else rng.integers(0, PAGE - 200, size=n)
+    frame = np.frombuffer(make_frame(), dtype=np.uint8)
+    for k in range(0, n, 7):
+        mem[pages[k], offs[k] : offs[k] + 64] = frame
+    return mem, pages, offs.astype(np.int64), lens
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("xdp_drop", {}),
+        ("xdp_pass", {}),
+        ("xdp_tx", {}),
+        ("l2fwd", {"egress": "eth1"}),
+        ("l2fwd_map", {"tx_port": {"0": "eth1"}}),
+        ("l2fwd_map", {"tx_port": {"1": "eth1"}}),  # slot 0 empty: every lookup misses
+    ],
+)
+def test_vectorised_form_does_what_the_per_packet_body_does(
+    loaded: Loader, name: str, params: dict, uniform: bool
+) -> None:
+    rng = np.random.default_rng(sum(map(ord, name)) + uniform + len(params.get("tx_port", {})))
+    mem, pages, offs, lens = random_poll(rng, 300, uniform)
+    assert (lens < 12).any() and (lens >= 12).any()
+    spec = f"emu.programs:{name}"
+    prog, ctx, ms = loaded(spec, params=params)
+    vprog, vctx, vms = loaded(spec, params=params)
+    assert vprog.batch is not None
+    # The reference: the per-packet body, packet by packet, over one copy of the memory...
+    ref = mem.copy()
+    flat = memoryview(ref.reshape(-1))
+    want_v, want_t = [], []
+    for p, o, n in zip(pages.tolist(), offs.tolist(), lens.tolist(), strict=True):
+        s = p * PAGE + o
+        ctx.reset(flat[s : s + n])
+        want_v.append(prog.fn(ctx))
+        want_t.append(ctx.redirect_ifindex)
+    # ...and the vectorised form, once, over another.
+    got = mem.copy()
+    pkts = XdpBatch(got, pages, offs, lens)
+    res = classify_verdicts(vprog.batch(vctx, pkts), len(pages))
+    assert res is not None
+    verdicts, bad = res
+    assert bad == 0
+    assert verdicts.tolist() == want_v
+    redirected = verdicts == XDP_REDIRECT
+    assert pkts.redirect_ifindex[redirected].tolist() == np.asarray(want_t)[redirected].tolist()
+    assert np.array_equal(got, ref)  # every byte: the frames changed alike and nothing outside them
+    assert not np.array_equal(ref, mem) or name in ("xdp_drop", "xdp_pass")
+    assert vms.snapshot() == ms.snapshot()
+
+
+def test_xdp_batch_helpers(run_prefix: str) -> None:
+    mem = np.zeros((4, PAGE), dtype=np.uint8)
+    mem[:, 100:112] = np.arange(12, dtype=np.uint8)
+    pkts = XdpBatch(mem, np.array([0, 1, 2, 3]), np.array([100, 100, 100, 100]), np.array([64, 5, 12, 0]))
+    ok, rows = pkts.head(12)
+    assert ok.tolist() == [True, False, True, False] and rows.shape == (2, 12)
+    pkts.store_head(ok, rows[:, ::-1].copy())
+    assert mem[0, 100:112].tolist() == list(range(11, -1, -1)) == mem[2, 100:112].tolist()
+    assert mem[1, 100:112].tolist() == list(range(12))  # too short: untouched
+    assert pkts.redirect(7, ok) == XDP_REDIRECT and pkts.redirect_ifindex.tolist() == [7, -1, 7, -1]
+    ms = MapSet.create(f"{run_prefix}-dev", {"tx": MapSpec("devmap", 4)}, 1)
+    try:
+        tx = ms["tx"]
+        tx.update(1, 3)
+        pkts = XdpBatch(mem, np.arange(4), np.full(4, 100), np.full(4, 64))
+        v = pkts.redirect_map(tx, np.array([1, 0, 4, -1]), flags=XDP_PASS)
+        assert v.tolist() == [XDP_REDIRECT, XDP_PASS, XDP_PASS, XDP_PASS]  # hit, empty, out of range
+        assert pkts.redirect_ifindex.tolist() == [3, -1, -1, -1]
+        v = pkts.redirect_map(tx, 1, np.array([False, True, False, True]))
+        assert v.tolist() == [XDP_REDIRECT, XDP_REDIRECT] and pkts.redirect_ifindex.tolist() == [3, 3, -1, 3]
+        assert pkts.redirect_map(tx, 1, flags=1 << 13).tolist() == [XDP_ABORTED] * 4  # not emulated
+    finally:
+        ms.unlink()
+        ms.close()
+
+
+@pytest.mark.parametrize(
+    ("ret", "expected"),
+    [
+        (np.array([1, 2, 3]), ([1, 2, 3], 0)),
+        ([4, 0, 1], ([4, 0, 1], 0)),
+        (np.array([1, 9, -1], dtype=np.int8), ([1, 0, 0], 2)),  # unknown verdicts: ABORTED, counted
+        (np.array([1, 2]), None),  # one short
+        (np.array([[1, 2, 3]]), None),
+        (np.array([True, False, True]), None),
+        (np.array([1.0, 2.0, 3.0]), None),
+        (None, None),
+        ("abc", None),
+        (3, None),
+    ],
+)
+def test_classify_verdicts(ret: object, expected: tuple[list[int], int] | None) -> None:
+    got = classify_verdicts(ret, 3)
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None and (got[0].tolist(), got[1]) == expected and got[0].dtype == np.int64

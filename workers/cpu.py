@@ -4,7 +4,8 @@ What one poll does, in the kernel's order (drivers' ``napi_poll`` + ``xdp_do_flu
 
 1. take the RX-completion descriptors the devices sent for the RX queues bound to this CPU, at most
    `napi_budget` (64) packets per queue per poll;
-2. run the ingress device's XDP program on each packet through a writable zero-copy view of its page;
+2. run the ingress device's XDP program on each packet through a writable zero-copy view of its page
+   (or its vectorised form over the whole poll, `emu.xdp.XdpBatch`);
 3. act on the verdicts: DROP and ABORTED (and a program that raised or returned nonsense, counted as
    ``xdp_exception``) recycle the page directly into this CPU's cache; PASS hands the page to the
    emulated stack as an skb, freed at the end of the poll (or on `stack_cpu`, through the owner's
@@ -31,7 +32,7 @@ from emu.pagemem import DESC_DTYPE, PageMemory, PageState, descs_from_bytes
 from emu.pagepool import return_pages
 from emu.shmring import IDLE_POLL_MS, Channel, Inbox
 from emu.stats import Cmd, ProcState, StatsRow, StatsTable
-from emu.xdp import XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
+from emu.xdp import XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, XdpBatch, classify_verdicts
 from workers.common import (
     Liveness,
     ProcSpec,
@@ -71,6 +72,7 @@ class RxQueue:
     ring_size: int
     program: object  # the XDP callable, or None (no program: every packet is passed)
     ctx: object
+    batch: object = None  # the program's vectorised form, when it has one and the topology allows it
     posted: int = 0  # buffers posted and not yet completed
     pending: list[np.ndarray] = field(default_factory=list)
 
@@ -141,7 +143,8 @@ class CpuWorker:
                     continue
                 ctx = make_context(prog, maps, dev, q, self.cpu, ifindex_of)
                 fn = None if prog is None else prog.fn
-                self.rxqs[(name, q)] = RxQueue(name, dev.ifindex, q, dev.rx_ring_size, fn, ctx)
+                batch = prog.batch if prog is not None and dev.xdp.vectorised else None
+                self.rxqs[(name, q)] = RxQueue(name, dev.ifindex, q, dev.rx_ring_size, fn, ctx, batch)
 
     def sock(self, dev: str) -> Channel:
         s = self.out.get(dev)
@@ -281,9 +284,11 @@ class CpuWorker:
         c[i["rx_packets"]] += n
         c[i["rx_bytes"]] += int(lens.sum())
         prog = rxq.program
+        targets: np.ndarray | None = None
         if prog is None:
             verdicts = np.full(n, XDP_PASS, dtype=np.int64)
-            targets = None
+        elif rxq.batch is not None:
+            verdicts, targets = self.run_batch(rxq, d)
         else:
             starts = (pages.astype(np.int64) * self.ps + d["off"]).tolist()
             ln = lens.tolist()
@@ -314,10 +319,34 @@ class CpuWorker:
                 verdicts[invalid] = XDP_ABORTED
             if bad or errors:
                 c[i["xdp_exception"]] += bad + errors
-            targets = redirects
+            if redirects:
+                targets = np.full(n, -1, dtype=np.int64)
+                targets[list(redirects)] = list(redirects.values())
         self.act(rxq, pages, verdicts, targets)
 
-    def act(self, rxq: RxQueue, pages: np.ndarray, v: np.ndarray, targets: dict[int, int] | None) -> None:
+    def run_batch(self, rxq: RxQueue, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The program's vectorised form over the whole poll; anything but one verdict per packet aborts
+        them all (each an ``xdp_exception``, as a raise per packet would be)."""
+        n = len(d)
+        pkts = XdpBatch(self.data2d, d["page"].astype(np.int64), d["off"].astype(np.int64),
+                        d["len"].astype(np.int64))
+        try:
+            res = classify_verdicts(rxq.batch(rxq.ctx, pkts), n)
+        except Exception as exc:
+            self.warn_once("raise", f"XDP program raised {type(exc).__name__}: {exc} (counted ABORTED)")
+            res = None
+        if res is None:
+            self.warn_once("batchverdict", "vectorised XDP program did not return one verdict per packet "
+                                           "(counted ABORTED)")
+            self.c[self.i["xdp_exception"]] += n
+            return np.full(n, XDP_ABORTED, dtype=np.int64), pkts.redirect_ifindex
+        verdicts, bad = res
+        if bad:
+            self.warn_once("verdict", "XDP program returned an unknown verdict (counted ABORTED)")
+            self.c[self.i["xdp_exception"]] += bad
+        return verdicts, pkts.redirect_ifindex
+
+    def act(self, rxq: RxQueue, pages: np.ndarray, v: np.ndarray, targets: np.ndarray | None) -> None:
         c, i = self.c, self.i
         counts = np.bincount(v, minlength=5)
         aborted, drop, passed, tx, redirect = (int(x) for x in counts[:5])
@@ -338,17 +367,25 @@ class CpuWorker:
                 c[i["xdp_tx_full"]] += tx
                 self.pool.recycle_direct(pages[v == XDP_TX], errors="count", expect=PageState.XDP)
             else:
-                self.tx_bulk.setdefault((rxq.dev, "tx"), []).append(pages[v == XDP_TX])
-        if redirect and targets is not None:
+                self.tx_bulk.setdefault((rxq.dev, "tx"), []).append(pages if tx == len(v) else pages[v == XDP_TX])
+        if redirect:
             c[i["xdp_redirect"]] += redirect
-            self.redirect(pages, targets)
+            if redirect == len(v):
+                self.redirect(pages, targets)
+            else:
+                sel = v == XDP_REDIRECT
+                self.redirect(pages[sel], None if targets is None else targets[sel])
 
-    def redirect(self, pages: np.ndarray, targets: dict[int, int]) -> None:
-        by_target: dict[int, list[int]] = {}
-        for k, ifindex in targets.items():
-            by_target.setdefault(ifindex, []).append(k)
-        for ifindex, idx in by_target.items():
-            ids = pages[np.asarray(idx, dtype=np.int64)]
+    def redirect(self, pages: np.ndarray, targets: np.ndarray | None) -> None:
+        """``xdp_do_redirect`` for each page, to the ifindex the program chose (-1: none was chosen)."""
+        if targets is None:
+            targets = np.full(len(pages), -1, dtype=np.int64)
+        first = int(targets[0])
+        if (targets == first).all():
+            groups = [(first, pages)]
+        else:
+            groups = [(int(ifx), pages[targets == ifx]) for ifx in np.unique(targets)]
+        for ifindex, ids in groups:
             t = self.targets.get(ifindex)
             if t is not None and t.down:
                 # The target device is gone (-ENETDOWN): the frame is freed, counted as a redirect error.

@@ -30,7 +30,7 @@ from emu import security, wire
 from emu.netem import LinkShaper
 from emu.packets import FrameBatch, rss_queue
 from emu.pagemem import DESC_DTYPE, PageMemory, PageState, descs_from_bytes
-from emu.shmring import IDLE_POLL_MS, Inbox, take
+from emu.shmring import BELL_FILL, IDLE_POLL_MS, Inbox, take
 from emu.stats import Cmd, ProcState, StatsRow, StatsTable
 from workers.common import (
     LINK_HWM,
@@ -50,6 +50,8 @@ from workers.link import LINK_BATCH, LinkSender
 
 # "link" comes from the host's own agent: the address of a peer on another host, once it is known.
 DEVICE_KINDS = ("post", "xmit", "frames", "link", "bell")
+# Ring bytes a posted RX buffer takes (its descriptor; the message around it adds a little).
+POST_BYTES = DESC_DTYPE.itemsize
 
 
 @dataclass(slots=True)
@@ -449,6 +451,10 @@ class Device:
         poller.register(self.inbox.sock, zmq.POLLIN)
         if self.link_in is not None:
             poller.register(self.link_in, zmq.POLLIN)
+        # While the link is paused for want of RX buffers, frames waiting on it must not wake us (the
+        # poll would return at once, again and again): only the CPUs' posts may, each at once.
+        paused_poller = zmq.Poller()
+        paused_poller.register(self.inbox.sock, zmq.POLLIN)
         while True:
             cmd = c[0]
             if cmd >= Cmd.EXIT or not live.tick():
@@ -482,10 +488,11 @@ class Device:
                 due = self.tx.next_due_ms()
                 if due is not None:
                     timeout = min(timeout, max(due, 1))
-                if self.paused_since:
-                    timeout = min(timeout, 1)
-                if timeout and self.inbox.idle():
-                    events = dict(poller.poll(timeout))
+                paused = bool(self.paused_since)
+                # Paused: be woken by the posts that let the link resume, not by every one.
+                bell_at = (LINK_BATCH - self._low_water()) * POST_BYTES if paused else BELL_FILL
+                if timeout and self.inbox.idle(bell_at):
+                    events = dict((paused_poller if paused else poller).poll(timeout))
                     self.inbox.awake(self.inbox.sock in events)
         self.close()
 

@@ -8,26 +8,36 @@ The bundled topologies name them as ``emu.programs:<name>``:
 ``l2fwd``       swap MACs and ``bpf_redirect`` to ``params.egress`` (``xdp_redirect``).
 ``l2fwd_map``   the same through the devmap ``tx_port`` (``xdp_redirect_map``), populated from
                 ``params: {tx_port: {0: eth1}}``.
-``buggy_raise``, ``buggy_bad_verdict``  misbehave on purpose, to exercise XDP_ABORTED handling.
+``buggy_raise``, ``buggy_bad_verdict``, ``buggy_batch_short``  misbehave on purpose, to exercise
+                XDP_ABORTED handling (the last in its vectorised form only).
 
-Each runs once per packet in a CPU worker, so the per-packet bodies avoid every lookup that can be done
-once: setup hooks (see `emu.xdp`) resolve the egress ifindex and fetch the counter map's value storage
-(`emu.bpfmaps.BpfMap.view`, the analogue of the value pointer ``bpf_map_lookup_elem`` returns) into
-``ctx.priv``.  The MAC swap is one ``struct`` unpack and one ``pack_into`` on the frame's memoryview,
-measured faster than slicing and concatenating bytes (about 85 ns against 165-250 ns).  A frame too
-short to hold the two MACs is dropped, like the samples' ``data + sizeof(*eth) > data_end`` checks
-(which the verifier requires).
+Every program but the buggy ones also has a vectorised form (``fn.batch``, see `emu.xdp.XdpBatch`)
+that a CPU worker runs over a whole NAPI poll: the MAC swap becomes one gather and one scatter of the
+poll's 12-byte headers, and the verdicts one array.  Each must do exactly what the per-packet body does
+packet by packet (``tests/test_xdp.py`` runs both over the same frames and compares bytes, verdicts,
+redirect targets and maps); the per-packet bodies stay the reference, and what a topology with
+``xdp: {vectorised: false}`` runs.
+
+The per-packet bodies avoid every lookup that can be done once: setup hooks (see `emu.xdp`) resolve the
+egress ifindex and fetch the counter map's value storage (`emu.bpfmaps.BpfMap.view`, the analogue of the
+value pointer ``bpf_map_lookup_elem`` returns) into ``ctx.priv``. The MAC swap is one ``struct`` unpack
+and one ``pack_into`` on the frame's memoryview, measured faster than slicing and concatenating bytes
+(about 85 ns against 165-250 ns). A frame too short to hold the two MACs is dropped, like the samples'
+``data + sizeof(*eth) > data_end`` checks (which the verifier requires).
 """
 
 from __future__ import annotations
 
 import struct
 
+import numpy as np
+
 from emu.bpfmaps import DevMap, MapSpec
-from emu.xdp import XDP_DROP, XDP_PASS, XDP_TX, XdpContext, xdp_program
+from emu.xdp import XDP_DROP, XDP_PASS, XDP_TX, XdpBatch, XdpContext, xdp_program
 
 __all__ = [
     "buggy_bad_verdict",
+    "buggy_batch_short",
     "buggy_out_of_bounds",
     "buggy_raise",
     "buggy_slow",
@@ -44,11 +54,30 @@ _unpack_macs = _MACS.unpack_from
 _pack_macs = _MACS.pack_into
 
 
+# Column order of a header row with destination and source MAC exchanged.
+_SWAP = np.r_[6:12, 0:6]
+
+
+def _swap_macs(pkts: XdpBatch) -> np.ndarray:
+    """The vectorised MAC swap; returns which packets were long enough to hold both MACs."""
+    ok, macs = pkts.head(12)
+    if len(macs):
+        pkts.store_head(ok, macs[:, _SWAP])
+    return ok
+
+
 def _counter_setup(ctx: XdpContext) -> None:
     ctx.priv = ctx.maps["rxcnt"].view
 
 
-@xdp_program(maps={"rxcnt": MapSpec("percpu_array", 2)}, setup=_counter_setup)
+def _xdp_drop_batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
+    cnt = ctx.priv
+    cnt[0] += len(pkts)
+    cnt[1] += int(pkts.lens.sum())
+    return np.full(len(pkts), XDP_DROP, dtype=np.int64)
+
+
+@xdp_program(maps={"rxcnt": MapSpec("percpu_array", 2)}, setup=_counter_setup, batch=_xdp_drop_batch)
 def xdp_drop(ctx: XdpContext) -> int:
     """Drop; ``rxcnt[0]`` += 1 packet, ``rxcnt[1]`` += its bytes, on this CPU's row."""
     cnt = ctx.priv
@@ -57,11 +86,21 @@ def xdp_drop(ctx: XdpContext) -> int:
     return XDP_DROP
 
 
+def _xdp_pass_batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
+    return np.full(len(pkts), XDP_PASS, dtype=np.int64)
+
+
+@xdp_program(batch=_xdp_pass_batch)
 def xdp_pass(ctx: XdpContext) -> int:
     """Hand every packet to the stack."""
     return XDP_PASS
 
 
+def _xdp_tx_batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
+    return np.where(_swap_macs(pkts), XDP_TX, XDP_DROP)
+
+
+@xdp_program(batch=_xdp_tx_batch)
 def xdp_tx(ctx: XdpContext) -> int:
     """Swap source and destination MAC and send the frame back out of the port it came in on."""
     d = ctx.data
@@ -80,7 +119,14 @@ def _l2fwd_setup(ctx: XdpContext) -> None:
     ctx.priv = (ctx.ifindex_of(egress), ctx.maps["rxcnt"].view)
 
 
-@xdp_program(maps={"rxcnt": MapSpec("percpu_array", 1)}, setup=_l2fwd_setup)
+def _l2fwd_batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
+    ok = _swap_macs(pkts)
+    egress, cnt = ctx.priv
+    cnt[0] += int(np.count_nonzero(ok))
+    return np.where(ok, pkts.redirect(egress, ok), XDP_DROP)
+
+
+@xdp_program(maps={"rxcnt": MapSpec("percpu_array", 1)}, setup=_l2fwd_setup, batch=_l2fwd_batch)
 def l2fwd(ctx: XdpContext) -> int:
     """Swap MACs and redirect to ``params.egress`` with ``bpf_redirect``; ``rxcnt[0]`` counts packets."""
     d = ctx.data
@@ -100,8 +146,19 @@ def _l2fwd_map_setup(ctx: XdpContext) -> None:
     ctx.priv = (tx_port, ctx.maps["rxcnt"].view)
 
 
+def _l2fwd_map_batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
+    ok = _swap_macs(pkts)
+    tx_port, cnt = ctx.priv
+    cnt[0] += int(np.count_nonzero(ok))
+    v = np.full(len(pkts), XDP_DROP, dtype=np.int64)
+    v[ok] = pkts.redirect_map(tx_port, 0, ok)
+    return v
+
+
 @xdp_program(
-    maps={"tx_port": MapSpec("devmap", 64), "rxcnt": MapSpec("percpu_array", 1)}, setup=_l2fwd_map_setup
+    maps={"tx_port": MapSpec("devmap", 64), "rxcnt": MapSpec("percpu_array", 1)},
+    setup=_l2fwd_map_setup,
+    batch=_l2fwd_map_batch,
 )
 def l2fwd_map(ctx: XdpContext) -> int:
     """Swap MACs and ``bpf_redirect_map(&tx_port, 0, 0)``: an empty slot 0 aborts (flags 0)."""
@@ -124,6 +181,17 @@ def buggy_raise(ctx: XdpContext) -> int:
 def buggy_bad_verdict(ctx: XdpContext) -> int:
     """Returns 42, not an action: ``bpf_warn_invalid_xdp_action`` territory, handled as XDP_ABORTED."""
     return 42
+
+
+def _buggy_batch_short(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
+    return np.full(len(pkts) - 1, XDP_DROP, dtype=np.int64)  # off by one
+
+
+@xdp_program(batch=_buggy_batch_short)
+def buggy_batch_short(ctx: XdpContext) -> int:
+    """Drops per packet, but its vectorised form returns one verdict too few: the worker cannot tell which
+    packet lacks one, so the whole poll is ABORTED, each packet counted as ``xdp_exception``."""
+    return XDP_DROP
 
 
 def buggy_out_of_bounds(ctx: XdpContext) -> int:
