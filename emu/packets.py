@@ -102,7 +102,7 @@ def swap_macs_batch(data: np.ndarray, offsets: np.ndarray, lengths: np.ndarray |
         offs = offs[np.asarray(lengths) >= 12]
     if not len(offs):
         return
-    if offs.min() < 0 or offs.max() + 12 > data.size:
+    if np.minimum.reduce(offs) < 0 or np.maximum.reduce(offs) + 12 > data.size:
         raise ValueError("swap_macs_batch: a frame offset points outside the buffer")
     idx = offs[:, None] + _AR12
     data[idx] = data[idx[:, _SWAP_PERM]]
@@ -134,8 +134,8 @@ class FrameBatch:
         if offsets.shape != lengths.shape or offsets.ndim != 1:
             raise ValueError(f"offsets {offsets.shape} and lengths {lengths.shape} must be equal 1-D shapes")
         if len(offsets) and (
-            offsets.min() < 0
-            or lengths.min() < 0
+            np.minimum.reduce(offsets) < 0
+            or np.minimum.reduce(lengths) < 0
             or int((offsets.astype(np.int64) + lengths).max()) > data.size
         ):
             raise ValueError("FrameBatch: a frame lies outside the data buffer")
@@ -178,7 +178,7 @@ class FrameBatch:
     @property
     def nbytes(self) -> int:
         """Bytes of frame data (not of the buffer, which may be larger)."""
-        return int(self.lengths.sum(dtype=np.uint64))
+        return int(np.add.reduce(self.lengths, dtype=np.uint64))
 
     def frame(self, i: int) -> memoryview:
         """Frame `i` as a memoryview into `data` (writable if `data` is)."""
@@ -225,7 +225,7 @@ class FrameBatch:
         new_offs = _exclusive_cumsum(lengths)
         # Index of every output byte in the old buffer: per-frame shift plus a running position.
         shift = self.offsets.astype(np.int64) - new_offs.astype(np.int64)
-        idx = np.repeat(shift, lengths.astype(np.int64)) + np.arange(int(lengths.sum(dtype=np.uint64)))
+        idx = np.repeat(shift, lengths.astype(np.int64)) + np.arange(int(np.add.reduce(lengths, dtype=np.uint64)))
         return FrameBatch._make(self.data[idx], new_offs, lengths.copy(), _uniform_len(lengths))
 
 
@@ -242,7 +242,7 @@ def _uniform_len(lengths: np.ndarray) -> int:
     if not len(lengths):
         return 0
     first = int(lengths[0])
-    return first if first and bool((lengths == first).all()) else 0
+    return first if first and bool(np.logical_and.reduce(lengths == first)) else 0
 
 
 def _detect_stride(data: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> int:
@@ -425,12 +425,12 @@ def verify_batch(batch: FrameBatch) -> VerifyResult:
         lens = batch.lengths.astype(np.int64)
         offs = batch.offsets.astype(np.int64)
         full = lens >= MIN_PKT_SIZE
-        if full.any():
+        if np.logical_or.reduce(full):
             fo, fl = offs[full], lens[full]
             hdr[full] = _gather(data, fo + PAYLOAD_OFF, PAYLOAD_HDR_LEN).view(PAYLOAD_HDR_DTYPE)[:, 0]
             stored[full] = _gather(data, fo + fl - CRC_LEN, CRC_LEN).view("<u4")[:, 0]
         short = ~full & (lens >= PAYLOAD_OFF + 4)
-        if short.any():
+        if np.logical_or.reduce(short):
             hdr["magic"][short] = _gather(data, offs[short] + PAYLOAD_OFF, 4).view("<u4")[:, 0]
 
     ours = hdr["magic"] == MAGIC
@@ -456,8 +456,8 @@ def verify_batch(batch: FrameBatch) -> VerifyResult:
             count=len(idx),
         )
         good[idx] = calc == stored[idx]
-    nours = int(ours.sum())
-    nok = int(good.sum())
+    nours = int(np.add.reduce(ours))
+    nok = int(np.add.reduce(good))
     return VerifyResult(
         ok=nok,
         corrupted=nours - nok,
@@ -524,24 +524,27 @@ class SeqTracker:
             return 0
         self.received += len(seqs)
         limit = self._limit()
-        if int(seqs.max()) >= limit:
+        if int(np.maximum.reduce(seqs)) >= limit:
             inr = seqs < np.uint64(limit)
-            self.out_of_range += len(seqs) - int(inr.sum())
+            self.out_of_range += len(seqs) - int(np.add.reduce(inr))
             seqs = seqs[inr]
             if not len(seqs):
                 return 0
-        top = int(seqs.max())
+        top = int(np.maximum.reduce(seqs))
         if top >> 3 >= len(self._bits):
             grown = np.zeros(max(2 * len(self._bits), (top >> 3) + 1), dtype=np.uint8)
             grown[: len(self._bits)] = self._bits
             self._bits = grown
         # A sink mostly sees runs of increasing sequence numbers: those need no sort to be unique.
-        u = seqs if len(seqs) < 2 or bool((seqs[1:] > seqs[:-1]).all()) else np.unique(seqs)
+        u = seqs if len(seqs) < 2 or bool(np.logical_and.reduce(seqs[1:] > seqs[:-1])) else np.unique(seqs)
         byte = (u >> np.uint64(3)).astype(np.intp)
         bit = np.left_shift(1, (u & np.uint64(7)).astype(np.uint8), dtype=np.uint8)
         seen = int(np.count_nonzero(self._bits[byte] & bit))
-        # Distinct seqs can share a byte, so a plain fancy |= would lose bits; ufunc.at accumulates.
-        np.bitwise_or.at(self._bits, byte, bit)
+        # Distinct seqs can share a byte, so a plain fancy |= would lose bits: OR the bits of each run of
+        # one byte together first (u is sorted, so a byte's seqs are adjacent), then store once per byte.
+        starts = np.flatnonzero(np.r_[True, byte[1:] != byte[:-1]])
+        ub = byte[starts]
+        self._bits[ub] |= np.bitwise_or.reduceat(bit, starts)
         dups = len(seqs) - len(u) + seen
         self.duplicates += dups
         self.unique += len(u) - seen

@@ -499,12 +499,18 @@ def return_pages(
     ids = np.asarray(ids, dtype=np.int64)
     if len(ids) == 0:
         return 0
-    inrange = (ids >= 0) & (ids < pm.npages)
-    owners = np.full(len(ids), NO_OWNER, dtype=np.int64)
-    owners[inrange] = pm.owner[ids[inrange]]
+    if int(np.minimum.reduce(ids)) >= 0 and int(np.maximum.reduce(ids)) < pm.npages:
+        owners = pm.owner.take(ids).astype(np.int64)
+    else:
+        inrange = (ids >= 0) & (ids < pm.npages)
+        owners = np.full(len(ids), NO_OWNER, dtype=np.int64)
+        owners[inrange] = pm.owner[ids[inrange]]
     accepted = 0
-    for cpu in np.unique(owners):
-        sel = owners == cpu
+    lo = int(np.minimum.reduce(owners))
+    # Completions mostly come in runs of one owner's pages: no sort needed then.
+    single = lo == int(np.maximum.reduce(owners))
+    for cpu in [lo] if single else np.unique(owners):
+        sel = slice(None) if single else owners == cpu
         g = None if gens is None else np.asarray(gens)[sel]
         cpu = int(cpu)
         if cpu == NO_OWNER or cpu >= pm.ncpus:

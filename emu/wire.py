@@ -173,10 +173,10 @@ def pack_frames(frames: FrameBatchLike | Sequence[BufferLike]) -> bytes:
     else:
         seq = frames
         lengths = np.fromiter(map(len, seq), dtype=_LEN_DTYPE, count=len(seq))
-        payload = int(lengths.sum(dtype=np.uint64))
+        payload = int(np.add.reduce(lengths, dtype=np.uint64))
         parts = (memoryview(lengths).cast("B"), *seq)
     n = len(lengths)
-    if n and not lengths.min():
+    if n and not np.minimum.reduce(lengths):
         raise ValueError("pack_frames: zero-length frame (receivers refuse them)")
     return _pack_parts(FRAMES, {"n": n}, parts, 4 * n + payload)
 
@@ -202,14 +202,14 @@ def unpack_frames(
     payload = len(blob) - 4 * n
     stride = 0
     if n:
-        lo, hi = int(lengths.min()), int(lengths.max())
+        lo, hi = int(np.minimum.reduce(lengths)), int(np.maximum.reduce(lengths))
         if lo == 0:
             raise WireError(f"frames message has a zero-length frame (index {int(np.argmin(lengths))})")
         if hi > max_frame:
             raise WireError(
                 f"frames message has a {hi}-byte frame (index {int(np.argmax(lengths))}), limit {max_frame}"
             )
-        total = int(lengths.sum(dtype=np.uint64))
+        total = int(np.add.reduce(lengths, dtype=np.uint64))
         if total != payload:
             raise WireError(f"frames message lengths add up to {total} bytes but {payload} bytes follow them")
         stride = lo if lo == hi else 0

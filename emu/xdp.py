@@ -189,12 +189,21 @@ class XdpBatch:
 
     def __init__(self, mem: np.ndarray, pages: np.ndarray, offs: np.ndarray, lens: np.ndarray) -> None:
         self.mem = mem  # (npages, page_size) uint8: the host's page memory
-        self.pages = pages  # int64
-        self.offs = offs  # int64
-        self.lens = lens  # int64
-        n = len(pages)
-        self.redirect_ifindex = np.full(n, -1, dtype=np.int64)
-        self._uniform = int(offs[0]) if n and bool((offs == offs[0]).all()) else None
+        # Integer arrays (the descriptors' own unsigned fields in a worker: no copies).
+        self.pages = pages
+        self.offs = offs
+        self.lens = lens
+        self.redirect_ifindex = np.full(len(pages), -1, dtype=np.int64)
+        self._uniform: int | None = -1  # the offset every packet shares (None: they differ); -1: not known yet
+
+    def _offset(self) -> int | None:
+        u = self._uniform
+        if u == -1:
+            offs = self.offs
+            # ufunc reductions, not ndarray methods: those add a Python-level wrapper per call.
+            lo = int(np.minimum.reduce(offs)) if len(offs) else 0
+            u = self._uniform = lo if not len(offs) or lo == int(np.maximum.reduce(offs)) else None
+        return u
 
     def __len__(self) -> int:
         return len(self.pages)
@@ -204,11 +213,10 @@ class XdpBatch:
         is a copy of their first `nbytes` bytes (the ``data + n > data_end`` check, for a whole poll)."""
         ok = self.lens >= nbytes
         pages, offs = self.pages, self.offs
-        every = bool(ok.all())
-        if not every:
+        if not np.logical_and.reduce(ok):
             pages, offs = pages[ok], offs[ok]
-        if self._uniform is not None:
-            o = self._uniform
+        o = self._offset()
+        if o is not None:
             return ok, self.mem[pages, o : o + nbytes]
         return ok, self.mem[pages[:, None], offs[:, None] + np.arange(nbytes)]
 
@@ -218,8 +226,8 @@ class XdpBatch:
         pages, offs = self.pages, self.offs
         if len(rows) != len(pages):
             pages, offs = pages[ok], offs[ok]
-        if self._uniform is not None:
-            o = self._uniform
+        o = self._offset()
+        if o is not None:
             self.mem[pages, o : o + nbytes] = rows
         else:
             self.mem[pages[:, None], offs[:, None] + np.arange(nbytes)] = rows

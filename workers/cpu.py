@@ -22,7 +22,6 @@ never recycled before its completion: the return path checks that it is ``TX_INF
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -125,6 +124,7 @@ class CpuWorker:
         self.warn_once = WarnOnce(spec.key)
         # Per-poll batches: (device, kind) -> list of page-id arrays to transmit.
         self.tx_bulk: dict[tuple[str, str], list[np.ndarray]] = {}
+        self.bulked: dict[str, int] = {}  # frames this poll redirected into each device's bulk queue
         self.posts: dict[tuple[str, int], list[np.ndarray]] = {}  # refilled RX buffers not yet posted
         self.skb_local: list[np.ndarray] = []
         self.skb_remote: list[np.ndarray] = []
@@ -234,11 +234,11 @@ class CpuWorker:
         pm = self.pm
         ids = d["page"]
         ok = ids < pm.npages
-        if ok.all():
+        if np.logical_and.reduce(ok):
             ok = (pm.state.take(ids) == expect) & (pm.gen.take(ids) == d["gen"])
         else:
             ok[ok] = (pm.state.take(ids[ok]) == expect) & (pm.gen.take(ids[ok]) == d["gen"][ok])
-        if not ok.all():
+        if not np.logical_and.reduce(ok):
             self.c[self.i["bad_descriptors"]] += int(np.count_nonzero(~ok))
             self.warn_once(f"bad{expect}", f"refused descriptors not in state {expect.name} (or stale)")
             d = d[ok]
@@ -252,7 +252,6 @@ class CpuWorker:
 
     def napi_poll(self) -> int:
         done = 0
-        before = {key: len(parts) for key, parts in self.tx_bulk.items()}
         for rxq in self.rxqs.values():
             if not rxq.pending:
                 continue
@@ -269,11 +268,9 @@ class CpuWorker:
             self.c[self.i["polls"]] += 1
             # The devmap bulk queue: one ndo_xdp_xmit call per `bulk` frames, and a partial one at the
             # end of the poll.
-            for (dev, kind), parts in self.tx_bulk.items():
-                if kind == "redirect":
-                    new = sum(len(p) for p in parts[before.get((dev, kind), 0):])
-                    if new:
-                        self.c[self.i["xmit_bulks"]] += math.ceil(new / self.bulk)
+            if self.bulked:
+                self.c[self.i["xmit_bulks"]] += sum(-(-k // self.bulk) for k in self.bulked.values())
+                self.bulked.clear()
         return done
 
     def run_xdp(self, rxq: RxQueue, d: np.ndarray) -> None:
@@ -282,13 +279,14 @@ class CpuWorker:
         lens = d["len"]
         c, i = self.c, self.i
         c[i["rx_packets"]] += n
-        c[i["rx_bytes"]] += int(lens.sum())
+        c[i["rx_bytes"]] += int(np.add.reduce(lens))
         prog = rxq.program
         targets: np.ndarray | None = None
         if prog is None:
             verdicts = np.full(n, XDP_PASS, dtype=np.int64)
         elif rxq.batch is not None:
             verdicts, targets = self.run_batch(rxq, d)
+            counts = np.bincount(verdicts, minlength=5)  # run_batch made every verdict one of the five
         else:
             starts = (pages.astype(np.int64) * self.ps + d["off"]).tolist()
             ln = lens.tolist()
@@ -322,19 +320,25 @@ class CpuWorker:
             if redirects:
                 targets = np.full(n, -1, dtype=np.int64)
                 targets[list(redirects)] = list(redirects.values())
-        self.act(rxq, pages, verdicts, targets)
+        if prog is None or rxq.batch is None:
+            counts = np.bincount(verdicts, minlength=5)
+        self.act(rxq, pages, verdicts, counts, targets)
 
     def run_batch(self, rxq: RxQueue, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The program's vectorised form over the whole poll; anything but one verdict per packet aborts
         them all (each an ``xdp_exception``, as a raise per packet would be)."""
         n = len(d)
-        pkts = XdpBatch(self.data2d, d["page"].astype(np.int64), d["off"].astype(np.int64),
-                        d["len"].astype(np.int64))
+        pkts = XdpBatch(self.data2d, d["page"], d["off"], d["len"])
         try:
-            res = classify_verdicts(rxq.batch(rxq.ctx, pkts), n)
+            ret = rxq.batch(rxq.ctx, pkts)
         except Exception as exc:
             self.warn_once("raise", f"XDP program raised {type(exc).__name__}: {exc} (counted ABORTED)")
-            res = None
+            ret = None
+        if type(ret) is np.ndarray and ret.dtype == np.int64 and ret.shape == (n,) and n:
+            lo, hi = int(np.minimum.reduce(ret)), int(np.maximum.reduce(ret))
+            if lo >= XDP_ABORTED and hi <= XDP_REDIRECT:  # the usual case: one check, no copy
+                return ret, pkts.redirect_ifindex
+        res = None if ret is None else classify_verdicts(ret, n)
         if res is None:
             self.warn_once("batchverdict", "vectorised XDP program did not return one verdict per packet "
                                            "(counted ABORTED)")
@@ -346,10 +350,10 @@ class CpuWorker:
             self.c[self.i["xdp_exception"]] += bad
         return verdicts, pkts.redirect_ifindex
 
-    def act(self, rxq: RxQueue, pages: np.ndarray, v: np.ndarray, targets: np.ndarray | None) -> None:
+    def act(self, rxq: RxQueue, pages: np.ndarray, v: np.ndarray, counts: np.ndarray,
+            targets: np.ndarray | None) -> None:
         c, i = self.c, self.i
-        counts = np.bincount(v, minlength=5)
-        aborted, drop, passed, tx, redirect = (int(x) for x in counts[:5])
+        aborted, drop, passed, tx, redirect = counts.tolist()
         if aborted:
             c[i["xdp_aborted"]] += aborted
         if drop:
@@ -381,7 +385,7 @@ class CpuWorker:
         if targets is None:
             targets = np.full(len(pages), -1, dtype=np.int64)
         first = int(targets[0])
-        if (targets == first).all():
+        if np.logical_and.reduce(targets == first):
             groups = [(first, pages)]
         else:
             groups = [(int(ifx), pages[targets == ifx]) for ifx in np.unique(targets)]
@@ -398,6 +402,7 @@ class CpuWorker:
                 self.pool.recycle_direct(ids, errors="count", expect=PageState.XDP)
             elif t.xdp_xmit:
                 self.tx_bulk.setdefault((t.name, "redirect"), []).append(ids)
+                self.bulked[t.name] = self.bulked.get(t.name, 0) + len(ids)
             elif t.fallback == "skb":
                 self.redirect_skb(t, ids)
             else:

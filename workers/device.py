@@ -178,11 +178,11 @@ class Device:
         pm = self.pm
         pages = d["page"]
         ok = pages < pm.npages
-        if ok.all():
+        if np.logical_and.reduce(ok):
             ok = (pm.state.take(pages) == expect) & (pm.gen.take(pages) == d["gen"])
             if owner is not None:
                 ok &= pm.owner.take(pages) == owner
-        if not ok.all():
+        if not np.logical_and.reduce(ok):
             self.c[self.i["bad_descriptors"]] += int(np.count_nonzero(~ok))
             self.warn_once(f"bad{expect}", f"refused descriptors not in state {expect.name}")
             d = d[ok] if len(ok) == len(d) else d[:0]
@@ -234,7 +234,7 @@ class Device:
     def _wire_send(self, frames: FrameBatch) -> None:
         n = len(frames)
         self.c[self.i["tx_packets"]] += n
-        self.c[self.i["tx_bytes"]] += int(frames.lengths.sum())
+        self.c[self.i["tx_bytes"]] += int(np.add.reduce(frames.lengths))
         if not self.tx.connected:
             self.c[self.i["tx_dropped"]] += n
             return
@@ -268,7 +268,7 @@ class Device:
         offs = d["off"].astype(np.int64)
         lens = d["len"].astype(np.int64)
         n = len(d)
-        if n and (lens == lens[0]).all() and (offs == offs[0]).all():
+        if n and np.logical_and.reduce(lens == lens[0]) and np.logical_and.reduce(offs == offs[0]):
             ln, off = int(lens[0]), int(offs[0])
             data = self.data2d[pages, off : off + ln].reshape(-1)
             offsets = np.arange(n, dtype=np.uint32) * ln
@@ -338,7 +338,7 @@ class Device:
         n = len(frames)
         c, i = self.c, self.i
         c[i["rx_packets"]] += n
-        c[i["rx_bytes"]] += int(frames.lengths.sum())
+        c[i["rx_bytes"]] += int(np.add.reduce(frames.lengths))
         qs = rss_queue(frames, self.nrxq) if self.nrxq > 1 else np.zeros(n, dtype=np.int64)
         taken = 0
         for q in range(self.nrxq):
@@ -367,13 +367,13 @@ class Device:
     def _write(self, frames: FrameBatch, idx: np.ndarray, pages: np.ndarray, offs: np.ndarray,
                lens: np.ndarray) -> None:
         rows = frames.rows()
-        if rows is not None and len(idx) and (offs == offs[0]).all():
+        if rows is not None and len(idx) and np.logical_and.reduce(offs == offs[0]):
             # Uniform frames back to back: one row gather and one scatter into the pages.
             off = int(offs[0])
             self.data2d[pages, off : off + frames.stride] = rows if len(idx) == len(frames) else rows[idx]
             return
         data, foffs = frames.data, frames.offsets[idx].astype(np.int64)
-        if len(idx) and (lens == lens[0]).all() and (offs == offs[0]).all():
+        if len(idx) and np.logical_and.reduce(lens == lens[0]) and np.logical_and.reduce(offs == offs[0]):
             ln, off = int(lens[0]), int(offs[0])
             src = data[foffs[:, None] + np.arange(ln)]
             self.data2d[pages, off : off + ln] = src

@@ -67,7 +67,7 @@ class LinkSender:
         shaper = self.shaper
         if shaper is not None:
             mask = shaper.lose(n)
-            if mask is not None and mask.any():
+            if mask is not None and np.logical_or.reduce(mask):
                 keep = np.flatnonzero(~mask)
                 lost = n - len(keep)
                 frames = FrameBatch(frames.data, frames.offsets[keep], frames.lengths[keep]).compact()
@@ -76,7 +76,7 @@ class LinkSender:
         for s in range(0, n, LINK_BATCH):
             e = min(n, s + LINK_BATCH)
             part = frames if (s, e) == (0, n) else frames.slice(s, e)
-            due = shaper.departure(int(part.lengths.sum()), now) if shaper is not None else 0
+            due = shaper.departure(int(np.add.reduce(part.lengths)), now) if shaper is not None else 0
             self.backlog.append((due, wire.pack_frames(part), e - s))
         self.flush()
         return lost

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import zmq
 
 from emu import wire
@@ -71,7 +72,7 @@ class TrafficPort:
             if not c[i["first_rx_ns"]]:
                 c[i["first_rx_ns"]] = time.monotonic_ns()
             c[i["received"]] += n
-            c[i["rx_bytes"]] += int(frames.lengths.sum())
+            c[i["rx_bytes"]] += int(np.add.reduce(frames.lengths))
             res = verify_batch(frames)
             c[i["verified"]] += res.ok
             c[i["corrupted"]] += res.corrupted
@@ -102,7 +103,7 @@ class TrafficPort:
             c[i["link_down"]] += n
             return n
         batch = self.factory.build(self.seq - n, n)
-        c[i["tx_bytes"]] += int(batch.lengths.sum())
+        c[i["tx_bytes"]] += int(np.add.reduce(batch.lengths))
         lost = self.tx.send(batch)
         if lost:
             c[i["link_lost"]] += lost
