@@ -47,8 +47,8 @@ flags or deleting from an array.
 from __future__ import annotations
 
 import errno
-import hashlib
 import struct
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -236,7 +236,10 @@ def _layout(specs: Mapping[str, MapSpec], ncpus: int) -> tuple[int, dict[str, _P
 
 def _fingerprint(specs: Mapping[str, MapSpec], ncpus: int) -> int:
     text = f"{ncpus};" + ";".join(f"{n}={specs[n].describe()}" for n in sorted(specs))
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+    # zlib, not hashlib: importing hashlib loads OpenSSL into every worker; this only has to tell two
+    # differently shaped map sets apart.
+    raw = text.encode()
+    return zlib.crc32(raw) | zlib.adler32(raw) << 32
 
 
 def _values_view(seg: Segment, dtype: np.dtype, count: int, offset: int) -> Any:

@@ -43,15 +43,13 @@ from __future__ import annotations
 
 import errno
 import itertools
-import logging
 import os
-import shutil
-import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty, SimpleQueue
+from typing import Any
 
 import zmq
 from zmq.utils import z85
@@ -69,7 +67,12 @@ __all__ = [
     "make_server",
 ]
 
-log = logging.getLogger(__name__)
+def _log() -> Any:
+    """This module's logger; `logging` is imported only when there is something to say (it is half a
+    megabyte of every device's memory otherwise)."""
+    import logging
+
+    return logging.getLogger(__name__)
 
 KEY_NAME = "emu"
 PUBLIC_NAME = f"{KEY_NAME}.key"
@@ -117,6 +120,8 @@ def generate_keys(directory: str, force: bool = False) -> tuple[str, str]:
                     f"overwritten (`emu keys --force` replaces it, then copy {d} to every machine again)",
                     str(p),
                 )
+    import tempfile
+
     tmp = tempfile.mkdtemp(prefix=".emu-keys-", dir=d)  # mode 0700
     try:
         import zmq.auth  # only `emu keys` needs it; workers stay lighter without (it pulls in asyncio)
@@ -127,6 +132,8 @@ def generate_keys(directory: str, force: bool = False) -> tuple[str, str]:
         os.replace(tmp_secret, secret_path)
         os.replace(tmp_public, public_path)
     finally:
+        import shutil
+
         shutil.rmtree(tmp, ignore_errors=True)
     return str(public_path), str(secret_path)
 
@@ -427,10 +434,10 @@ class Gatekeeper:
                 except zmq.ContextTerminated:
                     return
                 except Exception:  # never let one bad message end the thread: unanswered ZAP hangs handshakes
-                    log.exception("emu gatekeeper: error while handling a message (ignored)")
+                    _log().exception("emu gatekeeper: error while handling a message (ignored)")
                     self._stop.wait(self.POLL_MS / 1000)
         except Exception:
-            log.exception("emu gatekeeper: thread failed")
+            _log().exception("emu gatekeeper: thread failed")
         finally:
             for sock in watched:
                 sock.close(linger=0)
@@ -449,11 +456,11 @@ class Gatekeeper:
             try:
                 split = frames.index(b"")
             except ValueError:
-                log.warning("emu gatekeeper: dropped a ZAP request without an envelope delimiter")
+                _log().warning("emu gatekeeper: dropped a ZAP request without an envelope delimiter")
                 continue
             envelope, request = frames[: split + 1], frames[split + 1 :]
             if len(request) < 2:
-                log.warning("emu gatekeeper: dropped a ZAP request of %d frames", len(request))
+                _log().warning("emu gatekeeper: dropped a ZAP request of %d frames", len(request))
                 continue
             status, text, user = self._authenticate(request)
             zap.send_multipart([*envelope, b"1.0", request[1], status, text, user, b""])
@@ -493,7 +500,7 @@ class Gatekeeper:
                 event, value = int(ev["event"]), int(ev["value"])
                 endpoint = ev["endpoint"].decode("utf-8", "replace") if ev["endpoint"] else w.endpoint
             except Exception:
-                log.warning("emu gatekeeper: ignored a malformed monitor message")
+                _log().warning("emu gatekeeper: ignored a malformed monitor message")
                 continue
             if event == zmq.EVENT_MONITOR_STOPPED:
                 return False

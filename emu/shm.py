@@ -21,9 +21,6 @@ from __future__ import annotations
 import _posixshmem
 import mmap
 import os
-import secrets
-import shutil
-import tempfile
 from multiprocessing import resource_tracker
 
 import numpy as np
@@ -38,12 +35,14 @@ class ShmSpaceError(OSError):
 
 def new_run_prefix() -> str:
     """A run-unique name prefix: the creating pid (for `sweep_stale`) and a random token."""
-    return f"{PREFIX}-{os.getpid()}-{secrets.token_hex(4)}"
+    # os.urandom, not secrets: `secrets` pulls in OpenSSL (hmac), 4 MB of every worker's memory.
+    return f"{PREFIX}-{os.getpid()}-{os.urandom(4).hex()}"
 
 
 def shm_free_bytes() -> int:
     """Bytes still free in ``/dev/shm``."""
-    return shutil.disk_usage(SHM_DIR).free
+    st = os.statvfs(SHM_DIR)
+    return st.f_bavail * st.f_frsize
 
 
 class Segment:
@@ -161,6 +160,9 @@ def sweep_stale() -> list[str]:
     Only names of the form ``ppemu-<pid>-<token>-...`` are considered, and only when `<pid>` is dead, so
     concurrent runs (parallel tests, other users' labs) are never touched.
     """
+    import shutil  # the coordinator's business; workers never import these
+    import tempfile
+
     removed = []
     tmp = tempfile.gettempdir()
     try:

@@ -10,6 +10,7 @@ named must be 0) and ends with a strict audit.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -859,7 +860,7 @@ def test_sweep_stale_removes_only_dead_runs(run_prefix: str) -> None:
 
 
 def test_segment_create_impossible_size(run_prefix: str) -> None:
-    total = shm.shutil.disk_usage(shm.SHM_DIR).total
+    total = shutil.disk_usage(shm.SHM_DIR).total
     size = max(shm.shm_free_bytes() * 2, total + 2**30)
     name = f"{run_prefix}-huge"
     with pytest.raises(shm.ShmSpaceError) as info:

@@ -1,0 +1,890 @@
+"""Reading topology files: the YAML, checked line by line against the schema of `emu.topology`.
+
+To be able to point at lines, the file is read with `yaml.compose` (a node tree where every node carries
+its start mark) instead of `yaml.safe_load`; the values are then interpreted by hand against the schema.
+Composing also keeps duplicate mapping keys, which `safe_load` would silently collapse to the last one,
+so they can be reported.  Every problem is a `TopologyError` with ``file:line: message``.
+
+This is its own module so that only the processes that read files load PyYAML: workers receive their
+configuration as the dataclasses of `emu.topology` and never need it (it is a megabyte of each one's
+memory).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, NoReturn
+
+import yaml
+from yaml.constructor import ConstructorError, SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from emu.packets import MIN_PKT_SIZE as MIN_FRAME  # smallest test frame: headers, sequence header, CRC
+from emu.topology import (
+    DEV_MAP_BULK_SIZE,
+    MAX_LINK_DELAY_US,
+    MAX_LINK_RATE_BPS,
+    NAPI_POLL_WEIGHT,
+    PP_ALLOC_CACHE_REFILL,
+    PP_ALLOC_CACHE_SIZE,
+    PP_DEFAULT_RING_SIZE,
+    XDP_BULK_QUEUE_SIZE,
+    XDP_PACKET_HEADROOM,
+    DeviceConfig,
+    Endpoint,
+    GeneratorConfig,
+    HostConfig,
+    LinkConfig,
+    LinkImpairment,
+    PoolConfig,
+    Topology,
+    TopologyError,
+    TrafficPort,
+    XdpConfig,
+    resolve_program,
+)
+
+__all__ = ["load_topology", "validate_topology_text"]
+
+_TAG_NULL = "tag:yaml.org,2002:null"
+_TAG_BOOL = "tag:yaml.org,2002:bool"
+_TAG_INT = "tag:yaml.org,2002:int"
+_TAG_FLOAT = "tag:yaml.org,2002:float"
+_TAG_STR = "tag:yaml.org,2002:str"
+_TAG_MERGE = "tag:yaml.org,2002:merge"
+
+_TOPOLOGY_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+\Z")
+_DEVICE_NAME_RE = _TOPOLOGY_NAME_RE
+# Hosts and traffic ports share one namespace (link endpoints) and must not contain ':', which
+# separates host from device in an endpoint.
+_HOST_NAME_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
+_MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}\Z")
+
+_TOP_KEYS = ("name", "hosts", "links", "traffic")
+_HOST_KEYS = (
+    "cpus",
+    "cpu_affinity",
+    "pages",
+    "page_size",
+    "napi_budget",
+    "redirect_bulk",
+    "tx_bulk",
+    "stack_cpu",
+    "pool",
+    "devices",
+)
+_POOL_KEYS = ("cache_size", "refill", "pool_size", "recycle_limit")
+_DEVICE_KEYS = (
+    "ifindex",
+    "mac",
+    "rx_queues",
+    "tx_queues",
+    "rx_ring_size",
+    "tx_ring_size",
+    "rx_cpus",
+    "xdp",
+    "xdp_xmit",
+    "redirect_fallback",
+    "tx_completion_us",
+)
+_XDP_KEYS = ("program", "params", "vectorised")
+_LINK_KEYS = ("endpoints", "delay", "jitter", "loss", "rate")
+_TRAFFIC_KEYS = ("generate",)
+_GENERATE_KEYS = ("count", "rate", "pkt_size", "flows", "burst", "src_mac", "dst_mac")
+
+
+def load_topology(path: str | os.PathLike[str]) -> Topology:
+    """Read and fully validate a topology file; TopologyError (``file:line: message``) if it is invalid.
+
+    OSError from reading the file propagates unchanged: a missing file has no line to point at.
+    """
+    filename = os.fspath(path)
+    with open(filename, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise TopologyError(filename, line, f"not valid UTF-8 (byte 0x{raw[e.start]:02x})") from None
+    return validate_topology_text(text, filename)
+
+
+def validate_topology_text(text: str, filename: str) -> Topology:
+    """Validate topology YAML given as a string; `filename` is only used in messages and `Topology.path`."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        raise _yaml_error(filename, e, "YAML syntax error") from None
+    except yaml.reader.ReaderError as e:
+        line = text[: e.position].count("\n") + 1
+        message = f"YAML syntax error: {e.reason} (character {e.character!r})"
+        raise TopologyError(filename, line, message) from None
+    if root is None:
+        raise TopologyError(filename, 1, "the topology file is empty")
+    return _Validator(filename).topology(root)
+
+
+def _yaml_error(filename: str, e: yaml.MarkedYAMLError, label: str) -> TopologyError:
+    mark = e.problem_mark or e.context_mark
+    line = mark.line + 1 if mark is not None else 1
+    message = f"{label}: {e.problem or e.context or 'invalid YAML'}"
+    if e.context and e.problem and e.problem.startswith("but "):
+        # The composer's messages are one sentence split in two ("expected a single document in the
+        # stream" / "but found another document"); keep the order so it still reads as one.
+        message = f"{label}: {e.context}, {e.problem}"
+    elif e.context and e.problem:
+        where = f" started at line {e.context_mark.line + 1}" if e.context_mark is not None else ""
+        message += f" ({e.context}{where})"
+    return TopologyError(filename, line, message)
+
+
+def _line(node: Node) -> int:
+    return node.start_mark.line + 1
+
+
+def _describe(node: Node) -> str:
+    """How a wrong value is quoted in messages: by kind for collections, verbatim for scalars."""
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    value = str(node.value)
+    if len(value) > 60:
+        value = value[:57] + "..."
+    if node.tag == _TAG_NULL:
+        return "null"
+    if node.tag == _TAG_BOOL:
+        return f"the boolean '{value}'"
+    if node.tag == _TAG_STR and node.style in ("'", '"'):
+        return f"the string '{value}'"
+    return f"'{value}'"
+
+
+def _prefix(where: str) -> str:
+    return f"{where}: " if where else ""
+
+
+# -- tc-style quantities (link impairments) ------------------------------------------------------------
+# Each parser takes the text as written and returns the value in the dataclass's unit, or raises
+# ValueError with the end of a sentence that the caller starts with ``KEY 'TEXT'``.  Units are matched
+# case-insensitively, as tc does.  Decimal keeps "1.1ms" exactly 1100 us (a float would not).
+
+_QUANTITY_RE = re.compile(r"(?P<num>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?P<unit>[A-Za-z%/]*)\Z")
+_TIME_UNITS = {
+    **dict.fromkeys(("us", "usec", "usecs"), 1),
+    **dict.fromkeys(("ms", "msec", "msecs"), 1000),
+    **dict.fromkeys(("s", "sec", "secs"), 1_000_000),
+}
+_RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
+# tc reads these as *bytes* per second; refused, because "100mbps" is nearly always meant as bits.
+_BYTE_RATE_UNITS = {"bps": 1, "kbps": 10**3, "mbps": 10**6, "gbps": 10**9, "tbps": 10**12}
+
+
+def _split_quantity(text: str, form: str) -> tuple[Decimal, str]:
+    m = _QUANTITY_RE.match(text.strip())
+    if m is None:
+        if text.strip().startswith("-"):
+            raise ValueError("must not be negative")
+        raise ValueError(f"is not {form}")
+    return Decimal(m["num"]), m["unit"].lower()
+
+
+def _parse_duration_us(text: str) -> int:
+    number, unit = _split_quantity(text, "a duration such as 5ms, 200us or 1.5s")
+    if not unit:
+        raise ValueError("needs a unit: us, ms or s")
+    if unit not in _TIME_UNITS:
+        raise ValueError(f"has an unknown unit '{unit}': use us, ms or s (or usec, msec, sec)")
+    us = number * _TIME_UNITS[unit]
+    if us != us.to_integral_value():
+        raise ValueError("is not a whole number of microseconds")
+    if us > MAX_LINK_DELAY_US:
+        raise ValueError(f"is more than the maximum of {MAX_LINK_DELAY_US // 1_000_000}s")
+    return int(us)
+
+
+def _parse_percent(text: str) -> float:
+    number, unit = _split_quantity(text, "a percentage such as 0.1% or 5%")
+    if not unit:
+        raise ValueError("needs a '%': write a percentage such as 0.1% or 5%")
+    if unit != "%":
+        raise ValueError("is not a percentage such as 0.1% or 5%")
+    if number > 100:
+        raise ValueError("must be between 0% and 100%")
+    return float(number / 100)
+
+
+def _parse_bit_rate(text: str) -> int:
+    number, unit = _split_quantity(text, "a bit rate such as 100mbit, 1gbit or 64000bit")
+    units = "bit, kbit, mbit, gbit or tbit"
+    if not unit:
+        raise ValueError(f"needs a unit: {units}")
+    if unit in _BYTE_RATE_UNITS:
+        bits = number * _BYTE_RATE_UNITS[unit] * 8
+        suffix = unit[:-3] + "bit"
+        in_bits = format((bits / _RATE_UNITS[suffix]).normalize(), "f") + suffix
+        raise ValueError(
+            f"is in bytes per second ('{unit}' means BYTES/s in tc); "
+            f"write the rate in bits: '{in_bits}' (units: {units})"
+        )
+    if unit not in _RATE_UNITS:
+        raise ValueError(f"has an unknown unit '{unit}': use {units}")
+    bps = number * _RATE_UNITS[unit]
+    if bps == 0:
+        raise ValueError("must be more than 0 (leave 'rate' out for an unlimited link)")
+    if bps != bps.to_integral_value():
+        raise ValueError("is not a whole number of bits per second")
+    if bps > MAX_LINK_RATE_BPS:
+        raise ValueError(f"is more than the maximum of {MAX_LINK_RATE_BPS // 10**12}tbit")
+    return int(bps)
+
+
+@dataclass(frozen=True, slots=True)
+class _Quantity:
+    form: str  # how a wrong-typed value is told what is expected
+    parse: Callable[[str], Any]
+    zero: Any  # the value when the key is absent
+
+
+_DURATION = _Quantity("a duration such as 5ms, 200us or 1.5s", _parse_duration_us, 0)
+_PERCENT = _Quantity("a percentage such as 0.1% or 5%", _parse_percent, 0.0)
+_BIT_RATE = _Quantity("a bit rate such as 100mbit, 1gbit or 64000bit", _parse_bit_rate, 0)
+
+
+class _Fields:
+    """A mapping node of the schema: string keys only, unknown keys rejected, typed accessors."""
+
+    def __init__(
+        self,
+        v: _Validator,
+        node: Node,
+        *,
+        what: str,
+        where: str,
+        owner_line: int,
+        allowed: tuple[str, ...] | None,
+        null_is_empty: bool = False,
+    ) -> None:
+        self.v = v
+        self.where = where
+        self.pfx = _prefix(where)
+        self.owner_line = owner_line
+        self.node = node
+        self.items: dict[str, tuple[ScalarNode, Node]] = {}
+        if null_is_empty and isinstance(node, ScalarNode) and node.tag == _TAG_NULL:
+            return
+        if not isinstance(node, MappingNode):
+            v.fail(node, f"{what} must be a mapping, not {_describe(node)}")
+        for key_node, value_node in node.value:
+            key = v.key_text(key_node, where)
+            if allowed is not None and key not in allowed:
+                scope = "unknown key" if where else "unknown top-level key"
+                msg = f"{self.pfx}{scope} '{key}' (expected one of: {', '.join(allowed)})"
+                close = difflib.get_close_matches(key, allowed, n=1)
+                if close:
+                    msg += f"; did you mean '{close[0]}'?"
+                v.fail(key_node, msg)
+            self.items[key] = (key_node, value_node)
+
+    def get(self, key: str) -> Node | None:
+        item = self.items.get(key)
+        return None if item is None else item[1]
+
+    def given(self, key: str) -> Node | None:
+        """The value node, or None when the key is absent or explicitly null."""
+        node = self.get(key)
+        if node is None or (isinstance(node, ScalarNode) and node.tag == _TAG_NULL):
+            return None
+        return node
+
+    def require(self, key: str) -> Node:
+        node = self.get(key)
+        if node is None:
+            self.v.fail(self.owner_line, f"{self.pfx}missing required key '{key}'")
+        return node
+
+    def int(
+        self,
+        key: str,
+        lo: int,
+        hi: int | None,
+        default: int | None = None,
+        *,
+        required: bool = False,
+        nullable: bool = False,
+        hint: str = "",
+    ) -> Any:
+        node = self.require(key) if required else self.get(key)
+        if node is None or (nullable and node.tag == _TAG_NULL):
+            return default
+        value = self.v.int_value(node, f"'{key}'", self.pfx)
+        if value < lo or (hi is not None and value > hi):
+            bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+            self.v.fail(node, f"{self.pfx}'{key}' must be {bound}{hint}, not {value}")
+        return value
+
+    def bool(self, key: str, default: bool) -> bool:
+        node = self.get(key)
+        if node is None:
+            return default
+        if not isinstance(node, ScalarNode) or node.tag != _TAG_BOOL:
+            self.v.fail(node, f"{self.pfx}'{key}' must be true or false, not {_describe(node)}")
+        return bool(self.v.construct(node))
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        node = self.get(key)
+        if node is None:
+            return default
+        text = self.v.str_value(node, key, self.pfx)
+        if text not in choices:
+            options = " or ".join(f"'{c}'" for c in choices)
+            self.v.fail(node, f"{self.pfx}'{key}' must be {options}, not '{text}'")
+        return text
+
+    def mac(self, key: str) -> str | None:
+        node = self.given(key)
+        if node is None:
+            return None
+        # An unquoted MAC such as 12:34:56:00:01:02 is a YAML 1.1 sexagesimal *integer*; its source text is
+        # still the MAC the user wrote, so take the raw text of any plain scalar rather than demand quotes.
+        if not isinstance(node, ScalarNode) or node.tag not in (_TAG_STR, _TAG_INT):
+            self.v.fail(node, f"{self.pfx}'{key}' must be a MAC address string, not {_describe(node)}")
+        text = str(node.value)
+        if not _MAC_RE.match(text):
+            self.v.fail(node, f"{self.pfx}'{key}' is not a MAC address like 02:00:00:00:01:02: '{text}'")
+        return text.lower()
+
+    def int_list(
+        self, key: str, lo: int, hi: int | None, length: int, length_what: str
+    ) -> tuple[int, ...] | None:
+        node = self.given(key)
+        if node is None:
+            return None
+        if not isinstance(node, SequenceNode):
+            self.v.fail(node, f"{self.pfx}'{key}' must be a list of integers, not {_describe(node)}")
+        values = []
+        for item in node.value:
+            value = self.v.int_value(item, f"'{key}' entry {len(values)}", self.pfx)
+            if value < lo or (hi is not None and value > hi):
+                bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+                self.v.fail(item, f"{self.pfx}'{key}' entries must be {bound}, not {value}")
+            values.append(value)
+        if len(values) != length:
+            self.v.fail(
+                node,
+                f"{self.pfx}'{key}' must have {length} entries (one per {length_what}), not {len(values)}",
+            )
+        return tuple(values)
+
+    def quantity(self, key: str, q: _Quantity) -> Any:
+        """A tc-style number with a unit (``5ms``, ``0.1%``, ``100mbit``), or ``q.zero`` when absent.
+
+        Plain YAML numbers are parsed from their source text too, so that they are told they need a unit.
+        """
+        node = self.get(key)
+        if node is None:
+            return q.zero
+        if not isinstance(node, ScalarNode) or node.tag not in (_TAG_STR, _TAG_INT, _TAG_FLOAT):
+            self.v.fail(node, f"{self.pfx}'{key}' must be {q.form}, not {_describe(node)}")
+        text = str(node.value)
+        try:
+            return q.parse(text)
+        except ValueError as e:
+            self.v.fail(node, f"{self.pfx}{key} '{text}' {e}")
+
+
+class _Validator:
+    def __init__(self, filename: str) -> None:
+        self.file = filename
+
+    # -- primitives ---------------------------------------------------------------------------------
+
+    def fail(self, at: Node | int, message: str) -> NoReturn:
+        raise TopologyError(self.file, at if isinstance(at, int) else _line(at), message)
+
+    def construct(self, node: Node) -> Any:
+        # A fresh constructor per value: SafeConstructor caches constructed nodes and keeps state.
+        try:
+            return SafeConstructor().construct_object(node, deep=True)
+        except ConstructorError as e:
+            raise _yaml_error(self.file, e, "YAML error") from None
+
+    def key_text(self, key_node: Node, where: str) -> str:
+        if not isinstance(key_node, ScalarNode):
+            self.fail(key_node, f"{_prefix(where)}mapping keys must be strings, not {_describe(key_node)}")
+        if key_node.tag in (_TAG_NULL, _TAG_BOOL):
+            # YAML 1.1 reads an unquoted yes/no/on/off key as a boolean; quoting it is the fix.
+            self.fail(key_node, f"{_prefix(where)}mapping keys must be strings, not {_describe(key_node)}")
+        return str(key_node.value)
+
+    def int_value(self, node: Node, label: str, pfx: str) -> int:
+        if not isinstance(node, ScalarNode) or node.tag != _TAG_INT:
+            self.fail(node, f"{pfx}{label} must be an integer, not {_describe(node)}")
+        value = self.construct(node)
+        # bool is an int subclass; the tag check above already excludes YAML booleans, this keeps it so.
+        assert isinstance(value, int) and not isinstance(value, bool)
+        return value
+
+    def str_value(self, node: Node, key: str, pfx: str) -> str:
+        if not isinstance(node, ScalarNode) or node.tag != _TAG_STR:
+            self.fail(node, f"{pfx}'{key}' must be a string, not {_describe(node)}")
+        return str(node.value)
+
+    def name(self, node: Node, what: str, pfx: str, pattern: re.Pattern[str], allowed: str) -> str:
+        # Names are taken verbatim from the source: a host called 01 is "01", not the integer 1.
+        if not isinstance(node, ScalarNode) or node.tag not in (_TAG_STR, _TAG_INT, _TAG_FLOAT):
+            self.fail(node, f"{pfx}{what} must be a string, not {_describe(node)}")
+        text = str(node.value)
+        if not pattern.match(text):
+            self.fail(node, f"{pfx}invalid {what} '{text}' (allowed characters: {allowed})")
+        return text
+
+    def check_tree(self, root: Node) -> None:
+        """Reject what compose lets through and a dict would hide: duplicate keys, merge keys, cycles."""
+        seen: set[int] = set()
+        stack: list[Node] = [root]
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                # An alias shares its anchor's node; checking it once is enough and stops cycles and
+                # "billion laughs" alias bombs from being walked exponentially.
+                continue
+            seen.add(id(node))
+            if isinstance(node, SequenceNode):
+                stack.extend(reversed(node.value))
+            elif isinstance(node, MappingNode):
+                first: dict[tuple[str, Any], Node] = {}
+                for key_node, value_node in node.value:
+                    if isinstance(key_node, ScalarNode) and key_node.tag == _TAG_MERGE:
+                        self.fail(key_node, "YAML merge keys ('<<') are not supported in topology files")
+                    if not isinstance(key_node, ScalarNode):
+                        self.fail(key_node, f"mapping keys must be strings, not {_describe(key_node)}")
+                    ident = self._key_identity(key_node)
+                    if ident in first:
+                        self.fail(
+                            key_node,
+                            f"duplicate key '{key_node.value}' (first defined at line {_line(first[ident])})",
+                        )
+                    first[ident] = key_node
+                    stack.append(value_node)
+        anchor = _find_cycle(root)
+        if anchor is not None:
+            self.fail(anchor, "recursive YAML alias: an alias refers to the anchor it is inside of")
+
+    def _key_identity(self, key_node: ScalarNode) -> tuple[str, Any]:
+        # Keys are equal when YAML says so (0x10 and 16 are the same int key), not when their text is.
+        try:
+            value = SafeConstructor().construct_object(key_node)
+            hash(value)
+        except (ConstructorError, TypeError):
+            value = key_node.value
+        return (key_node.tag, value)
+
+    # -- the schema ---------------------------------------------------------------------------------
+
+    def topology(self, root: Node) -> Topology:
+        self.check_tree(root)
+        top = _Fields(self, root, what="the topology", where="", owner_line=_line(root), allowed=_TOP_KEYS)
+        name = self.name(top.require("name"), "'name'", "", _TOPOLOGY_NAME_RE, "A-Z a-z 0-9 _ . -")
+        hosts = self.hosts(top)
+        traffic_nodes = self.traffic(top, hosts)
+        links = self.links(top, hosts, traffic_nodes)
+        traffic = self.generators(traffic_nodes, hosts, links)
+        return Topology(name=name, path=self.file, hosts=hosts, links=tuple(links), traffic=traffic)
+
+    def hosts(self, top: _Fields) -> dict[str, HostConfig]:
+        node = top.require("hosts")
+        mapping = _Fields(self, node, what="'hosts'", where="", owner_line=_line(node), allowed=None)
+        if not mapping.items:
+            self.fail(node, "'hosts' must define at least one host")
+        hosts: dict[str, HostConfig] = {}
+        for index, (key_node, value_node) in enumerate(mapping.items.values()):
+            name = self.name(key_node, "host name", "", _HOST_NAME_RE, "A-Z a-z 0-9 _ -")
+            hosts[name] = self.host(name, index, key_node, value_node)
+        return hosts
+
+    def host(self, name: str, index: int, key_node: Node, node: Node) -> HostConfig:
+        f = _Fields(
+            self, node, what=f"host '{name}'", where=name, owner_line=_line(key_node), allowed=_HOST_KEYS
+        )
+        cpus = f.int("cpus", 1, 64, required=True)
+        affinity = f.int_list("cpu_affinity", 0, None, cpus, "CPU")
+        pages = f.int("pages", 256, 1048576, 8192)
+        page_size_node = f.get("page_size")
+        page_size = f.int("page_size", 1024, 65536, 4096)
+        if page_size & (page_size - 1):
+            assert page_size_node is not None
+            self.fail(
+                page_size_node,
+                f"{name}: 'page_size' must be a power of two between 1024 and 65536, not {page_size}",
+            )
+        napi_budget = f.int("napi_budget", 1, 1024, NAPI_POLL_WEIGHT)
+        redirect_bulk = f.int("redirect_bulk", 1, 1024, DEV_MAP_BULK_SIZE)
+        tx_bulk = f.int("tx_bulk", 1, 1024, XDP_BULK_QUEUE_SIZE)
+        stack_cpu = f.int(
+            "stack_cpu", 0, cpus - 1, None, nullable=True, hint=f" (host '{name}' has {cpus} cpus)"
+        )
+        pool = self.pool(name, f)
+        devices = self.devices(name, index, cpus, f)
+        return HostConfig(
+            name=name,
+            index=index,
+            cpus=cpus,
+            cpu_affinity=affinity,
+            pages=pages,
+            page_size=page_size,
+            napi_budget=napi_budget,
+            redirect_bulk=redirect_bulk,
+            tx_bulk=tx_bulk,
+            stack_cpu=stack_cpu,
+            pool=pool,
+            devices=devices,
+            line=_line(key_node),
+        )
+
+    def pool(self, host: str, hf: _Fields) -> PoolConfig:
+        node = hf.get("pool")
+        if node is None:
+            return PoolConfig()
+        key_line = _line(hf.items["pool"][0])
+        f = _Fields(
+            self,
+            node,
+            what=f"{host}: 'pool'",
+            where=f"{host}: pool",
+            owner_line=key_line,
+            allowed=_POOL_KEYS,
+            null_is_empty=True,
+        )
+        cache_size = f.int("cache_size", 1, 65536, PP_ALLOC_CACHE_SIZE)
+        refill_node = f.get("refill")
+        # A small cache with the kernel's refill of 64 would be an error nobody asked for; cap the default.
+        refill = f.int("refill", 1, None, min(PP_ALLOC_CACHE_REFILL, cache_size))
+        if refill > cache_size:
+            assert refill_node is not None
+            self.fail(refill_node, f"{f.pfx}'refill' ({refill}) must not exceed 'cache_size' ({cache_size})")
+        pool_size = f.int("pool_size", 0, 16384, PP_DEFAULT_RING_SIZE) or PP_DEFAULT_RING_SIZE
+        recycle_limit = f.int("recycle_limit", 0, None, 0)
+        return PoolConfig(cache_size, refill, pool_size, recycle_limit)
+
+    def devices(self, host: str, host_index: int, cpus: int, hf: _Fields) -> dict[str, DeviceConfig]:
+        node = hf.require("devices")
+        f = _Fields(
+            self,
+            node,
+            what=f"{host}: 'devices'",
+            where=host,
+            owner_line=_line(hf.items["devices"][0]),
+            allowed=None,
+        )
+        if not f.items:
+            self.fail(node, f"{host}: 'devices' must define at least one device")
+        devices: dict[str, DeviceConfig] = {}
+        ifindex_owner: dict[int, tuple[str, int]] = {}
+        for key_node, value_node in f.items.values():
+            name = self.name(key_node, "device name", f"{host}: ", _DEVICE_NAME_RE, "A-Z a-z 0-9 _ . -")
+            dev, ifindex_node = self.device(host, host_index, cpus, name, key_node, value_node)
+            if dev.ifindex in ifindex_owner:
+                other, other_line = ifindex_owner[dev.ifindex]
+                also = f"(also used by '{other}' at line {other_line})"
+                self.fail(ifindex_node, f"duplicate ifindex {dev.ifindex} on host '{host}' {also}")
+            ifindex_owner[dev.ifindex] = (name, _line(ifindex_node))
+            devices[name] = dev
+        return devices
+
+    def device(
+        self, host: str, host_index: int, cpus: int, name: str, key_node: Node, node: Node
+    ) -> tuple[DeviceConfig, Node]:
+        where = f"{host}:{name}"
+        f = _Fields(
+            self,
+            node,
+            what=f"device '{where}'",
+            where=where,
+            owner_line=_line(key_node),
+            allowed=_DEVICE_KEYS,
+        )
+        ifindex = f.int("ifindex", 1, None, required=True)
+        mac = f.mac("mac")
+        if mac is None:
+            if host_index > 0xFE or ifindex > 0xFFFF:
+                # 0xff in the host byte is reserved for traffic ports' derived source MACs.
+                why = f"host index {host_index}, ifindex {ifindex}"
+                self.fail(f.require("ifindex"), f"{where}: cannot derive a MAC address ({why}); set 'mac'")
+            mac = f"02:00:00:{host_index:02x}:{ifindex >> 8:02x}:{ifindex & 0xFF:02x}"
+        rx_queues = f.int("rx_queues", 1, 64, cpus)
+        tx_queues = f.int("tx_queues", 1, 64, cpus)
+        rx_ring_size = f.int("rx_ring_size", 8, 16384, 1024)
+        tx_ring_size = f.int("tx_ring_size", 8, 16384, 1024)
+        rx_cpus = f.int_list("rx_cpus", 0, cpus - 1, rx_queues, "RX queue")
+        if rx_cpus is None:
+            rx_cpus = tuple(q % cpus for q in range(rx_queues))
+        xdp = self.xdp(where, f)
+        xdp_xmit = f.bool("xdp_xmit", True)
+        redirect_fallback = f.choice("redirect_fallback", ("drop", "skb"), "drop")
+        tx_completion_us = f.int("tx_completion_us", 0, 10_000_000, 0)
+        dev = DeviceConfig(
+            name=name,
+            ifindex=ifindex,
+            mac=mac,
+            rx_queues=rx_queues,
+            tx_queues=tx_queues,
+            rx_ring_size=rx_ring_size,
+            tx_ring_size=tx_ring_size,
+            rx_cpus=rx_cpus,
+            xdp=xdp,
+            xdp_xmit=xdp_xmit,
+            redirect_fallback=redirect_fallback,  # type: ignore[arg-type]
+            tx_completion_us=tx_completion_us,
+            line=_line(key_node),
+        )
+        return dev, f.require("ifindex")
+
+    def xdp(self, where: str, df: _Fields) -> XdpConfig | None:
+        node = df.given("xdp")
+        if node is None:
+            return None
+        key_line = _line(df.items["xdp"][0])
+        f = _Fields(
+            self, node, what=f"{where}: 'xdp'", where=f"{where}: xdp", owner_line=key_line, allowed=_XDP_KEYS
+        )
+        program_node = f.require("program")
+        program = self.str_value(program_node, "program", f.pfx)
+        try:
+            resolve_program(program)
+        except ValueError as e:
+            self.fail(program_node, f"{where}: {e}")
+        params: dict[str, Any] = {}
+        params_node = f.given("params")
+        if params_node is not None:
+            if not isinstance(params_node, MappingNode):
+                self.fail(params_node, f"{f.pfx}'params' must be a mapping, not {_describe(params_node)}")
+            for key_node, value_node in params_node.value:
+                key = self.key_text(key_node, f"{where}: xdp: params")
+                params[key] = self.plain_value(value_node, f"{where}: xdp: params: '{key}'")
+        return XdpConfig(program, params, f.bool("vectorised", True))
+
+    def plain_value(self, node: Node, where: str) -> Any:
+        """A free-form parameter value, restricted to what JSON and msgpack can carry."""
+        if isinstance(node, SequenceNode):
+            return [self.plain_value(item, where) for item in node.value]
+        if isinstance(node, MappingNode):
+            out: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                key = self.key_text(key_node, where)
+                out[key] = self.plain_value(value_node, f"{where}: '{key}'")
+            return out
+        if node.tag not in (_TAG_NULL, _TAG_BOOL, _TAG_INT, _TAG_FLOAT, _TAG_STR):
+            self.fail(node, f"{where}: unsupported value {_describe(node)} (tag {node.tag})")
+        value = self.construct(node)
+        if isinstance(value, float) and not math.isfinite(value):
+            self.fail(node, f"{where}: non-finite number {_describe(node)} is not allowed")
+        return value
+
+    def traffic(self, top: _Fields, hosts: dict[str, HostConfig]) -> dict[str, tuple[Node, _Fields | None]]:
+        """Traffic-port names and their `generate` mappings; resolved after the links are known."""
+        node = top.get("traffic")
+        if node is None:
+            return {}
+        mapping = _Fields(
+            self,
+            node,
+            what="'traffic'",
+            where="",
+            owner_line=_line(top.items["traffic"][0]),
+            allowed=None,
+            null_is_empty=True,
+        )
+        ports: dict[str, tuple[Node, _Fields | None]] = {}
+        for key_node, value_node in mapping.items.values():
+            name = self.name(key_node, "traffic port name", "", _HOST_NAME_RE, "A-Z a-z 0-9 _ -")
+            if name in hosts:
+                self.fail(
+                    key_node,
+                    f"traffic port '{name}' has the same name as host '{name}' (line {hosts[name].line})",
+                )
+            f = _Fields(
+                self,
+                value_node,
+                what=f"traffic port '{name}'",
+                where=name,
+                owner_line=_line(key_node),
+                allowed=_TRAFFIC_KEYS,
+                null_is_empty=True,
+            )
+            gen_node = f.get("generate")
+            gen: _Fields | None = None
+            if gen_node is not None:
+                if isinstance(gen_node, ScalarNode) and gen_node.tag == _TAG_NULL:
+                    # `generate:` alone could mean "defaults" or "no generator"; make the author say which.
+                    hint = "use 'generate: {}' for defaults or remove it"
+                    self.fail(gen_node, f"{name}: 'generate' is null; {hint}")
+                gen = _Fields(
+                    self,
+                    gen_node,
+                    what=f"{name}: 'generate'",
+                    where=f"{name}: generate",
+                    owner_line=_line(f.items["generate"][0]),
+                    allowed=_GENERATE_KEYS,
+                )
+                # Types and the host-independent ranges are checked now, in file order.
+                self.generator_values(gen, page_size=None)
+            ports[name] = (key_node, gen)
+        return ports
+
+    def links(
+        self, top: _Fields, hosts: dict[str, HostConfig], traffic: dict[str, tuple[Node, _Fields | None]]
+    ) -> list[LinkConfig]:
+        node = top.given("links")
+        if node is None:
+            return []
+        if not isinstance(node, SequenceNode):
+            self.fail(node, f"'links' must be a list, not {_describe(node)}")
+        links: list[LinkConfig] = []
+        used: dict[Endpoint, int] = {}
+        for i, item in enumerate(node.value):
+            where = f"links[{i}]"
+            f = _Fields(self, item, what=where, where=where, owner_line=_line(item), allowed=_LINK_KEYS)
+            ep_node = f.require("endpoints")
+            if not isinstance(ep_node, SequenceNode):
+                self.fail(
+                    ep_node, f"{where}: 'endpoints' must be a list of two endpoints, not {_describe(ep_node)}"
+                )
+            if len(ep_node.value) != 2:
+                self.fail(ep_node, f"{where}: a link needs exactly 2 endpoints, not {len(ep_node.value)}")
+            eps = [self.endpoint(n, where, hosts, traffic) for n in ep_node.value]
+            a, b = eps
+            if a == b:
+                self.fail(ep_node.value[1], f"{where}: link connects '{a}' to itself")
+            if a.kind == "traffic" and b.kind == "traffic":
+                self.fail(
+                    ep_node,
+                    f"{where}: link '{a}' -- '{b}' connects two traffic ports; one end must be a host device",
+                )
+            for ep, ep_item in zip(eps, ep_node.value, strict=True):
+                if ep in used:
+                    self.fail(
+                        ep_item, f"{where}: endpoint '{ep}' is already used by the link at line {used[ep]}"
+                    )
+            for ep in eps:
+                used[ep] = _line(item)
+            impair = LinkImpairment(
+                delay_us=f.quantity("delay", _DURATION),
+                jitter_us=f.quantity("jitter", _DURATION),
+                loss=f.quantity("loss", _PERCENT),
+                rate_bps=f.quantity("rate", _BIT_RATE),
+            )
+            links.append(LinkConfig(a, b, _line(item), impair))
+        return links
+
+    def endpoint(
+        self,
+        node: Node,
+        where: str,
+        hosts: dict[str, HostConfig],
+        traffic: dict[str, tuple[Node, _Fields | None]],
+    ) -> Endpoint:
+        if not isinstance(node, ScalarNode) or node.tag not in (_TAG_STR, _TAG_INT):
+            expected = "a string 'host:device' or a traffic port"
+            self.fail(node, f"{where}: an endpoint must be {expected}, not {_describe(node)}")
+        text = str(node.value)
+        ep = Endpoint.parse(text)
+        if ep.kind == "device":
+            assert ep.host is not None
+            if ep.host not in hosts:
+                self.fail(node, f"link endpoint '{text}': no host '{ep.host}'")
+            if ep.name not in hosts[ep.host].devices:
+                self.fail(node, f"link endpoint '{text}': host '{ep.host}' has no device '{ep.name}'")
+        elif text not in traffic:
+            hint = f" (did you mean '{text}:<device>'?)" if text in hosts else ""
+            self.fail(node, f"link endpoint '{text}': no traffic port '{text}'{hint}")
+        return ep
+
+    def generator_values(self, f: _Fields, page_size: int | None) -> dict[str, Any]:
+        max_pkt = None if page_size is None else page_size - XDP_PACKET_HEADROOM
+        pkt_size = f.int("pkt_size", MIN_FRAME, None, 64)
+        if max_pkt is not None and pkt_size > max_pkt:
+            node = f.get("pkt_size")
+            assert node is not None
+            self.fail(
+                node,
+                f"{f.pfx}'pkt_size' {pkt_size} does not fit the linked host's {page_size}-byte pages "
+                f"(max {max_pkt} = page_size - {XDP_PACKET_HEADROOM} bytes of XDP headroom)",
+            )
+        return {
+            "count": f.int("count", 0, None, 0),
+            "rate": f.int("rate", 0, None, 0),
+            "pkt_size": pkt_size,
+            "flows": f.int("flows", 1, 65536, 16),
+            "burst": f.int("burst", 1, 4096, 64),
+            "src_mac": f.mac("src_mac"),
+            "dst_mac": f.mac("dst_mac"),
+        }
+
+    def generators(
+        self,
+        ports: dict[str, tuple[Node, _Fields | None]],
+        hosts: dict[str, HostConfig],
+        links: Iterable[LinkConfig],
+    ) -> dict[str, TrafficPort]:
+        peers: dict[str, Endpoint] = {}
+        for link in links:
+            for ep, other in ((link.a, link.b), (link.b, link.a)):
+                if ep.kind == "traffic":
+                    peers[ep.name] = other
+        traffic: dict[str, TrafficPort] = {}
+        for index, (name, (key_node, gen_fields)) in enumerate(ports.items()):
+            gen = None
+            if gen_fields is not None:
+                peer = peers.get(name)
+                if peer is None:
+                    self.fail(
+                        key_node, f"traffic port '{name}' generates packets but is not linked to a device"
+                    )
+                assert peer.host is not None
+                host = hosts[peer.host]
+                values = self.generator_values(gen_fields, host.page_size)
+                if values["src_mac"] is None:
+                    values["src_mac"] = f"02:00:00:ff:{(index + 1) >> 8:02x}:{(index + 1) & 0xFF:02x}"
+                if values["dst_mac"] is None:
+                    values["dst_mac"] = host.devices[peer.name].mac
+                gen = GeneratorConfig(**values)
+            traffic[name] = TrafficPort(name, gen, _line(key_node))
+        return traffic
+
+
+def _find_cycle(root: Node) -> Node | None:
+    """The anchored node an alias inside it refers to (``&a [*a]``), or None when there is no cycle."""
+    on_path: set[int] = set()
+    done: set[int] = set()
+
+    def children(node: Node) -> list[Node]:
+        if isinstance(node, SequenceNode):
+            return list(node.value)
+        if isinstance(node, MappingNode):
+            return [n for pair in node.value for n in pair]
+        return []
+
+    # Iterative DFS: a deeply nested document must not hit Python's recursion limit.
+    stack: list[tuple[Node, Iterator[Node]]] = [(root, iter(children(root)))]
+    on_path.add(id(root))
+    while stack:
+        node, it = stack[-1]
+        child = next(it, None)
+        if child is None:
+            stack.pop()
+            on_path.discard(id(node))
+            done.add(id(node))
+            continue
+        if id(child) in on_path:
+            return child
+        if id(child) not in done:
+            on_path.add(id(child))
+            stack.append((child, iter(children(child))))
+    return None
