@@ -146,6 +146,8 @@ class Run(Console):
         self.mapsets: list = []
         self.rings: list[MsgRing] = []
         self.ring_names: dict[str, dict[str, str]] = {}  # host -> {"cpu0>eth1": segment name}
+        # endpoint -> (ring it transmits into, ring it receives from), for links with both ends here
+        self.link_rings: dict[str, tuple[str, str]] = {}
         self.table: StatsTable | None = None
         self.procs: list[Proc] = []
         self.events: list[str] = []
@@ -203,6 +205,14 @@ class Run(Console):
             for src, dst in ring_pairs(host):
                 name = names[f"{src}>{dst}"] = f"{self.prefix}-{hname}-ring-{src}-{dst}"
                 self.rings.append(MsgRing.create(name))
+        # A cable between two processes of this machine is a pair of rings, one per direction (the link
+        # socket stays, for doorbells, strangers and cables to other hosts).
+        for k, link in enumerate(self.topo.links):
+            if self.is_local(link.a) and self.is_local(link.b):
+                ab, ba = f"{self.prefix}-link{k}-ab", f"{self.prefix}-link{k}-ba"
+                self.rings += [MsgRing.create(ab), MsgRing.create(ba)]
+                self.link_rings[str(link.a)] = (ab, ba)
+                self.link_rings[str(link.b)] = (ba, ab)
         self.maps: dict[str, dict[str, str]] = {}
         for hname, host in self.topo.hosts.items():
             names, sets = xdp_runtime.create_maps(f"{self.prefix}-{hname}", host)
@@ -232,6 +242,11 @@ class Run(Console):
         if self._links is None:
             self._links = self.endpoints()["link"]
         return self._links[endpoint], self._links[str(peer)]
+
+    def link_ring_eps(self, endpoint: str) -> dict[str, str]:
+        """The link rings of `endpoint`, as its spec's endpoints (none for a cable to another host)."""
+        rings = self.link_rings.get(endpoint)
+        return {} if rings is None else {"link_ring_out": rings[0], "link_ring_in": rings[1]}
 
     def impair_of(self, endpoint: str) -> object | None:
         """The impairment of the link `endpoint` sends on, for its LinkShaper (None: a perfect wire)."""
@@ -264,7 +279,7 @@ class Run(Console):
                 bind, peer = self.link_of(f"{hname}:{dev}")
                 spec = ProcSpec(
                     "device", f"{hname}/{dev}", host=host, host_prefix=f"{self.prefix}-{hname}", device=dev,
-                    endpoints=dict(hep, link_bind=bind, link_peer=peer),
+                    endpoints=dict(hep, link_bind=bind, link_peer=peer, **self.link_ring_eps(f"{hname}:{dev}")),
                     options={"impair": self.impair_of(f"{hname}:{dev}"), "keys_dir": self.keys_dir}, **common,
                 )
                 specs.append((spec, device_worker.main))
@@ -273,7 +288,8 @@ class Run(Console):
             if bind is None:
                 bind = ep["link"][name]
             spec = ProcSpec(
-                "traffic", name, port=port, endpoints={"link_bind": bind, "link_peer": peer},
+                "traffic", name, port=port,
+                endpoints={"link_bind": bind, "link_peer": peer, **self.link_ring_eps(name)},
                 options={"count": self.opts.count, "impair": self.impair_of(name)}, **common,
             )
             specs.append((spec, traffic_worker.main))

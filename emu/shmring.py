@@ -60,6 +60,7 @@ class MsgRing:
         # Each side keeps its own position; the other side's is read from the header.
         self.head = self.hdr[_HEAD]
         self.tail = self.hdr[_TAIL]
+        self.max_msg = self.cap // 2 - 8  # the largest message `put` can ever take
 
     @classmethod
     def create(cls, name: str, size: int = RING_BYTES) -> MsgRing:

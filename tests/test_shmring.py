@@ -4,6 +4,7 @@ socket fallback and doorbell, and a producer and consumer in different processes
 from __future__ import annotations
 
 import multiprocessing
+import time
 
 import pytest
 import zmq
@@ -105,3 +106,79 @@ def test_producer_and_consumer_in_different_processes(run_prefix: str) -> None:
             p.kill()
         r.unlink()
         r.close()
+
+
+def test_a_sleeping_consumer_names_the_fill_that_wakes_it(ring: MsgRing) -> None:
+    assert not ring.wants_bell()  # awake: producers never ring
+    ring.sleeping(100)
+    ring.put(bytes(50))
+    assert not ring.wants_bell()  # 64 bytes wait, 100 asked for
+    ring.put(bytes(50))
+    assert ring.wants_bell()
+    ring.sleeping(0)
+    assert not ring.wants_bell()
+
+
+def test_link_frames_go_through_the_ring_in_order_and_a_full_ring_holds_them_back(run_prefix: str,
+                                                                                   tmp_path) -> None:
+    """A cable between two local processes: frames through the ring, bells and strangers on the socket,
+    a full ring is back-pressure (the sender keeps its backlog, nothing is lost or reordered)."""
+    from emu import wire
+    from emu.packets import FrameBatch
+    from workers.link import LINK_BYTES, LinkReceiver, LinkSender
+
+    ctx = zmq.Context()
+    r = MsgRing.create(f"{run_prefix}-link", 1 << 18)
+    pull = ctx.socket(zmq.PULL)
+    pull.bind(f"ipc://{tmp_path}/link")
+    push = ctx.socket(zmq.PUSH)
+    push.connect(f"ipc://{tmp_path}/link")
+    rx = LinkReceiver(pull, MsgRing.attach(r.seg.name))
+    tx = LinkSender(push, None, MsgRing.attach(r.seg.name))
+    stranger = ctx.socket(zmq.PUSH)
+    stranger.connect(f"ipc://{tmp_path}/link")
+    try:
+        frames = [bytes([k % 256]) * (60 + k % 1400) for k in range(1400)]  # 1 MB
+        assert rx.idle()  # nothing waits: asleep until BELL_FILL bytes do
+        tx.send(FrameBatch.from_frames(frames[:10]))
+        assert not pull.poll(50)  # 1 KiB: below the fill worth a doorbell
+        tx.send(FrameBatch.from_frames(frames[10:]))
+        assert pull.poll(5000)  # now the doorbell
+        assert tx.backlog and tx.blocked()  # the 256 KiB ring filled up: the rest waits in the sender
+        stranger.send(b"not a link message")
+        rx.awake(True)
+        got, other = [], []
+        deadline = 200
+        while len(got) < len(frames) and deadline:
+            msg = rx.take()
+            if msg is None:
+                tx.flush()
+                deadline -= 1
+                pull.poll(10)
+                continue
+            try:
+                batch = wire.unpack_frames(msg)
+            except wire.WireError:
+                other.append(msg)
+                continue
+            assert len(msg) <= LINK_BYTES + 4 * len(batch) + 64  # split by bytes as well as frames
+            got += [bytes(batch.frame(k)) for k in range(len(batch))]
+        assert got == frames and not tx.backlog
+        # With a ring, the socket is looked at after a wake-up and every 64th empty look.
+        deadline = time.monotonic() + 30
+        while not other and time.monotonic() < deadline:
+            if (m := rx.take()) is not None:
+                other.append(m)
+            elif pull.poll(10):
+                rx.awake(True)
+        assert other == [b"not a link message"]  # the bells were not messages
+        assert rx.take() is None
+        tx.send(FrameBatch.from_frames(frames[:5]))
+        assert tx.cut() == 0 and tx.ring is None and not tx.connected
+    finally:
+        stranger.close(0)
+        rx.close()
+        tx.close()
+        r.unlink()
+        r.close()
+        ctx.term()

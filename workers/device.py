@@ -30,7 +30,7 @@ from emu import security, wire
 from emu.netem import LinkShaper
 from emu.packets import FrameBatch, rss_queue
 from emu.pagemem import DESC_DTYPE, PageMemory, PageState, descs_from_bytes
-from emu.shmring import BELL_FILL, IDLE_POLL_MS, Inbox, take
+from emu.shmring import BELL_FILL, IDLE_POLL_MS, Inbox, MsgRing
 from emu.stats import Cmd, ProcState, StatsRow, StatsTable
 from workers.common import (
     LINK_HWM,
@@ -46,7 +46,7 @@ from workers.common import (
     run_process,
 )
 from workers.cpu import LINK_DOWN_BIT
-from workers.link import LINK_BATCH, LinkSender
+from workers.link import LINK_BATCH, LinkReceiver, LinkSender
 
 # "link" comes from the host's own agent: the address of a peer on another host, once it is known.
 DEVICE_KINDS = ("post", "xmit", "frames", "link", "bell")
@@ -95,8 +95,12 @@ class Device:
             bound = self.link_in.getsockopt_string(zmq.LAST_ENDPOINT)
             if bound.startswith("tcp://"):
                 self.c[self.i["link_port"]] = int(bound.rsplit(":", 1)[1])
+            ring_in = ep.get("link_ring_in")
+            self.rx = LinkReceiver(self.link_in, MsgRing.attach(ring_in) if ring_in else None)
         imp = spec.options.get("impair")
-        self.tx = LinkSender(None, LinkShaper(imp) if imp is not None else None)
+        ring_out = ep.get("link_ring_out")
+        self.tx = LinkSender(None, LinkShaper(imp) if imp is not None else None,
+                             MsgRing.attach(ring_out) if ring_out else None)
         if ep.get("link_peer"):
             self.tx.connect(self._link_socket(ep["link_peer"]))
         self.cpu_out = [channel(self.zctx, spec, self.name, f"cpu{c}", ep["cpu"][c]) for c in range(self.ncpus)]
@@ -312,8 +316,9 @@ class Device:
         # far as the posted buffers go: fewer, larger messages are what keep the CPUs busy with packets.
         batches: list[FrameBatch] = []
         room = low
+        rx = self.rx
         for _ in range(16):
-            msg = take(self.link_in) if room >= LINK_BATCH else None
+            msg = rx.take() if room >= LINK_BATCH else None
             if msg is None:
                 break
             try:
@@ -489,18 +494,23 @@ class Device:
                 if due is not None:
                     timeout = min(timeout, max(due, 1))
                 paused = bool(self.paused_since)
-                # Paused: be woken by the posts that let the link resume, not by every one.
+                # Paused: be woken by the posts that let the link resume, not by every one (nor by frames).
                 bell_at = (LINK_BATCH - self._low_water()) * POST_BYTES if paused else BELL_FILL
                 if timeout and self.inbox.idle(bell_at):
-                    events = dict((paused_poller if paused else poller).poll(timeout))
-                    self.inbox.awake(self.inbox.sock in events)
+                    if paused or self.link_in is None or self.rx.idle():
+                        events = dict((paused_poller if paused else poller).poll(timeout))
+                        self.inbox.awake(self.inbox.sock in events)
+                        if not paused and self.link_in is not None:
+                            self.rx.awake(self.link_in in events)
+                    else:
+                        self.inbox.awake(False)  # frames came in meanwhile
         self.close()
 
     def close(self) -> None:
         self.tx.close()
         self.inbox.close()
         if self.link_in is not None:
-            self.link_in.close(0)
+            self.rx.close()
         for ch in self.cpu_out:
             ch.close()
         if self.gatekeeper is not None:

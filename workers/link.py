@@ -3,8 +3,11 @@ in a short backlog when the peer is not taking them.
 
 Devices and traffic ports both put frames on links, so both use this.  A link carries frame bytes, never
 page ids: the receiving end DMAs them into pages of its own host, which is what lets a link cross hosts
-(zmq over TCP) as easily as processes (zmq over ipc).  Frames travel as messages of at most `LINK_BATCH`
-frames, so one message never asks more of a receiver than one RX burst.
+(zmq over TCP) as easily as processes.  Between two processes of one machine the frames go through a
+shared-memory ring (`emu.shmring.MsgRing`, created by the coordinator, one per direction), with the peer's
+link socket left for doorbells; a full ring is a link the peer is not taking from, as a full socket
+queue is.  Frames travel as messages of at most `LINK_BATCH` frames and `LINK_BYTES` bytes, so one
+message never asks more of a receiver than one RX burst, and always fits a ring.
 
 Impairments (``delay``, ``jitter``, ``loss``, ``rate`` on the link in the topology) are applied here, by
 the sender, to what it sends, as netem would on each end of a veth pair: lost frames are counted in the
@@ -23,19 +26,25 @@ import zmq
 from emu import wire
 from emu.netem import LinkShaper
 from emu.packets import FrameBatch
+from emu.shmring import BELL, BELL_FILL, Inbox, MsgRing, take
 
 # Frames per message on the wire: bounds the work one link message can ask of a receiver (a device takes
 # a message only with this many RX buffers posted on every queue).
 LINK_BATCH = 256
+# Bytes of frames per message (64-byte frames: 256 a message; 1500-byte frames: 43).
+LINK_BYTES = 1 << 16
 # Messages waiting to leave before a sender counts as busy (pauses its generator, stops transmitting).
 BACKLOG_MAX = 256
 
 
 class LinkSender:
-    """One link's transmit side: `sock` is None while the link has no peer (not cabled, or down)."""
+    """One link's transmit side: `sock` is None while the link has no peer (not cabled, or down); `ring`,
+    when the peer runs on this machine, carries the frames and `sock` only rings its doorbell."""
 
-    def __init__(self, sock: zmq.Socket | None, shaper: LinkShaper | None = None) -> None:
+    def __init__(self, sock: zmq.Socket | None, shaper: LinkShaper | None = None,
+                 ring: MsgRing | None = None) -> None:
         self.sock = sock
+        self.ring = ring
         self.shaper = shaper if shaper is not None and shaper.active else None
         self.backlog: collections.deque[tuple[int, bytes, int]] = collections.deque()  # (due_ns, msg, frames)
 
@@ -73,8 +82,10 @@ class LinkSender:
                 frames = FrameBatch(frames.data, frames.offsets[keep], frames.lengths[keep]).compact()
                 n = len(keep)
         now = time.monotonic_ns() if shaper is not None else 0
-        for s in range(0, n, LINK_BATCH):
-            e = min(n, s + LINK_BATCH)
+        longest = frames.stride or (int(np.maximum.reduce(frames.lengths)) if n else 0)
+        step = min(LINK_BATCH, max(1, LINK_BYTES // (longest + 4)))
+        for s in range(0, n, step):
+            e = min(n, s + step)
             part = frames if (s, e) == (0, n) else frames.slice(s, e)
             due = shaper.departure(int(np.add.reduce(part.lengths)), now) if shaper is not None else 0
             self.backlog.append((due, wire.pack_frames(part), e - s))
@@ -87,15 +98,25 @@ class LinkSender:
         if sock is None:
             return
         backlog = self.backlog
+        ring = self.ring
         now = time.monotonic_ns() if self.shaper is not None else 0
         while backlog:
             due, msg, _ = backlog[0]
             if due > now:
                 return
-            try:
-                sock.send(msg, zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+            if ring is not None and len(msg) <= ring.max_msg:
+                if not ring.put(msg):
+                    return  # the peer is not taking frames (paused): wait, as for a full socket queue
+                if ring.wants_bell():
+                    try:
+                        sock.send(BELL, zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass  # its socket is full of bells already: it will look at its ring
+            else:
+                try:
+                    sock.send(msg, zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    return
             backlog.popleft()
 
     def next_due_ms(self) -> int | None:
@@ -114,12 +135,46 @@ class LinkSender:
         """Carrier lost: close the socket and drop the backlog; returns the frames dropped."""
         dropped = self.pending_frames()
         self.backlog.clear()
-        if self.sock is not None:
-            self.sock.close(0)
-            self.sock = None
+        self.close()
         return dropped
 
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close(0)
             self.sock = None
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+
+
+class LinkReceiver:
+    """One link's receive side: the peer's ring when it runs on this machine, then the link socket (bells,
+    strangers, peers on other hosts)."""
+
+    def __init__(self, sock: zmq.Socket, ring: MsgRing | None = None) -> None:
+        self.sock = sock
+        self.inbox = Inbox(sock, [ring]) if ring is not None else None
+
+    def take(self) -> bytes | None:
+        """The next message on the link, or None; doorbells are not messages."""
+        inbox = self.inbox
+        if inbox is None:
+            return take(self.sock)
+        while True:
+            msg = inbox.take()
+            if msg != BELL:
+                return msg
+
+    def idle(self, bell_at: int = BELL_FILL) -> bool:
+        """About to sleep: have the peer ring once `bell_at` bytes wait; False when frames came meanwhile."""
+        return self.inbox is None or self.inbox.idle(bell_at)
+
+    def awake(self, poked: bool) -> None:
+        if self.inbox is not None:
+            self.inbox.awake(poked)
+
+    def close(self) -> None:
+        if self.inbox is not None:
+            self.inbox.close()  # its socket too
+        else:
+            self.sock.close(0)

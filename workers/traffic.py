@@ -23,11 +23,11 @@ import zmq
 from emu import wire
 from emu.netem import LinkShaper
 from emu.packets import FrameFactory, Pacer, SeqTracker, verify_batch
-from emu.shmring import take
+from emu.shmring import IDLE_POLL_MS, MsgRing
 from emu.stats import Cmd, ProcState, StatsRow, StatsTable
 from workers.common import LINK_HWM, Liveness, ProcSpec, new_context, pin, pull, push, run_process
 from workers.cpu import LINK_DOWN_BIT
-from workers.link import LINK_BATCH, LinkSender
+from workers.link import LINK_BATCH, LinkReceiver, LinkSender
 
 
 class TrafficPort:
@@ -44,10 +44,13 @@ class TrafficPort:
         self.zctx = new_context()
         ep = spec.endpoints
         self.link_in = pull(self.zctx, ep["link_bind"], hwm=LINK_HWM)
+        ring_in, ring_out = ep.get("link_ring_in"), ep.get("link_ring_out")
+        self.rx = LinkReceiver(self.link_in, MsgRing.attach(ring_in) if ring_in else None)
         imp = spec.options.get("impair")
         self.tx = LinkSender(
             push(self.zctx, ep["link_peer"], hwm=LINK_HWM) if ep.get("link_peer") else None,
             LinkShaper(imp) if imp is not None else None,
+            MsgRing.attach(ring_out) if ring_out and ep.get("link_peer") else None,
         )
         self.tracker = SeqTracker(self.count or None)
         self.factory = None
@@ -59,7 +62,7 @@ class TrafficPort:
     def receive(self) -> int:
         got = 0
         for _ in range(16):
-            msg = take(self.link_in)
+            msg = self.rx.take()
             if msg is None:
                 break
             try:
@@ -143,17 +146,23 @@ class TrafficPort:
                 due = self.tx.next_due_ms()
                 if due == 0 and self.tx.connected:
                     # The link is full (the device paused it): sleep until it takes a message or a
-                    # frame arrives, instead of spinning.
-                    out_poller.poll(5)
+                    # frame arrives, instead of spinning.  A ring says nothing when it has room again:
+                    # look again after a moment.
+                    (poller.poll(IDLE_POLL_MS) if self.tx.ring is not None else out_poller.poll(5))
                     continue
                 wait = 5.0 if due is None else float(max(due, 1))
                 if generating and cmd >= Cmd.START:
                     wait = min(wait, max(0.0, self.pacer.wait_hint() * 1000), 1.0)
+                if self.rx.inbox is not None:
+                    wait = min(wait, float(IDLE_POLL_MS))  # frames below the bell's fill wait no longer
                 if wait >= 0.2:
-                    poller.poll(wait)
+                    if self.rx.idle():
+                        self.rx.awake(bool(poller.poll(wait)))
+                    else:
+                        self.rx.awake(False)
                 else:
                     time.sleep(wait / 1000)
-        self.link_in.close(0)
+        self.rx.close()
         self.tx.close()
         self.zctx.term()
 
