@@ -25,12 +25,12 @@ Programs
                   off the per-packet path.  Per-context (not per-function) state matters because one
                   program can be attached to several devices with different params.
 
-    ``fn.batch``  ``batch(ctx, pkts: XdpBatch) -> verdicts``: the same program over a whole NAPI poll at
+    ``fn.batch``  ``batch(ctx, pkts: XdpBatch) -> verdicts``: the same program over many packets at
                   once (a vectorised form, as DPDK drivers have vector RX paths next to their scalar
                   ones).  It must behave exactly as calling ``fn`` on each packet in order: same frame
                   bytes, verdicts, redirect targets and map updates (the bundled programs' tests check
                   this).  A CPU worker uses it unless the topology says ``xdp: {vectorised: false}``.
-                  A raise or a result that is not one integer verdict per packet aborts the whole poll's
+                  A raise or a result that is not one integer verdict per packet aborts all of that call's
                   packets (each counted as ``xdp_exception``).
 
     `load_program` turns ``"module:function"`` into a `Program`; `Program.new_context` builds a context
@@ -177,7 +177,8 @@ class XdpContext:
 
 
 class XdpBatch:
-    """One NAPI poll's packets for a vectorised program: the per-packet ``xdp_md`` fields as arrays.
+    """Packets for a vectorised program (a CPU worker passes those of all the NAPI polls of one pass): the
+    per-packet ``xdp_md`` fields as arrays.
 
     `pages`, `offs` and `lens` say where each packet is (page id, offset of ``data`` in the page,
     ``data_end - data``); the frame bytes are read and written through `head`/`store_head`, which keep
@@ -210,7 +211,7 @@ class XdpBatch:
 
     def head(self, nbytes: int) -> tuple[np.ndarray, np.ndarray]:
         """(ok, rows): `ok` marks the packets at least `nbytes` long, `rows` (one per ok packet, in order)
-        is a copy of their first `nbytes` bytes (the ``data + n > data_end`` check, for a whole poll)."""
+        is a copy of their first `nbytes` bytes (the ``data + n > data_end`` check, for the whole batch)."""
         ok = self.lens >= nbytes
         pages, offs = self.pages, self.offs
         if not np.logical_and.reduce(ok):
@@ -357,7 +358,7 @@ def classify_verdict(ret: object) -> tuple[int, bool]:
 
 def classify_verdicts(ret: object, n: int) -> tuple[np.ndarray, int] | None:
     """A vectorised program's result as (verdicts, invalid count), or None when it is not one integer
-    verdict per packet (the whole poll is then ABORTED).  Unknown values become XDP_ABORTED, counted;
+    verdict per packet (every packet of the call is then ABORTED).  Unknown values become XDP_ABORTED, counted;
     booleans are refused, as `classify_verdict` refuses them."""
     try:
         v = np.asarray(ret)

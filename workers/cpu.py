@@ -5,7 +5,8 @@ What one poll does, in the kernel's order (drivers' ``napi_poll`` + ``xdp_do_flu
 1. take the RX-completion descriptors the devices sent for the RX queues bound to this CPU, at most
    `napi_budget` (64) packets per queue per poll;
 2. run the ingress device's XDP program on each packet through a writable zero-copy view of its page
-   (or its vectorised form over the whole poll, `emu.xdp.XdpBatch`);
+   (or its vectorised form, `emu.xdp.XdpBatch`), once per pass over the packets its polls will take
+   (`run_programs`);
 3. act on the verdicts: DROP and ABORTED (and a program that raised or returned nonsense, counted as
    ``xdp_exception``) recycle the page directly into this CPU's cache; PASS hands the page to the
    emulated stack as an skb, freed at the end of the poll (or on `stack_cpu`, through the owner's
@@ -73,7 +74,11 @@ class RxQueue:
     ctx: object
     batch: object = None  # the program's vectorised form, when it has one and the topology allows it
     posted: int = 0  # buffers posted and not yet completed
-    pending: list[np.ndarray] = field(default_factory=list)
+    pending: list[np.ndarray] = field(default_factory=list)  # RX completions the program has not seen
+    # This pass's packets the program has already run over, acted on poll by poll: page ids, verdicts,
+    # redirect targets (or None), and how many of them the polls have taken.
+    ready: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
+    taken: int = 0
 
 
 @dataclass(slots=True)
@@ -250,20 +255,53 @@ class CpuWorker:
 
     # -- the NAPI poll ----------------------------------------------------------------------------
 
+    def run_programs(self) -> None:
+        """Run each queue's XDP program, once, over every packet this pass's polls will take.
+
+        A program sees its packets in the order the polls would give them, and nothing it can observe
+        (its packet, its maps) depends on the polls in between, so its verdicts are those of running it
+        poll by poll; what the verdicts do to the pages (`act`) and the RX refill still happen poll by
+        poll, as in the kernel.  One call instead of one per poll: a vectorised program's cost is mostly
+        per call."""
+        limit = POLLS_PER_FLUSH * self.budget
+        for rxq in self.rxqs.values():
+            pending = rxq.pending
+            if rxq.ready is not None or not pending:
+                continue
+            d = pending[0]
+            if len(d) > limit:
+                pending[0] = d[limit:]
+                d = d[:limit]
+            else:
+                parts, have = [pending.pop(0)], len(d)
+                while pending and have + len(pending[0]) <= limit:
+                    have += len(pending[0])
+                    parts.append(pending.pop(0))
+                if len(parts) > 1:
+                    d = np.concatenate(parts)
+            verdicts, targets = self.run_xdp(rxq, d)
+            rxq.ready = (d["page"], verdicts, targets)
+            rxq.taken = 0
+
     def napi_poll(self) -> int:
         done = 0
+        budget = self.budget
         for rxq in self.rxqs.values():
-            if not rxq.pending:
+            if rxq.ready is None:
                 continue
-            batch = rxq.pending[0]
-            if len(batch) > self.budget:
-                rxq.pending[0] = batch[self.budget :]
-                batch = batch[: self.budget]
+            pages, verdicts, targets = rxq.ready
+            k = rxq.taken
+            n = min(budget, len(pages) - k)
+            if n == len(pages):
+                self.act(rxq, pages, verdicts, targets)
             else:
-                rxq.pending.pop(0)
-            self.run_xdp(rxq, batch)
-            rxq.posted -= len(batch)
-            done += len(batch)
+                sl = slice(k, k + n)
+                self.act(rxq, pages[sl], verdicts[sl], None if targets is None else targets[sl])
+            rxq.taken = k + n
+            if rxq.taken == len(pages):
+                rxq.ready = None
+            rxq.posted -= n
+            done += n
         if done:
             self.c[self.i["polls"]] += 1
             # The devmap bulk queue: one ndo_xdp_xmit call per `bulk` frames, and a partial one at the
@@ -273,7 +311,9 @@ class CpuWorker:
                 self.bulked.clear()
         return done
 
-    def run_xdp(self, rxq: RxQueue, d: np.ndarray) -> None:
+    def run_xdp(self, rxq: RxQueue, d: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The program's verdict on each packet of `d`, and each one's redirect target (None when the
+        program redirected none)."""
         n = len(d)
         pages = d["page"]
         lens = d["len"]
@@ -281,52 +321,48 @@ class CpuWorker:
         c[i["rx_packets"]] += n
         c[i["rx_bytes"]] += int(np.add.reduce(lens))
         prog = rxq.program
-        targets: np.ndarray | None = None
         if prog is None:
-            verdicts = np.full(n, XDP_PASS, dtype=np.int64)
-        elif rxq.batch is not None:
-            verdicts, targets = self.run_batch(rxq, d)
-            counts = np.bincount(verdicts, minlength=5)  # run_batch made every verdict one of the five
-        else:
-            starts = (pages.astype(np.int64) * self.ps + d["off"]).tolist()
-            ln = lens.tolist()
-            ctx = rxq.ctx
-            buf = self.buf
-            out = [0] * n
-            redirects: dict[int, int] = {}
-            errors = 0
-            for k in range(n):
-                s = starts[k]
-                ctx.data = buf[s : s + ln[k]]
-                ctx.redirect_ifindex = -1
-                try:
-                    v = prog(ctx)
-                except Exception as exc:
-                    errors += 1
-                    self.warn_once("raise", f"XDP program raised {type(exc).__name__}: {exc} (counted ABORTED)")
-                    v = XDP_ABORTED
-                if v == XDP_REDIRECT:
-                    redirects[k] = ctx.redirect_ifindex
-                out[k] = v
-            ctx.data = None
-            verdicts = np.fromiter(out, dtype=np.int64, count=n) if n else np.empty(0, np.int64)
-            invalid = (verdicts < XDP_ABORTED) | (verdicts > XDP_REDIRECT)
-            bad = int(np.count_nonzero(invalid))
-            if bad:
-                self.warn_once("verdict", "XDP program returned an unknown verdict (counted ABORTED)")
-                verdicts[invalid] = XDP_ABORTED
-            if bad or errors:
-                c[i["xdp_exception"]] += bad + errors
-            if redirects:
-                targets = np.full(n, -1, dtype=np.int64)
-                targets[list(redirects)] = list(redirects.values())
-        if prog is None or rxq.batch is None:
-            counts = np.bincount(verdicts, minlength=5)
-        self.act(rxq, pages, verdicts, counts, targets)
+            return np.full(n, XDP_PASS, dtype=np.int64), None
+        if rxq.batch is not None:
+            return self.run_batch(rxq, d)
+        starts = (pages.astype(np.int64) * self.ps + d["off"]).tolist()
+        ln = lens.tolist()
+        ctx = rxq.ctx
+        buf = self.buf
+        out = [0] * n
+        redirects: dict[int, int] = {}
+        errors = 0
+        for k in range(n):
+            s = starts[k]
+            ctx.data = buf[s : s + ln[k]]
+            ctx.redirect_ifindex = -1
+            try:
+                v = prog(ctx)
+            except Exception as exc:
+                errors += 1
+                self.warn_once("raise", f"XDP program raised {type(exc).__name__}: {exc} (counted ABORTED)")
+                v = XDP_ABORTED
+            if v == XDP_REDIRECT:
+                redirects[k] = ctx.redirect_ifindex
+            out[k] = v
+        ctx.data = None
+        verdicts = np.fromiter(out, dtype=np.int64, count=n) if n else np.empty(0, np.int64)
+        invalid = (verdicts < XDP_ABORTED) | (verdicts > XDP_REDIRECT)
+        bad = int(np.count_nonzero(invalid))
+        if bad:
+            self.warn_once("verdict", "XDP program returned an unknown verdict (counted ABORTED)")
+            verdicts[invalid] = XDP_ABORTED
+        if bad or errors:
+            c[i["xdp_exception"]] += bad + errors
+        targets = None
+        if redirects:
+            targets = np.full(n, -1, dtype=np.int64)
+            targets[list(redirects)] = list(redirects.values())
+        return verdicts, targets
 
     def run_batch(self, rxq: RxQueue, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The program's vectorised form over the whole poll; anything but one verdict per packet aborts
-        them all (each an ``xdp_exception``, as a raise per packet would be)."""
+        """The program's vectorised form over all of `d`; anything but one verdict per packet aborts them
+        all (each an ``xdp_exception``, as a raise per packet would be)."""
         n = len(d)
         pkts = XdpBatch(self.data2d, d["page"], d["off"], d["len"])
         try:
@@ -350,10 +386,10 @@ class CpuWorker:
             self.c[self.i["xdp_exception"]] += bad
         return verdicts, pkts.redirect_ifindex
 
-    def act(self, rxq: RxQueue, pages: np.ndarray, v: np.ndarray, counts: np.ndarray,
-            targets: np.ndarray | None) -> None:
+    def act(self, rxq: RxQueue, pages: np.ndarray, v: np.ndarray, targets: np.ndarray | None) -> None:
+        """What one poll's verdicts do to its pages."""
         c, i = self.c, self.i
-        aborted, drop, passed, tx, redirect = counts.tolist()
+        aborted, drop, passed, tx, redirect = np.bincount(v, minlength=5).tolist()
         if aborted:
             c[i["xdp_aborted"]] += aborted
         if drop:
@@ -503,6 +539,7 @@ class CpuWorker:
             # which hands the bulks to the driver's rings for free; here a flush is a message, so the
             # polls of one pass share it (as xmit_more defers the doorbell).  Counters stay per poll.
             done = 0
+            self.run_programs()
             for _ in range(POLLS_PER_FLUSH):
                 n = self.napi_poll()
                 done += n
@@ -520,6 +557,11 @@ class CpuWorker:
         """``page_pool_destroy``: give the cache's and ring's pages back; what is still out is reported
         by the coordinator ("stalled pool shutdown")."""
         for rxq in self.rxqs.values():
+            if rxq.ready is not None:
+                rest = rxq.ready[0][rxq.taken :]
+                self.pool.recycle_direct(rest, errors="count", expect=PageState.XDP)
+                rxq.posted -= len(rest)
+                rxq.ready = None
             for d in rxq.pending:
                 self.pool.recycle_direct(d["page"], errors="count", expect=PageState.XDP)
                 rxq.posted -= len(d)

@@ -12,11 +12,11 @@ The bundled topologies name them as ``emu.programs:<name>``:
                 XDP_ABORTED handling (the last in its vectorised form only).
 
 Every program but the buggy ones also has a vectorised form (``fn.batch``, see `emu.xdp.XdpBatch`)
-that a CPU worker runs over a whole NAPI poll: the MAC swap becomes one gather and one scatter of the
-poll's 12-byte headers, and the verdicts one array.  Each must do exactly what the per-packet body does
-packet by packet (``tests/test_xdp.py`` runs both over the same frames and compares bytes, verdicts,
-redirect targets and maps); the per-packet bodies stay the reference, and what a topology with
-``xdp: {vectorised: false}`` runs.
+that a CPU worker runs over many packets at once (those of all the polls of a pass): the MAC swap
+becomes one gather and one scatter of their 12-byte headers, and the verdicts one array.  Each must do
+exactly what the per-packet body does packet by packet (``tests/test_xdp.py`` runs both over the same
+frames and compares bytes, verdicts, redirect targets and maps); the per-packet bodies stay the
+reference, and what a topology with ``xdp: {vectorised: false}`` runs.
 
 The per-packet bodies avoid every lookup that can be done once: setup hooks (see `emu.xdp`) resolve the
 egress ifindex and fetch the counter map's value storage (`emu.bpfmaps.BpfMap.view`, the analogue of the
@@ -190,7 +190,7 @@ def _buggy_batch_short(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
 @xdp_program(batch=_buggy_batch_short)
 def buggy_batch_short(ctx: XdpContext) -> int:
     """Drops per packet, but its vectorised form returns one verdict too few: the worker cannot tell which
-    packet lacks one, so the whole poll is ABORTED, each packet counted as ``xdp_exception``."""
+    packet lacks one, so every packet of the call is ABORTED, each counted as ``xdp_exception``."""
     return XDP_DROP
 
 
