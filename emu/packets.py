@@ -443,7 +443,10 @@ def verify_batch(batch: FrameBatch) -> VerifyResult:
         zero, table = _crc_position_table(plen)
         payload = rows[idx, PAYLOAD_OFF : PAYLOAD_OFF + plen] if len(idx) < n else rows[:, PAYLOAD_OFF:-CRC_LEN]
         calc = table_xor(table, payload) ^ np.uint32(zero)
-        good[idx] = calc == stored[idx]
+        if len(idx) == n:
+            good = calc == stored
+        else:
+            good[idx] = calc == stored[idx]
     elif len(idx):
         # zlib has no batch interface; one call per frame over a memoryview slice, no copies.
         mv = memoryview(data)
@@ -458,13 +461,16 @@ def verify_batch(batch: FrameBatch) -> VerifyResult:
         good[idx] = calc == stored[idx]
     nours = int(np.add.reduce(ours))
     nok = int(np.add.reduce(good))
+    seqs, flows = hdr["seq"], hdr["flow"]
+    if nok < n:
+        seqs, flows = seqs[good], flows[good]
     return VerifyResult(
         ok=nok,
         corrupted=nours - nok,
         foreign=n - nours,
         good=good,
-        seqs=hdr["seq"][good].astype(np.uint64),
-        flows=hdr["flow"][good].astype(np.uint32),
+        seqs=seqs.astype(np.uint64, copy=False),
+        flows=flows.astype(np.uint32, copy=False),
     )
 
 
@@ -552,7 +558,10 @@ class SeqTracker:
         seen = int(np.count_nonzero(self._bits[byte] & bit))
         # Distinct seqs can share a byte, so a plain fancy |= would lose bits: OR the bits of each run of
         # one byte together first (u is sorted, so a byte's seqs are adjacent), then store once per byte.
-        starts = np.flatnonzero(np.r_[True, byte[1:] != byte[:-1]])
+        first = np.empty(len(byte), dtype=bool)
+        first[0] = True
+        np.not_equal(byte[1:], byte[:-1], out=first[1:])
+        starts = np.flatnonzero(first)
         ub = byte[starts]
         self._bits[ub] |= np.bitwise_or.reduceat(bit, starts)
         dups = len(seqs) - len(u) + seen
