@@ -134,6 +134,10 @@ class CpuWorker:
         self.skb_local: list[np.ndarray] = []
         self.skb_remote: list[np.ndarray] = []
         self.offline = 0
+        # Interrupt moderation (ethtool -C rx-frames): a sleeping CPU is woken once a poll's worth of
+        # descriptors waits for it, else by its poll timeout (rx-usecs).  Waiting for more than a device
+        # can complete before its rings run dry would leave both asleep until the timeout.
+        self.rx_bell = self.budget * DESC_DTYPE.itemsize
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -549,7 +553,7 @@ class CpuWorker:
                     break
             self.xdp_do_flush()
             self.post_flush()
-            if not got and not done and inbox.idle():
+            if not got and not done and inbox.idle(self.rx_bell):
                 inbox.awake(bool(inbox.sock.poll(IDLE_POLL_MS)))
         self.shutdown()
 
