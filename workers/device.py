@@ -247,24 +247,30 @@ class Device:
             self.c[self.i["link_lost"]] += lost
 
     def transmit(self) -> int:
-        """Put every queued page's frame on the wire and start its completion timer."""
-        sent = 0
+        """Put every queued page's frame on the wire and start its completion timer.
+
+        The queues share one wire: what they hold goes out as one batch, each queue's frames in order."""
+        if self.tx.busy():
+            return 0
         now = time.monotonic_ns()
+        sent: list[tuple[TxQueue, np.ndarray]] = []
         for q in self.txqs:
-            if not q.queued or self.tx.busy():
-                continue
-            d = np.concatenate(q.queued) if len(q.queued) > 1 else q.queued[0]
-            q.queued.clear()
-            q.nqueued = 0
-            frames = self._gather(d)
-            # State first: should this process die in between, a page already counted as sent must not
-            # also look like a frame still queued (the coordinator counts those as lost).
-            self.pm.state.put(d["page"], PageState.TX_INFLIGHT)
-            self._wire_send(frames)
-            q.inflight.append((now + self.completion_ns, d))
-            q.ninflight += len(d)
-            sent += len(d)
-        return sent
+            if q.queued:
+                sent.append((q, np.concatenate(q.queued) if len(q.queued) > 1 else q.queued[0]))
+                q.queued.clear()
+                q.nqueued = 0
+        if not sent:
+            return 0
+        d = sent[0][1] if len(sent) == 1 else np.concatenate([d for _, d in sent])
+        frames = self._gather(d)
+        # State first: should this process die in between, a page already counted as sent must not also
+        # look like a frame still queued (the coordinator counts those as lost).
+        self.pm.state.put(d["page"], PageState.TX_INFLIGHT)
+        self._wire_send(frames)
+        for q, qd in sent:
+            q.inflight.append((now + self.completion_ns, qd))
+            q.ninflight += len(qd)
+        return len(d)
 
     def _gather(self, d: np.ndarray) -> FrameBatch:
         """The frames' bytes out of their pages (one fancy-indexing copy when they are uniform)."""
