@@ -136,6 +136,9 @@ def test_bare_ceiling_runs_the_program_on_every_packet(no_leftovers):
         bare.run(3)
         assert bare.packets_counted() - before == 3 * 128
         assert bare.verdicts_ok
+        bare.run_vectorised(2)  # the vectorised form too: every packet, every verdict a redirect
+        assert bare.packets_counted() - before == 5 * 128
+        assert bare.verdicts_ok
     finally:
         bare.close()
         unlink_prefix(prefix)
@@ -207,6 +210,8 @@ def test_tiny_suite_writes_every_key(tmp_path, no_leftovers):
     s = res["samples"]
     cfg = res["config"]
     assert all(x["counted_by_program"] == x["packets"] > 0 and x["verdicts_ok"] for x in s["bare"])
+    assert all(x["vectorised_counted"] == x["vectorised_packets"] > 0 for x in s["bare"])
+    assert res["bare_xdp_vectorised_pps"] > 0
     assert all(x["batches"] == cfg["transport_batches"] and x["in_order"] for x in s["transport"])
     assert all(x["rtt_batches"] == cfg["rtt_batches"] and x["rtt_all_back"] for x in s["transport"])
     assert all(x["received"] == cfg["naive_packets"] and x["seq_ok"] for x in s["naive"])
