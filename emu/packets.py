@@ -510,6 +510,10 @@ def table_xor(table: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return np.bitwise_xor.reduce(table.reshape(-1).take(idx), axis=0)
 
 
+# Runs of increasing sequence numbers a batch may hold before `SeqTracker.record` sorts it instead.
+_MAX_RUNS = 8
+
+
 class SeqTracker:
     """Which sequence numbers arrived, as a bitmap: proves "every packet delivered exactly once".
 
@@ -551,8 +555,26 @@ class SeqTracker:
             grown = np.zeros(max(2 * len(self._bits), (top >> 3) + 1), dtype=np.uint8)
             grown[: len(self._bits)] = self._bits
             self._bits = grown
-        # A sink mostly sees runs of increasing sequence numbers: those need no sort to be unique.
-        u = seqs if len(seqs) < 2 or bool(np.logical_and.reduce(seqs[1:] > seqs[:-1])) else np.unique(seqs)
+        # A sink mostly sees a few runs of increasing sequence numbers (one per TX queue of the device
+        # that sent them): each run needs no sort to be unique, and runs are recorded one after the other,
+        # so one seen twice across runs is a duplicate too.  Anything more mixed is sorted.
+        breaks = np.flatnonzero(seqs[1:] <= seqs[:-1])
+        if len(breaks) > _MAX_RUNS:
+            u = np.unique(seqs)
+            seen = self._mark_sorted(u)
+            dups = len(seqs) - len(u) + seen
+        else:
+            dups = 0
+            start = 0
+            for end in (*(breaks + 1).tolist(), len(seqs)):
+                dups += self._mark_sorted(seqs[start:end])
+                start = end
+        self.duplicates += dups
+        self.unique += len(seqs) - dups
+        return dups
+
+    def _mark_sorted(self, u: np.ndarray) -> int:
+        """Set the bits of strictly increasing `u`; returns how many were set already."""
         byte = (u >> np.uint64(3)).astype(np.intp)
         bit = np.left_shift(1, (u & np.uint64(7)).astype(np.uint8), dtype=np.uint8)
         seen = int(np.count_nonzero(self._bits[byte] & bit))
@@ -562,12 +584,8 @@ class SeqTracker:
         first[0] = True
         np.not_equal(byte[1:], byte[:-1], out=first[1:])
         starts = np.flatnonzero(first)
-        ub = byte[starts]
-        self._bits[ub] |= np.bitwise_or.reduceat(bit, starts)
-        dups = len(seqs) - len(u) + seen
-        self.duplicates += dups
-        self.unique += len(u) - seen
-        return dups
+        self._bits[byte[starts]] |= np.bitwise_or.reduceat(bit, starts)
+        return seen
 
     def missing(self, generated: int) -> int:
         """How many of the sequence numbers ``0 .. generated - 1`` never arrived."""

@@ -276,6 +276,25 @@ def test_seq_tracker_duplicates_and_missing(count: int | None) -> None:
     assert t.missing(10) == 0 and t.missing(12) == 2
 
 
+@pytest.mark.parametrize("runs", [1, 2, 3, 8, 9, 40])
+def test_seq_tracker_counts_like_a_set_whatever_the_order(runs: int) -> None:
+    """Batches made of `runs` increasing runs (as a device with several TX queues sends them), with
+    repeats inside a batch, across runs and across batches: every count matches a plain set's."""
+    rng = np.random.default_rng(runs)
+    t, seen, dups = SeqTracker(5000), set(), 0
+    for _ in range(30):
+        parts = [np.sort(rng.choice(5000, size=rng.integers(1, 60), replace=False)) for _ in range(runs)]
+        batch = np.concatenate(parts).astype(np.uint64)
+        expect = 0
+        for x in batch.tolist():
+            expect += x in seen
+            seen.add(x)
+        dups += expect
+        assert t.record(batch) == expect
+    assert (t.duplicates, t.unique) == (dups, len(seen))
+    assert t.missing(5000) == 5000 - len(seen)
+
+
 def test_seq_tracker_complete_out_of_range_and_growth() -> None:
     t = SeqTracker(1000)
     for start in range(0, 1000, 64):
