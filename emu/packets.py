@@ -22,6 +22,7 @@ there are no per-frame Python objects except where ``zlib.crc32`` has to be call
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import time
 import zlib
@@ -47,6 +48,9 @@ MAGIC = 0x50504755  # "PPGU"
 PAYLOAD_HDR_DTYPE = np.dtype([("magic", "<u4"), ("seq", "<u8"), ("flow", "<u2"), ("len", "<u2")])
 PAYLOAD_HDR_LEN = PAYLOAD_HDR_DTYPE.itemsize
 _VARYING = 10  # payload bytes 4..13 (seq, flow) differ between the frames of one factory
+_SEQ_OFF = PAYLOAD_OFF + 4  # the sequence number, then the flow: the varying bytes
+# A factory keeps one period of finished frames when it is at most this big (else it builds every field).
+_PERIOD_BLOCK_BYTES = 4 << 20
 CRC_LEN = 4
 FILLER_OFF = PAYLOAD_OFF + PAYLOAD_HDR_LEN  # 58
 
@@ -318,6 +322,12 @@ class FrameFactory:
         ramp = (np.arange(256 + self._filler_len) & 0xFF).astype(np.uint8)
         self._filler = sliding_window_view(ramp, self._filler_len)[:256] if self._filler_len else None
         self._crc_base, self._crc_table = self._crc_tables()
+        # Everything in a frame but its sequence number and CRC repeats every `_period` frames (the flow
+        # cycles through `flows`, the filler through 256): one period of finished rows, copied per batch,
+        # leaves only those two columns to write.
+        period = math.lcm(flows, 256) if self._filler is not None else flows
+        self._period = period
+        self._block = self._build_direct(0, period) if period * pkt_size <= _PERIOD_BLOCK_BYTES else None
 
     def _template(self, src: bytes, dst: bytes, port: int) -> np.ndarray:
         import dpkt  # only generators build headers; sinks, devices and CPUs never need it
@@ -363,6 +373,31 @@ class FrameFactory:
             raise ValueError(f"bad sequence range {seq_start} + {n}")
         if n * size > 0xFFFFFFFF:
             raise ValueError(f"batch of {n} x {size} bytes does not fit 32-bit offsets")
+        if self._block is None:
+            rows = self._build_direct(seq_start, n)
+        else:
+            period = self._period
+            j0 = seq_start % period
+            if n <= period - j0:
+                rows = self._block[j0 : j0 + n].copy()
+            else:
+                rows = np.take(self._block, (np.arange(n) + j0) % period, axis=0)
+            seq = np.arange(n, dtype=np.uint64)
+            seq += np.uint64(seq_start)
+            rows[:, _SEQ_OFF : _SEQ_OFF + 8] = seq.astype("<u8").view(np.uint8).reshape(n, 8)
+            self._put_crc(rows)
+        offsets = np.arange(0, n * size, size, dtype=np.uint32)
+        lengths = np.full(n, size, dtype=np.uint32)
+        return FrameBatch._make(rows.reshape(-1), offsets, lengths, size if n else 0)
+
+    def _put_crc(self, rows: np.ndarray) -> None:
+        crc = table_xor(self._crc_table, rows[:, _SEQ_OFF : _SEQ_OFF + _VARYING])
+        crc ^= np.uint32(self._crc_base)
+        rows[:, self.pkt_size - CRC_LEN :] = crc.astype("<u4").view(np.uint8).reshape(len(rows), CRC_LEN)
+
+    def _build_direct(self, seq_start: int, n: int) -> np.ndarray:
+        """The ``(n, pkt_size)`` rows of frames ``seq_start ..``, every field computed."""
+        size = self.pkt_size
         rows = np.empty((n, size), dtype=np.uint8)
         seq = np.arange(n, dtype=np.uint64)
         seq += np.uint64(seq_start)
@@ -377,17 +412,11 @@ class FrameFactory:
         hdr["flow"] = flow
         hdr["seq"] = seq
         hdr["len"] = size
-        hb = hdr.view(np.uint8).reshape(n, PAYLOAD_HDR_LEN)
-        rows[:, PAYLOAD_OFF:FILLER_OFF] = hb
-        low = (seq & np.uint64(0xFF)).astype(np.intp)
+        rows[:, PAYLOAD_OFF:FILLER_OFF] = hdr.view(np.uint8).reshape(n, PAYLOAD_HDR_LEN)
         if self._filler is not None:
-            rows[:, FILLER_OFF : size - CRC_LEN] = self._filler[low]
-        crc = table_xor(self._crc_table, hb[:, 4 : 4 + _VARYING])
-        crc ^= np.uint32(self._crc_base)
-        rows[:, size - CRC_LEN :] = crc.astype("<u4").view(np.uint8).reshape(n, CRC_LEN)
-        offsets = np.arange(0, n * size, size, dtype=np.uint32)
-        lengths = np.full(n, size, dtype=np.uint32)
-        return FrameBatch._make(rows.reshape(-1), offsets, lengths, size if n else 0)
+            rows[:, FILLER_OFF : size - CRC_LEN] = self._filler[(seq & np.uint64(0xFF)).astype(np.intp)]
+        self._put_crc(rows)
+        return rows
 
 
 # -- verification -----------------------------------------------------------------------------------

@@ -109,6 +109,20 @@ def test_vectorised_crc_matches_zlib(size: int, start: int, n: int, flows: int) 
     assert r.flows.tolist() == [s % flows for s in range(start, start + n)]
 
 
+@pytest.mark.parametrize(("pkt_size", "flows"), [(64, 64), (64, 1), (128, 100), (300, 7), (62, 3)])
+def test_frames_from_the_period_block_are_the_frames_built_field_by_field(pkt_size: int, flows: int) -> None:
+    f = FrameFactory(pkt_size, flows, "02:00:00:00:00:01", "02:00:00:00:00:02")
+    assert f._block is not None
+    rng = np.random.default_rng(pkt_size + flows)
+    for seq_start, n in [(0, 256), (255, 3), (f._period - 1, 2), (12345, 1024), (2**40 + 7, 300), (9, 0)]:
+        got = f.build(seq_start, n)
+        assert got.data.tobytes() == f._build_direct(seq_start, n).tobytes()
+        assert verify_batch(got).ok == n
+    for _ in range(20):
+        seq_start, n = int(rng.integers(0, 2**50)), int(rng.integers(0, 700))
+        assert f.build(seq_start, n).data.tobytes() == f._build_direct(seq_start, n).tobytes()
+
+
 def test_filler_differs_between_sequence_numbers() -> None:
     rows = factory(200).build(0, 3).rows()
     assert rows is not None
