@@ -3,14 +3,18 @@ socket fallback and doorbell, and a producer and consumer in different processes
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import time
+from collections.abc import Iterator
 
 import pytest
 import zmq
 
-from emu import shmring
+from emu import shmring, wire
+from emu.packets import FrameBatch
 from emu.shmring import BELL, Channel, Inbox, MsgRing
+from workers.link import LINK_BYTES, LinkReceiver, LinkSender
 
 
 @pytest.fixture
@@ -44,41 +48,56 @@ def test_full_ring_and_oversize_messages_are_refused(ring: MsgRing) -> None:
     assert ring.get() == bytes(500) and ring.put(bytes(500))
 
 
-def test_channel_falls_back_to_the_socket_and_rings_the_bell(run_prefix: str, tmp_path) -> None:
+@contextlib.contextmanager
+def ring_and_sockets(run_prefix: str, tmp_path, size: int) -> Iterator[tuple]:
+    """What a producer and a consumer on one host share: a ring of `size` bytes, and a PUSH socket
+    connected to the consumer's bound PULL socket.  The test closes the sockets (its wrappers do); the
+    ring and the context go at exit."""
     ctx = zmq.Context()
-    r = MsgRing.create(f"{run_prefix}-ring", 1 << 16)
+    r = MsgRing.create(f"{run_prefix}-ring", size)
+    addr = f"ipc://{tmp_path}/inbox"
     pull = ctx.socket(zmq.PULL)
-    pull.bind(f"ipc://{tmp_path}/inbox")
+    pull.bind(addr)
     push = ctx.socket(zmq.PUSH)
-    push.connect(f"ipc://{tmp_path}/inbox")
-    consumer = Inbox(pull, [MsgRing.attach(r.seg.name)])
-    ch = Channel(push, MsgRing.attach(r.seg.name))
+    push.connect(addr)
     try:
-        ch.send(b"in the ring")
-        assert not pull.poll(50)  # nothing on the socket: the consumer was awake
-        assert consumer.take() == b"in the ring"
-        assert consumer.idle()  # asleep now: a producer that fills the ring past BELL_FILL wakes it
-        for _ in range(shmring.BELL_FILL // 1024 + 1):
-            ch.send(bytes(1024))
-        assert pull.poll(5000) and pull.recv() == BELL
-        consumer.awake()
-        big = bytes(r.cap)  # does not fit any ring: the socket carries it
-        ch.send(big)
-        got = []
-        while len(got) < shmring.BELL_FILL // 1024 + 2:
-            if (m := consumer.take()) is not None:
-                if m != BELL:  # one bell per message sent while it slept past BELL_FILL
-                    got.append(m)
-            else:
-                pull.poll(1000)
-        assert got[-1] == big and all(m == bytes(1024) for m in got[:-1])
+        yield ctx, r, pull, push, addr
     finally:
-        consumer.close()
-        ch.close()
-        pull.close(0)
         r.unlink()
         r.close()
         ctx.term()
+
+
+def test_channel_falls_back_to_the_socket_and_rings_the_bell(run_prefix: str, tmp_path) -> None:
+    with ring_and_sockets(run_prefix, tmp_path, 1 << 16) as (_, r, pull, push, _):
+        consumer = Inbox(pull, [MsgRing.attach(r.seg.name)])
+        ch = Channel(push, MsgRing.attach(r.seg.name))
+        try:
+            _channel_and_bell(r, pull, consumer, ch)
+        finally:
+            consumer.close()
+            ch.close()
+
+
+def _channel_and_bell(r: MsgRing, pull: zmq.Socket, consumer: Inbox, ch: Channel) -> None:
+    ch.send(b"in the ring")
+    assert not pull.poll(50)  # nothing on the socket: the consumer was awake
+    assert consumer.take() == b"in the ring"
+    assert consumer.idle()  # asleep now: a producer that fills the ring past BELL_FILL wakes it
+    for _ in range(shmring.BELL_FILL // 1024 + 1):
+        ch.send(bytes(1024))
+    assert pull.poll(5000) and pull.recv() == BELL
+    consumer.awake()
+    big = bytes(r.cap)  # does not fit any ring: the socket carries it
+    ch.send(big)
+    got = []
+    while len(got) < shmring.BELL_FILL // 1024 + 2:
+        if (m := consumer.take()) is not None:
+            if m != BELL:  # one bell per message sent while it slept past BELL_FILL
+                got.append(m)
+        else:
+            pull.poll(1000)
+    assert got[-1] == big and all(m == bytes(1024) for m in got[:-1])
 
 
 def _produce(name: str, count: int) -> None:
@@ -123,62 +142,54 @@ def test_link_frames_go_through_the_ring_in_order_and_a_full_ring_holds_them_bac
                                                                                    tmp_path) -> None:
     """A cable between two local processes: frames through the ring, bells and strangers on the socket,
     a full ring is back-pressure (the sender keeps its backlog, nothing is lost or reordered)."""
-    from emu import wire
-    from emu.packets import FrameBatch
-    from workers.link import LINK_BYTES, LinkReceiver, LinkSender
+    with ring_and_sockets(run_prefix, tmp_path, 1 << 18) as (ctx, r, pull, push, addr):
+        rx = LinkReceiver(pull, MsgRing.attach(r.seg.name))
+        tx = LinkSender(push, None, MsgRing.attach(r.seg.name))
+        stranger = ctx.socket(zmq.PUSH)
+        stranger.connect(addr)
+        try:
+            _link_through_ring(pull, rx, tx, stranger)
+        finally:
+            stranger.close(0)
+            rx.close()
+            tx.close()
 
-    ctx = zmq.Context()
-    r = MsgRing.create(f"{run_prefix}-link", 1 << 18)
-    pull = ctx.socket(zmq.PULL)
-    pull.bind(f"ipc://{tmp_path}/link")
-    push = ctx.socket(zmq.PUSH)
-    push.connect(f"ipc://{tmp_path}/link")
-    rx = LinkReceiver(pull, MsgRing.attach(r.seg.name))
-    tx = LinkSender(push, None, MsgRing.attach(r.seg.name))
-    stranger = ctx.socket(zmq.PUSH)
-    stranger.connect(f"ipc://{tmp_path}/link")
-    try:
-        frames = [bytes([k % 256]) * (60 + k % 1400) for k in range(1400)]  # 1 MB
-        assert rx.idle()  # nothing waits: asleep until BELL_FILL bytes do
-        tx.send(FrameBatch.from_frames(frames[:10]))
-        assert not pull.poll(50)  # 1 KiB: below the fill worth a doorbell
-        tx.send(FrameBatch.from_frames(frames[10:]))
-        assert pull.poll(5000)  # now the doorbell
-        assert tx.backlog and tx.blocked()  # the 256 KiB ring filled up: the rest waits in the sender
-        stranger.send(b"not a link message")
-        rx.awake(True)
-        got, other = [], []
-        deadline = 200
-        while len(got) < len(frames) and deadline:
-            msg = rx.take()
-            if msg is None:
-                tx.flush()
-                deadline -= 1
-                pull.poll(10)
-                continue
-            try:
-                batch = wire.unpack_frames(msg)
-            except wire.WireError:
-                other.append(msg)
-                continue
-            assert len(msg) <= LINK_BYTES + 4 * len(batch) + 64  # split by bytes as well as frames
-            got += [bytes(batch.frame(k)) for k in range(len(batch))]
-        assert got == frames and not tx.backlog
-        # With a ring, the socket is looked at after a wake-up and every 64th empty look.
-        deadline = time.monotonic() + 30
-        while not other and time.monotonic() < deadline:
-            if (m := rx.take()) is not None:
-                other.append(m)
-            elif pull.poll(10):
-                rx.awake(True)
-        assert other == [b"not a link message"]  # the bells were not messages
-        assert rx.take() is None
-        tx.send(FrameBatch.from_frames(frames[:5]))
-        assert tx.cut() == 0 and tx.ring is None and not tx.connected
-    finally:
-        stranger.close(0)
-        rx.close()
-        tx.close()
-        r.unlink()
-        r.close()
-        ctx.term()
+
+def _link_through_ring(pull: zmq.Socket, rx: LinkReceiver, tx: LinkSender, stranger: zmq.Socket) -> None:
+    frames = [bytes([k % 256]) * (60 + k % 1400) for k in range(1400)]  # 1 MB
+    assert rx.idle()  # nothing waits: asleep until BELL_FILL bytes do
+    tx.send(FrameBatch.from_frames(frames[:10]))
+    assert not pull.poll(50)  # 1 KiB: below the fill worth a doorbell
+    tx.send(FrameBatch.from_frames(frames[10:]))
+    assert pull.poll(5000)  # now the doorbell
+    assert tx.backlog and tx.blocked()  # the 256 KiB ring filled up: the rest waits in the sender
+    stranger.send(b"not a link message")
+    rx.awake(True)
+    got, other = [], []
+    deadline = 200
+    while len(got) < len(frames) and deadline:
+        msg = rx.take()
+        if msg is None:
+            tx.flush()
+            deadline -= 1
+            pull.poll(10)
+            continue
+        try:
+            batch = wire.unpack_frames(msg)
+        except wire.WireError:
+            other.append(msg)
+            continue
+        assert len(msg) <= LINK_BYTES + 4 * len(batch) + 64  # split by bytes as well as frames
+        got += [bytes(batch.frame(k)) for k in range(len(batch))]
+    assert got == frames and not tx.backlog
+    # With a ring, the socket is looked at after a wake-up and every 64th empty look.
+    deadline = time.monotonic() + 30
+    while not other and time.monotonic() < deadline:
+        if (m := rx.take()) is not None:
+            other.append(m)
+        elif pull.poll(10):
+            rx.awake(True)
+    assert other == [b"not a link message"]  # the bells were not messages
+    assert rx.take() is None
+    tx.send(FrameBatch.from_frames(frames[:5]))
+    assert tx.cut() == 0 and tx.ring is None and not tx.connected
