@@ -1,5 +1,6 @@
 """The shared-memory message rings between a host's processes: order, wrap-around, a full ring, the
-socket fallback and doorbell, and a producer and consumer in different processes."""
+socket fallback and doorbell thresholds, a producer and consumer in different processes, and a link
+cable through a ring (order, back-pressure, bells and strangers on its socket)."""
 
 from __future__ import annotations
 

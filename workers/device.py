@@ -463,7 +463,7 @@ class Device:
         if self.link_in is not None:
             poller.register(self.link_in, zmq.POLLIN)
         # While the link is paused for want of RX buffers, frames waiting on it must not wake us (the
-        # poll would return at once, again and again): only the CPUs' posts may, each at once.
+        # poll would return at once, again and again): only the CPUs' posts may.
         paused_poller = zmq.Poller()
         paused_poller.register(self.inbox.sock, zmq.POLLIN)
         while True:
