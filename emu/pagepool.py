@@ -395,6 +395,27 @@ class PagePool:
         self._raise(problems, errors)
         return accepted
 
+    def recycle_direct_if_valid(self, ids: np.ndarray, gens: np.ndarray, expect: int) -> int | None:
+        """`recycle_direct` for the common case, checked once: when every page is this pool's own, in
+        state `expect`, of generation `gens` and named once, recycle them all and return how many; else
+        change and count nothing and return None (the caller then screens them one by one)."""
+        if not self.is_owner:
+            return None
+        n = len(ids)
+        if not 0 < n <= len(self._pos) or ids.dtype.kind not in "iu":
+            return None
+        try:
+            if not self._valid_uniform(ids, gens, n, expect):
+                return None
+        except IndexError:
+            return None
+        rest = self._release_refcnt(ids)
+        if len(rest):
+            rest = self._cache_put(rest)
+            if len(rest):
+                self._ring_put(rest)
+        return n
+
     def _cache_put(self, ids: np.ndarray) -> np.ndarray:
         """Put what fits into the cache; return the rest (counted `recycle_cache_full`)."""
         have = int(self.ctl[_P_CACHE_COUNT])

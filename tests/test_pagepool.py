@@ -685,6 +685,35 @@ def test_expected_state_on_return(page_memory) -> None:
     audit_ok(pm)
 
 
+def test_recycle_direct_if_valid_takes_only_spotless_batches(page_memory) -> None:
+    """The one-check fast path of a CPU's returns: a batch of its own pages exactly as expected goes home
+    (cache, then ring) and counts as `recycle_direct` would; any other batch changes and counts nothing,
+    and is left to the screening path."""
+    pm = page_memory(params=PoolParams(cache_size=32, refill=16, pool_size=64))
+    pool, other = pm.pool(0, owner=True), pm.pool(1, owner=True)
+    mine = pool.alloc(48, state=PageState.TX_INFLIGHT)
+    theirs = other.alloc(4, state=PageState.TX_INFLIGHT)
+    gens = pm.gen[mine]
+    before = snapshot(pm)
+    stats = pool.stats()
+    for ids, g in (
+        (mine[:4], gens[:4] + 1),  # stale generation
+        (np.concatenate((mine[:4], theirs)), pm.gen[np.concatenate((mine[:4], theirs))]),  # another pool's
+        (np.concatenate((mine[:4], mine[:1])), pm.gen[np.concatenate((mine[:4], mine[:1]))]),  # twice
+        (np.array([mine[0], pm.npages + 5]), np.zeros(2, np.uint32)),  # out of range
+    ):
+        assert pool.recycle_direct_if_valid(ids, g, PageState.TX_INFLIGHT) is None
+    assert pool.recycle_direct_if_valid(mine[:4], gens[:4], PageState.XDP) is None  # wrong state
+    assert_unchanged(before, pm)
+    assert pool.stats() == stats
+    assert pool.recycle_direct_if_valid(mine, gens, PageState.TX_INFLIGHT) == 48
+    after = pool.stats()
+    assert after["recycle_cached"] - stats["recycle_cached"] + after["recycle_ring"] - stats["recycle_ring"] == 48
+    assert states(pm, mine) <= {PageState.CACHE, PageState.RING}
+    assert other.recycle_direct_if_valid(theirs, pm.gen[theirs], PageState.TX_INFLIGHT) == 4
+    audit_ok(pm)
+
+
 # --------------------------------------------------------------------------------------------------
 # drain
 

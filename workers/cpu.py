@@ -248,6 +248,10 @@ class CpuWorker:
         moves no counter: counters count packets, and only real pages are packets."""
         pm = self.pm
         ids = d["page"]
+        # Usually every page is this CPU's own and exactly as expected: one check, then the cache.
+        n = self.pool.recycle_direct_if_valid(ids, d["gen"], expect)
+        if n is not None:
+            return n
         ok = ids < pm.npages
         if np.logical_and.reduce(ok):
             ok = (pm.state.take(ids) == expect) & (pm.gen.take(ids) == d["gen"])
