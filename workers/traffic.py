@@ -150,7 +150,10 @@ class TrafficPort:
                     # The link is full (the device paused it): sleep until it takes a message or a
                     # frame arrives, instead of spinning.  A ring says nothing when it has room again:
                     # look again after a moment.
-                    (poller.poll(IDLE_POLL_MS) if self.tx.ring is not None else out_poller.poll(5))
+                    if self.tx.ring is not None:
+                        poller.poll(IDLE_POLL_MS)
+                    else:
+                        out_poller.poll(5)
                     continue
                 wait = 5.0 if due is None else float(max(due, 1))
                 if generating and cmd >= Cmd.START:
