@@ -83,6 +83,8 @@ class PagePool:
         self._mine = np.full(pm.params.cache_size * 4 + 1024, cpu, dtype=np.int16).tobytes()
         self._pos = np.arange(1 << 16, dtype=np.int32)
         self._patterns: dict[int, tuple] = {}  # batch size -> the byte patterns a valid batch shows
+        # Direct recycles done through this object (a CPU refills inside a poll that did any).
+        self.direct_recycles = 0
         self.cache = pm.caches[cpu]
         self.ring = pm.rings[cpu]
         self.cache_size = pm.params.cache_size
@@ -387,6 +389,7 @@ class PagePool:
         problems: list[str] = []
         ids = self._validate(ids, gens, problems, expect)
         accepted = len(ids)
+        self.direct_recycles += 1
         ids = self._release_refcnt(ids)
         if len(ids):
             ids = self._cache_put(ids)
@@ -409,6 +412,7 @@ class PagePool:
                 return None
         except IndexError:
             return None
+        self.direct_recycles += 1
         rest = self._release_refcnt(ids)
         if len(rest):
             rest = self._cache_put(rest)

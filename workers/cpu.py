@@ -13,8 +13,10 @@ What one poll does, in the kernel's order (drivers' ``napi_poll`` + ``xdp_do_flu
    ring); TX puts it on the same device's XDP TX queue for this CPU; REDIRECT bulks it per target device
    (16 frames per ``ndo_xdp_xmit`` call), or, for a target without XDP transmit, copies it into an skb
    (``redirect_fallback: skb``) or drops it (``drop``: -EOPNOTSUPP, ``redirect_err``);
-4. refill the RX rings from the pool; the bulks and the refilled buffers go to the devices in one message
-   per device for up to `POLLS_PER_FLUSH` polls (counters such as ``xmit_bulks`` stay per poll).
+4. refill the RX rings from the pool (inside the poll when it freed pages into the cache, else once for
+   the pass's polls: the same pages either way); the bulks and the refilled buffers go to the devices in
+   one message per device for up to `POLLS_PER_FLUSH` polls (counters such as ``xmit_bulks`` stay per
+   poll).
 
 TX completions for the TX queues this CPU services come back here; each page goes back to the pool that
 allocated it: directly when that is this CPU's, through that CPU's recycle ring otherwise.  A page is
@@ -495,7 +497,9 @@ class CpuWorker:
             self.send_descs(self.cpu_sock(self.stack_cpu), "skb", {"cpu": self.cpu}, ids)
 
     def refill(self) -> None:
-        """Keep every bound RX ring full of pages from this CPU's pool (the driver's RX refill)."""
+        """Keep every bound RX ring full of pages from this CPU's pool (the driver's RX refill).  Called
+        after each poll that freed pages into the pool and once at the end of a pass; ``rx_alloc_fail``
+        counts the buffers an attempt could not get."""
         for rxq in self.rxqs.values():
             want = rxq.ring_size - rxq.posted
             if want < REFILL_MIN or self.by_name[rxq.dev].down:
@@ -553,14 +557,22 @@ class CpuWorker:
             # which hands the bulks to the driver's rings for free; here a flush is a message, so the
             # polls of one pass share it (as xmit_more defers the doorbell).  Counters stay per poll.
             done = 0
+            refilling = cmd < Cmd.DOWN
+            pool = self.pool
             self.run_programs()
             for _ in range(POLLS_PER_FLUSH):
+                recycles = pool.direct_recycles
                 n = self.napi_poll()
                 done += n
-                if cmd < Cmd.DOWN:
-                    self.refill()  # inside each poll, as drivers do: freed pages are reused from the cache
+                if refilling and pool.direct_recycles != recycles:
+                    # The refill inside each poll, as drivers do, so that pages this poll freed are reused
+                    # from the cache.  A poll that freed none left the pool as it was: its refill would
+                    # take the same pages at the end of the pass, which does it for all of them at once.
+                    self.refill()
                 if not n:
                     break
+            if refilling:
+                self.refill()
             self.xdp_do_flush()
             self.post_flush()
             if not got and not done and inbox.idle(self.rx_bell):
