@@ -22,11 +22,13 @@ from emu.pagemem import (
     _H_EXTRA_REFS,
     _P_CACHE_COUNT,
     _P_OWNER_PID,
+    DESC_DTYPE,
     C,
     PageError,
     PageMemory,
     PageState,
     PoolParams,
+    concat_descs,
 )
 from emu.pagepool import POOL_COUNTERS, ForeignRecycleError, PoolOwnershipError, return_pages
 
@@ -987,3 +989,14 @@ def test_stale_or_forged_descriptors_are_not_violations(page_memory) -> None:
     assert stats["wrong_state"] == 4 + 2
     assert states(pm, tx) == {PageState.TX_INFLIGHT}
     audit_ok(pm)
+
+
+def test_concat_descs_is_numpys_concatenate() -> None:
+    rng = np.random.default_rng(7)
+    whole = np.zeros(50, DESC_DTYPE)
+    for name in whole.dtype.names:
+        whole[name] = rng.integers(0, 1 << 16, size=50)
+    parts = [whole[:7], whole[7:30], whole[30:][::-1], whole[[3, 1, 4]]]  # views, a reversed one, a copy
+    got = concat_descs(parts)
+    assert got.dtype == DESC_DTYPE and got.tobytes() == np.concatenate(parts).tobytes()
+    assert concat_descs([whole]) is whole

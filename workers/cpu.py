@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from emu import wire
-from emu.pagemem import DESC_DTYPE, PageMemory, PageState, descs_from_bytes
+from emu.pagemem import DESC_DTYPE, PageMemory, PageState, concat_descs, descs_from_bytes
 from emu.pagepool import return_pages
 from emu.shmring import IDLE_POLL_MS, Channel, Inbox
 from emu.stats import Cmd, ProcState, StatsRow, StatsTable
@@ -293,8 +293,7 @@ class CpuWorker:
                 while pending and have + len(pending[0]) <= limit:
                     have += len(pending[0])
                     parts.append(pending.pop(0))
-                if len(parts) > 1:
-                    d = np.concatenate(parts)
+                d = concat_descs(parts)
             verdicts, targets = self.run_xdp(rxq, d)
             rxq.ready = (d["page"], verdicts, targets)
             rxq.taken = 0

@@ -29,7 +29,7 @@ import zmq
 from emu import security, wire
 from emu.netem import LinkShaper
 from emu.packets import FrameBatch, rss_queue
-from emu.pagemem import DESC_DTYPE, PageMemory, PageState, descs_from_bytes
+from emu.pagemem import DESC_DTYPE, PageMemory, PageState, concat_descs, descs_from_bytes
 from emu.shmring import BELL_FILL, IDLE_POLL_MS, Inbox, MsgRing
 from emu.stats import Cmd, ProcState, StatsRow, StatsTable
 from workers.common import (
@@ -256,12 +256,12 @@ class Device:
         sent: list[tuple[TxQueue, np.ndarray]] = []
         for q in self.txqs:
             if q.queued:
-                sent.append((q, np.concatenate(q.queued) if len(q.queued) > 1 else q.queued[0]))
+                sent.append((q, concat_descs(q.queued)))
                 q.queued.clear()
                 q.nqueued = 0
         if not sent:
             return 0
-        d = sent[0][1] if len(sent) == 1 else np.concatenate([d for _, d in sent])
+        d = concat_descs([d for _, d in sent])
         frames = self._gather(d)
         # State first: should this process die in between, a page already counted as sent must not also
         # look like a frame still queued (the coordinator counts those as lost).
@@ -408,7 +408,7 @@ class Device:
         self.nposted[q] -= have
         if not out:
             return np.empty(0, dtype=DESC_DTYPE)
-        return out[0] if len(out) == 1 else np.concatenate(out)
+        return concat_descs(out)
 
     def apply_offline(self, mask: int) -> None:
         """CPUs died: their RX queues go offline (posted buffers are abandoned to the coordinator, which
@@ -441,7 +441,7 @@ class Device:
             self._send(self.rx_cpus[q], "rxret", {"dev": self.name, "q": q}, d)
         for q in self.txqs:
             if q.queued:
-                d = np.concatenate(q.queued)
+                d = concat_descs(list(q.queued))
                 q.queued.clear()
                 q.nqueued = 0
                 self.pm.state.put(d["page"], PageState.TX_INFLIGHT)
