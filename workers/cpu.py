@@ -81,8 +81,9 @@ class RxQueue:
     posted: int = 0  # buffers posted and not yet completed
     pending: list[np.ndarray] = field(default_factory=list)  # RX completions the program has not seen
     # This pass's packets the program has already run over, acted on poll by poll: page ids, verdicts,
-    # redirect targets (or None), and how many of them the polls have taken.
-    ready: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
+    # redirect targets (or None), whether they were acted on already (None: not yet; else the device
+    # whose devmap bulk queue they went to, "" for XDP_TX), and how many of them the polls have taken.
+    ready: tuple[np.ndarray, np.ndarray, np.ndarray | None, str | None] | None = None
     taken: int = 0
 
 
@@ -277,8 +278,9 @@ class CpuWorker:
         A program sees its packets in the order the polls would give them, and nothing it can observe
         (its packet, its maps) depends on the polls in between, so its verdicts are those of running it
         poll by poll; what the verdicts do to the pages (`act`) and the RX refill still happen poll by
-        poll, as in the kernel.  One call instead of one per poll: a vectorised program's cost is mostly
-        per call."""
+        poll, as in the kernel, except when all they do is append pages to one bulk queue (`act` is then
+        done once; the polls still count themselves and their bulks).  One call instead of one per
+        poll: a vectorised program's cost is mostly per call."""
         limit = POLLS_PER_FLUSH * self.budget
         for rxq in self.rxqs.values():
             pending = rxq.pending
@@ -294,9 +296,35 @@ class CpuWorker:
                     have += len(pending[0])
                     parts.append(pending.pop(0))
                 d = concat_descs(parts)
+            pages = d["page"]
             verdicts, targets = self.run_xdp(rxq, d)
-            rxq.ready = (d["page"], verdicts, targets)
+            ahead = self._only_bulked(rxq, verdicts, targets)
+            if ahead is not None:
+                # Every verdict only appends its page to a bulk queue, which the pass flushes once
+                # anyway: act on all of them now; the polls still count themselves and their bulks.
+                self.act(rxq, pages, verdicts, targets)
+                self.bulked.clear()
+            rxq.ready = (pages, verdicts, targets, ahead)
             rxq.taken = 0
+
+    def _only_bulked(self, rxq: RxQueue, verdicts: np.ndarray, targets: np.ndarray | None) -> str | None:
+        """When every packet is XDP_TX on a live device, or XDP_REDIRECT to one live device with
+        ``ndo_xdp_xmit``, all `act` does is append them to that bulk queue (no page goes back to a pool):
+        the device's name ("" for XDP_TX).  Else None."""
+        if not len(verdicts):
+            return None
+        v0 = int(verdicts[0])
+        if int(np.minimum.reduce(verdicts)) != v0 or int(np.maximum.reduce(verdicts)) != v0:
+            return None
+        if v0 == XDP_TX:
+            return None if self.by_name[rxq.dev].down else ""
+        if v0 != XDP_REDIRECT or targets is None:
+            return None
+        t0 = int(targets[0])
+        t = self.targets.get(t0)
+        if t is None or t.down or not t.xdp_xmit or not np.logical_and.reduce(targets == t0):
+            return None
+        return t.name
 
     def napi_poll(self) -> int:
         done = 0
@@ -304,14 +332,17 @@ class CpuWorker:
         for rxq in self.rxqs.values():
             if rxq.ready is None:
                 continue
-            pages, verdicts, targets = rxq.ready
+            pages, verdicts, targets, ahead = rxq.ready
             k = rxq.taken
             n = min(budget, len(pages) - k)
-            if n == len(pages):
-                self.act(rxq, pages, verdicts, targets)
-            else:
-                sl = slice(k, k + n)
-                self.act(rxq, pages[sl], verdicts[sl], None if targets is None else targets[sl])
+            if ahead:
+                self.bulked[ahead] = self.bulked.get(ahead, 0) + n
+            elif ahead is None:
+                if n == len(pages):
+                    self.act(rxq, pages, verdicts, targets)
+                else:
+                    sl = slice(k, k + n)
+                    self.act(rxq, pages[sl], verdicts[sl], None if targets is None else targets[sl])
             rxq.taken = k + n
             if rxq.taken == len(pages):
                 rxq.ready = None
@@ -583,8 +614,11 @@ class CpuWorker:
         by the coordinator ("stalled pool shutdown")."""
         for rxq in self.rxqs.values():
             if rxq.ready is not None:
+                # (A pass's polls take all of it, so this is only for a pass cut short; pages acted on
+                # ahead are in the TX bulks already.)
                 rest = rxq.ready[0][rxq.taken :]
-                self.pool.recycle_direct(rest, errors="count", expect=PageState.XDP)
+                if rxq.ready[3] is None:
+                    self.pool.recycle_direct(rest, errors="count", expect=PageState.XDP)
                 rxq.posted -= len(rest)
                 rxq.ready = None
             for d in rxq.pending:
