@@ -388,15 +388,18 @@ class PagePool:
             )
         problems: list[str] = []
         ids = self._validate(ids, gens, problems, expect)
-        accepted = len(ids)
+        self._recycle_valid(ids)
+        self._raise(problems, errors)
+        return len(ids)
+
+    def _recycle_valid(self, ids: np.ndarray) -> None:
+        """Validated pages into the cache, what does not fit into the ring (or back to the allocator)."""
         self.direct_recycles += 1
         ids = self._release_refcnt(ids)
         if len(ids):
             ids = self._cache_put(ids)
             if len(ids):
                 self._ring_put(ids)
-        self._raise(problems, errors)
-        return accepted
 
     def recycle_direct_if_valid(self, ids: np.ndarray, gens: np.ndarray, expect: int) -> int | None:
         """`recycle_direct` for the common case, checked once: when every page is this pool's own, in
@@ -412,12 +415,7 @@ class PagePool:
                 return None
         except IndexError:
             return None
-        self.direct_recycles += 1
-        rest = self._release_refcnt(ids)
-        if len(rest):
-            rest = self._cache_put(rest)
-            if len(rest):
-                self._ring_put(rest)
+        self._recycle_valid(ids)
         return n
 
     def _cache_put(self, ids: np.ndarray) -> np.ndarray:
