@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,7 +97,7 @@ def descs_from_bytes(blob: bytes | memoryview) -> np.ndarray:
     return np.frombuffer(blob, dtype=DESC_DTYPE)
 
 
-def concat_descs(parts: list[np.ndarray]) -> np.ndarray:
+def concat_descs(parts: Sequence[np.ndarray]) -> np.ndarray:
     """Descriptor batches end to end.  Through their bytes: `np.concatenate` on a structured dtype goes
     through dtype promotion in Python (15 us for three batches of 200, against 2.4 us this way)."""
     if len(parts) == 1:

@@ -16,9 +16,9 @@ socket).  Normally that is `BELL_FILL` (interrupt moderation); a consumer that i
 comes asks for less (a device whose RX queues ran short of buffers asks for the posts it needs to
 resume).  A full ring, or a message larger than half of it, goes over the socket instead, so the socket
 remains the fallback and back-pressure path, and what anyone sends to the socket itself (a test, a
-foreign process) is still validated and counted as before.  Raising the
-word and publishing are plain stores that the CPU may reorder with the following load, so a wake-up can
-be missed; the consumer's poll timeout bounds that delay (milliseconds), and nothing is lost.
+foreign process) is still validated and counted as before.  Raising the word and publishing are plain
+stores that the CPU may reorder with the following load, so a wake-up can be missed; the consumer's
+poll timeout bounds that delay (milliseconds), and nothing is lost.
 """
 
 from __future__ import annotations
@@ -144,6 +144,15 @@ class MsgRing:
         self.hdr[_SLEEPING] = bell_at
 
 
+def ring_bell(sock: zmq.Socket) -> None:
+    """Wake the consumer behind `sock`.  Never waits: a socket too full to take a bell is full of bells,
+    and its consumer will look at its ring."""
+    try:
+        sock.send(BELL, zmq.NOBLOCK)
+    except zmq.Again:
+        pass
+
+
 class Channel:
     """The sending side towards one peer: its ring when there is room, its socket otherwise."""
 
@@ -155,7 +164,7 @@ class Channel:
         ring = self.ring
         if ring is not None and ring.put(msg):
             if ring.wants_bell():
-                self.sock.send(BELL, copy=True)
+                ring_bell(self.sock)
             return
         self.sock.send(msg, copy=True)
 

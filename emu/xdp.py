@@ -198,40 +198,38 @@ class XdpBatch:
         self._uniform: int | None = -1  # the offset every packet shares (None: they differ); -1: not known yet
 
     def _offset(self) -> int | None:
+        """The offset every packet's data starts at (None when they differ), found once."""
         u = self._uniform
         if u == -1:
             offs = self.offs
-            # ufunc reductions, not ndarray methods: those add a Python-level wrapper per call.
-            lo = int(np.minimum.reduce(offs)) if len(offs) else 0
-            u = self._uniform = lo if not len(offs) or lo == int(np.maximum.reduce(offs)) else None
+            u = 0
+            if len(offs):
+                # ufunc reductions, not ndarray methods: those add a Python-level wrapper per call.
+                lo = int(np.minimum.reduce(offs))
+                u = lo if lo == int(np.maximum.reduce(offs)) else None
+            self._uniform = u
         return u
 
     def __len__(self) -> int:
         return len(self.pages)
 
+    def _span(self, ok: np.ndarray, every: bool, nbytes: int) -> tuple:
+        """The index into `mem` of the first `nbytes` bytes of the packets `ok` selects (all if `every`)."""
+        pages, offs = (self.pages, self.offs) if every else (self.pages[ok], self.offs[ok])
+        o = self._offset()
+        if o is not None:
+            return pages, slice(o, o + nbytes)
+        return pages[:, None], offs[:, None] + np.arange(nbytes)
+
     def head(self, nbytes: int) -> tuple[np.ndarray, np.ndarray]:
         """(ok, rows): `ok` marks the packets at least `nbytes` long, `rows` (one per ok packet, in order)
         is a copy of their first `nbytes` bytes (the ``data + n > data_end`` check, for the whole batch)."""
         ok = self.lens >= nbytes
-        pages, offs = self.pages, self.offs
-        if not np.logical_and.reduce(ok):
-            pages, offs = pages[ok], offs[ok]
-        o = self._offset()
-        if o is not None:
-            return ok, self.mem[pages, o : o + nbytes]
-        return ok, self.mem[pages[:, None], offs[:, None] + np.arange(nbytes)]
+        return ok, self.mem[self._span(ok, bool(np.logical_and.reduce(ok)), nbytes)]
 
     def store_head(self, ok: np.ndarray, rows: np.ndarray) -> None:
         """Write `rows` (as `head` returned them, changed) back over the first bytes of the ok packets."""
-        nbytes = rows.shape[1]
-        pages, offs = self.pages, self.offs
-        if len(rows) != len(pages):
-            pages, offs = pages[ok], offs[ok]
-        o = self._offset()
-        if o is not None:
-            self.mem[pages, o : o + nbytes] = rows
-        else:
-            self.mem[pages[:, None], offs[:, None] + np.arange(nbytes)] = rows
+        self.mem[self._span(ok, len(rows) == len(self.pages), rows.shape[1])] = rows
 
     def redirect(self, ifindex: int, where: np.ndarray | slice = slice(None)) -> int:
         """``bpf_redirect`` for the packets `where` selects: remember the target, return XDP_REDIRECT."""

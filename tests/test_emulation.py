@@ -184,7 +184,13 @@ def test_pass_frees_skbs_on_the_stack_cpu() -> None:
 
 
 @pytest.mark.parametrize(
-    "program", ["emu.programs:buggy_raise", "emu.programs:buggy_bad_verdict", "emu.programs:buggy_batch_short"]
+    "program",
+    [
+        "emu.programs:buggy_raise",
+        "emu.programs:buggy_bad_verdict",
+        "emu.programs:buggy_no_verdict",
+        "emu.programs:buggy_batch_short",
+    ],
 )
 def test_buggy_program_is_aborted_and_worker_survives(program: str) -> None:
     r = run(validate_topology_text(topo_text("buggy", program), "t.yaml"), count=3_000)

@@ -309,6 +309,8 @@ def test_buggy_programs(loaded: Loader) -> None:
         run(prog, ctx, data)
     prog, ctx, _ = loaded("emu.programs:buggy_bad_verdict")
     assert classify_verdict(run(prog, ctx, data)) == (XDP_ABORTED, True)
+    prog, ctx, _ = loaded("emu.programs:buggy_no_verdict")
+    assert classify_verdict(run(prog, ctx, data)) == (XDP_ABORTED, True)
 
 
 # --------------------------------------------------------------------------------------------------

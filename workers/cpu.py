@@ -34,7 +34,16 @@ from emu.pagemem import DESC_DTYPE, PageMemory, PageState, concat_descs, descs_f
 from emu.pagepool import return_pages
 from emu.shmring import IDLE_POLL_MS, Channel, Inbox
 from emu.stats import Cmd, ProcState, StatsRow, StatsTable
-from emu.xdp import XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, XdpBatch, classify_verdicts
+from emu.xdp import (
+    XDP_ABORTED,
+    XDP_DROP,
+    XDP_PASS,
+    XDP_REDIRECT,
+    XDP_TX,
+    XdpBatch,
+    classify_verdict,
+    classify_verdicts,
+)
 from workers.common import (
     Liveness,
     ProcSpec,
@@ -133,7 +142,7 @@ class CpuWorker:
         self.rxqs: dict[tuple[str, int], RxQueue] = {}
         self._load_programs()
         self.warn_once = WarnOnce(spec.key)
-        # Per-poll batches: (device, kind) -> list of page-id arrays to transmit.
+        # This pass's bulks: (device, kind) -> list of page-id arrays to transmit.
         self.tx_bulk: dict[tuple[str, str], list[np.ndarray]] = {}
         self.bulked: dict[str, int] = {}  # frames this poll redirected into each device's bulk queue
         self.posts: dict[tuple[str, int], list[np.ndarray]] = {}  # refilled RX buffers not yet posted
@@ -377,7 +386,7 @@ class CpuWorker:
         buf = self.buf
         out = [0] * n
         redirects: dict[int, int] = {}
-        errors = 0
+        errors = bad = 0
         for k in range(n):
             s = starts[k]
             ctx.data = buf[s : s + ln[k]]
@@ -388,16 +397,17 @@ class CpuWorker:
                 errors += 1
                 self.warn_once("raise", f"XDP program raised {type(exc).__name__}: {exc} (counted ABORTED)")
                 v = XDP_ABORTED
+            if type(v) is not int or not XDP_ABORTED <= v <= XDP_REDIRECT:
+                # Not an action: None from a missing return, 42, True (or a numpy integer, which is one).
+                v, wrong = classify_verdict(v)
+                bad += wrong
             if v == XDP_REDIRECT:
                 redirects[k] = ctx.redirect_ifindex
             out[k] = v
         ctx.data = None
-        verdicts = np.fromiter(out, dtype=np.int64, count=n) if n else np.empty(0, np.int64)
-        invalid = (verdicts < XDP_ABORTED) | (verdicts > XDP_REDIRECT)
-        bad = int(np.count_nonzero(invalid))
+        verdicts = np.fromiter(out, dtype=np.int64, count=n)
         if bad:
-            self.warn_once("verdict", "XDP program returned an unknown verdict (counted ABORTED)")
-            verdicts[invalid] = XDP_ABORTED
+            self.warn_once("verdict", "XDP program returned something that is not an action (counted ABORTED)")
         if bad or errors:
             c[i["xdp_exception"]] += bad + errors
         targets = None
@@ -505,7 +515,7 @@ class CpuWorker:
         self.pool.recycle_direct(ids, errors="count", expect=PageState.XDP)
 
     def xdp_do_flush(self) -> None:
-        """End of poll: hand every bulk to its device (``__dev_flush``) and free the poll's skbs."""
+        """End of a pass: hand every bulk to its device (``__dev_flush``) and free the pass's skbs."""
         if self.tx_bulk:
             for (dev, kind), parts in self.tx_bulk.items():
                 ids = parts[0] if len(parts) == 1 else np.concatenate(parts)

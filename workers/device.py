@@ -84,6 +84,7 @@ class Device:
         self.keys = security.load_keys(spec.options.get("keys_dir"))
         self.gatekeeper: security.Gatekeeper | None = None
         self.link_in = None
+        self.rx: LinkReceiver | None = None
         if ep.get("link_bind"):
             secure = self.keys is not None and ep["link_bind"].startswith("tcp://")
             if secure:
@@ -307,7 +308,8 @@ class Device:
 
     def receive(self) -> int:
         """Take frames from the link into posted pages (or drop them) and complete them to the CPUs."""
-        if self.link_in is None:
+        rx = self.rx
+        if rx is None:
             return 0
         low = self._low_water()
         now = time.monotonic_ns()
@@ -322,7 +324,6 @@ class Device:
         # far as the posted buffers go: fewer, larger messages are what keep the CPUs busy with packets.
         batches: list[FrameBatch] = []
         room = low
-        rx = self.rx
         for _ in range(16):
             msg = rx.take() if room >= LINK_BATCH else None
             if msg is None:
@@ -503,10 +504,10 @@ class Device:
                 # Paused: be woken by the posts that let the link resume, not by every one (nor by frames).
                 bell_at = (LINK_BATCH - self._low_water()) * POST_BYTES if paused else BELL_FILL
                 if timeout and self.inbox.idle(bell_at):
-                    if paused or self.link_in is None or self.rx.idle():
+                    if paused or self.rx is None or self.rx.idle():
                         events = dict((paused_poller if paused else poller).poll(timeout))
                         self.inbox.awake(self.inbox.sock in events)
-                        if not paused and self.link_in is not None:
+                        if not paused and self.rx is not None:
                             self.rx.awake(self.link_in in events)
                     else:
                         self.inbox.awake(False)  # frames came in meanwhile
@@ -515,7 +516,7 @@ class Device:
     def close(self) -> None:
         self.tx.close()
         self.inbox.close()
-        if self.link_in is not None:
+        if self.rx is not None:
             self.rx.close()
         for ch in self.cpu_out:
             ch.close()

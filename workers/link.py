@@ -26,7 +26,7 @@ import zmq
 from emu import wire
 from emu.netem import LinkShaper
 from emu.packets import FrameBatch
-from emu.shmring import BELL, BELL_FILL, Inbox, MsgRing, take
+from emu.shmring import BELL, BELL_FILL, Inbox, MsgRing, ring_bell, take
 
 # Frames per message on the wire: bounds the work one link message can ask of a receiver (a device takes
 # a message only with this many RX buffers posted on every queue).
@@ -104,14 +104,12 @@ class LinkSender:
             due, msg, _ = backlog[0]
             if due > now:
                 return
+            # Messages are cut to fit a ring (LINK_BYTES); the socket path is for cables without one.
             if ring is not None and len(msg) <= ring.max_msg:
                 if not ring.put(msg):
                     return  # the peer is not taking frames (paused): wait, as for a full socket queue
                 if ring.wants_bell():
-                    try:
-                        sock.send(BELL, zmq.NOBLOCK)
-                    except zmq.Again:
-                        pass  # its socket is full of bells already: it will look at its ring
+                    ring_bell(sock)
             else:
                 try:
                     sock.send(msg, zmq.NOBLOCK, copy=False)

@@ -8,8 +8,8 @@ The bundled topologies name them as ``emu.programs:<name>``:
 ``l2fwd``       swap MACs and ``bpf_redirect`` to ``params.egress`` (``xdp_redirect``).
 ``l2fwd_map``   the same through the devmap ``tx_port`` (``xdp_redirect_map``), populated from
                 ``params: {tx_port: {0: eth1}}``.
-``buggy_raise``, ``buggy_bad_verdict``, ``buggy_batch_short``  misbehave on purpose, to exercise
-                XDP_ABORTED handling (the last in its vectorised form only).
+``buggy_raise``, ``buggy_bad_verdict``, ``buggy_no_verdict``, ``buggy_batch_short``  misbehave on
+                purpose, to exercise XDP_ABORTED handling (the last in its vectorised form only).
 
 Every program but the buggy ones also has a vectorised form (``fn.batch``, see `emu.xdp.XdpBatch`)
 that a CPU worker runs over many packets at once (those of all the polls of a pass): the MAC swap
@@ -38,6 +38,7 @@ from emu.xdp import XDP_DROP, XDP_PASS, XDP_TX, XdpBatch, XdpContext, xdp_progra
 __all__ = [
     "buggy_bad_verdict",
     "buggy_batch_short",
+    "buggy_no_verdict",
     "buggy_out_of_bounds",
     "buggy_raise",
     "buggy_slow",
@@ -181,6 +182,11 @@ def buggy_raise(ctx: XdpContext) -> int:
 def buggy_bad_verdict(ctx: XdpContext) -> int:
     """Returns 42, not an action: ``bpf_warn_invalid_xdp_action`` territory, handled as XDP_ABORTED."""
     return 42
+
+
+def buggy_no_verdict(ctx: XdpContext) -> None:
+    """Forgets its ``return``: Python gives None, not an action, handled as XDP_ABORTED."""
+    ctx.redirect_ifindex = -1  # any work at all; the missing return is the bug
 
 
 def _buggy_batch_short(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
