@@ -9,14 +9,16 @@ publishes a record by storing the new tail after its bytes; the consumer frees i
 head.  Both are aligned 8-byte stores, and x86-64 keeps stores in order (the page pool's rings rely on
 the same), so a consumer that sees a tail sees the bytes before it.
 
-A consumer that has nothing to do sleeps in ``zmq_poll`` on its inbox socket, after storing in its
-`sleeping` word how many waiting bytes are worth waking it for; a producer that finds the word set and
-at least that much waiting after publishing rings the doorbell (a tiny ``bell`` message on that
-socket).  Normally that is `BELL_FILL` (interrupt moderation); a consumer that is stuck until a message
-comes asks for less (a device whose RX queues ran short of buffers asks for the posts it needs to
-resume).  A full ring, or a message larger than half of it, goes over the socket instead, so the socket
-remains the fallback and back-pressure path, and what anyone sends to the socket itself (a test, a
-foreign process) is still validated and counted as before.  Raising the word and publishing are plain
+A consumer that has nothing to do sleeps in ``zmq_poll`` on its inbox socket and its doorbell
+(`emu.doorbell`, whose token it writes into the ring's `bell` word), after storing in its `sleeping`
+word how many waiting bytes are worth waking it for; a producer that finds the word set and at least
+that much waiting after publishing rings the doorbell (`ring_bell`: one datagram; a consumer without a
+doorbell gets a tiny ``bell`` message on its socket instead).  Normally that is `BELL_FILL` (interrupt
+moderation); a consumer that is stuck until a message comes asks for less (a device whose RX queues
+ran short of buffers asks for the posts it needs to resume).  A full ring, or a message larger than
+half of it, goes over the socket instead, so the socket remains the fallback and back-pressure path,
+and what anyone sends to the socket itself (a test, a foreign process) is still validated and counted
+as before.  Raising the word and publishing are plain
 stores that the CPU may reorder with the following load, so a wake-up can be missed; the consumer's
 poll timeout bounds that delay (milliseconds), and nothing is lost.
 """
@@ -26,12 +28,12 @@ from __future__ import annotations
 import numpy as np
 import zmq
 
-from emu import wire
+from emu import doorbell, wire
 from emu.shm import Segment
 
 RING_BYTES = 1 << 18  # 256 KiB: a dozen of the largest descriptor messages (1024 descriptors)
-_HDR_WORDS = 8  # head, tail, sleeping (0: awake, else the fill that rings the bell), (reserved)
-_HEAD, _TAIL, _SLEEPING = 0, 1, 2
+_HDR_WORDS = 8  # head, tail, sleeping (0: awake, else the fill that rings the bell), bell, (reserved)
+_HEAD, _TAIL, _SLEEPING, _BELL = 0, 1, 2, 3
 _WRAP = 0xFFFFFFFF
 BELL = wire.pack_msg("bell", {})
 # Interrupt moderation: a sleeping consumer is woken at once only when this much waits for it;
@@ -143,10 +145,24 @@ class MsgRing:
         """Sleep until `bell_at` bytes wait (0: awake)."""
         self.hdr[_SLEEPING] = bell_at
 
+    @property
+    def bell_token(self) -> int:
+        """The consumer's doorbell (`emu.doorbell`), 0 when it has none."""
+        return self.hdr[_BELL]
 
-def ring_bell(sock: zmq.Socket) -> None:
-    """Wake the consumer behind `sock`.  Never waits: a socket too full to take a bell is full of bells,
-    and its consumer will look at its ring."""
+    @bell_token.setter
+    def bell_token(self, token: int) -> None:
+        self.hdr[_BELL] = token
+
+
+def ring_bell(ring: MsgRing, sock: zmq.Socket) -> None:
+    """Wake the consumer of `ring`, whose socket is `sock`: through its doorbell when it has one, else
+    with a bell message.  Never waits: a socket too full to take a bell is full of bells, and its
+    consumer will look at its ring."""
+    token = ring.hdr[_BELL]
+    if token:
+        doorbell.ring(token)
+        return
     try:
         sock.send(BELL, zmq.NOBLOCK)
     except zmq.Again:
@@ -164,7 +180,7 @@ class Channel:
         ring = self.ring
         if ring is not None and ring.put(msg):
             if ring.wants_bell():
-                ring_bell(self.sock)
+                ring_bell(ring, self.sock)
             return
         self.sock.send(msg, copy=True)
 
@@ -191,11 +207,14 @@ def take(sock: zmq.Socket) -> bytes | None:
 
 
 class Inbox:
-    """The receiving side: every ring towards this process, then its socket."""
+    """The receiving side: every ring towards this process, then its socket; `bell`, when given, is the
+    doorbell the rings' producers ring (the process polls it with the socket)."""
 
-    def __init__(self, sock: zmq.Socket, rings: list[MsgRing]) -> None:
+    def __init__(self, sock: zmq.Socket, rings: list[MsgRing], bell: doorbell.Doorbell | None = None) -> None:
         self.sock = sock
         self.rings = rings
+        for ring in rings:
+            ring.bell_token = bell.token if bell is not None else 0
         self.poked = True  # the socket may hold something: look at once
         self._empty = 0
 

@@ -28,8 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import zmq
 
-from emu import wire
+from emu import doorbell, wire
 from emu.pagemem import DESC_DTYPE, PageMemory, PageState, concat_descs, descs_from_bytes
 from emu.pagepool import return_pages
 from emu.shmring import IDLE_POLL_MS, Channel, Inbox
@@ -130,7 +131,8 @@ class CpuWorker:
         self.data2d = self.pm.data.reshape(self.pm.npages, self.ps)
         self.zctx = new_context()
         me = f"cpu{self.cpu}"
-        self.inbox = Inbox(pull(self.zctx, spec.endpoints["cpu"][self.cpu]), attach_rings(spec, to=me))
+        self.bell = doorbell.Doorbell()
+        self.inbox = Inbox(pull(self.zctx, spec.endpoints["cpu"][self.cpu]), attach_rings(spec, to=me), self.bell)
         self.out: dict[str, Channel] = {}
         self.cpu_out: dict[int, Channel] = {}
         self.targets: dict[int, Target] = {}
@@ -579,6 +581,10 @@ class CpuWorker:
         live = Liveness(self.row, self.spec.parent_pid)
         c = self.c
         inbox = self.inbox
+        bell = self.bell
+        poller = zmq.Poller()
+        poller.register(inbox.sock, zmq.POLLIN)
+        poller.register(bell.fd, zmq.POLLIN)
         self.row.set_state(ProcState.READY)
         while True:
             cmd = c[0]
@@ -616,7 +622,7 @@ class CpuWorker:
             self.xdp_do_flush()
             self.post_flush()
             if not got and not done and inbox.idle(self.rx_bell):
-                inbox.awake(bool(inbox.sock.poll(IDLE_POLL_MS)))
+                inbox.awake(inbox.sock in doorbell.wait(poller, IDLE_POLL_MS, bell))
         self.shutdown()
 
     def shutdown(self) -> None:
@@ -637,6 +643,7 @@ class CpuWorker:
             rxq.pending.clear()
         self.pool.drain()
         self.inbox.close()
+        self.bell.close()
         for s in (*self.out.values(), *self.cpu_out.values()):
             s.close()
         self.zctx.term()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from emu import security, wire
+from emu import doorbell, security, wire
 from emu.netem import LinkShaper
 from emu.packets import FrameBatch, rss_queue
 from emu.pagemem import DESC_DTYPE, PageMemory, PageState, concat_descs, descs_from_bytes
@@ -78,7 +78,8 @@ class Device:
         self.data2d = self.pm.data.reshape(self.pm.npages, self.ps)
         self.zctx = new_context()
         ep = spec.endpoints
-        self.inbox = Inbox(pull(self.zctx, ep["device"][self.name]), attach_rings(spec, to=self.name))
+        self.bell = doorbell.Doorbell()  # rung by the rings from the CPUs and by the link's ring
+        self.inbox = Inbox(pull(self.zctx, ep["device"][self.name]), attach_rings(spec, to=self.name), self.bell)
         # CURVE on links that leave the machine (keys given): a peer without the cluster's key is refused
         # by the handshake and counted in link_refused.
         self.keys = security.load_keys(spec.options.get("keys_dir"))
@@ -97,7 +98,7 @@ class Device:
             if bound.startswith("tcp://"):
                 self.c[self.i["link_port"]] = int(bound.rsplit(":", 1)[1])
             ring_in = ep.get("link_ring_in")
-            self.rx = LinkReceiver(self.link_in, MsgRing.attach(ring_in) if ring_in else None)
+            self.rx = LinkReceiver(self.link_in, MsgRing.attach(ring_in) if ring_in else None, self.bell)
         imp = spec.options.get("impair")
         ring_out = ep.get("link_ring_out")
         self.tx = LinkSender(None, LinkShaper(imp) if imp is not None else None,
@@ -459,14 +460,18 @@ class Device:
         live = Liveness(self.row, self.spec.parent_pid)
         c = self.c
         self.row.set_state(ProcState.READY)
+        bell = self.bell
         poller = zmq.Poller()
         poller.register(self.inbox.sock, zmq.POLLIN)
+        poller.register(bell.fd, zmq.POLLIN)
         if self.link_in is not None:
             poller.register(self.link_in, zmq.POLLIN)
         # While the link is paused for want of RX buffers, frames waiting on it must not wake us (the
-        # poll would return at once, again and again): only the CPUs' posts may.
+        # poll would return at once, again and again): only the CPUs' posts may.  (The doorbell stays:
+        # the link's ring does not ring it then, as the receiver is not asleep on it.)
         paused_poller = zmq.Poller()
         paused_poller.register(self.inbox.sock, zmq.POLLIN)
+        paused_poller.register(bell.fd, zmq.POLLIN)
         while True:
             cmd = c[0]
             if cmd >= Cmd.EXIT or not live.tick():
@@ -505,7 +510,7 @@ class Device:
                 bell_at = (LINK_BATCH - self._low_water()) * POST_BYTES if paused else BELL_FILL
                 if timeout and self.inbox.idle(bell_at):
                     if paused or self.rx is None or self.rx.idle():
-                        events = dict((paused_poller if paused else poller).poll(timeout))
+                        events = doorbell.wait(paused_poller if paused else poller, timeout, bell)
                         self.inbox.awake(self.inbox.sock in events)
                         if not paused and self.rx is not None:
                             self.rx.awake(self.link_in in events)
@@ -516,6 +521,7 @@ class Device:
     def close(self) -> None:
         self.tx.close()
         self.inbox.close()
+        self.bell.close()
         if self.rx is not None:
             self.rx.close()
         for ch in self.cpu_out:

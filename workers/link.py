@@ -4,8 +4,8 @@ in a short backlog when the peer is not taking them.
 Devices and traffic ports both put frames on links, so both use this.  A link carries frame bytes, never
 page ids: the receiving end DMAs them into pages of its own host, which is what lets a link cross hosts
 (zmq over TCP) as easily as processes.  Between two processes of one machine the frames go through a
-shared-memory ring (`emu.shmring.MsgRing`, created by the coordinator, one per direction), with the peer's
-link socket left for doorbells; a full ring is a link the peer is not taking from, as a full socket
+shared-memory ring (`emu.shmring.MsgRing`, created by the coordinator, one per direction), which rings
+the receiver's doorbell (`emu.doorbell`); a full ring is a link the peer is not taking from, as a full socket
 queue is.  Frames travel as messages of at most `LINK_BATCH` frames and `LINK_BYTES` bytes, so one
 message never asks more of a receiver than one RX burst, and always fits a ring.
 
@@ -24,6 +24,7 @@ import numpy as np
 import zmq
 
 from emu import wire
+from emu.doorbell import Doorbell
 from emu.netem import LinkShaper
 from emu.packets import FrameBatch
 from emu.shmring import BELL, BELL_FILL, Inbox, MsgRing, ring_bell, take
@@ -39,7 +40,7 @@ BACKLOG_MAX = 256
 
 class LinkSender:
     """One link's transmit side: `sock` is None while the link has no peer (not cabled, or down); `ring`,
-    when the peer runs on this machine, carries the frames and `sock` only rings its doorbell."""
+    when the peer runs on this machine, carries the frames and `sock` only the frames too large for it."""
 
     def __init__(self, sock: zmq.Socket | None, shaper: LinkShaper | None = None,
                  ring: MsgRing | None = None) -> None:
@@ -109,7 +110,7 @@ class LinkSender:
                 if not ring.put(msg):
                     return  # the peer is not taking frames (paused): wait, as for a full socket queue
                 if ring.wants_bell():
-                    ring_bell(sock)
+                    ring_bell(ring, sock)
             else:
                 try:
                     sock.send(msg, zmq.NOBLOCK, copy=False)
@@ -146,12 +147,13 @@ class LinkSender:
 
 
 class LinkReceiver:
-    """One link's receive side: the peer's ring when it runs on this machine, then the link socket (bells,
-    strangers, peers on other hosts)."""
+    """One link's receive side: the peer's ring when it runs on this machine, then the link socket
+    (strangers, peers on other hosts, and the bells of a receiver without a doorbell); `bell` is the
+    receiving process's doorbell."""
 
-    def __init__(self, sock: zmq.Socket, ring: MsgRing | None = None) -> None:
+    def __init__(self, sock: zmq.Socket, ring: MsgRing | None = None, bell: Doorbell | None = None) -> None:
         self.sock = sock
-        self.inbox = Inbox(sock, [ring]) if ring is not None else None
+        self.inbox = Inbox(sock, [ring], bell) if ring is not None else None
 
     def take(self) -> bytes | None:
         """The next message on the link, or None; doorbells are not messages."""

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import zmq
 
-from emu import wire
+from emu import doorbell, wire
 from emu.netem import LinkShaper
 from emu.packets import FrameBatch, FrameFactory, Pacer, SeqTracker, verify_batch
 from emu.shmring import IDLE_POLL_MS, MsgRing
@@ -45,7 +45,8 @@ class TrafficPort:
         ep = spec.endpoints
         self.link_in = pull(self.zctx, ep["link_bind"], hwm=LINK_HWM)
         ring_in, ring_out = ep.get("link_ring_in"), ep.get("link_ring_out")
-        self.rx = LinkReceiver(self.link_in, MsgRing.attach(ring_in) if ring_in else None)
+        self.bell = doorbell.Doorbell() if ring_in else None  # rung by the link's ring
+        self.rx = LinkReceiver(self.link_in, MsgRing.attach(ring_in) if ring_in else None, self.bell)
         imp = spec.options.get("impair")
         self.tx = LinkSender(
             push(self.zctx, ep["link_peer"], hwm=LINK_HWM) if ep.get("link_peer") else None,
@@ -119,10 +120,14 @@ class TrafficPort:
         c = self.c
         generating = self.factory is not None and self.tx.connected
         self.row.set_state(ProcState.READY)
+        bell = self.bell
         poller = zmq.Poller()
         poller.register(self.link_in, zmq.POLLIN)
         out_poller = zmq.Poller()
         out_poller.register(self.link_in, zmq.POLLIN)
+        if bell is not None:
+            poller.register(bell.fd, zmq.POLLIN)
+            out_poller.register(bell.fd, zmq.POLLIN)
         if self.tx.sock is not None:
             out_poller.register(self.tx.sock, zmq.POLLOUT)
         while True:
@@ -151,9 +156,9 @@ class TrafficPort:
                     # frame arrives, instead of spinning.  A ring says nothing when it has room again:
                     # look again after a moment.
                     if self.tx.ring is not None:
-                        poller.poll(IDLE_POLL_MS)
+                        doorbell.wait(poller, IDLE_POLL_MS, bell)
                     else:
-                        out_poller.poll(5)
+                        doorbell.wait(out_poller, 5, bell)
                     continue
                 wait = 5.0 if due is None else float(max(due, 1))
                 if generating and cmd >= Cmd.START:
@@ -162,13 +167,15 @@ class TrafficPort:
                     wait = min(wait, float(IDLE_POLL_MS))  # frames below the bell's fill wait no longer
                 if wait >= 0.2:
                     if self.rx.idle():
-                        self.rx.awake(bool(poller.poll(wait)))
+                        self.rx.awake(self.link_in in doorbell.wait(poller, wait, bell))
                     else:
                         self.rx.awake(False)
                 else:
                     time.sleep(wait / 1000)
         self.rx.close()
         self.tx.close()
+        if bell is not None:
+            bell.close()
         self.zctx.term()
 
 
