@@ -50,7 +50,20 @@ class ProcSpec:
 
 
 def pin(core: int | None) -> int | None:
-    """Pin this process to one real core (emulated CPU i -> core i mod the cores we may use)."""
+    """Pin this process to one real core (emulated CPU i -> core i mod the cores we may use), under
+    ``SCHED_BATCH``.
+
+    A worker that rings a doorbell wakes its peer; under ``SCHED_OTHER`` the woken process may preempt
+    the one that woke it at once, which then waits for a core in the middle of its pass (a worker lost
+    about a third of its wall time so on the 2-core machine).  ``SCHED_BATCH`` processes never preempt on
+    wake-up, only at the tick, so the producer finishes its batch and the consumer finds more waiting:
+    l2fwd +7 %, l2fwd on one CPU +10 % (interleaved A/B in docs/benchmarks.md).  Needs no privilege.
+    """
+    if hasattr(os, "SCHED_BATCH"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        except OSError:
+            pass
     if core is None or not hasattr(os, "sched_setaffinity"):
         return None
     try:
