@@ -266,8 +266,8 @@ def render(res: dict) -> str:
     zmq_total = sum(p["cpu_us_per_pkt"] * p["zmq_thread_share"] for p in procs.values())
     lines.append(f"| **all** | | **{total:.2f}** | {zmq_total:.2f} us | | | |")
     lines += ["", "Shares below are of a process's py-spy samples outside zmq polls (its Python thread, running or "
-              "waiting for a core: on an oversubscribed machine `Socket.send` includes the preemption its wake-up "
-              "of the zmq I/O thread causes); us/packet = share x the process's CPU us/packet."]
+              "waiting for a core: on an oversubscribed machine a doorbell's `ring` includes the preemption the "
+              "wake-up it causes may bring); us/packet = share x the process's CPU us/packet."]
     for key, p in procs.items():
         lines += ["", f"### {key} ({p['kind']}): {p['cpu_us_per_pkt']:.2f} CPU us/packet", "",
                   "| own time in (Python function; C calls it makes count as its own) | share of work | us/packet |",

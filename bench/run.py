@@ -273,6 +273,11 @@ def derive(samples: dict[str, list[dict]], cli: dict | None) -> dict:
         pss["coordinator"] = round(baselines.proc_pss_kb(os.getpid()) / 1024, 1)
         rss_note = "coordinator: this benchmark process (also ran the baselines: an upper bound)"
     r["rss_mb"] = rss
+    # The peak VmHWM of a CPU worker or device in each case: which topology sets the peak above.
+    r["rss_mb_by_topology"] = {
+        name: max((max(s["rss_mb"].get("cpu", 0.0), s["rss_mb"].get("device", 0.0)) for s in emu[name]), default=0.0)
+        for name in EMU_CASES
+    }
     r["rss_private_mb"] = priv
     r["pss_mb"] = pss
     r["rss_note"] = rss_note
@@ -387,6 +392,8 @@ def render_table(res: dict) -> str:
         "",
         f"Shared memory of the l2fwd topology: {res['shm_bytes_l2fwd'] / 2**20:,.1f} MiB "
         f"({res['shm_bytes_l2fwd']:,} bytes; VmHWM counts the part of it a process touched).  {res['rss_note']}.",
+        "Peak VmHWM of a CPU worker or device by topology: "
+        + ", ".join(f"{k} {v:,.1f}" for k, v in res.get("rss_mb_by_topology", {}).items()) + " MB.",
         "",
         "| topology | CPU us per packet: " + " / ".join(("cpu", "device", "traffic")) + " |",
         "| --- | ---: |",

@@ -79,6 +79,7 @@ def test_derive_medians_ratios_and_summed_violations():
     assert r["violations"] == 2 + 1 + 3 == sum(x["violations"] for x in r["runs"])
     assert len(r["runs"]) == 6
     assert r["rss_mb"]["cpu"] == 70.0 and r["rss_mb"]["device"] == 71.0  # the peak over runs
+    assert r["rss_mb_by_topology"] == {"xdp-drop": 61.0, "xdp-tx": 61.0, "l2fwd": 71.0, "l2fwd-1cpu": 61.0}
     assert r["rss_mb"]["coordinator"] > 0  # this process, without the CLI run
     assert r["first_packet_s"] == 0.8 and r["first_packet_max_s"] == 1.2
 
