@@ -82,7 +82,7 @@ def ring(token: int) -> None:
     docstring for why a bell that cannot be delivered may be dropped."""
     global _sender
     name = _names.get(token)
-    if name is None:
+    if name is None:  # the first bell to this consumer: maybe this process's first bell of all
         name = _names[token] = _NAME % token
         if _sender is None:
             _sender = _socket()

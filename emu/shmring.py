@@ -18,9 +18,9 @@ moderation); a consumer that is stuck until a message comes asks for less (a dev
 ran short of buffers asks for the posts it needs to resume).  A full ring, or a message larger than
 half of it, goes over the socket instead, so the socket remains the fallback and back-pressure path,
 and what anyone sends to the socket itself (a test, a foreign process) is still validated and counted
-as before.  Raising the word and publishing are plain
-stores that the CPU may reorder with the following load, so a wake-up can be missed; the consumer's
-poll timeout bounds that delay (milliseconds), and nothing is lost.
+as before.  Raising the word and publishing are plain stores that the CPU may reorder with the
+following load, so a wake-up can be missed; the consumer's poll timeout bounds that delay
+(milliseconds), and nothing is lost.
 """
 
 from __future__ import annotations

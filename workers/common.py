@@ -50,8 +50,8 @@ class ProcSpec:
 
 
 def pin(core: int | None) -> int | None:
-    """Pin this process to one real core (emulated CPU i -> core i mod the cores we may use), under
-    ``SCHED_BATCH``.
+    """A worker's scheduling: ``SCHED_BATCH`` always, and pinned to one real core when `core` is given
+    (emulated CPU i -> core i mod the cores we may use); returns that core.
 
     A worker that rings a doorbell wakes its peer; under ``SCHED_OTHER`` the woken process may preempt
     the one that woke it at once, which then waits for a core in the middle of its pass (a worker lost
