@@ -7,7 +7,7 @@ the process), named by a random token that the consumer writes into the header o
 (`ring`), which the kernel turns straight into the wake-up of the consumer's ``poll``.  The doorbell
 first went over the consumer's zmq socket; that cost the sender's zmq I/O thread a wake-up and a write,
 then the consumer's I/O thread a wake-up and a mailbox signal, three context switches in all: on l2fwd,
-3,500 bells a second cost about a tenth of the machine (`docs/benchmarks.md`).
+the I/O threads took about a tenth of the machine (`docs/benchmarks.md`).
 
 A bell carries nothing: whatever arrives (a bell, or a stranger's datagram) only wakes the consumer,
 which then looks at its rings, so a bell lost to a full socket queue (`EAGAIN`: it is full of bells) or a
