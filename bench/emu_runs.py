@@ -209,6 +209,10 @@ def run_topology(topo, duration: float, sample_every: float = 0.25) -> dict:
         "rss_private_mb": sampler.per_kind_mb(sampler.anon_kb),
         "pss_mb": sampler.per_kind_mb(sampler.pss_kb),
         "rss_processes_seen": len(sampler.hwm_kb),
+        # The most page memory ever out of the page allocator at once: what a worker's VmHWM can hold of
+        # the host's page memory (the rest of the segment was never handed out, so nobody touched it).
+        "allocated_hwm_mb": round(report["pages"]["allocated_hwm"] * max(h.page_size for h in topo.hosts.values())
+                                  / 2**20, 1),
         "cpu_us_per_pkt": sampler.cpu_us_per_packet(),
         "sampler_errors": sampler.errors,
     }

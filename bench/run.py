@@ -278,6 +278,10 @@ def derive(samples: dict[str, list[dict]], cli: dict | None) -> dict:
         name: max((max(s["rss_mb"].get("cpu", 0.0), s["rss_mb"].get("device", 0.0)) for s in emu[name]), default=0.0)
         for name in EMU_CASES
     }
+    # The page memory ever handed out in each case: the part of the host's page memory in those VmHWMs.
+    r["allocated_hwm_mb_by_topology"] = {
+        name: max((s.get("allocated_hwm_mb", 0.0) for s in emu[name]), default=0.0) for name in EMU_CASES
+    }
     r["rss_private_mb"] = priv
     r["pss_mb"] = pss
     r["rss_note"] = rss_note
@@ -394,6 +398,9 @@ def render_table(res: dict) -> str:
         f"({res['shm_bytes_l2fwd']:,} bytes; VmHWM counts the part of it a process touched).  {res['rss_note']}.",
         "Peak VmHWM of a CPU worker or device by topology: "
         + ", ".join(f"{k} {v:,.1f}" for k, v in res.get("rss_mb_by_topology", {}).items()) + " MB.",
+        "Page memory ever out of the page allocator at once (the report's `allocated_hwm`; the most of the "
+        "page memory a process can have touched) by topology: "
+        + ", ".join(f"{k} {v:,.1f}" for k, v in res.get("allocated_hwm_mb_by_topology", {}).items()) + " MiB.",
         "",
         "| topology | CPU us per packet: " + " / ".join(("cpu", "device", "traffic")) + " |",
         "| --- | ---: |",

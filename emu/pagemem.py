@@ -69,7 +69,7 @@ DESC_DTYPE = np.dtype(
 
 NO_OWNER = -1
 MAGIC = 0x50504D31  # "PPM1"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: the allocator's low-water mark (_H_FREE_LOW)
 HEADER_BYTES = 4096
 # Locks on the meta segment: 0 is the page allocator, 1 + cpu is that CPU's recycle ring.
 ALLOCATOR_LOCK = 0
@@ -79,6 +79,9 @@ _H_MAGIC, _H_VERSION, _H_NPAGES, _H_PAGE_SIZE, _H_NCPUS = 0, 1, 2, 3, 4
 _H_CACHE, _H_REFILL, _H_RING, _H_LIMIT, _H_FREE_COUNT = 5, 6, 7, 8, 9
 # Pages holding references beyond their pool's: while 0, returns skip the per-page refcount check.
 _H_EXTRA_REFS = 10
+# The fewest pages the allocator ever held (its low-water mark): npages minus it is the most pages that
+# were ever out at once, which bounds the page memory any process of the host can have touched.
+_H_FREE_LOW = 11
 _H_WORDS = 16
 
 
@@ -287,7 +290,7 @@ class PageMemory:
         pm.holder[:] = -1
         # Pop order is from the top of the stack; lay pages out so that page 0 is handed out first.
         pm.free_stack[:] = np.arange(npages - 1, -1, -1, dtype=np.int32)
-        h[_H_FREE_COUNT] = npages
+        h[_H_FREE_COUNT] = h[_H_FREE_LOW] = npages
         h[_H_VERSION] = LAYOUT_VERSION
         h[_H_MAGIC] = MAGIC  # last: an attacher that sees the magic sees a complete header
         return pm
@@ -345,6 +348,12 @@ class PageMemory:
     def free_count(self) -> int:
         return int(self.header[_H_FREE_COUNT])
 
+    @property
+    def allocated_hwm(self) -> int:
+        """The most pages ever out of the page allocator at once (a high-water mark, as VmHWM is for a
+        process's RSS): a process of this host can have touched at most this many pages of page memory."""
+        return self.npages - int(self.header[_H_FREE_LOW])
+
     def alloc_pages_bulk(self, n: int) -> np.ndarray:
         """Take up to `n` pages from the page allocator (fewer when it runs dry)."""
         with self.locks.lock(ALLOCATOR_LOCK):
@@ -352,6 +361,8 @@ class PageMemory:
             k = max(0, min(n, have))
             ids = self.free_stack[have - k : have][::-1].copy()
             self.header[_H_FREE_COUNT] = have - k
+            if have - k < self.header[_H_FREE_LOW]:
+                self.header[_H_FREE_LOW] = have - k
             # Marked while still under the lock so that an audit never sees a page in no place.
             self.state[ids] = PageState.ALLOCATED
         return ids

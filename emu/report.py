@@ -173,8 +173,8 @@ def build_report(run: Run, final: Snapshot, audits: dict[str, Audit], elapsed: f
     cpus, devices = [], []
     viol = {"foreign_cache_return": 0, "recycled_before_tx_completion": 0, "double_free": 0, "leaked": 0,
             "stale_generation": 0, "bad_descriptors": 0, "bad_messages": 0}
-    pages = {"total": 0, "accounted": 0, "in_flight": 0, "by_state": {}, "problems": list(run.audit_problems),
-             "audits": run.audits + len(audits)}
+    pages = {"total": 0, "accounted": 0, "in_flight": 0, "allocated_hwm": 0, "by_state": {},
+             "problems": list(run.audit_problems), "audits": run.audits + len(audits)}
     for hname, host in topo.hosts.items():
         pm = run.pms[hname]
         for c in range(host.cpus):
@@ -205,6 +205,7 @@ def build_report(run: Run, final: Snapshot, audits: dict[str, Audit], elapsed: f
             viol["bad_descriptors"] += row["bad_descriptors"]
             viol["bad_messages"] += row["bad_messages"]
         audit = audits[hname]
+        pages["allocated_hwm"] += pm.allocated_hwm
         pages["total"] += audit.total
         pages["accounted"] += audit.accounted
         for s, n in audit.by_state.items():
@@ -236,8 +237,8 @@ def merge_reports(name: str, parts: dict[str, dict[str, Any]], final: Snapshot, 
     audits) and the coordinator's merged final counters (the traffic, across hosts)."""
     cpus: list[dict[str, Any]] = []
     devices: list[dict[str, Any]] = []
-    pages: dict[str, Any] = {"total": 0, "accounted": 0, "in_flight": 0, "by_state": {}, "problems": [],
-                             "audits": 0}
+    pages: dict[str, Any] = {"total": 0, "accounted": 0, "in_flight": 0, "allocated_hwm": 0, "by_state": {},
+                             "problems": [], "audits": 0}
     viol: dict[str, int] = {}
     maps: dict[str, Any] = {}
     all_events = list(events)
@@ -247,8 +248,8 @@ def merge_reports(name: str, parts: dict[str, dict[str, Any]], final: Snapshot, 
         cpus += r["cpus"]
         devices += r["devices"]
         p = r["pages"]
-        for k in ("total", "accounted", "in_flight", "audits"):
-            pages[k] += p[k]
+        for k in ("total", "accounted", "in_flight", "allocated_hwm", "audits"):
+            pages[k] += p.get(k, 0)
         for st, n in p["by_state"].items():
             pages["by_state"][st] = pages["by_state"].get(st, 0) + n
         pages["problems"] += p["problems"]
@@ -306,7 +307,8 @@ def summary(r: dict[str, Any]) -> str:
             f"{d['tx_completions']:,} xdp_xmit {d['xdp_xmit']:,}"
         )
     p = r["pages"]
-    out.append(f"  pages    total {p['total']:,}  accounted {p['accounted']:,}  in_flight {p['in_flight']:,}")
+    out.append(f"  pages    total {p['total']:,}  accounted {p['accounted']:,}  in_flight {p['in_flight']:,}  "
+               f"allocated_hwm {p.get('allocated_hwm', 0):,}")
     out.append("  violations " + "  ".join(f"{k} {n:,}" for k, n in v.items()))
     if r.get("hosts_lost"):
         out.append(f"  LOST     hosts {', '.join(r['hosts_lost'])}: their pages died with them; "

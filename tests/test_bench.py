@@ -47,9 +47,10 @@ def no_leftovers():
 # pure functions
 
 
-def _emu_sample(pps: int, violations: int = 0, kind_rss: float = 60.0, fp: float = 0.8) -> dict:
+def _emu_sample(pps: int, violations: int = 0, kind_rss: float = 60.0, fp: float = 0.8, hwm: float = 20.0) -> dict:
     return {"topology": "t", "rx_pps": pps, "delivered_pps": pps, "first_packet_s": fp, "violations": violations,
-            "unaccounted": 0, "corrupted": 0, "rss_mb": {"cpu": kind_rss, "device": kind_rss + 1},
+            "unaccounted": 0, "corrupted": 0, "allocated_hwm_mb": hwm,
+            "rss_mb": {"cpu": kind_rss, "device": kind_rss + 1},
             "rss_private_mb": {"cpu": 20.0}, "pss_mb": {"cpu": 30.0}, "cpu_us_per_pkt": {"cpu": 2.0}}
 
 
@@ -61,7 +62,7 @@ def _samples() -> dict:
         "pool": [{"fast_ns": 100.0, "ring_ns": 200.0, "allocator_ns": 150.0}],
         "xdp-drop": [_emu_sample(400_000, violations=2)],
         "xdp-tx": [_emu_sample(200_000)],
-        "l2fwd": [_emu_sample(150_000, violations=1, kind_rss=70.0, fp=1.2), _emu_sample(130_000, fp=0.6),
+        "l2fwd": [_emu_sample(150_000, violations=1, kind_rss=70.0, fp=1.2), _emu_sample(130_000, fp=0.6, hwm=24.5),
                   _emu_sample(110_000, violations=3)],
         "l2fwd-1cpu": [_emu_sample(100_000)],
     }
@@ -80,6 +81,7 @@ def test_derive_medians_ratios_and_summed_violations():
     assert len(r["runs"]) == 6
     assert r["rss_mb"]["cpu"] == 70.0 and r["rss_mb"]["device"] == 71.0  # the peak over runs
     assert r["rss_mb_by_topology"] == {"xdp-drop": 61.0, "xdp-tx": 61.0, "l2fwd": 71.0, "l2fwd-1cpu": 61.0}
+    assert r["allocated_hwm_mb_by_topology"] == {"xdp-drop": 20.0, "xdp-tx": 20.0, "l2fwd": 24.5, "l2fwd-1cpu": 20.0}
     assert r["rss_mb"]["coordinator"] > 0  # this process, without the CLI run
     assert r["first_packet_s"] == 0.8 and r["first_packet_max_s"] == 1.2
 
@@ -217,5 +219,8 @@ def test_tiny_suite_writes_every_key(tmp_path, no_leftovers):
     assert all(x["rtt_batches"] == cfg["rtt_batches"] and x["rtt_all_back"] for x in s["transport"])
     assert all(x["received"] == cfg["naive_packets"] and x["seq_ok"] for x in s["naive"])
     assert all(x["delivered"] > 0 for x in s["l2fwd"] + s["xdp-tx"] + s["l2fwd-1cpu"])
+    # pages were handed out in every run, never more than the host's page memory (8192 x 4 KiB)
+    assert all(0 < x["allocated_hwm_mb"] <= 32.0 for x in res["runs"])
+    assert set(res["allocated_hwm_mb_by_topology"]) == set(suite.EMU_CASES)
     assert {t["key"] for t in res["targets"]} >= {"l2fwd_to_bare", "scaling_2_to_1", "rss_mb"}
     assert all(isinstance(t["met"], bool) for t in res["targets"])

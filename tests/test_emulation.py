@@ -70,6 +70,9 @@ def test_l2fwd_delivers_every_packet() -> None:
     # Both CPUs took part (RSS over 64 flows) and every redirect went out through a devmap bulk.
     assert all(c["rx_packets"] > 0 for c in r["cpus"])
     assert sum(c["xmit_bulks"] for c in r["cpus"]) >= 20_000 // 16
+    # At the peak, at least every RX ring was full at once (eth0's two and eth1's one, 1024 each), and
+    # never more than the host's pages were out.
+    assert 3 * 1024 <= r["pages"]["allocated_hwm"] <= r["pages"]["total"] == 8192, r["pages"]
     # Every page went out and came home through its own pool.
     for c in r["cpus"]:
         pp = c["page_pool"]

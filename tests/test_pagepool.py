@@ -288,6 +288,32 @@ def test_allocator_exhaustion(page_memory) -> None:
     audit_ok(pm)
 
 
+def test_allocated_hwm_is_the_most_pages_ever_out(page_memory) -> None:
+    pm = page_memory(npages=256, params=PoolParams(pool_size=16))
+    assert pm.allocated_hwm == 0
+    pool = pm.pool(0, owner=True)
+    ids = pool.alloc(100)  # two slow refills of 64: 128 pages leave the allocator
+    assert pm.allocated_hwm == 128 == 256 - pm.free_count
+    # Pages going back lower what is out now, not the mark.
+    assert pm.pool(0).put(ids) == 100  # 16 into the ring, 84 released to the allocator
+    assert pm.free_count == 256 - 128 + 84
+    assert pm.allocated_hwm == 128
+    # Taken again from the pool and the allocator, but never more out at once than before: unchanged.
+    again = pool.alloc(100)
+    assert pm.allocated_hwm == 128
+    # Another CPU takes 128 more: the mark follows the new peak, and another process sees it.
+    out = 256 - pm.free_count
+    other = pm.pool(1, owner=True).alloc(128)
+    assert pm.allocated_hwm == out + 128 == 256 - pm.free_count > 128
+    attached = PageMemory.attach(pm.prefix)
+    try:
+        assert attached.allocated_hwm == out + 128
+    finally:
+        attached.close()
+    assert len(again) == 100 and len(other) > 0
+    audit_ok(pm)
+
+
 def test_alloc_zero(page_memory) -> None:
     pm = page_memory()
     pool = pm.pool(0, owner=True)
