@@ -28,7 +28,7 @@ DEVICE_DROPS = ("rx_dropped", "tx_dropped", "link_lost")
 CPU_EXTRA = (
     "rx_packets", "rx_bytes", "xdp_tx_full", "xmit_drops", "xmit_bulks", "redirect_skb", "stack_rx",
     "skb_remote_free", "tx_completions", "remote_returns", "rx_posted", "rx_alloc_fail", "polls",
-    "bad_descriptors", "bad_messages",
+    "tx_ring_waits", "bad_descriptors", "bad_messages",
 )
 
 

@@ -68,6 +68,7 @@ CPU_COUNTERS = (
     "rx_posted",  # RX buffers posted to devices
     "rx_alloc_fail",  # RX refills short of pages
     "polls",  # NAPI polls that did work
+    "tx_ring_waits",  # passes that left RX waiting: an XDP TX queue of this CPU's had no room for a poll
     "bad_descriptors",  # refused descriptors (stale, wrong state, out of range)
     "bad_messages",  # refused messages (garbled, foreign, unknown kind)
 )

@@ -174,6 +174,22 @@ def test_shared_tx_queue_returns_pages_through_the_owners_ring() -> None:
     assert cpu1["page_pool"]["recycle_ring"] + cpu1["page_pool"]["recycle_ring_full"] >= cpu1["rx_packets"]
 
 
+def test_full_xdp_tx_ring_holds_rx_back_and_loses_nothing() -> None:
+    """eth1's TX rings hold 16 frames and complete 5 ms after transmit, far slower than the generator: each
+    CPU queues no more than its ring holds (the device never has to refuse a frame) and leaves the rest
+    in its RX ring until completions free room, so every packet still arrives."""
+    text = topo_text("slow-tx", "emu.programs:l2fwd",
+                     eth1_extra="tx_ring_size: 16\n        tx_completion_us: 5000")
+    r = run(validate_topology_text(text, "t.yaml"), count=6_000)
+    assert_clean(r)
+    t = r["traffic"]
+    assert t["generated"] == t["delivered"] == 6_000 and t["dropped"] == 0, t
+    eth1 = r["devices"][1]
+    assert eth1["xmit_full"] == 0 and eth1["xdp_xmit"] == eth1["tx_completions"] == 6_000, eth1
+    assert all(c["xmit_drops"] == 0 for c in r["cpus"])
+    assert sum(c["tx_ring_waits"] for c in r["cpus"]) > 0
+
+
 def test_pass_frees_skbs_on_the_stack_cpu() -> None:
     text = topo_text("pass", "emu.programs:xdp_pass", host_extra="stack_cpu: 1")
     r = run(validate_topology_text(text, "t.yaml"), count=6_000)

@@ -18,6 +18,9 @@ What one poll does, in the kernel's order (drivers' ``napi_poll`` + ``xdp_do_flu
    one message per device for up to `POLLS_PER_FLUSH` polls (counters such as ``xmit_bulks`` stay per
    poll).
 
+A pass takes no more packets than this CPU's XDP TX queues have room for (`tx_room`): a frame holds its
+ring slot until its completion comes back here, as a driver's slot stays taken until NAPI reaps it.
+
 TX completions for the TX queues this CPU services come back here; each page goes back to the pool that
 allocated it: directly when that is this CPU's, through that CPU's recycle ring otherwise.  A page is
 never recycled before its completion: the return path checks that it is ``TX_INFLIGHT``.
@@ -107,7 +110,12 @@ class Target:
     xdp_xmit: bool
     fallback: str
     tx_queues: int
+    tx_ring: int
+    # This CPU's XDP TX queue on the device is its own (as many queues as CPUs): its completions come
+    # back here, so this CPU knows how much of the ring its frames hold.
+    own_txq: bool
     down: bool = False  # the device process died
+    tx_used: int = 0  # frames this CPU queued on its TX queue whose completion (or refusal) it has not seen
 
 
 class CpuWorker:
@@ -138,9 +146,12 @@ class CpuWorker:
         self.targets: dict[int, Target] = {}
         self.by_name: dict[str, Target] = {}
         for index, (name, dev) in enumerate(host.devices.items()):
-            t = Target(name, index, dev.ifindex, dev.xdp_xmit, dev.redirect_fallback, dev.tx_queues)
+            t = Target(name, index, dev.ifindex, dev.xdp_xmit, dev.redirect_fallback, dev.tx_queues,
+                       dev.tx_ring_size, dev.tx_queues >= self.ncpus)
             self.targets[dev.ifindex] = t
             self.by_name[name] = t
+        # A pass runs once its TX queues have room for a poll (or for a whole ring smaller than one).
+        self.tx_poll_min = min([self.budget] + [t.tx_ring for t in self.by_name.values() if t.own_txq])
         self.rxqs: dict[tuple[str, int], RxQueue] = {}
         self._load_programs()
         self.warn_once = WarnOnce(spec.key)
@@ -239,13 +250,50 @@ class CpuWorker:
         elif kind == "txc":
             # xdp_return_frame_bulk: another pool's pages go back tx_bulk (16) per ring-lock round trip.
             self.c[self.i["tx_completions"]] += self._return(d, PageState.TX_INFLIGHT, bulk=self.tx_bulk_size)
+            self._tx_reaped(hdr, len(d))
         elif kind == "txdrop":
             what = "xdp_tx_full" if hdr.get("kind") == "tx" else "xmit_drops"
             self.c[self.i[what]] += self._return(d, PageState.TX_QUEUED)
+            self._tx_reaped(hdr, len(d))
         elif kind == "skb":
             n = self._return(d, PageState.SKB)
             self.c[self.i["stack_rx"]] += n
             self.c[self.i["skb_remote_free"]] += n
+
+    def _tx_reaped(self, hdr: dict, n: int) -> None:
+        """Frames of this CPU's TX queue came back (completed or refused): their ring slots are free."""
+        t = self.by_name.get(hdr.get("dev"))  # type: ignore[arg-type]
+        if t is not None and t.own_txq and hdr.get("txq", self.cpu % t.tx_queues) == self.cpu % t.tx_queues:
+            t.tx_used = max(0, t.tx_used - n)
+
+    def tx_room(self) -> int:
+        """Frames this pass may take: the least room left in any XDP TX queue of this CPU's (its ring
+        size less what it holds), since any packet may be sent to any of them.
+
+        A driver's ring slot stays taken until its NAPI poll reaps the completion; the kernel's
+        ndo_xdp_xmit then drops what does not fit.  Here the "hardware" is a process that may not run
+        for milliseconds on a loaded machine, so instead of dropping the CPU polls no more than fits and
+        leaves the rest in the RX ring (the device then pauses its link, as flow control does): the pages
+        out of the pool stay bounded by the rings, as on a real NIC, instead of piling up in messages
+        while the TX side waits for a core."""
+        room = POLLS_PER_FLUSH * self.budget * max(1, len(self.rxqs))
+        for t in self.by_name.values():
+            if t.own_txq and not t.down:
+                room = min(room, t.tx_ring - t.tx_used)
+        return room
+
+    def tx_resync(self) -> None:
+        """Never wait on frames the page table says are no longer out: a completion that never comes
+        (a device that refused descriptors as stale, say) must not hold this CPU's RX back for good.
+        Only this CPU transmits its own pages, so those of them queued or awaiting completion anywhere
+        bound what its TX queues can hold."""
+        pm = self.pm
+        st = pm.state
+        out = (st == PageState.TX_QUEUED) | (st == PageState.TX_INFLIGHT)
+        held = int(np.count_nonzero(out & (pm.owner == self.cpu)))
+        for t in self.by_name.values():
+            if t.tx_used > held:
+                t.tx_used = held
 
     def _accept(self, d: np.ndarray, expect: PageState) -> np.ndarray:
         """Validate descriptors handed to this CPU for its own pages; count and drop the bad ones."""
@@ -283,7 +331,7 @@ class CpuWorker:
 
     # -- the NAPI poll ----------------------------------------------------------------------------
 
-    def run_programs(self) -> None:
+    def run_programs(self, room: int) -> None:
         """Run each queue's XDP program, once, over every packet this pass's polls will take.
 
         A program sees its packets in the order the polls would give them, and nothing it can observe
@@ -292,11 +340,14 @@ class CpuWorker:
         poll, as in the kernel, except when all they do is append pages to one bulk queue (`act` is then
         done once; the polls still count themselves and their bulks).  One call instead of one per
         poll: a vectorised program's cost is mostly per call."""
-        limit = POLLS_PER_FLUSH * self.budget
+        per_queue = POLLS_PER_FLUSH * self.budget
         for rxq in self.rxqs.values():
             pending = rxq.pending
             if rxq.ready is not None or not pending:
                 continue
+            limit = min(per_queue, room)
+            if limit <= 0:
+                break
             d = pending[0]
             if len(d) > limit:
                 pending[0] = d[limit:]
@@ -317,6 +368,7 @@ class CpuWorker:
                 self.bulked.clear()
             rxq.ready = (pages, verdicts, targets, ahead)
             rxq.taken = 0
+            room -= len(pages)
 
     def _only_bulked(self, rxq: RxQueue, verdicts: np.ndarray, targets: np.ndarray | None) -> str | None:
         """When every packet is XDP_TX on a live device, or XDP_REDIRECT to one live device with
@@ -526,6 +578,8 @@ class CpuWorker:
                 self.pm.holder.put(ids, device_code(t.index))
                 hdr = {"txq": self.cpu % t.tx_queues, "cpu": self.cpu, "kind": kind}
                 self.send_descs(self.sock(dev), "xmit", hdr, ids)
+                if t.own_txq:
+                    t.tx_used += len(ids)
             self.tx_bulk.clear()
         if self.skb_local:
             ids = np.concatenate(self.skb_local)
@@ -573,6 +627,7 @@ class CpuWorker:
         for t in self.by_name.values():
             if mask >> (DEVICE_BIT + t.index) & 1:
                 t.down = True
+                t.tx_used = 0
         self.row.ack_offline(mask)
 
     # -- main loop --------------------------------------------------------------------------------
@@ -605,7 +660,12 @@ class CpuWorker:
             done = 0
             refilling = cmd < Cmd.DOWN
             pool = self.pool
-            self.run_programs()
+            room = self.tx_room()
+            if room >= self.tx_poll_min:
+                self.run_programs(room)
+            elif any(rxq.pending for rxq in self.rxqs.values()):
+                self.c[self.i["tx_ring_waits"]] += 1
+                self.tx_resync()
             for _ in range(POLLS_PER_FLUSH):
                 recycles = pool.direct_recycles
                 n = self.napi_poll()
