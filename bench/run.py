@@ -72,13 +72,14 @@ class Config:
     pool_seconds: float
     cli: bool
     cli_count: int = 20000  # 1000 can end before the coordinator's first 20 ms check: no first_packet_s
+    cli_runs: int = 3  # `emu run` from a cold start: the first-packet target's measurement
     rtt_window: int = 16
 
 
 FULL = Config(rounds=5, duration=5.0, bare_seconds=0.5, transport_batches=50000, rtt_batches=30000,
               latency_batches=3000, naive_packets=50000, pool_seconds=0.1, cli=True)
 QUICK = Config(rounds=2, duration=2.0, bare_seconds=0.2, transport_batches=10000, rtt_batches=6000,
-               latency_batches=1000, naive_packets=10000, pool_seconds=0.03, cli=True)
+               latency_batches=1000, naive_packets=10000, pool_seconds=0.03, cli=True, cli_runs=1)
 # For the tests: every measurement runs, on tiny sizes (the numbers mean nothing).
 TINY = Config(rounds=1, duration=0.6, bare_seconds=0.01, transport_batches=100, rtt_batches=100,
               latency_batches=20, naive_packets=300, pool_seconds=0.002, cli=False)
@@ -222,6 +223,21 @@ def ratio(a: float, b: float) -> float:
     return round(a / b, 4) if b else 0.0
 
 
+def merge_cli(runs: list[dict]) -> dict:
+    """Several cold `emu run`s as one: the median time to the first packet from exec (and the worst), the
+    coordinator's peak memory over them, their violations summed; the rest from the last run."""
+    c = dict(runs[-1])
+    fx = [x["first_packet_from_exec_s"] for x in runs if x.get("first_packet_from_exec_s") is not None]
+    c["first_packet_from_exec_s"] = round(med(fx), 3) if fx else None
+    c["first_packet_from_exec_max_s"] = max(fx) if fx else None
+    c["first_packet_from_exec_all_s"] = fx
+    c["runs"] = len(runs)
+    for k in ("coordinator_hwm_mb", "coordinator_private_mb", "coordinator_pss_mb"):
+        c[k] = max(x[k] for x in runs)
+    c["violations"] = sum(x["violations"] for x in runs)
+    return c
+
+
 def derive(samples: dict[str, list[dict]], cli: dict | None) -> dict:
     """The suite's numbers from the per-round samples: medians, then ratios of those (rounded) medians."""
     emu = {name: samples.get(name, []) for name in EMU_CASES}
@@ -294,6 +310,9 @@ def derive(samples: dict[str, list[dict]], cli: dict | None) -> dict:
     r["first_packet_s"] = round(med(fps), 3) if fps else None
     r["first_packet_max_s"] = max(fps) if fps else None
     r["cli"] = cli
+    # The target's reading: from the exec of a cold `emu run` (no fork server yet) to the first frame a
+    # sink received.  Without the CLI runs, the in-process number from Run() stands in.
+    r["first_packet_from_exec_s"] = cli.get("first_packet_from_exec_s") if cli else None
     all_runs = [{"topology": s["topology"], "round": s.get("round"), "violations": s["violations"],
                  "unaccounted": s["unaccounted"], "corrupted": s["corrupted"]} for s in runs]
     if cli is not None:
@@ -324,8 +343,9 @@ def evaluate_targets(r: dict) -> list[dict]:
     out.append({"target": f"RSS per CPU worker / device process <= {RSS_LIMIT_MB:.0f} MB", "key": "rss_mb",
                 "measured": worst, "threshold": RSS_LIMIT_MB, "met": 0 < worst <= RSS_LIMIT_MB,
                 "goal": None, "goal_met": None})
-    fp = r["first_packet_s"]
-    out.append({"target": f"first packet within {FIRST_PACKET_LIMIT_S:.0f} s of `emu run`", "key": "first_packet_s",
+    key = "first_packet_from_exec_s" if r.get("first_packet_from_exec_s") is not None else "first_packet_s"
+    fp = r[key]
+    out.append({"target": f"first packet within {FIRST_PACKET_LIMIT_S:.0f} s of `emu run`", "key": key,
                 "measured": fp, "threshold": FIRST_PACKET_LIMIT_S,
                 "met": fp is not None and fp <= FIRST_PACKET_LIMIT_S, "goal": None, "goal_met": None})
     return out
@@ -409,13 +429,15 @@ def render_table(res: dict) -> str:
         c = cpu.get(name, {})
         lines.append(f"| {name} | " + " / ".join(f"{c.get(k, 0):.2f}" for k in ("cpu", "device", "traffic")) + " |")
     fp = res["first_packet_s"]
-    lines += ["", f"First delivered packet (l2fwd, from Run()): median {fp} s, worst {res['first_packet_max_s']} s."]
+    lines += ["", f"First delivered packet (l2fwd, from Run(), workers' fork server already up): median {fp} s, "
+                  f"worst {res['first_packet_max_s']} s."]
     if res.get("cli"):
         c = res["cli"]
         lines.append(
-            f"CLI end to end (`python -m emu.cli run topology/l2fwd.yaml --count {c['count']} --json -`): "
-            f"{c['wall_s']} s wall; interpreter + imports {c['import_s']} s; first packet {c['first_packet_s']} s "
-            f"after Run() = ~{c['first_packet_from_exec_s']} s after exec."
+            f"`emu run` from a cold start (`python -m emu.cli run topology/l2fwd.yaml --count {c['count']} --json -`, "
+            f"{c.get('runs', 1)} runs): first packet at the sink {c['first_packet_from_exec_s']} s after exec "
+            f"(median; worst {c.get('first_packet_from_exec_max_s')} s); the last run {c['wall_s']} s wall, "
+            f"its Run() to first packet {c['first_packet_s']} s; interpreter + imports alone {c['import_s']} s."
         )
     lines.append(
         f"Violations summed over {len(res['runs'])} emulator runs: {res['violations']} "
@@ -508,8 +530,11 @@ def run_suite(cfg: Config, log: Callable[[str], None] = lambda s: print(s, file=
                 log(f"round {r + 1}/{cfg.rounds}: {name} ({time.monotonic() - t0:.1f} s)")
         cli = None
         if cfg.cli:
-            log("CLI end to end ...")
-            cli = emu_runs.cli_end_to_end(cfg.cli_count)
+            runs = []
+            for k in range(cfg.cli_runs):
+                log(f"CLI end to end {k + 1}/{cfg.cli_runs} ...")
+                runs.append(emu_runs.cli_end_to_end(cfg.cli_count))
+            cli = merge_cli(runs)
     finally:
         suite.close()
     machine["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -155,6 +155,9 @@ def _finish(args: argparse.Namespace, report: dict) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from emu import launch
+
+    launch.prestart()  # the workers' fork server imports their modules while this process imports its own
     from emu.coordinator import Run, RunError
     from emu.shm import ShmSpaceError
 
@@ -186,6 +189,9 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def cmd_host(args: argparse.Namespace) -> int:
+    from emu import launch
+
+    launch.prestart()
     from emu.hostagent import AgentOptions, HostAgent
 
     opts = AgentOptions(listen=args.listen, advertise=args.advertise, link_port=args.link_port,

@@ -31,6 +31,7 @@ from typing import TextIO
 
 import numpy as np
 
+from emu import launch
 from emu import report as rep
 from emu.pagemem import HOME, PageMemory, PageState, PoolParams, required_shm_bytes
 from emu.pagepool import return_pages
@@ -259,7 +260,7 @@ class Run(Console):
 
     def spawn(self) -> None:
         assert self.table is not None
-        mp = multiprocessing.get_context("spawn")
+        mp = launch.worker_context()
         ep = self.endpoints()
         rows = self.table.specs()
         core = 0

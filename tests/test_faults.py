@@ -24,7 +24,7 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from procs import DEADLINE, ROOT, alive, children_of, segments_of, start_cli, wait_for
+from procs import DEADLINE, ROOT, alive, descendants_of, segments_of, start_cli, wait_for
 
 from emu import wire
 from emu.coordinator import Run, RunOptions
@@ -37,10 +37,10 @@ pytestmark = pytest.mark.slow
 
 def wait_running(p: subprocess.Popen) -> list[int]:
     """Until the run's processes exist and its traffic started; returns the children's pids."""
-    wait_for(lambda: (segments_of(p.pid) and len(children_of(p.pid)) >= 3) or p.poll() is not None, "start")
+    wait_for(lambda: (segments_of(p.pid) and len(descendants_of(p.pid)) >= 3) or p.poll() is not None, "start")
     assert p.poll() is None, p.communicate()
     wait_for(lambda: p.poll() is not None or _started(p.pid), "traffic")
-    return [c for c in children_of(p.pid)]
+    return descendants_of(p.pid)
 
 
 def _started(pid: int) -> bool:
@@ -53,7 +53,7 @@ def test_coordinator_killed_leaves_nothing_behind(reliability) -> None:
     try:
         kids = wait_running(p)
         time.sleep(1.0)  # traffic flowing
-        kids = children_of(p.pid) or kids
+        kids = descendants_of(p.pid) or kids
         p.kill()
         p.wait(30)
         wait_for(lambda: not any(alive(k) for k in kids), "the run's processes to exit by themselves")

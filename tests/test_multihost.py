@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from procs import DEADLINE, ROOT, alive, children_of, segments_of, wait_for
+from procs import DEADLINE, ROOT, alive, descendants_of, segments_of, wait_for
 
 from emu import control, security
 from emu.shm import sweep_stale
@@ -126,7 +126,7 @@ def test_host_killed_mid_run_is_reported_and_others_keep_running(tmp_path: Path,
                  "every host to run", DEADLINE * 2)
         wait_for(lambda: "Summary" in c.out_path.read_text(), "live lines")
         victim = hosts["h2"].p
-        kids = children_of(victim.pid)
+        kids = descendants_of(victim.pid)
         victim.kill()
         wait_for(lambda: "host h2 lost" in c.text(), "the coordinator to report h2 lost")
         wait_for(lambda: not any(alive(k) for k in kids), "h2's processes to exit by themselves")

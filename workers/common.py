@@ -10,6 +10,7 @@ process that launched it is gone, so a coordinator killed with SIGKILL leaves no
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 import time
@@ -124,6 +125,19 @@ class Liveness:
     def __init__(self, row: StatsRow, parent_pid: int, every: float = 0.05) -> None:
         self.row = row
         self.parent_pid = parent_pid
+        # Workers are forked by the coordinator's fork server (`emu.launch`), which lives as long as any
+        # worker does, so the parent's pid says little: watch the coordinator itself through a pidfd,
+        # which becomes readable when it dies, even while it is an unreaped zombie (a killed `emu host`
+        # whose own parent has not waited for it yet would still answer kill(pid, 0)).
+        self.ppid = os.getppid()
+        self.pidfd: int | None = None
+        self.gone = False
+        try:
+            self.pidfd = os.pidfd_open(parent_pid)
+        except ProcessLookupError:
+            self.gone = True
+        except (AttributeError, OSError):  # no pidfds (kernel < 5.3): the parent check below only
+            pass
         self.every = every
         self.next = 0.0
 
@@ -134,7 +148,12 @@ class Liveness:
             return True
         self.next = now + self.every
         self.row.beat()
-        return os.getppid() == self.parent_pid
+        if self.gone or os.getppid() != self.ppid:
+            return False
+        if self.pidfd is not None and select.select([self.pidfd], [], [], 0)[0]:
+            self.gone = True
+            return False
+        return True
 
 
 class WarnOnce:
