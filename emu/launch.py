@@ -9,8 +9,8 @@ instead of 0.7 s.  Forking from the server, not from the coordinator, keeps what
 threads, locks or sockets of the coordinator are inherited, and each worker still gets the coordinator's
 ``sys.path`` and working directory.
 
-The workers are then children of the fork server, which exits when the coordinator does; so a worker
-watches both its parent (`workers.common.Liveness`) and the coordinator's pid.
+The workers are then children of the fork server, which lives until the coordinator and every worker
+are gone; so a worker watches the coordinator itself, through a pidfd (`workers.common.Liveness`).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """What every emulator process shares: its launch description, CPU pinning, sockets and liveness.
 
-Processes are started with the ``spawn`` method (a forked child would inherit the parent's zmq context,
-which libzmq does not survive) and get one `ProcSpec`: which row of the stats table is theirs, which
-host's page memory to map, and the zmq endpoints of everything they talk to.  Each creates its own zmq
-context after start.  A process exits by itself when the coordinator asks (``Cmd.EXIT``) or when the
-process that launched it is gone, so a coordinator killed with SIGKILL leaves no worker behind.
+Processes are forked by a fork server that has only imported their modules (`emu.launch`; a child
+forked from the coordinator itself would inherit its zmq context, which libzmq does not survive) and
+get one `ProcSpec`: which row of the stats table is theirs, which host's page memory to map, and the
+zmq endpoints of everything they talk to.  Each creates its own zmq context after start.  A process
+exits by itself when the coordinator asks (``Cmd.EXIT``) or when the coordinator is gone, so a
+coordinator killed with SIGKILL leaves no worker behind.
 """
 
 from __future__ import annotations

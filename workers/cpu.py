@@ -262,7 +262,8 @@ class CpuWorker:
 
     def _tx_reaped(self, hdr: dict, n: int) -> None:
         """Frames of this CPU's TX queue came back (completed or refused): their ring slots are free."""
-        t = self.by_name.get(hdr.get("dev"))  # type: ignore[arg-type]
+        t = self.by_name.get(hdr.get("dev"))
+        # (A txdrop names no queue: it always answers this CPU's own xmit.)
         if t is not None and t.own_txq and hdr.get("txq", self.cpu % t.tx_queues) == self.cpu % t.tx_queues:
             t.tx_used = max(0, t.tx_used - n)
 
