@@ -150,10 +150,13 @@ class CpuWorker:
                        dev.tx_ring_size, dev.tx_queues >= self.ncpus)
             self.targets[dev.ifindex] = t
             self.by_name[name] = t
-        # A pass runs once its TX queues have room for a poll (or for a whole ring smaller than one).
-        self.tx_poll_min = min([self.budget] + [t.tx_ring for t in self.by_name.values() if t.own_txq])
         self.rxqs: dict[tuple[str, int], RxQueue] = {}
         self._load_programs()
+        # The TX queues of its own this CPU can fill: XDP_TX's (the devices it receives on) and
+        # ndo_xdp_xmit's.  A pass runs once they have room for a poll (or for a whole ring smaller than one).
+        rx_devs = {rxq.dev for rxq in self.rxqs.values()}
+        self.tx_limited = [t for t in self.by_name.values() if t.own_txq and (t.xdp_xmit or t.name in rx_devs)]
+        self.tx_poll_min = min([self.budget] + [t.tx_ring for t in self.tx_limited])
         self.warn_once = WarnOnce(spec.key)
         # This pass's bulks: (device, kind) -> list of page-id arrays to transmit.
         self.tx_bulk: dict[tuple[str, str], list[np.ndarray]] = {}
@@ -278,8 +281,8 @@ class CpuWorker:
         out of the pool stay bounded by the rings, as on a real NIC, instead of piling up in messages
         while the TX side waits for a core."""
         room = POLLS_PER_FLUSH * self.budget * max(1, len(self.rxqs))
-        for t in self.by_name.values():
-            if t.own_txq and not t.down:
+        for t in self.tx_limited:
+            if not t.down:
                 room = min(room, t.tx_ring - t.tx_used)
         return room
 
@@ -292,7 +295,7 @@ class CpuWorker:
         st = pm.state
         out = (st == PageState.TX_QUEUED) | (st == PageState.TX_INFLIGHT)
         held = int(np.count_nonzero(out & (pm.owner == self.cpu)))
-        for t in self.by_name.values():
+        for t in self.tx_limited:
             if t.tx_used > held:
                 t.tx_used = held
 
@@ -665,7 +668,7 @@ class CpuWorker:
             if room >= self.tx_poll_min:
                 self.run_programs(room)
             elif any(rxq.pending for rxq in self.rxqs.values()):
-                self.c[self.i["tx_ring_waits"]] += 1
+                c[self.i["tx_ring_waits"]] += 1
                 self.tx_resync()
             for _ in range(POLLS_PER_FLUSH):
                 recycles = pool.direct_recycles
