@@ -178,6 +178,82 @@ class BareXdp:
             self.pm.close()
 
 
+
+def _bare_peer(prefix: str, core: int | None, seconds: float, conn) -> None:
+    """One copy of the bare loop in its own process on its own core: ready, then from the start time the
+    parent sends, whole passes over its pages until `seconds` have gone by."""
+    _child_setup()
+    if core is not None:
+        os.sched_setaffinity(0, {core})
+    bare = BareXdp(prefix)
+    try:
+        bare.run(1)  # warm: the pages and the program's code paths
+        before = bare.packets_counted()
+        conn.send("ready")
+        start = conn.recv()
+        while time.monotonic() < start:
+            pass
+        start = time.monotonic()  # later than asked only if this process got no core in time
+        end = start + seconds
+        passes = 0
+        while True:
+            bare.run(1)
+            passes += 1
+            if time.monotonic() >= end:
+                break
+        took = time.monotonic() - start
+        conn.send({"packets": passes * bare.npages, "counted": bare.packets_counted() - before, "seconds": took,
+                   "verdicts_ok": bare.verdicts_ok})
+        conn.recv()
+    finally:
+        bare.close()
+
+
+def usable_cores() -> list[int]:
+    """The cores this process may run on."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def bare_parallel(prefix: str, ncores: int, seconds: float) -> dict:
+    """`ncores` copies of the bare loop at once, each in its own process pinned to its own core, all
+    starting at the same moment and running for `seconds`: the packets per second they reach together.
+    Against one copy measured the same way, what a second core adds on this machine when nothing is
+    shared (a virtual machine's second vCPU can be less than a core)."""
+    cores = usable_cores()
+    if ncores > len(cores):
+        raise ValueError(f"{ncores} cores asked for, {len(cores)} usable")
+    mpc = mp.get_context("spawn")
+    procs, conns = [], []
+    done = False
+    try:
+        for k in range(ncores):
+            parent, child = mpc.Pipe()
+            p = mpc.Process(target=_bare_peer, args=(f"{prefix}-p{k}", cores[k], seconds, child), daemon=True,
+                            name=f"bench-bare-{k}")
+            p.start()
+            procs.append(p)
+            conns.append(parent)
+        for conn, p in zip(conns, procs, strict=True):
+            _wait_ready(conn, p)
+        start = time.monotonic() + 0.1
+        for conn in conns:
+            conn.send(start)
+        results = [_wait_ready(conn, p, seconds + 60.0, "finish") for conn, p in zip(conns, procs, strict=True)]
+        for conn in conns:
+            conn.send("bye")
+        done = True
+    finally:
+        _stop(procs, graceful=done)
+        from emu.shm import unlink_prefix
+
+        for k in range(ncores):
+            unlink_prefix(f"{prefix}-p{k}")  # a peer that was killed cannot clean up after itself
+    rates = [r["packets"] / r["seconds"] for r in results]
+    return {"cores": ncores, "pps": sum(rates), "per_core_pps": rates,
+            "packets": sum(r["packets"] for r in results),
+            "counted_ok": all(r["counted"] == r["packets"] > 0 for r in results),
+            "verdicts_ok": all(r["verdicts_ok"] for r in results)}
+
 # --------------------------------------------------------------------------------------------------
 # 2. transport ceiling: zmq PUSH/PULL of packed descriptor batches
 
@@ -236,12 +312,13 @@ def _transport_peer(mode: str, addr_in: str, addr_out: str, n: int, conn) -> Non
         ctx.term()
 
 
-def _wait_ready(conn, p: mp.process.BaseProcess, timeout: float = 60.0) -> None:
+def _wait_ready(conn, p: mp.process.BaseProcess, timeout: float = 60.0, doing: str = "start") -> object:
+    """The next thing `p` sends on `conn`; an error naming it if it dies or stays silent first."""
     deadline = time.monotonic() + timeout
     while not conn.poll(0.1):
         if not p.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"{p.name} did not start (exit code {p.exitcode})")
-    conn.recv()
+            raise RuntimeError(f"{p.name} did not {doing} (exit code {p.exitcode})")
+    return conn.recv()
 
 
 @contextlib.contextmanager

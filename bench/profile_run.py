@@ -149,7 +149,7 @@ def profile(topo_name: str, seconds: float, rate: int, warmup: float = 1.5) -> d
     pyspy = shutil.which("py-spy")
     if pyspy is None:
         raise SystemExit("py-spy not found: pip install py-spy")
-    topo = emu_runs.load(topo_name)
+    topo = emu_runs.case(topo_name)
     kinds = emu_runs.kinds_of(topo)
     run = TimedRun.make(topo, warmup + seconds + 1.0)
     out: dict = {"processes": {}, "errors": []}
@@ -286,7 +286,7 @@ def cprofile_run(topo_name: str, seconds: float, top: int = 12) -> dict:
     import os
     import pstats
 
-    topo = emu_runs.load(topo_name)
+    topo = emu_runs.case(topo_name)
     kinds = emu_runs.kinds_of(topo)
     tmp = Path(tempfile.mkdtemp(prefix="ppemu-cprofile-"))
     os.environ[CPROFILE_ENV] = str(tmp)
@@ -390,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=8.0, help="profiling window (default 8)")
     ap.add_argument("--rate", type=int, default=100, help="py-spy samples per second (default 100)")
-    ap.add_argument("--topology", default="l2fwd", help="bundled topology name (default l2fwd)")
+    ap.add_argument("--topology", default="l2fwd",
+                    help="bundled topology name, or one of the suite's variants: "
+                         f"{', '.join(emu_runs.VARIANTS)} (default l2fwd)")
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="l2fwd knob sensitivity instead of a profile")
     ap.add_argument("--no-cprofile", action="store_true", help="skip the second run under cProfile")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -47,16 +48,20 @@ def no_leftovers():
 # pure functions
 
 
-def _emu_sample(pps: int, violations: int = 0, kind_rss: float = 60.0, fp: float = 0.8, hwm: float = 20.0) -> dict:
+def _emu_sample(pps: int, violations: int = 0, kind_rss: float = 60.0, fp: float = 0.8, hwm: float = 20.0,
+                cpu_us: dict | None = None) -> dict:
     return {"topology": "t", "rx_pps": pps, "delivered_pps": pps, "first_packet_s": fp, "violations": violations,
             "unaccounted": 0, "corrupted": 0, "allocated_hwm_mb": hwm,
             "rss_mb": {"cpu": kind_rss, "device": kind_rss + 1},
-            "rss_private_mb": {"cpu": 20.0}, "pss_mb": {"cpu": 30.0}, "cpu_us_per_pkt": {"cpu": 2.0}}
+            "rss_private_mb": {"cpu": 20.0}, "pss_mb": {"cpu": 30.0},
+            "cpu_us_per_pkt": cpu_us if cpu_us is not None else {"cpu": 2.0}}
 
 
 def _samples() -> dict:
     return {
         "bare": [{"pps": 3e6}, {"pps": 1e6}, {"pps": 2e6}],
+        "bare-cores": [{"pps_1": 1e6, "pps_2": 1.8e6, "scaling": 1.8}, {"pps_1": 2e6, "pps_2": 3e6, "scaling": 1.5},
+                       {"pps_1": 1e6, "pps_2": 2e6, "scaling": 2.0}],
         "transport": [{"desc_per_s": 5e6, "rtt_desc_per_s": 4e6, "rtt_us": 50.0}],
         "naive": [{"pps": 50_000.0}, {"pps": 70_000.0}],
         "pool": [{"fast_ns": 100.0, "ring_ns": 200.0, "allocator_ns": 150.0}],
@@ -65,6 +70,8 @@ def _samples() -> dict:
         "l2fwd": [_emu_sample(150_000, violations=1, kind_rss=70.0, fp=1.2), _emu_sample(130_000, fp=0.6, hwm=24.5),
                   _emu_sample(110_000, violations=3)],
         "l2fwd-1cpu": [_emu_sample(100_000)],
+        "l2fwd-filter": [_emu_sample(30_000)],
+        "l2fwd-filter-1cpu": [_emu_sample(20_000)],
     }
 
 
@@ -72,18 +79,45 @@ def test_derive_medians_ratios_and_summed_violations():
     r = suite.derive(_samples(), cli=None)
     assert r["bare_xdp_pps"] == 2_000_000
     assert r["naive_queue_pps"] == 60_000
+    # Each round's own ratio, then the median: 1.8, not the 2.0 of the medians' ratio.
+    assert r["bare_scaling_2_to_1"] == 1.8 and r["bare_xdp_2core_pps"] == 2_000_000
     assert r["l2fwd_pps"] == r["l2fwd_2cpu_pps"] == 130_000
     assert r["l2fwd_to_bare"] == pytest.approx(r["l2fwd_pps"] / r["bare_xdp_pps"], abs=1e-4)
     assert r["l2fwd_to_naive"] == pytest.approx(r["l2fwd_pps"] / r["naive_queue_pps"], abs=1e-4)
     assert r["scaling_2_to_1"] == pytest.approx(r["l2fwd_2cpu_pps"] / r["l2fwd_1cpu_pps"], abs=1e-4)
     assert r["drop_to_l2fwd"] == pytest.approx(r["xdp_drop_pps"] / r["l2fwd_pps"], abs=1e-4)
+    assert r["filter_scaling_2_to_1"] == pytest.approx(r["l2fwd_filter_pps"] / r["l2fwd_filter_1cpu_pps"], abs=1e-4)
     assert r["violations"] == 2 + 1 + 3 == sum(x["violations"] for x in r["runs"])
-    assert len(r["runs"]) == 6
+    assert len(r["runs"]) == 8
     assert r["rss_mb"]["cpu"] == 70.0 and r["rss_mb"]["device"] == 71.0  # the peak over runs
-    assert r["rss_mb_by_topology"] == {"xdp-drop": 61.0, "xdp-tx": 61.0, "l2fwd": 71.0, "l2fwd-1cpu": 61.0}
-    assert r["allocated_hwm_mb_by_topology"] == {"xdp-drop": 20.0, "xdp-tx": 20.0, "l2fwd": 24.5, "l2fwd-1cpu": 20.0}
+    assert r["rss_mb_by_topology"] == {"xdp-drop": 61.0, "xdp-tx": 61.0, "l2fwd": 71.0, "l2fwd-1cpu": 61.0,
+                                       "l2fwd-filter": 61.0, "l2fwd-filter-1cpu": 61.0}
+    assert r["allocated_hwm_mb_by_topology"] == {"xdp-drop": 20.0, "xdp-tx": 20.0, "l2fwd": 24.5, "l2fwd-1cpu": 20.0,
+                                                 "l2fwd-filter": 20.0, "l2fwd-filter-1cpu": 20.0}
     assert r["rss_mb"]["coordinator"] > 0  # this process, without the CLI run
     assert r["first_packet_s"] == 0.8 and r["first_packet_max_s"] == 1.2
+
+
+def test_ceilings_follow_from_the_cpu_time_per_packet():
+    samples = _samples()
+    # One CPU: 1.5 us of CPU per packet at 1M pkt/s keeps 1.5 of 2 cores busy; two: 2.5 us at 700k.
+    samples["l2fwd-1cpu"] = [_emu_sample(1_000_000, cpu_us={"cpu": 0.5, "device": 0.6, "traffic": 0.4})]
+    samples["l2fwd"] = [_emu_sample(700_000, cpu_us={"cpu": 0.9, "device": 1.0, "traffic": 0.6})]
+    samples["l2fwd-filter-1cpu"] = [_emu_sample(100_000, cpu_us={"cpu": 8.0, "device": 1.0, "traffic": 1.0})]
+    r = suite.derive(samples, cli=None, cores=2)
+    assert r["cpu_us_per_pkt_total"]["l2fwd"] == 2.5 and r["cpu_us_per_pkt_total"]["l2fwd-1cpu"] == 1.5
+    assert r["cores_busy"]["l2fwd-1cpu"] == 1.5 and r["cores_busy"]["l2fwd"] == 1.75
+    assert r["pps_ceiling"]["l2fwd"] == 800_000  # 2 cores / 2.5 us
+    assert r["l2fwd_to_bare_ceiling"] == pytest.approx(800_000 / 2_000_000)
+    assert r["scaling_2_to_1_ceiling"] == pytest.approx(2 / 1.5, abs=1e-4)  # the idle half core, at best
+    assert r["filter_scaling_2_to_1_ceiling"] == pytest.approx(2 / 1.0)  # 10 us x 100k: one core busy
+    targets = {t["key"]: t for t in suite.evaluate_targets(r)}
+    assert targets["l2fwd_to_bare"]["ceiling"] == 0.4 and targets["l2fwd_to_bare"]["reachable"] is True
+    assert targets["scaling_2_to_1"]["reachable"] is False  # 1.33 < 1.6
+    assert targets["l2fwd_to_naive"]["ceiling"] is None and targets["l2fwd_to_naive"]["reachable"] is None
+    # Without CPU times (a run too short to sample) there is no ceiling, not a zero one.
+    samples["l2fwd-1cpu"][0]["cpu_us_per_pkt"] = {}
+    assert suite.derive(samples, cli=None, cores=2)["scaling_2_to_1_ceiling"] is None
 
 
 def test_cli_violations_count_too():
@@ -146,6 +180,12 @@ def test_topology_variants_are_validated_edits():
     assert v.traffic["gen0"].generate.burst == 256
     assert emu_runs.kinds_of(one) == {"h1/cpu0": "cpu", "h1/eth0": "device", "h1/eth1": "device",
                                       "gen0": "traffic", "sink0": "traffic"}
+    f = emu_runs.case("l2fwd-filter-1cpu")
+    xdp = f.hosts["h1"].devices["eth0"].xdp
+    assert f.hosts["h1"].cpus == 1 and xdp.program == "emu.programs:l2fwd_filter"
+    assert xdp.params == {"egress": "eth1", "deny_ports": [53]}
+    assert set(emu_runs.VARIANTS) | {"xdp-drop", "xdp-tx", "l2fwd"} == set(suite.EMU_CASES)
+    assert emu_runs.case("l2fwd").hosts["h1"].cpus == 2
 
 
 def test_proc_readers_see_this_process():
@@ -207,6 +247,23 @@ def test_transport_delivers_every_batch(no_leftovers):
 
 
 @pytest.mark.slow
+def test_bare_parallel_runs_one_copy_per_core(no_leftovers):
+    prefix = new_run_prefix()
+    try:
+        one = baselines.bare_parallel(prefix, 1, 0.05)
+        assert one["cores"] == 1 and len(one["per_core_pps"]) == 1
+        assert one["counted_ok"] and one["verdicts_ok"] and one["packets"] % 1024 == 0 and one["pps"] > 0
+        if len(baselines.usable_cores()) >= 2:
+            two = baselines.bare_parallel(prefix, 2, 0.05)
+            assert len(two["per_core_pps"]) == 2 and two["counted_ok"] and two["verdicts_ok"]
+            assert two["pps"] == pytest.approx(sum(two["per_core_pps"]))
+        with pytest.raises(ValueError, match="usable"):
+            baselines.bare_parallel(prefix, len(baselines.usable_cores()) + 1, 0.05)
+    finally:
+        unlink_prefix(prefix)
+
+
+@pytest.mark.slow
 def test_naive_sink_receives_exactly_n(no_leftovers):
     r = baselines.naive_queue(500)
     assert r["received"] == r["sent"] == 500
@@ -242,7 +299,15 @@ def test_tiny_suite_writes_every_key(tmp_path, no_leftovers):
     assert all(x["batches"] == cfg["transport_batches"] and x["in_order"] for x in s["transport"])
     assert all(x["rtt_batches"] == cfg["rtt_batches"] and x["rtt_all_back"] for x in s["transport"])
     assert all(x["received"] == cfg["naive_packets"] and x["seq_ok"] for x in s["naive"])
-    assert all(x["delivered"] > 0 for x in s["l2fwd"] + s["xdp-tx"] + s["l2fwd-1cpu"])
+    assert all(x["delivered"] > 0 for x in s["l2fwd"] + s["xdp-tx"] + s["l2fwd-1cpu"] + s["l2fwd-filter"]
+               + s["l2fwd-filter-1cpu"])
+    assert res["filter_scaling_2_to_1"] == pytest.approx(res["l2fwd_filter_pps"] / res["l2fwd_filter_1cpu_pps"],
+                                                         abs=1e-4)
+    assert res["cores_used"] == res["machine"]["usable_cores"]
+    if res["cores_used"] >= 2:
+        assert all(x["counted_ok"] and x["verdicts_ok"] for x in s["bare-cores"])
+        assert res["bare_scaling_2_to_1"] == pytest.approx(statistics.median(x["scaling"] for x in s["bare-cores"]),
+                                                           abs=1e-4)
     # pages were handed out in every run, never more than the host's page memory (8192 x 4 KiB)
     assert all(0 < x["allocated_hwm_mb"] <= 32.0 for name in suite.EMU_CASES for x in s[name])
     assert set(res["allocated_hwm_mb_by_topology"]) == set(suite.EMU_CASES)

@@ -96,6 +96,23 @@ def test_l2fwd_per_packet_programs_forward_the_same() -> None:
     assert r["maps"]["h1:eth0"]["rxcnt"]["entries"]["0"]["sum"] == 10_000
 
 
+@pytest.mark.parametrize(("deny", "forwarded"), [(53, True), (9, False)])
+def test_l2fwd_filter_parses_every_packet_and_drops_the_denied_port(deny: int, forwarded: bool) -> None:
+    """The dpkt-parsing program (per packet only) in the l2fwd topology; the generator's frames all go to
+    UDP port 9, so denying 9 drops every one at XDP and denying 53 forwards every one."""
+    text = (TOPO / "l2fwd.yaml").read_text()
+    text = text.replace('"emu.programs:l2fwd"', '"emu.programs:l2fwd_filter"')
+    text = text.replace("params: {egress: eth1}", f"params: {{egress: eth1, deny_ports: [{deny}]}}")
+    r = run(validate_topology_text(text, "l2fwd.yaml"), count=3_000)
+    assert_clean(r)
+    t = r["traffic"]
+    entries = r["maps"]["h1:eth0"]["rxcnt"]["entries"]
+    if forwarded:
+        assert t["delivered"] == 3_000 == totals(r, "redirect") == entries["0"]["sum"], t
+    else:
+        assert t["dropped"] == 3_000 == totals(r, "drop") == entries["1"]["sum"] and t["delivered"] == 0, t
+
+
 def test_xdp_drop_recycles_into_the_cache() -> None:
     r = run(load_topology(TOPO / "xdp-drop.yaml"), count=20_000)
     assert_clean(r)

@@ -295,7 +295,34 @@ def test_l2fwd_map(loaded: Loader) -> None:
     assert ms["rxcnt"].sum(0) == 2  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("name", ["xdp_tx", "l2fwd"])
+def test_l2fwd_filter_drops_denied_ports_and_forwards_the_rest(loaded: Loader) -> None:
+    prog, ctx, ms = loaded("emu.programs:l2fwd_filter", params={"egress": "eth1", "deny_ports": [53, 9]})
+    assert getattr(prog.fn, "batch", None) is None  # per packet only: what makes it CPU-heavy
+    frame = make_frame()  # UDP to port 9
+    _, data = in_page(frame)
+    assert run(prog, ctx, data) == XDP_DROP and bytes(data) == frame
+    assert ms["rxcnt"].values(1) == [1, 0]  # type: ignore[attr-defined]  # key 1 (denied), on CPU 0
+    prog, ctx, ms = loaded("emu.programs:l2fwd_filter", params={"egress": "eth1", "deny_ports": [53]})
+    assert run(prog, ctx, data) == XDP_REDIRECT
+    assert ctx.redirect_ifindex == IFINDEXES["eth1"] and bytes(data) == swapped(frame)
+    not_ip = frame[:12] + b"\x88\xb5" + frame[14:]  # a local experimental EtherType: no ports to filter
+    _, data = in_page(not_ip)
+    assert run(prog, ctx, data) == XDP_REDIRECT and bytes(data) == swapped(not_ip)
+    rxcnt = ms["rxcnt"]
+    assert rxcnt.values(0) == [2, 0] and rxcnt.values(1) == [0, 0]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("params", "fragment"),
+    [({"deny_ports": [9]}, "params.egress"), ({"egress": "eth1", "deny_ports": [70000]}, "deny_ports"),
+     ({"egress": "eth1", "deny_ports": "9"}, "deny_ports")],
+)
+def test_l2fwd_filter_setup_errors(loaded: Loader, params: dict, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        loaded("emu.programs:l2fwd_filter", params=params)
+
+
+@pytest.mark.parametrize("name", ["xdp_tx", "l2fwd", "l2fwd_filter"])
 def test_runt_frames_are_dropped(loaded: Loader, name: str) -> None:
     prog, ctx, _ = loaded(f"emu.programs:{name}", params={"egress": "eth1"})
     _, data = in_page(b"\x01" * 10)

@@ -69,6 +69,9 @@ POLLS_PER_FLUSH = 8
 # A sleeping CPU is woken once this many polls' worth of RX descriptors wait (measured: 1 wakes it too
 # often, 8 leaves it idle too long; l2fwd and xdp-drop both do best at 4).
 RX_BELL_POLLS = 4
+# Passes in a row waiting on full TX queues, with completions still coming in, before `tx_resync`
+# checks the page table anyway.
+TX_RESYNC_WAITS = 64
 
 CPU_KINDS = ("rx", "txc", "txdrop", "rxret", "skb", "bell")
 DEVICE_BIT = 32  # in the offline mask, device number i is bit 32 + i
@@ -645,6 +648,7 @@ class CpuWorker:
         poller.register(inbox.sock, zmq.POLLIN)
         poller.register(bell.fd, zmq.POLLIN)
         self.row.set_state(ProcState.READY)
+        waits = 0  # passes in a row that found the TX queues too full to poll
         while True:
             cmd = c[0]
             if cmd >= Cmd.EXIT or not live.tick():
@@ -666,10 +670,15 @@ class CpuWorker:
             pool = self.pool
             room = self.tx_room()
             if room >= self.tx_poll_min:
+                waits = 0
                 self.run_programs(room)
             elif any(rxq.pending for rxq in self.rxqs.values()):
                 c[self.i["tx_ring_waits"]] += 1
-                self.tx_resync()
+                waits += 1
+                # A scan of the whole page table: only once no message came in this pass (so no
+                # completion is on its way), or after many waits in a row, not on every waiting pass.
+                if not got or waits % TX_RESYNC_WAITS == 0:
+                    self.tx_resync()
             for _ in range(POLLS_PER_FLUSH):
                 recycles = pool.direct_recycles
                 n = self.napi_poll()
