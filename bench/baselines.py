@@ -254,6 +254,88 @@ def bare_parallel(prefix: str, ncores: int, seconds: float) -> dict:
             "counted_ok": all(r["counted"] == r["packets"] > 0 for r in results),
             "verdicts_ok": all(r["verdicts_ok"] for r in results)}
 
+
+# Where a frame sits in its page (XDP_PACKET_HEADROOM) and how much of it a hop reads or writes: the
+# first cache line (a 64-byte frame is exactly one).
+_HEAD_OFF, _HEAD_LEN = 256, 64
+
+
+def _handover_writer(name: str, core: int, npages: int, page_size: int, conn) -> None:
+    """Write the first cache line of the pages the parent names, on `core`, then say so."""
+    _child_setup()
+    os.sched_setaffinity(0, {core})
+    from emu.shm import Segment
+
+    seg = Segment.attach(name)
+    try:
+        mem = seg.array(np.uint8, npages * page_size, 0).reshape(npages, page_size)
+        conn.send("ready")
+        while True:
+            msg = conn.recv()
+            if msg is None:
+                break
+            pages, value = msg
+            mem[pages, _HEAD_OFF : _HEAD_OFF + _HEAD_LEN] = value
+            conn.send("written")
+    finally:
+        del mem
+        seg.close()
+
+
+def cache_handover(prefix: str, rounds: int = 200, batch: int = 512, npages: int = 8192,
+                   page_size: int = 4096) -> dict:
+    """What it costs a process to read the first cache line of a batch of packets another process just
+    wrote on the other core, against reading them again once they are in its own cache: each hop of a
+    packet through the emulator (eth0 writes the frame, a CPU worker reads and rewrites its header,
+    eth1 reads it) pays the first.  `batch` random pages of `npages` (the host's page memory), gathered
+    the way `XdpBatch.head` and a device's `_gather` do; ns per packet, medians over `rounds`."""
+    cores = usable_cores()
+    if len(cores) < 2:
+        raise ValueError("cache_handover needs two usable cores")
+    from emu.shm import Segment
+
+    name = f"{prefix}-handover"
+    seg = Segment.create(name, npages * page_size)
+    mpc = mp.get_context("spawn")
+    parent, child = mpc.Pipe()
+    p = mpc.Process(target=_handover_writer, args=(name, cores[1], npages, page_size, child), daemon=True,
+                    name="bench-handover")
+    old = os.sched_getaffinity(0)
+    done = False
+    try:
+        os.sched_setaffinity(0, {cores[0]})
+        mem = seg.array(np.uint8, npages * page_size, 0).reshape(npages, page_size)
+        mem[:, _HEAD_OFF : _HEAD_OFF + _HEAD_LEN] = 0  # every page mapped in both processes first
+        p.start()
+        _wait_ready(parent, p)
+        rng = np.random.default_rng(7)
+        remote, local = [], []
+        ok = True
+        for r in range(rounds):
+            pages = rng.choice(npages, batch, replace=False).astype(np.int64)
+            value = r % 251 + 1
+            parent.send((pages, value))
+            _wait_ready(parent, p, doing="write")
+            t0 = time.perf_counter_ns()
+            rows = mem[pages, _HEAD_OFF : _HEAD_OFF + _HEAD_LEN]
+            t1 = time.perf_counter_ns()
+            again = mem[pages, _HEAD_OFF : _HEAD_OFF + _HEAD_LEN]
+            t2 = time.perf_counter_ns()
+            ok &= bool((rows == value).all() and (again == value).all())
+            remote.append((t1 - t0) / batch)
+            local.append((t2 - t1) / batch)
+        parent.send(None)
+        done = True
+    finally:
+        os.sched_setaffinity(0, old)
+        _stop([p], graceful=done)
+        mem = rows = again = None
+        seg.close()
+        seg.unlink()
+    rem, loc = float(np.median(remote)), float(np.median(local))
+    return {"batch": batch, "rounds": rounds, "remote_ns_per_pkt": round(rem, 1), "local_ns_per_pkt": round(loc, 1),
+            "handover_ns_per_pkt": round(rem - loc, 1), "bytes_seen_ok": ok}
+
 # --------------------------------------------------------------------------------------------------
 # 2. transport ceiling: zmq PUSH/PULL of packed descriptor batches
 

@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import emu_runs
-from bench.baselines import proc_cpu_seconds, proc_threads_cpu, thread_schedstat
+from bench.baselines import cache_handover, proc_cpu_seconds, proc_threads_cpu, thread_schedstat, usable_cores
 from bench.pool_bench import machine_info, write_atomic
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -265,6 +265,14 @@ def render(res: dict) -> str:
     total = sum(p["cpu_us_per_pkt"] for p in procs.values())
     zmq_total = sum(p["cpu_us_per_pkt"] * p["zmq_thread_share"] for p in procs.values())
     lines.append(f"| **all** | | **{total:.2f}** | {zmq_total:.2f} us | | | |")
+    h = res.get("handover")
+    if h:
+        lines += ["", f"Cache hand-over (`bench/baselines.py: cache_handover`, {h['rounds']} batches of {h['batch']} "
+                  f"random pages): reading a packet's first cache line right after a process on the other core "
+                  f"wrote it costs {h['remote_ns_per_pkt']} ns a packet, reading it again {h['local_ns_per_pkt']} ns: "
+                  f"{h['handover_ns_per_pkt']} ns a hop.  In l2fwd eth0 writes each frame, a CPU worker reads and "
+                  f"rewrites its header and eth1 reads it: at most about {3 * h['handover_ns_per_pkt'] / 1000:.2f} us "
+                  f"of the {total:.2f} above (less when two hops happen to run on the same core)."]
     lines += ["", "Shares below are of a process's py-spy samples outside zmq polls (its Python thread, running or "
               "waiting for a core: on an oversubscribed machine a doorbell's `ring` includes the preemption the "
               "wake-up it causes may bring); us/packet = share x the process's CPU us/packet."]
@@ -409,6 +417,10 @@ def main(argv: list[str] | None = None) -> int:
             write_atomic(RESULTS_DIR / "sweep.md", f"# bench/profile_run.py --sweep ({res['when']})\n\n{text}\n")
         return 0
     res = profile(args.topology, args.seconds, args.rate)
+    if len(usable_cores()) >= 2:
+        from emu.shm import new_run_prefix
+
+        res["handover"] = cache_handover(new_run_prefix())
     res["machine"] = machine_info()
     res["when"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     text = render(res)

@@ -544,6 +544,8 @@ def write_chart(res: dict, path: Path) -> str | None:
         return "matplotlib is not installed (pip install -e '.[bench]'): chart skipped"
     bars = [
         ("bare XDP program (1 core)", res["bare_xdp_pps"], "#888888"),
+        *([("bare XDP program (2 cores)", res["bare_xdp_2core_pps"], "#888888")]
+          if res.get("bare_xdp_2core_pps") else []),
         ("zmq one way (desc/s)", res["transport_desc_per_s"], "#aaaaaa"),
         ("zmq out+back (desc/s)", res["transport_rtt_desc_per_s"], "#aaaaaa"),
         ("naive mp.Queue", res["naive_queue_pps"], "#d62728"),
@@ -575,7 +577,7 @@ def write_chart(res: dict, path: Path) -> str | None:
     ax2.axhline(RSS_LIMIT_MB, color="r", ls="--", lw=1, label=f"{RSS_LIMIT_MB:.0f} MB target")
     ax2.set_xticks(list(x), kinds)
     ax2.set_ylabel("MB per process")
-    ax2.set_title("memory per process kind (peak over runs)")
+    ax2.set_title("memory per process (peak)")
     ax2.legend(fontsize=8)
     m = res["machine"]
     fig.suptitle(f"pagepool-emu bench/run.py, {res['when']}: {m['cpu_model']}, {m['usable_cores']} cores", fontsize=9)

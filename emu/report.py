@@ -293,10 +293,14 @@ def summary(r: dict[str, Any]) -> str:
     out.append(f"  rate     {r['rx_pps']:,} XDP rx pkt/s, {r['delivered_pps']:,} delivered pkt/s")
     for c in r["cpus"]:
         x = c["xdp"]
+        # Passes that left packets in the RX ring because this CPU's XDP TX queues were full: only when
+        # there were any (a TX side too slow for the RX side, or rings too small).
+        waits = c.get("tx_ring_waits", 0)
         out.append(
             f"  {c['host']}/cpu{c['cpu']:<3} rx {c['rx_packets']:,}  drop {x['drop']:,}  pass {x['pass']:,}  "
             f"tx {x['tx']:,}  redirect {x['redirect']:,}  aborted {x['aborted']:,}  redirect_err "
             f"{c['redirect_err']:,}  xdp_exception {c['xdp_exception']:,}"
+            + (f"  tx_ring_waits {waits:,}" if waits else "")
         )
         pp = c["page_pool"]
         out.append("      page_pool " + "  ".join(f"{k} {pp[k]:,}" for k in POOL_STATS if pp[k]))

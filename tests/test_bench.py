@@ -264,6 +264,21 @@ def test_bare_parallel_runs_one_copy_per_core(no_leftovers):
 
 
 @pytest.mark.slow
+def test_cache_handover_reads_what_the_other_core_wrote(no_leftovers):
+    if len(baselines.usable_cores()) < 2:
+        pytest.skip("needs two cores")
+    prefix = new_run_prefix()
+    try:
+        h = baselines.cache_handover(prefix, rounds=5, batch=64, npages=256)
+    finally:
+        unlink_prefix(prefix)
+    # The reader saw every byte the writer process wrote, each round.
+    assert h["bytes_seen_ok"] and h["rounds"] == 5 and h["batch"] == 64
+    assert h["remote_ns_per_pkt"] > 0 and h["local_ns_per_pkt"] > 0
+    assert h["handover_ns_per_pkt"] == pytest.approx(h["remote_ns_per_pkt"] - h["local_ns_per_pkt"], abs=0.11)
+
+
+@pytest.mark.slow
 def test_naive_sink_receives_exactly_n(no_leftovers):
     r = baselines.naive_queue(500)
     assert r["received"] == r["sent"] == 500

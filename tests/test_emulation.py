@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from emu.coordinator import Run, RunOptions
+from emu.report import summary
 from emu.shm import PREFIX, SHM_DIR
 from emu.topology import load_topology, validate_topology_text
 
@@ -205,6 +206,12 @@ def test_full_xdp_tx_ring_holds_rx_back_and_loses_nothing() -> None:
     assert eth1["xmit_full"] == 0 and eth1["xdp_xmit"] == eth1["tx_completions"] == 6_000, eth1
     assert all(c["xmit_drops"] == 0 for c in r["cpus"])
     assert sum(c["tx_ring_waits"] for c in r["cpus"]) > 0
+    # The text summary says so on the line of each CPU that waited.
+    waited = [c for c in r["cpus"] if c["tx_ring_waits"]]
+    lines = summary(r).splitlines()
+    for c in waited:
+        line = next(x for x in lines if x.startswith(f"  {c['host']}/cpu{c['cpu']} "))
+        assert f"tx_ring_waits {c['tx_ring_waits']:,}" in line
 
 
 def test_pass_frees_skbs_on_the_stack_cpu() -> None:
