@@ -178,7 +178,6 @@ class BareXdp:
             self.pm.close()
 
 
-
 def _bare_peer(prefix: str, core: int | None, seconds: float, conn) -> None:
     """One copy of the bare loop in its own process on its own core: ready, then from the start time the
     parent sends, whole passes over its pages until `seconds` have gone by."""
@@ -267,8 +266,8 @@ def _handover_writer(name: str, core: int, npages: int, page_size: int, conn) ->
     from emu.shm import Segment
 
     seg = Segment.attach(name)
+    mem = seg.array(np.uint8, npages * page_size, 0).reshape(npages, page_size)
     try:
-        mem = seg.array(np.uint8, npages * page_size, 0).reshape(npages, page_size)
         conn.send("ready")
         while True:
             msg = conn.recv()
@@ -335,6 +334,7 @@ def cache_handover(prefix: str, rounds: int = 200, batch: int = 512, npages: int
     rem, loc = float(np.median(remote)), float(np.median(local))
     return {"batch": batch, "rounds": rounds, "remote_ns_per_pkt": round(rem, 1), "local_ns_per_pkt": round(loc, 1),
             "handover_ns_per_pkt": round(rem - loc, 1), "bytes_seen_ok": ok}
+
 
 # --------------------------------------------------------------------------------------------------
 # 2. transport ceiling: zmq PUSH/PULL of packed descriptor batches

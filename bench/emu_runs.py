@@ -38,11 +38,6 @@ def load(name: str):
     return load_topology(TOPOLOGIES / f"{name}.yaml")
 
 
-def l2fwd_with_cpus(cpus: int):
-    """The bundled l2fwd topology with `cpus` CPU workers and as many RX queues on eth0."""
-    return l2fwd_variant(cpus=cpus)
-
-
 # The program of the CPU-bound scaling case: per packet only, about 10 us a packet, the CPU workers' work
 # dwarfing the devices' and the traffic ports' (see emu.programs).  Port 53 is denied so that the filter
 # runs its lookup; the generator's frames go to port 9, so every one is forwarded and verified.

@@ -171,7 +171,7 @@ def test_sum_violations_of_a_report():
 
 
 def test_topology_variants_are_validated_edits():
-    one = emu_runs.l2fwd_with_cpus(1)
+    one = emu_runs.case("l2fwd-1cpu")
     h = one.hosts["h1"]
     assert h.cpus == 1 and h.devices["eth0"].rx_queues == 1
     v = emu_runs.l2fwd_variant(burst=256, napi_budget=128, pages=4096, page_size=2048)
