@@ -294,19 +294,19 @@ def cprofile_run(topo_name: str, seconds: float, top: int = 12) -> dict:
     import os
     import pstats
 
-    topo = emu_runs.case(topo_name)
-    kinds = emu_runs.kinds_of(topo)
+    kinds = emu_runs.kinds_of(emu_runs.case(topo_name))
     tmp = Path(tempfile.mkdtemp(prefix="ppemu-cprofile-"))
-    os.environ[CPROFILE_ENV] = str(tmp)
     try:
-        from emu.coordinator import Run, RunOptions
-
-        report = Run(topo, RunOptions(duration=seconds, quiet=True)).run()
-    finally:
-        del os.environ[CPROFILE_ENV]
-    rx = sum(c["rx_packets"] for c in report["cpus"])
-    out: dict = {"seconds": seconds, "rx_packets": rx, "delivered_pps": report["delivered_pps"], "processes": {}}
-    try:
+        # In a fresh interpreter: workers are forked from a fork server that inherits the environment it
+        # started in, and in this process one is already up (the py-spy run) without CPROFILE_ENV.
+        report_file = tmp / "report.json"
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--cprofile-child", str(report_file),
+                        "--topology", topo_name, "--seconds", str(seconds)],
+                       env={**os.environ, CPROFILE_ENV: str(tmp)}, check=True, timeout=seconds + 120)
+        report = json.loads(report_file.read_text())
+        rx = report["rx_packets"]
+        out: dict = {"seconds": seconds, "rx_packets": rx, "delivered_pps": report["delivered_pps"],
+                     "processes": {}}
         for f in sorted(tmp.glob("*.prof")):
             st = pstats.Stats(str(f))
             total = sum(v[2] for v in st.stats.values())  # own time (tottime) of every function
@@ -324,6 +324,8 @@ def cprofile_run(topo_name: str, seconds: float, top: int = 12) -> dict:
             }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if not out["processes"]:
+        raise RuntimeError(f"the cProfile run of {topo_name} left no profiles: its workers were not wrapped")
     return out
 
 
@@ -405,7 +407,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", action="store_true", help="l2fwd knob sensitivity instead of a profile")
     ap.add_argument("--no-cprofile", action="store_true", help="skip the second run under cProfile")
     ap.add_argument("--rounds", type=int, default=3, help="--sweep: interleaved rounds (default 3)")
+    ap.add_argument("--cprofile-child", metavar="REPORT", help=argparse.SUPPRESS)  # see cprofile_run
     args = ap.parse_args(argv)
+    if args.cprofile_child:
+        from emu.coordinator import Run, RunOptions
+
+        report = Run(emu_runs.case(args.topology), RunOptions(duration=args.seconds, quiet=True)).run()
+        rx = sum(c["rx_packets"] for c in report["cpus"])
+        Path(args.cprofile_child).write_text(json.dumps({"rx_packets": rx, "delivered_pps": report["delivered_pps"]}))
+        return 0
     if args.sweep:
         res = sweep(max(1, args.rounds), args.seconds)
         res["machine"] = machine_info()

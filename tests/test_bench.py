@@ -279,6 +279,19 @@ def test_cache_handover_reads_what_the_other_core_wrote(no_leftovers):
 
 
 @pytest.mark.slow
+def test_cprofile_run_profiles_every_worker(no_leftovers):
+    """The workers are forked from a fork server, which must have started with the profiling switch set
+    (a run in this process may already have started one without it)."""
+    from bench import profile_run
+
+    res = profile_run.cprofile_run("xdp-drop", 0.6, top=5)
+    assert set(res["processes"]) == {"h1/cpu0", "h1/eth0", "gen0"}
+    assert res["rx_packets"] > 0
+    for p in res["processes"].values():
+        assert p["cpu_s"] > 0 and 0 < len(p["top"]) <= 5
+
+
+@pytest.mark.slow
 def test_naive_sink_receives_exactly_n(no_leftovers):
     r = baselines.naive_queue(500)
     assert r["received"] == r["sent"] == 500
