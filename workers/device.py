@@ -255,23 +255,29 @@ class Device:
         if self.tx.busy():
             return 0
         now = time.monotonic_ns()
-        sent: list[tuple[TxQueue, np.ndarray]] = []
+        # Every queue's frames in one batch, queue after queue: each queue's completions are then a
+        # slice of it (one copy in all, not one per queue and another across them).
+        parts: list[np.ndarray] = []
+        sent: list[tuple[TxQueue, int]] = []
         for q in self.txqs:
             if q.queued:
-                sent.append((q, concat_descs(q.queued)))
+                parts.extend(q.queued)
+                sent.append((q, q.nqueued))
                 q.queued.clear()
                 q.nqueued = 0
         if not sent:
             return 0
-        d = concat_descs([d for _, d in sent])
+        d = concat_descs(parts)
         frames = self._gather(d)
         # State first: should this process die in between, a page already counted as sent must not also
         # look like a frame still queued (the coordinator counts those as lost).
         self.pm.state.put(d["page"], PageState.TX_INFLIGHT)
         self._wire_send(frames)
-        for q, qd in sent:
-            q.inflight.append((now + self.completion_ns, qd))
-            q.ninflight += len(qd)
+        start = 0
+        for q, n in sent:
+            q.inflight.append((now + self.completion_ns, d[start : start + n]))
+            q.ninflight += n
+            start += n
         return len(d)
 
     def _gather(self, d: np.ndarray) -> FrameBatch:
