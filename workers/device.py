@@ -362,7 +362,7 @@ class Device:
         # Each queue's frames and the buffers posted for them; written into the pages all at once when
         # every frame found a buffer at the same offset (one scatter, no per-queue gather of rows).
         filled: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
-        dest = np.empty(n, dtype=np.int64) if qs is not None else None
+        dest = np.empty(n, dtype=np.int64)  # the page each frame goes to
         for q in range(self.nrxq):
             idx = np.flatnonzero(qs == q) if qs is not None else np.arange(n)
             if not len(idx):
@@ -375,15 +375,14 @@ class Device:
                 continue
             idx = idx[:k]
             pages = bufs["page"].astype(np.int64)
-            if dest is not None:
-                dest[idx] = pages
+            dest[idx] = pages
             filled.append((q, idx, pages, bufs))
         taken = sum(len(idx) for _, idx, _, _ in filled)
         if not taken:
             return 0
         rows = frames.rows()
         off = int(filled[0][3]["off"][0])
-        if (dest is not None and taken == n and rows is not None
+        if (taken == n and rows is not None
                 and all(np.logical_and.reduce(b["off"] == off) for _, _, _, b in filled)):
             self.data2d[dest, off : off + frames.stride] = rows
         else:

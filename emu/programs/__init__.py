@@ -16,11 +16,11 @@ The bundled topologies name them as ``emu.programs:<name>``:
                 purpose, to exercise XDP_ABORTED handling (the last in its vectorised form only).
 
 Every program but ``l2fwd_filter`` and the buggy ones also has a vectorised form (``fn.batch``, see
-`emu.xdp.XdpBatch`) that a CPU worker runs over many packets at once (those of all the polls of a pass): the MAC swap
-becomes one gather and one scatter of their 12-byte headers, and the verdicts one array.  Each must do
-exactly what the per-packet body does packet by packet (``tests/test_xdp.py`` runs both over the same
-frames and compares bytes, verdicts, redirect targets and maps); the per-packet bodies stay the
-reference, and what a topology with ``xdp: {vectorised: false}`` runs.
+`emu.xdp.XdpBatch`) that a CPU worker runs over many packets at once (those of all the polls of a
+pass): the MAC swap becomes one gather and one scatter of their 12-byte headers, and the verdicts one
+array.  Each must do exactly what the per-packet body does packet by packet (``tests/test_xdp.py``
+runs both over the same frames and compares bytes, verdicts, redirect targets and maps); the per-packet
+bodies stay the reference, and what a topology with ``xdp: {vectorised: false}`` runs.
 
 The per-packet bodies avoid every lookup that can be done once: setup hooks (see `emu.xdp`) resolve the
 egress ifindex and fetch the counter map's value storage (`emu.bpfmaps.BpfMap.view`, the analogue of the
