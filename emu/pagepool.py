@@ -80,7 +80,8 @@ class PagePool:
         self.cnt = memoryview(pm.pool_counters[cpu])
         self._hdr = memoryview(pm.header)
         # Byte patterns for validating a uniform batch with one bytes comparison.
-        self._mine = np.full(pm.params.cache_size * 4 + 1024, cpu, dtype=np.int16).tobytes()
+        # As long as `_pos`: any batch `_valid_uniform` takes, a whole RX ring's completions included.
+        self._mine = np.full(1 << 16, cpu, dtype=np.int16).tobytes()
         self._pos = np.arange(1 << 16, dtype=np.int32)
         self._patterns: dict[int, tuple] = {}  # batch size -> the byte patterns a valid batch shows
         # Direct recycles done through this object (a CPU refills inside a poll that did any).
@@ -253,21 +254,21 @@ class PagePool:
         pat = self._patterns.get(n)
         if pat is None:
             pos = self._pos[:n]
-            pat = (self._mine[: 2 * n], pos, pos.tobytes(), [bytes((s,)) * n for s in range(16)], bytes(4 * n))
+            pat = (self._mine[: 2 * n], pos, pos.tobytes(), bytes(4 * n))
+            if n <= 2048:  # the sizes NAPI, the passes and the rings use; others are rare, not worth keeping
+                self._patterns[n] = pat
+        mine, pos, pos_bytes, zeros = pat
         if ids.dtype.kind == "i":
             if ids.itemsize == 8 and _LITTLE:
                 # The high 32 bits of every valid id are zero (a negative id's are not): one byte compare,
                 # a third of the cost of ids.min().
-                if ids.view(np.uint32)[1::2].tobytes() != pat[4]:
+                if ids.view(np.uint32)[1::2].tobytes() != zeros:
                     return False
             elif ids.min() < 0:
                 return False
-            if n <= 1024:  # the sizes NAPI and the rings use; larger ones are rare and not worth keeping
-                self._patterns[n] = pat
-        mine, pos, pos_bytes, uniform, _ = pat
         st = pm.state.take(ids)
         first = int(st[0])
-        if (first != expect if expect is not None else not IN_USE[first]) or st.tobytes() != uniform[first]:
+        if (first != expect if expect is not None else not IN_USE[first]) or st.tobytes() != bytes((first,)) * n:
             return False
         if pm.owner.take(ids).tobytes() != mine:
             return False
