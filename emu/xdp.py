@@ -53,6 +53,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from emu.bpfmaps import BpfMap, DevMap, MapSpec
+from emu.pagemem import PageSpans
 
 __all__ = [
     "XDP_ABORTED",
@@ -186,10 +187,13 @@ class XdpBatch:
     per-CPU ``bpf_redirect_info`` for each packet: -1 until `redirect` or `redirect_map` sets it.
     """
 
-    __slots__ = ("_uniform", "lens", "mem", "offs", "pages", "redirect_ifindex")
+    __slots__ = ("_uniform", "lens", "mem", "offs", "pages", "redirect_ifindex", "spans")
 
-    def __init__(self, mem: np.ndarray, pages: np.ndarray, offs: np.ndarray, lens: np.ndarray) -> None:
+    def __init__(self, mem: np.ndarray, pages: np.ndarray, offs: np.ndarray, lens: np.ndarray,
+                 spans: PageSpans | None = None) -> None:
         self.mem = mem  # (npages, page_size) uint8: the host's page memory
+        # Its per-page views (a worker passes its own, kept across batches).
+        self.spans = spans if spans is not None else PageSpans(mem)
         # Integer arrays (the descriptors' own unsigned fields in a worker: no copies).
         self.pages = pages
         self.offs = offs
@@ -214,22 +218,35 @@ class XdpBatch:
         return len(self.pages)
 
     def _span(self, ok: np.ndarray, every: bool, nbytes: int) -> tuple:
-        """The index into `mem` of the first `nbytes` bytes of the packets `ok` selects (all if `every`)."""
+        """The index into `mem` of the first `nbytes` bytes of the packets `ok` selects (all if `every`),
+        each at its own offset."""
         pages, offs = (self.pages, self.offs) if every else (self.pages[ok], self.offs[ok])
-        o = self._offset()
-        if o is not None:
-            return pages, slice(o, o + nbytes)
         return pages[:, None], offs[:, None] + np.arange(nbytes)
+
+    def _uniform_span(self, nbytes: int) -> int | None:
+        """The offset every packet shares, when `nbytes` from it fit in a page (else no packet can be
+        that long, and none is selected)."""
+        o = self._offset()
+        return o if o is not None and o + nbytes <= self.mem.shape[1] else None
 
     def head(self, nbytes: int) -> tuple[np.ndarray, np.ndarray]:
         """(ok, rows): `ok` marks the packets at least `nbytes` long, `rows` (one per ok packet, in order)
         is a copy of their first `nbytes` bytes (the ``data + n > data_end`` check, for the whole batch)."""
         ok = self.lens >= nbytes
-        return ok, self.mem[self._span(ok, bool(np.logical_and.reduce(ok)), nbytes)]
+        every = bool(np.logical_and.reduce(ok))
+        o = self._uniform_span(nbytes)
+        if o is not None:
+            return ok, self.spans.gather(self.pages if every else self.pages[ok], o, nbytes)
+        return ok, self.mem[self._span(ok, every, nbytes)]
 
     def store_head(self, ok: np.ndarray, rows: np.ndarray) -> None:
         """Write `rows` (as `head` returned them, changed) back over the first bytes of the ok packets."""
-        self.mem[self._span(ok, len(rows) == len(self.pages), rows.shape[1])] = rows
+        every = len(rows) == len(self.pages)
+        o = self._uniform_span(rows.shape[1])
+        if o is not None:
+            self.spans.scatter(self.pages if every else self.pages[ok], o, rows)
+            return
+        self.mem[self._span(ok, every, rows.shape[1])] = rows
 
     def redirect(self, ifindex: int, where: np.ndarray | slice = slice(None)) -> int:
         """``bpf_redirect`` for the packets `where` selects: remember the target, return XDP_REDIRECT."""

@@ -19,6 +19,7 @@ import pytest
 
 from emu import programs
 from emu.bpfmaps import MapSet, MapSpec, populate
+from emu.pagemem import PageSpans
 from emu.shm import segments_with_prefix
 from emu.xdp import (
     XDP_ABORTED,
@@ -432,6 +433,15 @@ def test_xdp_batch_helpers(run_prefix: str) -> None:
     assert mem[0, 100:112].tolist() == list(range(11, -1, -1)) == mem[2, 100:112].tolist()
     assert mem[1, 100:112].tolist() == list(range(12))  # too short: untouched
     assert pkts.redirect(7, ok) == XDP_REDIRECT and pkts.redirect_ifindex.tolist() == [7, -1, 7, -1]
+    # More bytes than a page holds from there: no packet is that long, none is selected, nothing raises.
+    ok, rows = pkts.head(PAGE)
+    assert not ok.any() and rows.shape == (0, PAGE)
+    # Packets at different offsets: each read and written at its own.
+    mixed = XdpBatch(mem, np.array([3, 1]), np.array([100, 40]), np.array([64, 64]))
+    ok, rows = mixed.head(4)
+    assert rows.tolist() == [[0, 1, 2, 3], [0, 0, 0, 0]]
+    mixed.store_head(ok, np.array([[9, 9, 9, 9], [8, 8, 8, 8]], dtype=np.uint8))
+    assert mem[3, 100:104].tolist() == [9] * 4 and mem[1, 40:44].tolist() == [8] * 4
     ms = MapSet.create(f"{run_prefix}-dev", {"tx": MapSpec("devmap", 4)}, 1)
     try:
         tx = ms["tx"]
@@ -469,3 +479,22 @@ def test_classify_verdicts(ret: object, expected: tuple[list[int], int] | None) 
         assert got is None
     else:
         assert got is not None and (got[0].tolist(), got[1]) == expected and got[0].dtype == np.int64
+
+
+def test_page_spans_copy_whole_rows_and_refuse_bytes_outside_a_page() -> None:
+    """`PageSpans` (one item per page for a byte range): a gather and a scatter are exactly the fancy-indexed
+    copies they replace, in page order, repeats included, and a range past the page end is an error."""
+    rng = np.random.default_rng(7)
+    mem = rng.integers(0, 256, (32, PAGE), dtype=np.uint8)
+    ref = mem.copy()
+    spans = PageSpans(mem)
+    pages = np.array([5, 0, 31, 5, 17], dtype=np.uint32)
+    assert np.array_equal(spans.gather(pages, 100, 60), ref[pages.astype(np.int64), 100:160])
+    rows = rng.integers(0, 256, (3, 60), dtype=np.uint8)
+    spans.scatter(np.array([2, 9, 4]), PAGE - 60, rows)
+    ref[[2, 9, 4], PAGE - 60 :] = rows
+    assert np.array_equal(mem, ref)  # those bytes and no others
+    spans.scatter(np.array([2]), 0, rows[:, :0][:1])  # zero bytes wide: nothing to do
+    assert spans.gather(pages, 8, 0).shape == (5, 0) and np.array_equal(mem, ref)
+    with pytest.raises(ValueError, match=f"not inside a {PAGE}-byte page"):
+        spans.gather(pages, PAGE - 10, 11)

@@ -34,7 +34,7 @@ import numpy as np
 import zmq
 
 from emu import doorbell, wire
-from emu.pagemem import DESC_DTYPE, PageMemory, PageState, concat_descs, descs_from_bytes
+from emu.pagemem import DESC_DTYPE, PageMemory, PageSpans, PageState, concat_descs, descs_from_bytes
 from emu.pagepool import return_pages
 from emu.shmring import IDLE_POLL_MS, Channel, Inbox
 from emu.stats import Cmd, ProcState, StatsRow, StatsTable
@@ -140,6 +140,7 @@ class CpuWorker:
         self.ps = self.pm.page_size
         self.buf = self.pm.data_seg.buf
         self.data2d = self.pm.data.reshape(self.pm.npages, self.ps)
+        self.spans = PageSpans(self.data2d)
         self.zctx = new_context()
         me = f"cpu{self.cpu}"
         self.bell = doorbell.Doorbell()
@@ -481,7 +482,7 @@ class CpuWorker:
         """The program's vectorised form over all of `d`; anything but one verdict per packet aborts them
         all (each an ``xdp_exception``, as a raise per packet would be)."""
         n = len(d)
-        pkts = XdpBatch(self.data2d, d["page"], d["off"], d["len"])
+        pkts = XdpBatch(self.data2d, d["page"], d["off"], d["len"], self.spans)
         try:
             ret = rxq.batch(rxq.ctx, pkts)
         except Exception as exc:

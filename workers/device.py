@@ -29,7 +29,7 @@ import zmq
 from emu import doorbell, security, wire
 from emu.netem import LinkShaper
 from emu.packets import FrameBatch, rss_queue
-from emu.pagemem import DESC_DTYPE, PageMemory, PageState, concat_descs, descs_from_bytes
+from emu.pagemem import DESC_DTYPE, PageMemory, PageSpans, PageState, concat_descs, descs_from_bytes
 from emu.shmring import BELL_FILL, IDLE_POLL_MS, Inbox, MsgRing
 from emu.stats import Cmd, ProcState, StatsRow, StatsTable
 from workers.common import (
@@ -76,6 +76,7 @@ class Device:
         self.pm = PageMemory.attach(spec.host_prefix)
         self.ps = self.pm.page_size
         self.data2d = self.pm.data.reshape(self.pm.npages, self.ps)
+        self.spans = PageSpans(self.data2d)
         self.zctx = new_context()
         ep = spec.endpoints
         self.bell = doorbell.Doorbell()  # rung by the rings from the CPUs and by the link's ring
@@ -288,7 +289,7 @@ class Device:
         n = len(d)
         if n and np.logical_and.reduce(lens == lens[0]) and np.logical_and.reduce(offs == offs[0]):
             ln, off = int(lens[0]), int(offs[0])
-            data = self.data2d[pages, off : off + ln].reshape(-1)
+            data = self.spans.gather(pages, off, ln).reshape(-1)
             offsets = np.arange(n, dtype=np.uint32) * ln
             return FrameBatch._make(data, offsets, lens.astype(np.uint32), ln if ln else 0)
         spans = zip(pages.tolist(), offs.tolist(), lens.tolist(), strict=True)
@@ -384,7 +385,7 @@ class Device:
         off = int(filled[0][3]["off"][0])
         if (taken == n and rows is not None
                 and all(np.logical_and.reduce(b["off"] == off) for _, _, _, b in filled)):
-            self.data2d[dest, off : off + frames.stride] = rows
+            self.spans.scatter(dest, off, rows)
         else:
             for _, idx, pages, bufs in filled:
                 self._write(frames, idx, pages, bufs["off"].astype(np.int64), frames.lengths[idx])
@@ -402,14 +403,12 @@ class Device:
         rows = frames.rows()
         if rows is not None and len(idx) and np.logical_and.reduce(offs == offs[0]):
             # Uniform frames back to back: one row gather and one scatter into the pages.
-            off = int(offs[0])
-            self.data2d[pages, off : off + frames.stride] = rows if len(idx) == len(frames) else rows[idx]
+            self.spans.scatter(pages, int(offs[0]), rows if len(idx) == len(frames) else rows[idx])
             return
         data, foffs = frames.data, frames.offsets[idx].astype(np.int64)
         if len(idx) and np.logical_and.reduce(lens == lens[0]) and np.logical_and.reduce(offs == offs[0]):
             ln, off = int(lens[0]), int(offs[0])
-            src = data[foffs[:, None] + np.arange(ln)]
-            self.data2d[pages, off : off + ln] = src
+            self.spans.scatter(pages, off, data[foffs[:, None] + np.arange(ln)])
             return
         for p, o, fo, ln in zip(pages.tolist(), offs.tolist(), foffs.tolist(), lens.tolist(), strict=True):
             self.data2d[p, o : o + ln] = data[fo : fo + ln]
