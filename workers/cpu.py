@@ -64,8 +64,10 @@ from workers.common import (
 HEADROOM = 256
 # Post RX buffers once a queue is short of this many (drivers refill in small batches, not per packet).
 REFILL_MIN = 64
-# NAPI polls (of napi_budget packets per queue each) whose TX/redirect bulks go out in one message.
-POLLS_PER_FLUSH = 8
+# NAPI polls (of napi_budget packets per queue each) whose TX/redirect bulks go out in one message: up
+# to 1,024 packets a pass at the kernel's budget of 64, half an RX ring of the bundled topologies.  A pass
+# costs about the same whatever it carries; 16 forwarded 9 % more l2fwd than 8 (interleaved A/B).
+POLLS_PER_FLUSH = 16
 # A sleeping CPU is woken once this many polls' worth of RX descriptors wait (measured: 1 wakes it too
 # often, 8 leaves it idle too long; l2fwd and xdp-drop both do best at 4).
 RX_BELL_POLLS = 4
