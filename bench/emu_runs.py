@@ -45,10 +45,11 @@ FILTER_PROGRAM = ("l2fwd_filter", "{egress: eth1, deny_ports: [53]}")
 
 
 def l2fwd_variant(cpus: int | None = None, burst: int | None = None, napi_budget: int | None = None,
-                  pages: int | None = None, page_size: int | None = None,
-                  program: tuple[str, str] | None = None):
+                  pages: int | None = None, page_size: int | None = None, ring: int | None = None,
+                  pool_size: int | None = None, program: tuple[str, str] | None = None):
     """The bundled l2fwd topology with some knobs changed by editing its text (then validated as a file);
-    `program` is (name in emu.programs, its params as YAML flow text)."""
+    `ring` sets every device's RX and TX ring sizes; `program` is (name in emu.programs, its params as
+    YAML flow text)."""
     from emu.topology import validate_topology_text
 
     text = (TOPOLOGIES / "l2fwd.yaml").read_text()
@@ -75,8 +76,20 @@ def l2fwd_variant(cpus: int | None = None, burst: int | None = None, napi_budget
     extra = {"napi_budget": napi_budget, "pages": pages, "page_size": page_size}
     for key, value in extra.items():
         if value is not None:
-            sub(r"(?m)^(\s*)(cpus:.*)$", rf"\g<1>\g<2>\n\g<1>{key}: {value}")
+            if re.search(rf"(?m)^\s*{key}:", text):
+                sub(rf"(?m)^(\s*{key}:\s*)\d+", rf"\g<1>{value}")
+            else:
+                sub(r"(?m)^(\s*)(cpus:.*)$", rf"\g<1>\g<2>\n\g<1>{key}: {value}")
             name.append(f"{key}{value}")
+    if pool_size is not None:
+        sub(r"(?m)^(\s*pool:\s*)\{pool_size:\s*\d+\}", rf"\g<1>{{pool_size: {pool_size}}}")
+        name.append(f"pool{pool_size}")
+    if ring is not None:
+        for key in ("rx_ring_size", "tx_ring_size"):
+            text, n = re.subn(rf"(?m)^(\s*{key}:\s*)\d+", rf"\g<1>{ring}", text)
+            if n != len(re.findall(r"(?m)^\s*ifindex:", text)):
+                raise ValueError(f"topology/l2fwd.yaml changed shape: {key} is not set on every device")
+        name.append(f"ring{ring}")
     return validate_topology_text(text, "-".join(name) + ".yaml")
 
 

@@ -343,12 +343,14 @@ def render_cprofile(res: dict) -> str:
 
 
 SWEEP = (
-    ("bundled (burst 64, napi_budget 64, 8192 x 4 KiB pages, 2 CPUs)", {}),
+    ("bundled (2 CPUs, 16,384 x 2 KiB pages, rings of 2,048, napi_budget 64, burst 64)", {}),
+    ("rings of 1,024, pool_size 1,024", {"ring": 1024, "pool_size": 1024}),
+    ("rings of 1,024, 8,192 x 4 KiB pages, pool_size 1,024 (the bundled topology until 2026-11-25)",
+     {"ring": 1024, "pages": 8192, "page_size": 4096, "pool_size": 1024}),
+    ("16,384 x 4 KiB pages (64 MiB page memory)", {"page_size": 4096}),
+    ("pool_size 1,024 (the kernel's default, half the RX ring)", {"pool_size": 1024}),
     ("burst 256, napi_budget 256", {"burst": 256, "napi_budget": 256}),
-    ("burst 1024, napi_budget 1024", {"burst": 1024, "napi_budget": 1024}),
-    ("4096 x 2 KiB pages (8 MiB page memory)", {"pages": 4096, "page_size": 2048}),
     ("1 CPU", {"cpus": 1}),
-    ("1 CPU, burst 256, napi_budget 256", {"cpus": 1, "burst": 256, "napi_budget": 256}),
 )
 
 

@@ -174,9 +174,10 @@ def test_topology_variants_are_validated_edits():
     one = emu_runs.case("l2fwd-1cpu")
     h = one.hosts["h1"]
     assert h.cpus == 1 and h.devices["eth0"].rx_queues == 1
-    v = emu_runs.l2fwd_variant(burst=256, napi_budget=128, pages=4096, page_size=2048)
+    v = emu_runs.l2fwd_variant(burst=256, napi_budget=128, pages=4096, page_size=4096, ring=512, pool_size=512)
     h = v.hosts["h1"]
-    assert (h.cpus, h.napi_budget, h.pages, h.page_size) == (2, 128, 4096, 2048)
+    assert (h.cpus, h.napi_budget, h.pages, h.page_size, h.pool.pool_size) == (2, 128, 4096, 4096, 512)
+    assert all(d.rx_ring_size == d.tx_ring_size == 512 for d in h.devices.values())
     assert v.traffic["gen0"].generate.burst == 256
     assert emu_runs.kinds_of(one) == {"h1/cpu0": "cpu", "h1/eth0": "device", "h1/eth1": "device",
                                       "gen0": "traffic", "sink0": "traffic"}
@@ -336,7 +337,7 @@ def test_tiny_suite_writes_every_key(tmp_path, no_leftovers):
         assert all(x["counted_ok"] and x["verdicts_ok"] for x in s["bare-cores"])
         assert res["bare_scaling_2_to_1"] == pytest.approx(statistics.median(x["scaling"] for x in s["bare-cores"]),
                                                            abs=1e-4)
-    # pages were handed out in every run, never more than the host's page memory (8192 x 4 KiB)
+    # pages were handed out in every run, never more than the host's page memory (16,384 x 2 KiB)
     assert all(0 < x["allocated_hwm_mb"] <= 32.0 for name in suite.EMU_CASES for x in s[name])
     assert set(res["allocated_hwm_mb_by_topology"]) == set(suite.EMU_CASES)
     assert {t["key"] for t in res["targets"]} >= {"l2fwd_to_bare", "scaling_2_to_1", "rss_mb"}
