@@ -343,12 +343,13 @@ def render_cprofile(res: dict) -> str:
 
 
 SWEEP = (
-    ("bundled (2 CPUs, 16,384 x 2 KiB pages, rings of 2,048, napi_budget 64, burst 64)", {}),
+    ("bundled (2 CPUs, 24,576 x 2 KiB pages, RX rings of 4,096, TX rings of 2,048, napi_budget 64, burst 64)", {}),
+    ("rings of 2,048, pool_size 2,048", {"ring": 2048, "pool_size": 2048}),
     ("rings of 1,024, pool_size 1,024", {"ring": 1024, "pool_size": 1024}),
     ("rings of 1,024, 8,192 x 4 KiB pages, pool_size 1,024 (the bundled topology until 2026-11-25)",
      {"ring": 1024, "pages": 8192, "page_size": 4096, "pool_size": 1024}),
-    ("16,384 x 4 KiB pages (64 MiB page memory)", {"page_size": 4096}),
-    ("pool_size 1,024 (the kernel's default, half the RX ring)", {"pool_size": 1024}),
+    ("4 KiB pages (96 MiB page memory)", {"page_size": 4096}),
+    ("pool_size 1,024 (the kernel's default, a quarter of the RX ring)", {"pool_size": 1024}),
     ("burst 256, napi_budget 256", {"burst": 256, "napi_budget": 256}),
     ("1 CPU", {"cpus": 1}),
 )
