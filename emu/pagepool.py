@@ -52,6 +52,9 @@ from emu.shm import pid_alive
 
 _ALLOC_FAST = C["alloc_fast"]
 _LITTLE = sys.byteorder == "little"
+# The largest batch `_valid_uniform` checks in one go: the largest RX ring a topology may have (larger
+# batches take the full check).
+_UNIFORM_MAX = 16384
 
 
 class ForeignRecycleError(PageError):
@@ -79,11 +82,12 @@ class PagePool:
         self.ctl = memoryview(pm.pool_ctl[cpu])
         self.cnt = memoryview(pm.pool_counters[cpu])
         self._hdr = memoryview(pm.header)
-        # Byte patterns for validating a uniform batch with one bytes comparison.
-        # As long as `_pos`: any batch `_valid_uniform` takes, a whole RX ring's completions included.
-        self._mine = np.full(1 << 16, cpu, dtype=np.int16).tobytes()
-        self._pos = np.arange(1 << 16, dtype=np.int32)
-        self._patterns: dict[int, tuple] = {}  # batch size -> the byte patterns a valid batch shows
+        # Byte patterns a valid batch of up to _UNIFORM_MAX pages shows, each batch comparing against a
+        # slice of them (a copy of a few KiB costs less than keeping patterns for every batch size seen).
+        self._pos = np.arange(_UNIFORM_MAX, dtype=np.int32)
+        self._pos_bytes = self._pos.tobytes()
+        self._mine = np.full(_UNIFORM_MAX, cpu, dtype=np.int16).tobytes()
+        self._zeros = bytes(4 * _UNIFORM_MAX)
         # Direct recycles done through this object (a CPU refills inside a poll that did any).
         self.direct_recycles = 0
         self.cache = pm.caches[cpu]
@@ -251,18 +255,11 @@ class PagePool:
         pm = self.pm
         # `take` wraps negative ids like Python indexing, so signed ids need their own check (the
         # descriptors' unsigned ids do not); an id past the end raises IndexError: the full check names it.
-        pat = self._patterns.get(n)
-        if pat is None:
-            pos = self._pos[:n]
-            pat = (self._mine[: 2 * n], pos, pos.tobytes(), bytes(4 * n))
-            if n <= 2048:  # the sizes NAPI, the passes and the rings use; others are rare, not worth keeping
-                self._patterns[n] = pat
-        mine, pos, pos_bytes, zeros = pat
         if ids.dtype.kind == "i":
             if ids.itemsize == 8 and _LITTLE:
                 # The high 32 bits of every valid id are zero (a negative id's are not): one byte compare,
                 # a third of the cost of ids.min().
-                if ids.view(np.uint32)[1::2].tobytes() != zeros:
+                if ids.view(np.uint32)[1::2].tobytes() != self._zeros[: 4 * n]:
                     return False
             elif ids.min() < 0:
                 return False
@@ -270,13 +267,13 @@ class PagePool:
         first = int(st[0])
         if (first != expect if expect is not None else not IN_USE[first]) or st.tobytes() != bytes((first,)) * n:
             return False
-        if pm.owner.take(ids).tobytes() != mine:
+        if pm.owner.take(ids).tobytes() != self._mine[: 2 * n]:
             return False
         if gens is not None and pm.gen.take(ids).tobytes() != np.asarray(gens, dtype=np.uint32).tobytes():
             return False
         mark = pm._mark
-        mark.put(ids, pos)
-        return mark.take(ids).tobytes() == pos_bytes
+        mark.put(ids, self._pos[:n])
+        return mark.take(ids).tobytes() == self._pos_bytes[: 4 * n]
 
     def _validate_full(
         self, ids: np.ndarray, gens: np.ndarray | None, errors: list[str], expect: int | None,

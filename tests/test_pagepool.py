@@ -742,6 +742,27 @@ def test_recycle_direct_if_valid_takes_only_spotless_batches(page_memory) -> Non
     audit_ok(pm)
 
 
+@pytest.mark.parametrize("n", [64, 1537, 16384, 16385])
+def test_one_check_takes_a_whole_ring_of_descriptor_ids(page_memory, n: int) -> None:
+    """A CPU's TX completion may name a whole RX ring of pages, by the descriptors' unsigned ids: up to the
+    largest ring (16,384) the one-check path takes it, a page named twice is refused at any size, and a
+    larger batch is left to the screening path, which takes it too."""
+    pm = page_memory(npages=16448, ncpus=1, params=PoolParams(pool_size=16384))
+    pool = pm.pool(0, owner=True)
+    ids = pool.alloc(n, state=PageState.TX_INFLIGHT).astype(np.uint32)
+    gens = pm.gen[ids]
+    twice = ids.copy()
+    twice[-1] = twice[0]
+    assert pool.recycle_direct_if_valid(twice, gens, PageState.TX_INFLIGHT) is None
+    if n <= 16384:
+        assert pool.recycle_direct_if_valid(ids, gens, PageState.TX_INFLIGHT) == n
+    else:
+        assert pool.recycle_direct_if_valid(ids, gens, PageState.TX_INFLIGHT) is None
+        assert pool.recycle_direct(ids, gens, expect=PageState.TX_INFLIGHT) == n
+    assert states(pm, ids) <= {PageState.CACHE, PageState.RING, PageState.FREE}
+    audit_ok(pm)
+
+
 # --------------------------------------------------------------------------------------------------
 # drain
 
