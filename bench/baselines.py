@@ -155,13 +155,15 @@ class BareXdp:
 
     def run_vectorised(self, iters: int) -> None:
         """`run`, through the program's vectorised form (`emu.xdp.XdpBatch`), one call per 64 packets."""
+        from emu.pagemem import PageSpans
         from emu.xdp import XdpBatch
 
         fn, ctx, mem = self.batch_fn, self.ctx, self.data2d
+        spans = PageSpans(mem)  # kept across batches, as a CPU worker keeps its own
         redirect = self.redirect
         for _ in range(iters):
             for pages, offs, lens in self.vec_batches:
-                v = fn(ctx, XdpBatch(mem, pages, offs, lens))
+                v = fn(ctx, XdpBatch(mem, pages, offs, lens, spans))
                 if v[0] != redirect or v[-1] != redirect:
                     self.verdicts_ok = False
 

@@ -121,31 +121,35 @@ class PageSpans:
 
     def __init__(self, mem: np.ndarray) -> None:
         self.mem = mem
-        self._views: dict[tuple[int, int], np.ndarray] = {}
+        self._views: dict[tuple[int, int], tuple[np.ndarray, np.dtype]] = {}
 
-    def _view(self, off: int, width: int) -> np.ndarray:
-        v = self._views.get((off, width))
-        if v is None:
+    def _view(self, off: int, width: int) -> tuple[np.ndarray, np.dtype]:
+        """The item view of bytes ``off .. off + width`` and its item dtype (building a void dtype costs
+        as much as a 64-frame copy, so both are kept)."""
+        vd = self._views.get((off, width))
+        if vd is None:
             if not 0 <= off <= off + width <= self.mem.shape[1]:
                 raise ValueError(f"bytes {off}..{off + width} are not inside a {self.mem.shape[1]}-byte page")
-            v = self.mem[:, off : off + width].view(np.dtype((np.void, width)))[:, 0]
+            dt = np.dtype((np.void, width))
+            vd = (self.mem[:, off : off + width].view(dt)[:, 0], dt)
             if len(self._views) < self._KEEP:
-                self._views[(off, width)] = v
-        return v
+                self._views[(off, width)] = vd
+        return vd
 
     def gather(self, pages: np.ndarray, off: int, width: int) -> np.ndarray:
         """A copy of bytes ``off .. off + width`` of each page of `pages`: ``(len(pages), width)`` uint8."""
         if width <= 0:
             return np.empty((len(pages), 0), dtype=np.uint8)
-        return self._view(off, width)[pages].view(np.uint8).reshape(len(pages), width)
+        # intp indices: numpy indexes an item array with other integer types several times slower.
+        return self._view(off, width)[0][pages.astype(np.intp, copy=False)].view(np.uint8).reshape(len(pages), width)
 
     def scatter(self, pages: np.ndarray, off: int, rows: np.ndarray) -> None:
         """Write row ``i`` of `rows` (``(n, width)`` uint8) over bytes ``off ..`` of page ``pages[i]``."""
         width = rows.shape[1]
         if width <= 0 or not len(rows):
             return
-        items = np.ascontiguousarray(rows).view(np.dtype((np.void, width)))[:, 0]
-        self._view(off, width)[pages] = items
+        v, dt = self._view(off, width)
+        v[pages.astype(np.intp, copy=False)] = np.ascontiguousarray(rows).view(dt)[:, 0]
 
 
 class PageError(ValueError):
