@@ -7,7 +7,9 @@ a kernel program would use) and check what comes back.  A frame is::
 
 and the payload (little-endian) is::
 
-    magic u32 = 0x50504755 ("PPGU") | flow u32 | seq u64 | frame length u32 | filler ... | crc32 u32
+    magic u32 = 0x50504755 ("PPGU") | seq u64 | flow u16 | frame length u16 | filler ... | crc32 u32
+
+(the first four fields are `PAYLOAD_HDR_DTYPE`, 16 bytes, so a 64-byte frame still carries them and the CRC)
 
 The filler byte ``i`` of frame ``seq`` is ``(seq + i) & 0xff``, so a page that was recycled while still in
 flight, or a descriptor that points at the wrong page, shows up as a CRC or sequence error rather than as a

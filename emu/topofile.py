@@ -1,9 +1,15 @@
 """Reading topology files: the YAML, checked line by line against the schema of `emu.topology`.
 
 To be able to point at lines, the file is read with `yaml.compose` (a node tree where every node carries
-its start mark) instead of `yaml.safe_load`; the values are then interpreted by hand against the schema.
-Composing also keeps duplicate mapping keys, which `safe_load` would silently collapse to the last one,
-so they can be reported.  Every problem is a `TopologyError` with ``file:line: message``.
+its start mark) instead of `yaml.safe_load`; the values are then interpreted by hand against the schema
+declared in `emu.schema` (every key list, bound and default comes from there).  Composing also keeps
+duplicate mapping keys, which `safe_load` would silently collapse to the last one, so they can be
+reported, and lets aliases be counted before anything expands them (`emu.schema.MAX_ALIAS_EXPANSION`).
+Every problem is a `TopologyError` with ``file:line: message``.
+
+Programs are loaded the way a run loads them (`emu.xdp_runtime`): their declared params are checked,
+their maps created in a scratch place and populated from the params, their setup hooks run, so that a
+topology that validates does not fail later on a program, a map or a param.
 
 This is its own module so that only the processes that read files load PyYAML: workers receive their
 configuration as the dataclasses of `emu.topology` and never need it (it is a megabyte of each one's
@@ -23,18 +29,16 @@ from typing import Any, NoReturn
 
 import yaml
 from yaml.constructor import ConstructorError, SafeConstructor
+from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from emu.packets import MIN_PKT_SIZE as MIN_FRAME  # smallest test frame: headers, sequence header, CRC
+from emu import schema
+from emu.bpfmaps import MapError, populate
+from emu.schema import MAX_ALIAS_EXPANSION, SECTIONS, Key
 from emu.topology import (
-    DEV_MAP_BULK_SIZE,
     MAX_LINK_DELAY_US,
     MAX_LINK_RATE_BPS,
-    NAPI_POLL_WEIGHT,
     PP_ALLOC_CACHE_REFILL,
-    PP_ALLOC_CACHE_SIZE,
-    PP_DEFAULT_RING_SIZE,
-    XDP_BULK_QUEUE_SIZE,
     XDP_PACKET_HEADROOM,
     DeviceConfig,
     Endpoint,
@@ -47,8 +51,9 @@ from emu.topology import (
     TopologyError,
     TrafficPort,
     XdpConfig,
-    resolve_program,
 )
+from emu.xdp import Program, load_program
+from emu.xdp_runtime import ifindex_resolver, scratch_maps
 
 __all__ = ["load_topology", "validate_topology_text"]
 
@@ -66,37 +71,27 @@ _DEVICE_NAME_RE = _TOPOLOGY_NAME_RE
 _HOST_NAME_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
 _MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}\Z")
 
-_TOP_KEYS = ("name", "hosts", "links", "traffic")
-_HOST_KEYS = (
-    "cpus",
-    "cpu_affinity",
-    "pages",
-    "page_size",
-    "napi_budget",
-    "redirect_bulk",
-    "tx_bulk",
-    "stack_cpu",
-    "pool",
-    "devices",
+TOP, HOST, POOL, DEVICE, XDP, LINK, TRAFFIC, GENERATE = (
+    SECTIONS[n] for n in ("top", "host", "pool", "device", "xdp", "link", "traffic", "generate")
 )
-_POOL_KEYS = ("cache_size", "refill", "pool_size", "recycle_limit")
-_DEVICE_KEYS = (
-    "ifindex",
-    "mac",
-    "rx_queues",
-    "tx_queues",
-    "rx_ring_size",
-    "tx_ring_size",
-    "rx_cpus",
-    "xdp",
-    "xdp_xmit",
-    "redirect_fallback",
-    "tx_completion_us",
-)
-_XDP_KEYS = ("program", "params", "vectorised")
-_LINK_KEYS = ("endpoints", "delay", "jitter", "loss", "rate")
-_TRAFFIC_KEYS = ("generate",)
-_GENERATE_KEYS = ("count", "rate", "pkt_size", "flows", "burst", "src_mac", "dst_mac")
+
+
+class _Loader(yaml.SafeLoader):
+    """The safe loader, noting where each alias is used: the composed tree shares an alias's target node,
+    so without this an alias bomb could only be blamed on its anchor, not on the alias that detonates it."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.alias_uses: list[tuple[yaml.Mark, str, Node]] = []
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
+        if self.check_event(AliasEvent):
+            event = self.peek_event()
+            node = super().compose_node(parent, index)
+            if node is not None:
+                self.alias_uses.append((event.start_mark, event.anchor, node))
+            return node
+        return super().compose_node(parent, index)
 
 
 def load_topology(path: str | os.PathLike[str]) -> Topology:
@@ -117,17 +112,23 @@ def load_topology(path: str | os.PathLike[str]) -> Topology:
 
 def validate_topology_text(text: str, filename: str) -> Topology:
     """Validate topology YAML given as a string; `filename` is only used in messages and `Topology.path`."""
+    loader: _Loader | None = None
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        loader = _Loader(text)  # the reader checks for unprintable characters here
+        root = loader.get_single_node()
     except yaml.MarkedYAMLError as e:
         raise _yaml_error(filename, e, "YAML syntax error") from None
     except yaml.reader.ReaderError as e:
         line = text[: e.position].count("\n") + 1
         message = f"YAML syntax error: {e.reason} (character {e.character!r})"
         raise TopologyError(filename, line, message) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    assert loader is not None
     if root is None:
         raise TopologyError(filename, 1, "the topology file is empty")
-    return _Validator(filename).topology(root)
+    return _Validator(filename, loader.alias_uses).topology(root)
 
 
 def _yaml_error(filename: str, e: yaml.MarkedYAMLError, label: str) -> TopologyError:
@@ -329,6 +330,21 @@ class _Fields:
             self.v.fail(node, f"{self.pfx}'{key}' must be {bound}{hint}, not {value}")
         return value
 
+    def schema_int(
+        self, key: Key, default: Any = None, *, hi: int | None = None, hint: str = "", nullable: bool = False
+    ) -> Any:
+        """The int `key` (an `emu.schema.Key`) with its declared bounds and default; `default` stands in for
+        a default that depends on other keys, `hi` for an upper bound that does (``cpus - 1``)."""
+        return self.int(
+            key.name,
+            key.lo if key.lo is not None else 0,
+            key.hi if hi is None else hi,
+            key.default if default is None and not key.required else default,
+            required=key.required,
+            nullable=nullable,
+            hint=hint,
+        )
+
     def bool(self, key: str, default: bool) -> bool:
         node = self.get(key)
         if node is None:
@@ -399,9 +415,21 @@ class _Fields:
             self.v.fail(node, f"{self.pfx}{key} '{text}' {e}")
 
 
+@dataclass(frozen=True, slots=True)
+class _XdpNodes:
+    """Where a device's `xdp` mapping said what, for messages about its program, params and maps."""
+
+    line: int  # of the `xdp` key
+    program: Node
+    params_line: int | None  # of the `params` key, None when there is none
+    params: dict[str, tuple[Node, Node]]  # key -> (key node, value node)
+
+
 class _Validator:
-    def __init__(self, filename: str) -> None:
+    def __init__(self, filename: str, alias_uses: list[tuple[yaml.Mark, str, Node]] | None = None) -> None:
         self.file = filename
+        self.alias_uses = alias_uses or []
+        self.xdp_nodes: dict[str, _XdpNodes] = {}  # by "host:device"
 
     # -- primitives ---------------------------------------------------------------------------------
 
@@ -476,6 +504,24 @@ class _Validator:
         anchor = _find_cycle(root)
         if anchor is not None:
             self.fail(anchor, "recursive YAML alias: an alias refers to the anchor it is inside of")
+        self.check_alias_expansion(root)
+
+    def check_alias_expansion(self, root: Node) -> None:
+        """Refuse a document whose aliases expand it by more than `MAX_ALIAS_EXPANSION` nodes, counted
+        without expanding anything: each node's expanded size is memoised once (the tree is acyclic here)."""
+        if not self.alias_uses:
+            return
+        sizes = _expanded_sizes(root)
+        added = sizes[id(root)] - len(sizes)  # expanded nodes minus distinct nodes: what aliases add
+        if added <= MAX_ALIAS_EXPANSION:
+            return
+        mark, anchor, node = max(self.alias_uses, key=lambda use: sizes.get(id(use[2]), 0))
+        self.fail(
+            mark.line + 1,
+            f"YAML aliases expand the document by {added:,} nodes, more than the limit of "
+            f"{MAX_ALIAS_EXPANSION:,}; the alias '*{anchor}' here alone expands to {sizes[id(node)]:,} nodes "
+            f"(write the values out, or share less)",
+        )
 
     def _key_identity(self, key_node: ScalarNode) -> tuple[str, Any]:
         # Keys are equal when YAML says so (0x10 and 16 are the same int key), not when their text is.
@@ -490,7 +536,7 @@ class _Validator:
 
     def topology(self, root: Node) -> Topology:
         self.check_tree(root)
-        top = _Fields(self, root, what="the topology", where="", owner_line=_line(root), allowed=_TOP_KEYS)
+        top = _Fields(self, root, what="the topology", where="", owner_line=_line(root), allowed=TOP.names)
         name = self.name(top.require("name"), "'name'", "", _TOPOLOGY_NAME_RE, "A-Z a-z 0-9 _ . -")
         hosts = self.hosts(top)
         traffic_nodes = self.traffic(top, hosts)
@@ -511,28 +557,28 @@ class _Validator:
 
     def host(self, name: str, index: int, key_node: Node, node: Node) -> HostConfig:
         f = _Fields(
-            self, node, what=f"host '{name}'", where=name, owner_line=_line(key_node), allowed=_HOST_KEYS
+            self, node, what=f"host '{name}'", where=name, owner_line=_line(key_node), allowed=HOST.names
         )
-        cpus = f.int("cpus", 1, 64, required=True)
-        affinity = f.int_list("cpu_affinity", 0, None, cpus, "CPU")
-        pages = f.int("pages", 256, 1048576, 8192)
+        cpus = f.schema_int(HOST["cpus"])
+        affinity = f.int_list("cpu_affinity", HOST["cpu_affinity"].lo or 0, HOST["cpu_affinity"].hi, cpus, "CPU")
+        pages = f.schema_int(HOST["pages"])
         page_size_node = f.get("page_size")
-        page_size = f.int("page_size", 1024, 65536, 4096)
+        page_size = f.schema_int(HOST["page_size"])
         if page_size & (page_size - 1):
             assert page_size_node is not None
+            lo, hi = HOST["page_size"].lo, HOST["page_size"].hi
             self.fail(
-                page_size_node,
-                f"{name}: 'page_size' must be a power of two between 1024 and 65536, not {page_size}",
+                page_size_node, f"{name}: 'page_size' must be a power of two between {lo} and {hi}, not {page_size}"
             )
-        napi_budget = f.int("napi_budget", 1, 1024, NAPI_POLL_WEIGHT)
-        redirect_bulk = f.int("redirect_bulk", 1, 1024, DEV_MAP_BULK_SIZE)
-        tx_bulk = f.int("tx_bulk", 1, 1024, XDP_BULK_QUEUE_SIZE)
-        stack_cpu = f.int(
-            "stack_cpu", 0, cpus - 1, None, nullable=True, hint=f" (host '{name}' has {cpus} cpus)"
+        napi_budget = f.schema_int(HOST["napi_budget"])
+        redirect_bulk = f.schema_int(HOST["redirect_bulk"])
+        tx_bulk = f.schema_int(HOST["tx_bulk"])
+        stack_cpu = f.schema_int(
+            HOST["stack_cpu"], hi=cpus - 1, nullable=True, hint=f" (host '{name}' has {cpus} cpus)"
         )
         pool = self.pool(name, f)
         devices = self.devices(name, index, cpus, f)
-        return HostConfig(
+        host = HostConfig(
             name=name,
             index=index,
             cpus=cpus,
@@ -547,6 +593,27 @@ class _Validator:
             devices=devices,
             line=_line(key_node),
         )
+        self.check_pages(host, f)
+        for dev in devices.values():
+            if dev.xdp is not None:
+                self.check_program(host, dev)
+        return host
+
+    def check_pages(self, host: HostConfig, f: _Fields) -> None:
+        """`pages` against rings and caches (`emu.schema.min_pages`): a host with fewer strands a queue."""
+        need = schema.min_pages(host)
+        if host.pages >= need:
+            return
+        rings = " + ".join(f"{d.name} {d.rx_queues} x {d.rx_ring_size}" for d in host.devices.values())
+        why = (f"RX rings ({rings}) + {host.cpus} cpus x pool.cache_size {host.pool.cache_size}: every RX ring "
+               f"full while every CPU's alloc cache is full")
+        node = f.get("pages")
+        what = f"'pages' {host.pages} is" if node is not None else f"the default 'pages' ({host.pages}) is"
+        self.fail(
+            node if node is not None else host.line,
+            f"{host.name}: {what} fewer than the {need} pages the host needs ({why}); raise 'pages' to at "
+            f"least {need}, or shrink rx_ring_size, rx_queues or pool.cache_size",
+        )
 
     def pool(self, host: str, hf: _Fields) -> PoolConfig:
         node = hf.get("pool")
@@ -559,18 +626,18 @@ class _Validator:
             what=f"{host}: 'pool'",
             where=f"{host}: pool",
             owner_line=key_line,
-            allowed=_POOL_KEYS,
+            allowed=POOL.names,
             null_is_empty=True,
         )
-        cache_size = f.int("cache_size", 1, 65536, PP_ALLOC_CACHE_SIZE)
+        cache_size = f.schema_int(POOL["cache_size"])
         refill_node = f.get("refill")
         # A small cache with the kernel's refill of 64 would be an error nobody asked for; cap the default.
-        refill = f.int("refill", 1, None, min(PP_ALLOC_CACHE_REFILL, cache_size))
+        refill = f.schema_int(POOL["refill"], min(PP_ALLOC_CACHE_REFILL, cache_size))
         if refill > cache_size:
             assert refill_node is not None
             self.fail(refill_node, f"{f.pfx}'refill' ({refill}) must not exceed 'cache_size' ({cache_size})")
-        pool_size = f.int("pool_size", 0, 16384, PP_DEFAULT_RING_SIZE) or PP_DEFAULT_RING_SIZE
-        recycle_limit = f.int("recycle_limit", 0, None, 0)
+        pool_size = f.schema_int(POOL["pool_size"]) or PoolConfig().pool_size
+        recycle_limit = f.schema_int(POOL["recycle_limit"])
         return PoolConfig(cache_size, refill, pool_size, recycle_limit)
 
     def devices(self, host: str, host_index: int, cpus: int, hf: _Fields) -> dict[str, DeviceConfig]:
@@ -608,9 +675,9 @@ class _Validator:
             what=f"device '{where}'",
             where=where,
             owner_line=_line(key_node),
-            allowed=_DEVICE_KEYS,
+            allowed=DEVICE.names,
         )
-        ifindex = f.int("ifindex", 1, None, required=True)
+        ifindex = f.schema_int(DEVICE["ifindex"])
         mac = f.mac("mac")
         if mac is None:
             if host_index > 0xFE or ifindex > 0xFFFF:
@@ -618,17 +685,17 @@ class _Validator:
                 why = f"host index {host_index}, ifindex {ifindex}"
                 self.fail(f.require("ifindex"), f"{where}: cannot derive a MAC address ({why}); set 'mac'")
             mac = f"02:00:00:{host_index:02x}:{ifindex >> 8:02x}:{ifindex & 0xFF:02x}"
-        rx_queues = f.int("rx_queues", 1, 64, cpus)
-        tx_queues = f.int("tx_queues", 1, 64, cpus)
-        rx_ring_size = f.int("rx_ring_size", 8, 16384, 1024)
-        tx_ring_size = f.int("tx_ring_size", 8, 16384, 1024)
-        rx_cpus = f.int_list("rx_cpus", 0, cpus - 1, rx_queues, "RX queue")
+        rx_queues = f.schema_int(DEVICE["rx_queues"], cpus)
+        tx_queues = f.schema_int(DEVICE["tx_queues"], cpus)
+        rx_ring_size = f.schema_int(DEVICE["rx_ring_size"])
+        tx_ring_size = f.schema_int(DEVICE["tx_ring_size"])
+        rx_cpus = f.int_list("rx_cpus", DEVICE["rx_cpus"].lo or 0, cpus - 1, rx_queues, "RX queue")
         if rx_cpus is None:
             rx_cpus = tuple(q % cpus for q in range(rx_queues))
         xdp = self.xdp(where, f)
         xdp_xmit = f.bool("xdp_xmit", True)
         redirect_fallback = f.choice("redirect_fallback", ("drop", "skb"), "drop")
-        tx_completion_us = f.int("tx_completion_us", 0, 10_000_000, 0)
+        tx_completion_us = f.schema_int(DEVICE["tx_completion_us"])
         dev = DeviceConfig(
             name=name,
             ifindex=ifindex,
@@ -652,15 +719,16 @@ class _Validator:
             return None
         key_line = _line(df.items["xdp"][0])
         f = _Fields(
-            self, node, what=f"{where}: 'xdp'", where=f"{where}: xdp", owner_line=key_line, allowed=_XDP_KEYS
+            self, node, what=f"{where}: 'xdp'", where=f"{where}: xdp", owner_line=key_line, allowed=XDP.names
         )
         program_node = f.require("program")
         program = self.str_value(program_node, "program", f.pfx)
         try:
-            resolve_program(program)
-        except ValueError as e:
+            load_program(program)  # imported and wrapped now, so that the messages follow file order
+        except (ValueError, TypeError) as e:
             self.fail(program_node, f"{where}: {e}")
         params: dict[str, Any] = {}
+        param_nodes: dict[str, tuple[Node, Node]] = {}
         params_node = f.given("params")
         if params_node is not None:
             if not isinstance(params_node, MappingNode):
@@ -668,7 +736,78 @@ class _Validator:
             for key_node, value_node in params_node.value:
                 key = self.key_text(key_node, f"{where}: xdp: params")
                 params[key] = self.plain_value(value_node, f"{where}: xdp: params: '{key}'")
+                param_nodes[key] = (key_node, value_node)
+        params_key = f.items.get("params")
+        self.xdp_nodes[where] = _XdpNodes(
+            key_line, program_node, None if params_key is None else _line(params_key[0]), param_nodes
+        )
         return XdpConfig(program, params, f.bool("vectorised", True))
+
+    def check_program(self, host: HostConfig, dev: DeviceConfig) -> None:
+        """Load `dev`'s program as a run would: its declared params, its maps (created in a scratch place
+        and populated from the params) and its setup hook on a context of this device."""
+        assert dev.xdp is not None
+        where = f"{host.name}:{dev.name}"
+        nodes = self.xdp_nodes[where]
+        pfx = f"{where}: xdp: params"
+        try:
+            prog = load_program(dev.xdp.program)
+        except (ValueError, TypeError) as e:
+            self.fail(nodes.program, f"{where}: {e}")
+        params = dev.xdp.params
+        if prog.params is not None:
+            self.check_declared_params(prog, params, nodes, host, pfx)
+        params_at = nodes.params_line or _line(nodes.program)
+        with scratch_maps(prog, host.cpus) as ms:
+            if ms is not None:
+                ifindex_of = ifindex_resolver(host)
+                for name, entries in prog.initial_maps(params).items():
+                    value_node = nodes.params[name][1]
+                    if not isinstance(value_node, MappingNode):
+                        self.fail(value_node, f"{pfx}: '{name}' populates map '{name}': it must be a mapping "
+                                              f"of key to value, not {_describe(value_node)}")
+                    for k_node, v_node in value_node.value:
+                        k = str(k_node.value)
+                        try:
+                            populate(ms, {name: {k: entries[k]}}, ifindex_of)
+                        except (ValueError, KeyError, TypeError, OverflowError) as e:
+                            # A message about the key (out of range, not an integer) points at the key,
+                            # anything else (an unknown device, a value that is no ifindex) at the value.
+                            text = str(e) if isinstance(e, MapError) or not isinstance(e, KeyError) else e.args[0]
+                            at = k_node if f" key {k}" in text or f" key {k!r}" in text else v_node
+                            self.fail(at, f"{pfx}: '{name}' populates map '{name}': {text}")
+            ifindexes = {name: d.ifindex for name, d in host.devices.items()}
+            maps = {} if ms is None else dict(ms.maps)
+            try:
+                prog.new_context(dev.ifindex, 0, dev.rx_cpus[0], params, maps, ifindexes)
+            except (Exception, SystemExit) as e:  # the setup hook is the program's code: anything may come
+                self.fail(params_at, f"{where}: xdp program '{dev.xdp.program}' refuses its params: setup "
+                                     f"raised {type(e).__name__}: {e}")
+
+    def check_declared_params(
+        self, prog: Program, params: dict[str, Any], nodes: _XdpNodes, host: HostConfig, pfx: str
+    ) -> None:
+        """Params against what `prog` declares: no unknown ones, every required one, each of its type."""
+        assert prog.params is not None
+        known = sorted(set(prog.params) | set(prog.maps))
+        for key, (key_node, _) in nodes.params.items():
+            if key in prog.maps:
+                continue  # a map-named param: populated (and checked) with the scratch maps
+            spec = prog.params.get(key)
+            if spec is None:
+                takes = f"params: {', '.join(sorted(prog.params)) or 'none'}"
+                if prog.maps:
+                    takes += f"; map params: {', '.join(sorted(prog.maps))}"
+                msg = f"{pfx}: unknown param '{key}' for {prog.name} ({takes})"
+                close = difflib.get_close_matches(key, known, n=1)
+                self.fail(key_node, msg + (f"; did you mean '{close[0]}'?" if close else ""))
+            why = spec.check(params[key], host.devices)
+            if why is not None:
+                self.fail(nodes.params[key][1], f"{pfx}: '{key}' {why}")
+        for key, spec in prog.params.items():
+            if spec.required and key not in params:
+                at = nodes.params_line or nodes.line
+                self.fail(at, f"{pfx}: missing required param '{key}' of {prog.name} ({spec.describe()})")
 
     def plain_value(self, node: Node, where: str) -> Any:
         """A free-form parameter value, restricted to what JSON and msgpack can carry."""
@@ -715,7 +854,7 @@ class _Validator:
                 what=f"traffic port '{name}'",
                 where=name,
                 owner_line=_line(key_node),
-                allowed=_TRAFFIC_KEYS,
+                allowed=TRAFFIC.names,
                 null_is_empty=True,
             )
             gen_node = f.get("generate")
@@ -731,7 +870,7 @@ class _Validator:
                     what=f"{name}: 'generate'",
                     where=f"{name}: generate",
                     owner_line=_line(f.items["generate"][0]),
-                    allowed=_GENERATE_KEYS,
+                    allowed=GENERATE.names,
                 )
                 # Types and the host-independent ranges are checked now, in file order.
                 self.generator_values(gen, page_size=None)
@@ -750,7 +889,7 @@ class _Validator:
         used: dict[Endpoint, int] = {}
         for i, item in enumerate(node.value):
             where = f"links[{i}]"
-            f = _Fields(self, item, what=where, where=where, owner_line=_line(item), allowed=_LINK_KEYS)
+            f = _Fields(self, item, what=where, where=where, owner_line=_line(item), allowed=LINK.names)
             ep_node = f.require("endpoints")
             if not isinstance(ep_node, SequenceNode):
                 self.fail(
@@ -808,7 +947,7 @@ class _Validator:
 
     def generator_values(self, f: _Fields, page_size: int | None) -> dict[str, Any]:
         max_pkt = None if page_size is None else page_size - XDP_PACKET_HEADROOM
-        pkt_size = f.int("pkt_size", MIN_FRAME, None, 64)
+        pkt_size = f.schema_int(GENERATE["pkt_size"])
         if max_pkt is not None and pkt_size > max_pkt:
             node = f.get("pkt_size")
             assert node is not None
@@ -818,11 +957,11 @@ class _Validator:
                 f"(max {max_pkt} = page_size - {XDP_PACKET_HEADROOM} bytes of XDP headroom)",
             )
         return {
-            "count": f.int("count", 0, None, 0),
-            "rate": f.int("rate", 0, None, 0),
+            "count": f.schema_int(GENERATE["count"]),
+            "rate": f.schema_int(GENERATE["rate"]),
             "pkt_size": pkt_size,
-            "flows": f.int("flows", 1, 65536, 16),
-            "burst": f.int("burst", 1, 4096, 64),
+            "flows": f.schema_int(GENERATE["flows"]),
+            "burst": f.schema_int(GENERATE["burst"]),
             "src_mac": f.mac("src_mac"),
             "dst_mac": f.mac("dst_mac"),
         }
@@ -859,18 +998,37 @@ class _Validator:
         return traffic
 
 
+def _children(node: Node) -> list[Node]:
+    if isinstance(node, SequenceNode):
+        return list(node.value)
+    if isinstance(node, MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _expanded_sizes(root: Node) -> dict[int, int]:
+    """id(node) -> how many nodes the subtree of `node` has once every alias is expanded, for every node
+    reachable from the acyclic `root`; computed bottom-up, each distinct node once."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[Node, bool]] = [(root, False)]
+    while stack:  # iterative post-order: a deeply nested document must not hit the recursion limit
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        kids = _children(node)
+        if children_done:
+            sizes[id(node)] = 1 + sum(sizes[id(k)] for k in kids)
+        else:
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids if id(k) not in sizes)
+    return sizes
+
+
 def _find_cycle(root: Node) -> Node | None:
     """The anchored node an alias inside it refers to (``&a [*a]``), or None when there is no cycle."""
     on_path: set[int] = set()
     done: set[int] = set()
-
-    def children(node: Node) -> list[Node]:
-        if isinstance(node, SequenceNode):
-            return list(node.value)
-        if isinstance(node, MappingNode):
-            return [n for pair in node.value for n in pair]
-        return []
-
+    children = _children
     # Iterative DFS: a deeply nested document must not hit Python's recursion limit.
     stack: list[tuple[Node, Iterator[Node]]] = [(root, iter(children(root)))]
     on_path.add(id(root))

@@ -25,6 +25,11 @@ Programs
                   off the per-packet path.  Per-context (not per-function) state matters because one
                   program can be attached to several devices with different params.
 
+    ``fn.params`` ``{name: ParamSpec}``: the params the program takes (type, required or default, meaning).
+                  Topology validation refuses unknown, missing and mistyped params; a ``device`` param
+                  must name a device of the host.  Params named after one of the program's maps are
+                  implicitly declared (they populate the map).  Without ``fn.params`` any params go.
+
     ``fn.batch``  ``batch(ctx, pkts: XdpBatch) -> verdicts``: the same program over many packets at
                   once (a vectorised form, as DPDK drivers have vector RX paths next to their scalar
                   ones).  It must behave exactly as calling ``fn`` on each packet in order: same frame
@@ -56,11 +61,13 @@ from emu.bpfmaps import BpfMap, DevMap, MapSpec
 from emu.pagemem import PageSpans
 
 __all__ = [
+    "PARAM_TYPES",
     "XDP_ABORTED",
     "XDP_DROP",
     "XDP_PASS",
     "XDP_REDIRECT",
     "XDP_TX",
+    "ParamSpec",
     "Program",
     "ProgramFn",
     "XdpAction",
@@ -276,16 +283,76 @@ BatchFn = Callable[[XdpContext, XdpBatch], Any]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# What a declared param may be: a device name of the host, or a plain value of one type.
+PARAM_TYPES = ("device", "int", "float", "str", "bool", "int_list", "str_list")
+
+
+@dataclass(frozen=True, slots=True)
+class ParamSpec:
+    """One param a program takes: its `type` (one of `PARAM_TYPES`), whether it is `required` (else its
+    `default`, which the program applies itself), what it means, and for ints (and int lists' entries)
+    the bounds `lo`..`hi`.  A ``device`` param is a device name of the host the program is attached to."""
+
+    type: str
+    meaning: str
+    required: bool = False
+    default: Any = None
+    lo: int | None = None
+    hi: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in PARAM_TYPES:
+            raise ValueError(f"param type {self.type!r}: expected one of {', '.join(PARAM_TYPES)}")
+
+    def check(self, value: Any, devices: Mapping[str, Any]) -> str | None:
+        """None when `value` is acceptable, else why not (the end of a sentence about the param)."""
+        t = self.type
+        if t in ("device", "str"):
+            if not isinstance(value, str):
+                return f"must be a {'device name' if t == 'device' else 'string'}, not {value!r}"
+            if t == "device" and value not in devices:
+                return f"names no device of this host: {value!r} (devices: {', '.join(sorted(devices))})"
+            return None
+        if t == "bool":
+            return None if isinstance(value, bool) else f"must be true or false, not {value!r}"
+        if t == "float":
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            return None if ok else f"must be a number, not {value!r}"
+        is_list = t.endswith("_list")
+        if is_list and not isinstance(value, list):
+            return f"must be a list, not {value!r}"
+        want = str if t == "str_list" else int
+        what = ("a list of strings" if want is str else "a list of integers") if is_list else "an integer"
+        for item in value if is_list else [value]:
+            if type(item) is not want:  # type(), not isinstance(): True is not an integer here
+                return f"must be {what}, not {value!r}"
+            if want is int and ((self.lo is not None and item < self.lo) or (self.hi is not None and item > self.hi)):
+                entries = "entries " if is_list else ""
+                return f"{entries}must be between {self.lo} and {self.hi}, not {item}"
+        return None
+
+    def describe(self) -> str:
+        """One line for the README: type, bounds, required or default, meaning."""
+        bounds = f" {self.lo}..{self.hi}" if self.lo is not None or self.hi is not None else ""
+        need = "required" if self.required else f"default {self.default!r}"
+        return f"{self.type}{bounds}, {need}: {self.meaning}"
+
+
 def xdp_program(
-    maps: Mapping[str, MapSpec] | None = None, setup: SetupFn | None = None, batch: BatchFn | None = None
+    maps: Mapping[str, MapSpec] | None = None,
+    setup: SetupFn | None = None,
+    batch: BatchFn | None = None,
+    params: Mapping[str, ParamSpec] | None = None,
 ) -> Callable[[F], F]:
-    """Declare a program's maps, setup hook and vectorised form: sets ``fn.maps``, ``fn.setup`` and
-    ``fn.batch``, returns `fn` itself."""
+    """Declare a program's maps, setup hook, vectorised form and params: sets ``fn.maps``, ``fn.setup``,
+    ``fn.batch`` and ``fn.params``, returns `fn` itself.  ``params=None`` (the default) declares nothing:
+    any params are accepted; ``params={}`` declares that the program takes none."""
 
     def wrap(fn: F) -> F:
         fn.maps = dict(maps or {})  # type: ignore[attr-defined]
         fn.setup = setup  # type: ignore[attr-defined]
         fn.batch = batch  # type: ignore[attr-defined]
+        fn.params = None if params is None else dict(params)  # type: ignore[attr-defined]
         return fn
 
     return wrap
@@ -293,14 +360,15 @@ def xdp_program(
 
 @dataclass(frozen=True, slots=True)
 class Program:
-    """A loaded program: the per-packet callable, its name, its map specs, its setup hook and its
-    vectorised form."""
+    """A loaded program: the per-packet callable, its name, its map specs, its setup hook, its
+    vectorised form and its declared params (None: it declares none and takes any)."""
 
     fn: ProgramFn
     name: str
     maps: Mapping[str, MapSpec] = field(default_factory=dict)
     setup: SetupFn | None = None
     batch: BatchFn | None = None
+    params: Mapping[str, ParamSpec] | None = None
 
     @classmethod
     def from_callable(cls, fn: ProgramFn, name: str | None = None) -> Program:
@@ -318,7 +386,14 @@ class Program:
         batch = getattr(fn, "batch", None)
         if batch is not None and not callable(batch):
             raise TypeError(f"xdp program {name}: 'batch' must be callable")
-        return cls(fn, name, MappingProxyType(dict(maps)), setup, batch)
+        params = getattr(fn, "params", None)
+        if params is not None and (
+            not isinstance(params, Mapping)
+            or not all(isinstance(k, str) and isinstance(s, ParamSpec) for k, s in params.items())
+        ):
+            raise TypeError(f"xdp program {name}: 'params' must map names to emu.xdp.ParamSpec")
+        declared = None if params is None else MappingProxyType(dict(params))
+        return cls(fn, name, MappingProxyType(dict(maps)), setup, batch, declared)
 
     def initial_maps(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The params named after one of this program's maps: its initial entries (`emu.bpfmaps.populate`)."""

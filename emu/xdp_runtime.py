@@ -4,22 +4,59 @@ The coordinator creates each attached program's maps once per device (`create_ma
 pre-populated from the topology's params named after a map (``{"tx_port": {0: "eth1"}}``), the way
 user space loads and fills maps before attaching.  Every CPU worker then attaches the same map set
 (per-CPU maps resolve to its own row) and builds one `XdpContext` per RX queue it services.
+
+Topology validation goes through the same code without starting anything: `scratch_maps` creates a
+program's maps under a unique scratch name (always unlinked), `populate` fills them from the params with
+the same `ifindex_resolver`, and the setup hook runs on a context, so what would fail in a run fails at
+validation, with the line of the key at fault.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from emu.bpfmaps import MapSet, populate
+from emu.shm import new_run_prefix
 from emu.topology import DeviceConfig, HostConfig
 from emu.xdp import Program, XdpContext, load_program
+
+
+def ifindex_resolver(host: HostConfig) -> Callable[[str], int]:
+    """Device name -> ifindex on `host`, for map params; ValueError naming the host's devices otherwise."""
+    ifindexes = {name: dev.ifindex for name, dev in host.devices.items()}
+
+    def ifindex_of(name: str) -> int:
+        try:
+            return ifindexes[name]
+        except KeyError:
+            known = ", ".join(sorted(ifindexes))
+            raise ValueError(f"no device {name!r} on host {host.name!r} (devices: {known})") from None
+
+    return ifindex_of
+
+
+@contextmanager
+def scratch_maps(prog: Program, ncpus: int) -> Iterator[MapSet | None]:
+    """`prog`'s maps created as a run creates them, under a unique scratch name unlinked on exit (None when
+    the program has no maps): validation's stand-in for `create_maps`."""
+    if not prog.maps:
+        yield None
+        return
+    ms = MapSet.create(f"{new_run_prefix()}-scratch", prog.maps, ncpus)
+    try:
+        yield ms
+    finally:
+        ms.unlink()
+        ms.close()
 
 
 def create_maps(prefix: str, host: HostConfig) -> tuple[dict[str, str], list[tuple[str, MapSet]]]:
     """Create (and populate) the map set of every device whose program declares maps."""
     names: dict[str, str] = {}
     sets: list[tuple[str, MapSet]] = []
-    ifindexes = {name: dev.ifindex for name, dev in host.devices.items()}
+    ifindex_of = ifindex_resolver(host)
     try:
         for dname, dev in host.devices.items():
             if dev.xdp is None:
@@ -31,7 +68,7 @@ def create_maps(prefix: str, host: HostConfig) -> tuple[dict[str, str], list[tup
             ms = MapSet.create(name, prog.maps, host.cpus)
             sets.append((f"{host.name}:{dname}", ms))
             names[dname] = name
-            populate(ms, prog.initial_maps(dev.xdp.params), lambda n: ifindexes[n])
+            populate(ms, prog.initial_maps(dev.xdp.params), ifindex_of)
     except BaseException:
         for _, ms in sets:
             ms.unlink()

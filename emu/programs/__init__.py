@@ -15,6 +15,10 @@ The bundled topologies name them as ``emu.programs:<name>``:
 ``buggy_raise``, ``buggy_bad_verdict``, ``buggy_no_verdict``, ``buggy_batch_short``  misbehave on
                 purpose, to exercise XDP_ABORTED handling (the last in its vectorised form only).
 
+Every program but the buggy ones declares its params (`emu.xdp.ParamSpec`), so that validation refuses
+``egress: eth9`` or a stray key; the buggy ones declare none and take any, as a user's program written
+before declarations existed does.
+
 Every program but ``l2fwd_filter`` and the buggy ones also has a vectorised form (``fn.batch``, see
 `emu.xdp.XdpBatch`) that a CPU worker runs over many packets at once (those of all the polls of a
 pass): the MAC swap becomes one gather and one scatter of their 12-byte headers, and the verdicts one
@@ -37,7 +41,7 @@ import struct
 import numpy as np
 
 from emu.bpfmaps import DevMap, MapSpec
-from emu.xdp import XDP_DROP, XDP_PASS, XDP_TX, XdpBatch, XdpContext, xdp_program
+from emu.xdp import XDP_DROP, XDP_PASS, XDP_TX, ParamSpec, XdpBatch, XdpContext, xdp_program
 
 __all__ = [
     "buggy_bad_verdict",
@@ -83,7 +87,7 @@ def _xdp_drop_batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
     return np.full(len(pkts), XDP_DROP, dtype=np.int64)
 
 
-@xdp_program(maps={"rxcnt": MapSpec("percpu_array", 2)}, setup=_counter_setup, batch=_xdp_drop_batch)
+@xdp_program(maps={"rxcnt": MapSpec("percpu_array", 2)}, setup=_counter_setup, batch=_xdp_drop_batch, params={})
 def xdp_drop(ctx: XdpContext) -> int:
     """Drop; ``rxcnt[0]`` += 1 packet, ``rxcnt[1]`` += its bytes, on this CPU's row."""
     cnt = ctx.priv
@@ -96,7 +100,7 @@ def _xdp_pass_batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
     return np.full(len(pkts), XDP_PASS, dtype=np.int64)
 
 
-@xdp_program(batch=_xdp_pass_batch)
+@xdp_program(batch=_xdp_pass_batch, params={})
 def xdp_pass(ctx: XdpContext) -> int:
     """Hand every packet to the stack."""
     return XDP_PASS
@@ -106,7 +110,7 @@ def _xdp_tx_batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
     return np.where(_swap_macs(pkts), XDP_TX, XDP_DROP)
 
 
-@xdp_program(batch=_xdp_tx_batch)
+@xdp_program(batch=_xdp_tx_batch, params={})
 def xdp_tx(ctx: XdpContext) -> int:
     """Swap source and destination MAC and send the frame back out of the port it came in on."""
     d = ctx.data
@@ -132,7 +136,12 @@ def _l2fwd_batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
     return np.where(ok, pkts.redirect(egress, ok), XDP_DROP)
 
 
-@xdp_program(maps={"rxcnt": MapSpec("percpu_array", 1)}, setup=_l2fwd_setup, batch=_l2fwd_batch)
+# The egress device, declared so that validation checks it names a device of the host.
+_EGRESS = ParamSpec("device", "the device to redirect every frame to", required=True)
+
+
+@xdp_program(maps={"rxcnt": MapSpec("percpu_array", 1)}, setup=_l2fwd_setup, batch=_l2fwd_batch,
+             params={"egress": _EGRESS})
 def l2fwd(ctx: XdpContext) -> int:
     """Swap MACs and redirect to ``params.egress`` with ``bpf_redirect``; ``rxcnt[0]`` counts packets."""
     d = ctx.data
@@ -165,6 +174,7 @@ def _l2fwd_map_batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
     maps={"tx_port": MapSpec("devmap", 64), "rxcnt": MapSpec("percpu_array", 1)},
     setup=_l2fwd_map_setup,
     batch=_l2fwd_map_batch,
+    params={},  # only `tx_port`, which populates the map of that name
 )
 def l2fwd_map(ctx: XdpContext) -> int:
     """Swap MACs and ``bpf_redirect_map(&tx_port, 0, 0)``: an empty slot 0 aborts (flags 0)."""
@@ -194,7 +204,14 @@ def _l2fwd_filter_setup(ctx: XdpContext) -> None:
                 (dpkt.udp.UDP, dpkt.tcp.TCP), (dpkt.UnpackError, struct.error))
 
 
-@xdp_program(maps={"rxcnt": MapSpec("percpu_array", 2)}, setup=_l2fwd_filter_setup)
+@xdp_program(
+    maps={"rxcnt": MapSpec("percpu_array", 2)},
+    setup=_l2fwd_filter_setup,
+    params={
+        "egress": _EGRESS,
+        "deny_ports": ParamSpec("int_list", "UDP/TCP destination ports to drop", default=[], lo=0, hi=0xFFFF),
+    },
+)
 def l2fwd_filter(ctx: XdpContext) -> int:
     """Parse Ethernet / IPv4 / UDP or TCP with dpkt; a destination port in ``params.deny_ports`` is
     dropped (``rxcnt[1]``), anything else has its MACs swapped and is redirected to ``params.egress``
