@@ -195,7 +195,7 @@ def test_explicit_values() -> None:
           h1:
             cpus: 4
             cpu_affinity: [3, 2, 1, 0]
-            pages: 256
+            pages: 4352  # emu.schema.min_pages: 3 x 8 + 4 x 1024 RX descriptors + 4 x 32 cached pages
             page_size: 2048
             napi_budget: 8
             redirect_bulk: 4
@@ -647,7 +647,7 @@ BAD: list[tuple[str, str, int, str]] = [
             devices: {eth0: {ifindex: 1}}
         """,
         7,
-        "'cpu_affinity' entries must be >= 0, not -1",
+        "'cpu_affinity' entries must be between 0 and 8191, not -1",
     ),
     (
         "cpu-affinity-mapping",
@@ -794,7 +794,7 @@ BAD: list[tuple[str, str, int, str]] = [
               eth0: {ifindex: 0}
         """,
         6,
-        "'ifindex' must be >= 1, not 0",
+        "'ifindex' must be between 1 and 4294967295, not 0",
     ),
     (
         "duplicate-ifindex",
@@ -1365,7 +1365,7 @@ BAD: list[tuple[str, str, int, str]] = [
           - endpoints: [gen0, "h1:eth0"]
         """,
         7,
-        "'pkt_size' must be >= 62, not 59",
+        "'pkt_size' must be between 62 and 65280, not 59",
     ),
     (
         "pkt-size-too-large-for-page",
@@ -1437,7 +1437,7 @@ def test_alias_bomb_is_checked_quickly() -> None:
     # Each level doubles the expanded size (2**40 leaves); the checks must visit each node only once.
     levels = ["a0: &a0 [x, x]"] + [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}]" for i in range(1, 40)]
     text = "\n".join(levels) + "\nname: t\n"
-    with pytest.raises(TopologyError, match=r":1: unknown top-level key 'a0'"):
+    with pytest.raises(TopologyError, match=r":40: YAML aliases expand the document by [0-9,]+ nodes"):
         validate_topology_text(text, "bomb.yaml")
 
 
