@@ -31,6 +31,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from emu.errors import BadInputError
+
 __all__ = [
     "DEV_MAP_BULK_SIZE",
     "MAX_LINK_DELAY_US",
@@ -74,7 +76,7 @@ MAX_LINK_DELAY_US = 10_000_000  # 10 s for `delay` and `jitter`
 MAX_LINK_RATE_BPS = 10 * 10**12  # 10 tbit
 
 
-class TopologyError(ValueError):
+class TopologyError(BadInputError, ValueError):
     """A topology file is invalid; ``str()`` is ``"file:line: message"`` (line is 1-based)."""
 
     def __init__(self, file: str, line: int, message: str) -> None:
