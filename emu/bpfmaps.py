@@ -55,6 +55,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from emu.errors import BadInputError
 from emu.locks import OfdLockFile
 from emu.shm import SHM_DIR, Segment
 
@@ -126,7 +127,7 @@ _MV_FORMATS = {
 }  # fmt: skip
 
 
-class MapError(KeyError):
+class MapError(BadInputError, KeyError):
     """A map operation failed the way ``bpf(2)`` would; `errno` is the kernel's error number."""
 
     def __init__(self, err: int, message: str) -> None:

@@ -5,18 +5,38 @@ Conventions follow xdp-bench and containerlab: ``-i`` is the interval between li
 ``-e`` shows per-CPU and per-device rows, ``--json FILE`` (``-`` for stdout) writes the final report;
 a malformed topology prints ``FILE:LINE: message`` and exits with status 2 before anything starts.
 
-Exit status: 0 for a run whose report has no violation and no unaccounted packet, 1 otherwise (so a
-script can trust it), 2 for bad input, 3 when the run could not start or a process failed.
+Every failure ends in one line on stderr naming what and where: ``emu: <message>`` (or, for an error
+located in a topology file, ``FILE:LINE: message``, the form editors and CI annotations jump to), never
+a traceback; ``emu --debug ...`` prints the traceback too.  Errors map to exit statuses by family
+(`emu.errors`), not class by class:
+
+* 0: a run whose report has no violation, no corrupted and no unaccounted packet;
+* 1: a run that has one of those, or lost a host (so a script can trust a 0);
+* 2: bad input (`BadInputError`: a malformed topology, key file or message; a file that cannot be read
+  or written) or too little of a resource (`ResourceError`: ``/dev/shm``); nothing was started;
+* 3: a process failed (`ProcessFailure`, or a worker that died during the run: the report names it
+  with its last words) or the run could not start; also an internal error (a bug in the emulator);
+* 130: interrupted (Ctrl-C or SIGTERM) before a run had anything to report.
+
+An interrupted run reports: Ctrl-C and SIGTERM (``docker stop``, systemd, ``timeout``) both tear it down
+in order, print and write the final report, and exit 0, 1 or 3 from it like a run that ended by itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import traceback
+from collections.abc import Callable
 
-from emu.security import KeyFileError
-from emu.topology import TopologyError, load_topology
+from emu.errors import EXIT_BAD_INPUT, EXIT_PROCESS_FAILURE, BadInputError, EmuError, exit_status
+from emu.topology import load_topology
+
+# 128 + SIGINT, what a shell reports for a command Ctrl-C ended; SIGTERM is handled as Ctrl-C.
+EXIT_INTERRUPTED = 130
 
 
 def _add_topology(p: argparse.ArgumentParser) -> None:
@@ -50,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emu", description="pagepool-emu: emulate XDP forwarding over a per-CPU page pool."
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print its traceback before the one-line message")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a topology on this machine")
     coord = sub.add_parser("coordinator", help="run the control plane of a multi-host run (hosts are `emu host`)")
@@ -111,9 +133,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_output(path: str | None) -> None:
+    """Refuse a ``--json`` file that cannot be written before the run, not after it (the run's report
+    would be lost)."""
+    if not path or path == "-":
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise BadInputError(f"--json {path}: is a directory")
+    if not os.path.isdir(parent):
+        raise BadInputError(f"--json {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise BadInputError(f"--json {path}: not writable")
+
+
 def _options(args: argparse.Namespace, topo):
     from emu.coordinator import RunOptions
 
+    _check_output(args.json)
     to_stdout = args.json == "-"
     count = args.count if args.count else None
     opts = RunOptions(count=count, duration=args.duration, interval=args.interval,
@@ -139,6 +176,18 @@ def _unbounded(topo):
     return dataclasses.replace(topo, traffic=traffic)
 
 
+def report_status(report: dict) -> int:
+    """A finished (or interrupted) run's exit status from its report: 3 when a process died, 1 for a
+    violation, an unaccounted or corrupted packet or a lost host, else 0."""
+    if report.get("failures"):
+        return EXIT_PROCESS_FAILURE
+    bad = any(report["violations"].get(k) for k in ("foreign_cache_return", "recycled_before_tx_completion",
+                                                      "double_free", "leaked"))
+    bad = bad or report["traffic"]["unaccounted"] != 0 or report["traffic"]["corrupted"] != 0
+    bad = bad or bool(report.get("hosts_lost"))
+    return 1 if bad else 0
+
+
 def _finish(args: argparse.Namespace, report: dict) -> int:
     if args.json:
         text = json.dumps(report, indent=2)
@@ -147,45 +196,30 @@ def _finish(args: argparse.Namespace, report: dict) -> int:
         else:
             with open(args.json, "w") as f:
                 f.write(text + "\n")
-    bad = any(report["violations"].get(k) for k in ("foreign_cache_return", "recycled_before_tx_completion",
-                                                      "double_free", "leaked"))
-    bad = bad or report["traffic"]["unaccounted"] != 0 or report["traffic"]["corrupted"] != 0
-    bad = bad or bool(report.get("hosts_lost"))
-    return 1 if bad else 0
+    return report_status(report)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from emu import launch
 
     launch.prestart()  # the workers' fork server imports their modules while this process imports its own
-    from emu.coordinator import Run, RunError
-    from emu.shm import ShmSpaceError
+    from emu.coordinator import Run
+    from emu.procname import set_title
 
     opts, topo = _options(args, load_topology(args.topology))
-    try:
-        report = Run(topo, opts).run()
-    except ShmSpaceError as exc:
-        print(f"emu: {exc.strerror}", file=sys.stderr)
-        return 2
-    except RunError as exc:
-        print(f"emu: {exc}", file=sys.stderr)
-        return 3
-    return _finish(args, report)
+    set_title(f"run {topo.name}")
+    return _finish(args, Run(topo, opts).run())
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from emu.cluster import Cluster
-    from emu.coordinator import RunError
+    from emu.procname import set_title
 
     opts, topo = _options(args, load_topology(args.topology))
-    try:
-        cluster = Cluster(topo, args.bind, opts, keys_dir=args.keys, status_file=args.status_file,
-                          host_timeout=args.host_timeout, register_timeout=args.register_timeout)
-        report = cluster.run()
-    except RunError as exc:
-        print(f"emu: {exc}", file=sys.stderr)
-        return 3
-    return _finish(args, report)
+    set_title(f"coordinator {topo.name}")
+    cluster = Cluster(topo, args.bind, opts, keys_dir=args.keys, status_file=args.status_file,
+                      host_timeout=args.host_timeout, register_timeout=args.register_timeout)
+    return _finish(args, cluster.run())
 
 
 def cmd_host(args: argparse.Namespace) -> int:
@@ -193,7 +227,9 @@ def cmd_host(args: argparse.Namespace) -> int:
 
     launch.prestart()
     from emu.hostagent import AgentOptions, HostAgent
+    from emu.procname import set_title
 
+    set_title(f"host {args.name}")
     opts = AgentOptions(listen=args.listen, advertise=args.advertise, link_port=args.link_port,
                         keys_dir=args.keys, status_file=args.status_file, serve=args.serve,
                         coordinator_timeout=args.coordinator_timeout)
@@ -217,23 +253,65 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run, "coordinator": cmd_coordinator, "host": cmd_host, "keys": cmd_keys, "clean": cmd_clean,
+    "validate": cmd_validate,
+}
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line an error ends in: ``emu: <message>``; an error located in a file (a topology's
+    ``FILE:LINE: message``) is printed as it is, the form compilers use and editors parse."""
+    text = str(exc)
+    where = getattr(exc, "file", None)
+    if isinstance(where, str) and text.startswith(f"{where}:"):
+        return text
+    return f"emu: {text}"
+
+
+def os_error_line(exc: OSError) -> str:
+    """``emu: FILE: what`` for a file the system refused (missing, a directory, not permitted...)."""
+    what = exc.strerror or str(exc)
+    name = exc.filename
+    if name is None or str(name) in what:
+        return f"emu: {what}"
+    return f"emu: {name}: {what}"
+
+
+def _sigterm_is_ctrl_c(signum: int, frame: object) -> None:
+    # Until a run installs its own handler (it then tears down in order on either signal), SIGTERM
+    # interrupts exactly as Ctrl-C does: KeyboardInterrupt, which every phase already handles.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = None
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # not when embedded in a program that set one
+        previous = signal.signal(signal.SIGTERM, _sigterm_is_ctrl_c)
+
+    def fail(line: str, status: int) -> int:
+        if args.debug:
+            traceback.print_exc()
+        print(line, file=sys.stderr, flush=True)
+        return status
+
     try:
-        if args.command == "validate":
-            return cmd_validate(args)
-        commands = {"run": cmd_run, "coordinator": cmd_coordinator, "host": cmd_host, "keys": cmd_keys,
-                    "clean": cmd_clean}
-        return commands[args.command](args)
-    except TopologyError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
-        print(f"emu: {exc.filename}: {exc.strerror}", file=sys.stderr)
-        return 2
-    except (FileExistsError, KeyFileError) as exc:  # keys: existing, missing or garbled key files
-        print(f"emu: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
-        return 2
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return fail("emu: interrupted", EXIT_INTERRUPTED)
+    except EmuError as exc:
+        return fail(error_line(exc), exit_status(exc))
+    except OSError as exc:
+        # A file named on the command line (or in a topology) that cannot be used is bad input; an
+        # OSError about no file at all (no memory, too many open files) means the run could not start.
+        return fail(os_error_line(exc), EXIT_BAD_INPUT if exc.filename is not None else EXIT_PROCESS_FAILURE)
+    except Exception as exc:
+        hint = "" if args.debug else " (run with --debug for the traceback)"
+        return fail(f"emu: internal error: {type(exc).__name__}: {exc}{hint}", EXIT_PROCESS_FAILURE)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

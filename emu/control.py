@@ -19,6 +19,7 @@ from typing import Any
 import msgpack
 
 from emu import wire
+from emu.errors import BadInputError
 
 # host -> coordinator
 HOST_KINDS = ("hello", "ready", "linked", "stats", "home", "final", "failed", "link_lost")
@@ -28,7 +29,7 @@ COORD_KINDS = ("assign", "refuse", "peers", "start", "quiesce", "down", "exit", 
 MAX_PAYLOAD = 64 << 20  # a final report of a large host is a few MB at most
 
 
-class ControlError(ValueError):
+class ControlError(BadInputError, ValueError):
     """A control message that is not one of ours."""
 
 

@@ -13,6 +13,10 @@ order:
    ``page_pool_release_retry() stalled pool shutdown`` warning while some stay in flight;
 3. EXIT: CPU workers destroy their pools (cache and ring back to the page allocator) and everyone
    exits; the final strict audit counts every page, then every segment is unlinked.
+
+Ctrl-C and SIGTERM (what ``docker stop``, systemd and ``timeout`` send) both end a run this same way, from
+any phase.  A process that dies is noticed from its exit status (`check_procs`); the report's
+``failures`` name it, with its last words when it died of an exception (`workers.common.last_words`).
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ import numpy as np
 
 from emu import launch
 from emu import report as rep
+from emu.errors import ProcessFailure
 from emu.pagemem import HOME, PageMemory, PageState, PoolParams, required_shm_bytes
 from emu.pagepool import return_pages
+from emu.procname import process_name
 from emu.shm import SHM_DIR, ShmSpaceError, new_run_prefix, shm_free_bytes, sweep_stale, unlink_prefix
 from emu.shmring import RING_BYTES, MsgRing
 from emu.stats import Cmd, ProcState, StatsTable
@@ -42,7 +48,7 @@ from emu.topology import Endpoint, HostConfig, Topology
 from workers import cpu as cpu_worker
 from workers import device as device_worker
 from workers import traffic as traffic_worker
-from workers.common import ProcSpec
+from workers.common import ProcSpec, read_last_words
 from workers.cpu import DEVICE_BIT, LINK_DOWN_BIT, device_code
 
 READY_TIMEOUT = 60.0  # spawning a dozen Python processes on a loaded 2-core machine can take a while
@@ -51,7 +57,7 @@ SHUTDOWN_TIMEOUT = 10.0
 HUNG_NS = 15_000_000_000  # this long without a heartbeat: declared hung and killed (generous: 2 loaded cores)
 
 
-class RunError(RuntimeError):
+class RunError(ProcessFailure, RuntimeError):
     """A run could not start or a process failed; the message says which and why."""
 
 
@@ -63,6 +69,9 @@ class RunOptions:
     extended: bool = False
     quiet: bool = False
     out: TextIO = field(default_factory=lambda: sys.stdout)
+    # Workers raise InjectedFault where they are when sent SIGUSR1, as a bug would (tests; off unless
+    # asked for, or ``EMU_FAULT_INJECTION=1`` in the environment of `emu run` / `emu host`).
+    fault_injection: bool = field(default_factory=lambda: os.environ.get("EMU_FAULT_INJECTION") == "1")
 
 
 @dataclass
@@ -70,6 +79,24 @@ class Proc:
     kind: str
     key: str
     process: multiprocessing.process.BaseProcess
+    last_words: str = ""  # the file its last words go to
+
+    @property
+    def name(self) -> str:
+        """Its name in ``ps``, the events and the report: ``h1/cpu0``, ``h1:eth1``, ``gen0``."""
+        return process_name(self.kind, self.key)
+
+
+def death(code: int) -> str:
+    """How a process ended, from its exit code: ``signal 9`` (SIGKILL) or ``exit code 1``."""
+    return f"signal {-code}" if code < 0 else f"exit code {code}"
+
+
+def signal_name(code: int) -> str:
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
 
 
 def generators_done(topo: Topology, count: int | None, done: Callable[[str], bool]) -> bool:
@@ -160,6 +187,10 @@ class Run(Console):
         self.stalled: list[str] = []
         self.interrupted = False
         self.dead: set[str] = set()
+        # The processes that died, by name: how, and their last words ("failures" in the report).
+        self.failures: list[dict] = []
+        self.ending = False  # a process whose loss the run cannot go on without died: end it now
+        self.role = "coordinator"  # this process's name in the report's `processes`
         self.dead_pools: list = []
         self.dead_links: list[tuple[str, str | None, str | None]] = []
         self.offline: dict[str, int] = {}
@@ -295,9 +326,17 @@ class Run(Console):
             )
             specs.append((spec, traffic_worker.main))
         for spec, target in specs:
+            spec.last_words = os.path.join(self.run_dir, spec.key.replace("/", "-") + ".last-words")
+            spec.options["fault_injection"] = self.opts.fault_injection
             p = mp.Process(target=target, args=(spec,), name=f"emu-{spec.key}", daemon=True)
             p.start()
-            self.procs.append(Proc(spec.kind, spec.key, p))
+            self.procs.append(Proc(spec.kind, spec.key, p, spec.last_words))
+
+    def processes(self) -> dict[str, int]:
+        """Name -> pid of this run's processes (this one under its `role`), for the report."""
+        pids = {self.role: os.getpid()}
+        pids.update({p.name: p.process.pid for p in self.procs if p.process.pid is not None})
+        return pids
 
     def wait_ready(self) -> None:
         assert self.table is not None
@@ -314,29 +353,56 @@ class Run(Console):
             time.sleep(0.01)
 
     def check_procs(self) -> None:
-        """Notice dead or hung processes.  A CPU worker's death is survived (its RX queues go offline and
-        its pages are reclaimed); any other process's death ends the run with an error naming it."""
+        """Notice dead or hung processes.  Once traffic started, a CPU worker's or a device's death is
+        survived (its RX queues or its link go offline and its pages are reclaimed) and a traffic port's
+        ends the run in order; before, any death ends the run with an error.  Either way the process
+        is named with its last words, and the run's exit status is 3."""
         assert self.table is not None
         now = time.monotonic_ns()
         for p in self.procs:
             if p.key in self.dead:
                 continue
             code = p.process.exitcode
+            hung = None
             if code is None and self.table.read(p.key)["state"] >= ProcState.READY:
                 beat = self.table.read(p.key)["heartbeat_ns"]
                 if now - beat > HUNG_NS:
-                    self.event(f"{p.kind} {p.key} sent no heartbeat for {(now - beat) / 1e9:.1f} s: killing it")
+                    hung = f"sent no heartbeat for {(now - beat) / 1e9:.1f} s"
+                    self.event(f"{p.kind} {p.key} {hung}: killing it")
                     p.process.kill()
                     p.process.join(5)
                     code = p.process.exitcode
             if code is None or (code == 0 and self.table.read(p.key)["cmd"] >= Cmd.EXIT):
                 continue
-            if p.kind == "cpu" and self.started_ns:
+            words = self.failed(p, code, hung)
+            if not self.started_ns:
+                raise RunError(f"{p.kind} process {p.name} died ({death(code)}): {words}")
+            if p.kind == "cpu":
                 self.cpu_died(p, code)
-            elif p.kind == "device" and self.started_ns:
+            elif p.kind == "device":
                 self.device_died(p, code)
             else:
-                raise RunError(f"{p.kind} process {p.key} died (exit code {code})")
+                self.traffic_died(p, code)
+
+    def failed(self, proc: Proc, code: int, hung: str | None = None) -> str:
+        """Record a dead process for the report and say its last words; returns them.  A process killed
+        by a signal says none: its last words are the signal's name."""
+        words = read_last_words(proc.last_words) or hung or (
+            f"killed by {signal_name(code)}" if code < 0 else "exited without a word")
+        self.failures.append({"process": proc.name, "kind": proc.kind, "pid": proc.process.pid,
+                              "status": death(code), "last_words": words})
+        self.event(f"{proc.name} (pid {proc.process.pid}) died: {words}")
+        return words
+
+    def traffic_died(self, proc: Proc, code: int) -> None:
+        """A traffic port is gone: its link goes down and the run ends in order (what it generated and
+        what was on its way to it can no longer be accounted for)."""
+        self.dead.add(proc.key)
+        self.event(f"traffic port {proc.key} died ({death(code)}): its link goes down; ending the run")
+        peer = self.topo.peer_of(Endpoint("traffic", None, proc.key))
+        if peer is not None and peer.kind == "device" and self.is_local(peer):
+            self.link_down(f"{peer.host}/{peer.name}")
+        self.ending = True
 
     def cpu_died(self, proc: Proc, code: int) -> None:
         """A CPU worker is gone: take its CPU offline everywhere, then reclaim every page it owned or held.
@@ -351,8 +417,7 @@ class Run(Console):
         cpu = int(cpu_s[3:])
         host = self.topo.hosts[hname]
         pm = self.pms[hname]
-        how = f"signal {-code}" if code < 0 else f"exit code {code}"
-        self.event(f"cpu {proc.key} died ({how}): taking it offline")
+        self.event(f"cpu {proc.key} died ({death(code)}): taking it offline")
         self._offline(hname, cpu, {})
         lost, reclaimed = self.reclaim_cpu(pm, cpu)
         self.lost += lost
@@ -395,8 +460,7 @@ class Run(Console):
         hname, dname = proc.key.split("/")
         host = self.topo.hosts[hname]
         index = list(host.devices).index(dname)
-        how = f"signal {-code}" if code < 0 else f"exit code {code}"
-        self.event(f"device {proc.key} died ({how}): its link goes down")
+        self.event(f"device {proc.key} died ({death(code)}): its link goes down")
         peer = self.topo.peer_of(Endpoint("device", hname, dname))
         extra: dict[str, int] = {}
         peer_key = None
@@ -515,24 +579,27 @@ class Run(Console):
         assert self.table is not None
         return rep.snapshot(self.table, time.monotonic(), self.lost + self.wire_losses())
 
-    def _on_sigint(self, signum: int, frame: object) -> None:
+    def _on_signal(self, signum: int, frame: object) -> None:
         self.interrupted = True
 
     def run(self) -> dict:
         """Set up, run, tear down; returns the final report.  Always cleans up.
 
-        Ctrl-C at any point after set-up ends the run the orderly way: quiesce, bring devices down, wait
-        for the pages, report what ran.
+        Ctrl-C or SIGTERM at any point ends the run the orderly way: quiesce, bring devices down, wait
+        for the pages, report what ran.  SIGTERM is what ``docker stop``, systemd and ``timeout`` send, so
+        it must not kill the run half-way: its processes would be left to notice on their own, and no
+        report would say what ran.
         """
         self.interrupted = False
-        previous = None
+        previous = {}
         if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGINT, self._on_sigint)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, self._on_signal)
         try:
             return self._run()
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def start(self) -> None:
         """Create the shared memory, start every process, wait until all are ready, start the traffic.
@@ -564,7 +631,7 @@ class Run(Console):
         last = self.snapshot()
         next_line = start + opts.interval
         try:
-            while not self.interrupted:
+            while not self.interrupted and not self.ending:
                 time.sleep(0.02)
                 self.check_procs()
                 now = time.monotonic()

@@ -30,6 +30,7 @@ import zmq
 from emu import control, security, wire
 from emu import report as rep
 from emu.coordinator import Run, RunError, RunOptions
+from emu.errors import ProcessFailure
 from emu.stats import Cmd
 from emu.topology import Endpoint, Topology, topology_from_dict
 from workers.common import new_context
@@ -81,6 +82,7 @@ class HostRun(Run):
         self.agent = agent
         self.hname = hname
         self.keys_dir = agent.opts.keys_dir
+        self.role = f"host {hname}"
 
     def tick(self) -> None:
         self.agent.service()
@@ -107,8 +109,8 @@ class HostRun(Run):
         self.agent.send("link_lost", {"endpoint": endpoint})
 
 
-class CoordinatorLost(RuntimeError):
-    pass
+class CoordinatorLost(ProcessFailure, RuntimeError):
+    """The coordinator went silent mid-run; the message says for how long."""
 
 
 class HostAgent:

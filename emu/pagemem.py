@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from emu.errors import BadInputError
 from emu.locks import OfdLockFile
 from emu.shm import SHM_DIR, Segment, ShmSpaceError, shm_free_bytes
 
@@ -152,8 +153,9 @@ class PageSpans:
         v[pages.astype(np.intp, copy=False)] = np.ascontiguousarray(rows).view(dt)[:, 0]
 
 
-class PageError(ValueError):
-    """A page was returned or used against the rules (double free, stale generation, bad id...)."""
+class PageError(BadInputError, ValueError):
+    """A page was returned or used against the rules (double free, stale generation, bad id...): a bad
+    descriptor, whoever sent it; the message quotes the page id and what was wrong with it."""
 
 
 @dataclass(frozen=True, slots=True)

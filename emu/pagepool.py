@@ -33,6 +33,7 @@ import sys
 
 import numpy as np
 
+from emu.errors import ResourceError
 from emu.pagemem import (
     _H_EXTRA_REFS,
     _P_CACHE_COUNT,
@@ -61,7 +62,7 @@ class ForeignRecycleError(PageError):
     """A direct (lockless) recycle into a CPU's alloc cache from a process that does not own it."""
 
 
-class PoolOwnershipError(RuntimeError):
+class PoolOwnershipError(ResourceError, RuntimeError):
     """A second live process tried to own a CPU's pool."""
 
 

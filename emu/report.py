@@ -9,6 +9,7 @@ the issue tracker's users asked: every generated packet ends ``delivered`` (at a
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -225,6 +226,8 @@ def build_report(run: Run, final: Snapshot, audits: dict[str, Audit], elapsed: f
         "maps": xdp_runtime.snapshot_maps(run.mapsets),
         "events": list(run.events),
         "dead_processes": sorted(run.dead),
+        "failures": list(run.failures),
+        "processes": run.processes(),
         "stalled_shutdown": list(run.stalled),
         "hosts_lost": [],
     }
@@ -243,6 +246,8 @@ def merge_reports(name: str, parts: dict[str, dict[str, Any]], final: Snapshot, 
     maps: dict[str, Any] = {}
     all_events = list(events)
     dead: list[str] = []
+    failures: list[dict[str, Any]] = []
+    processes: dict[str, int] = {"coordinator": os.getpid()}
     stalled: list[str] = []
     for hname, r in parts.items():
         cpus += r["cpus"]
@@ -258,6 +263,8 @@ def merge_reports(name: str, parts: dict[str, dict[str, Any]], final: Snapshot, 
         maps.update(r["maps"])
         all_events += [f"{hname}: {e}" for e in r["events"]]
         dead += r["dead_processes"]
+        failures += [dict(f, host=hname) for f in r.get("failures", [])]
+        processes.update(r.get("processes", {}))
         stalled += r["stalled_shutdown"]
     traffic = traffic_section(final)
     if final.host_lost:
@@ -273,6 +280,8 @@ def merge_reports(name: str, parts: dict[str, dict[str, Any]], final: Snapshot, 
         "maps": maps,
         "events": all_events,
         "dead_processes": sorted(dead),
+        "failures": failures,
+        "processes": processes,
         "stalled_shutdown": stalled,
         "hosts_lost": list(hosts_lost),
         "security": {"control_refused": control_refused, "link_refused": link_refused},
@@ -323,4 +332,6 @@ def summary(r: dict[str, Any]) -> str:
                    "connection attempts without the cluster's CURVE key")
     for prob in p["problems"]:
         out.append(f"  AUDIT: {prob}")
+    for f in r.get("failures", []):
+        out.append(f"  FAILED   {f['process']} (pid {f['pid']}, {f['status']}): {f['last_words']}")
     return "\n".join(out)

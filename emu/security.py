@@ -54,6 +54,8 @@ from typing import Any
 import zmq
 from zmq.utils import z85
 
+from emu.errors import BadInputError
+
 __all__ = [
     "PUBLIC_NAME",
     "SECRET_NAME",
@@ -82,7 +84,7 @@ ZAP_DOMAIN = b"emu"
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by RFC 27; one handler per context
 
 
-class KeyFileError(ValueError):
+class KeyFileError(BadInputError, ValueError):
     """A key directory or key file is missing, unreadable or garbled; the message names the file."""
 
 

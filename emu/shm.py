@@ -25,12 +25,20 @@ from multiprocessing import resource_tracker
 
 import numpy as np
 
+from emu.errors import ResourceError
+
 SHM_DIR = "/dev/shm"
 PREFIX = "ppemu"
 
 
-class ShmSpaceError(OSError):
-    """``/dev/shm`` cannot hold what a topology needs."""
+class ShmSpaceError(ResourceError, OSError):
+    """``/dev/shm`` cannot hold what a topology needs; the message says how much it has and needs.
+
+    Still an `OSError` (errno ``ENOSPC``) for callers that catch those; ``str()`` is the message alone,
+    without the ``[Errno 28]`` an `OSError` would put before it."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
 
 def new_run_prefix() -> str:

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import msgpack
 import numpy as np
 
+from emu.errors import BadInputError
 from emu.packets import FrameBatch
 
 WIRE_VERSION = 1
@@ -39,7 +40,7 @@ _BIN8, _BIN16, _BIN32 = struct.Struct(">BB"), struct.Struct(">BH"), struct.Struc
 BufferLike = bytes | bytearray | memoryview
 
 
-class WireError(ValueError):
+class WireError(BadInputError, ValueError):
     """A message that is not a valid emulator message; the text says what was wrong with it."""
 
 

@@ -1,11 +1,13 @@
 """Process helpers for the tests that run the ``emu`` command: find a run's children and segments, wait on
-conditions (never on the clock: the machine is loaded), start the CLI."""
+conditions (never on the clock: the machine is loaded), start the CLI, read its output as it comes and
+wait until its live lines show traffic, see what ``ps`` shows of its processes."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -61,6 +63,56 @@ def wait_for(cond, what: str, deadline: float = DEADLINE) -> None:
         time.sleep(0.05)
 
 
-def start_cli(*args: str) -> subprocess.Popen:
+def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "emu.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=None if env is None else {**os.environ, **env})
+
+
+class Lines:
+    """A pipe's lines, read by a thread as they come, so that a test waits on what a process printed
+    (with `wait_for`'s deadline) instead of blocking in ``readline`` on a process that went quiet."""
+
+    def __init__(self, pipe) -> None:
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self.thread.start()
+
+    def _read(self, pipe) -> None:
+        for line in pipe:
+            self.lines.append(line)
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def close(self) -> str:
+        """All of it, once the process has exited and the pipe is drained."""
+        self.thread.join(DEADLINE)
+        return self.text()
+
+
+def received(lines: Lines) -> int:
+    """The largest XDP rx rate in the live lines so far (``Summary  1,112,847 rx/s ...``): above 0 once
+    packets were generated and reached a CPU."""
+    best = 0
+    for line in list(lines.lines):
+        if line.startswith("Summary") and "rx/s" in line:
+            best = max(best, int(line.split()[1].replace(",", "")))
+    return best
+
+
+def wait_traffic(p: subprocess.Popen, out: Lines) -> None:
+    """Until the run (started with a short ``-i``, not ``-q``) shows packets received."""
+    wait_for(lambda: received(out) > 0 or p.poll() is not None, "packets received")
+    assert p.poll() is None and received(out) > 0, out.text()
+
+
+def titles(pids: list[int]) -> dict[int, str]:
+    """What ``ps -eo pid,args`` shows for each of `pids` that is still alive."""
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+    want = set(pids)
+    out = {}
+    for line in ps.splitlines()[1:]:
+        pid, _, args = line.strip().partition(" ")
+        if int(pid) in want:
+            out[int(pid)] = args.strip()
+    return out

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import msgpack
@@ -25,7 +24,7 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from procs import DEADLINE, ROOT, alive, descendants_of, segments_of, start_cli, wait_for
+from procs import DEADLINE, ROOT, Lines, alive, descendants_of, received, segments_of, start_cli, wait_for, wait_traffic
 
 from emu import wire
 from emu.coordinator import Run, RunOptions
@@ -50,10 +49,11 @@ def _started(pid: int) -> bool:
 
 
 def test_coordinator_killed_leaves_nothing_behind(reliability) -> None:
-    p = start_cli("run", "topology/l2fwd.yaml", "--duration", "120", "-q")
+    p = start_cli("run", "topology/l2fwd.yaml", "--duration", "120", "-i", "0.2")
+    out = Lines(p.stdout)
     try:
         kids = wait_running(p)
-        time.sleep(1.0)  # traffic flowing
+        wait_traffic(p, out)  # killed with packets in flight, not before the first one
         kids = descendants_of(p.pid) or kids
         p.kill()
         p.wait(30)
@@ -66,28 +66,32 @@ def test_coordinator_killed_leaves_nothing_behind(reliability) -> None:
         if p.poll() is None:
             p.kill()
             p.wait()
+        out.close()
         p.stdout.close()
         p.stderr.close()
 
 
 def test_ctrl_c_tears_down_and_reports(tmp_path: Path, reliability) -> None:
     out = tmp_path / "r.json"
-    p = start_cli("run", "topology/l2fwd.yaml", "-i", "0.5", "--json", str(out))
+    p = start_cli("run", "topology/l2fwd.yaml", "-i", "0.2", "--json", str(out))
+    lines, errors = Lines(p.stdout), Lines(p.stderr)
     try:
-        while not p.stdout.readline().startswith("Running topology"):  # printed once every process is ready
-            assert p.poll() is None
-        time.sleep(1.0)
+        wait_traffic(p, lines)  # interrupted mid-run, with packets flowing
+        seen = received(lines)
         p.send_signal(signal.SIGINT)
-        stdout, stderr = p.communicate(timeout=DEADLINE)
+        p.wait(DEADLINE)
     finally:
         if p.poll() is None:
             p.kill()
-            p.communicate()
+            p.wait()
+    stdout, stderr = lines.close(), errors.close()
+    assert seen > 0
     assert "interrupted" in stderr
     assert "Summary of 'l2fwd'" in stdout
     report = json.loads(out.read_text())
     reliability("Ctrl-C", report)
     t = report["traffic"]
+    assert t["generated"] > 0
     assert t["unaccounted"] == 0 and t["corrupted"] == 0
     assert report["violations"]["leaked"] == 0
     assert p.returncode == 0, stderr

@@ -179,7 +179,10 @@ SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[Heal
 def check_batch(b: FrameBatch) -> None:
     assert b.lengths.min(initial=1) >= 1
     assert b.nbytes == len(b.data)
-    assert int(b.offsets[-1] + b.lengths[-1]) == len(b.data) if len(b) else True
+    if len(b):
+        assert int(b.offsets[-1] + b.lengths[-1]) == len(b.data)
+    else:
+        assert len(b.data) == 0 and len(b.offsets) == 0
 
 
 def try_both(msg: bytes) -> None:

@@ -6,6 +6,11 @@ get one `ProcSpec`: which row of the stats table is theirs, which host's page me
 zmq endpoints of everything they talk to.  Each creates its own zmq context after start.  A process
 exits by itself when the coordinator asks (``Cmd.EXIT``) or when the coordinator is gone, so a
 coordinator killed with SIGKILL leaves no worker behind.
+
+A process names itself by its role (``emu: h1/cpu0``; `emu.procname`), ignores SIGINT and SIGTERM (the
+coordinator alone decides how a run ends), and when it dies of an exception it leaves its last words:
+one line with the exception and where in the worker it was raised, in a file under the run's
+directory that the coordinator reads when it notices the death (`write_last_words`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from typing import Any
 
 import zmq
 
+from emu.errors import ProcessFailure
+from emu.procname import process_name, set_title
 from emu.shmring import Channel, MsgRing
 from emu.stats import ProcState, RowSpec, StatsRow, StatsTable
 
@@ -49,6 +56,7 @@ class ProcSpec:
     endpoints: dict[str, Any] = field(default_factory=dict)
     maps: dict[str, str] = field(default_factory=dict)  # device -> BPF map-set segment name
     options: dict[str, Any] = field(default_factory=dict)
+    last_words: str = ""  # file the process writes its last words to if it dies of an exception
 
 
 def pin(core: int | None) -> int | None:
@@ -171,10 +179,72 @@ class WarnOnce:
             sys.stderr.flush()
 
 
+class InjectedFault(ProcessFailure, RuntimeError):
+    """Raised inside a worker by fault injection (`RunOptions.fault_injection`, ``EMU_FAULT_INJECTION``),
+    to stand for a bug: the worker dies of it exactly as it would of any other exception."""
+
+
+def _inject_fault(signum: int, frame: object) -> None:
+    # A signal handler runs in the main thread between two bytecodes, so the exception surfaces wherever
+    # the worker happens to be (its poll loop, a pool call, a socket wait), as a bug's would.
+    raise InjectedFault(f"fault injected with {signal.Signals(signum).name}")
+
+
+# Where a worker's code lives: last words name the innermost frame in these, not one inside numpy or zmq.
+_OWN_CODE = (os.sep + "emu" + os.sep, os.sep + "workers" + os.sep)
+
+
+def last_words(exc: BaseException) -> str:
+    """One line for a process dying of `exc`: its type and message, and where in the emulator's code it
+    was raised (``RuntimeError: boom (at workers/cpu.py:412 in poll)``)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    # An injected fault is raised by its signal handler: where it hit the worker is the frame before.
+    own = [f for f in frames if any(part in f.filename for part in _OWN_CODE) and f.name != _inject_fault.__name__]
+    where = (own or frames or [None])[-1]
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if where is None:
+        return text
+    path = where.filename
+    for part in _OWN_CODE:  # relative to the project: workers/cpu.py, emu/pagepool.py
+        if part in path:
+            path = path[path.rindex(part) + 1 :]
+            break
+    return f"{text} (at {path}:{where.lineno} in {where.name})"
+
+
+def write_last_words(path: str, text: str) -> None:
+    """Leave `text` in `path` for the coordinator (a file, not shared memory: it is written once, at
+    death, off the hot path, may be any length, and goes away with the run's directory)."""
+    if not path:
+        return
+    try:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)  # whole or not at all: the coordinator may read it at any moment
+    except OSError:
+        pass  # the run's directory is gone: nobody is left to read them
+
+
+def read_last_words(path: str) -> str | None:
+    """A dead process's last words, or None when it left none (killed by a signal, say)."""
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except (OSError, ValueError):
+        return None
+
+
 def run_process(spec: ProcSpec, body) -> None:
-    """Common frame for a process: attach its stats row, run `body(spec, table, row)`, record the end."""
-    # Ctrl-C reaches the whole process group; the coordinator alone decides how to tear down.
+    """Common frame for a process: name it, attach its stats row, run `body(spec, table, row)`, record
+    the end (and, when it dies of an exception, its last words)."""
+    # Ctrl-C reaches the whole process group, and systemd's stop sends SIGTERM to every process of the
+    # unit: the coordinator alone decides how to tear down, and tells the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    set_title(process_name(spec.kind, spec.key))
+    if spec.options.get("fault_injection"):
+        signal.signal(signal.SIGUSR1, _inject_fault)
     table = StatsTable.attach(spec.stats_name, spec.stats_rows)
     row = table.row(spec.key)
     row.c[row.i("pid")] = os.getpid()
@@ -184,8 +254,9 @@ def run_process(spec: ProcSpec, body) -> None:
         row.set_state(ProcState.EXITED)
     except KeyboardInterrupt:
         row.set_state(ProcState.EXITED)
-    except BaseException:
+    except BaseException as exc:
         row.set_state(ProcState.FAILED)
+        write_last_words(spec.last_words, last_words(exc))
         sys.stderr.write(f"emu: {spec.kind} {spec.key} failed:\n{traceback.format_exc()}")
         sys.stderr.flush()
         raise SystemExit(1) from None
