@@ -130,8 +130,8 @@ class TimedRun:
                 super().__init__(*a, **k)
                 self.marks = {"created": self.created}
 
-            def setup(self) -> None:
-                super().setup()
+            def prepare(self) -> None:
+                super().prepare()
                 self.marks["shm_and_maps"] = time.monotonic()
 
             def spawn(self) -> None:

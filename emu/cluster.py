@@ -19,6 +19,7 @@ It is never on the packet path: frames go device to device, and counters arrive 
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -355,7 +356,9 @@ class Cluster(Console):
             slot.state, slot.heard = "running", time.monotonic()
         self.broadcast("start")
         self.main_loop()
-        return self.teardown()
+        self.quiesce()
+        self.teardown()
+        return self.report()
 
     def main_loop(self) -> None:
         opts = self.opts
@@ -385,9 +388,18 @@ class Cluster(Console):
         # Counters arrive a few times a second: a stall is judged over a little more than DRAIN_STALL.
         wait_settled(self.pump, self.snapshot, self.in_transit, DRAIN_STALL + 2 * self.host_timeout / 5)
 
-    def teardown(self) -> dict[str, Any]:
+    # The phases of a `Run`, across hosts: each host runs its own on our word (``quiesce`` is its
+    # quiesce without the settling, which is judged here over every host's counters; ``down`` its down;
+    # ``exit`` its exit, reclaim and report), and the report is built from the same kind of record.
+
+    def quiesce(self) -> None:
+        """Every host's generators stop; wait until traffic settles across hosts."""
         self.broadcast("quiesce")
         self.wait_settled()
+
+    def teardown(self) -> None:
+        """Every host brings its devices down and waits for its pages; then every host exits, reclaims
+        and sends its own report (a host that does not within FINAL_TIMEOUT is lost)."""
         self.settled = time.monotonic()
         self.broadcast("down")
         self.interrupted = False  # a second Ctrl-C must not skip the wait for the pages
@@ -404,23 +416,33 @@ class Cluster(Console):
                         self.host_lost(s, f"no final report within {FINAL_TIMEOUT:.0f} s")
                 break
             self.pump()
-        report = self.report()
-        # Hosts wait for this before they exit, so that `docker compose up --exit-code-from coordinator`
-        # (which stops everything when the first container exits) shows the report above.
-        self.broadcast("bye")
-        return report
 
-    def report(self) -> dict[str, Any]:
+    def record(self) -> rep.RunRecord:
+        """The run's record: the merged final counters, each surviving host's own report (its pages,
+        pools and audits), and what happened here."""
         final = self.snapshot()
         lost_hosts = [s.name for s in self.slots.values() if not s.live]
         if lost_hosts:
             final.host_lost = max(0, final.unaccounted())
-        parts = {s.name: s.report for s in self.slots.values() if s.live and s.report is not None}
-        first = None if self.first_delivery is None else self.first_delivery - self.created
-        elapsed = (self.settled or time.monotonic()) - (self.started or self.created)
-        refused = self.gatekeeper.refused if self.gatekeeper is not None else 0
-        report = rep.merge_reports(self.topo.name, parts, final, elapsed, first, self.events, lost_hosts,
-                                   refused)
-        report["bad_control_messages"] = self.bad_messages
+        return rep.RunRecord(
+            topology=self.topo,
+            final=final,
+            elapsed=(self.settled or time.monotonic()) - (self.started or self.created),
+            first_packet_s=None if self.first_delivery is None else self.first_delivery - self.created,
+            parts={s.name: s.report for s in self.slots.values() if s.live and s.report is not None},
+            events=list(self.events),
+            processes={"coordinator": os.getpid()},
+            lost=final.lost,
+            hosts_lost=lost_hosts,
+            control_refused=self.gatekeeper.refused if self.gatekeeper is not None else 0,
+            bad_control_messages=self.bad_messages,
+        )
+
+    def report(self) -> dict[str, Any]:
+        """The merged report (printed); then the hosts may exit."""
+        report = rep.build_report(self.record())
         self.say(rep.summary(report))
+        # Hosts wait for this before they exit, so that `docker compose up --exit-code-from coordinator`
+        # (which stops everything when the first container exits) shows the report above.
+        self.broadcast("bye")
         return report

@@ -14,9 +14,13 @@ order:
 3. EXIT: CPU workers destroy their pools (cache and ring back to the page allocator) and everyone
    exits; the final strict audit counts every page, then every segment is unlinked.
 
-Ctrl-C and SIGTERM (what ``docker stop``, systemd and ``timeout`` send) both end a run this same way, from
-any phase.  A process that dies is noticed from its exit status (`check_procs`); the report's
-``failures`` name it, with its last words when it died of an exception (`workers.common.last_words`).
+These are `Run`'s phases (prepare, start, quiesce, teardown, reclaim, then the report), which ``emu run``
+runs in order and a host agent of a multi-host run drives one by one as its coordinator says.  Ctrl-C
+and SIGTERM (what ``docker stop``, systemd and ``timeout`` send) both end a run this same way, from any
+phase.  A process that dies is noticed from its exit status (`check_procs`); the report's
+``failures`` name it, with its last words when it died of an exception (`workers.common.last_words`);
+the pages a dead worker stranded are reclaimed by `emu.reclaim`.  The report is built from a plain
+record of the run (`emu.report.RunRecord`), the same one a multi-host run fills.
 """
 
 from __future__ import annotations
@@ -33,13 +37,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
-import numpy as np
-
-from emu import launch
+from emu import launch, reclaim
 from emu import report as rep
 from emu.errors import ProcessFailure
 from emu.pagemem import HOME, PageMemory, PageState, PoolParams, required_shm_bytes
-from emu.pagepool import return_pages
 from emu.procname import process_name
 from emu.shm import SHM_DIR, ShmSpaceError, new_run_prefix, shm_free_bytes, sweep_stale, unlink_prefix
 from emu.shmring import RING_BYTES, MsgRing
@@ -162,7 +163,20 @@ class Console:
 
 
 class Run(Console):
-    """One run of a topology on this machine."""
+    """One run of a topology on this machine, in phases:
+
+    ``prepare()``  create the shared memory: page memories and pools, stats table, rings, BPF maps;
+    ``start()``    spawn every process, wait until all are ready, START (``launch()`` then ``go()``);
+    ``quiesce()``  QUIESCE, and wait until traffic settles;
+    ``teardown()`` DOWN and wait for the pages home (``down()``), EXIT and join (``exit()``);
+    ``reclaim()``  give back what dead processes stranded (`emu.reclaim`);
+    ``report()``   the final report, built from the run's `record()` (a `report.RunRecord`).
+
+    `run()` is these in order (with `main_loop` between start and quiesce), under its own Ctrl-C and
+    SIGTERM handling; `end()` is quiesce to report.  Whoever drives the phases itself calls `abort()`
+    when one raises and `cleanup()` at the end, as `run()` does.  Between the phases, `check_procs`
+    (from every waiting loop) notices dead and hung processes and takes them offline.
+    """
 
     def __init__(self, topo: Topology, opts: RunOptions | None = None) -> None:
         self.topo = topo
@@ -191,8 +205,8 @@ class Run(Console):
         self.failures: list[dict] = []
         self.ending = False  # a process whose loss the run cannot go on without died: end it now
         self.role = "coordinator"  # this process's name in the report's `processes`
-        self.dead_pools: list = []
-        self.dead_links: list[tuple[str, str | None, str | None]] = []
+        self.dead_pools: list[tuple[str, int]] = []  # (host, cpu) of dead CPUs, whose pools we destroyed
+        self.dead_links: list[reclaim.DeadLink] = []  # cables of dead devices
         self.offline: dict[str, int] = {}
         self.lost = 0  # packets in pages reclaimed from dead processes
         self.audits = 0  # conservation audits taken while traffic ran
@@ -217,7 +231,10 @@ class Run(Console):
                 "give it more (docker: --shm-size / shm_size) or use fewer pages"
             )
 
-    def setup(self) -> None:
+    def prepare(self) -> None:
+        """The first phase: create the run's shared memory (each host's page memory and pools, the stats
+        table, the rings between its processes and of the cables with both ends here, the programs' BPF
+        maps).  Nothing runs yet."""
         from emu import xdp_runtime
 
         sweep_stale()
@@ -419,11 +436,12 @@ class Run(Console):
         pm = self.pms[hname]
         self.event(f"cpu {proc.key} died ({death(code)}): taking it offline")
         self._offline(hname, cpu, {})
-        lost, reclaimed = self.reclaim_cpu(pm, cpu)
-        self.lost += lost
+        got = reclaim.reclaim_cpu(pm, cpu)
+        self.dead_pools.append((hname, cpu))
+        self.lost += got.packets
         queues = [f"{d}:{q}" for d, dev in host.devices.items() for q in range(dev.rx_queues)
                   if dev.rx_cpus[q] == cpu]
-        self.event(f"cpu {proc.key}: reclaimed {reclaimed} pages ({lost} carried packets, counted lost); "
+        self.event(f"cpu {proc.key}: reclaimed {got.pages} pages ({got.packets} carried packets, counted lost); "
                    f"RX queues {', '.join(queues) or 'none'} offline; its TX completions moved to live CPUs")
 
     def _offline(self, hname: str | None, bit: int, extra: dict[str, int]) -> None:
@@ -471,16 +489,10 @@ class Run(Console):
             peer_key = str(peer) if peer.kind == "traffic" else f"{peer.host}/{peer.name}"
             extra[peer_key] = 1 << LINK_DOWN_BIT
         self._offline(hname, DEVICE_BIT + index, extra)
-        pm = self.pms[hname]
-        st = pm.state.copy()
-        home = HOME[st]
-        held = np.flatnonzero((pm.holder == device_code(index)) & ~home)
-        carrying = int(np.count_nonzero((st[held] == PageState.TX_QUEUED) & (pm.len[held] > 0)))
-        if len(held):
-            return_pages(pm, None, held, errors="count")
-        self.lost += carrying
-        self.dead_links.append((proc.key, peer_key, None if peer is None else peer.kind))
-        self.event(f"device {proc.key}: reclaimed {len(held)} pages; {carrying} queued frames lost; "
+        got = reclaim.reclaim_device(self.pms[hname], device_code(index))
+        self.lost += got.packets
+        self.dead_links.append(reclaim.DeadLink(proc.key, peer_key, None if peer is None else peer.kind))
+        self.event(f"device {proc.key}: reclaimed {got.pages} pages; {got.packets} queued frames lost; "
                    f"link to {peer} down")
 
     def remote_link_down(self, endpoint: str) -> None:
@@ -492,81 +504,11 @@ class Run(Console):
         self.event(f"{key}: link peer lost: carrier down")
         self._offline(None, 0, {key: 1 << LINK_DOWN_BIT})
 
-    def reclaim_stranded(self) -> None:
-        """After every process exited: pages a dead process left mid-flight (a completion it was about to
-        send, say) are still out.  Return them to their pools, count the packets they carried as lost,
-        and destroy the pools again.  Without a dead process, pages still out are a leak and stay
-        visible in the report."""
-        if not self.dead:
-            return
-        for hname, pm in self.pms.items():
-            st = pm.state.copy()
-            home = HOME[st]
-            ids = np.flatnonzero(~home)
-            if len(ids):
-                s = st[ids]
-                carrying = ((s == PageState.RX_POSTED) | (s == PageState.XDP) | (s == PageState.SKB)
-                            | (s == PageState.TX_QUEUED)) & (pm.len[ids] > 0)
-                self.lost += int(np.count_nonzero(carrying))
-                return_pages(pm, None, ids, errors="count")
-                self.event(f"{hname}: reclaimed {len(ids)} pages stranded by dead processes "
-                           f"({int(np.count_nonzero(carrying))} carried packets, counted lost)")
-            for cpu in range(pm.ncpus):
-                pm.pool(cpu, owner=True).drain()
-            # Every cache and ring is empty now, so a page still marked CACHE or RING is in none: a
-            # process killed between two stores (a cache's count and its pages' states) left it there.
-            # It carried no packet; it goes back to the page allocator, released by its pool.
-            st = pm.state.copy()
-            torn = np.flatnonzero((st == PageState.CACHE) | (st == PageState.RING))
-            if len(torn):
-                owners = pm.owner[torn]
-                for cpu in np.unique(owners).tolist():
-                    mine = torn[owners == cpu]
-                    pm.free_pages_bulk(mine, release_pool=cpu if 0 <= cpu < pm.ncpus else -1)
-                self.event(f"{hname}: {len(torn)} pages a killed process left marked as pooled but in no "
-                           "pool went back to the page allocator")
-
     def wire_losses(self) -> int:
-        """Frames lost with dead devices, counted once traffic has settled: those their link peer sent
-        that they never took, those they took but never completed to a CPU, and those they put on the
-        wire that never reached the peer."""
-        assert self.table is not None
-        lost = 0
-        for key, peer_key, peer_kind in self.dead_links:
-            dead = self.table.read(key)
-            lost += dead["rx_packets"] - dead["rx_dropped"] - dead["rx_completed"]
-            if peer_key is None or peer_key in self.dead:
-                continue
-            peer = self.table.read(peer_key)
-            if peer_kind == "traffic":
-                sent, got = peer["generated"] - peer["link_down"] - peer["link_lost"], peer["received"]
-            else:
-                sent, got = peer["tx_packets"] - peer["tx_dropped"] - peer["link_lost"], peer["rx_packets"]
-            lost += max(0, sent - dead["rx_packets"])
-            lost += max(0, dead["tx_packets"] - dead["tx_dropped"] - got)
-        return lost
-
-    def reclaim_cpu(self, pm: PageMemory, cpu: int) -> tuple[int, int]:
-        """Return the pages a dead CPU held to their pools and free the ones its pool kept."""
-        st = pm.state.copy()
-        holder = pm.holder.copy()
-        owner = pm.owner.copy()
-        home = HOME[st]
-        held = np.flatnonzero((holder == cpu) & ~home)
-        carrying = (st[held] == PageState.RX_POSTED) | (st[held] == PageState.XDP) | (
-            st[held] == PageState.SKB) | (st[held] == PageState.TX_QUEUED)
-        lost = int(np.count_nonzero(carrying & (pm.len[held] > 0)))
-        # Empty RX buffers of the dead CPU that devices dropped from their (now offline) rings.
-        empty = np.flatnonzero((owner == cpu) & (st == PageState.RX_POSTED) & (holder != cpu))
-        for ids in (held, empty):
-            if len(ids):
-                return_pages(pm, None, ids, errors="count")
-        # The dead CPU's own pool: the coordinator takes it over (its owner is gone) and destroys it; pages
-        # still out come back to its ring later and are drained at the end.
-        pool = pm.pool(cpu, owner=True)
-        self.dead_pools.append(pool)
-        pool.drain()
-        return lost, len(held) + len(empty)
+        """Frames lost on dead devices' cables so far (`reclaim.wire_losses`)."""
+        table = self.table
+        assert table is not None
+        return reclaim.wire_losses(self.dead_links, table.read, self.dead)
 
     # -- the run ----------------------------------------------------------------------------------
 
@@ -582,8 +524,13 @@ class Run(Console):
     def _on_signal(self, signum: int, frame: object) -> None:
         self.interrupted = True
 
+    # -- the phases ---------------------------------------------------------------------------------
+    # run() = prepare, start, main_loop, end (= quiesce, teardown, reclaim, report).  A caller driving the
+    # phases itself (a host agent, a test injecting a fault) calls them in this order and, whatever
+    # happens, `abort` on an exception and `cleanup` at the end, as `_run` does.
+
     def run(self) -> dict:
-        """Set up, run, tear down; returns the final report.  Always cleans up.
+        """Prepare, start, run, end; returns the final report.  Always cleans up.
 
         Ctrl-C or SIGTERM at any point ends the run the orderly way: quiesce, bring devices down, wait
         for the pages, report what ran.  SIGTERM is what ``docker stop``, systemd and ``timeout`` send, so
@@ -601,29 +548,130 @@ class Run(Console):
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def start(self) -> None:
-        """Create the shared memory, start every process, wait until all are ready, start the traffic.
-
-        `run` is start + main_loop + teardown; a caller driving the phases itself (a test injecting a
-        fault) must call `abort` and `cleanup` when it is done."""
-        self.setup()
-        self.spawn()
-        self.wait_ready()
-        self.say(rep.banner(self.topo))
-        assert self.table is not None
-        self.started_ns = time.monotonic_ns()
-        self.table.command_all(Cmd.START)
-
     def _run(self) -> dict:
         try:
+            self.prepare()
             self.start()
             self.main_loop()
-            return self.teardown()
+            return self.end()
         except BaseException:
             self.abort()
             raise
         finally:
             self.cleanup()
+
+    def start(self) -> None:
+        """Spawn every process, wait until all are ready, start the traffic (`launch`, then `go`)."""
+        self.launch()
+        self.go()
+
+    def launch(self) -> None:
+        """Spawn every process and wait until all are ready (a host agent cables its links to other hosts
+        after this, before `go`)."""
+        self.spawn()
+        self.wait_ready()
+
+    def go(self) -> None:
+        """START: generators begin.  From here a process's death is survived (`check_procs`)."""
+        assert self.table is not None
+        self.say(rep.banner(self.topo))
+        self.started_ns = time.monotonic_ns()
+        self.table.command_all(Cmd.START)
+
+    @property
+    def started(self) -> bool:
+        """Whether `go` has run: the run has traffic to end and report on."""
+        return self.started_ns != 0
+
+    def quiesce(self, settle: bool = True) -> None:
+        """QUIESCE: generators stop; unless `settle` is False (a multi-host run's coordinator judges that
+        across hosts, or the run must end now), wait until every generated packet is accounted for or
+        nothing moves any more."""
+        assert self.table is not None
+        self.table.command_all(Cmd.QUIESCE)
+        if settle:
+            self.wait_settled()
+
+    def teardown(self) -> None:
+        """After `quiesce`: bring devices down and wait for the pages (`down`), then everyone exits
+        (`exit`)."""
+        self.down()
+        self.exit()
+
+    def down(self) -> None:
+        """DOWN (``ndo_stop``): devices hand posted buffers back and deliver outstanding TX completions;
+        wait for every page to come home (``page_pool_release_retry``), warning while some stay out."""
+        assert self.table is not None
+        self.settled_ns = time.monotonic_ns()
+        self.table.command_all(Cmd.DOWN)
+        self.wait_pages_home()
+
+    def exit(self) -> None:
+        """EXIT: CPU workers destroy their pools and every process exits; join them (killing stragglers)."""
+        assert self.table is not None
+        self.table.command_all(Cmd.EXIT)
+        self.join()
+
+    def reclaim(self) -> None:
+        """After `exit`: what dead processes stranded goes home (`emu.reclaim`).  Dead CPUs' pools are
+        destroyed again (pages came back to their rings since), then, if anything died, every page still
+        out is returned, counting the packets it carried as lost, and pages a kill left marked as pooled
+        but in no pool are freed.  Without a death, pages still out are a leak, left for the audit."""
+        for hname, cpu in self.dead_pools:
+            reclaim.drain_pools(self.pms[hname], [cpu])
+        if not self.dead:
+            return
+        for hname, pm in self.pms.items():
+            got = reclaim.reclaim_stranded(pm)
+            self.lost += got.packets
+            if got.pages:
+                self.event(f"{hname}: reclaimed {got.pages} pages stranded by dead processes "
+                           f"({got.packets} carried packets, counted lost)")
+            torn = reclaim.free_torn(pm)
+            if torn:
+                self.event(f"{hname}: {torn} pages a killed process left marked as pooled but in no "
+                           "pool went back to the page allocator")
+
+    def record(self) -> rep.RunRecord:
+        """The run's record for its report: the final counters, the strict audit of every host's pages,
+        and what happened.  After `reclaim`."""
+        final = self.snapshot()
+        firsts = [final.rows[k]["first_rx_ns"] for k in final.keys("traffic") if final.rows[k]["first_rx_ns"]]
+        if firsts:
+            self.first_packet_s = (min(firsts) - self.created_ns) / 1e9
+        from emu import xdp_runtime
+
+        return rep.RunRecord(
+            topology=self.topo,
+            final=final,
+            elapsed=(self.settled_ns - self.started_ns) / 1e9,
+            first_packet_s=self.first_packet_s,
+            pages={h: rep.HostPages.of(pm, pm.audit(strict=True)) for h, pm in self.pms.items()},
+            maps=xdp_runtime.snapshot_maps(self.mapsets),
+            live_audits=self.audits,
+            audit_problems=list(self.audit_problems),
+            events=list(self.events),
+            failures=list(self.failures),
+            processes=self.processes(),
+            stalled=list(self.stalled),
+            dead=sorted(self.dead),
+            offline=dict(self.offline),
+            lost=final.lost,
+        )
+
+    def report(self) -> dict:
+        """Build the final report from the run's record, and print its summary."""
+        report = rep.build_report(self.record())
+        self.say(rep.summary(report))
+        return report
+
+    def end(self, settle: bool = True) -> dict:
+        """End a started run from wherever it is: quiesce (settling unless told not to), teardown,
+        reclaim, report."""
+        self.quiesce(settle)
+        self.teardown()
+        self.reclaim()
+        return self.report()
 
     def main_loop(self) -> None:
         opts = self.opts
@@ -714,38 +762,6 @@ class Run(Console):
             for c in range(pm.ncpus):
                 out[f"{hname}/cpu{c}"] = int(((owners == c) & ~home).sum())
         return out
-
-    def teardown(self, settle: bool = True) -> dict:
-        """Quiesce, (unless `settle` is False) wait for traffic to settle, bring devices down, wait for
-        the pages, destroy the pools, audit and report."""
-        assert self.table is not None
-        t = self.table
-        t.command_all(Cmd.QUIESCE)
-        if settle:
-            self.wait_settled()
-        self.settled_ns = time.monotonic_ns()
-        t.command_all(Cmd.DOWN)
-        self.wait_pages_home()
-        return self.finish()
-
-    def finish(self) -> dict:
-        """After DOWN and the wait for the pages: everyone exits, the pools are destroyed, the final
-        strict audit runs and the report is built (and printed)."""
-        assert self.table is not None
-        self.table.command_all(Cmd.EXIT)
-        self.join()
-        for pool in self.dead_pools:  # pages that came back to dead CPUs' rings since they were reclaimed
-            pool.drain()
-        self.reclaim_stranded()
-        final = self.snapshot()
-        firsts = [final.rows[k]["first_rx_ns"] for k in final.keys("traffic") if final.rows[k]["first_rx_ns"]]
-        if firsts:
-            self.first_packet_s = (min(firsts) - self.created_ns) / 1e9
-        elapsed = (self.settled_ns - self.started_ns) / 1e9
-        audits = {h: pm.audit(strict=True) for h, pm in self.pms.items()}
-        report = rep.build_report(self, final, audits, elapsed)
-        self.say(rep.summary(report))
-        return report
 
     def join(self) -> None:
         deadline = time.monotonic() + SHUTDOWN_TIMEOUT

@@ -31,7 +31,6 @@ from emu import control, security, wire
 from emu import report as rep
 from emu.coordinator import Run, RunError, RunOptions
 from emu.errors import ProcessFailure
-from emu.stats import Cmd
 from emu.topology import Endpoint, Topology, topology_from_dict
 from workers.common import new_context
 
@@ -83,6 +82,7 @@ class HostRun(Run):
         self.hname = hname
         self.keys_dir = agent.opts.keys_dir
         self.role = f"host {hname}"
+        self.sent_events = 0  # events already sent with the counters
 
     def tick(self) -> None:
         self.agent.service()
@@ -108,6 +108,65 @@ class HostRun(Run):
     def remote_link_down(self, endpoint: str) -> None:
         self.agent.send("link_lost", {"endpoint": endpoint})
 
+    # -- what the agent tells its coordinator, and does for it, between the phases -------------------
+
+    def ready_info(self, advertise: str) -> dict:
+        """After `launch`: where each device with a link to another host listens (at `advertise`, on the
+        port it bound), and the kind of every stats row, for the coordinator's ``ready``."""
+        assert self.table is not None
+        links = {}
+        for mine in self.remote_endpoints():
+            dev = Endpoint.parse(mine)
+            links[mine] = f"tcp://{advertise}:{self.table.read(f'{dev.host}/{dev.name}')['link_port']}"
+        return {"links": links, "kinds": {k: spec.kind for k, spec in self.table.rows.items()}}
+
+    def cable(self, peers: dict) -> None:
+        """Between `launch` and `go`: tell each device with a link to another host where its peer
+        listens, and wait until all are plugged in."""
+        assert self.table is not None
+        ctx = self.agent.ctx
+        assert ctx is not None
+        ep = self.endpoints()
+        waiting = []
+        for mine, other in self.remote_endpoints().items():
+            addr = peers.get(other)
+            if not isinstance(addr, str):
+                raise RunError(f"the coordinator gave no address for {other}, the peer of {mine}")
+            dev = Endpoint.parse(mine)
+            s = ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.LINGER, 1000)
+            s.connect(ep["hosts"][self.hname]["device"][dev.name])
+            s.send(wire.pack_msg("link", {"peer": addr}))
+            s.close()
+            waiting.append(f"{dev.host}/{dev.name}")
+        deadline = time.monotonic() + LINK_TIMEOUT
+        while any(not self.table.read(k)["link_up"] for k in waiting):
+            if time.monotonic() > deadline:
+                raise RunError(f"devices {', '.join(waiting)} were not cabled within {LINK_TIMEOUT:.0f} s")
+            self.tick()
+            self.check_procs()
+            time.sleep(0.01)
+
+    def local_device(self, endpoint: object) -> str | None:
+        """The stats row of `endpoint` if it names one of this host's devices (a ``peer_down``'s)."""
+        if not isinstance(endpoint, str):
+            return None
+        ep = Endpoint.parse(endpoint)
+        if ep.kind != "device" or ep.host != self.hname:
+            return None
+        key = f"{ep.host}/{ep.name}"
+        return key if self.table is not None and key in self.table.rows else None
+
+    def progress(self) -> dict | None:
+        """The counters, packets lost, pages in transit and events since the last call, for the
+        coordinator's ``stats`` (None before `prepare`)."""
+        if self.table is None:
+            return None
+        snap = self.snapshot()
+        events = self.events[self.sent_events:]
+        self.sent_events = len(self.events)
+        return {"rows": snap.rows, "lost": snap.lost, "in_transit": self.in_transit(), "events": events}
+
 
 class CoordinatorLost(ProcessFailure, RuntimeError):
     """The coordinator went silent mid-run; the message says for how long."""
@@ -124,7 +183,6 @@ class HostAgent:
         self.inbox: list[tuple[str, dict, object]] = []
         self.heard = time.monotonic()
         self.next_stats = 0.0
-        self.sent_events = 0
         self.stop = False
 
     # -- output and status --------------------------------------------------------------------------
@@ -190,18 +248,9 @@ class HostAgent:
             self.send_stats()
 
     def send_stats(self, kind: str = "stats", extra: dict | None = None) -> None:
-        run = self.run
-        if run is None or run.table is None:
+        payload = None if self.run is None else self.run.progress()
+        if payload is None:
             return
-        snap = run.snapshot()
-        events = run.events[self.sent_events:]
-        self.sent_events = len(run.events)
-        payload = {
-            "rows": snap.rows,
-            "lost": snap.lost,
-            "in_transit": run.in_transit(),
-            "events": events,
-        }
         if extra:
             payload.update(extra)
         self.send(kind, {"host": self.name}, payload)
@@ -268,18 +317,17 @@ class HostAgent:
                           out=self.opts.out)
         self.status("registered")
         run = self.run = HostRun(self, full, self.name, opts)
-        self.sent_events = 0
         self.say(f"registered with {self.coordinator}: running {run.topo.name!r} part "
                  f"({len(run.topo.traffic)} traffic ports here)")
         try:
             return self._run(run)
         except (CoordinatorLost, KeyboardInterrupt) as exc:
-            if not run.started_ns:
+            if not run.started:
                 run.abort()
                 raise
             why = str(exc) if isinstance(exc, CoordinatorLost) else "stopped by a signal"
             run.event(f"{why}: tearing down on our own")
-            self.say(rep.summary(run.teardown(settle=False)))
+            self.say(rep.summary(run.end(settle=False)))
             if isinstance(exc, KeyboardInterrupt):
                 raise
             return 1
@@ -291,45 +339,38 @@ class HostAgent:
             self.run = None
 
     def _run(self, run: HostRun) -> int:
-        run.setup()
-        run.spawn()
-        run.wait_ready()
-        assert run.table is not None
-        links = {}
-        for mine in run.remote_endpoints():
-            dev = Endpoint.parse(mine)
-            port = run.table.read(f"{dev.host}/{dev.name}")["link_port"]
-            links[mine] = f"tcp://{self.opts.advertise or self.opts.listen}:{port}"
-        kinds = {k: spec.kind for k, spec in run.table.rows.items()}
-        self.send("ready", {"host": self.name}, {"links": links, "kinds": kinds})
+        """Run's phases, each when the coordinator says: prepare and launch, report where our links
+        listen, cable them to the peers' addresses, go on ``start``, quiesce, ``down`` (the pages home),
+        and on ``exit`` exit, reclaim and send the report."""
+        run.prepare()
+        run.launch()
+        self.send("ready", {"host": self.name}, run.ready_info(self.opts.advertise or self.opts.listen))
         kind, header, payload = self.next_message(("peers",), 120)
         if kind != "peers":
             return self._ended(kind, header)
-        peers = payload.get("links", {}) if isinstance(payload, dict) else {}
-        self.cable(run, peers)
+        run.cable(payload.get("links", {}) if isinstance(payload, dict) else {})
         self.send("linked", {"host": self.name})
         kind, header, _ = self.next_message(("start",), 120)
         if kind != "start":
             return self._ended(kind, header)
-        run.started_ns = time.monotonic_ns()
-        run.table.command_all(Cmd.START)
+        run.go()
         self.status("running")
         self.say("started")
         while True:
             kind, header, payload = self.next_message(("quiesce", "down", "exit", "peer_down"), 1e9)
             if kind == "quiesce":
-                run.table.command_all(Cmd.QUIESCE)
+                run.quiesce(settle=False)  # the coordinator judges when traffic settled, across hosts
             elif kind == "peer_down":
-                key = self._local_device(header.get("endpoint"))
+                key = run.local_device(header.get("endpoint"))
                 if key is not None:
                     run.link_down(key)
             elif kind == "down":
-                run.settled_ns = time.monotonic_ns()
-                run.table.command_all(Cmd.DOWN)
-                run.wait_pages_home()
+                run.down()
                 self.send_stats("home")
             elif kind == "exit":
-                report = run.finish()
+                run.exit()
+                run.reclaim()
+                report = run.report()
                 self.send_stats("final", {"report": report})
                 self.status("finished")
                 p = report["pages"]
@@ -347,45 +388,9 @@ class HostAgent:
     def _ended(self, kind: str, header: dict) -> int:
         reason = header.get("reason", "the coordinator ended the run")
         self.say(f"run ended by the coordinator ({kind}): {reason}")
-        if self.run is not None and self.run.started_ns:
-            self.run.teardown(settle=False)
+        if self.run is not None and self.run.started:
+            self.run.end(settle=False)
         return 1
-
-    def _local_device(self, endpoint: object) -> str | None:
-        if not isinstance(endpoint, str):
-            return None
-        ep = Endpoint.parse(endpoint)
-        if ep.kind != "device" or ep.host != self.name or self.run is None:
-            return None
-        key = f"{ep.host}/{ep.name}"
-        return key if self.run.table is not None and key in self.run.table.rows else None
-
-    def cable(self, run: HostRun, peers: dict) -> None:
-        """Tell each device with a link to another host where its peer listens, and wait until all are
-        plugged in."""
-        assert run.table is not None
-        ctx = self.ctx
-        assert ctx is not None
-        ep = run.endpoints()
-        waiting = []
-        for mine, other in run.remote_endpoints().items():
-            addr = peers.get(other)
-            if not isinstance(addr, str):
-                raise RunError(f"the coordinator gave no address for {other}, the peer of {mine}")
-            dev = Endpoint.parse(mine)
-            s = ctx.socket(zmq.PUSH)
-            s.setsockopt(zmq.LINGER, 1000)
-            s.connect(ep["hosts"][self.name]["device"][dev.name])
-            s.send(wire.pack_msg("link", {"peer": addr}))
-            s.close()
-            waiting.append(f"{dev.host}/{dev.name}")
-        deadline = time.monotonic() + LINK_TIMEOUT
-        while any(not run.table.read(k)["link_up"] for k in waiting):
-            if time.monotonic() > deadline:
-                raise RunError(f"devices {', '.join(waiting)} were not cabled within {LINK_TIMEOUT:.0f} s")
-            self.service()
-            run.check_procs()
-            time.sleep(0.01)
 
     def serve(self) -> int:
         """Run once (or, with `serve`, forever); returns the last run's exit status."""

@@ -9,8 +9,7 @@ the issue tracker's users asked: every generated packet ends ``delivered`` (at a
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,8 +18,7 @@ from emu.pagemem import POOL_COUNTERS, POOL_STATS, C, PageState
 from emu.stats import CONTROL, StatsTable
 
 if TYPE_CHECKING:
-    from emu.coordinator import Run
-    from emu.pagemem import Audit
+    from emu.pagemem import Audit, PageMemory
     from emu.topology import Topology
 
 CPU_DROPS = ("xdp_drop", "xdp_aborted", "redirect_err", "xdp_tx_full", "xmit_drops")
@@ -167,21 +165,70 @@ def traffic_section(final: Snapshot) -> dict[str, Any]:
     }
 
 
-def build_report(run: Run, final: Snapshot, audits: dict[str, Audit], elapsed: float) -> dict[str, Any]:
-    from emu import xdp_runtime
+@dataclass
+class HostPages:
+    """One host's page memory at the end of a run, as the report shows it: each pool's counters, how
+    many pages its cache and ring keep, the allocator's high-water mark and the final strict audit.
+    A copy, so the record outlives the shared memory."""
 
-    topo = run.topo
+    pool_counters: np.ndarray  # (cpus, counters), the pools' counters
+    cached: list[int]  # pages in each CPU's alloc cache
+    ring: list[int]  # pages in each CPU's recycle ring
+    allocated_hwm: int
+    audit: Audit
+
+    @classmethod
+    def of(cls, pm: PageMemory, audit: Audit) -> HostPages:
+        ctl = pm.pool_ctl
+        return cls(pm.pool_counters.copy(), [int(ctl[c][0]) for c in range(pm.ncpus)],
+                   [int(ctl[c][2] - ctl[c][1]) for c in range(pm.ncpus)], pm.allocated_hwm, audit)
+
+
+@dataclass
+class RunRecord:
+    """Everything a report is built from, filled by the run that ran (a `Run` on one machine, the
+    multi-host coordinator across machines) and read only by `build_report`: one record and one builder
+    for both, so their reports cannot drift apart.
+
+    A run on one machine fills `pages` from its page memories; the multi-host coordinator, whose hosts
+    audit their own pages, fills `parts` with the hosts' own reports instead, and the fields only it
+    has (`hosts_lost`, `control_refused`, `bad_control_messages`)."""
+
+    topology: Topology
+    final: Snapshot  # the final counters (of every host, for a multi-host run)
+    elapsed: float  # seconds from START to the end of traffic (settled)
+    first_packet_s: float | None = None  # from the run's creation to the first delivery
+    pages: dict[str, HostPages] = field(default_factory=dict)  # host -> its pages at the end
+    # Multi-host: host -> its own report, for every host that sent one (None: a run on this machine)
+    parts: dict[str, dict[str, Any]] | None = None
+    maps: dict[str, Any] = field(default_factory=dict)  # the programs' BPF maps
+    live_audits: int = 0  # conservation audits taken while traffic ran
+    audit_problems: list[str] = field(default_factory=list)  # what those found
+    events: list[str] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)  # dead processes, how, last words
+    processes: dict[str, int] = field(default_factory=dict)  # name -> pid
+    stalled: list[str] = field(default_factory=list)  # "stalled pool shutdown" warnings
+    dead: list[str] = field(default_factory=list)  # processes that died, by stats row
+    offline: dict[str, int] = field(default_factory=dict)  # host -> its final offline mask
+    lost: int = 0  # packets in pages reclaimed from dead processes, and frames lost on their cables
+    hosts_lost: list[str] = field(default_factory=list)
+    control_refused: int | None = None  # multi-host: control connections refused (CURVE)
+    bad_control_messages: int | None = None  # multi-host: control messages refused
+
+
+def _host_sections(r: RunRecord) -> dict[str, Any]:
+    """cpus, devices, pages, violations and maps of a run on this machine, from its page memories."""
+    final = r.final
     cpus, devices = [], []
     viol = {"foreign_cache_return": 0, "recycled_before_tx_completion": 0, "double_free": 0, "leaked": 0,
             "stale_generation": 0, "bad_descriptors": 0, "bad_messages": 0}
     pages = {"total": 0, "accounted": 0, "in_flight": 0, "allocated_hwm": 0, "by_state": {},
-             "problems": list(run.audit_problems), "audits": run.audits + len(audits)}
-    for hname, host in topo.hosts.items():
-        pm = run.pms[hname]
+             "problems": list(r.audit_problems), "audits": r.live_audits + len(r.pages)}
+    for hname, host in r.topology.hosts.items():
+        hp = r.pages[hname]
         for c in range(host.cpus):
             row = final.rows[f"{hname}/cpu{c}"]
-            ctl = pm.pool_ctl[c]
-            pool = _pool_report(pm.pool_counters[c], int(ctl[0]), int(ctl[2] - ctl[1]))
+            pool = _pool_report(hp.pool_counters[c], hp.cached[c], hp.ring[c])
             cpus.append({
                 "host": hname,
                 "cpu": c,
@@ -205,8 +252,8 @@ def build_report(run: Run, final: Snapshot, audits: dict[str, Audit], elapsed: f
             })
             viol["bad_descriptors"] += row["bad_descriptors"]
             viol["bad_messages"] += row["bad_messages"]
-        audit = audits[hname]
-        pages["allocated_hwm"] += pm.allocated_hwm
+        audit = hp.audit
+        pages["allocated_hwm"] += hp.allocated_hwm
         pages["total"] += audit.total
         pages["accounted"] += audit.accounted
         for s, n in audit.by_state.items():
@@ -215,77 +262,75 @@ def build_report(run: Run, final: Snapshot, audits: dict[str, Audit], elapsed: f
         viol["leaked"] += audit.total - audit.by_state[PageState.FREE.name.lower()]
     for p in final.keys("traffic"):
         viol["bad_messages"] += final.rows[p]["bad_messages"]
-    traffic = traffic_section(final)
-    return {
-        **_headline(topo.name, final, traffic, elapsed, run.first_packet_s),
-        "cpus": cpus,
-        "devices": devices,
-        "pages": pages,
-        "violations": viol,
-        "traffic": traffic,
-        "maps": xdp_runtime.snapshot_maps(run.mapsets),
-        "events": list(run.events),
-        "dead_processes": sorted(run.dead),
-        "failures": list(run.failures),
-        "processes": run.processes(),
-        "stalled_shutdown": list(run.stalled),
-        "hosts_lost": [],
-    }
+    return {"cpus": cpus, "devices": devices, "pages": pages, "violations": viol, "maps": dict(r.maps),
+            "events": list(r.events), "dead_processes": sorted(r.dead), "failures": list(r.failures),
+            "processes": dict(r.processes), "stalled_shutdown": list(r.stalled)}
 
 
-def merge_reports(name: str, parts: dict[str, dict[str, Any]], final: Snapshot, elapsed: float,
-                  first_packet_s: float | None, events: list[str], hosts_lost: list[str],
-                  control_refused: int) -> dict[str, Any]:
-    """One report for a multi-host run from each surviving host's own report (their pages, pools and
-    audits) and the coordinator's merged final counters (the traffic, across hosts)."""
+def _merged_sections(r: RunRecord, parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The same sections for a multi-host run, merged from each surviving host's own report (their pages,
+    pools and audits); the coordinator's own events, processes and so on come first."""
     cpus: list[dict[str, Any]] = []
     devices: list[dict[str, Any]] = []
     pages: dict[str, Any] = {"total": 0, "accounted": 0, "in_flight": 0, "allocated_hwm": 0, "by_state": {},
-                             "problems": [], "audits": 0}
+                             "problems": list(r.audit_problems), "audits": r.live_audits}
     viol: dict[str, int] = {}
-    maps: dict[str, Any] = {}
-    all_events = list(events)
-    dead: list[str] = []
-    failures: list[dict[str, Any]] = []
-    processes: dict[str, int] = {"coordinator": os.getpid()}
-    stalled: list[str] = []
-    for hname, r in parts.items():
-        cpus += r["cpus"]
-        devices += r["devices"]
-        p = r["pages"]
+    maps: dict[str, Any] = dict(r.maps)
+    events = list(r.events)
+    dead = list(r.dead)
+    failures = list(r.failures)
+    processes = dict(r.processes)
+    stalled = list(r.stalled)
+    for hname, part in parts.items():
+        cpus += part["cpus"]
+        devices += part["devices"]
+        p = part["pages"]
         for k in ("total", "accounted", "in_flight", "allocated_hwm", "audits"):
             pages[k] += p.get(k, 0)
         for st, n in p["by_state"].items():
             pages["by_state"][st] = pages["by_state"].get(st, 0) + n
         pages["problems"] += p["problems"]
-        for k, n in r["violations"].items():
+        for k, n in part["violations"].items():
             viol[k] = viol.get(k, 0) + n
-        maps.update(r["maps"])
-        all_events += [f"{hname}: {e}" for e in r["events"]]
-        dead += r["dead_processes"]
-        failures += [dict(f, host=hname) for f in r.get("failures", [])]
-        processes.update(r.get("processes", {}))
-        stalled += r["stalled_shutdown"]
-    traffic = traffic_section(final)
-    if final.host_lost:
-        traffic["lost_with_hosts"] = final.host_lost
-    link_refused = sum(final.rows[k]["link_refused"] for k in final.keys("device"))
-    return {
-        **_headline(name, final, traffic, elapsed, first_packet_s),
-        "cpus": cpus,
-        "devices": devices,
-        "pages": pages,
-        "violations": viol,
+        maps.update(part["maps"])
+        events += [f"{hname}: {e}" for e in part["events"]]
+        dead += part["dead_processes"]
+        failures += [dict(f, host=hname) for f in part.get("failures", [])]
+        processes.update(part.get("processes", {}))
+        stalled += part["stalled_shutdown"]
+    return {"cpus": cpus, "devices": devices, "pages": pages, "violations": viol, "maps": maps,
+            "events": events, "dead_processes": sorted(dead), "failures": failures, "processes": processes,
+            "stalled_shutdown": stalled}
+
+
+def build_report(r: RunRecord) -> dict[str, Any]:
+    """The report (the ``--json`` document) of a run, from its record: the same keys, built the same way,
+    whether one machine ran it or several hosts did (`RunRecord.parts`)."""
+    sections = _host_sections(r) if r.parts is None else _merged_sections(r, r.parts)
+    traffic = traffic_section(r.final)
+    if r.final.host_lost:
+        traffic["lost_with_hosts"] = r.final.host_lost
+    report = {
+        **_headline(r.topology.name, r.final, traffic, r.elapsed, r.first_packet_s),
+        "cpus": sections["cpus"],
+        "devices": sections["devices"],
+        "pages": sections["pages"],
+        "violations": sections["violations"],
         "traffic": traffic,
-        "maps": maps,
-        "events": all_events,
-        "dead_processes": sorted(dead),
-        "failures": failures,
-        "processes": processes,
-        "stalled_shutdown": stalled,
-        "hosts_lost": list(hosts_lost),
-        "security": {"control_refused": control_refused, "link_refused": link_refused},
+        "maps": sections["maps"],
+        "events": sections["events"],
+        "dead_processes": sections["dead_processes"],
+        "failures": sections["failures"],
+        "processes": sections["processes"],
+        "stalled_shutdown": sections["stalled_shutdown"],
+        "hosts_lost": list(r.hosts_lost),
     }
+    if r.control_refused is not None:
+        link_refused = sum(r.final.rows[k]["link_refused"] for k in r.final.keys("device"))
+        report["security"] = {"control_refused": r.control_refused, "link_refused": link_refused}
+    if r.bad_control_messages is not None:
+        report["bad_control_messages"] = r.bad_control_messages
+    return report
 
 
 def summary(r: dict[str, Any]) -> str:

@@ -203,6 +203,7 @@ def test_garbled_messages_on_every_socket(inner: list[bytes], link: list[bytes],
     run = Run(validate_topology_text(FUZZ, "fuzz.yaml"), RunOptions(quiet=True))
     ctx = zmq.Context()
     try:
+        run.prepare()
         run.start()
         ep = run.endpoints()
         targets = [*ep["hosts"]["h1"]["cpu"].values(), *ep["hosts"]["h1"]["device"].values()]
@@ -230,7 +231,7 @@ def test_garbled_messages_on_every_socket(inner: list[bytes], link: list[bytes],
             for msg in link:
                 s.send(msg)
         wait_for(run.generators_done, "the generator to finish")
-        report = run.teardown()
+        report = run.end()
     finally:
         for s in locals().get("socks", []):
             s.close(0)
@@ -397,10 +398,11 @@ def test_teardown_with_pages_in_flight_warns_then_exits_cleanly(reliability) -> 
     every page home."""
     run = Run(validate_topology_text(STALL, "stall.yaml"), RunOptions(quiet=True))
     try:
+        run.prepare()
         run.start()
         pm = run.pms["h1"]
         wait_for(lambda: int((pm.state == PageState.TX_INFLIGHT).sum()) >= 100, "frames awaiting TX completion")
-        report = run.teardown(settle=False)
+        report = run.end(settle=False)
     finally:
         run.abort()
         run.cleanup()
@@ -422,7 +424,7 @@ def test_pages_a_kill_tore_out_of_a_cache_go_back_to_the_allocator(reliability) 
 
     run = Run(validate_topology_text(KILL, "kill.yaml"), RunOptions(quiet=True))
     try:
-        run.setup()
+        run.prepare()
         pm = run.pms["h1"]
         pool = pm.pool(1, owner=True)
         ids = pool.alloc(100, PageState.RX_POSTED)
@@ -431,7 +433,7 @@ def test_pages_a_kill_tore_out_of_a_cache_go_back_to_the_allocator(reliability) 
         pm.pool_ctl[1][_P_CACHE_COUNT] = 0  # the count went down; the states never changed
         assert any("in no structure" in p for p in pm.audit(strict=True).problems)
         run.dead.add("h1/cpu1")
-        run.reclaim_stranded()
+        run.reclaim()
         audit = pm.audit(strict=True)
         assert audit.ok, audit.problems
         assert audit.by_state["free"] == pm.npages and len(ids) == 100
