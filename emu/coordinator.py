@@ -522,6 +522,11 @@ class Run(Console):
         return rep.snapshot(self.table, time.monotonic(), self.lost + self.wire_losses())
 
     def _on_signal(self, signum: int, frame: object) -> None:
+        self.interrupt()
+
+    def interrupt(self) -> None:
+        """End the run the orderly way at the next check (what Ctrl-C and SIGTERM do): safe from a
+        signal handler, as it only sets a flag."""
         self.interrupted = True
 
     # -- the phases ---------------------------------------------------------------------------------

@@ -425,4 +425,4 @@ class HostAgent:
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop = True
         if self.run is not None:
-            self.run.interrupted = True
+            self.run.interrupt()
