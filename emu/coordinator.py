@@ -39,7 +39,7 @@ from emu import launch
 from emu import report as rep
 from emu.errors import ProcessFailure
 from emu.pagemem import HOME, PageMemory, PageState, PoolParams, required_shm_bytes
-from emu.pagepool import return_pages
+from emu.pagepool import pool_of, return_pages
 from emu.procname import process_name
 from emu.shm import SHM_DIR, ShmSpaceError, new_run_prefix, shm_free_bytes, sweep_stale, unlink_prefix
 from emu.shmring import RING_BYTES, MsgRing
@@ -512,7 +512,7 @@ class Run(Console):
                 self.event(f"{hname}: reclaimed {len(ids)} pages stranded by dead processes "
                            f"({int(np.count_nonzero(carrying))} carried packets, counted lost)")
             for cpu in range(pm.ncpus):
-                pm.pool(cpu, owner=True).drain()
+                pool_of(pm, cpu, owner=True).drain()
             # Every cache and ring is empty now, so a page still marked CACHE or RING is in none: a
             # process killed between two stores (a cache's count and its pages' states) left it there.
             # It carried no packet; it goes back to the page allocator, released by its pool.
@@ -563,7 +563,7 @@ class Run(Console):
                 return_pages(pm, None, ids, errors="count")
         # The dead CPU's own pool: the coordinator takes it over (its owner is gone) and destroys it; pages
         # still out come back to its ring later and are drained at the end.
-        pool = pm.pool(cpu, owner=True)
+        pool = pool_of(pm, cpu, owner=True)
         self.dead_pools.append(pool)
         pool.drain()
         return lost, len(held) + len(empty)

@@ -35,7 +35,7 @@ import zmq
 
 from emu import doorbell, wire
 from emu.pagemem import DESC_DTYPE, PageMemory, PageSpans, PageState, concat_descs, descs_from_bytes
-from emu.pagepool import return_pages
+from emu.pagepool import pool_of, return_pages
 from emu.shmring import IDLE_POLL_MS, Channel, Inbox
 from emu.stats import Cmd, ProcState, StatsRow, StatsTable
 from emu.xdp import (
@@ -139,7 +139,7 @@ class CpuWorker:
         self.tx_bulk_size = host.tx_bulk
         self.stack_cpu = self.cpu if host.stack_cpu is None else host.stack_cpu
         self.pm = PageMemory.attach(spec.host_prefix)
-        self.pool = self.pm.pool(self.cpu, owner=True)
+        self.pool = pool_of(self.pm, self.cpu, owner=True)
         self.ps = self.pm.page_size
         self.buf = self.pm.data_seg.buf
         self.data2d = self.pm.data.reshape(self.pm.npages, self.ps)
