@@ -32,6 +32,7 @@ import numpy as np
 
 from emu.errors import BadInputError
 from emu.locks import OfdLockFile
+from emu.protocol import NO_HOLDER
 from emu.shm import SHM_DIR, Segment, ShmSpaceError, shm_free_bytes
 
 
@@ -339,7 +340,7 @@ class PageMemory:
         h[_H_RING], h[_H_LIMIT] = params.pool_size, params.recycle_limit
         pm = cls(prefix, data, meta, layout)
         pm.owner[:] = NO_OWNER
-        pm.holder[:] = -1
+        pm.holder[:] = NO_HOLDER
         # Pop order is from the top of the stack; lay pages out so that page 0 is handed out first.
         pm.free_stack[:] = np.arange(npages - 1, -1, -1, dtype=np.int32)
         h[_H_FREE_COUNT] = h[_H_FREE_LOW] = npages
@@ -421,7 +422,7 @@ class PageMemory:
             self.free_stack[have : have + k] = ids
             self.state[ids] = PageState.FREE
             self.owner[ids] = NO_OWNER
-            self.holder[ids] = -1
+            self.holder[ids] = NO_HOLDER
             self.refcnt[ids] = 0
             self.header[_H_FREE_COUNT] = have + k
             if release_pool >= 0:

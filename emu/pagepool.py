@@ -49,6 +49,7 @@ from emu.pagemem import (
     PageMemory,
     PageState,
 )
+from emu.protocol import NO_HOLDER
 from emu.shm import pid_alive
 
 _ALLOC_FAST = C["alloc_fast"]
@@ -137,7 +138,7 @@ class PagePool:
                 f"(owner pid {int(self.ctl[P_OWNER_PID])}): only the owning CPU may touch its alloc cache"
             )
 
-    def alloc(self, n: int, state: PageState = PageState.ALLOCATED, holder: int = -1) -> np.ndarray:
+    def alloc(self, n: int, state: PageState = PageState.ALLOCATED, holder: int = NO_HOLDER) -> np.ndarray:
         """Allocate up to `n` pages (fewer only when the page allocator runs dry); returns page ids.
 
         Each page's generation is bumped, so descriptors of its previous life become stale.
@@ -468,7 +469,7 @@ class PagePool:
         if k:
             put = ids[:k]
             self.pm.state.put(put, int(PageState.RING))
-            self.pm.holder[put] = -1
+            self.pm.holder[put] = NO_HOLDER
             i = tail % self.ring_size
             first = min(k, self.ring_size - i)
             self.ring[i : i + first] = put[:first]

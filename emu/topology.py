@@ -42,7 +42,6 @@ __all__ = [
     "PP_ALLOC_CACHE_SIZE",
     "PP_DEFAULT_RING_SIZE",
     "XDP_BULK_QUEUE_SIZE",
-    "XDP_PACKET_HEADROOM",
     "DeviceConfig",
     "Endpoint",
     "GeneratorConfig",
@@ -62,14 +61,14 @@ __all__ = [
 ]
 
 # Kernel constants that the defaults mirror (include/net/page_pool/types.h, include/linux/netdevice.h,
-# kernel/bpf/devmap.c, include/net/xdp.h, include/uapi/linux/bpf.h).
+# kernel/bpf/devmap.c, include/net/xdp.h); XDP_PACKET_HEADROOM, which processes agree on, is
+# `emu.protocol`'s.
 PP_ALLOC_CACHE_SIZE = 128
 PP_ALLOC_CACHE_REFILL = 64
 PP_DEFAULT_RING_SIZE = 1024  # page_pool_init(): a pool_size of 0 gets a 1024-entry ptr_ring
 NAPI_POLL_WEIGHT = 64
 DEV_MAP_BULK_SIZE = 16
 XDP_BULK_QUEUE_SIZE = 16
-XDP_PACKET_HEADROOM = 256
 
 # Link impairment limits (emulator choices; tc-netem itself allows more).
 MAX_LINK_DELAY_US = 10_000_000  # 10 s for `delay` and `jitter`
