@@ -42,7 +42,7 @@ JOIN_TIMEOUT = 10.0
 def frame_factory(topology: Path = L2FWD_TOPOLOGY):
     """The frames the topology's first generator sends (size, flows, MACs)."""
     from emu.packets import FrameFactory
-    from emu.topology import load_topology
+    from emu.topofile import load_topology
 
     gen = next(p.generate for p in load_topology(topology).traffic.values() if p.generate is not None)
     return FrameFactory(gen.pkt_size, gen.flows, gen.src_mac, gen.dst_mac)
@@ -85,7 +85,7 @@ class BareXdp:
                  device: str = "eth0") -> None:
         from emu import xdp_runtime
         from emu.pagemem import PageMemory, PoolParams
-        from emu.topology import load_topology
+        from emu.topofile import load_topology
         from emu.xdp import XDP_REDIRECT
 
         topo = load_topology(topology)

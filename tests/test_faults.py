@@ -31,7 +31,7 @@ from emu.coordinator import Run, RunOptions
 from emu.pagemem import DESC_DTYPE, PageState
 from emu.pagepool import pool_of
 from emu.shm import PREFIX, sweep_stale
-from emu.topology import load_topology, validate_topology_text
+from emu.topofile import load_topology, validate_topology_text
 
 pytestmark = pytest.mark.slow
 
