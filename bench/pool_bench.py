@@ -48,8 +48,8 @@ from emu.shm import new_run_prefix, unlink_prefix
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BULK = 64
 TARGET_NS = 100.0  # bulk fast path, ns per page
-# Joe Damato, "[net-next v9 0/5] page_pool: Add stats counters" (2022), Xeon Gold 6140 @ 2.3 GHz;
-# shared/reference/kernel-page-pool-and-xdp.md §4.  Per page (the kernel benchmark returns pages one by one).
+# Joe Damato, "[net-next v9 0/5] page_pool: Add stats counters" (2022), Xeon Gold 6140 @ 2.3 GHz,
+# per page (the kernel benchmark returns pages one by one).
 KERNEL_NS = {
     "fast": (6.2, "6.2 ns (14 cycles)"),
     "ring": (17.5, "17-18 ns (39-41 cycles)"),

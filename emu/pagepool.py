@@ -1,6 +1,6 @@
 """The per-CPU page pool: the kernel's ``net/core/page_pool.c`` over the host's shared page memory.
 
-Structure and rules follow the kernel (see ``shared/reference/kernel-page-pool-and-xdp.md`` §1):
+Structure and rules follow the kernel (``net/core/page_pool.c``, ``include/net/page_pool/types.h``):
 
 * an **alloc cache** (a LIFO stack of 128 entries, refilled 64 at a time) that only the owning CPU
   touches, without a lock;
@@ -16,9 +16,9 @@ process that does not own the pool is refused (`ForeignRecycleError`) and counte
 `foreign_cache_return`; a double free, a stale generation or an out-of-range page id is refused, counted
 and never reaches a structure.  Refused pages stay with the caller, so nothing is lost.
 
-The seed discussion's "hard limit (ethtool configurable) on number of recycle-able pages" is
-`recycle_limit`: once the cache and ring together keep that many pages, returned pages go back to the
-page allocator (`recycle_hard_limit`).
+`recycle_limit` is a hard limit on the pages a pool keeps for recycling, an emulator knob the kernel's
+pool does not have (its ring size is the only bound): once the cache and ring together keep that many
+pages, returned pages go back to the page allocator (`recycle_hard_limit`).
 
 Allocation semantics per page, as in ``page_pool_alloc_netmems``: served from the cache
 (`alloc_fast`); else the cache is refilled from the ring and that refill serves the page

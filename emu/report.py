@@ -1,8 +1,8 @@
 """What a run shows: xdp-bench-style interval lines, the final summary and the JSON report.
 
 Everything here is computed from counters (the stats table, the pools' counters in the page table), so
-the numbers a script reads from ``--json`` are the ones the lines showed.  Traffic is accounted the way
-the issue tracker's users asked: every generated packet ends ``delivered`` (at a traffic port),
+the numbers a script reads from ``--json`` are the ones the lines showed.  Traffic is accounted so that
+each packet has one fate: every generated packet ends ``delivered`` (at a traffic port),
 ``dropped`` (in a named drop counter), or ``consumed`` (passed to the emulated host stack);
 ``unaccounted`` is what is left and is 0 in a correct run.
 """

@@ -1,6 +1,7 @@
 """Unit tests of the per-CPU page pool (`emu.pagepool`) and the page memory under it (`emu.pagemem`).
 
-Counter semantics are the kernel's (shared/reference/kernel-page-pool-and-xdp.md §1-2), per page:
+Counter semantics are the kernel's (net/core/page_pool.c, under the names of ``struct page_pool_stats``),
+per page:
 served from the alloc cache = `alloc_fast`; cache empty and the ring refills it = `alloc_refill` for the
 page served (ring empty = `alloc_empty`); else the slow path bulk-allocates `refill` pages = one
 `alloc_slow` (and `hold_cnt` += pages got).  Every scenario checks *all* counters exactly (a counter not
