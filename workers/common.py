@@ -1,4 +1,4 @@
-"""What every emulator process shares: its launch description, CPU pinning, sockets and liveness.
+"""What every emulator process shares: its launch description, CPU pinning, channels and liveness.
 
 Processes are forked by a fork server that has only imported their modules (`emu.launch`; a child
 forked from the coordinator itself would inherit its zmq context, which libzmq does not survive) and
