@@ -42,7 +42,7 @@ JOIN_TIMEOUT = 10.0
 def frame_factory(topology: Path = L2FWD_TOPOLOGY):
     """The frames the topology's first generator sends (size, flows, MACs)."""
     from emu.packets import FrameFactory
-    from emu.topology import load_topology
+    from emu.topofile import load_topology
 
     gen = next(p.generate for p in load_topology(topology).traffic.values() if p.generate is not None)
     return FrameFactory(gen.pkt_size, gen.flows, gen.src_mac, gen.dst_mac)
@@ -85,7 +85,7 @@ class BareXdp:
                  device: str = "eth0") -> None:
         from emu import xdp_runtime
         from emu.pagemem import PageMemory, PoolParams
-        from emu.topology import load_topology
+        from emu.topofile import load_topology
         from emu.xdp import XDP_REDIRECT
 
         topo = load_topology(topology)
@@ -368,7 +368,7 @@ def _transport_peer(mode: str, addr_in: str, addr_out: str, n: int, conn) -> Non
     starts), then `n` batches to `addr_out` once told to go.  ``echo``: pull from `addr_in` and push every
     message back to `addr_out`: the parent's warm-up batch, then `n` more."""
     _child_setup()
-    from workers.common import new_context, pull, push
+    from emu.sockets import new_context, pull, push
 
     ctx = new_context()
     inbox = pull(ctx, addr_in) if mode == "echo" else None
@@ -417,7 +417,7 @@ def _ipc_dir() -> Iterator[str]:
 def transport_one_way(n_batches: int) -> dict:
     """Push `n_batches` descriptor batches from a second process to this one; time from "go" to the
     last batch received (unpacked and validated)."""
-    from workers.common import new_context, pull
+    from emu.sockets import new_context, pull
 
     mpc = mp.get_context("spawn")
     with _ipc_dir() as d:
@@ -459,7 +459,7 @@ def transport_one_way(n_batches: int) -> dict:
 def transport_rtt(n_batches: int, window: int = 16) -> dict:
     """Batches out to a second process and back (it validates and returns each), `window` of them in
     flight; window 1 is the round-trip latency of one batch."""
-    from workers.common import new_context, pull, push
+    from emu.sockets import new_context, pull, push
 
     mpc = mp.get_context("spawn")
     with _ipc_dir() as d:

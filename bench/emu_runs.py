@@ -33,7 +33,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 def load(name: str):
-    from emu.topology import load_topology
+    from emu.topofile import load_topology
 
     return load_topology(TOPOLOGIES / f"{name}.yaml")
 
@@ -50,7 +50,7 @@ def l2fwd_variant(cpus: int | None = None, burst: int | None = None, napi_budget
     """The bundled l2fwd topology with some knobs changed by editing its text (then validated as a file);
     `ring` sets every device's RX and TX ring sizes; `program` is (name in emu.programs, its params as
     YAML flow text)."""
-    from emu.topology import validate_topology_text
+    from emu.topofile import validate_topology_text
 
     text = (TOPOLOGIES / "l2fwd.yaml").read_text()
     name = ["l2fwd"]

@@ -42,13 +42,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from emu.pagemem import PageMemory, PoolParams
+from emu.pagepool import pool_of
 from emu.shm import new_run_prefix, unlink_prefix
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BULK = 64
 TARGET_NS = 100.0  # bulk fast path, ns per page
-# Joe Damato, "[net-next v9 0/5] page_pool: Add stats counters" (2022), Xeon Gold 6140 @ 2.3 GHz;
-# shared/reference/kernel-page-pool-and-xdp.md §4.  Per page (the kernel benchmark returns pages one by one).
+# Joe Damato, "[net-next v9 0/5] page_pool: Add stats counters" (2022), Xeon Gold 6140 @ 2.3 GHz,
+# per page (the kernel benchmark returns pages one by one).
 KERNEL_NS = {
     "fast": (6.2, "6.2 ns (14 cycles)"),
     "ring": (17.5, "17-18 ns (39-41 cycles)"),
@@ -124,7 +125,7 @@ class Bench:
 
 
 def fast_case(pm: PageMemory, cpu: int, batch: int) -> Callable[[int], None]:
-    pool = pm.pool(cpu, owner=True)
+    pool = pool_of(pm, cpu, owner=True)
     pool.recycle_direct(pool.alloc(2 * BULK))  # warm: the cache holds pages
 
     def run(iters: int) -> None:
@@ -136,7 +137,7 @@ def fast_case(pm: PageMemory, cpu: int, batch: int) -> Callable[[int], None]:
 
 
 def ring_case(pm: PageMemory, cpu: int, batch: int) -> Callable[[int], None]:
-    owner, other = pm.pool(cpu, owner=True), pm.pool(cpu)
+    owner, other = pool_of(pm, cpu, owner=True), pool_of(pm, cpu)
     other.put(owner.alloc(2 * BULK))  # warm: pages in the ring, the cache empty
 
     def run(iters: int) -> None:
@@ -157,7 +158,7 @@ def allocator_case(pm: PageMemory, batch: int) -> Callable[[int], None]:
 
 
 def allocator_via_pool_case(pm: PageMemory, cpu: int, batch: int) -> Callable[[int], None]:
-    owner, other = pm.pool(cpu, owner=True), pm.pool(cpu)
+    owner, other = pool_of(pm, cpu, owner=True), pool_of(pm, cpu)
 
     def run(iters: int) -> None:
         alloc, put = owner.alloc, other.put
@@ -172,7 +173,7 @@ def _returner(prefix: str, conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent ends us
     pm = PageMemory.attach(prefix)
     try:
-        pool = pm.pool(0)
+        pool = pool_of(pm, 0)
         n = 0
         while True:
             blob = conn.recv_bytes()
@@ -190,8 +191,8 @@ def cross_process_case(bench: Bench, pm: PageMemory) -> Callable[[int], None]:
     bench.child = ctx.Process(target=_returner, args=(pm.prefix, child), daemon=True)
     bench.child.start()
     bench.conn = parent
-    owner = pm.pool(0, owner=True)
-    pm.pool(0).put(owner.alloc(pm.npages))  # warm: every page of this host in the ring, none left to allocate
+    owner = pool_of(pm, 0, owner=True)
+    pool_of(pm, 0).put(owner.alloc(pm.npages))  # warm: every page of this host in the ring, none left to allocate
 
     def run(iters: int) -> None:
         alloc, send = owner.alloc, parent.send_bytes
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         iters = {key: calibrate(run, seconds) for key, (run, _, _) in cases.items()}
         samples: dict[tuple[str, int], list[float]] = {key: [] for key in cases}
         keys = list(cases)
-        before = {key: (pmx.pool(cpu).stats() if cpu >= 0 else None) for key, (_, pmx, cpu) in cases.items()}
+        before = {key: (pool_of(pmx, cpu).stats() if cpu >= 0 else None) for key, (_, pmx, cpu) in cases.items()}
         for r in range(rounds):
             order = keys[r % len(keys) :] + keys[: r % len(keys)]
             for key in order:
@@ -337,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, (_, pmx, cpu) in cases.items():
             if cpu < 0:
                 continue
-            s0, s1 = before[key], pmx.pool(cpu).stats()
+            s0, s1 = before[key], pool_of(pmx, cpu).stats()
             d = {k: s1[k] - s0[k] for k in s1}
             path = key[0]
             if path == "fast":

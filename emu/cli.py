@@ -33,7 +33,6 @@ import traceback
 from collections.abc import Callable
 
 from emu.errors import EXIT_BAD_INPUT, EXIT_PROCESS_FAILURE, BadInputError, EmuError, exit_status
-from emu.topology import load_topology
 
 # 128 + SIGINT, what a shell reports for a command Ctrl-C ended; SIGTERM is handled as Ctrl-C.
 EXIT_INTERRUPTED = 130
@@ -122,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from emu.topofile import load_topology  # PyYAML and the schema: only the commands that read a file
+
     topo = load_topology(args.topology)
     if args.json:
         print(json.dumps(topo.to_dict(), indent=2))
@@ -205,6 +206,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     launch.prestart()  # the workers' fork server imports their modules while this process imports its own
     from emu.coordinator import Run
     from emu.procname import set_title
+    from emu.topofile import load_topology
 
     opts, topo = _options(args, load_topology(args.topology))
     set_title(f"run {topo.name}")
@@ -214,6 +216,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from emu.cluster import Cluster
     from emu.procname import set_title
+    from emu.topofile import load_topology
 
     opts, topo = _options(args, load_topology(args.topology))
     set_title(f"coordinator {topo.name}")

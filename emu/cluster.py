@@ -39,9 +39,9 @@ from emu.coordinator import (
     generators_done,
     wait_settled,
 )
-from emu.stats import ProcState
+from emu.protocol import ProcState
+from emu.sockets import new_context
 from emu.topology import Endpoint, Topology
-from workers.common import new_context
 
 PING_EVERY = 1.0
 FINAL_TIMEOUT = 60.0  # hosts join their processes and audit their pages before they report

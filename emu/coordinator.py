@@ -42,15 +42,15 @@ from emu import report as rep
 from emu.errors import ProcessFailure
 from emu.pagemem import HOME, PageMemory, PageState, PoolParams, required_shm_bytes
 from emu.procname import process_name
+from emu.protocol import DEVICE_BIT, LINK_DOWN_BIT, Cmd, ProcState, device_code
 from emu.shm import SHM_DIR, ShmSpaceError, new_run_prefix, shm_free_bytes, sweep_stale, unlink_prefix
 from emu.shmring import RING_BYTES, MsgRing
-from emu.stats import Cmd, ProcState, StatsTable
+from emu.stats import StatsTable
 from emu.topology import Endpoint, HostConfig, Topology
 from workers import cpu as cpu_worker
 from workers import device as device_worker
 from workers import traffic as traffic_worker
 from workers.common import ProcSpec, read_last_words
-from workers.cpu import DEVICE_BIT, LINK_DOWN_BIT, device_code
 
 READY_TIMEOUT = 60.0  # spawning a dozen Python processes on a loaded 2-core machine can take a while
 DRAIN_STALL = 3.0  # seconds without progress after which traffic is declared settled

@@ -31,8 +31,9 @@ from emu import control, security, wire
 from emu import report as rep
 from emu.coordinator import Run, RunError, RunOptions
 from emu.errors import ProcessFailure
+from emu.protocol import LINK
+from emu.sockets import new_context
 from emu.topology import Endpoint, Topology, topology_from_dict
-from workers.common import new_context
 
 HELLO_EVERY = 1.0
 STATS_EVERY = 0.25
@@ -136,7 +137,7 @@ class HostRun(Run):
             s = ctx.socket(zmq.PUSH)
             s.setsockopt(zmq.LINGER, 1000)
             s.connect(ep["hosts"][self.hname]["device"][dev.name])
-            s.send(wire.pack_msg("link", {"peer": addr}))
+            s.send(wire.pack_msg(LINK, {"peer": addr}))
             s.close()
             waiting.append(f"{dev.host}/{dev.name}")
         deadline = time.monotonic() + LINK_TIMEOUT

@@ -26,11 +26,13 @@ import enum
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from emu.errors import BadInputError
 from emu.locks import OfdLockFile
+from emu.protocol import NO_HOLDER
 from emu.shm import SHM_DIR, Segment, ShmSpaceError, shm_free_bytes
 
 
@@ -78,8 +80,9 @@ ALLOCATOR_LOCK = 0
 # Header words (int64) at the start of the meta segment.
 _H_MAGIC, _H_VERSION, _H_NPAGES, _H_PAGE_SIZE, _H_NCPUS = 0, 1, 2, 3, 4
 _H_CACHE, _H_REFILL, _H_RING, _H_LIMIT, _H_FREE_COUNT = 5, 6, 7, 8, 9
-# Pages holding references beyond their pool's: while 0, returns skip the per-page refcount check.
-_H_EXTRA_REFS = 10
+# Pages holding references beyond their pool's: while 0, returns skip the per-page refcount check
+# (`emu.pagepool` reads it; `page_get` and `put_page` here keep it).
+H_EXTRA_REFS = 10
 # The fewest pages the allocator ever held (its low-water mark): npages minus it is the most pages that
 # were ever out at once, which bounds the page memory any process of the host can have touched.
 _H_FREE_LOW = 11
@@ -209,8 +212,9 @@ POOL_EXTRA = (
 )
 POOL_COUNTERS = POOL_STATS + POOL_ACCOUNTING + POOL_EXTRA
 C = {name: i for i, name in enumerate(POOL_COUNTERS)}
-# Pool control words (int64): cache count, ring head (consumer), ring tail (producer), owner pid.
-_P_CACHE_COUNT, _P_RING_HEAD, _P_RING_TAIL, _P_OWNER_PID = 0, 1, 2, 3
+# Pool control words (int64, `PageMemory.pool_ctl[cpu]`), written by `emu.pagepool` and read by the audit:
+# cache count, ring head (consumer), ring tail (producer), owner pid.
+P_CACHE_COUNT, P_RING_HEAD, P_RING_TAIL, P_OWNER_PID = 0, 1, 2, 3
 _P_WORDS = 8
 
 
@@ -296,9 +300,12 @@ class PageMemory:
         self.rings = meta.array(np.int32, p.pool_size * c, off["ring"]).reshape(c, p.pool_size)
         self.data = data.array(np.uint8, data.size, 0)
         self.locks = OfdLockFile(os.path.join(SHM_DIR, meta.name))
-        # Scratch for O(n) duplicate detection inside one returned batch (private to this process).
-        self._mark = np.full(n, -1, dtype=np.int32)
-        self._pools: dict[int, object] = {}
+        # Scratch for the pools' O(n) duplicate detection inside one returned batch (private to this
+        # process; `emu.pagepool`).
+        self.batch_mark = np.full(n, -1, dtype=np.int32)
+        # This process's non-owner pool handles (`emu.pagepool.pool_of`), kept here so that `close`
+        # drops their views of the segment with the others.
+        self.pool_handles: dict[int, Any] = {}
 
     # -- life cycle -------------------------------------------------------------------------------
 
@@ -333,7 +340,7 @@ class PageMemory:
         h[_H_RING], h[_H_LIMIT] = params.pool_size, params.recycle_limit
         pm = cls(prefix, data, meta, layout)
         pm.owner[:] = NO_OWNER
-        pm.holder[:] = -1
+        pm.holder[:] = NO_HOLDER
         # Pop order is from the top of the stack; lay pages out so that page 0 is handed out first.
         pm.free_stack[:] = np.arange(npages - 1, -1, -1, dtype=np.int32)
         h[_H_FREE_COUNT] = h[_H_FREE_LOW] = npages
@@ -356,7 +363,7 @@ class PageMemory:
 
     def close(self) -> None:
         self.locks.close()
-        self._pools.clear()
+        self.pool_handles.clear()
         for seg in (self.data_seg, self.meta_seg):
             seg.close()
 
@@ -375,18 +382,6 @@ class PageMemory:
     def check_ids(self, ids: np.ndarray) -> np.ndarray:
         """Boolean mask of the ids that name a page of this host."""
         return (ids >= 0) & (ids < self.npages)
-
-    def pool(self, cpu: int, owner: bool = False):  # -> PagePool (import cycle kept out of type hints)
-        """A handle on CPU `cpu`'s page pool; `owner=True` claims it for this process."""
-        from emu.pagepool import PagePool
-
-        if owner:
-            return PagePool(self, cpu, owner=True)
-        handle = self._pools.get(cpu)
-        if handle is None:
-            handle = PagePool(self, cpu, owner=False)
-            self._pools[cpu] = handle
-        return handle
 
     # -- the page allocator -----------------------------------------------------------------------
 
@@ -427,7 +422,7 @@ class PageMemory:
             self.free_stack[have : have + k] = ids
             self.state[ids] = PageState.FREE
             self.owner[ids] = NO_OWNER
-            self.holder[ids] = -1
+            self.holder[ids] = NO_HOLDER
             self.refcnt[ids] = 0
             self.header[_H_FREE_COUNT] = have + k
             if release_pool >= 0:
@@ -438,7 +433,7 @@ class PageMemory:
         ids = np.asarray(ids, dtype=np.int64)
         ids = ids[self.check_ids(ids)]
         np.add.at(self.refcnt, ids, 1)  # add.at: a page named twice takes two references
-        self.header[_H_EXTRA_REFS] += len(ids)
+        self.header[H_EXTRA_REFS] += len(ids)
 
     def put_page(self, ids: np.ndarray) -> None:
         """``put_page``: drop a reference taken with `page_get`.
@@ -452,7 +447,7 @@ class PageMemory:
         ownerless = self.owner[ids] == NO_OWNER
         ids = ids[(refs > 1) | (ownerless & (refs > 0) & IN_USE[self.state[ids]])]
         np.subtract.at(self.refcnt, ids, 1)
-        self.header[_H_EXTRA_REFS] -= len(ids)
+        self.header[H_EXTRA_REFS] -= len(ids)
         ids = np.unique(ids)
         last = (self.refcnt[ids] == 0) & (self.owner[ids] == NO_OWNER)
         self.free_pages_bulk(ids[last])
@@ -507,9 +502,9 @@ class PageMemory:
         place(self.free_stack[: self.free_count], PageState.FREE, "page allocator")
         for cpu in range(self.ncpus):
             ctl = self.pool_ctl[cpu]
-            n = int(ctl[_P_CACHE_COUNT])
+            n = int(ctl[P_CACHE_COUNT])
             place(self.caches[cpu, :n], PageState.CACHE, f"cpu {cpu} alloc cache", cpu)
-            head, tail = int(ctl[_P_RING_HEAD]), int(ctl[_P_RING_TAIL])
+            head, tail = int(ctl[P_RING_HEAD]), int(ctl[P_RING_TAIL])
             size = self.params.pool_size
             ring_ids = self.rings[cpu, (np.arange(head, tail) % size)] if tail > head else np.empty(0, int)
             place(ring_ids, PageState.RING, f"cpu {cpu} recycle ring", cpu)

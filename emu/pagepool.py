@@ -1,6 +1,6 @@
 """The per-CPU page pool: the kernel's ``net/core/page_pool.c`` over the host's shared page memory.
 
-Structure and rules follow the kernel (see ``shared/reference/kernel-page-pool-and-xdp.md`` §1):
+Structure and rules follow the kernel (``net/core/page_pool.c``, ``include/net/page_pool/types.h``):
 
 * an **alloc cache** (a LIFO stack of 128 entries, refilled 64 at a time) that only the owning CPU
   touches, without a lock;
@@ -16,9 +16,9 @@ process that does not own the pool is refused (`ForeignRecycleError`) and counte
 `foreign_cache_return`; a double free, a stale generation or an out-of-range page id is refused, counted
 and never reaches a structure.  Refused pages stay with the caller, so nothing is lost.
 
-The seed discussion's "hard limit (ethtool configurable) on number of recycle-able pages" is
-`recycle_limit`: once the cache and ring together keep that many pages, returned pages go back to the
-page allocator (`recycle_hard_limit`).
+`recycle_limit` is a hard limit on the pages a pool keeps for recycling, an emulator knob the kernel's
+pool does not have (its ring size is the only bound): once the cache and ring together keep that many
+pages, returned pages go back to the page allocator (`recycle_hard_limit`).
 
 Allocation semantics per page, as in ``page_pool_alloc_netmems``: served from the cache
 (`alloc_fast`); else the cache is refilled from the ring and that refill serves the page
@@ -35,20 +35,21 @@ import numpy as np
 
 from emu.errors import ResourceError
 from emu.pagemem import (
-    _H_EXTRA_REFS,
-    _P_CACHE_COUNT,
-    _P_OWNER_PID,
-    _P_RING_HEAD,
-    _P_RING_TAIL,
     ALLOCATOR_LOCK,
+    H_EXTRA_REFS,
     IN_USE,
     NO_OWNER,
+    P_CACHE_COUNT,
+    P_OWNER_PID,
+    P_RING_HEAD,
+    P_RING_TAIL,
     POOL_COUNTERS,
     C,
     PageError,
     PageMemory,
     PageState,
 )
+from emu.protocol import NO_HOLDER
 from emu.shm import pid_alive
 
 _ALLOC_FAST = C["alloc_fast"]
@@ -69,7 +70,7 @@ class PoolOwnershipError(ResourceError, RuntimeError):
 class PagePool:
     """A handle on one CPU's page pool.
 
-    Exactly one process owns a pool (``PageMemory.pool(cpu, owner=True)``); it alone allocates and
+    Exactly one process owns a pool (``pool_of(pm, cpu, owner=True)``); it alone allocates and
     recycles directly.  Any process may hold a non-owner handle and `put` pages into the ring.
     """
 
@@ -100,20 +101,20 @@ class PagePool:
         self.ring_lock = 1 + cpu
         if owner:
             pid = os.getpid()
-            prev = int(self.ctl[_P_OWNER_PID])
+            prev = int(self.ctl[P_OWNER_PID])
             if prev and prev != pid and pid_alive(prev):
                 raise PoolOwnershipError(f"cpu {cpu}'s page pool is already owned by live pid {prev}")
-            self.ctl[_P_OWNER_PID] = pid
+            self.ctl[P_OWNER_PID] = pid
 
     # -- introspection ----------------------------------------------------------------------------
 
     @property
     def cache_count(self) -> int:
-        return int(self.ctl[_P_CACHE_COUNT])
+        return int(self.ctl[P_CACHE_COUNT])
 
     @property
     def ring_count(self) -> int:
-        return int(self.ctl[_P_RING_TAIL] - self.ctl[_P_RING_HEAD])
+        return int(self.ctl[P_RING_TAIL] - self.ctl[P_RING_HEAD])
 
     @property
     def inflight(self) -> int:
@@ -134,31 +135,31 @@ class PagePool:
             self.cnt[C["foreign_cache_return"]] += 1
             raise ForeignRecycleError(
                 f"{what} on cpu {self.cpu}'s page pool from pid {os.getpid()}, which does not own it "
-                f"(owner pid {int(self.ctl[_P_OWNER_PID])}): only the owning CPU may touch its alloc cache"
+                f"(owner pid {int(self.ctl[P_OWNER_PID])}): only the owning CPU may touch its alloc cache"
             )
 
-    def alloc(self, n: int, state: PageState = PageState.ALLOCATED, holder: int = -1) -> np.ndarray:
+    def alloc(self, n: int, state: PageState = PageState.ALLOCATED, holder: int = NO_HOLDER) -> np.ndarray:
         """Allocate up to `n` pages (fewer only when the page allocator runs dry); returns page ids.
 
         Each page's generation is bumped, so descriptors of its previous life become stale.
         """
         self._require_owner("alloc")
         cnt = self.cnt
-        have = self.ctl[_P_CACHE_COUNT]
+        have = self.ctl[P_CACHE_COUNT]
         if have >= n > 0:
             # The common case, kept free of lists and concatenation: the cache alone serves the bulk.
             ids = self.cache[have - n : have].astype(np.intp)
-            self.ctl[_P_CACHE_COUNT] = have - n
+            self.ctl[P_CACHE_COUNT] = have - n
             cnt[_ALLOC_FAST] += n
             return self._hand_out(ids, state, holder)
         parts = []
         want = n
         while want > 0:
-            have = int(self.ctl[_P_CACHE_COUNT])
+            have = int(self.ctl[P_CACHE_COUNT])
             if have:
                 k = min(have, want)
                 parts.append(self.cache[have - k : have].astype(np.intp))
-                self.ctl[_P_CACHE_COUNT] = have - k
+                self.ctl[P_CACHE_COUNT] = have - k
                 cnt[C["alloc_fast"]] += k
                 want -= k
                 continue
@@ -170,9 +171,9 @@ class PagePool:
             else:
                 cnt[C["alloc_failed"]] += 1
                 break
-            have = int(self.ctl[_P_CACHE_COUNT])
+            have = int(self.ctl[P_CACHE_COUNT])
             parts.append(self.cache[have - 1 : have].astype(np.intp))
-            self.ctl[_P_CACHE_COUNT] = have - 1
+            self.ctl[P_CACHE_COUNT] = have - 1
             want -= 1
         if not parts:
             return np.empty(0, dtype=np.intp)
@@ -189,8 +190,8 @@ class PagePool:
 
     def _refill_from_ring(self) -> int:
         """Move up to `refill` pages from the ring into the empty cache; the owner needs no lock."""
-        head = int(self.ctl[_P_RING_HEAD])
-        avail = int(self.ctl[_P_RING_TAIL]) - head
+        head = int(self.ctl[P_RING_HEAD])
+        avail = int(self.ctl[P_RING_TAIL]) - head
         if avail <= 0:
             self.cnt[C["alloc_empty"]] += 1
             return 0
@@ -198,8 +199,8 @@ class PagePool:
         ids = self._ring_slice(head, k)
         self.cache[:k] = ids
         self.pm.state.put(ids, int(PageState.CACHE))
-        self.ctl[_P_CACHE_COUNT] = k
-        self.ctl[_P_RING_HEAD] = head + k  # published last: producers may now reuse the slots
+        self.ctl[P_CACHE_COUNT] = k
+        self.ctl[P_RING_HEAD] = head + k  # published last: producers may now reuse the slots
         return k
 
     def _ring_slice(self, start: int, k: int) -> np.ndarray:
@@ -219,7 +220,7 @@ class PagePool:
         self.cnt[C["hold_cnt"]] += k
         self.cache[:k] = ids
         pm.state.put(ids, int(PageState.CACHE))
-        self.ctl[_P_CACHE_COUNT] = k
+        self.ctl[P_CACHE_COUNT] = k
         return k
 
     # -- return paths -----------------------------------------------------------------------------
@@ -272,7 +273,7 @@ class PagePool:
             return False
         if gens is not None and pm.gen.take(ids).tobytes() != np.asarray(gens, dtype=np.uint32).tobytes():
             return False
-        mark = pm._mark
+        mark = pm.batch_mark
         mark.put(ids, self._pos[:n])
         return mark.take(ids).tobytes() == self._pos_bytes[: 4 * n]
 
@@ -319,7 +320,7 @@ class PagePool:
         mine = pm.owner[ids] == self.cpu
         fresh = np.ones(len(ids), dtype=bool) if gens is None else pm.gen[ids] == gens
         # A page twice in one batch is a double free of its later copies.
-        mark = pm._mark
+        mark = pm.batch_mark
         pos = np.arange(len(ids), dtype=np.int32)
         mark[ids] = pos
         dup = mark[ids] != pos
@@ -356,7 +357,7 @@ class PagePool:
     def _release_refcnt(self, ids: np.ndarray) -> np.ndarray:
         """Pages someone else still references leave the pool (``recycle_released_refcnt``)."""
         pm = self.pm
-        if not self._hdr[_H_EXTRA_REFS]:
+        if not self._hdr[H_EXTRA_REFS]:
             return ids
         shared = pm.refcnt[ids] > 1
         if not shared.any():
@@ -382,7 +383,7 @@ class PagePool:
             self.cnt[C["foreign_cache_return"]] += len(ids)
             raise ForeignRecycleError(
                 f"direct recycle of {len(ids)} pages into cpu {self.cpu}'s alloc cache from pid "
-                f"{os.getpid()}, which does not own that pool (owner pid {int(self.ctl[_P_OWNER_PID])}); "
+                f"{os.getpid()}, which does not own that pool (owner pid {int(self.ctl[P_OWNER_PID])}); "
                 f"return them through the pool's ring with put()"
             )
         problems: list[str] = []
@@ -419,7 +420,7 @@ class PagePool:
 
     def _cache_put(self, ids: np.ndarray) -> np.ndarray:
         """Put what fits into the cache; return the rest (counted `recycle_cache_full`)."""
-        have = int(self.ctl[_P_CACHE_COUNT])
+        have = int(self.ctl[P_CACHE_COUNT])
         room = self.cache_size - have
         if self.limit:
             room = min(room, max(0, self.limit - have - self.ring_count))
@@ -428,7 +429,7 @@ class PagePool:
             head = ids[:k]
             self.pm.state.put(head, PageState.CACHE)
             self.cache[have : have + k] = head
-            self.ctl[_P_CACHE_COUNT] = have + k
+            self.ctl[P_CACHE_COUNT] = have + k
             self.cnt[C["recycle_cached"]] += k
         rest = ids[k:]
         if len(rest) and have + k >= self.cache_size:
@@ -457,24 +458,24 @@ class PagePool:
             self._ring_put_locked(ids)
 
     def _ring_put_locked(self, ids: np.ndarray) -> None:
-        head = int(self.ctl[_P_RING_HEAD])
-        tail = int(self.ctl[_P_RING_TAIL])
+        head = int(self.ctl[P_RING_HEAD])
+        tail = int(self.ctl[P_RING_TAIL])
         n = len(ids)
         fits = min(self.ring_size - (tail - head), n)
         k = fits
         if self.limit:
-            k = min(k, max(0, self.limit - (tail - head) - int(self.ctl[_P_CACHE_COUNT])))
+            k = min(k, max(0, self.limit - (tail - head) - int(self.ctl[P_CACHE_COUNT])))
             self.cnt[C["recycle_hard_limit"]] += fits - k
         if k:
             put = ids[:k]
             self.pm.state.put(put, int(PageState.RING))
-            self.pm.holder[put] = -1
+            self.pm.holder[put] = NO_HOLDER
             i = tail % self.ring_size
             first = min(k, self.ring_size - i)
             self.ring[i : i + first] = put[:first]
             if first < k:
                 self.ring[: k - first] = put[first:]
-            self.ctl[_P_RING_TAIL] = tail + k  # published last: the owner may now consume the entries
+            self.ctl[P_RING_TAIL] = tail + k  # published last: the owner may now consume the entries
             self.cnt[C["recycle_ring"]] += k
         if n > fits:
             self.cnt[C["recycle_ring_full"]] += n - fits
@@ -495,15 +496,28 @@ class PagePool:
         """
         self._require_owner("drain")
         with self.pm.locks.lock(self.ring_lock):
-            head = int(self.ctl[_P_RING_HEAD])
-            k = int(self.ctl[_P_RING_TAIL]) - head
+            head = int(self.ctl[P_RING_HEAD])
+            k = int(self.ctl[P_RING_TAIL]) - head
             ring_ids = self._ring_slice(head, k) if k > 0 else np.empty(0, np.int32)
-            self.ctl[_P_RING_HEAD] = head + max(k, 0)
-        have = int(self.ctl[_P_CACHE_COUNT])
+            self.ctl[P_RING_HEAD] = head + max(k, 0)
+        have = int(self.ctl[P_CACHE_COUNT])
         cache_ids = self.cache[:have].copy()
-        self.ctl[_P_CACHE_COUNT] = 0
+        self.ctl[P_CACHE_COUNT] = 0
         self.pm.free_pages_bulk(np.concatenate((cache_ids, ring_ids)), release_pool=self.cpu)
         return self.inflight
+
+
+def pool_of(pm: PageMemory, cpu: int, owner: bool = False) -> PagePool:
+    """A handle on CPU `cpu`'s page pool in `pm`; `owner=True` claims the pool for this process.
+
+    Non-owner handles (for returning pages through the ring) are made once per process and CPU, and
+    kept with the page memory that they view."""
+    if owner:
+        return PagePool(pm, cpu, owner=True)
+    handle = pm.pool_handles.get(cpu)
+    if handle is None:
+        handle = pm.pool_handles[cpu] = PagePool(pm, cpu, owner=False)
+    return handle
 
 
 def return_pages(
@@ -538,13 +552,13 @@ def return_pages(
         if cpu == NO_OWNER or cpu >= pm.ncpus:
             # Out of range, or already back in the allocator: let the caller's pool (or CPU 0's) refuse
             # and count it with the usual message.
-            target = local if local is not None else pm.pool(0)
+            target = local if local is not None else pool_of(pm, 0)
             accepted += target.put(ids[sel], g, errors=errors, expect=expect)
         elif local is not None and cpu == local.cpu and local.is_owner:
             accepted += local.recycle_direct(ids[sel], g, errors=errors, expect=expect)
         else:
             mine, step = ids[sel], bulk or len(ids)
             for k in range(0, len(mine), step):
-                accepted += pm.pool(cpu).put(mine[k : k + step], None if g is None else g[k : k + step],
-                                             errors=errors, expect=expect)
+                accepted += pool_of(pm, cpu).put(mine[k : k + step], None if g is None else g[k : k + step],
+                                                 errors=errors, expect=expect)
     return accepted

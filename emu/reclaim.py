@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from emu.pagemem import HOME, PageMemory, PageState
-from emu.pagepool import return_pages
+from emu.pagepool import pool_of, return_pages
 
 # States in which a page holds a packet that has not reached its end (received, in XDP, queued to
 # transmit, in an skb); a posted RX buffer does too once its length is set (a frame was DMAed into it).
@@ -85,7 +85,7 @@ def reclaim_cpu(pm: PageMemory, cpu: int) -> Reclaimed:
             return_pages(pm, None, ids, errors="count")
     # Its owner is gone: the caller's process takes the pool over (`owner=True` records its pid) to
     # destroy it, as `page_pool_destroy` would have at the dead CPU's exit.
-    pm.pool(cpu, owner=True).drain()
+    pool_of(pm, cpu, owner=True).drain()
     return Reclaimed(len(held) + len(empty), lost)
 
 
@@ -105,7 +105,7 @@ def drain_pools(pm: PageMemory, cpus: range | list[int] | None = None) -> None:
     """Destroy the pools of `cpus` (all when None) again: pages that came back to their rings since go
     to the page allocator.  Only once their owners are gone (dead, or exited)."""
     for cpu in range(pm.ncpus) if cpus is None else cpus:
-        pm.pool(cpu, owner=True).drain()
+        pool_of(pm, cpu, owner=True).drain()
 
 
 def reclaim_stranded(pm: PageMemory) -> Reclaimed:

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from emu.pagemem import POOL_COUNTERS, POOL_STATS, C, PageState
-from emu.stats import CONTROL, StatsTable
+from emu.protocol import CONTROL
+from emu.stats import StatsTable
 
 if TYPE_CHECKING:
     from emu.pagemem import Audit, PageMemory

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from emu.packets import MAX_FLOWS, MAX_PKT_SIZE, MIN_PKT_SIZE, SeqTracker
+from emu.protocol import XDP_PACKET_HEADROOM
 from emu.topology import (
     DEV_MAP_BULK_SIZE,
     NAPI_POLL_WEIGHT,
@@ -34,7 +35,6 @@ from emu.topology import (
     PP_ALLOC_CACHE_SIZE,
     PP_DEFAULT_RING_SIZE,
     XDP_BULK_QUEUE_SIZE,
-    XDP_PACKET_HEADROOM,
     HostConfig,
 )
 

@@ -1,8 +1,9 @@
 """Counters and control words in shared memory: how the coordinator watches a run without touching it.
 
 Every process of a run (CPU worker, device, traffic port) owns one row of int64 words in one
-``<prefix>-stats`` segment: a few control words (the coordinator's command, the process's state, its pid
-and a heartbeat) followed by its counters.  A process bumps its own counters with plain stores (one
+``<prefix>-stats`` segment: a few control words (the coordinator's command, the process's state, its pid,
+a heartbeat and the offline mask; what each means is the protocol's, `emu.protocol`) followed by its
+counters.  A process bumps its own counters with plain stores (one
 writer per row, like the kernel's per-CPU counters); the coordinator reads every row whenever it wants,
 for the xdp-bench-style interval lines, heartbeats and the final report.  So the coordinator is never on
 the per-packet path and no message is spent on statistics.
@@ -14,38 +15,13 @@ ethtool's.
 
 from __future__ import annotations
 
-import enum
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from emu.protocol import CMD, CONTROL, HEARTBEAT_NS, OFFLINE, OFFLINE_ACK, STATE, Cmd, ProcState
 from emu.shm import Segment
-
-
-class Cmd(enum.IntEnum):
-    """What the coordinator asks a process to do (monotonic: a process only moves forward)."""
-
-    RUN = 0  # set up and run; traffic ports wait for START
-    START = 1  # traffic ports start generating
-    QUIESCE = 2  # traffic ports stop generating; everything else keeps forwarding
-    DOWN = 3  # devices stop receiving and hand posted RX pages back (ndo_stop)
-    EXIT = 4  # CPU workers destroy their pools; everyone exits
-
-
-class ProcState(enum.IntEnum):
-    STARTING = 0
-    READY = 1
-    RUNNING = 2
-    DONE = 3  # a generator that has sent its count
-    DOWN = 4
-    EXITED = 5
-    FAILED = 6
-
-
-# offline: bitmask of the host's CPUs the coordinator declared dead (written by the coordinator);
-# offline_ack: the mask this process has applied (its queues rebound, nothing more sent to those CPUs).
-CONTROL = ("cmd", "state", "pid", "heartbeat_ns", "offline", "offline_ack")
 
 CPU_COUNTERS = (
     "rx_packets",  # packets the XDP program ran on
@@ -158,7 +134,7 @@ class StatsTable:
 
     def command(self, key: str, cmd: Cmd) -> None:
         r = self.rows[key]
-        self.words[r.offset] = max(int(self.words[r.offset]), int(cmd))
+        self.words[r.offset + CMD] = max(int(self.words[r.offset + CMD]), int(cmd))
 
     def set_word(self, key: str, name: str, value: int) -> None:
         r = self.rows[key]
@@ -190,17 +166,17 @@ class StatsRow:
 
     @property
     def cmd(self) -> int:
-        return self.c[0]
+        return self.c[CMD]
 
     @property
     def offline(self) -> int:
-        return self.c[4]
+        return self.c[OFFLINE]
 
     def ack_offline(self, mask: int) -> None:
-        self.c[5] = mask
+        self.c[OFFLINE_ACK] = mask
 
     def set_state(self, state: ProcState) -> None:
-        self.c[1] = int(state)
+        self.c[STATE] = int(state)
 
     def beat(self) -> None:
-        self.c[3] = time.monotonic_ns()
+        self.c[HEARTBEAT_NS] = time.monotonic_ns()

@@ -34,12 +34,12 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from emu import schema
 from emu.bpfmaps import MapError, populate
+from emu.protocol import XDP_PACKET_HEADROOM
 from emu.schema import MAX_ALIAS_EXPANSION, SECTIONS, Key
 from emu.topology import (
     MAX_LINK_DELAY_US,
     MAX_LINK_RATE_BPS,
     PP_ALLOC_CACHE_REFILL,
-    XDP_PACKET_HEADROOM,
     DeviceConfig,
     Endpoint,
     GeneratorConfig,

@@ -8,9 +8,9 @@ documents every key and its kernel counterpart.
 
 Everything is checked once, before anything starts, with a ``file:line: message`` diagnostic, because the
 alternative is an emulator that starts a dozen processes, allocates shared memory and then dies on a typo
-in a worker that has no idea which line of which file was wrong.  The reading and checking is in
-`emu.topofile` (`load_topology` and `validate_topology_text` here call it), so that processes which only
-receive a topology never load PyYAML.
+in a worker that has no idea which line of which file was wrong.  The reading and checking is
+`emu.topofile` (`load_topology`, `validate_topology_text`), which builds these dataclasses: this module
+does not import it, so that processes which only receive a topology never load PyYAML.
 
 The result is a tree of frozen dataclasses (`Topology` at the root).  `Topology.to_dict` turns it into
 plain JSON/msgpack-able data (``emu validate --json``, and the configuration a host process receives);
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -42,7 +41,6 @@ __all__ = [
     "PP_ALLOC_CACHE_SIZE",
     "PP_DEFAULT_RING_SIZE",
     "XDP_BULK_QUEUE_SIZE",
-    "XDP_PACKET_HEADROOM",
     "DeviceConfig",
     "Endpoint",
     "GeneratorConfig",
@@ -55,21 +53,19 @@ __all__ = [
     "TrafficPort",
     "XdpConfig",
     "host_from_dict",
-    "load_topology",
     "resolve_program",
     "topology_from_dict",
-    "validate_topology_text",
 ]
 
 # Kernel constants that the defaults mirror (include/net/page_pool/types.h, include/linux/netdevice.h,
-# kernel/bpf/devmap.c, include/net/xdp.h, include/uapi/linux/bpf.h).
+# kernel/bpf/devmap.c, include/net/xdp.h); XDP_PACKET_HEADROOM, which processes agree on, is
+# `emu.protocol`'s.
 PP_ALLOC_CACHE_SIZE = 128
 PP_ALLOC_CACHE_REFILL = 64
 PP_DEFAULT_RING_SIZE = 1024  # page_pool_init(): a pool_size of 0 gets a 1024-entry ptr_ring
 NAPI_POLL_WEIGHT = 64
 DEV_MAP_BULK_SIZE = 16
 XDP_BULK_QUEUE_SIZE = 16
-XDP_PACKET_HEADROOM = 256
 
 # Link impairment limits (emulator choices; tc-netem itself allows more).
 MAX_LINK_DELAY_US = 10_000_000  # 10 s for `delay` and `jitter`
@@ -466,25 +462,3 @@ def resolve_program(spec: str) -> Callable[..., Any]:
         kind = type(obj).__name__
         raise ValueError(f"{what}: '{module_name}.{attr_path}' is not callable (it is a {kind})")
     return obj
-
-
-# --------------------------------------------------------------------------------------------------
-# Loading and validation: `emu.topofile`, imported only by whoever reads a file (the CLI, the coordinator's
-# caller), so that the processes rebuilding a topology from its dict never load PyYAML.
-
-
-def load_topology(path: str | os.PathLike[str]) -> Topology:
-    """Read and fully validate a topology file; TopologyError (``file:line: message``) if it is invalid.
-
-    OSError from reading the file propagates unchanged: a missing file has no line to point at.
-    """
-    from emu.topofile import load_topology as load
-
-    return load(path)
-
-
-def validate_topology_text(text: str, filename: str) -> Topology:
-    """Validate topology YAML given as a string; `filename` is only used in messages and `Topology.path`."""
-    from emu.topofile import validate_topology_text as validate
-
-    return validate(text, filename)

@@ -9,6 +9,9 @@ A ``"frames"`` message is what travels on a link between a device and a traffic 
 
     blob = lengths (n x u32 little-endian) | frame 0 | frame 1 | ... | frame n-1   (back to back)
 
+Which kinds there are, and who sends each to whom, is the protocol's (`emu.protocol`); this module only
+packs and checks.
+
 Receivers never trust a message: anything garbled, truncated, foreign or from another wire version raises
 `WireError` naming what was wrong, so the caller counts it and carries on.  Unpacking caps every msgpack
 length, so a hostile message cannot make a receiver allocate more than it already holds.
@@ -26,9 +29,9 @@ import numpy as np
 
 from emu.errors import BadInputError
 from emu.packets import FrameBatch
+from emu.protocol import FRAMES
 
 WIRE_VERSION = 1
-FRAMES = "frames"
 
 MAX_BLOB = 1 << 28  # 256 MiB: far above any batch the emulator sends, far below "gigabytes"
 MAX_STR = 4096  # kinds, header keys and string values are short

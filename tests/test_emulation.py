@@ -20,7 +20,7 @@ import pytest
 from emu.coordinator import Run, RunOptions
 from emu.report import summary
 from emu.shm import PREFIX, SHM_DIR
-from emu.topology import load_topology, validate_topology_text
+from emu.topofile import load_topology, validate_topology_text
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPO = ROOT / "topology"

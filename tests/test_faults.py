@@ -29,8 +29,9 @@ from procs import DEADLINE, ROOT, Lines, alive, descendants_of, received, segmen
 from emu import wire
 from emu.coordinator import Run, RunOptions
 from emu.pagemem import DESC_DTYPE, PageState
+from emu.pagepool import pool_of
 from emu.shm import PREFIX, sweep_stale
-from emu.topology import load_topology, validate_topology_text
+from emu.topofile import load_topology, validate_topology_text
 
 pytestmark = pytest.mark.slow
 
@@ -420,17 +421,17 @@ def test_pages_a_kill_tore_out_of_a_cache_go_back_to_the_allocator(reliability) 
     """A CPU killed inside an alloc, after its cache's count dropped but before the pages taken got their
     new state, leaves pages marked CACHE in no cache.  After every process exited the coordinator finds
     them (every cache and ring is empty by then) and gives them back: the strict audit is clean."""
-    from emu.pagemem import _P_CACHE_COUNT
+    from emu.pagemem import P_CACHE_COUNT
 
     run = Run(validate_topology_text(KILL, "kill.yaml"), RunOptions(quiet=True))
     try:
         run.prepare()
         pm = run.pms["h1"]
-        pool = pm.pool(1, owner=True)
+        pool = pool_of(pm, 1, owner=True)
         ids = pool.alloc(100, PageState.RX_POSTED)
-        torn = int(pm.pool_ctl[1][_P_CACHE_COUNT])
+        torn = int(pm.pool_ctl[1][P_CACHE_COUNT])
         assert torn > 0
-        pm.pool_ctl[1][_P_CACHE_COUNT] = 0  # the count went down; the states never changed
+        pm.pool_ctl[1][P_CACHE_COUNT] = 0  # the count went down; the states never changed
         assert any("in no structure" in p for p in pm.audit(strict=True).problems)
         run.dead.add("h1/cpu1")
         run.reclaim()

@@ -28,7 +28,7 @@ from test_schema import L2FWD
 
 from emu import schema
 from emu.cli import main
-from emu.topology import validate_topology_text
+from emu.topofile import validate_topology_text
 
 PROGRAMS = ("xdp_drop", "xdp_tx", "l2fwd", "l2fwd_map", "l2fwd_filter")
 
@@ -263,7 +263,7 @@ def test_every_bound_is_pushed_past() -> None:
 def test_mutations_of_the_bundled_topologies_are_refused(tmp_path: Path) -> None:
     """Each bundled file with an unknown key added before each top-level key is refused at that line, and
     with its pages one below `emu.schema.min_pages` at the line of its pages."""
-    from emu.topology import load_topology
+    from emu.topofile import load_topology
 
     for f in sorted((ROOT / "topology").glob("*.yaml")):
         lines = f.read_text().splitlines()

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 from emu.netem import LinkShaper
+from emu.topofile import validate_topology_text
 from emu.topology import (
     Endpoint,
     LinkConfig,
     LinkImpairment,
     TopologyError,
     topology_from_dict,
-    validate_topology_text,
 )
 
 MS = 1_000_000  # ns

@@ -1,6 +1,7 @@
 """Unit tests of the per-CPU page pool (`emu.pagepool`) and the page memory under it (`emu.pagemem`).
 
-Counter semantics are the kernel's (shared/reference/kernel-page-pool-and-xdp.md §1-2), per page:
+Counter semantics are the kernel's (net/core/page_pool.c, under the names of ``struct page_pool_stats``),
+per page:
 served from the alloc cache = `alloc_fast`; cache empty and the ring refills it = `alloc_refill` for the
 page served (ring empty = `alloc_empty`); else the slow path bulk-allocates `refill` pages = one
 `alloc_slow` (and `hold_cnt` += pages got).  Every scenario checks *all* counters exactly (a counter not
@@ -19,10 +20,10 @@ import pytest
 
 from emu import shm
 from emu.pagemem import (
-    _H_EXTRA_REFS,
-    _P_CACHE_COUNT,
-    _P_OWNER_PID,
     DESC_DTYPE,
+    H_EXTRA_REFS,
+    P_CACHE_COUNT,
+    P_OWNER_PID,
     C,
     PageError,
     PageMemory,
@@ -30,7 +31,7 @@ from emu.pagemem import (
     PoolParams,
     concat_descs,
 )
-from emu.pagepool import POOL_COUNTERS, ForeignRecycleError, PoolOwnershipError, return_pages
+from emu.pagepool import POOL_COUNTERS, ForeignRecycleError, PoolOwnershipError, pool_of, return_pages
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -93,7 +94,7 @@ def dead_pid() -> int:
 
 def test_first_alloc_takes_slow_path(page_memory) -> None:
     pm = page_memory()
-    pool = pm.pool(0, owner=True)
+    pool = pool_of(pm, 0, owner=True)
     ids = pool.alloc(1)
     assert len(ids) == 1
     expect_stats(pool, cached=63, ring=0, alloc_empty=1, alloc_slow=1, hold_cnt=64)
@@ -111,7 +112,7 @@ def test_first_alloc_takes_slow_path(page_memory) -> None:
 
 def test_fast_path_alloc_and_recycle_direct(page_memory) -> None:
     pm = page_memory()
-    pool = pm.pool(0, owner=True)
+    pool = pool_of(pm, 0, owner=True)
     first = pool.alloc(1)
     ids = pool.alloc(10)
     expect_stats(pool, cached=53, alloc_empty=1, alloc_slow=1, alloc_fast=10, hold_cnt=64)
@@ -129,7 +130,7 @@ def test_fast_path_alloc_and_recycle_direct(page_memory) -> None:
 
 def test_bulk_alloc_across_two_slow_refills(page_memory) -> None:
     pm = page_memory()
-    pool = pm.pool(0, owner=True)
+    pool = pool_of(pm, 0, owner=True)
     ids = pool.alloc(100)
     assert len(ids) == 100 and len(set(ids.tolist())) == 100
     # cache empty -> ring empty (alloc_empty) -> slow (64, serves 1) -> 63 fast -> again -> 35 fast
@@ -141,7 +142,7 @@ def test_bulk_alloc_across_two_slow_refills(page_memory) -> None:
 
 def test_alloc_state_and_holder(page_memory) -> None:
     pm = page_memory()
-    pool = pm.pool(1, owner=True)
+    pool = pool_of(pm, 1, owner=True)
     ids = pool.alloc(3, state=PageState.XDP, holder=7)
     assert states(pm, ids) == {PageState.XDP}
     assert set(pm.holder[ids]) == {7} and set(pm.owner[ids]) == {1}
@@ -151,10 +152,10 @@ def test_alloc_state_and_holder(page_memory) -> None:
 
 def test_refill_from_ring(page_memory) -> None:
     pm = page_memory()
-    owner = pm.pool(0, owner=True)
+    owner = pool_of(pm, 0, owner=True)
     ids = owner.alloc(64)
     expect_stats(owner, cached=0, alloc_empty=1, alloc_slow=1, alloc_fast=63, hold_cnt=64)
-    other = pm.pool(0)  # a non-owner handle: returns through the ring
+    other = pool_of(pm, 0)  # a non-owner handle: returns through the ring
     assert not other.is_owner
     assert other.put(ids[:40]) == 40
     assert states(pm, ids[:40]) == {PageState.RING}
@@ -197,10 +198,10 @@ def test_refill_from_ring(page_memory) -> None:
 
 def test_refill_takes_at_most_refill_pages(page_memory) -> None:
     pm = page_memory()
-    owner = pm.pool(0, owner=True)
+    owner = pool_of(pm, 0, owner=True)
     ids = owner.alloc(128)
     expect_stats(owner, cached=0, alloc_empty=2, alloc_slow=2, alloc_fast=126, hold_cnt=128)
-    assert pm.pool(0).put(ids) == 128
+    assert pool_of(pm, 0).put(ids) == 128
     owner.alloc(1)
     # 64 (PP_ALLOC_CACHE_REFILL) moved to the cache, one of them served.
     expect_stats(
@@ -231,7 +232,7 @@ def test_refill_takes_at_most_refill_pages(page_memory) -> None:
 
 def test_ring_wraps_around(page_memory) -> None:
     pm = page_memory(params=PoolParams(pool_size=16))
-    owner, other = pm.pool(0, owner=True), pm.pool(0)
+    owner, other = pool_of(pm, 0, owner=True), pool_of(pm, 0)
     ids = owner.alloc(64)
     out = ids[:10]
     for _ in range(7):  # 70 entries through a 16-slot ring
@@ -257,7 +258,7 @@ def test_ring_wraps_around(page_memory) -> None:
 
 def test_alloc_empty_counted_each_time_the_ring_is_empty(page_memory) -> None:
     pm = page_memory()
-    pool = pm.pool(0, owner=True)
+    pool = pool_of(pm, 0, owner=True)
     for i in range(1, 4):
         pool.alloc(64)
         expect_stats(pool, cached=0, alloc_empty=i, alloc_slow=i, alloc_fast=63 * i, hold_cnt=64 * i)
@@ -266,7 +267,7 @@ def test_alloc_empty_counted_each_time_the_ring_is_empty(page_memory) -> None:
 
 def test_allocator_exhaustion(page_memory) -> None:
     pm = page_memory(npages=100)
-    pool = pm.pool(0, owner=True)
+    pool = pool_of(pm, 0, owner=True)
     ids = pool.alloc(150)
     assert len(ids) == 100 and len(set(ids.tolist())) == 100
     # slow 64 + slow 36, then the allocator is dry: the third attempt fails.
@@ -277,7 +278,7 @@ def test_allocator_exhaustion(page_memory) -> None:
     expect_stats(pool, cached=0, alloc_empty=4, alloc_slow=2, alloc_fast=98, alloc_failed=2, hold_cnt=100)
     audit_ok(pm)
     # Another CPU gets nothing either; once pages come back it gets them.
-    pool1 = pm.pool(1, owner=True)
+    pool1 = pool_of(pm, 1, owner=True)
     assert len(pool1.alloc(1)) == 0
     expect_stats(pool1, alloc_empty=1, alloc_failed=1)
     assert pool.recycle_direct(ids[:10]) == 10
@@ -291,11 +292,11 @@ def test_allocator_exhaustion(page_memory) -> None:
 def test_allocated_hwm_is_the_most_pages_ever_out(page_memory) -> None:
     pm = page_memory(npages=256, params=PoolParams(pool_size=16))
     assert pm.allocated_hwm == 0
-    pool = pm.pool(0, owner=True)
+    pool = pool_of(pm, 0, owner=True)
     ids = pool.alloc(100)  # two slow refills of 64: 128 pages leave the allocator
     assert pm.allocated_hwm == 128 == 256 - pm.free_count
     # Pages going back lower what is out now, not the mark.
-    assert pm.pool(0).put(ids) == 100  # 16 into the ring, 84 released to the allocator
+    assert pool_of(pm, 0).put(ids) == 100  # 16 into the ring, 84 released to the allocator
     assert pm.free_count == 256 - 128 + 84
     assert pm.allocated_hwm == 128
     # Taken again from the pool and the allocator, but never more out at once than before: unchanged.
@@ -303,7 +304,7 @@ def test_allocated_hwm_is_the_most_pages_ever_out(page_memory) -> None:
     assert pm.allocated_hwm == 128
     # Another CPU takes 128 more: the mark follows the new peak, and another process sees it.
     out = 256 - pm.free_count
-    other = pm.pool(1, owner=True).alloc(128)
+    other = pool_of(pm, 1, owner=True).alloc(128)
     assert pm.allocated_hwm == out + 128 == 256 - pm.free_count > 128
     attached = PageMemory.attach(pm.prefix)
     try:
@@ -316,7 +317,7 @@ def test_allocated_hwm_is_the_most_pages_ever_out(page_memory) -> None:
 
 def test_alloc_zero(page_memory) -> None:
     pm = page_memory()
-    pool = pm.pool(0, owner=True)
+    pool = pool_of(pm, 0, owner=True)
     assert len(pool.alloc(0)) == 0
     expect_stats(pool)
     audit_ok(pm)
@@ -328,7 +329,7 @@ def test_alloc_zero(page_memory) -> None:
 
 def test_cache_full_goes_to_ring(page_memory) -> None:
     pm = page_memory()
-    pool = pm.pool(0, owner=True)
+    pool = pool_of(pm, 0, owner=True)
     ids = pool.alloc(192)
     base = dict(alloc_empty=3, alloc_slow=3, alloc_fast=189, hold_cnt=192)
     expect_stats(pool, cached=0, **base)
@@ -344,10 +345,10 @@ def test_cache_full_goes_to_ring(page_memory) -> None:
 
 def test_ring_full_releases_to_page_allocator(page_memory) -> None:
     pm = page_memory(params=PoolParams(pool_size=16))
-    owner = pm.pool(0, owner=True)
+    owner = pool_of(pm, 0, owner=True)
     ids = owner.alloc(64)
     base = dict(alloc_empty=1, alloc_slow=1, alloc_fast=63, hold_cnt=64)
-    assert pm.pool(0).put(ids[:40]) == 40  # accepted: returned to the pool (ring or page allocator)
+    assert pool_of(pm, 0).put(ids[:40]) == 40  # accepted: returned to the pool (ring or page allocator)
     expect_stats(owner, cached=0, ring=16, recycle_ring=16, recycle_ring_full=24, release_cnt=24, **base)
     assert states(pm, ids[:16]) == {PageState.RING}
     released = ids[16:40]
@@ -360,7 +361,7 @@ def test_ring_full_releases_to_page_allocator(page_memory) -> None:
 
 def test_cache_full_and_ring_full(page_memory) -> None:
     pm = page_memory(npages=512, params=PoolParams(pool_size=16))
-    pool = pm.pool(0, owner=True)
+    pool = pool_of(pm, 0, owner=True)
     ids = pool.alloc(192)
     assert pool.recycle_direct(ids[:150]) == 150
     expect_stats(
@@ -382,7 +383,7 @@ def test_cache_full_and_ring_full(page_memory) -> None:
 
 def test_hard_limit(page_memory) -> None:
     pm = page_memory(params=PoolParams(recycle_limit=10))
-    pool = pm.pool(0, owner=True)
+    pool = pool_of(pm, 0, owner=True)
     ids = pool.alloc(64)
     base = dict(alloc_empty=1, alloc_slow=1, alloc_fast=63, hold_cnt=64)
     # Cache and ring together keep at most 10 pages: 10 cached, 10 released (the cache was not full).
@@ -391,12 +392,12 @@ def test_hard_limit(page_memory) -> None:
     assert states(pm, ids[10:20]) == {PageState.FREE}
     audit_ok(pm)
     # Through the ring: already at the limit, everything is released.
-    assert pm.pool(0).put(ids[20:25]) == 5
+    assert pool_of(pm, 0).put(ids[20:25]) == 5
     expect_stats(pool, cached=10, ring=0, recycle_cached=10, recycle_hard_limit=15, release_cnt=15, **base)
     audit_ok(pm)
     # Below the limit the ring takes what the limit leaves room for.
     pool.alloc(6)  # cache 10 -> 4
-    assert pm.pool(0).put(ids[25:35]) == 10
+    assert pool_of(pm, 0).put(ids[25:35]) == 10
     expect_stats(
         pool,
         cached=4,
@@ -415,13 +416,13 @@ def test_hard_limit(page_memory) -> None:
 
 def test_released_refcnt_direct_and_ring(page_memory) -> None:
     pm = page_memory()
-    pool = pm.pool(0, owner=True)
+    pool = pool_of(pm, 0, owner=True)
     ids = pool.alloc(8)
     base = dict(alloc_empty=1, alloc_slow=1, alloc_fast=7, hold_cnt=64)
     shared = ids[:2]
     pm.page_get(shared)
     assert set(pm.refcnt[shared]) == {2}
-    assert int(pm.header[_H_EXTRA_REFS]) == 2
+    assert int(pm.header[H_EXTRA_REFS]) == 2
     audit_ok(pm)
     pool.recycle_direct(ids[:4])  # return value: see test_released_pages_count_as_accepted
     # The two shared pages leave the pool; the others are cached.
@@ -435,12 +436,12 @@ def test_released_refcnt_direct_and_ring(page_memory) -> None:
     pm.put_page(shared)
     assert states(pm, shared) == {PageState.FREE}
     assert set(pm.refcnt[shared]) == {0}
-    assert int(pm.header[_H_EXTRA_REFS]) == 0
+    assert int(pm.header[H_EXTRA_REFS]) == 0
     assert pm.free_count == free_before + 2
     audit_ok(pm)
     # Same through the ring.
     pm.page_get(ids[4:5])
-    pm.pool(0).put(ids[4:8])
+    pool_of(pm, 0).put(ids[4:8])
     expect_stats(
         pool, cached=58, ring=3, recycle_cached=2, recycle_ring=3, recycle_released_refcnt=3, release_cnt=3, **base
     )
@@ -452,11 +453,11 @@ def test_released_refcnt_direct_and_ring(page_memory) -> None:
 
 def test_page_get_then_put_page_before_return_recycles_normally(page_memory) -> None:
     pm = page_memory()
-    pool = pm.pool(0, owner=True)
+    pool = pool_of(pm, 0, owner=True)
     ids = pool.alloc(2)
     pm.page_get(ids)
     pm.put_page(ids)
-    assert set(pm.refcnt[ids]) == {1} and int(pm.header[_H_EXTRA_REFS]) == 0
+    assert set(pm.refcnt[ids]) == {1} and int(pm.header[H_EXTRA_REFS]) == 0
     # put_page never drops the pool's own reference.
     pm.put_page(ids)
     assert set(pm.refcnt[ids]) == {1} and states(pm, ids) == {PageState.ALLOCATED}
@@ -467,9 +468,9 @@ def test_page_get_then_put_page_before_return_recycles_normally(page_memory) -> 
 
 def test_foreign_direct_recycle_refused(page_memory) -> None:
     pm = page_memory()
-    owner = pm.pool(0, owner=True)
+    owner = pool_of(pm, 0, owner=True)
     ids = owner.alloc(5)
-    other = pm.pool(0)
+    other = pool_of(pm, 0)
     before = snapshot(pm)
     with pytest.raises(ForeignRecycleError, match="does not own"):
         other.recycle_direct(ids)
@@ -492,32 +493,32 @@ def test_second_live_owner_refused(page_memory) -> None:
     pm = page_memory()
     foreign = os.getppid()  # alive (pytest's parent, or the xdist controller) and not us
     assert foreign != os.getpid()
-    pm.pool_ctl[1, _P_OWNER_PID] = foreign
+    pm.pool_ctl[1, P_OWNER_PID] = foreign
     before = snapshot(pm)
     with pytest.raises(PoolOwnershipError, match=str(foreign)):
-        pm.pool(1, owner=True)
+        pool_of(pm, 1, owner=True)
     assert_unchanged(before, pm)
     # Non-owner handles are still fine, and other CPUs can be owned.
-    assert not pm.pool(1).is_owner
-    pm.pool(0, owner=True)
-    assert int(pm.pool_ctl[0, _P_OWNER_PID]) == os.getpid()
+    assert not pool_of(pm, 1).is_owner
+    pool_of(pm, 0, owner=True)
+    assert int(pm.pool_ctl[0, P_OWNER_PID]) == os.getpid()
     # The same process may take its own claim again.
-    pm.pool(0, owner=True)
+    pool_of(pm, 0, owner=True)
 
 
 def test_dead_owner_claim_taken_over(page_memory) -> None:
     pm = page_memory()
     gone = dead_pid()
-    pm.pool_ctl[0, _P_OWNER_PID] = gone
-    pool = pm.pool(0, owner=True)
-    assert pool.is_owner and int(pm.pool_ctl[0, _P_OWNER_PID]) == os.getpid()
+    pm.pool_ctl[0, P_OWNER_PID] = gone
+    pool = pool_of(pm, 0, owner=True)
+    assert pool.is_owner and int(pm.pool_ctl[0, P_OWNER_PID]) == os.getpid()
     assert len(pool.alloc(1)) == 1
     audit_ok(pm)
 
 
 def test_double_free(page_memory) -> None:
     pm = page_memory()
-    pool = pm.pool(0, owner=True)
+    pool = pool_of(pm, 0, owner=True)
     ids = pool.alloc(4)
     base = dict(alloc_empty=1, alloc_slow=1, alloc_fast=3, hold_cnt=64)
     assert pool.recycle_direct(ids) == 4
@@ -527,7 +528,7 @@ def test_double_free(page_memory) -> None:
     assert_unchanged(before, pm)
     expect_stats(pool, cached=64, recycle_cached=4, double_free=1, **base)
     with pytest.raises(PageError, match="double free"):
-        pm.pool(0).put(ids)
+        pool_of(pm, 0).put(ids)
     assert_unchanged(before, pm)
     expect_stats(pool, cached=64, recycle_cached=4, double_free=5, **base)
     # errors="count" only counts.
@@ -539,14 +540,14 @@ def test_double_free(page_memory) -> None:
     free_page = int(pm.free_stack[0])
     before = snapshot(pm)
     with pytest.raises(PageError, match="double free"):
-        pm.pool(0).put([free_page])
+        pool_of(pm, 0).put([free_page])
     assert_unchanged(before, pm)
     audit_ok(pm)
 
 
 def test_double_free_within_one_batch(page_memory) -> None:
     pm = page_memory()
-    pool = pm.pool(0, owner=True)
+    pool = pool_of(pm, 0, owner=True)
     ids = pool.alloc(3)
     base = dict(alloc_empty=1, alloc_slow=1, alloc_fast=2, hold_cnt=64)
     batch = np.array([ids[0], ids[1], ids[0]])
@@ -558,14 +559,14 @@ def test_double_free_within_one_batch(page_memory) -> None:
     assert len(set(pool.cache[:63].tolist())) == 63
     audit_ok(pm)
     # Through the ring, with errors="count".
-    assert pm.pool(0).put(np.array([ids[2], ids[2], ids[2]]), errors="count") == 1
+    assert pool_of(pm, 0).put(np.array([ids[2], ids[2], ids[2]]), errors="count") == 1
     expect_stats(pool, cached=63, ring=1, recycle_cached=2, recycle_ring=1, double_free=3, **base)
     audit_ok(pm)
 
 
 def test_stale_generation(page_memory) -> None:
     pm = page_memory()
-    pool = pm.pool(0, owner=True)
+    pool = pool_of(pm, 0, owner=True)
     ids = pool.alloc(2)
     old = pm.gen[ids].copy()
     assert pool.recycle_direct(ids, old) == 2
@@ -577,7 +578,7 @@ def test_stale_generation(page_memory) -> None:
     with pytest.raises(PageError, match="stale"):
         pool.recycle_direct(ids, old)
     with pytest.raises(PageError, match="stale"):
-        pm.pool(0).put(ids, old)
+        pool_of(pm, 0).put(ids, old)
     assert_unchanged(before, pm)
     expect_stats(pool, cached=62, stale_generation=4, **base)
     # Mixed: the fresh descriptor is accepted, the stale one refused and left in use.
@@ -592,14 +593,14 @@ def test_stale_generation(page_memory) -> None:
 @pytest.mark.parametrize("bad", [-1, 256, 2**31, 2**40])
 def test_page_id_out_of_range(page_memory, bad: int) -> None:
     pm = page_memory()
-    pool = pm.pool(0, owner=True)
+    pool = pool_of(pm, 0, owner=True)
     ids = pool.alloc(1)
     base = dict(alloc_empty=1, alloc_slow=1, alloc_fast=0, hold_cnt=64)
     before = snapshot(pm)
     with pytest.raises(PageError, match="out of range"):
         pool.recycle_direct(np.array([bad], dtype=np.int64))
     with pytest.raises(PageError, match="out of range"):
-        pm.pool(0).put(np.array([bad], dtype=np.int64))
+        pool_of(pm, 0).put(np.array([bad], dtype=np.int64))
     assert_unchanged(before, pm)
     expect_stats(pool, cached=63, bad_page=2, **base)
     # A good page in the same batch still goes home.
@@ -610,14 +611,14 @@ def test_page_id_out_of_range(page_memory, bad: int) -> None:
 
 def test_pages_of_another_pool_refused(page_memory) -> None:
     pm = page_memory()
-    p0, p1 = pm.pool(0, owner=True), pm.pool(1, owner=True)
+    p0, p1 = pool_of(pm, 0, owner=True), pool_of(pm, 1, owner=True)
     ids0 = p0.alloc(3)
     p1.alloc(1)
     before = snapshot(pm)
     with pytest.raises(PageError, match="another pool"):
         p1.recycle_direct(ids0)
     with pytest.raises(PageError, match="another pool"):
-        pm.pool(1).put(ids0)
+        pool_of(pm, 1).put(ids0)
     assert_unchanged(before, pm)
     expect_stats(p1, cached=63, alloc_empty=1, alloc_slow=1, hold_cnt=64, bad_page=6)
     expect_stats(p0, cached=61, alloc_empty=1, alloc_slow=1, alloc_fast=2, hold_cnt=64)
@@ -627,7 +628,7 @@ def test_pages_of_another_pool_refused(page_memory) -> None:
 
 def test_return_pages_groups_by_owner(page_memory) -> None:
     pm = page_memory(ncpus=3)
-    p0, p1, p2 = (pm.pool(c, owner=True) for c in range(3))
+    p0, p1, p2 = (pool_of(pm, c, owner=True) for c in range(3))
     a, b, c = p0.alloc(10), p1.alloc(6), p2.alloc(3)
     mixed = np.concatenate((b[:3], a, c, b[3:]))
     assert return_pages(pm, p0, mixed) == 19
@@ -655,7 +656,7 @@ def test_return_pages_groups_by_owner(page_memory) -> None:
 
 def test_return_pages_counts_bad_pages_without_raising(page_memory) -> None:
     pm = page_memory()
-    p0, p1 = pm.pool(0, owner=True), pm.pool(1, owner=True)
+    p0, p1 = pool_of(pm, 0, owner=True), pool_of(pm, 1, owner=True)
     a, b = p0.alloc(2), p1.alloc(2)
     free_page = int(pm.free_stack[0])
     stale_gens = np.concatenate((pm.gen[a], pm.gen[b] - 1, [0, 0]))
@@ -681,7 +682,7 @@ def test_return_pages_counts_bad_pages_without_raising(page_memory) -> None:
 def test_expected_state_on_return(page_memory) -> None:
     """`expect`: a return path says in which state it holds its pages; others are refused and counted."""
     pm = page_memory()
-    pool = pm.pool(0, owner=True)
+    pool = pool_of(pm, 0, owner=True)
     tx = pool.alloc(2, state=PageState.TX_QUEUED)
     rx = pool.alloc(1, state=PageState.RX_POSTED)
     xdp = pool.alloc(2, state=PageState.XDP)
@@ -705,7 +706,7 @@ def test_expected_state_on_return(page_memory) -> None:
     expect_stats(pool, cached=61, recycle_cached=2, recycled_before_tx_completion=4, wrong_state=5, **base)
     # Uniform batches in the expected state take the fast validation and go home, also through the ring.
     pm.state[tx] = PageState.TX_INFLIGHT
-    assert pm.pool(0).put(tx, pm.gen[tx], expect=PageState.TX_INFLIGHT) == 2
+    assert pool_of(pm, 0).put(tx, pm.gen[tx], expect=PageState.TX_INFLIGHT) == 2
     assert return_pages(pm, pool, rx, expect=PageState.RX_POSTED) == 1
     # A freed page is still a double free, whatever was expected.
     with pytest.raises(PageError, match="double free"):
@@ -718,7 +719,7 @@ def test_recycle_direct_if_valid_takes_only_spotless_batches(page_memory) -> Non
     (cache, then ring) and counts as `recycle_direct` would; any other batch changes and counts nothing,
     and is left to the screening path."""
     pm = page_memory(params=PoolParams(cache_size=32, refill=16, pool_size=64))
-    pool, other = pm.pool(0, owner=True), pm.pool(1, owner=True)
+    pool, other = pool_of(pm, 0, owner=True), pool_of(pm, 1, owner=True)
     mine = pool.alloc(48, state=PageState.TX_INFLIGHT)
     theirs = other.alloc(4, state=PageState.TX_INFLIGHT)
     gens = pm.gen[mine]
@@ -748,7 +749,7 @@ def test_one_check_takes_a_whole_ring_of_descriptor_ids(page_memory, n: int) -> 
     largest ring (16,384) the one-check path takes it, a page named twice is refused at any size, and a
     larger batch is left to the screening path, which takes it too."""
     pm = page_memory(npages=16448, ncpus=1, params=PoolParams(pool_size=16384))
-    pool = pm.pool(0, owner=True)
+    pool = pool_of(pm, 0, owner=True)
     ids = pool.alloc(n, state=PageState.TX_INFLIGHT).astype(np.uint32)
     gens = pm.gen[ids]
     twice = ids.copy()
@@ -769,9 +770,9 @@ def test_one_check_takes_a_whole_ring_of_descriptor_ids(page_memory, n: int) -> 
 
 def test_drain(page_memory) -> None:
     pm = page_memory()
-    pool = pm.pool(0, owner=True)
+    pool = pool_of(pm, 0, owner=True)
     ids = pool.alloc(70)  # 2 slow refills: hold 128, cache 58
-    assert pm.pool(0).put(ids[:20]) == 20
+    assert pool_of(pm, 0).put(ids[:20]) == 20
     base = dict(alloc_empty=2, alloc_slow=2, alloc_fast=68, hold_cnt=128, recycle_ring=20)
     expect_stats(pool, cached=58, ring=20, **base)
     assert pool.drain() == 50  # pages still out
@@ -789,7 +790,7 @@ def test_drain(page_memory) -> None:
 
 def test_drain_with_wrapped_ring(page_memory) -> None:
     pm = page_memory(params=PoolParams(pool_size=16))
-    pool, other = pm.pool(0, owner=True), pm.pool(0)
+    pool, other = pool_of(pm, 0, owner=True), pool_of(pm, 0)
     ids = pool.alloc(64)
     other.put(ids[:12])
     pool.alloc(12)  # head = tail = 12
@@ -805,10 +806,10 @@ def test_drain_with_wrapped_ring(page_memory) -> None:
 
 
 def _scenario(pm: PageMemory):
-    pool = pm.pool(0, owner=True)
+    pool = pool_of(pm, 0, owner=True)
     ids = pool.alloc(20)
     pool.recycle_direct(ids[:5])
-    pm.pool(0).put(ids[5:10])
+    pool_of(pm, 0).put(ids[5:10])
     audit_ok(pm)
     return pool, ids
 
@@ -818,7 +819,7 @@ def test_audit_page_twice_in_cache(page_memory) -> None:
     pool, _ = _scenario(pm)
     n = pool.cache_count
     pool.cache[n] = pool.cache[0]
-    pm.pool_ctl[0, _P_CACHE_COUNT] = n + 1
+    pm.pool_ctl[0, P_CACHE_COUNT] = n + 1
     problems = pm.audit(strict=True).problems
     assert any("more than one place" in p for p in problems), problems
     assert not pm.audit(strict=True).ok
@@ -886,7 +887,7 @@ def test_audit_ring_id_out_of_range(page_memory) -> None:
 
 def test_attach_sees_same_state(page_memory) -> None:
     pm = page_memory(npages=128, ncpus=2, params=PoolParams(cache_size=32, refill=16, pool_size=64))
-    owner = pm.pool(1, owner=True)
+    owner = pool_of(pm, 1, owner=True)
     ids = owner.alloc(5)
     pm.page_view(int(ids[0]))[:5] = b"hello"
     other = PageMemory.attach(pm.prefix)
@@ -895,9 +896,9 @@ def test_attach_sees_same_state(page_memory) -> None:
         assert other.params == pm.params
         assert bytes(other.page_view(int(ids[0]), 0, 5)) == b"hello"
         np.testing.assert_array_equal(other.state, pm.state)
-        assert other.pool(1).stats() == owner.stats()
+        assert pool_of(other, 1).stats() == owner.stats()
         # A return through the attached mapping lands in the owner's ring, and the owner reuses it.
-        assert other.pool(1).put(ids) == 5
+        assert pool_of(other, 1).put(ids) == 5
         assert owner.ring_count == 5
         owner.alloc(16)
         assert owner.stats()["alloc_refill"] == 1
@@ -984,12 +985,12 @@ def test_page_get_counts_duplicate_ids(page_memory) -> None:
     """page_get([p, p]) takes two references but the refcount (fancy-index +=) rises by one only,
     while the host's extra-reference count rises by two; the same in put_page."""
     pm = page_memory()
-    pool = pm.pool(0, owner=True)
+    pool = pool_of(pm, 0, owner=True)
     p = pool.alloc(1)
     pm.page_get(np.array([p[0], p[0]]))
     assert int(pm.refcnt[p[0]]) == 3
     pm.put_page(np.array([p[0], p[0]]))
-    assert int(pm.refcnt[p[0]]) == 1 and int(pm.header[_H_EXTRA_REFS]) == 0
+    assert int(pm.refcnt[p[0]]) == 1 and int(pm.header[H_EXTRA_REFS]) == 0
 
 
 def test_released_pages_count_as_accepted(page_memory) -> None:
@@ -998,12 +999,12 @@ def test_released_pages_count_as_accepted(page_memory) -> None:
     someone else still references them (recycle_released_refcnt) do not, although the caller no longer
     holds them and no error is reported."""
     pm = page_memory()
-    pool = pm.pool(0, owner=True)
+    pool = pool_of(pm, 0, owner=True)
     ids = pool.alloc(8)
     pm.page_get(ids[:2])
     pm.page_get(ids[4:6])
     assert pool.recycle_direct(ids[:4]) == 4
-    assert pm.pool(0).put(ids[4:8]) == 4
+    assert pool_of(pm, 0).put(ids[4:8]) == 4
 
 
 def test_alloc_without_holder_clears_previous_holder(page_memory) -> None:
@@ -1011,7 +1012,7 @@ def test_alloc_without_holder_clears_previous_holder(page_memory) -> None:
     the holder of its previous life, and alloc() without `holder` leaves it there: the new page looks
     held by the device/CPU that had it before."""
     pm = page_memory()
-    pool = pm.pool(0, owner=True)
+    pool = pool_of(pm, 0, owner=True)
     ids = pool.alloc(4, state=PageState.RX_POSTED, holder=5)
     pool.recycle_direct(ids)
     again = pool.alloc(4)
@@ -1024,7 +1025,7 @@ def test_stale_or_forged_descriptors_are_not_violations(page_memory) -> None:
     `double_free`: a stale descriptor (an earlier life of a page now in flight) and a handed-over one
     naming a page at home are refused as what they are, so forged messages cannot fake a violation."""
     pm = page_memory()
-    pool = pm.pool(0, owner=True)
+    pool = pool_of(pm, 0, owner=True)
     tx = pool.alloc(4, state=PageState.TX_INFLIGHT)
     home = pool.alloc(2, state=PageState.XDP)
     pool.recycle_direct(home, expect=PageState.XDP)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from emu.pagemem import PageError, PageMemory, PageState, PoolParams
-from emu.pagepool import PoolOwnershipError
+from emu.pagepool import PoolOwnershipError, pool_of
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ NRETURNERS = 3
 def _owner_main(prefix: str, outs: list, results, total: int, per_round: int) -> None:
     pm = PageMemory.attach(prefix)
     try:
-        pool = pm.pool(0, owner=True)
+        pool = pool_of(pm, 0, owner=True)
         allocated = direct = sent = 0
         r = 0
         while allocated < total:
@@ -62,7 +62,7 @@ def _owner_main(prefix: str, outs: list, results, total: int, per_round: int) ->
 def _returner_main(prefix: str, inbox, results, idx: int) -> None:
     pm = PageMemory.attach(prefix)
     try:
-        pool = pm.pool(0)  # non-owner handle: returns go through the ring under its lock
+        pool = pool_of(pm, 0)  # non-owner handle: returns go through the ring under its lock
         returned = refused = 0
         while True:
             msg = inbox.get(timeout=DEADLINE)
@@ -84,7 +84,7 @@ def _racer_main(prefix: str, blob: bytes, go, results, idx: int) -> None:
     pm = PageMemory.attach(prefix)
     try:
         ids = np.frombuffer(blob, dtype=np.int32)
-        pool = pm.pool(0)
+        pool = pool_of(pm, 0)
         go.wait(DEADLINE)
         accepted = 0
         for i in range(0, len(ids), 8):
@@ -97,7 +97,7 @@ def _racer_main(prefix: str, blob: bytes, go, results, idx: int) -> None:
 def _claimer_main(prefix: str, claimed, release) -> None:
     pm = PageMemory.attach(prefix)
     try:
-        pool = pm.pool(1, owner=True)
+        pool = pool_of(pm, 1, owner=True)
         pool.alloc(3)
         claimed.set()
         release.wait(DEADLINE)
@@ -187,7 +187,7 @@ def test_owner_and_three_returners(page_memory) -> None:
 
     audit = pm.audit(strict=True)
     assert audit.ok, audit.problems
-    s = pm.pool(0).stats()
+    s = pool_of(pm, 0).stats()
     # Every returned page went through the ring (or, with the ring full, to the page allocator), plus the
     # owner's direct recycles that found the cache full.
     assert s["recycle_ring"] + s["recycle_ring_full"] == returned + s["recycle_cache_full"]
@@ -203,7 +203,7 @@ def test_owner_and_three_returners(page_memory) -> None:
     assert audit.by_state["cache"] + audit.by_state["ring"] + audit.by_state["free"] == pm.npages
 
     # The owner is gone: its claim lapses, and a new owner can drain the pool completely.
-    pool = pm.pool(0, owner=True)
+    pool = pool_of(pm, 0, owner=True)
     assert pool.drain() == 0
     assert pm.free_count == pm.npages
     assert pm.audit(strict=True).ok
@@ -211,7 +211,7 @@ def test_owner_and_three_returners(page_memory) -> None:
 
 def test_concurrent_double_return_accepted_once(page_memory) -> None:
     pm = page_memory(npages=512, ncpus=1, params=PoolParams(pool_size=1024))
-    owner = pm.pool(0, owner=True)
+    owner = pool_of(pm, 0, owner=True)
     ids = owner.alloc(200)
     results, go = CTX.Queue(), CTX.Event()
     with Procs() as procs:
@@ -236,12 +236,12 @@ def test_live_owner_in_other_process_refused(page_memory) -> None:
         procs.start(_claimer_main, pm.prefix, claimed, release)
         assert claimed.wait(DEADLINE), "child never claimed the pool"
         with pytest.raises(PoolOwnershipError):
-            pm.pool(1, owner=True)
-        pm.pool(0, owner=True)  # another CPU is free
+            pool_of(pm, 1, owner=True)
+        pool_of(pm, 0, owner=True)  # another CPU is free
         release.set()
         procs.join_all()
     # The owner died with 3 pages out; its claim lapses and the pool is usable (and auditable) again.
-    pool = pm.pool(1, owner=True)
+    pool = pool_of(pm, 1, owner=True)
     assert pool.inflight == 64 and pool.cache_count == 61
     assert len(pool.alloc(61)) == 61
     assert pm.audit(strict=True).ok

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from emu.pagemem import IN_USE, C, PageError, PageMemory, PageState, PoolParams
-from emu.pagepool import ForeignRecycleError, return_pages
+from emu.pagepool import ForeignRecycleError, pool_of, return_pages
 from emu.shm import new_run_prefix, unlink_prefix
 
 NPAGES = 96
@@ -37,8 +37,8 @@ class PoolMachine(RuleBasedStateMachine):
     def setup(self, ncpus: int, cache_size: int, refill_frac: int, pool_size: int, limit: int) -> None:
         params = PoolParams(cache_size, max(1, cache_size // refill_frac), pool_size, limit)
         self.pm = PageMemory.create(self.prefix, NPAGES, 64, ncpus, params)
-        self.owners = [self.pm.pool(c, owner=True) for c in range(ncpus)]
-        self.others = [self.pm.pool(c) for c in range(ncpus)]
+        self.owners = [pool_of(self.pm, c, owner=True) for c in range(ncpus)]
+        self.others = [pool_of(self.pm, c) for c in range(ncpus)]
         self.held: dict[int, tuple[int, int]] = {}  # page -> (gen, owning cpu)
         self.allocated = [0] * ncpus  # pages each pool handed out
         self.returned = [0] * ncpus  # pages given back to each pool (whatever it then did with them)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from emu import reclaim
-from emu.pagemem import _P_CACHE_COUNT, _P_RING_HEAD, _P_RING_TAIL, PageState
-from workers.cpu import device_code
+from emu.pagemem import P_CACHE_COUNT, P_RING_HEAD, P_RING_TAIL, PageState
+from emu.pagepool import pool_of
+from emu.protocol import device_code
 
 S = PageState
 
@@ -31,7 +32,7 @@ def states(pm, ids: np.ndarray) -> set[int]:
 
 def test_reclaim_cpu_returns_what_it_held_and_its_dropped_buffers_and_destroys_its_pool(page_memory) -> None:
     pm = page_memory(npages=256, ncpus=2)
-    pool0, pool1 = pm.pool(0, owner=True), pm.pool(1, owner=True)
+    pool0, pool1 = pool_of(pm, 0, owner=True), pool_of(pm, 1, owner=True)
     rx = out(pool1, 6, S.XDP, holder=1, length=64)  # received, verdict pending: 6 packets
     idle = out(pool1, 4, S.XDP, holder=1)  # no frame in them
     foreign = out(pool0, 4, S.TX_QUEUED, holder=1, length=64)  # CPU 0's pages, queued by CPU 1: 4 packets
@@ -53,7 +54,7 @@ def test_reclaim_cpu_returns_what_it_held_and_its_dropped_buffers_and_destroys_i
 
 def test_reclaim_device_returns_what_it_held_and_counts_only_queued_frames(page_memory) -> None:
     pm = page_memory(npages=256, ncpus=2)
-    pool0 = pm.pool(0, owner=True)
+    pool0 = pool_of(pm, 0, owner=True)
     dead = device_code(1)
     posted = out(pool0, 8, S.RX_POSTED, holder=dead)
     queued = out(pool0, 5, S.TX_QUEUED, holder=dead, length=100)  # lost with the device
@@ -72,7 +73,7 @@ def test_reclaim_device_returns_what_it_held_and_counts_only_queued_frames(page_
 
 def test_reclaim_stranded_returns_every_page_out_and_drains_every_pool(page_memory) -> None:
     pm = page_memory(npages=512, ncpus=2)
-    pool0, pool1 = pm.pool(0, owner=True), pm.pool(1, owner=True)
+    pool0, pool1 = pool_of(pm, 0, owner=True), pool_of(pm, 1, owner=True)
     out(pool0, 7, S.XDP, holder=0, length=60)
     out(pool0, 3, S.SKB, holder=1, length=60)
     out(pool1, 9, S.TX_INFLIGHT, holder=device_code(0), length=60)  # not carrying: on the wire
@@ -93,12 +94,12 @@ def test_free_torn_frees_pooled_pages_in_no_pool(page_memory) -> None:
     """A kill between a cache's count and its pages' states (or a ring's head and its pages') leaves
     pages marked CACHE or RING in no structure: found once every pool is empty, and freed."""
     pm = page_memory(npages=512, ncpus=2)
-    pool1 = pm.pool(1, owner=True)
+    pool1 = pool_of(pm, 1, owner=True)
     taken = out(pool1, 100, S.RX_POSTED, holder=device_code(0))  # two refills of 64: 28 left cached
     assert pool1.cache_count == 28
-    pm.pool_ctl[1][_P_CACHE_COUNT] = 0  # the count went down; the states never changed
-    pm.pool(1).put(taken[:10], errors="count")  # ten into the ring...
-    pm.pool_ctl[1][_P_RING_HEAD] = pm.pool_ctl[1][_P_RING_TAIL]  # ...and the consumer moved past them
+    pm.pool_ctl[1][P_CACHE_COUNT] = 0  # the count went down; the states never changed
+    pool_of(pm, 1).put(taken[:10], errors="count")  # ten into the ring...
+    pm.pool_ctl[1][P_RING_HEAD] = pm.pool_ctl[1][P_RING_TAIL]  # ...and the consumer moved past them
     assert any("in no structure" in p for p in pm.audit(strict=True).problems)
 
     assert reclaim.reclaim_stranded(pm) == reclaim.Reclaimed(pages=90, packets=0)

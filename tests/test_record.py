@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from emu import report as rep
 from emu.pagemem import PageState
+from emu.pagepool import pool_of
 from emu.stats import StatsTable
-from emu.topology import validate_topology_text
+from emu.topofile import validate_topology_text
 
 TOPO = """
 name: rec
@@ -27,7 +28,7 @@ def test_one_record_one_report_for_one_machine_and_for_several(page_memory, run_
     reports through the same `build_report`: the same keys, the same pages and violations."""
     topo = validate_topology_text(TOPO, "rec.yaml")
     pm = page_memory(npages=256, ncpus=2)
-    pool0 = pm.pool(0, owner=True)
+    pool0 = pool_of(pm, 0, owner=True)
     assert len(pool0.alloc(3, PageState.XDP, holder=0)) == 3
     table = StatsTable.create(f"{run_prefix}-stats", [("cpu", "h1/cpu0"), ("cpu", "h1/cpu1"),
                                                       ("device", "h1/eth0"), ("traffic", "gen0")])

@@ -16,7 +16,8 @@ from procs import segments_of
 import emu.packets
 from emu import schema
 from emu.errors import BadInputError
-from emu.topology import TopologyError, validate_topology_text
+from emu.topofile import validate_topology_text
+from emu.topology import TopologyError
 from emu.xdp import ParamSpec, Program, xdp_program
 
 BASE = """\

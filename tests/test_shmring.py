@@ -14,7 +14,7 @@ import zmq
 
 from emu import shmring, wire
 from emu.packets import FrameBatch
-from emu.shmring import BELL, Channel, Inbox, MsgRing
+from emu.shmring import BELL_MSG, Channel, Inbox, MsgRing
 from workers.link import LINK_BYTES, LinkReceiver, LinkSender
 
 
@@ -87,14 +87,14 @@ def _channel_and_bell(r: MsgRing, pull: zmq.Socket, consumer: Inbox, ch: Channel
     assert consumer.idle()  # asleep now: a producer that fills the ring past BELL_FILL wakes it
     for _ in range(shmring.BELL_FILL // 1024 + 1):
         ch.send(bytes(1024))
-    assert pull.poll(5000) and pull.recv() == BELL
+    assert pull.poll(5000) and pull.recv() == BELL_MSG
     consumer.awake()
     big = bytes(r.cap)  # does not fit any ring: the socket carries it
     ch.send(big)
     got = []
     while len(got) < shmring.BELL_FILL // 1024 + 2:
         if (m := consumer.take()) is not None:
-            if m != BELL:  # one bell per message sent while it slept past BELL_FILL
+            if m != BELL_MSG:  # one bell per message sent while it slept past BELL_FILL
                 got.append(m)
         else:
             pull.poll(1000)

@@ -12,6 +12,7 @@ import msgpack
 import pytest
 
 import emu.topology as topology_mod
+from emu.topofile import load_topology, validate_topology_text
 from emu.topology import (
     DeviceConfig,
     Endpoint,
@@ -21,10 +22,8 @@ from emu.topology import (
     Topology,
     TopologyError,
     XdpConfig,
-    load_topology,
     resolve_program,
     topology_from_dict,
-    validate_topology_text,
 )
 
 TOPOLOGY_DIR = Path(__file__).resolve().parent.parent / "topology"

@@ -20,6 +20,7 @@ import pytest
 from emu import programs
 from emu.bpfmaps import MapSet, MapSpec, populate
 from emu.pagemem import PageSpans
+from emu.protocol import XDP_PACKET_HEADROOM as HEADROOM
 from emu.shm import segments_with_prefix
 from emu.xdp import (
     XDP_ABORTED,
@@ -37,7 +38,6 @@ from emu.xdp import (
     xdp_program,
 )
 
-HEADROOM = 256
 PAGE = 4096
 SRC_MAC = bytes.fromhex("020000000102")
 DST_MAC = bytes.fromhex("020000000203")

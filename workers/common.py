@@ -1,4 +1,4 @@
-"""What every emulator process shares: its launch description, CPU pinning, sockets and liveness.
+"""What every emulator process shares: its launch description, CPU pinning, channels and liveness.
 
 Processes are forked by a fork server that has only imported their modules (`emu.launch`; a child
 forked from the coordinator itself would inherit its zmq context, which libzmq does not survive) and
@@ -21,7 +21,6 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,13 +28,10 @@ import zmq
 
 from emu.errors import ProcessFailure
 from emu.procname import process_name, set_title
+from emu.protocol import PID, ProcState
 from emu.shmring import Channel, MsgRing
-from emu.stats import ProcState, RowSpec, StatsRow, StatsTable
-
-# Messages queued per socket before a sender sees back-pressure.  Small on purpose: a batch is tens of
-# packets, so a few hundred messages already buffer tens of thousands of packets in flight.
-DATA_HWM = 256
-LINK_HWM = 64
+from emu.sockets import push
+from emu.stats import RowSpec, StatsRow, StatsTable
 
 
 @dataclass(slots=True)
@@ -83,36 +79,6 @@ def pin(core: int | None) -> int | None:
         return real
     except OSError:
         return None
-
-
-def new_context() -> zmq.Context:
-    ctx = zmq.Context(io_threads=1)
-    ctx.setsockopt(zmq.LINGER, 0)
-    return ctx
-
-
-SocketSetup = Callable[[zmq.Socket], None] | None
-
-
-def pull(ctx: zmq.Context, addr: str, hwm: int = DATA_HWM, setup: SocketSetup = None) -> zmq.Socket:
-    """A bound PULL socket; `setup` runs before the bind (CURVE must be configured by then)."""
-    s = ctx.socket(zmq.PULL)
-    s.setsockopt(zmq.RCVHWM, hwm)
-    if setup is not None:
-        setup(s)
-    s.bind(addr)
-    return s
-
-
-def push(ctx: zmq.Context, addr: str, hwm: int = DATA_HWM, setup: SocketSetup = None) -> zmq.Socket:
-    """A connected PUSH socket; `setup` runs before the connect."""
-    s = ctx.socket(zmq.PUSH)
-    s.setsockopt(zmq.SNDHWM, hwm)
-    s.setsockopt(zmq.IMMEDIATE, 0)
-    if setup is not None:
-        setup(s)
-    s.connect(addr)
-    return s
 
 
 def attach_rings(spec: ProcSpec, to: str) -> list[MsgRing]:
@@ -247,7 +213,7 @@ def run_process(spec: ProcSpec, body) -> None:
         signal.signal(signal.SIGUSR1, _inject_fault)
     table = StatsTable.attach(spec.stats_name, spec.stats_rows)
     row = table.row(spec.key)
-    row.c[row.i("pid")] = os.getpid()
+    row.c[PID] = os.getpid()
     row.beat()
     try:
         body(spec, table, row)

@@ -35,9 +35,11 @@ import zmq
 
 from emu import doorbell, wire
 from emu.pagemem import DESC_DTYPE, PageMemory, PageSpans, PageState, concat_descs, descs_from_bytes
-from emu.pagepool import return_pages
+from emu.pagepool import pool_of, return_pages
+from emu.protocol import CMD, CPU_KINDS, DEVICE_BIT, OFFLINE, XDP_PACKET_HEADROOM, Cmd, ProcState, device_code
 from emu.shmring import IDLE_POLL_MS, Channel, Inbox
-from emu.stats import Cmd, ProcState, StatsRow, StatsTable
+from emu.sockets import new_context, pull
+from emu.stats import StatsRow, StatsTable
 from emu.xdp import (
     XDP_ABORTED,
     XDP_DROP,
@@ -54,14 +56,10 @@ from workers.common import (
     WarnOnce,
     attach_rings,
     channel,
-    new_context,
     pin,
-    pull,
     run_process,
 )
 
-# Byte offset of packet data in a page: the kernel's XDP_PACKET_HEADROOM.
-HEADROOM = 256
 # Post RX buffers once a queue is short of this many (drivers refill in small batches, not per packet).
 REFILL_MIN = 64
 # NAPI polls (of napi_budget packets per queue each) whose TX/redirect bulks go out in one message: up
@@ -75,15 +73,6 @@ RX_BELL_POLLS = 4
 # Passes in a row waiting on full TX queues, with completions still coming in, before `tx_resync`
 # checks the page table anyway.
 TX_RESYNC_WAITS = 64
-
-CPU_KINDS = ("rx", "txc", "txdrop", "rxret", "skb", "bell")
-DEVICE_BIT = 32  # in the offline mask, device number i is bit 32 + i
-LINK_DOWN_BIT = 62  # in a device's or traffic port's offline word: its link peer is gone
-
-
-def device_code(index: int) -> int:
-    """`holder` value of a page held by device number `index` of the host."""
-    return 256 + index
 
 
 @dataclass(slots=True)
@@ -139,7 +128,7 @@ class CpuWorker:
         self.tx_bulk_size = host.tx_bulk
         self.stack_cpu = self.cpu if host.stack_cpu is None else host.stack_cpu
         self.pm = PageMemory.attach(spec.host_prefix)
-        self.pool = self.pm.pool(self.cpu, owner=True)
+        self.pool = pool_of(self.pm, self.cpu, owner=True)
         self.ps = self.pm.page_size
         self.buf = self.pm.data_seg.buf
         self.data2d = self.pm.data.reshape(self.pm.npages, self.ps)
@@ -616,7 +605,7 @@ class CpuWorker:
                 self.c[self.i["rx_alloc_fail"]] += want - len(ids)
             if len(ids) == 0:
                 continue
-            self.pm.off.put(ids, HEADROOM)
+            self.pm.off.put(ids, XDP_PACKET_HEADROOM)
             self.pm.len.put(ids, 0)
             rxq.posted += len(ids)
             self.c[self.i["rx_posted"]] += len(ids)
@@ -654,11 +643,11 @@ class CpuWorker:
         self.row.set_state(ProcState.READY)
         waits = 0  # passes in a row that found the TX queues too full to poll
         while True:
-            cmd = c[0]
+            cmd = c[CMD]
             if cmd >= Cmd.EXIT or not live.tick():
                 break
-            if c[4] != self.offline:
-                self.apply_offline(c[4])
+            if c[OFFLINE] != self.offline:
+                self.apply_offline(c[OFFLINE])
             got = 0
             while got < 256:
                 msg = inbox.take()

@@ -30,26 +30,21 @@ from emu import doorbell, security, wire
 from emu.netem import LinkShaper
 from emu.packets import FrameBatch, rss_queue
 from emu.pagemem import DESC_DTYPE, PageMemory, PageSpans, PageState, concat_descs, descs_from_bytes
+from emu.protocol import CMD, CPU_MASK, DEVICE_KINDS, LINK_DOWN_BIT, OFFLINE, XDP_PACKET_HEADROOM, Cmd, ProcState
 from emu.shmring import BELL_FILL, IDLE_POLL_MS, Inbox, MsgRing
-from emu.stats import Cmd, ProcState, StatsRow, StatsTable
+from emu.sockets import LINK_HWM, new_context, pull, push
+from emu.stats import StatsRow, StatsTable
 from workers.common import (
-    LINK_HWM,
     Liveness,
     ProcSpec,
     WarnOnce,
     attach_rings,
     channel,
-    new_context,
     pin,
-    pull,
-    push,
     run_process,
 )
-from workers.cpu import LINK_DOWN_BIT
 from workers.link import LINK_BATCH, LinkReceiver, LinkSender
 
-# "link" comes from the host's own agent: the address of a peer on another host, once it is known.
-DEVICE_KINDS = ("post", "xmit", "frames", "link", "bell")
 # Ring bytes a posted RX buffer takes (its descriptor; the message around it adds a little).
 POST_BYTES = DESC_DTYPE.itemsize
 
@@ -337,7 +332,7 @@ class Device:
             if msg is None:
                 break
             try:
-                frames = wire.unpack_frames(msg, max_frame=self.ps - 256)
+                frames = wire.unpack_frames(msg, max_frame=self.ps - XDP_PACKET_HEADROOM)
             except wire.WireError as exc:
                 self.c[self.i["bad_messages"]] += 1
                 self.warn_once("badframes", f"refused a link message: {exc}")
@@ -440,7 +435,7 @@ class Device:
             self.warn_once("linkdown", "link peer is gone: carrier down")
             self.c[self.i["tx_dropped"]] += self.tx.cut()
             self.c[self.i["link_up"]] = 0
-        mask &= (1 << 32) - 1
+        mask &= CPU_MASK
         live = [c for c in range(self.ncpus) if not mask >> c & 1]
         for q in range(self.nrxq):
             if mask >> self.rx_cpus[q] & 1 and self.rxq_online[q]:
@@ -492,11 +487,11 @@ class Device:
         paused_poller.register(self.inbox.sock, zmq.POLLIN)
         paused_poller.register(bell.fd, zmq.POLLIN)
         while True:
-            cmd = c[0]
+            cmd = c[CMD]
             if cmd >= Cmd.EXIT or not live.tick():
                 break
-            if c[4] != self.offline:
-                self.apply_offline(c[4])
+            if c[OFFLINE] != self.offline:
+                self.apply_offline(c[OFFLINE])
             if cmd >= Cmd.DOWN and not self.down:
                 self.go_down()
                 self.row.set_state(ProcState.DOWN)

@@ -27,7 +27,7 @@ from emu import wire
 from emu.doorbell import Doorbell
 from emu.netem import LinkShaper
 from emu.packets import FrameBatch
-from emu.shmring import BELL, BELL_FILL, Inbox, MsgRing, ring_bell, take
+from emu.shmring import BELL_FILL, BELL_MSG, Inbox, MsgRing, ring_bell, take
 
 # Frames per message on the wire: bounds the work one link message can ask of a receiver (a device takes
 # a message only with this many RX buffers posted on every queue).
@@ -162,7 +162,7 @@ class LinkReceiver:
             return take(self.sock)
         while True:
             msg = inbox.take()
-            if msg != BELL:
+            if msg != BELL_MSG:
                 return msg
 
     def idle(self, bell_at: int = BELL_FILL) -> bool:

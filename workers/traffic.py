@@ -23,10 +23,11 @@ import zmq
 from emu import doorbell, wire
 from emu.netem import LinkShaper
 from emu.packets import FrameBatch, FrameFactory, Pacer, SeqTracker, verify_batch
+from emu.protocol import CMD, LINK_DOWN_BIT, OFFLINE, OFFLINE_ACK, Cmd, ProcState
 from emu.shmring import IDLE_POLL_MS, MsgRing
-from emu.stats import Cmd, ProcState, StatsRow, StatsTable
-from workers.common import LINK_HWM, Liveness, ProcSpec, new_context, pin, pull, push, run_process
-from workers.cpu import LINK_DOWN_BIT
+from emu.sockets import LINK_HWM, new_context, pull, push
+from emu.stats import StatsRow, StatsTable
+from workers.common import Liveness, ProcSpec, pin, run_process
 from workers.link import LINK_BATCH, LinkReceiver, LinkSender
 
 
@@ -104,7 +105,7 @@ class TrafficPort:
         c, i = self.c, self.i
         self.seq += n
         c[i["generated"]] += n
-        if c[i["offline"]] >> LINK_DOWN_BIT & 1:
+        if c[OFFLINE] >> LINK_DOWN_BIT & 1:
             # Carrier down: pktgen's transmit fails; the packets are counted, as generated and lost.
             c[i["link_down"]] += n
             return n
@@ -131,13 +132,13 @@ class TrafficPort:
         if self.tx.sock is not None:
             out_poller.register(self.tx.sock, zmq.POLLOUT)
         while True:
-            cmd = c[0]
+            cmd = c[CMD]
             if cmd >= Cmd.EXIT or not live.tick():
                 break
             work = self.receive()
-            if c[4] != c[5]:
-                c[5] = c[4]  # link down noticed: nothing more goes on the wire (see generate)
-                if c[4] >> LINK_DOWN_BIT & 1 and self.tx.connected:
+            if c[OFFLINE] != c[OFFLINE_ACK]:
+                c[OFFLINE_ACK] = c[OFFLINE]  # link down noticed: nothing more goes on the wire (see generate)
+                if c[OFFLINE] >> LINK_DOWN_BIT & 1 and self.tx.connected:
                     out_poller.unregister(self.tx.sock)
                     c[self.i["link_down"]] += self.tx.cut()
             if self.tx.backlog:

@@ -12,8 +12,12 @@ The bundled topologies name them as ``emu.programs:<name>``:
                 port filter), forward the rest like ``l2fwd``.  Per packet only, and about 10 us a
                 packet: the kind of program a Python user writes with a packet library, and one where
                 the CPU workers, not the devices, are the bottleneck (what the scaling benchmark needs).
-``buggy_raise``, ``buggy_bad_verdict``, ``buggy_no_verdict``, ``buggy_batch_short``  misbehave on
-                purpose, to exercise XDP_ABORTED handling (the last in its vectorised form only).
+``buggy_*``     six programs that misbehave on purpose, for the fault tests: ``buggy_raise`` raises,
+                ``buggy_bad_verdict`` returns 42, ``buggy_no_verdict`` returns None,
+                ``buggy_batch_short`` returns one verdict too few from its vectorised form, and
+                ``buggy_out_of_bounds`` writes past the packet (each packet it hits is XDP_ABORTED,
+                counted as ``xdp_exception``); ``buggy_slow`` takes a millisecond a packet, which
+                must cost throughput and nothing else.
 
 Every program but the buggy ones declares its params (`emu.xdp.ParamSpec`), so that validation refuses
 ``egress: eth9`` or a stray key; the buggy ones declare none and take any, as a user's program written

@@ -1,0 +1,140 @@
+"""The protocol of one emulated host: what its coordinator, CPU workers, devices and traffic ports agree on.
+
+This module is the specification; every process imports its names from here and no process module
+defines any of them, so that no worker needs to import another to talk to it.  It holds values only and
+imports nothing of the project.  How the values travel is elsewhere: the message envelope and the frame
+batch in `emu.wire`, the page descriptor record in `emu.pagemem` (``DESC_DTYPE``), the stats table's
+rows and counter names in `emu.stats`, the rings and doorbells in `emu.shmring` and `emu.doorbell`.  The
+control channel between ``emu coordinator`` and ``emu host`` agents, a separate protocol with its own
+kinds, is `emu.control`.
+
+Control words
+-------------
+Every process owns one row of the ``<run>-stats`` segment (`emu.stats`).  It begins with the control
+words `CONTROL`, at the indices named here, followed by the process's counters:
+
+``cmd`` (`CMD`)
+    Written by the coordinator, read by the process at every pass of its loop: a `Cmd`.  It only ever
+    grows (`emu.stats.StatsTable.command` keeps the larger value), so a process never misses a phase it
+    was slow to see: it acts on every phase between the one it last applied and the current one.
+``state`` (`STATE`)
+    Written by the process: a `ProcState`.  The coordinator waits on it (READY before traffic starts,
+    DONE when a generator has sent its count, DOWN after ``ndo_stop``, EXITED or FAILED at the end).
+``pid`` (`PID`), ``heartbeat_ns`` (`HEARTBEAT_NS`)
+    Written by the process: its pid once, and ``CLOCK_MONOTONIC`` a few times a second while it lives;
+    a process silent for 15 s is declared hung and killed.
+``offline`` (`OFFLINE`)
+    Written by the coordinator when a process of the host died: the offline mask (below).
+``offline_ack`` (`OFFLINE_ACK`)
+    Written by the process once it has applied the mask it read in ``offline``; the coordinator reclaims
+    the dead process's pages only after every live process acknowledged, so none still uses them.
+
+The offline mask
+----------------
+Bits 0 to 31 (`CPU_MASK`): the CPUs of the host that died (bit ``c`` is CPU ``c``).  A device drops the
+RX queues of a dead CPU and moves its TX completions to a live one; a CPU frees skbs locally instead of
+on a dead `stack_cpu`.  (The schema allows 64 CPUs a host, but a death is signalled correctly only for
+CPUs 0 to 31: the bit of a higher one is read as a device's.)
+Bits `DEVICE_BIT` + ``i``: device number ``i`` of the host (in topology order) died; CPUs post and
+transmit nothing more to it (redirects to it count as ``redirect_err``).
+Bit `LINK_DOWN_BIT`, only in the row of a device or traffic port: the far end of its link is gone
+(carrier down); what it would send is counted as ``tx_dropped`` (device) or ``link_down`` (port).
+
+Holder codes
+------------
+Every page records in the page table who has it now (``holder``), so that the coordinator can take back
+what a dead process held.  The sender writes the receiver's code before it hands pages over:
+`NO_HOLDER` for a page at home (page allocator, alloc cache, recycle ring), the CPU's number for a CPU
+(``0`` .. ``ncpus - 1``), and `device_code` of its index for a device.
+
+Frames in pages
+---------------
+A device writes a received frame `XDP_PACKET_HEADROOM` bytes into its page (the offset the CPU posted
+the buffer with), as the kernel's drivers do, so a frame is at most ``page_size - XDP_PACKET_HEADROOM``
+bytes and an XDP program may grow the head into the headroom.
+
+Messages
+--------
+Every message is ``[kind, version, header, blob]`` (`emu.wire`); a receiver refuses any kind not in its
+set below (counted as ``bad_messages``).  Descriptors travel as a blob of ``DESC_DTYPE`` records.
+
+=========  ===========================  ===========================================================
+kind       from -> to                   carries
+=========  ===========================  ===========================================================
+post       CPU -> device                empty pages for RX queue ``q`` (header ``q``, ``cpu``)
+rx         device -> CPU                completed RX descriptors of queue ``q`` (frame in the page)
+xmit       CPU -> device                pages for XDP TX queue ``txq`` (``kind``: tx or redirect)
+txdrop     device -> CPU                pages a full (or down) TX ring refused
+txc        device -> CPU                TX completions, to the CPU servicing the queue
+rxret      device -> CPU                posted pages handed back at ``ndo_stop``
+skb        CPU -> CPU                   XDP_PASS skbs to free on the stack CPU (``cpu``: sender)
+frames     link end -> link end;        frame bytes (``n`` frames: their lengths, then the frames);
+           CPU -> device                on a CPU -> device socket, skbs for the normal transmit path
+link       host agent -> device         the address of the device's link peer on another host
+bell       producer -> consumer         nothing: "your ring holds what you asked to be woken for"
+=========  ===========================  ===========================================================
+"""
+
+from __future__ import annotations
+
+import enum
+
+# -- control words ------------------------------------------------------------------------------------
+
+CONTROL = ("cmd", "state", "pid", "heartbeat_ns", "offline", "offline_ack")
+CMD, STATE, PID, HEARTBEAT_NS, OFFLINE, OFFLINE_ACK = range(len(CONTROL))
+
+
+class Cmd(enum.IntEnum):
+    """What the coordinator asks a process to do (monotonic: a process only moves forward)."""
+
+    RUN = 0  # set up and run; traffic ports wait for START
+    START = 1  # traffic ports start generating
+    QUIESCE = 2  # traffic ports stop generating; everything else keeps forwarding
+    DOWN = 3  # devices stop receiving and hand posted RX pages back (ndo_stop)
+    EXIT = 4  # CPU workers destroy their pools; everyone exits
+
+
+class ProcState(enum.IntEnum):
+    """What a process reports about itself."""
+
+    STARTING = 0
+    READY = 1
+    RUNNING = 2
+    DONE = 3  # a generator that has sent its count
+    DOWN = 4
+    EXITED = 5
+    FAILED = 6
+
+
+# -- the offline mask ---------------------------------------------------------------------------------
+
+CPU_MASK = (1 << 32) - 1  # bit c: CPU c of the host is gone
+DEVICE_BIT = 32  # bit DEVICE_BIT + i: device number i of the host is gone
+LINK_DOWN_BIT = 62  # in a device's or traffic port's row: its link peer is gone
+
+
+# -- holder codes -------------------------------------------------------------------------------------
+
+NO_HOLDER = -1  # at home: in the page allocator or kept by its pool
+DEVICE_HOLDER_BASE = 256  # above every CPU number (a topology's hosts have at most 64 CPUs)
+
+
+def device_code(index: int) -> int:
+    """`holder` value of a page held by device number `index` of the host."""
+    return DEVICE_HOLDER_BASE + index
+
+
+# -- frames in pages ----------------------------------------------------------------------------------
+
+XDP_PACKET_HEADROOM = 256  # include/uapi/linux/bpf.h: where a driver puts a received frame in its page
+
+
+# -- message kinds ------------------------------------------------------------------------------------
+
+POST, RX, XMIT, TXDROP, TXC, RXRET, SKB = "post", "rx", "xmit", "txdrop", "txc", "rxret", "skb"
+FRAMES, LINK, BELL = "frames", "link", "bell"
+
+CPU_KINDS = (RX, TXC, TXDROP, RXRET, SKB, BELL)  # what a CPU worker's inbox takes
+DEVICE_KINDS = (POST, XMIT, FRAMES, LINK, BELL)  # what a device's inbox takes
+LINK_KINDS = (FRAMES, BELL)  # what a link end (a device's link ingress, a traffic port) takes
