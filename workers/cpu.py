@@ -62,7 +62,8 @@ from workers.common import (
 
 # Byte offset of packet data in a page: the kernel's XDP_PACKET_HEADROOM.
 HEADROOM = 256
-# Post RX buffers once a queue is short of this many (drivers refill in small batches, not per packet).
+# Post RX buffers once a queue is short of this many (drivers refill in small batches, not per packet),
+# or of half its ring when that is fewer: a ring smaller than a batch is still refilled.
 REFILL_MIN = 64
 # NAPI polls (of napi_budget packets per queue each) whose TX/redirect bulks go out in one message: up
 # to 1,024 packets a pass at the kernel's budget of 64, half an RX ring of the bundled topologies.  A pass
@@ -81,6 +82,11 @@ DEVICE_BIT = 32  # in the offline mask, device number i is bit 32 + i
 LINK_DOWN_BIT = 62  # in a device's or traffic port's offline word: its link peer is gone
 
 
+def refill_batch(ring_size: int) -> int:
+    """Buffers a queue of `ring_size` must be short of before its CPU refills it."""
+    return max(1, min(REFILL_MIN, ring_size // 2))
+
+
 def device_code(index: int) -> int:
     """`holder` value of a page held by device number `index` of the host."""
     return 256 + index
@@ -97,6 +103,7 @@ class RxQueue:
     program: object  # the XDP callable, or None (no program: every packet is passed)
     ctx: object
     batch: object = None  # the program's vectorised form, when it has one and the topology allows it
+    refill_min: int = REFILL_MIN  # see refill_batch
     posted: int = 0  # buffers posted and not yet completed
     pending: list[np.ndarray] = field(default_factory=list)  # RX completions the program has not seen
     # This pass's packets the program has already run over, acted on poll by poll: page ids, verdicts,
@@ -194,7 +201,8 @@ class CpuWorker:
                 ctx = make_context(prog, maps, dev, q, self.cpu, ifindex_of)
                 fn = None if prog is None else prog.fn
                 batch = prog.batch if prog is not None and dev.xdp.vectorised else None
-                self.rxqs[(name, q)] = RxQueue(name, dev.ifindex, q, dev.rx_ring_size, fn, ctx, batch)
+                self.rxqs[(name, q)] = RxQueue(name, dev.ifindex, q, dev.rx_ring_size, fn, ctx, batch,
+                                               refill_batch(dev.rx_ring_size))
 
     def sock(self, dev: str) -> Channel:
         s = self.out.get(dev)
@@ -609,7 +617,7 @@ class CpuWorker:
         counts the buffers an attempt could not get."""
         for rxq in self.rxqs.values():
             want = rxq.ring_size - rxq.posted
-            if want < REFILL_MIN or self.by_name[rxq.dev].down:
+            if want < rxq.refill_min or self.by_name[rxq.dev].down:
                 continue
             ids = self.pool.alloc(want, PageState.RX_POSTED, holder=device_code(self.by_name[rxq.dev].index))
             if len(ids) < want:
