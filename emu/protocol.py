@@ -33,8 +33,8 @@ The offline mask
 ----------------
 Bits 0 to 31 (`CPU_MASK`): the CPUs of the host that died (bit ``c`` is CPU ``c``).  A device drops the
 RX queues of a dead CPU and moves its TX completions to a live one; a CPU frees skbs locally instead of
-on a dead `stack_cpu`.  (The schema allows 64 CPUs a host, but a death is signalled correctly only for
-CPUs 0 to 31: the bit of a higher one is read as a device's.)
+on a dead `stack_cpu`.  (So a host has at most 32 CPUs, and at most ``LINK_DOWN_BIT - DEVICE_BIT`` = 30
+devices: `emu.schema` refuses more.)
 Bits `DEVICE_BIT` + ``i``: device number ``i`` of the host (in topology order) died; CPUs post and
 transmit nothing more to it (redirects to it count as ``redirect_err``).
 Bit `LINK_DOWN_BIT`, only in the row of a device or traffic port: the far end of its link is gone
@@ -46,6 +46,11 @@ Every page records in the page table who has it now (``holder``), so that the co
 what a dead process held.  The sender writes the receiver's code before it hands pages over:
 `NO_HOLDER` for a page at home (page allocator, alloc cache, recycle ring), the CPU's number for a CPU
 (``0`` .. ``ncpus - 1``), and `device_code` of its index for a device.
+
+RX refill
+---------
+A CPU refills an RX queue once it is short of `refill_batch` of its ring size (64, or half a smaller
+ring); a device waiting for buffers expects them in steps of that size.
 
 Frames in pages
 ---------------
@@ -117,12 +122,25 @@ LINK_DOWN_BIT = 62  # in a device's or traffic port's row: its link peer is gone
 # -- holder codes -------------------------------------------------------------------------------------
 
 NO_HOLDER = -1  # at home: in the page allocator or kept by its pool
-DEVICE_HOLDER_BASE = 256  # above every CPU number (a topology's hosts have at most 64 CPUs)
+DEVICE_HOLDER_BASE = 256  # above every CPU number (a topology's hosts have at most 32 CPUs)
 
 
 def device_code(index: int) -> int:
     """`holder` value of a page held by device number `index` of the host."""
     return DEVICE_HOLDER_BASE + index
+
+
+# -- RX refill ----------------------------------------------------------------------------------------
+
+# A CPU posts RX buffers once a queue is short of this many (drivers refill in batches, not per packet),
+# or of half its ring when that is fewer, so that a ring smaller than a batch is still refilled.  The
+# device relies on the same number: it holds its link for a refill only while one is due.
+REFILL_MIN = 64
+
+
+def refill_batch(ring_size: int) -> int:
+    """Buffers a queue of `ring_size` must be short of before its CPU refills it."""
+    return max(1, min(REFILL_MIN, ring_size // 2))
 
 
 # -- frames in pages ----------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from emu.packets import MAX_FLOWS, MAX_PKT_SIZE, MIN_PKT_SIZE, SeqTracker
-from emu.protocol import XDP_PACKET_HEADROOM
+from emu.protocol import CPU_MASK, DEVICE_BIT, LINK_DOWN_BIT, XDP_PACKET_HEADROOM
 from emu.topology import (
     DEV_MAP_BULK_SIZE,
     NAPI_POLL_WEIGHT,
@@ -42,6 +42,7 @@ __all__ = [
     "CONSTRAINTS",
     "MAX_ALIAS_EXPANSION",
     "MAX_CPUS",
+    "MAX_DEVICES",
     "MAX_IFINDEX",
     "MAX_PAGES",
     "MAX_PAGE_SIZE",
@@ -60,7 +61,10 @@ README = Path(__file__).resolve().parent.parent / "topology" / "README.md"
 
 # -- the numbers the processes rely on -------------------------------------------------------------
 
-MAX_CPUS = 64
+# The offline mask (emu.protocol) has a bit for each CPU of a host and one for each device, below the
+# link-down bit: a host with more would signal one process's death as another's.
+MAX_CPUS = CPU_MASK.bit_length()  # 32
+MAX_DEVICES = LINK_DOWN_BIT - DEVICE_BIT  # 30
 # Linux's largest CONFIG_NR_CPUS; `cpu_affinity` entries are taken modulo the usable cores, so any value
 # runs, but one that is not a plausible core id is a typo (and ints must stay within msgpack's 64 bits).
 MAX_CPU_ID = 8191
@@ -219,7 +223,7 @@ HOST = Section("host", "`hosts.<host>`", (
     Key("pool", "mapping", "Page-pool parameters, below.", None, type_doc="mapping",
         default_doc="kernel defaults (null ok)", kernel="`struct page_pool_params`"),
     Key("devices", "mapping", f"Device names {_NAME}.", REQUIRED, type_doc="mapping name → device",
-        default_doc="*required*, at least one", kernel="`struct net_device`"),
+        default_doc=f"*required*, 1 to {MAX_DEVICES} devices", kernel="`struct net_device`"),
 ))
 
 POOL = Section("pool", "`hosts.<host>.pool`", (

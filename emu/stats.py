@@ -52,8 +52,11 @@ CPU_COUNTERS = (
 DEVICE_COUNTERS = (
     "rx_packets",
     "rx_bytes",
-    "rx_dropped",  # no RX buffer posted on the queue RSS chose
+    "rx_dropped",  # no RX buffer posted on the queue RSS chose within pause_ms (or it is offline, or down)
     "rx_completed",  # frames written into pages and completed to a CPU
+    # pauses of the link for want of RX buffers (802.3x XOFF sent; ixgbe's name): frames waited in the
+    # RX FIFO until buffers were posted, or until pause_ms passed and they were dropped (rx_dropped)
+    "tx_flow_control_xoff",
     "tx_packets",
     "tx_bytes",
     "tx_dropped",  # frames that could not go on the wire (no link)

@@ -35,7 +35,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from emu import schema
 from emu.bpfmaps import MapError, populate
 from emu.protocol import XDP_PACKET_HEADROOM
-from emu.schema import MAX_ALIAS_EXPANSION, SECTIONS, Key
+from emu.schema import MAX_ALIAS_EXPANSION, MAX_DEVICES, SECTIONS, Key
 from emu.topology import (
     MAX_LINK_DELAY_US,
     MAX_LINK_RATE_BPS,
@@ -652,6 +652,8 @@ class _Validator:
         )
         if not f.items:
             self.fail(node, f"{host}: 'devices' must define at least one device")
+        if len(f.items) > MAX_DEVICES:
+            self.fail(node, f"{host}: 'devices' defines {len(f.items)} devices; a host has at most {MAX_DEVICES}")
         devices: dict[str, DeviceConfig] = {}
         ifindex_owner: dict[int, tuple[str, int]] = {}
         for key_node, value_node in f.items.values():

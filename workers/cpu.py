@@ -36,7 +36,18 @@ import zmq
 from emu import doorbell, wire
 from emu.pagemem import DESC_DTYPE, PageMemory, PageSpans, PageState, concat_descs, descs_from_bytes
 from emu.pagepool import pool_of, return_pages
-from emu.protocol import CMD, CPU_KINDS, DEVICE_BIT, OFFLINE, XDP_PACKET_HEADROOM, Cmd, ProcState, device_code
+from emu.protocol import (
+    CMD,
+    CPU_KINDS,
+    DEVICE_BIT,
+    OFFLINE,
+    REFILL_MIN,
+    XDP_PACKET_HEADROOM,
+    Cmd,
+    ProcState,
+    device_code,
+    refill_batch,
+)
 from emu.shmring import IDLE_POLL_MS, Channel, Inbox
 from emu.sockets import new_context, pull
 from emu.stats import StatsRow, StatsTable
@@ -60,8 +71,6 @@ from workers.common import (
     run_process,
 )
 
-# Post RX buffers once a queue is short of this many (drivers refill in small batches, not per packet).
-REFILL_MIN = 64
 # NAPI polls (of napi_budget packets per queue each) whose TX/redirect bulks go out in one message: up
 # to 1,024 packets a pass at the kernel's budget of 64, half an RX ring of the bundled topologies.  A pass
 # costs about the same whatever it carries; 16 forwarded 9 % more l2fwd than 8 (interleaved A/B).
@@ -86,6 +95,7 @@ class RxQueue:
     program: object  # the XDP callable, or None (no program: every packet is passed)
     ctx: object
     batch: object = None  # the program's vectorised form, when it has one and the topology allows it
+    refill_min: int = REFILL_MIN  # see refill_batch
     posted: int = 0  # buffers posted and not yet completed
     pending: list[np.ndarray] = field(default_factory=list)  # RX completions the program has not seen
     # This pass's packets the program has already run over, acted on poll by poll: page ids, verdicts,
@@ -183,7 +193,8 @@ class CpuWorker:
                 ctx = make_context(prog, maps, dev, q, self.cpu, ifindex_of)
                 fn = None if prog is None else prog.fn
                 batch = prog.batch if prog is not None and dev.xdp.vectorised else None
-                self.rxqs[(name, q)] = RxQueue(name, dev.ifindex, q, dev.rx_ring_size, fn, ctx, batch)
+                self.rxqs[(name, q)] = RxQueue(name, dev.ifindex, q, dev.rx_ring_size, fn, ctx, batch,
+                                               refill_batch(dev.rx_ring_size))
 
     def sock(self, dev: str) -> Channel:
         s = self.out.get(dev)
@@ -598,7 +609,7 @@ class CpuWorker:
         counts the buffers an attempt could not get."""
         for rxq in self.rxqs.values():
             want = rxq.ring_size - rxq.posted
-            if want < REFILL_MIN or self.by_name[rxq.dev].down:
+            if want < rxq.refill_min or self.by_name[rxq.dev].down:
                 continue
             ids = self.pool.alloc(want, PageState.RX_POSTED, holder=device_code(self.by_name[rxq.dev].index))
             if len(ids) < want:

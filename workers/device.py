@@ -1,11 +1,15 @@
 """A device: one process per emulated NIC, doing what the hardware does with the pages it is given.
 
-* **RX.**  CPUs post empty pages to the device's RX queues.  Frames arriving from the link are hashed
-  across the RX queues (RSS on the flow's 5-tuple), "DMAed" into the next posted page of the chosen
+* **RX.**  CPUs post empty pages to the device's RX queues.  Frames taken from the link are hashed
+  across the RX queues (RSS on the flow's 5-tuple), "DMAed" into the next posted pages of the chosen
   queue (written into shared memory at the XDP headroom) and completed to the CPU that services the
-  queue as one batch of descriptors.  No posted page on that queue: the frame is dropped
-  (``rx_dropped``, the driver's missed/no-buffer count).  While every queue is short of buffers the
-  device pauses its link (802.3x flow control) for at most `pause_ms`, then drops.
+  queue as one batch of descriptors.  Frames that find no posted buffer wait in the NIC's RX FIFO, in
+  order per queue, and the device pauses its link (802.3x flow control: no link message is taken while
+  frames wait); each buffer posted since takes the oldest waiting frame of its queue.  When the pause
+  has lasted `pause_ms` without a waiting frame finding a buffer, the waiting frames are dropped
+  (``rx_dropped``, the driver's missed/no-buffer count) and the link resumes.  So any RX ring size
+  works with any link batch, a slow CPU loses nothing, and a queue that gets no buffers at all costs
+  drops, never a hang.
 * **TX.**  One XDP TX queue per CPU (lockless, as in mlx5); with fewer queues than CPUs CPUs share
   them (``cpu % tx_queues``, as veth does).  Frames come from XDP_TX, from ``ndo_xdp_xmit`` (redirect
   bulks; only when the device has `xdp_xmit`) and from the normal skb path (copies).  A full TX ring
@@ -13,8 +17,9 @@
   bytes, never page ids), then after `tx_completion_us` their TX completion goes to the CPU servicing
   the queue, which returns each page to its pool.  Until then the page is ``TX_INFLIGHT`` and nobody may
   recycle it.
-* **Down** (``ndo_stop``): the link stops, posted RX pages go back to their CPUs, frames not yet sent
-  are freed, frames on the wire still complete when due, and new transmits are refused.
+* **Down** (``ndo_stop``): the link stops, frames waiting in the RX FIFO are dropped, posted RX pages go
+  back to their CPUs, frames not yet sent are freed, frames on the wire still complete when due, and
+  new transmits are refused.
 """
 
 from __future__ import annotations
@@ -30,7 +35,17 @@ from emu import doorbell, security, wire
 from emu.netem import LinkShaper
 from emu.packets import FrameBatch, rss_queue
 from emu.pagemem import DESC_DTYPE, PageMemory, PageSpans, PageState, concat_descs, descs_from_bytes
-from emu.protocol import CMD, CPU_MASK, DEVICE_KINDS, LINK_DOWN_BIT, OFFLINE, XDP_PACKET_HEADROOM, Cmd, ProcState
+from emu.protocol import (
+    CMD,
+    CPU_MASK,
+    DEVICE_KINDS,
+    LINK_DOWN_BIT,
+    OFFLINE,
+    XDP_PACKET_HEADROOM,
+    Cmd,
+    ProcState,
+    refill_batch,
+)
 from emu.shmring import BELL_FILL, IDLE_POLL_MS, Inbox, MsgRing
 from emu.sockets import LINK_HWM, new_context, pull, push
 from emu.stats import StatsRow, StatsTable
@@ -47,6 +62,10 @@ from workers.link import LINK_BATCH, LinkReceiver, LinkSender
 
 # Ring bytes a posted RX buffer takes (its descriptor; the message around it adds a little).
 POST_BYTES = DESC_DTYPE.itemsize
+# How long the link stays paused for want of buffers before a link message is taken whatever room the
+# queues have (what does not fit then waits in the RX FIFO): long enough for the CPUs' refills to make
+# room for a whole message when they keep up, short next to pause_ms when a queue gets few buffers.
+XON_WAIT_NS = 20_000_000
 
 
 @dataclass(slots=True)
@@ -107,11 +126,22 @@ class Device:
         # Posted RX buffers per queue: a FIFO of descriptor arrays (the RX ring).
         self.posted: list[collections.deque] = [collections.deque() for _ in range(self.nrxq)]
         self.nposted = [0] * self.nrxq
+        # The RX FIFO: per queue, frames taken from the link that found no posted buffer, oldest first.
+        self.waiting: list[collections.deque[FrameBatch]] = [collections.deque() for _ in range(self.nrxq)]
+        self.nwaiting = [0] * self.nrxq
+        self.fifo = 0  # frames waiting, all queues
+        # A paused device asks to be woken by as many posted buffers as a CPU refills this ring with at once.
+        self.post_batch = refill_batch(self.cfg.rx_ring_size)
         self.txqs = [TxQueue() for _ in range(self.cfg.tx_queues)]
         self.tx_ring = self.cfg.tx_ring_size
         self.completion_ns = self.cfg.tx_completion_us * 1000
         self.pause_ns = int(spec.options.get("pause_ms", 1000) * 1e6)
-        self.paused_since = 0
+        self.paused_since = 0  # when the link was paused, or last made progress while paused (0: not paused)
+        # Nothing waits but a queue is short of a link message's worth of buffers (or of its whole ring,
+        # when smaller): the link stays paused a little (XON_WAIT_NS at most) for the CPUs' refills, so
+        # that frames are DMAed in large batches, as they are while the CPUs keep up.
+        self.xon = min(LINK_BATCH, self.cfg.rx_ring_size)
+        self.xon_since = 0
         self.down = False
         self.warn_once = WarnOnce(spec.key)
         self.offline = 0  # CPUs declared dead by the coordinator
@@ -310,25 +340,41 @@ class Device:
         return done
 
     def receive(self) -> int:
-        """Take frames from the link into posted pages (or drop them) and complete them to the CPUs."""
+        """Take frames from the link into posted pages and complete them to the CPUs; while frames wait
+        in the RX FIFO, only place them as buffers are posted (the link is paused)."""
         rx = self.rx
         if rx is None:
             return 0
-        low = self._low_water()
-        now = time.monotonic_ns()
-        if low < LINK_BATCH:
-            # Pause the link while buffers are short, but never for longer than pause_ns.
-            if not self.paused_since:
-                self.paused_since = now
-            if now - self.paused_since < self.pause_ns:
-                return 0
-        self.paused_since = 0
+        work = 0
+        if self.fifo:
+            work = self._drain()
+            if self.fifo:
+                now = time.monotonic_ns()
+                if work:
+                    self.paused_since = now  # buffers came: the pause goes on, lossless
+                    return work
+                if now - self.paused_since < self.pause_ns:
+                    return 0
+                # No buffer for pause_ms: the NIC gives up on the frames it holds, the link resumes.
+                self._drop_waiting()
+            self.paused_since = 0
+        room = self._low_water()
+        if room >= self.xon:
+            self.xon_since = 0
+        else:
+            now = time.monotonic_ns()
+            if not self.xon_since:
+                self.xon_since = now
+                self.c[self.i["tx_flow_control_xoff"]] += 1
+            if now - self.xon_since < XON_WAIT_NS:
+                return work
+            # Waited long enough: take what comes (the pause ends with the next message taken).
         # Coalesce several link messages into one DMA pass (one RX completion message per queue), as
         # far as the posted buffers go: fewer, larger messages are what keep the CPUs busy with packets.
+        # The first message is taken whatever room there is: what does not fit waits in the FIFO.
         batches: list[FrameBatch] = []
-        room = low
         for _ in range(16):
-            msg = rx.take() if room >= LINK_BATCH else None
+            msg = rx.take() if not batches or room >= LINK_BATCH else None
             if msg is None:
                 break
             try:
@@ -340,8 +386,13 @@ class Device:
             batches.append(frames)
             room -= len(frames)
         if not batches:
-            return 0
-        return self.dma(batches[0] if len(batches) == 1 else FrameBatch.concat(batches))
+            return work
+        self.xon_since = 0
+        frames = batches[0] if len(batches) == 1 else FrameBatch.concat(batches)
+        c, i = self.c, self.i
+        c[i["rx_packets"]] += len(frames)
+        c[i["rx_bytes"]] += int(np.add.reduce(frames.lengths))
+        return work + self.dma(frames)
 
     def _low_water(self) -> int:
         """The fewest buffers posted on any online RX queue (offline queues take no part in pausing)."""
@@ -349,24 +400,69 @@ class Device:
             return min(self.nposted)
         return min((n for n, up in zip(self.nposted, self.rxq_online, strict=True) if up), default=0)
 
-    def dma(self, frames: FrameBatch) -> int:
+    def _hold(self, q: int, frames: FrameBatch, idx: np.ndarray) -> None:
+        """Frames of queue `q` that found no posted buffer: into the RX FIFO, which pauses the link (or
+        dropped at once when the queue will never have a buffer again: offline, or the device down)."""
+        n = len(idx)
+        if self.down or not self.rxq_online[q]:
+            self.c[self.i["rx_dropped"]] += n
+            return
+        self.waiting[q].append(FrameBatch(frames.data, frames.offsets[idx], frames.lengths[idx]))
+        self.nwaiting[q] += n
+        self.fifo += n
+        if not self.paused_since:
+            self.paused_since = time.monotonic_ns()
+
+    def _drain(self) -> int:
+        """Place waiting frames, oldest first, in the buffers posted since they came."""
+        done = 0
+        for q in range(self.nrxq):
+            k = min(self.nposted[q], self.nwaiting[q])
+            if not k:
+                continue
+            parts, have = [], 0
+            dq = self.waiting[q]
+            while have < k:
+                fb = dq[0]
+                if len(fb) <= k - have:
+                    parts.append(dq.popleft())
+                    have += len(fb)
+                else:
+                    parts.append(fb.slice(0, k - have))
+                    dq[0] = fb.slice(k - have, len(fb))
+                    have = k
+            self.nwaiting[q] -= k
+            self.fifo -= k
+            done += self.dma(parts[0] if len(parts) == 1 else FrameBatch.concat(parts), only=q)
+        return done
+
+    def _drop_waiting(self, q: int | None = None) -> None:
+        """Drop what waits in the RX FIFO (of queue `q`, or of every queue): ``rx_dropped``."""
+        for k in range(self.nrxq) if q is None else (q,):
+            if self.nwaiting[k]:
+                self.c[self.i["rx_dropped"]] += self.nwaiting[k]
+                self.fifo -= self.nwaiting[k]
+                self.nwaiting[k] = 0
+                self.waiting[k].clear()
+
+    def dma(self, frames: FrameBatch, only: int | None = None) -> int:
+        """Write `frames` into buffers posted on the queues RSS picks (or all on queue `only`) and
+        complete them to the CPUs; frames without a buffer go to the RX FIFO."""
         n = len(frames)
         c, i = self.c, self.i
-        c[i["rx_packets"]] += n
-        c[i["rx_bytes"]] += int(np.add.reduce(frames.lengths))
-        qs = rss_queue(frames, self.nrxq) if self.nrxq > 1 else None
+        qs = rss_queue(frames, self.nrxq) if only is None and self.nrxq > 1 else None
         # Each queue's frames and the buffers posted for them; written into the pages all at once when
         # every frame found a buffer at the same offset (one scatter, no per-queue gather of rows).
         filled: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
         dest = np.empty(n, dtype=np.int64)  # the page each frame goes to
-        for q in range(self.nrxq):
+        for q in range(self.nrxq) if only is None else (only,):
             idx = np.flatnonzero(qs == q) if qs is not None else np.arange(n)
             if not len(idx):
                 continue
             bufs = self._take_posted(q, len(idx))
             k = len(bufs)
             if k < len(idx):
-                c[i["rx_dropped"]] += len(idx) - k
+                self._hold(q, frames, idx[k:])
             if not k:
                 continue
             idx = idx[:k]
@@ -443,6 +539,7 @@ class Device:
                 self.all_online = False
                 self.posted[q].clear()
                 self.nposted[q] = 0
+                self._drop_waiting(q)
                 self.warn_once(f"rxq{q}", f"RX queue {q} offline: cpu {self.rx_cpus[q]} is gone")
         for t in range(len(self.txc_cpu)):
             if mask >> self.txc_cpu[t] & 1 and live:
@@ -452,6 +549,8 @@ class Device:
     def go_down(self) -> None:
         """``ndo_stop``: posted buffers back to their CPUs; completions delivered now."""
         self.down = True
+        self._drop_waiting()
+        self.paused_since = self.xon_since = 0
         for q in range(self.nrxq):
             d = self._take_posted(q, self.nposted[q])
             self._send(self.rx_cpus[q], "rxret", {"dev": self.name, "q": q}, d)
@@ -519,9 +618,15 @@ class Device:
                 due = self.tx.next_due_ms()
                 if due is not None:
                     timeout = min(timeout, max(due, 1))
-                paused = bool(self.paused_since)
-                # Paused: be woken by the posts that let the link resume, not by every one (nor by frames).
-                bell_at = (LINK_BATCH - self._low_water()) * POST_BYTES if paused else BELL_FILL
+                # Paused: be woken by the posts that let waiting frames in (a refill's worth, or all that
+                # wait) or that let the link resume, not by every one, nor by frames on the link.
+                paused = True
+                if self.fifo:
+                    bell_at = min(self.fifo, self.post_batch) * POST_BYTES
+                elif self.xon_since and time.monotonic_ns() - self.xon_since < XON_WAIT_NS:
+                    bell_at = max(1, self.xon - self._low_water()) * POST_BYTES
+                else:
+                    paused, bell_at = False, BELL_FILL
                 if timeout and self.inbox.idle(bell_at):
                     if paused or self.rx is None or self.rx.idle():
                         events = doorbell.wait(paused_poller if paused else poller, timeout, bell)
