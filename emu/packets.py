@@ -7,9 +7,13 @@ a kernel program would use) and check what comes back.  A frame is::
 
 and the payload (little-endian) is::
 
-    magic u32 = 0x50504755 ("PPGU") | seq u64 | flow u16 | frame length u16 | filler ... | crc32 u32
+    magic u32 = 0x50504755 ("PPGU") | port u16 : seq u48 | flow u16 | frame length u16 | filler ... | crc32 u32
 
 (the first four fields are `PAYLOAD_HDR_DTYPE`, 16 bytes, so a 64-byte frame still carries them and the CRC)
+
+The 64-bit word after the magic holds the generating traffic port's number (`PORT_SHIFT`: its top 16
+bits, `emu.topology.GeneratorConfig.port_id`) and the frame's sequence number (the low 48 bits): sequence
+numbers count per generator, so a sink that hears several generators tells their frames apart.
 
 The filler byte ``i`` of frame ``seq`` is ``(seq + i) & 0xff``, so a page that was recycled while still in
 flight, or a descriptor that points at the wrong page, shows up as a CRC or sequence error rather than as a
@@ -49,6 +53,10 @@ MAGIC = 0x50504755  # "PPGU"
 # 16 bytes, so that a pktgen-default 64-byte frame (42 bytes of headers) still carries it and the CRC.
 PAYLOAD_HDR_DTYPE = np.dtype([("magic", "<u4"), ("seq", "<u8"), ("flow", "<u2"), ("len", "<u2")])
 PAYLOAD_HDR_LEN = PAYLOAD_HDR_DTYPE.itemsize
+# The sequence word: the generator's number in the top 16 bits, the frame's number in the low 48.
+PORT_SHIFT = 48
+MAX_PORT = 0xFFFF
+SEQ_MASK = (1 << PORT_SHIFT) - 1
 _VARYING = 10  # payload bytes 4..13 (seq, flow) differ between the frames of one factory
 _SEQ_OFF = PAYLOAD_OFF + 4  # the sequence number, then the flow: the varying bytes
 # A factory keeps one period of finished frames when it is at most this big (else it builds every field).
@@ -284,6 +292,7 @@ class FrameFactory:
         src_ip: str = "198.18.0.1",
         dst_ip: str = "198.19.0.1",
         base_udp_port: int = 9,
+        port: int = 0,
     ) -> None:
         if not MIN_PKT_SIZE <= pkt_size <= MAX_PKT_SIZE:
             raise ValueError(
@@ -294,6 +303,10 @@ class FrameFactory:
             raise ValueError(f"flows {flows} out of range 1..{MAX_FLOWS}")
         if not 1 <= base_udp_port <= 0xFFFF:
             raise ValueError(f"base_udp_port {base_udp_port} out of range 1..65535")
+        if not 0 <= port <= MAX_PORT:
+            raise ValueError(f"port {port} out of range 0..{MAX_PORT}")
+        self.port = port
+        self._seq_hi = np.uint64(port << PORT_SHIFT)
         self.pkt_size = pkt_size
         self.flows = flows
         self.src_mac = mac_to_bytes(src_mac)
@@ -371,7 +384,7 @@ class FrameFactory:
     def build(self, seq_start: int, n: int) -> FrameBatch:
         """`n` frames with sequence numbers ``seq_start .. seq_start + n - 1``."""
         size = self.pkt_size
-        if n < 0 or seq_start < 0 or seq_start + n > 1 << 64:
+        if n < 0 or seq_start < 0 or seq_start + n > 1 << PORT_SHIFT:
             raise ValueError(f"bad sequence range {seq_start} + {n}")
         if n * size > 0xFFFFFFFF:
             raise ValueError(f"batch of {n} x {size} bytes does not fit 32-bit offsets")
@@ -386,6 +399,7 @@ class FrameFactory:
                 rows = np.take(self._block, (np.arange(n) + j0) % period, axis=0)
             seq = np.arange(n, dtype=np.uint64)
             seq += np.uint64(seq_start)
+            seq |= self._seq_hi
             rows[:, _SEQ_OFF : _SEQ_OFF + 8] = seq.astype("<u8").view(np.uint8).reshape(n, 8)
             self._put_crc(rows)
         offsets = np.arange(0, n * size, size, dtype=np.uint32)
@@ -412,7 +426,7 @@ class FrameFactory:
         hdr = np.empty(n, PAYLOAD_HDR_DTYPE)
         hdr["magic"] = MAGIC
         hdr["flow"] = flow
-        hdr["seq"] = seq
+        hdr["seq"] = seq | self._seq_hi
         hdr["len"] = size
         rows[:, PAYLOAD_OFF:FILLER_OFF] = hdr.view(np.uint8).reshape(n, PAYLOAD_HDR_LEN)
         if self._filler is not None:
@@ -432,8 +446,9 @@ class VerifyResult:
     corrupted: int  # our magic, but a wrong length field, a truncated payload or a bad CRC
     foreign: int  # no magic: not traffic we generated
     good: np.ndarray  # bool per frame
-    seqs: np.ndarray  # uint64, of the good frames, in batch order
+    seqs: np.ndarray  # uint64, of the good frames, in batch order (the generator's own numbers)
     flows: np.ndarray  # uint32, of the good frames
+    ports: np.ndarray  # uint16, of the good frames: which generator sent each
 
 
 def verify_batch(batch: FrameBatch) -> VerifyResult:
@@ -500,8 +515,9 @@ def verify_batch(batch: FrameBatch) -> VerifyResult:
         corrupted=nours - nok,
         foreign=n - nours,
         good=good,
-        seqs=seqs.astype(np.uint64, copy=False),
+        seqs=seqs & np.uint64(SEQ_MASK),
         flows=flows.astype(np.uint32, copy=False),
+        ports=(seqs >> np.uint64(PORT_SHIFT)).astype(np.uint16),
     )
 
 

@@ -330,7 +330,7 @@ GENERATE = Section("generate", "`traffic.<port>.generate`", (
     Key("pkt_size", "int",
         f"Frame size in bytes (without FCS); must fit a page after `XDP_PACKET_HEADROOM` "
         f"({XDP_PACKET_HEADROOM}).", 64, MIN_PKT_SIZE, min(MAX_PKT_SIZE, MAX_PAGE_SIZE - XDP_PACKET_HEADROOM),
-        hi_ref=f"`page_size` − {XDP_PACKET_HEADROOM} of the linked host"),
+        hi_ref=f"`page_size` − {XDP_PACKET_HEADROOM} of the linked host and hosts cabled to it"),
     Key("flows", "int", "Distinct flows (spread over RX queues).", 16, 1, MAX_FLOWS),
     Key("burst", "int", "Packets sent back to back.", 64, 1, MAX_BURST),
     Key("src_mac", "mac", "Source MAC of generated frames.", None, type_doc="MAC string",
@@ -352,8 +352,9 @@ CONSTRAINTS: tuple[Constraint, ...] = (
                "`rx_cpus` has one entry per RX queue, `cpu_affinity` one per CPU."),
     Constraint("ifindex", "`ifindex` is unique within a host; a device whose ifindex is above 65535 (or on the "
                "256th host or later) needs an explicit `mac`."),
-    Constraint("pkt_size", f"`generate.pkt_size` ≤ the linked host's `page_size` − {XDP_PACKET_HEADROOM}; a "
-               "port with `generate` must be linked to a host device."),
+    Constraint("pkt_size", f"`generate.pkt_size` ≤ `page_size` − {XDP_PACKET_HEADROOM} of the linked host and "
+               "of every host cabled to it, directly or through other hosts (its frames may be forwarded "
+               "there); a port with `generate` must be linked to a host device."),
     Constraint("links", "Link endpoints exist, each is used by at most one link, and a link has a host "
                "device at one end at least."),
     Constraint("params", "A program's params match what it declares (names, types, required ones); a device "

@@ -34,6 +34,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from emu import schema
 from emu.bpfmaps import MapError, populate
+from emu.packets import MAX_PORT
 from emu.protocol import XDP_PACKET_HEADROOM
 from emu.schema import MAX_ALIAS_EXPANSION, MAX_DEVICES, SECTIONS, Key
 from emu.topology import (
@@ -842,6 +843,9 @@ class _Validator:
             allowed=None,
             null_is_empty=True,
         )
+        if len(mapping.items) > MAX_PORT + 1:
+            # Frames carry their generator's number in 16 bits (emu.packets.PORT_SHIFT).
+            self.fail(node, f"'traffic' defines {len(mapping.items):,} ports; a topology has at most {MAX_PORT + 1:,}")
         ports: dict[str, tuple[Node, _Fields | None]] = {}
         for key_node, value_node in mapping.items.values():
             name = self.name(key_node, "traffic port name", "", _HOST_NAME_RE, "A-Z a-z 0-9 _ -")
@@ -947,15 +951,19 @@ class _Validator:
             self.fail(node, f"link endpoint '{text}': no traffic port '{text}'{hint}")
         return ep
 
-    def generator_values(self, f: _Fields, page_size: int | None) -> dict[str, Any]:
+    def generator_values(self, f: _Fields, page_size: int | None, whose: str = "") -> dict[str, Any]:
+        """The generator's values; `page_size` is the smallest page its frames may reach (None: not known
+        yet, only the static bounds are checked), `whose` says whose pages those are when not the linked
+        host's."""
         max_pkt = None if page_size is None else page_size - XDP_PACKET_HEADROOM
         pkt_size = f.schema_int(GENERATE["pkt_size"])
         if max_pkt is not None and pkt_size > max_pkt:
             node = f.get("pkt_size")
             assert node is not None
+            pages = f"the linked host's {page_size}-byte pages" if not whose else f"the {page_size}-byte pages{whose}"
             self.fail(
                 node,
-                f"{f.pfx}'pkt_size' {pkt_size} does not fit the linked host's {page_size}-byte pages "
+                f"{f.pfx}'pkt_size' {pkt_size} does not fit {pages} "
                 f"(max {max_pkt} = page_size - {XDP_PACKET_HEADROOM} bytes of XDP headroom)",
             )
         return {
@@ -990,14 +998,36 @@ class _Validator:
                     )
                 assert peer.host is not None
                 host = hosts[peer.host]
-                values = self.generator_values(gen_fields, host.page_size)
+                # Its frames may be forwarded over cables to any host connected to this one, and a frame
+                # that does not fit a receiving device's buffer is not a frame that device can take: the
+                # smallest page on the way bounds pkt_size.
+                smallest = min(_cabled_hosts(peer.host, links, hosts), key=lambda h: (h.page_size, h.index))
+                values = self.generator_values(gen_fields, smallest.page_size,
+                                               "" if smallest is host else f" of host '{smallest.name}', cabled to"
+                                               f" the linked host '{host.name}'")
                 if values["src_mac"] is None:
                     values["src_mac"] = f"02:00:00:ff:{(index + 1) >> 8:02x}:{(index + 1) & 0xFF:02x}"
                 if values["dst_mac"] is None:
                     values["dst_mac"] = host.devices[peer.name].mac
-                gen = GeneratorConfig(**values)
+                gen = GeneratorConfig(**values, port_id=index)
             traffic[name] = TrafficPort(name, gen, _line(key_node))
         return traffic
+
+
+def _cabled_hosts(start: str, links: Iterable[LinkConfig], hosts: dict[str, HostConfig]) -> list[HostConfig]:
+    """`start` and every host a frame can reach from it over links between hosts' devices."""
+    adjacent: dict[str, set[str]] = {}
+    for link in links:
+        if link.a.host is not None and link.b.host is not None and link.a.host != link.b.host:
+            adjacent.setdefault(link.a.host, set()).add(link.b.host)
+            adjacent.setdefault(link.b.host, set()).add(link.a.host)
+    seen, todo = {start}, [start]
+    while todo:
+        for other in adjacent.get(todo.pop(), ()):
+            if other not in seen:
+                seen.add(other)
+                todo.append(other)
+    return [hosts[h] for h in hosts if h in seen]
 
 
 def _children(node: Node) -> list[Node]:

@@ -251,6 +251,9 @@ class GeneratorConfig:
     burst: int
     src_mac: str
     dst_mac: str
+    # The port's number in its topology (0-based, in file order): frames carry it, so that a sink hearing
+    # several generators counts each one's sequence numbers apart (emu.packets).
+    port_id: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +322,7 @@ class Topology:
                         "burst": port.generate.burst,
                         "src_mac": port.generate.src_mac,
                         "dst_mac": port.generate.dst_mac,
+                        "port_id": port.generate.port_id,
                     },
                     "line": port.line,
                 }
@@ -398,7 +402,8 @@ def topology_from_dict(d: Mapping[str, Any]) -> Topology:
         gen = None
         if g is not None:
             gen = GeneratorConfig(
-                g["count"], g["rate"], g["pkt_size"], g["flows"], g["burst"], g["src_mac"], g["dst_mac"]
+                g["count"], g["rate"], g["pkt_size"], g["flows"], g["burst"], g["src_mac"], g["dst_mac"],
+                g.get("port_id", 0),
             )
         traffic[name] = TrafficPort(td["name"], gen, td["line"])
     return Topology(

@@ -324,3 +324,32 @@ def test_link_impairments_lose_delay_and_shape_without_losing_track() -> None:
     assert t["delivered"] == 6_000 - lost and t["dropped"] == lost
     eth1 = r["devices"][1]
     assert eth1["tx_packets"] == eth1["tx_completions"] == 6_000 - lost and eth1["link_lost"] == 0
+
+
+TWO_GENERATORS = """
+name: two-generators
+hosts:
+  h1:
+    cpus: 1
+    pages: 4096
+    devices:
+      eth0: {ifindex: 2, rx_ring_size: 512, xdp: {program: "emu.programs:l2fwd", params: {egress: eth2}}}
+      eth1: {ifindex: 3, rx_ring_size: 512, xdp: {program: "emu.programs:l2fwd", params: {egress: eth2}}}
+      eth2: {ifindex: 4, rx_ring_size: 512}
+traffic:
+  gen0: {generate: {count: 3000}}
+  gen1: {generate: {count: 2000, pkt_size: 128}}
+  sink0: {}
+links:
+  - endpoints: [gen0, "h1:eth0"]
+  - endpoints: [gen1, "h1:eth1"]
+  - endpoints: ["h1:eth2", sink0]
+"""
+
+
+def test_a_sink_hearing_two_generators_counts_each_ones_sequence_numbers_apart() -> None:
+    """Both generators number their frames from 0; the sink must not take the second's for duplicates."""
+    r = run(validate_topology_text(TWO_GENERATORS, "two.yaml"))
+    assert_clean(r)
+    t = r["traffic"]
+    assert t["generated"] == t["delivered"] == 5000 and t["duplicates"] == 0, t

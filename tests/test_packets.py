@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 from emu import packets
 from emu.packets import (
     MAGIC,
+    MAX_PORT,
     MIN_PKT_SIZE,
     PAYLOAD_OFF,
+    PORT_SHIFT,
     FrameBatch,
     FrameFactory,
     Pacer,
@@ -94,24 +96,37 @@ def test_many_flows_move_to_the_next_source_address() -> None:
 
 @given(
     size=st.integers(MIN_PKT_SIZE, 300),
-    start=st.integers(0, (1 << 64) - 64),
+    start=st.integers(0, (1 << PORT_SHIFT) - 64),
     n=st.integers(0, 40),
     flows=st.integers(1, 300),
+    port=st.sampled_from([0, 1, 2, MAX_PORT]),
 )
 @settings(max_examples=40, deadline=None)
-def test_vectorised_crc_matches_zlib(size: int, start: int, n: int, flows: int) -> None:
-    b = factory(size, flows).build(start, n)
+def test_vectorised_crc_matches_zlib(size: int, start: int, n: int, flows: int, port: int) -> None:
+    b = factory(size, flows, port=port).build(start, n)
     for raw in b.to_list():
         assert int.from_bytes(raw[-4:], "little") == zlib.crc32(raw[PAYLOAD_OFF:-4])
     r = verify_batch(b)
     assert (r.ok, r.corrupted, r.foreign) == (n, 0, 0)
     assert r.seqs.tolist() == list(range(start, start + n))
     assert r.flows.tolist() == [s % flows for s in range(start, start + n)]
+    assert r.ports.tolist() == [port] * n
+
+
+def test_the_sequence_space_is_48_bits_and_the_port_16() -> None:
+    f = factory(64, 4, port=7)
+    last = f.build((1 << PORT_SHIFT) - 1, 1)
+    r = verify_batch(last)
+    assert (r.ok, r.seqs.tolist(), r.ports.tolist()) == (1, [(1 << PORT_SHIFT) - 1], [7])
+    with pytest.raises(ValueError, match="bad sequence range"):
+        f.build(1 << PORT_SHIFT, 1)
+    with pytest.raises(ValueError, match="port 65536 out of range"):
+        factory(64, 4, port=MAX_PORT + 1)
 
 
 @pytest.mark.parametrize(("pkt_size", "flows"), [(64, 64), (64, 1), (128, 100), (300, 7), (62, 3)])
 def test_frames_from_the_period_block_are_the_frames_built_field_by_field(pkt_size: int, flows: int) -> None:
-    f = FrameFactory(pkt_size, flows, "02:00:00:00:00:01", "02:00:00:00:00:02")
+    f = FrameFactory(pkt_size, flows, "02:00:00:00:00:01", "02:00:00:00:00:02", port=pkt_size % 3)
     assert f._block is not None
     rng = np.random.default_rng(pkt_size + flows)
     for seq_start, n in [(0, 256), (255, 3), (f._period - 1, 2), (12345, 1024), (2**40 + 7, 300), (9, 0)]:
@@ -119,7 +134,7 @@ def test_frames_from_the_period_block_are_the_frames_built_field_by_field(pkt_si
         assert got.data.tobytes() == f._build_direct(seq_start, n).tobytes()
         assert verify_batch(got).ok == n
     for _ in range(20):
-        seq_start, n = int(rng.integers(0, 2**50)), int(rng.integers(0, 700))
+        seq_start, n = int(rng.integers(0, 2**PORT_SHIFT - 700)), int(rng.integers(0, 700))
         assert f.build(seq_start, n).data.tobytes() == f._build_direct(seq_start, n).tobytes()
 
 

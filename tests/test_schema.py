@@ -245,9 +245,10 @@ def test_param_spec_checks() -> None:
 
 def test_packets_docstring_lists_the_payload_header_fields_in_order() -> None:
     doc = emu.packets.__doc__ or ""
-    m = re.search(r"magic u32 .*? \| seq u64 \| flow u16 \| frame length u16 \|", doc)
+    m = re.search(r"magic u32 .*? \| port u16 : seq u48 \| flow u16 \| frame length u16 \|", doc)
     assert m is not None, doc
     dt = emu.packets.PAYLOAD_HDR_DTYPE
     assert dt.names == ("magic", "seq", "flow", "len")
     assert [dt[n].itemsize * 8 for n in dt.names] == [32, 64, 16, 16] and dt.itemsize == 16
     assert np.dtype(dt).isalignedstruct is False
+    assert emu.packets.PORT_SHIFT == 48 and emu.packets.MAX_PORT == 0xFFFF  # the u64 word: port u16 : seq u48

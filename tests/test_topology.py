@@ -575,11 +575,11 @@ BAD: list[tuple[str, str, int, str]] = [
         name: t
         hosts:
           h1:
-            cpus: 65
+            cpus: 33
             devices: {eth0: {ifindex: 1}}
         """,
         4,
-        "h1: 'cpus' must be between 1 and 64, not 65",
+        "h1: 'cpus' must be between 1 and 32, not 33",
     ),
     (
         "pages-too-small",
@@ -1448,3 +1448,43 @@ def test_yaml_control_character() -> None:
 def test_malformed_case_ids_unique() -> None:
     ids = [c[0] for c in BAD]
     assert len(ids) == len(set(ids)) >= 30
+
+
+def test_a_host_has_no_more_devices_than_the_offline_mask_has_bits() -> None:
+    devices = "\n".join(f"      eth{i}: {{ifindex: {i + 1}, rx_ring_size: 8}}" for i in range(31))
+    text = f"name: t\nhosts:\n  h1:\n    cpus: 1\n    devices:\n{devices}\n"
+    with pytest.raises(TopologyError, match=r"t.yaml:6: h1: 'devices' defines 31 devices; a host has at most 30"):
+        validate_topology_text(text, "t.yaml")
+    kept = "\n".join(devices.splitlines()[:30])
+    assert len(validate_topology_text(f"name: t\nhosts:\n  h1:\n    cpus: 1\n    devices:\n{kept}\n",
+                                      "t.yaml").hosts["h1"].devices) == 30
+
+
+def test_pkt_size_fits_every_host_its_frames_can_be_cabled_to() -> None:
+    """A frame forwarded to a host with smaller pages would not fit its buffers: refused at validation."""
+    text = textwrap.dedent("""\
+        name: t
+        hosts:
+          h1:
+            cpus: 1
+            pages: 4096
+            devices:
+              eth0: {ifindex: 1, rx_ring_size: 256, xdp: {program: "emu.programs:l2fwd", params: {egress: eth1}}}
+              eth1: {ifindex: 2, rx_ring_size: 256}
+          h2:
+            cpus: 1
+            pages: 2048
+            page_size: 1024
+            devices:
+              eth0: {ifindex: 1, rx_ring_size: 256}
+        traffic:
+          gen0:
+            generate: {pkt_size: PKT, count: 100}
+        links:
+          - endpoints: [gen0, "h1:eth0"]
+          - endpoints: ["h1:eth1", "h2:eth0"]
+        """)
+    with pytest.raises(TopologyError, match=r"t.yaml:17: .*'pkt_size' 769 does not fit the 1024-byte pages of "
+                                            r"host 'h2', cabled to the linked host 'h1' \(max 768"):
+        validate_topology_text(text.replace("PKT", "769"), "t.yaml")
+    assert validate_topology_text(text.replace("PKT", "768"), "t.yaml").traffic["gen0"].generate.pkt_size == 768

@@ -54,10 +54,11 @@ class TrafficPort:
             LinkShaper(imp) if imp is not None else None,
             MsgRing.attach(ring_out) if ring_out and ep.get("link_peer") else None,
         )
-        self.tracker = SeqTracker(self.count or None)
+        # One bitmap per generator heard: each numbers its frames from 0 (see emu.packets, PORT_SHIFT).
+        self.trackers: dict[int, SeqTracker] = {}
         self.factory = None
         if gen is not None:
-            self.factory = FrameFactory(gen.pkt_size, gen.flows, gen.src_mac, gen.dst_mac)
+            self.factory = FrameFactory(gen.pkt_size, gen.flows, gen.src_mac, gen.dst_mac, port=gen.port_id)
             self.pacer = Pacer(gen.rate, gen.burst)
         self.seq = 0
 
@@ -85,8 +86,24 @@ class TrafficPort:
         c[i["verified"]] += res.ok
         c[i["corrupted"]] += res.corrupted
         c[i["foreign"]] += res.foreign
-        c[i["duplicates"]] += self.tracker.record(res.seqs)
+        c[i["duplicates"]] += self.record(res.seqs, res.ports)
         return n
+
+    def record(self, seqs: np.ndarray, ports: np.ndarray) -> int:
+        """Record the sequence numbers of good frames, each with its generator's bitmap; returns how many
+        were duplicates."""
+        if not len(ports):
+            return 0
+        first = int(ports[0])
+        if np.logical_and.reduce(ports == first):  # the usual case: one generator per batch
+            return self.tracker(first).record(seqs)
+        return sum(self.tracker(int(p)).record(seqs[ports == p]) for p in np.unique(ports))
+
+    def tracker(self, port: int) -> SeqTracker:
+        t = self.trackers.get(port)
+        if t is None:
+            t = self.trackers[port] = SeqTracker(self.count or None)
+        return t
 
     def generate(self) -> int:
         """Send one burst if the pacer and the link allow; returns packets sent."""
