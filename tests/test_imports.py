@@ -5,8 +5,8 @@ to survive today (one side importing lazily, inside a function) is found as well
 is an edge like any other, since the two modules still cannot be understood, tested or moved apart.  Only
 imports under ``if TYPE_CHECKING:`` are left out: they exist for the type checker and never run.
 
-A module is a node named by its dotted name (``emu.pagepool``); ``from emu import wire`` is an edge to
-``emu.wire`` when that is a module, else to the package ``emu`` itself.
+A module is a node named by its dotted name (``emu.mem.pagepool``); ``from emu import wire`` is an edge to
+``emu.net.wire`` when that is a module, else to the package ``emu`` itself.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ PACKAGES = ("emu", "workers")
 
 # The libraries workers/ still holds besides its processes (to move out of workers/ later); a process
 # module may import these, and nothing else of workers/.
-WORKER_LIBRARIES = {"workers.common", "workers.link"}
+WORKER_LIBRARIES = {"emu.run.process", "emu.net.link"}
 
 
 def _modules() -> dict[str, Path]:

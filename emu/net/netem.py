@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from emu.topology import LinkImpairment
+from emu.topology.model import LinkImpairment
 
 __all__ = ["LinkShaper"]
 
