@@ -44,8 +44,7 @@ import struct
 
 import numpy as np
 
-from emu.xdp import XDP_DROP, XDP_PASS, XDP_TX, ParamSpec, XdpBatch, XdpContext, xdp_program
-from emu.xdp.bpfmaps import DevMap, MapSpec
+from emu.xdp import XDP_DROP, XDP_PASS, XDP_TX, DevMap, MapSpec, ParamSpec, XdpBatch, XdpContext, xdp_program
 
 __all__ = [
     "buggy_bad_verdict",
