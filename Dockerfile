@@ -15,7 +15,7 @@ COPY build/wheels/ /wheels/
 RUN python3 -m venv /opt/emu \
  && /opt/emu/bin/python -m pip install --quiet --no-index --find-links /wheels pagepool-emu \
  && /opt/emu/bin/python -m pip uninstall --quiet --yes pip setuptools \
- && /opt/emu/bin/python -c "import dpkt, msgpack, numpy, yaml, zmq, emu.cli, workers; assert zmq.has('curve')" \
+ && /opt/emu/bin/python -c "import dpkt, msgpack, numpy, yaml, zmq, emu.cli, emu.run.coordinator, emu.cluster.hostagent, emu.topology.file, workers; assert zmq.has('curve')" \
  && /opt/emu/bin/emu --help >/dev/null
 
 # -- stage 2: the runtime image (no wheelhouse, no pip) ---------------------------------------------

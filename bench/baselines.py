@@ -3,11 +3,11 @@
 * `BareXdp`: the ceiling of the per-packet work.  The l2fwd XDP program called once per packet in a
   tight loop, in this process, over real pages: a shared-memory `PageMemory` holding generator frames at
   the XDP headroom, a ``memoryview`` slice per packet, and a context built the way ``workers/cpu.py``
-  builds it (``emu.xdp_runtime.create_maps`` / ``program_for`` / ``make_context``).  No pools, no
+  builds it (``emu.xdp.runtime.create_maps`` / ``program_for`` / ``make_context``).  No pools, no
   sockets, no verdict handling: what is left when everything but the program is free.
 * `transport_one_way` / `transport_rtt`: the ceiling of the descriptor transport.  Raw zmq PUSH/PULL
   between this process and a second one over ``ipc://`` (same socket options as the emulator's,
-  ``workers.common``), moving batches of 64 ``DESC_DTYPE`` descriptors in a ``wire.pack_msg`` envelope;
+  ``emu.run.process``), moving batches of 64 ``DESC_DTYPE`` descriptors in a ``wire.pack_msg`` envelope;
   the receiving side unpacks and validates each message (``unpack_msg`` + ``descs_from_bytes``) as the
   emulator's receivers do.
 * `naive_queue`: what one would write without the emulator: generator -> forwarder -> sink processes,
@@ -41,8 +41,8 @@ JOIN_TIMEOUT = 10.0
 
 def frame_factory(topology: Path = L2FWD_TOPOLOGY):
     """The frames the topology's first generator sends (size, flows, MACs)."""
-    from emu.packets import FrameFactory
-    from emu.topofile import load_topology
+    from emu.net.packets import FrameFactory
+    from emu.topology.file import load_topology
 
     gen = next(p.generate for p in load_topology(topology).traffic.values() if p.generate is not None)
     return FrameFactory(gen.pkt_size, gen.flows, gen.src_mac, gen.dst_mac)
@@ -83,10 +83,10 @@ class BareXdp:
 
     def __init__(self, prefix: str, npages: int = 1024, topology: Path = L2FWD_TOPOLOGY,
                  device: str = "eth0") -> None:
-        from emu import xdp_runtime
-        from emu.pagemem import PageMemory, PoolParams
-        from emu.topofile import load_topology
-        from emu.xdp import XDP_REDIRECT
+        from emu.mem.pagemem import PageMemory, PoolParams
+        from emu.topology.file import load_topology
+        from emu.xdp import runtime as xdp_runtime
+        from emu.xdp.context import XDP_REDIRECT
 
         topo = load_topology(topology)
         host = next(iter(topo.hosts.values()))
@@ -155,8 +155,8 @@ class BareXdp:
 
     def run_vectorised(self, iters: int) -> None:
         """`run`, through the program's vectorised form (`emu.xdp.XdpBatch`), one call per 64 packets."""
-        from emu.pagemem import PageSpans
-        from emu.xdp import XdpBatch
+        from emu.mem.pagemem import PageSpans
+        from emu.xdp.context import XdpBatch
 
         fn, ctx, mem = self.batch_fn, self.ctx, self.data2d
         spans = PageSpans(mem)  # kept across batches, as a CPU worker keeps its own
@@ -245,7 +245,7 @@ def bare_parallel(prefix: str, ncores: int, seconds: float) -> dict:
         done = True
     finally:
         _stop(procs, graceful=done)
-        from emu.shm import unlink_prefix
+        from emu.mem.shm import unlink_prefix
 
         for k in range(ncores):
             unlink_prefix(f"{prefix}-p{k}")  # a peer that was killed cannot clean up after itself
@@ -265,7 +265,7 @@ def _handover_writer(name: str, core: int, npages: int, page_size: int, conn) ->
     """Write the first cache line of the pages the parent names, on `core`, then say so."""
     _child_setup()
     os.sched_setaffinity(0, {core})
-    from emu.shm import Segment
+    from emu.mem.shm import Segment
 
     seg = Segment.attach(name)
     mem = seg.array(np.uint8, npages * page_size, 0).reshape(npages, page_size)
@@ -293,7 +293,7 @@ def cache_handover(prefix: str, rounds: int = 200, batch: int = 512, npages: int
     cores = usable_cores()
     if len(cores) < 2:
         raise ValueError("cache_handover needs two usable cores")
-    from emu.shm import Segment
+    from emu.mem.shm import Segment
 
     name = f"{prefix}-handover"
     seg = Segment.create(name, npages * page_size)
@@ -343,8 +343,8 @@ def cache_handover(prefix: str, rounds: int = 200, batch: int = 512, npages: int
 
 
 def _desc_message(seq: int) -> bytes:
-    from emu import wire
-    from emu.pagemem import DESC_DTYPE
+    from emu.mem.pagemem import DESC_DTYPE
+    from emu.net import wire
 
     d = np.zeros(BATCH, dtype=DESC_DTYPE)
     d["page"] = np.arange(BATCH) + seq * BATCH % 4096
@@ -356,8 +356,8 @@ def _desc_message(seq: int) -> bytes:
 
 def _take(msg: bytes) -> tuple[int, int]:
     """Unpack and validate one message as a receiver does; (seq, descriptors)."""
-    from emu import wire
-    from emu.pagemem import descs_from_bytes
+    from emu.mem.pagemem import descs_from_bytes
+    from emu.net import wire
 
     _, hdr, blob = wire.unpack_msg(msg, ("rx",))
     return hdr["seq"], len(descs_from_bytes(blob))
@@ -368,7 +368,7 @@ def _transport_peer(mode: str, addr_in: str, addr_out: str, n: int, conn) -> Non
     starts), then `n` batches to `addr_out` once told to go.  ``echo``: pull from `addr_in` and push every
     message back to `addr_out`: the parent's warm-up batch, then `n` more."""
     _child_setup()
-    from emu.sockets import new_context, pull, push
+    from emu.net.sockets import new_context, pull, push
 
     ctx = new_context()
     inbox = pull(ctx, addr_in) if mode == "echo" else None
@@ -417,7 +417,7 @@ def _ipc_dir() -> Iterator[str]:
 def transport_one_way(n_batches: int) -> dict:
     """Push `n_batches` descriptor batches from a second process to this one; time from "go" to the
     last batch received (unpacked and validated)."""
-    from emu.sockets import new_context, pull
+    from emu.net.sockets import new_context, pull
 
     mpc = mp.get_context("spawn")
     with _ipc_dir() as d:
@@ -459,7 +459,7 @@ def transport_one_way(n_batches: int) -> dict:
 def transport_rtt(n_batches: int, window: int = 16) -> dict:
     """Batches out to a second process and back (it validates and returns each), `window` of them in
     flight; window 1 is the round-trip latency of one batch."""
-    from emu.sockets import new_context, pull, push
+    from emu.net.sockets import new_context, pull, push
 
     mpc = mp.get_context("spawn")
     with _ipc_dir() as d:

@@ -1,6 +1,6 @@
 """The emulator under measurement (used by ``bench/run.py`` and ``bench/profile_run.py``).
 
-`run_topology` runs a topology in this process through ``emu.coordinator.Run`` for a fixed duration and
+`run_topology` runs a topology in this process through ``emu.run.coordinator.Run`` for a fixed duration and
 reads its report, while a thread samples the run's child processes (``multiprocessing.active_children()``
 named ``emu-<key>``): peak RSS (``VmHWM``) and private RSS per process, and CPU time (utime + stime), so
 that CPU microseconds per forwarded packet can be split by process kind.  `cli_end_to_end` times
@@ -33,7 +33,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 def load(name: str):
-    from emu.topofile import load_topology
+    from emu.topology.file import load_topology
 
     return load_topology(TOPOLOGIES / f"{name}.yaml")
 
@@ -50,7 +50,7 @@ def l2fwd_variant(cpus: int | None = None, burst: int | None = None, napi_budget
     """The bundled l2fwd topology with some knobs changed by editing its text (then validated as a file);
     `ring` sets every device's RX and TX ring sizes; `program` is (name in emu.programs, its params as
     YAML flow text)."""
-    from emu.topofile import validate_topology_text
+    from emu.topology.file import validate_topology_text
 
     text = (TOPOLOGIES / "l2fwd.yaml").read_text()
     name = ["l2fwd"]
@@ -215,7 +215,7 @@ class Sampler:
 
 def run_topology(topo, duration: float, sample_every: float = 0.25) -> dict:
     """Run `topo` for `duration` seconds and return the numbers the suite reads from its report."""
-    from emu.coordinator import Run, RunOptions
+    from emu.run.coordinator import Run, RunOptions
 
     run = Run(topo, RunOptions(duration=duration, quiet=True))
     sampler = Sampler(run, kinds_of(topo), sample_every)
@@ -260,7 +260,7 @@ def cli_end_to_end(count: int = 20000, topology: str = "l2fwd", timeout: float =
     of `emu run` waits, with the interpreter, the imports and the start of every process in it.  Also the
     interpreter + import time of the CLI alone, for reference."""
     t0 = time.monotonic()
-    subprocess.run([sys.executable, "-c", "import emu.cli, emu.coordinator"], cwd=REPO, check=True,
+    subprocess.run([sys.executable, "-c", "import emu.cli, emu.run.coordinator"], cwd=REPO, check=True,
                    timeout=timeout)
     import_s = time.monotonic() - t0
     cmd = [sys.executable, "-m", "emu.cli", "run", f"topology/{topology}.yaml", "--count", str(count),
@@ -291,7 +291,7 @@ def cli_end_to_end(count: int = 20000, topology: str = "l2fwd", timeout: float =
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(5)
-            from emu.shm import sweep_stale
+            from emu.mem.shm import sweep_stale
 
             sweep_stale()  # the segments of a coordinator that did not finish
     wall = time.monotonic() - t0

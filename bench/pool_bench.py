@@ -41,9 +41,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from emu.pagemem import PageMemory, PoolParams
-from emu.pagepool import pool_of
-from emu.shm import new_run_prefix, unlink_prefix
+from emu.mem.pagemem import PageMemory, PoolParams
+from emu.mem.pagepool import pool_of
+from emu.mem.shm import new_run_prefix, unlink_prefix
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BULK = 64

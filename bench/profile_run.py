@@ -4,7 +4,7 @@
     python bench/profile_run.py [--seconds 8] [--rate 100] [--topology l2fwd] [--no-save]
     python bench/profile_run.py --sweep [--rounds 3] [--seconds 3]    # l2fwd knob sensitivity, no py-spy
 
-Runs the topology in this process (``emu.coordinator.Run``, timed phase by phase for the start-up
+Runs the topology in this process (``emu.run.coordinator.Run``, timed phase by phase for the start-up
 breakdown), and once traffic flows attaches ``py-spy record --nonblocking --format raw`` to each CPU
 worker, device and traffic port for `--seconds`.  Over the same window it reads each process's CPU time
 (``/proc/<pid>/stat``) and the packets the CPUs received, so a function's share of a process's samples
@@ -119,11 +119,11 @@ def parse_raw(text: str) -> tuple[int, collections.Counter, collections.Counter,
 
 
 class TimedRun:
-    """`emu.coordinator.Run` with timestamps of its start-up phases (a subclass made at call time)."""
+    """`emu.run.coordinator.Run` with timestamps of its start-up phases (a subclass made at call time)."""
 
     @staticmethod
     def make(topo, duration: float):
-        from emu.coordinator import Run, RunOptions
+        from emu.run.coordinator import Run, RunOptions
 
         class _Timed(Run):
             def __init__(self, *a, **k) -> None:
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cprofile-child", metavar="REPORT", help=argparse.SUPPRESS)  # see cprofile_run
     args = ap.parse_args(argv)
     if args.cprofile_child:
-        from emu.coordinator import Run, RunOptions
+        from emu.run.coordinator import Run, RunOptions
 
         report = Run(emu_runs.case(args.topology), RunOptions(duration=args.seconds, quiet=True)).run()
         rx = sum(c["rx_packets"] for c in report["cpus"])
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     res = profile(args.topology, args.seconds, args.rate)
     if len(usable_cores()) >= 2:
-        from emu.shm import new_run_prefix
+        from emu.mem.shm import new_run_prefix
 
         res["handover"] = cache_handover(new_run_prefix())
     res["machine"] = machine_info()

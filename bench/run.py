@@ -112,7 +112,7 @@ FIRST_PACKET_LIMIT_S = 1.0
 
 class Suite:
     def __init__(self, cfg: Config) -> None:
-        from emu.shm import new_run_prefix
+        from emu.mem.shm import new_run_prefix
 
         self.cfg = cfg
         self.prefix = new_run_prefix()
@@ -153,7 +153,7 @@ class Suite:
         if self.pool is not None:
             self.pool.close()
             self.pool = None
-        from emu.shm import unlink_prefix
+        from emu.mem.shm import unlink_prefix
 
         unlink_prefix(self.prefix)
 
@@ -385,8 +385,8 @@ def ceilings(r: dict, cores: int) -> dict:
 
 
 def shm_of_l2fwd() -> int:
-    from emu.coordinator import pool_params
-    from emu.pagemem import required_shm_bytes
+    from emu.mem.pagemem import required_shm_bytes
+    from emu.run.coordinator import pool_params
 
     topo = emu_runs.load("l2fwd")
     return sum(required_shm_bytes(h.pages, h.page_size, h.cpus, pool_params(h)) for h in topo.hosts.values())

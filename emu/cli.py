@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from emu.topofile import load_topology  # PyYAML and the schema: only the commands that read a file
+    from emu.topology.file import load_topology  # PyYAML and the schema: only the commands that read a file
 
     topo = load_topology(args.topology)
     if args.json:
@@ -149,7 +149,7 @@ def _check_output(path: str | None) -> None:
 
 
 def _options(args: argparse.Namespace, topo):
-    from emu.coordinator import RunOptions
+    from emu.run.coordinator import RunOptions
 
     _check_output(args.json)
     to_stdout = args.json == "-"
@@ -201,12 +201,12 @@ def _finish(args: argparse.Namespace, report: dict) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from emu import launch
+    from emu.run import launch
 
     launch.prestart()  # the workers' fork server imports their modules while this process imports its own
-    from emu.coordinator import Run
-    from emu.procname import set_title
-    from emu.topofile import load_topology
+    from emu.run.coordinator import Run
+    from emu.run.procname import set_title
+    from emu.topology.file import load_topology
 
     opts, topo = _options(args, load_topology(args.topology))
     set_title(f"run {topo.name}")
@@ -214,9 +214,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
-    from emu.cluster import Cluster
-    from emu.procname import set_title
-    from emu.topofile import load_topology
+    from emu.cluster.cluster import Cluster
+    from emu.run.procname import set_title
+    from emu.topology.file import load_topology
 
     opts, topo = _options(args, load_topology(args.topology))
     set_title(f"coordinator {topo.name}")
@@ -226,11 +226,11 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def cmd_host(args: argparse.Namespace) -> int:
-    from emu import launch
+    from emu.run import launch
 
     launch.prestart()
-    from emu.hostagent import AgentOptions, HostAgent
-    from emu.procname import set_title
+    from emu.cluster.hostagent import AgentOptions, HostAgent
+    from emu.run.procname import set_title
 
     set_title(f"host {args.name}")
     opts = AgentOptions(listen=args.listen, advertise=args.advertise, link_port=args.link_port,
@@ -240,7 +240,7 @@ def cmd_host(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from emu.security import generate_keys
+    from emu.net.security import generate_keys
 
     public, secret = generate_keys(args.directory, force=args.force)
     print(f"wrote {public} and {secret}: copy the directory to the coordinator and every host, and pass "
@@ -249,7 +249,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    from emu.shm import sweep_stale
+    from emu.mem.shm import sweep_stale
 
     removed = sweep_stale()
     print(f"removed {len(removed)} stale shared-memory segments" + (": " + ", ".join(removed) if removed else ""))

@@ -2,7 +2,7 @@
 
 Kept small and generic.  Every name a test creates starts with its `run_prefix` (which carries the
 creating pid and a random token), so tests run in parallel (pytest-xdist) never collide, and
-`emu.shm.sweep_stale` can remove what a killed run left behind.
+`emu.mem.shm.sweep_stale` can remove what a killed run left behind.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from emu.pagemem import PageMemory, PoolParams
-from emu.shm import new_run_prefix, unlink_prefix
+from emu.mem.pagemem import PageMemory, PoolParams
+from emu.mem.shm import new_run_prefix, unlink_prefix
 
 
 @pytest.fixture

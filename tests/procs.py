@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from emu.shm import PREFIX, SHM_DIR
+from emu.mem.shm import PREFIX, SHM_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 60.0
@@ -37,7 +37,7 @@ def children_of(pid: int) -> list[int]:
 
 
 def descendants_of(pid: int) -> list[int]:
-    """Every live process below `pid`: a run's workers are forked by its fork server (`emu.launch`), so
+    """Every live process below `pid`: a run's workers are forked by its fork server (`emu.run.launch`), so
     they are the coordinator's grandchildren."""
     out, todo = [], [pid]
     while todo:

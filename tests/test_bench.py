@@ -23,7 +23,7 @@ if str(REPO) not in sys.path:
 
 from bench import baselines, emu_runs  # noqa: E402
 from bench import run as suite  # noqa: E402
-from emu.shm import SHM_DIR, new_run_prefix, unlink_prefix  # noqa: E402
+from emu.mem.shm import SHM_DIR, new_run_prefix, unlink_prefix  # noqa: E402
 
 
 def _our_segments() -> set[str]:

@@ -18,7 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from emu.bpfmaps import (
+from emu.mem.shm import SHM_DIR, new_run_prefix, segments_with_prefix
+from emu.xdp.bpfmaps import (
     BPF_ANY,
     BPF_EXIST,
     BPF_NOEXIST,
@@ -32,7 +33,6 @@ from emu.bpfmaps import (
     PerCpuHashMap,
     populate,
 )
-from emu.shm import SHM_DIR, new_run_prefix, segments_with_prefix
 
 CTX = mp.get_context("spawn")
 DEADLINE = 120.0

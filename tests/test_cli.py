@@ -17,18 +17,18 @@ import pytest
 from procs import ROOT
 
 from emu import cli
-from emu.bpfmaps import MapError
-from emu.control import ControlError
-from emu.coordinator import RunError
+from emu.cluster.control import ControlError
+from emu.cluster.hostagent import CoordinatorLost
 from emu.errors import BadInputError, EmuError, ProcessFailure, ResourceError, exit_status
-from emu.hostagent import CoordinatorLost
-from emu.pagemem import PageError
-from emu.pagepool import ForeignRecycleError, PoolOwnershipError
-from emu.security import KeyFileError
-from emu.shm import ShmSpaceError
-from emu.topology import TopologyError
-from emu.wire import WireError
-from workers.common import InjectedFault, last_words
+from emu.mem.pagemem import PageError
+from emu.mem.pagepool import ForeignRecycleError, PoolOwnershipError
+from emu.mem.shm import ShmSpaceError
+from emu.net.security import KeyFileError
+from emu.net.wire import WireError
+from emu.run.coordinator import RunError
+from emu.run.process import InjectedFault, last_words
+from emu.topology.model import TopologyError
+from emu.xdp.bpfmaps import MapError
 
 GOOD = ROOT / "topology" / "l2fwd.yaml"
 

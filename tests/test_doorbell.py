@@ -1,4 +1,4 @@
-"""Doorbells (`emu.doorbell`): a producer that fills a ring past the consumer's threshold wakes its poll
+"""Doorbells (`emu.net.doorbell`): a producer that fills a ring past the consumer's threshold wakes its poll
 through the consumer's doorbell, not its socket; bells pile up into one wake-up; a bell to a consumer
 that is gone, or to one whose queue is full, is dropped without an error; a process elsewhere rings
 it by the token it finds in the ring."""
@@ -9,8 +9,8 @@ import multiprocessing
 
 import zmq
 
-from emu import doorbell, shmring
-from emu.shmring import Channel, Inbox, MsgRing
+from emu.net import doorbell, shmring
+from emu.net.shmring import Channel, Inbox, MsgRing
 
 
 def test_a_bell_wakes_a_poll_and_is_taken_by_the_wait() -> None:

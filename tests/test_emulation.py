@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from emu.coordinator import Run, RunOptions
-from emu.report import summary
-from emu.shm import PREFIX, SHM_DIR
-from emu.topofile import load_topology, validate_topology_text
+from emu.mem.shm import PREFIX, SHM_DIR
+from emu.run.coordinator import Run, RunOptions
+from emu.run.report import summary
+from emu.topology.file import load_topology, validate_topology_text
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPO = ROOT / "topology"

@@ -26,12 +26,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from procs import DEADLINE, ROOT, Lines, alive, descendants_of, received, segments_of, start_cli, wait_for, wait_traffic
 
-from emu import wire
-from emu.coordinator import Run, RunOptions
-from emu.pagemem import DESC_DTYPE, PageState
-from emu.pagepool import pool_of
-from emu.shm import PREFIX, sweep_stale
-from emu.topofile import load_topology, validate_topology_text
+from emu.mem.pagemem import DESC_DTYPE, PageState
+from emu.mem.pagepool import pool_of
+from emu.mem.shm import PREFIX, sweep_stale
+from emu.net import wire
+from emu.run.coordinator import Run, RunOptions
+from emu.topology.file import load_topology, validate_topology_text
 
 pytestmark = pytest.mark.slow
 
@@ -361,7 +361,7 @@ links:
 def test_pool_exhaustion_drops_and_counts_but_never_hangs(reliability) -> None:
     """256 pages for two 1024-entry RX rings and slow TX completions: the page allocator runs dry, RX
     refills fall short, frames are dropped and counted, and the run still ends with every page home."""
-    # Validation refuses fewer pages than the rings need (emu.schema.min_pages); the data path must still
+    # Validation refuses fewer pages than the rings need (emu.topology.schema.min_pages); the data path must still
     # survive them (a topology built through the Python API is not validated), so shrink after validating.
     topo = validate_topology_text(EXHAUST.replace("pages: 256", "pages: 2304"), "x.yaml")
     topo = dataclasses.replace(topo, hosts={"h1": dataclasses.replace(topo.hosts["h1"], pages=256)})
@@ -421,7 +421,7 @@ def test_pages_a_kill_tore_out_of_a_cache_go_back_to_the_allocator(reliability) 
     """A CPU killed inside an alloc, after its cache's count dropped but before the pages taken got their
     new state, leaves pages marked CACHE in no cache.  After every process exited the coordinator finds
     them (every cache and ring is empty by then) and gives them back: the strict audit is clean."""
-    from emu.pagemem import P_CACHE_COUNT
+    from emu.mem.pagemem import P_CACHE_COUNT
 
     run = Run(validate_topology_text(KILL, "kill.yaml"), RunOptions(quiet=True))
     try:

@@ -43,12 +43,12 @@ from hypothesis import strategies as st
 from procs import ROOT, descendants_of, segments_of
 from test_emulation import assert_clean
 
-from emu.packets import MIN_PKT_SIZE
-from emu.protocol import XDP_PACKET_HEADROOM
-from emu.schema import SECTIONS
-from emu.schema import min_pages as schema_min_pages
-from emu.shm import sweep_stale, unlink_prefix
-from emu.topofile import validate_topology_text
+from emu.mem.shm import sweep_stale, unlink_prefix
+from emu.net.packets import MIN_PKT_SIZE
+from emu.net.protocol import XDP_PACKET_HEADROOM
+from emu.topology.file import validate_topology_text
+from emu.topology.schema import SECTIONS
+from emu.topology.schema import min_pages as schema_min_pages
 
 CI_EXAMPLES = 30
 EXAMPLES = int(os.environ.get("EMU_GENERATED_EXAMPLES", "0") or 0)
@@ -62,7 +62,7 @@ PROGRAMS = ("xdp_drop", "xdp_pass", "xdp_tx", "l2fwd", "l2fwd_map")
 def min_pages(host: Any) -> int:
     """The fewest pages the validator accepts for `host` (anything with ``cpus``, ``pool.cache_size``
     and ``devices`` of ``rx_queues`` and ``rx_ring_size``, like `emu.topology.HostConfig`): the schema's
-    `emu.schema.min_pages`, and never below the least ``pages`` the schema allows at all."""
+    `emu.topology.schema.min_pages`, and never below the least ``pages`` the schema allows at all."""
     return max(SECTIONS["host"]["pages"].lo, schema_min_pages(host))
 
 
@@ -245,8 +245,8 @@ def topologies(draw: st.DrawFn) -> str:
 # than its rings need (which the validator refuses) must still never hang the data path.
 UNDERSIZED = """
 import dataclasses, json, sys
-from emu.coordinator import Run, RunOptions
-from emu.topofile import load_topology
+from emu.run.coordinator import Run, RunOptions
+from emu.topology.file import load_topology
 path, out, host, pages = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 topo = load_topology(path)
 topo = dataclasses.replace(topo, hosts={**topo.hosts, host: dataclasses.replace(topo.hosts[host], pages=pages)})

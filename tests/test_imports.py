@@ -1,12 +1,13 @@
-"""The project's import graph: no module import cycle, and no worker process imports another.
+"""The project's import graph: no module import cycle, no package importing a higher layer, and workers/
+holding processes only, none of which imports another.
 
 The graph is read from the source with `ast`, not by importing anything, so a cycle that Python happens
 to survive today (one side importing lazily, inside a function) is found as well: a function-level import
 is an edge like any other, since the two modules still cannot be understood, tested or moved apart.  Only
 imports under ``if TYPE_CHECKING:`` are left out: they exist for the type checker and never run.
 
-A module is a node named by its dotted name (``emu.pagepool``); ``from emu import wire`` is an edge to
-``emu.wire`` when that is a module, else to the package ``emu`` itself.
+A module is a node named by its dotted name (``emu.mem.pagepool``); ``from emu.net import wire`` is an edge
+to ``emu.net.wire`` when that is a module, else to the package ``emu.net`` itself.
 """
 
 from __future__ import annotations
@@ -19,9 +20,30 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("emu", "workers")
 
-# The libraries workers/ still holds besides its processes (to move out of workers/ later); a process
-# module may import these, and nothing else of workers/.
-WORKER_LIBRARIES = {"workers.common", "workers.link"}
+# The layers of the project, lowest first: a module may import its own layer and the layers below it,
+# never one above (a function-level import counts; ``if TYPE_CHECKING:`` ones do not, as for cycles).
+# Each unit is a package of emu (every module under it), a top-level module of emu, or workers/.  The
+# units of one layer import each other (not in a module cycle, which the test above forbids):
+# - errors: the exception tree, imported by everything; `emu` itself is only the version.
+# - mem, net: page memory and pools, and transport.  `pagemem` and `pagepool` take the holder codes from
+#   the protocol (`emu.net.protocol`), and the message rings (`emu.net.shmring`) live in `emu.mem.shm`
+#   segments; neither knows of topologies, XDP or processes.
+# - topology, xdp, programs, datapath: what to emulate, the XDP programs' world, and the process-free
+#   cores of a CPU and a device.  The topology's model is below XDP (`emu.xdp.runtime` attaches programs
+#   per `DeviceConfig`, `load_program` resolves ``module:function`` names through it) and reading a file is
+#   above it (`emu.topology.file` and `schema` load the programs a file names, and their maps).
+# - run, workers: a run on one machine and its processes.  The coordinator starts the worker modules
+#   (their ``main``), and the workers take their `ProcSpec`, pinning and stats rows from `emu.run`.
+# - cluster: a run over several machines, each one a `Run`.
+# - cli: the ``emu`` command, over everything.
+LAYERS: list[set[str]] = [
+    {"emu", "emu.errors"},
+    {"emu.mem", "emu.net"},
+    {"emu.topology", "emu.xdp", "emu.programs", "emu.datapath"},
+    {"emu.run", "workers"},
+    {"emu.cluster"},
+    {"emu.cli"},
+]
 
 
 def _modules() -> dict[str, Path]:
@@ -147,9 +169,57 @@ def test_no_import_cycle() -> None:
 
 def test_no_worker_imports_another_worker() -> None:
     graph = import_graph()
-    processes = {m for m in graph if m.startswith("workers.") and m not in WORKER_LIBRARIES}
+    processes = {m for m in graph if m.startswith("workers.")}
     bad = {m: sorted(graph[m] & processes) for m in sorted(processes) if graph[m] & processes}
     assert not bad, f"worker processes importing other workers: {bad}"
+
+
+def _is_process(tree: ast.Module) -> bool:
+    """Whether a module has a process's entry point: a module-level ``def main(spec)``."""
+    return any(
+        isinstance(node, ast.FunctionDef) and node.name == "main"
+        and [a.arg for a in node.args.posonlyargs + node.args.args] == ["spec"]
+        for node in tree.body
+    )
+
+
+def test_workers_holds_processes_only() -> None:
+    """Every module under workers/ is a process the coordinator starts, with a ``main(spec)``; libraries
+    live in emu (`emu.run.process`, `emu.net.link`)."""
+    not_processes = [
+        name for name, path in _modules().items()
+        if name.startswith("workers.") and not _is_process(ast.parse(path.read_text(), str(path)))
+    ]
+    assert not not_processes, f"modules in workers/ without a main(spec) entry point: {not_processes}"
+
+
+def layer_of(module: str) -> int | None:
+    """The index in `LAYERS` of the unit `module` belongs to (the longest unit it is or lies in)."""
+    name = module
+    while name:
+        for i, layer in enumerate(LAYERS):
+            if name in layer:
+                return i
+        name = name.rpartition(".")[0]
+    return None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """``"a -> b"`` for every import of a module in a higher layer than the importer's."""
+    return [
+        f"{m} -> {d}" for m in sorted(graph) for d in sorted(graph[m])
+        if (lm := layer_of(m)) is not None and (ld := layer_of(d)) is not None and ld > lm
+    ]
+
+
+def test_every_module_has_a_layer() -> None:
+    unplaced = sorted(m for m in import_graph() if layer_of(m) is None)
+    assert not unplaced, f"modules in no layer of LAYERS (add their package to one): {unplaced}"
+
+
+def test_no_upward_import() -> None:
+    found = upward_imports(import_graph())
+    assert not found, "imports of a higher layer: " + "; ".join(found)
 
 
 # -- the checker itself ------------------------------------------------------------------------------
@@ -178,3 +248,30 @@ def _graph_of(sources: dict[str, str]) -> dict[str, set[str]]:
 )
 def test_cycle_finder(sources: dict[str, str], expected: list[list[str]]) -> None:
     assert cycles(_graph_of(sources)) == expected
+
+
+@pytest.mark.parametrize(
+    ("sources", "expected"),
+    [
+        ({"emu.mem.pagepool": "from emu.run.stats import StatsRow", "emu.run.stats": "from emu.mem import shm"},
+         ["emu.mem.pagepool -> emu.run.stats"]),
+        ({"emu.mem.shm": "def f():\n    from emu.cli import main", "emu.cli": ""}, ["emu.mem.shm -> emu.cli"]),
+        ({"emu.net.netem": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from emu.topology import T",
+          "emu.topology": ""}, []),
+        ({"emu.mem.pagemem": "from emu.net.protocol import NO_HOLDER", "emu.net.protocol": ""}, []),
+        ({"workers.cpu": "from emu.run.process import ProcSpec", "emu.run.coordinator": "from workers import cpu",
+          "emu.run.process": ""}, []),
+    ],
+    ids=["upward", "function-level", "type-checking-only", "same-layer", "run-and-workers"],
+)
+def test_layer_checker(sources: dict[str, str], expected: list[str]) -> None:
+    assert upward_imports(_graph_of(sources)) == expected
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [("def main(spec):\n    pass", True), ("def main(spec: ProcSpec) -> None:\n    pass", True),
+     ("def main():\n    pass", False), ("class Link:\n    def main(self, spec): pass", False), ("X = 1", False)],
+)
+def test_process_finder(source: str, expected: bool) -> None:
+    assert _is_process(ast.parse(source)) is expected

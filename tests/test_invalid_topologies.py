@@ -2,9 +2,9 @@
 
 The strategy draws a small valid topology (one host, two devices, a bundled program, a generator and a
 sink) written out in block style so that every key has a line of its own, then breaks exactly one thing:
-an int just past a bound that `emu.schema` declares (so a changed bound is tested automatically), a value
+an int just past a bound that `emu.topology.schema` declares (so a changed bound is tested automatically), a value
 of the wrong type, an unknown key, a dangling name (link endpoint, egress device, devmap value, rx_cpus
-entry), fewer pages than `emu.schema.min_pages`, or an alias bomb.  ``emu validate`` must exit 2 with one
+entry), fewer pages than `emu.topology.schema.min_pages`, or an alias bomb.  ``emu validate`` must exit 2 with one
 ``FILE:LINE: message`` line naming the line of the offending key or value, no traceback, and nothing
 started: no process, no shared-memory segment.
 """
@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 from procs import ROOT, descendants_of, segments_of
 from test_schema import L2FWD
 
-from emu import schema
 from emu.cli import main
-from emu.topofile import validate_topology_text
+from emu.topology import schema
+from emu.topology.file import validate_topology_text
 
 PROGRAMS = ("xdp_drop", "xdp_tx", "l2fwd", "l2fwd_map", "l2fwd_filter")
 
@@ -132,7 +132,7 @@ _SECTION_TAG = {"host": "host", "pool": "pool", "device": "eth0", "generate": "g
 
 
 def _bound_cases() -> list[tuple[str, str, int]]:
-    """(tag section, key, value just past a bound) for every int key with static bounds in `emu.schema`."""
+    """(tag section, key, value just past a bound) for every int key with static bounds in `emu.topology.schema`."""
     cases = []
     for section, key in schema.int_keys():
         assert key.lo is not None and key.hi is not None
@@ -197,7 +197,7 @@ def invalid_docs(draw: st.DrawFn) -> tuple[str, int, str]:
             d.lines[i] = d.lines[i].replace("eth1", "eth9")
         return d.text(), i + 1, f"dangling {tag}"
     if kind == "pages":
-        # Grow eth0's RX ring so the pages no longer cover rings and caches (emu.schema.min_pages).
+        # Grow eth0's RX ring so the pages no longer cover rings and caches (emu.topology.schema.min_pages).
         i = d.tags[("eth0", "rx_ring_size")]
         d.lines[i] = f"        rx_ring_size: {schema.DEVICE['rx_ring_size'].hi}"
         return d.text(), d.tags[("host", "pages")] + 1, "pages below min_pages"
@@ -262,8 +262,8 @@ def test_every_bound_is_pushed_past() -> None:
 
 def test_mutations_of_the_bundled_topologies_are_refused(tmp_path: Path) -> None:
     """Each bundled file with an unknown key added before each top-level key is refused at that line, and
-    with its pages one below `emu.schema.min_pages` at the line of its pages."""
-    from emu.topofile import load_topology
+    with its pages one below `emu.topology.schema.min_pages` at the line of its pages."""
+    from emu.topology.file import load_topology
 
     for f in sorted((ROOT / "topology").glob("*.yaml")):
         lines = f.read_text().splitlines()

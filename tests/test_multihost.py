@@ -18,8 +18,9 @@ import pytest
 import zmq
 from procs import DEADLINE, ROOT, alive, descendants_of, segments_of, wait_for
 
-from emu import control, security
-from emu.shm import sweep_stale
+from emu.cluster import control
+from emu.mem.shm import sweep_stale
+from emu.net import security
 
 pytestmark = pytest.mark.slow
 TOPO = "topology/multihost.yaml"

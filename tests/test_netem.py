@@ -12,9 +12,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from emu.netem import LinkShaper
-from emu.topofile import validate_topology_text
-from emu.topology import (
+from emu.net.netem import LinkShaper
+from emu.topology.file import validate_topology_text
+from emu.topology.model import (
     Endpoint,
     LinkConfig,
     LinkImpairment,

@@ -1,4 +1,4 @@
-"""Unit tests for emu.packets: frame layout (checked with dpkt), verification, RSS, SeqTracker, Pacer."""
+"""Unit tests for emu.net.packets: frame layout (checked with dpkt), verification, RSS, SeqTracker, Pacer."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emu import packets
-from emu.packets import (
+from emu.net import packets
+from emu.net.packets import (
     MAGIC,
     MAX_PORT,
     MIN_PKT_SIZE,

@@ -1,4 +1,4 @@
-"""Unit tests of the per-CPU page pool (`emu.pagepool`) and the page memory under it (`emu.pagemem`).
+"""Unit tests of the per-CPU page pool (`emu.mem.pagepool`) and the page memory under it (`emu.mem.pagemem`).
 
 Counter semantics are the kernel's (net/core/page_pool.c, under the names of ``struct page_pool_stats``),
 per page:
@@ -18,8 +18,8 @@ import sys
 import numpy as np
 import pytest
 
-from emu import shm
-from emu.pagemem import (
+from emu.mem import shm
+from emu.mem.pagemem import (
     DESC_DTYPE,
     H_EXTRA_REFS,
     P_CACHE_COUNT,
@@ -31,7 +31,7 @@ from emu.pagemem import (
     PoolParams,
     concat_descs,
 )
-from emu.pagepool import POOL_COUNTERS, ForeignRecycleError, PoolOwnershipError, pool_of, return_pages
+from emu.mem.pagepool import POOL_COUNTERS, ForeignRecycleError, PoolOwnershipError, pool_of, return_pages
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -969,7 +969,7 @@ def test_pool_size_zero_means_1024() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# bugs found (these fail until emu/pagemem.py is fixed; see the report)
+# bugs found (these fail until emu/mem/pagemem.py is fixed; see the report)
 
 
 def test_alloc_pages_bulk_negative_count_is_harmless(page_memory) -> None:

@@ -14,8 +14,8 @@ import time
 import numpy as np
 import pytest
 
-from emu.pagemem import PageError, PageMemory, PageState, PoolParams
-from emu.pagepool import PoolOwnershipError, pool_of
+from emu.mem.pagemem import PageError, PageMemory, PageState, PoolParams
+from emu.mem.pagepool import PoolOwnershipError, pool_of
 
 pytestmark = pytest.mark.slow
 

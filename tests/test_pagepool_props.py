@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from emu.pagemem import IN_USE, C, PageError, PageMemory, PageState, PoolParams
-from emu.pagepool import ForeignRecycleError, pool_of, return_pages
-from emu.shm import new_run_prefix, unlink_prefix
+from emu.mem.pagemem import IN_USE, C, PageError, PageMemory, PageState, PoolParams
+from emu.mem.pagepool import ForeignRecycleError, pool_of, return_pages
+from emu.mem.shm import new_run_prefix, unlink_prefix
 
 NPAGES = 96
 ERROR_COUNTERS = ("double_free", "stale_generation", "bad_page", "foreign_cache_return")

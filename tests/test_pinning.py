@@ -1,4 +1,4 @@
-"""`workers.common.pin`: a worker runs on one core under SCHED_BATCH (it must not preempt the producer
+"""`emu.run.process.pin`: a worker runs on one core under SCHED_BATCH (it must not preempt the producer
 that woke it), whatever core number the topology gives it."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 
-from workers.common import pin
+from emu.run.process import pin
 
 
 def _pin_and_report(core: int, q) -> None:

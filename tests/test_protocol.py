@@ -1,4 +1,4 @@
-"""The host's inter-process protocol (`emu.protocol`): defined once, consistent, and what the stats rows use."""
+"""The host's inter-process protocol (`emu.net.protocol`): defined once, consistent, and what the stats rows use."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from emu import protocol
-from emu.protocol import (
+from emu.net import protocol
+from emu.net.protocol import (
     CMD,
     CONTROL,
     CPU_KINDS,
@@ -27,8 +27,8 @@ from emu.protocol import (
     ProcState,
     device_code,
 )
-from emu.schema import MAX_CPUS
-from emu.stats import StatsTable
+from emu.run.stats import StatsTable
+from emu.topology.schema import MAX_CPUS
 
 ROOT = Path(__file__).resolve().parent.parent
 # Names only the protocol may define: a worker defining its own copy is how the three headrooms and the
@@ -57,12 +57,12 @@ def _defined_names(path: Path) -> set[str]:
 def test_protocol_names_are_defined_only_in_the_protocol() -> None:
     here = {p.relative_to(ROOT).as_posix(): _defined_names(p) & PROTOCOL_NAMES
             for pkg in ("emu", "workers") for p in sorted((ROOT / pkg).rglob("*.py"))}
-    elsewhere = {path: sorted(names) for path, names in here.items() if names and path != "emu/protocol.py"}
-    assert not elsewhere, f"protocol names defined outside emu/protocol.py: {elsewhere}"
+    elsewhere = {path: sorted(names) for path, names in here.items() if names and path != "emu/net/protocol.py"}
+    assert not elsewhere, f"protocol names defined outside emu/net/protocol.py: {elsewhere}"
 
 
 def test_protocol_imports_nothing_of_the_project() -> None:
-    tree = ast.parse((ROOT / "emu" / "protocol.py").read_text())
+    tree = ast.parse((ROOT / "emu" / "net" / "protocol.py").read_text())
     imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert not [m for m in imported if m.split(".")[0] in ("emu", "workers")]

@@ -1,4 +1,4 @@
-"""Dead-worker reclaim (`emu.reclaim`) on a bare PageMemory.
+"""Dead-worker reclaim (`emu.mem.reclaim`) on a bare PageMemory.
 
 No process runs here: the pages a dead CPU or device would have stranded are put in place by hand (a
 pool allocates them in the state and with the holder the worker would have written), each reclaim is
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from emu import reclaim
-from emu.pagemem import P_CACHE_COUNT, P_RING_HEAD, P_RING_TAIL, PageState
-from emu.pagepool import pool_of
-from emu.protocol import device_code
+from emu.mem import reclaim
+from emu.mem.pagemem import P_CACHE_COUNT, P_RING_HEAD, P_RING_TAIL, PageState
+from emu.mem.pagepool import pool_of
+from emu.net.protocol import device_code
 
 S = PageState
 

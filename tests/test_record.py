@@ -1,13 +1,13 @@
-"""The report built from a run's record (`emu.report.RunRecord`), without a process: one record type and
+"""The report built from a run's record (`emu.run.report.RunRecord`), without a process: one record type and
 one builder for a run on this machine and for a multi-host run, so their reports cannot drift apart."""
 
 from __future__ import annotations
 
-from emu import report as rep
-from emu.pagemem import PageState
-from emu.pagepool import pool_of
-from emu.stats import StatsTable
-from emu.topofile import validate_topology_text
+from emu.mem.pagemem import PageState
+from emu.mem.pagepool import pool_of
+from emu.run import report as rep
+from emu.run.stats import StatsTable
+from emu.topology.file import validate_topology_text
 
 TOPO = """
 name: rec

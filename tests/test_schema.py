@@ -1,4 +1,4 @@
-"""emu.schema: the README agrees with it, and every case of issue 15 is refused at validation with its line."""
+"""emu.topology.schema: the README agrees with it, and every case of issue 15 is refused at validation with its line."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from procs import segments_of
 
-import emu.packets
-from emu import schema
+import emu.net.packets
 from emu.errors import BadInputError
-from emu.topofile import validate_topology_text
-from emu.topology import TopologyError
-from emu.xdp import ParamSpec, Program, xdp_program
+from emu.topology import schema
+from emu.topology.file import validate_topology_text
+from emu.topology.model import TopologyError
+from emu.xdp.context import ParamSpec, Program, xdp_program
 
 BASE = """\
 name: t
@@ -55,7 +55,7 @@ def refused(text: str, line: int, fragment: str) -> TopologyError:
 
 def test_readme_tables_are_what_the_schema_generates() -> None:
     text = schema.README.read_text()
-    assert schema.render_readme(text, schema.markdown()) == text, "run: python -m emu.schema --markdown"
+    assert schema.render_readme(text, schema.markdown()) == text, "run: python -m emu.topology.schema --markdown"
     assert schema.main(["--check"]) == 0
 
 
@@ -119,7 +119,7 @@ def test_recycle_limit_past_what_a_pool_can_keep() -> None:
 
 def test_count_past_what_a_sink_tracks() -> None:
     refused(BASE.replace("count: 10", "count: 8589934592"), 17,
-            f"'count' must be between 0 and {emu.packets.SeqTracker.MAX_TRACKED}")
+            f"'count' must be between 0 and {emu.net.packets.SeqTracker.MAX_TRACKED}")
 
 
 def test_ifindex_past_u32() -> None:
@@ -166,7 +166,7 @@ def test_program_whose_maps_are_not_mapspecs(program_module) -> None:
         prog.maps = {"m": "not a MapSpec"}
     """)
     text = L2FWD.replace('"emu.programs:l2fwd"', f'"{mod}:prog"')
-    refused(text, 11, "'maps' must map names to emu.bpfmaps.MapSpec")
+    refused(text, 11, "'maps' must map names to emu.xdp.bpfmaps.MapSpec")
 
 
 def test_undeclared_program_takes_any_params_but_its_setup_hook_runs(program_module) -> None:
@@ -244,11 +244,11 @@ def test_param_spec_checks() -> None:
 
 
 def test_packets_docstring_lists_the_payload_header_fields_in_order() -> None:
-    doc = emu.packets.__doc__ or ""
+    doc = emu.net.packets.__doc__ or ""
     m = re.search(r"magic u32 .*? \| port u16 : seq u48 \| flow u16 \| frame length u16 \|", doc)
     assert m is not None, doc
-    dt = emu.packets.PAYLOAD_HDR_DTYPE
+    dt = emu.net.packets.PAYLOAD_HDR_DTYPE
     assert dt.names == ("magic", "seq", "flow", "len")
     assert [dt[n].itemsize * 8 for n in dt.names] == [32, 64, 16, 16] and dt.itemsize == 16
     assert np.dtype(dt).isalignedstruct is False
-    assert emu.packets.PORT_SHIFT == 48 and emu.packets.MAX_PORT == 0xFFFF  # the u64 word: port u16 : seq u48
+    assert emu.net.packets.PORT_SHIFT == 48 and emu.net.packets.MAX_PORT == 0xFFFF  # the u64 word: port u16 : seq u48

@@ -22,7 +22,7 @@ import zmq
 import zmq.auth
 from zmq.utils import z85
 
-from emu.security import (
+from emu.net.security import (
     PUBLIC_NAME,
     SECRET_NAME,
     ZAP_ENDPOINT,

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 import pytest
 import zmq
 
-from emu import shmring, wire
-from emu.packets import FrameBatch
-from emu.shmring import BELL_MSG, Channel, Inbox, MsgRing
-from workers.link import LINK_BYTES, LinkReceiver, LinkSender
+from emu.net import shmring, wire
+from emu.net.link import LINK_BYTES, LinkReceiver, LinkSender
+from emu.net.packets import FrameBatch
+from emu.net.shmring import BELL_MSG, Channel, Inbox, MsgRing
 
 
 @pytest.fixture

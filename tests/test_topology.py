@@ -11,9 +11,9 @@ from pathlib import Path
 import msgpack
 import pytest
 
-import emu.topology as topology_mod
-from emu.topofile import load_topology, validate_topology_text
-from emu.topology import (
+import emu.topology.model as topology_mod
+from emu.topology.file import load_topology, validate_topology_text
+from emu.topology.model import (
     DeviceConfig,
     Endpoint,
     GeneratorConfig,
@@ -194,7 +194,7 @@ def test_explicit_values() -> None:
           h1:
             cpus: 4
             cpu_affinity: [3, 2, 1, 0]
-            pages: 4352  # emu.schema.min_pages: 3 x 8 + 4 x 1024 RX descriptors + 4 x 32 cached pages
+            pages: 4352  # emu.topology.schema.min_pages: 3 x 8 + 4 x 1024 RX descriptors + 4 x 32 cached pages
             page_size: 2048
             napi_budget: 8
             redirect_bulk: 4

@@ -1,4 +1,4 @@
-"""Unit and property tests for emu.wire: round trips, and every malformed message is a WireError."""
+"""Unit and property tests for emu.net.wire: round trips, and every malformed message is a WireError."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from emu import wire
-from emu.packets import FrameBatch, FrameFactory, verify_batch
-from emu.wire import WIRE_VERSION, WireError, pack_frames, pack_msg, unpack_frames, unpack_msg
+from emu.net import wire
+from emu.net.packets import FrameBatch, FrameFactory, verify_batch
+from emu.net.wire import WIRE_VERSION, WireError, pack_frames, pack_msg, unpack_frames, unpack_msg
 
 DESC = np.dtype(
     [("page", "<u4"), ("gen", "<u4"), ("off", "<u4"), ("len", "<u4"), ("owner", "<u2"), ("aux", "<u2")]

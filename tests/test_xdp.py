@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 from emu import programs
-from emu.bpfmaps import MapSet, MapSpec, populate
-from emu.pagemem import PageSpans
-from emu.protocol import XDP_PACKET_HEADROOM as HEADROOM
-from emu.shm import segments_with_prefix
-from emu.xdp import (
+from emu.mem.pagemem import PageSpans
+from emu.mem.shm import segments_with_prefix
+from emu.net.protocol import XDP_PACKET_HEADROOM as HEADROOM
+from emu.xdp.bpfmaps import MapSet, MapSpec, populate
+from emu.xdp.context import (
     XDP_ABORTED,
     XDP_DROP,
     XDP_PASS,
@@ -320,7 +320,7 @@ def test_l2fwd_filter_drops_denied_ports_and_forwards_the_rest(loaded: Loader) -
 def test_workers_load_no_packet_library_until_a_program_needs_one() -> None:
     """dpkt (4.5 MB and 45 ms a process) is imported by l2fwd_filter's setup, not with the programs: a
     CPU worker running any other program never loads it, nor PyYAML."""
-    code = ("import sys, workers.cpu, workers.device, emu.programs, emu.xdp_runtime; "
+    code = ("import sys, workers.cpu, workers.device, emu.programs, emu.xdp.runtime; "
             "print(sorted(m for m in ('dpkt', 'yaml') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

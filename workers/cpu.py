@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from emu import doorbell, wire
-from emu.pagemem import DESC_DTYPE, PageMemory, PageSpans, PageState, concat_descs, descs_from_bytes
-from emu.pagepool import pool_of, return_pages
-from emu.protocol import (
+from emu.mem.pagemem import DESC_DTYPE, PageMemory, PageSpans, PageState, concat_descs, descs_from_bytes
+from emu.mem.pagepool import pool_of, return_pages
+from emu.net import doorbell, wire
+from emu.net.protocol import (
     CMD,
     CPU_KINDS,
     DEVICE_BIT,
@@ -48,10 +48,19 @@ from emu.protocol import (
     device_code,
     refill_batch,
 )
-from emu.shmring import IDLE_POLL_MS, Channel, Inbox
-from emu.sockets import new_context, pull
-from emu.stats import StatsRow, StatsTable
-from emu.xdp import (
+from emu.net.shmring import IDLE_POLL_MS, Channel, Inbox
+from emu.net.sockets import new_context, pull
+from emu.run.process import (
+    Liveness,
+    ProcSpec,
+    WarnOnce,
+    attach_rings,
+    channel,
+    pin,
+    run_process,
+)
+from emu.run.stats import StatsRow, StatsTable
+from emu.xdp.context import (
     XDP_ABORTED,
     XDP_DROP,
     XDP_PASS,
@@ -60,15 +69,6 @@ from emu.xdp import (
     XdpBatch,
     classify_verdict,
     classify_verdicts,
-)
-from workers.common import (
-    Liveness,
-    ProcSpec,
-    WarnOnce,
-    attach_rings,
-    channel,
-    pin,
-    run_process,
 )
 
 # NAPI polls (of napi_budget packets per queue each) whose TX/redirect bulks go out in one message: up
@@ -182,7 +182,7 @@ class CpuWorker:
     # -- set-up -----------------------------------------------------------------------------------
 
     def _load_programs(self) -> None:
-        from emu.xdp_runtime import make_context, program_for
+        from emu.xdp.runtime import make_context, program_for
 
         ifindex_of = {name: t.ifindex for name, t in self.by_name.items()}
         for name, dev in self.host.devices.items():

@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from emu import doorbell, security, wire
-from emu.netem import LinkShaper
-from emu.packets import FrameBatch, rss_queue
-from emu.pagemem import DESC_DTYPE, PageMemory, PageSpans, PageState, concat_descs, descs_from_bytes
-from emu.protocol import (
+from emu.mem.pagemem import DESC_DTYPE, PageMemory, PageSpans, PageState, concat_descs, descs_from_bytes
+from emu.net import doorbell, security, wire
+from emu.net.link import LINK_BATCH, LinkReceiver, LinkSender
+from emu.net.netem import LinkShaper
+from emu.net.packets import FrameBatch, rss_queue
+from emu.net.protocol import (
     CMD,
     CPU_MASK,
     DEVICE_KINDS,
@@ -46,10 +47,9 @@ from emu.protocol import (
     ProcState,
     refill_batch,
 )
-from emu.shmring import BELL_FILL, IDLE_POLL_MS, Inbox, MsgRing
-from emu.sockets import LINK_HWM, new_context, pull, push
-from emu.stats import StatsRow, StatsTable
-from workers.common import (
+from emu.net.shmring import BELL_FILL, IDLE_POLL_MS, Inbox, MsgRing
+from emu.net.sockets import LINK_HWM, new_context, pull, push
+from emu.run.process import (
     Liveness,
     ProcSpec,
     WarnOnce,
@@ -58,7 +58,7 @@ from workers.common import (
     pin,
     run_process,
 )
-from workers.link import LINK_BATCH, LinkReceiver, LinkSender
+from emu.run.stats import StatsRow, StatsTable
 
 # Ring bytes a posted RX buffer takes (its descriptor; the message around it adds a little).
 POST_BYTES = DESC_DTYPE.itemsize

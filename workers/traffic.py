@@ -20,15 +20,15 @@ import time
 import numpy as np
 import zmq
 
-from emu import doorbell, wire
-from emu.netem import LinkShaper
-from emu.packets import FrameBatch, FrameFactory, Pacer, SeqTracker, verify_batch
-from emu.protocol import CMD, LINK_DOWN_BIT, OFFLINE, OFFLINE_ACK, Cmd, ProcState
-from emu.shmring import IDLE_POLL_MS, MsgRing
-from emu.sockets import LINK_HWM, new_context, pull, push
-from emu.stats import StatsRow, StatsTable
-from workers.common import Liveness, ProcSpec, pin, run_process
-from workers.link import LINK_BATCH, LinkReceiver, LinkSender
+from emu.net import doorbell, wire
+from emu.net.link import LINK_BATCH, LinkReceiver, LinkSender
+from emu.net.netem import LinkShaper
+from emu.net.packets import FrameBatch, FrameFactory, Pacer, SeqTracker, verify_batch
+from emu.net.protocol import CMD, LINK_DOWN_BIT, OFFLINE, OFFLINE_ACK, Cmd, ProcState
+from emu.net.shmring import IDLE_POLL_MS, MsgRing
+from emu.net.sockets import LINK_HWM, new_context, pull, push
+from emu.run.process import Liveness, ProcSpec, pin, run_process
+from emu.run.stats import StatsRow, StatsTable
 
 
 class TrafficPort:
@@ -54,7 +54,7 @@ class TrafficPort:
             LinkShaper(imp) if imp is not None else None,
             MsgRing.attach(ring_out) if ring_out and ep.get("link_peer") else None,
         )
-        # One bitmap per generator heard: each numbers its frames from 0 (see emu.packets, PORT_SHIFT).
+        # One bitmap per generator heard: each numbers its frames from 0 (see emu.net.packets, PORT_SHIFT).
         self.trackers: dict[int, SeqTracker] = {}
         self.factory = None
         if gen is not None:

@@ -31,7 +31,7 @@ runs both over the same frames and compares bytes, verdicts, redirect targets an
 bodies stay the reference, and what a topology with ``xdp: {vectorised: false}`` runs.
 
 The per-packet bodies avoid every lookup that can be done once: setup hooks (see `emu.xdp`) resolve the
-egress ifindex and fetch the counter map's value storage (`emu.bpfmaps.BpfMap.view`, the analogue of the
+egress ifindex and fetch the counter map's value storage (`emu.xdp.bpfmaps.BpfMap.view`, the analogue of the
 value pointer ``bpf_map_lookup_elem`` returns) into ``ctx.priv``. The MAC swap is one ``struct`` unpack
 and one ``pack_into`` on the frame's memoryview, measured faster than slicing and concatenating bytes
 (about 85 ns against 165-250 ns). A frame too short to hold the two MACs is dropped, like the samples'
@@ -44,8 +44,7 @@ import struct
 
 import numpy as np
 
-from emu.bpfmaps import DevMap, MapSpec
-from emu.xdp import XDP_DROP, XDP_PASS, XDP_TX, ParamSpec, XdpBatch, XdpContext, xdp_program
+from emu.xdp import XDP_DROP, XDP_PASS, XDP_TX, DevMap, MapSpec, ParamSpec, XdpBatch, XdpContext, xdp_program
 
 __all__ = [
     "buggy_bad_verdict",

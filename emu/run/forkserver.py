@@ -1,11 +1,11 @@
 """The fork server's own set-up, done by importing this module: the server imports it first of its
-preload modules (`emu.launch.worker_context`), and nothing else imports it.
+preload modules (`emu.run.launch.worker_context`), and nothing else imports it.
 
 multiprocessing offers no other hook into the server process, which it starts itself.  Two things are
-set here, and every worker forked from the server inherits them until `workers.common.run_process`
+set here, and every worker forked from the server inherits them until `emu.run.process.run_process`
 sets its own:
 
-* its title, ``emu: forkserver`` (`emu.procname`), so ``ps`` tells it from the coordinator;
+* its title, ``emu: forkserver`` (`emu.run.procname`), so ``ps`` tells it from the coordinator;
 * SIGTERM ignored.  The coordinator learns a worker's exit status through the server, so a server
   killed by a stray SIGTERM (systemd's ``KillMode=control-group`` sends one to every process of the
   unit) would make every worker look dead while the coordinator tears the run down in order.  The
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import signal
 
-from emu.procname import set_title
+from emu.run.procname import set_title
 
 set_title("forkserver")
 signal.signal(signal.SIGTERM, signal.SIG_IGN)

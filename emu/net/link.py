@@ -4,8 +4,8 @@ in a short backlog when the peer is not taking them.
 Devices and traffic ports both put frames on links, so both use this.  A link carries frame bytes, never
 page ids: the receiving end DMAs them into pages of its own host, which is what lets a link cross hosts
 (zmq over TCP) as easily as processes.  Between two processes of one machine the frames go through a
-shared-memory ring (`emu.shmring.MsgRing`, created by the coordinator, one per direction), which rings
-the receiver's doorbell (`emu.doorbell`); a full ring is a link the peer is not taking from, as a full socket
+shared-memory ring (`emu.net.shmring.MsgRing`, created by the coordinator, one per direction), which rings
+the receiver's doorbell (`emu.net.doorbell`); a full ring is a link the peer is not taking from, as a full socket
 queue is.  Frames travel as messages of at most `LINK_BATCH` frames and `LINK_BYTES` bytes, so one
 message never asks more of a receiver than one RX burst, and always fits a ring.
 
@@ -23,11 +23,11 @@ import time
 import numpy as np
 import zmq
 
-from emu import wire
-from emu.doorbell import Doorbell
-from emu.netem import LinkShaper
-from emu.packets import FrameBatch
-from emu.shmring import BELL_FILL, BELL_MSG, Inbox, MsgRing, ring_bell, take
+from emu.net import wire
+from emu.net.doorbell import Doorbell
+from emu.net.netem import LinkShaper
+from emu.net.packets import FrameBatch
+from emu.net.shmring import BELL_FILL, BELL_MSG, Inbox, MsgRing, ring_bell, take
 
 # Frames per message on the wire: bounds the work one link message can ask of a receiver (a device waits a
 # little for this many RX buffers posted on every queue, or a whole ring, before it takes a message).

@@ -3,19 +3,19 @@
 This module is the specification; every process imports its names from here and no process module
 defines any of them, so that no worker needs to import another to talk to it.  It holds values only and
 imports nothing of the project.  How the values travel is elsewhere: the message envelope and the frame
-batch in `emu.wire`, the page descriptor record in `emu.pagemem` (``DESC_DTYPE``), the stats table's
-rows and counter names in `emu.stats`, the rings and doorbells in `emu.shmring` and `emu.doorbell`.  The
+batch in `emu.net.wire`, the page descriptor record in `emu.mem.pagemem` (``DESC_DTYPE``), the stats table's
+rows and counter names in `emu.run.stats`, the rings and doorbells in `emu.net.shmring` and `emu.net.doorbell`.  The
 control channel between ``emu coordinator`` and ``emu host`` agents, a separate protocol with its own
-kinds, is `emu.control`.
+kinds, is `emu.cluster.control`.
 
 Control words
 -------------
-Every process owns one row of the ``<run>-stats`` segment (`emu.stats`).  It begins with the control
+Every process owns one row of the ``<run>-stats`` segment (`emu.run.stats`).  It begins with the control
 words `CONTROL`, at the indices named here, followed by the process's counters:
 
 ``cmd`` (`CMD`)
     Written by the coordinator, read by the process at every pass of its loop: a `Cmd`.  It only ever
-    grows (`emu.stats.StatsTable.command` keeps the larger value), so a process never misses a phase it
+    grows (`emu.run.stats.StatsTable.command` keeps the larger value), so a process never misses a phase it
     was slow to see: it acts on every phase between the one it last applied and the current one.
 ``state`` (`STATE`)
     Written by the process: a `ProcState`.  The coordinator waits on it (READY before traffic starts,
@@ -34,7 +34,7 @@ The offline mask
 Bits 0 to 31 (`CPU_MASK`): the CPUs of the host that died (bit ``c`` is CPU ``c``).  A device drops the
 RX queues of a dead CPU and moves its TX completions to a live one; a CPU frees skbs locally instead of
 on a dead `stack_cpu`.  (So a host has at most 32 CPUs, and at most ``LINK_DOWN_BIT - DEVICE_BIT`` = 30
-devices: `emu.schema` refuses more.)
+devices: `emu.topology.schema` refuses more.)
 Bits `DEVICE_BIT` + ``i``: device number ``i`` of the host (in topology order) died; CPUs post and
 transmit nothing more to it (redirects to it count as ``redirect_err``).
 Bit `LINK_DOWN_BIT`, only in the row of a device or traffic port: the far end of its link is gone
@@ -60,7 +60,7 @@ bytes and an XDP program may grow the head into the headroom.
 
 Messages
 --------
-Every message is ``[kind, version, header, blob]`` (`emu.wire`); a receiver refuses any kind not in its
+Every message is ``[kind, version, header, blob]`` (`emu.net.wire`); a receiver refuses any kind not in its
 set below (counted as ``bad_messages``).  Descriptors travel as a blob of ``DESC_DTYPE`` records.
 
 =========  ===========================  ===========================================================

@@ -1,11 +1,11 @@
 """Process names: what ``ps``, ``top`` and ``pgrep`` show for each process of a run.
 
-Every worker is forked from the fork server (`emu.launch`), so without a title each would show the
+Every worker is forked from the fork server (`emu.run.launch`), so without a title each would show the
 server's command line (``python -c 'from multiprocessing.forkserver import main ...'``) and nobody
 could tell cpu0 from eth1, or kill the right one.  Each process therefore names itself by its role:
 
 * ``emu: run l2fwd`` / ``emu: coordinator multihost`` / ``emu: host h1``: the command's own process;
-* ``emu: forkserver``: the fork server (`emu.forkserver`, imported first by the server alone);
+* ``emu: forkserver``: the fork server (`emu.run.forkserver`, imported first by the server alone);
 * ``emu: h1/cpu0``, ``emu: h1:eth1``, ``emu: gen0``: a CPU worker, a device, a traffic port, named the
   way the topology names them (a device as ``host:device``, like a link's endpoint).
 

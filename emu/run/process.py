@@ -1,13 +1,13 @@
 """What every emulator process shares: its launch description, CPU pinning, channels and liveness.
 
-Processes are forked by a fork server that has only imported their modules (`emu.launch`; a child
+Processes are forked by a fork server that has only imported their modules (`emu.run.launch`; a child
 forked from the coordinator itself would inherit its zmq context, which libzmq does not survive) and
 get one `ProcSpec`: which row of the stats table is theirs, which host's page memory to map, and the
 zmq endpoints of everything they talk to.  Each creates its own zmq context after start.  A process
 exits by itself when the coordinator asks (``Cmd.EXIT``) or when the coordinator is gone, so a
 coordinator killed with SIGKILL leaves no worker behind.
 
-A process names itself by its role (``emu: h1/cpu0``; `emu.procname`), ignores SIGINT and SIGTERM (the
+A process names itself by its role (``emu: h1/cpu0``; `emu.run.procname`), ignores SIGINT and SIGTERM (the
 coordinator alone decides how a run ends), and when it dies of an exception it leaves its last words:
 one line with the exception and where in the worker it was raised, in a file under the run's
 directory that the coordinator reads when it notices the death (`write_last_words`).
@@ -27,11 +27,11 @@ from typing import Any
 import zmq
 
 from emu.errors import ProcessFailure
-from emu.procname import process_name, set_title
-from emu.protocol import PID, ProcState
-from emu.shmring import Channel, MsgRing
-from emu.sockets import push
-from emu.stats import RowSpec, StatsRow, StatsTable
+from emu.net.protocol import PID, ProcState
+from emu.net.shmring import Channel, MsgRing
+from emu.net.sockets import push
+from emu.run.procname import process_name, set_title
+from emu.run.stats import RowSpec, StatsRow, StatsTable
 
 
 @dataclass(slots=True)
@@ -100,7 +100,7 @@ class Liveness:
     def __init__(self, row: StatsRow, parent_pid: int, every: float = 0.05) -> None:
         self.row = row
         self.parent_pid = parent_pid
-        # Workers are forked by the coordinator's fork server (`emu.launch`), which lives as long as any
+        # Workers are forked by the coordinator's fork server (`emu.run.launch`), which lives as long as any
         # worker does, so the parent's pid says little: watch the coordinator itself through a pidfd,
         # which becomes readable when it dies, even while it is an unreaped zombie (a killed `emu host`
         # whose own parent has not waited for it yet would still answer kill(pid, 0)).
@@ -171,7 +171,7 @@ def last_words(exc: BaseException) -> str:
     if where is None:
         return text
     path = where.filename
-    for part in _OWN_CODE:  # relative to the project: workers/cpu.py, emu/pagepool.py
+    for part in _OWN_CODE:  # relative to the project: workers/cpu.py, emu/mem/pagepool.py
         if part in path:
             path = path[path.rindex(part) + 1 :]
             break

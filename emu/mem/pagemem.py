@@ -5,7 +5,7 @@ Every process of a host (its CPU workers, its devices, the coordinator) maps the
 * ``<prefix>-data``: N pages of `page_size` bytes.  Packet bytes live here and are never copied between
   the processes of a host; a device "DMAs" a frame into a page and a CPU runs XDP on it in place.
 * ``<prefix>-meta``: a header describing the layout, the page table, the page allocator's free stack,
-  and every CPU's page-pool structures (alloc cache, recycle ring, counters; see `emu.pagepool`).
+  and every CPU's page-pool structures (alloc cache, recycle ring, counters; see `emu.mem.pagepool`).
 
 The page table is the emulator's ``struct page``: per page its `state` (where it is), the CPU whose pool
 allocated it (`owner`, the kernel's ``page->pp``), a generation number bumped at every allocation (so a
@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 
 from emu.errors import BadInputError
-from emu.locks import OfdLockFile
-from emu.protocol import NO_HOLDER
-from emu.shm import SHM_DIR, Segment, ShmSpaceError, shm_free_bytes
+from emu.mem.locks import OfdLockFile
+from emu.mem.shm import SHM_DIR, Segment, ShmSpaceError, shm_free_bytes
+from emu.net.protocol import NO_HOLDER
 
 
 class PageState(enum.IntEnum):
@@ -81,7 +81,7 @@ ALLOCATOR_LOCK = 0
 _H_MAGIC, _H_VERSION, _H_NPAGES, _H_PAGE_SIZE, _H_NCPUS = 0, 1, 2, 3, 4
 _H_CACHE, _H_REFILL, _H_RING, _H_LIMIT, _H_FREE_COUNT = 5, 6, 7, 8, 9
 # Pages holding references beyond their pool's: while 0, returns skip the per-page refcount check
-# (`emu.pagepool` reads it; `page_get` and `put_page` here keep it).
+# (`emu.mem.pagepool` reads it; `page_get` and `put_page` here keep it).
 H_EXTRA_REFS = 10
 # The fewest pages the allocator ever held (its low-water mark): npages minus it is the most pages that
 # were ever out at once, which bounds the page memory any process of the host can have touched.
@@ -212,7 +212,7 @@ POOL_EXTRA = (
 )
 POOL_COUNTERS = POOL_STATS + POOL_ACCOUNTING + POOL_EXTRA
 C = {name: i for i, name in enumerate(POOL_COUNTERS)}
-# Pool control words (int64, `PageMemory.pool_ctl[cpu]`), written by `emu.pagepool` and read by the audit:
+# Pool control words (int64, `PageMemory.pool_ctl[cpu]`), written by `emu.mem.pagepool` and read by the audit:
 # cache count, ring head (consumer), ring tail (producer), owner pid.
 P_CACHE_COUNT, P_RING_HEAD, P_RING_TAIL, P_OWNER_PID = 0, 1, 2, 3
 _P_WORDS = 8
@@ -301,9 +301,9 @@ class PageMemory:
         self.data = data.array(np.uint8, data.size, 0)
         self.locks = OfdLockFile(os.path.join(SHM_DIR, meta.name))
         # Scratch for the pools' O(n) duplicate detection inside one returned batch (private to this
-        # process; `emu.pagepool`).
+        # process; `emu.mem.pagepool`).
         self.batch_mark = np.full(n, -1, dtype=np.int32)
-        # This process's non-owner pool handles (`emu.pagepool.pool_of`), kept here so that `close`
+        # This process's non-owner pool handles (`emu.mem.pagepool.pool_of`), kept here so that `close`
         # drops their views of the segment with the others.
         self.pool_handles: dict[int, Any] = {}
 

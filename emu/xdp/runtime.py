@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from emu.bpfmaps import MapSet, populate
-from emu.shm import new_run_prefix
-from emu.topology import DeviceConfig, HostConfig
-from emu.xdp import Program, XdpContext, load_program
+from emu.mem.shm import new_run_prefix
+from emu.topology.model import DeviceConfig, HostConfig
+from emu.xdp.bpfmaps import MapSet, populate
+from emu.xdp.context import Program, XdpContext, load_program
 
 
 def ifindex_resolver(host: HostConfig) -> Callable[[str], int]:

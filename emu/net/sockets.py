@@ -4,7 +4,7 @@ Every process (the coordinator, a host agent, each worker) creates its own zmq c
 libzmq's I/O threads do not survive a fork, so a context is never inherited.  Data sockets are PUSH
 (connected, one per peer) into one bound PULL per receiver, with a high-water mark small enough that a
 slow receiver pushes back on its senders after a few hundred messages instead of buffering without
-bound.  CURVE, when a link between hosts uses it, is set up by the caller (`emu.security`) through
+bound.  CURVE, when a link between hosts uses it, is set up by the caller (`emu.net.security`) through
 `setup`, which runs before the bind or connect as CURVE requires.
 """
 

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emu.pagemem import HOME, PageMemory, PageState
-from emu.pagepool import pool_of, return_pages
+from emu.mem.pagemem import HOME, PageMemory, PageState
+from emu.mem.pagepool import pool_of, return_pages
 
 # States in which a page holds a packet that has not reached its end (received, in XDP, queued to
 # transmit, in an skb); a posted RX buffer does too once its length is set (a frame was DMAed into it).

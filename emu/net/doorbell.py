@@ -3,7 +3,7 @@ wakes the consumer sleeping on it, as a NIC raises an interrupt or a driver writ
 
 A consumer owns one `Doorbell`: a datagram socket in Linux's abstract Unix namespace (no file, gone with
 the process), named by a random token that the consumer writes into the header of every ring it consumes
-(`emu.shmring.MsgRing.bell_token`).  A producer rings it with one non-blocking ``sendto`` of one byte
+(`emu.net.shmring.MsgRing.bell_token`).  A producer rings it with one non-blocking ``sendto`` of one byte
 (`ring`), which the kernel turns straight into the wake-up of the consumer's ``poll``.  The doorbell
 first went over the consumer's zmq socket; that cost the sender's zmq I/O thread a wake-up and a write,
 then the consumer's I/O thread a wake-up and a mailbox signal, three context switches in all: on l2fwd,

@@ -34,7 +34,7 @@ import sys
 import numpy as np
 
 from emu.errors import ResourceError
-from emu.pagemem import (
+from emu.mem.pagemem import (
     ALLOCATOR_LOCK,
     H_EXTRA_REFS,
     IN_USE,
@@ -49,8 +49,8 @@ from emu.pagemem import (
     PageMemory,
     PageState,
 )
-from emu.protocol import NO_HOLDER
-from emu.shm import pid_alive
+from emu.mem.shm import pid_alive
+from emu.net.protocol import NO_HOLDER
 
 _ALLOC_FAST = C["alloc_fast"]
 _LITTLE = sys.byteorder == "little"

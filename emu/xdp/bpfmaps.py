@@ -4,7 +4,7 @@ Kernel counterpart: ``kernel/bpf/arraymap.c`` (BPF_MAP_TYPE_ARRAY, _PERCPU_ARRAY
 (BPF_MAP_TYPE_HASH, _PERCPU_HASH) and ``kernel/bpf/devmap.c`` (BPF_MAP_TYPE_DEVMAP).  In the kernel a map
 is one object every CPU sees, which is what lets an XDP program keep state across packets and lets user
 space read it.  Here the "CPUs" are separate processes, so the maps of one program attachment live in
-one `emu.shm.Segment` (a `MapSet`) that every CPU worker attaches; a per-CPU map gives each CPU its own
+one `emu.mem.shm.Segment` (a `MapSet`) that every CPU worker attaches; a per-CPU map gives each CPU its own
 cache-line-aligned row, written by that CPU only and therefore lockless, exactly the reason the kernel
 has per-CPU maps.
 
@@ -26,7 +26,7 @@ Concurrency, compared with the kernel:
 * Hash maps are fixed-capacity open-addressing tables (linear probing, tombstones on delete).  Lookups
   are lockless like the kernel's RCU lookups.  Every write to a global `HashMap` and every key insert or
   delete of a `PerCpuHashMap` takes a per-map cross-process lock: a Linux open-file-description (OFD)
-  lock on one byte of the segment's ``/dev/shm`` file (`emu.locks.OfdLockFile`).  The kernel drops an OFD
+  lock on one byte of the segment's ``/dev/shm`` file (`emu.mem.locks.OfdLockFile`).  The kernel drops an OFD
   lock when its holder dies, so a CPU worker killed mid-update cannot wedge the others, which a spinlock
   word in shared memory would.  An uncontended lock/unlock costs ~1-2 us, so keep global hash writes off
   the per-packet path or accept that cost.
@@ -56,8 +56,8 @@ from typing import Any, Literal
 import numpy as np
 
 from emu.errors import BadInputError
-from emu.locks import OfdLockFile
-from emu.shm import SHM_DIR, Segment
+from emu.mem.locks import OfdLockFile
+from emu.mem.shm import SHM_DIR, Segment
 
 __all__ = [
     "BPF_ANY",

@@ -27,9 +27,12 @@ function of its inputs and its seed (tests never touch the real clock).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from emu.topology import LinkImpairment
+if TYPE_CHECKING:  # the shaper only reads an impairment's fields: transport does not import the topology
+    from emu.topology.model import LinkImpairment
 
 __all__ = ["LinkShaper"]
 

@@ -18,9 +18,9 @@ These are `Run`'s phases (prepare, start, quiesce, teardown, reclaim, then the r
 runs in order and a host agent of a multi-host run drives one by one as its coordinator says.  Ctrl-C
 and SIGTERM (what ``docker stop``, systemd and ``timeout`` send) both end a run this same way, from any
 phase.  A process that dies is noticed from its exit status (`check_procs`); the report's
-``failures`` name it, with its last words when it died of an exception (`workers.common.last_words`);
-the pages a dead worker stranded are reclaimed by `emu.reclaim`.  The report is built from a plain
-record of the run (`emu.report.RunRecord`), the same one a multi-host run fills.
+``failures`` name it, with its last words when it died of an exception (`emu.run.process.last_words`);
+the pages a dead worker stranded are reclaimed by `emu.mem.reclaim`.  The report is built from a plain
+record of the run (`emu.run.report.RunRecord`), the same one a multi-host run fills.
 """
 
 from __future__ import annotations
@@ -37,20 +37,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from emu import launch, reclaim
-from emu import report as rep
 from emu.errors import ProcessFailure
-from emu.pagemem import HOME, PageMemory, PageState, PoolParams, required_shm_bytes
-from emu.procname import process_name
-from emu.protocol import DEVICE_BIT, LINK_DOWN_BIT, Cmd, ProcState, device_code
-from emu.shm import SHM_DIR, ShmSpaceError, new_run_prefix, shm_free_bytes, sweep_stale, unlink_prefix
-from emu.shmring import RING_BYTES, MsgRing
-from emu.stats import StatsTable
-from emu.topology import Endpoint, HostConfig, Topology
+from emu.mem import reclaim
+from emu.mem.pagemem import HOME, PageMemory, PageState, PoolParams, required_shm_bytes
+from emu.mem.shm import SHM_DIR, ShmSpaceError, new_run_prefix, shm_free_bytes, sweep_stale, unlink_prefix
+from emu.net.protocol import DEVICE_BIT, LINK_DOWN_BIT, Cmd, ProcState, device_code
+from emu.net.shmring import RING_BYTES, MsgRing
+from emu.run import launch
+from emu.run import report as rep
+from emu.run.process import ProcSpec, read_last_words
+from emu.run.procname import process_name
+from emu.run.stats import StatsTable
+from emu.topology.model import Endpoint, HostConfig, Topology
 from workers import cpu as cpu_worker
 from workers import device as device_worker
 from workers import traffic as traffic_worker
-from workers.common import ProcSpec, read_last_words
 
 READY_TIMEOUT = 60.0  # spawning a dozen Python processes on a loaded 2-core machine can take a while
 DRAIN_STALL = 3.0  # seconds without progress after which traffic is declared settled
@@ -169,7 +170,7 @@ class Run(Console):
     ``start()``    spawn every process, wait until all are ready, START (``launch()`` then ``go()``);
     ``quiesce()``  QUIESCE, and wait until traffic settles;
     ``teardown()`` DOWN and wait for the pages home (``down()``), EXIT and join (``exit()``);
-    ``reclaim()``  give back what dead processes stranded (`emu.reclaim`);
+    ``reclaim()``  give back what dead processes stranded (`emu.mem.reclaim`);
     ``report()``   the final report, built from the run's `record()` (a `report.RunRecord`).
 
     `run()` is these in order (with `main_loop` between start and quiesce), under its own Ctrl-C and
@@ -235,7 +236,7 @@ class Run(Console):
         """The first phase: create the run's shared memory (each host's page memory and pools, the stats
         table, the rings between its processes and of the cables with both ends here, the programs' BPF
         maps).  Nothing runs yet."""
-        from emu import xdp_runtime
+        from emu.xdp import runtime as xdp_runtime
 
         sweep_stale()
         self.check_space()
@@ -618,7 +619,7 @@ class Run(Console):
         self.join()
 
     def reclaim(self) -> None:
-        """After `exit`: what dead processes stranded goes home (`emu.reclaim`).  Dead CPUs' pools are
+        """After `exit`: what dead processes stranded goes home (`emu.mem.reclaim`).  Dead CPUs' pools are
         destroyed again (pages came back to their rings since), then, if anything died, every page still
         out is returned, counting the packets it carried as lost, and pages a kill left marked as pooled
         but in no pool are freed.  Without a death, pages still out are a leak, left for the audit."""
@@ -644,7 +645,7 @@ class Run(Console):
         firsts = [final.rows[k]["first_rx_ns"] for k in final.keys("traffic") if final.rows[k]["first_rx_ns"]]
         if firsts:
             self.first_packet_s = (min(firsts) - self.created_ns) / 1e9
-        from emu import xdp_runtime
+        from emu.xdp import runtime as xdp_runtime
 
         return rep.RunRecord(
             topology=self.topo,

@@ -1,7 +1,7 @@
 """``emu coordinator``: the control plane of a multi-host run, alone, with every host a remote agent.
 
 Each emulated host runs as an ``emu host NAME`` agent (its own processes and shared memory, see
-`emu.hostagent`).  The coordinator binds one ROUTER socket and:
+`emu.cluster.hostagent`).  The coordinator binds one ROUTER socket and:
 
 1. **registers** hosts as they say hello (in any order, before or after the coordinator starts; a host
    that restarts before the run starts simply registers again), refusing names the topology lacks;
@@ -28,9 +28,12 @@ from typing import Any
 
 import zmq
 
-from emu import control, security
-from emu import report as rep
-from emu.coordinator import (
+from emu.cluster import control
+from emu.net import security
+from emu.net.protocol import ProcState
+from emu.net.sockets import new_context
+from emu.run import report as rep
+from emu.run.coordinator import (
     DRAIN_STALL,
     READY_TIMEOUT,
     Console,
@@ -39,9 +42,7 @@ from emu.coordinator import (
     generators_done,
     wait_settled,
 )
-from emu.protocol import ProcState
-from emu.sockets import new_context
-from emu.topology import Endpoint, Topology
+from emu.topology.model import Endpoint, Topology
 
 PING_EVERY = 1.0
 FINAL_TIMEOUT = 60.0  # hosts join their processes and audit their pages before they report

@@ -27,13 +27,14 @@ from typing import TextIO
 
 import zmq
 
-from emu import control, security, wire
-from emu import report as rep
-from emu.coordinator import Run, RunError, RunOptions
+from emu.cluster import control
 from emu.errors import ProcessFailure
-from emu.protocol import LINK
-from emu.sockets import new_context
-from emu.topology import Endpoint, Topology, topology_from_dict
+from emu.net import security, wire
+from emu.net.protocol import LINK
+from emu.net.sockets import new_context
+from emu.run import report as rep
+from emu.run.coordinator import Run, RunError, RunOptions
+from emu.topology.model import Endpoint, Topology, topology_from_dict
 
 HELLO_EVERY = 1.0
 STATS_EVERY = 0.25

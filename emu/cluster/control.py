@@ -6,7 +6,7 @@ times a second, each host's counters, which double as its heartbeat.  The coordi
 socket; every host connects a DEALER socket, so hosts may start before the coordinator, and a host or a
 coordinator that restarts is found again by zmq's reconnects.
 
-A message is the emulator's usual envelope (`emu.wire`): ``[kind, version, header, blob]`` with a small
+A message is the emulator's usual envelope (`emu.net.wire`): ``[kind, version, header, blob]`` with a small
 header and, where a message carries bulk data (counters, a report), a msgpack-encoded blob.  Anything
 else (garbled, foreign, an unknown kind) raises `ControlError` naming what was wrong.
 """
@@ -18,8 +18,8 @@ from typing import Any
 
 import msgpack
 
-from emu import wire
 from emu.errors import BadInputError
+from emu.net import wire
 
 # host -> coordinator
 HOST_KINDS = ("hello", "ready", "linked", "stats", "home", "final", "failed", "link_lost")

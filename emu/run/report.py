@@ -6,8 +6,8 @@ every generated packet ends ``delivered`` (at a traffic port), ``dropped`` (in a
 or ``consumed`` (passed to the emulated host stack); ``unaccounted`` is what is left and is 0 in a
 correct run.
 
-The final report is built from a plain `RunRecord` that the run fills (`emu.coordinator.Run` on one
-machine, `emu.cluster.Cluster` across hosts, from the hosts' own reports): this module reads no run
+The final report is built from a plain `RunRecord` that the run fills (`emu.run.coordinator.Run` on one
+machine, `emu.cluster.cluster.Cluster` across hosts, from the hosts' own reports): this module reads no run
 object, so both kinds of run report through the same `build_report`.
 """
 
@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from emu.pagemem import POOL_COUNTERS, POOL_STATS, C, PageState
-from emu.protocol import CONTROL
-from emu.stats import StatsTable
+from emu.mem.pagemem import POOL_COUNTERS, POOL_STATS, C, PageState
+from emu.net.protocol import CONTROL
+from emu.run.stats import StatsTable
 
 if TYPE_CHECKING:
-    from emu.pagemem import Audit, PageMemory
-    from emu.topology import Topology
+    from emu.mem.pagemem import Audit, PageMemory
+    from emu.topology.model import Topology
 
 CPU_DROPS = ("xdp_drop", "xdp_aborted", "redirect_err", "xdp_tx_full", "xmit_drops")
 DEVICE_DROPS = ("rx_dropped", "tx_dropped", "link_lost")

@@ -16,7 +16,7 @@ Programs
 
     Optional function attributes, set by hand or with the `xdp_program` decorator:
 
-    ``fn.maps``   ``{name: emu.bpfmaps.MapSpec}``: the maps the program uses (its ``SEC(".maps")``).  The
+    ``fn.maps``   ``{name: emu.xdp.bpfmaps.MapSpec}``: the maps the program uses (its ``SEC(".maps")``).  The
                   runtime creates them once per attachment and the program finds them in ``ctx.maps``.
     ``fn.setup``  ``setup(ctx) -> None``, called once per context before the first packet: the place to
                   resolve ``ctx.params`` (``ctx.ifindex_of(ctx.params["egress"])``) and to look maps up,
@@ -57,8 +57,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from emu.bpfmaps import BpfMap, DevMap, MapSpec
-from emu.pagemem import PageSpans
+from emu.mem.pagemem import PageSpans
+from emu.xdp.bpfmaps import BpfMap, DevMap, MapSpec
 
 __all__ = [
     "PARAM_TYPES",
@@ -379,7 +379,7 @@ class Program:
             name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
         maps = getattr(fn, "maps", None) or {}
         if not isinstance(maps, Mapping) or not all(isinstance(s, MapSpec) for s in maps.values()):
-            raise TypeError(f"xdp program {name}: 'maps' must map names to emu.bpfmaps.MapSpec")
+            raise TypeError(f"xdp program {name}: 'maps' must map names to emu.xdp.bpfmaps.MapSpec")
         setup = getattr(fn, "setup", None)
         if setup is not None and not callable(setup):
             raise TypeError(f"xdp program {name}: 'setup' must be callable")
@@ -396,7 +396,7 @@ class Program:
         return cls(fn, name, MappingProxyType(dict(maps)), setup, batch, declared)
 
     def initial_maps(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        """The params named after one of this program's maps: its initial entries (`emu.bpfmaps.populate`)."""
+        """The params named after one of this program's maps: its initial entries (`emu.xdp.bpfmaps.populate`)."""
         return {k: v for k, v in params.items() if k in self.maps}
 
     def new_context(
@@ -421,7 +421,7 @@ class Program:
 
 def load_program(spec: str) -> Program:
     """Import ``"module:function"`` and wrap it; ValueError says what failed (as topology validation does)."""
-    from emu.topology import resolve_program  # the one place that imports program modules
+    from emu.topology.model import resolve_program  # the one place that imports program modules
 
     return Program.from_callable(resolve_program(spec), spec)
 

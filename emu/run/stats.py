@@ -2,7 +2,7 @@
 
 Every process of a run (CPU worker, device, traffic port) owns one row of int64 words in one
 ``<prefix>-stats`` segment: a few control words (the coordinator's command, the process's state, its pid,
-a heartbeat and the offline mask; what each means is the protocol's, `emu.protocol`) followed by its
+a heartbeat and the offline mask; what each means is the protocol's, `emu.net.protocol`) followed by its
 counters.  A process bumps its own counters with plain stores (one
 writer per row, like the kernel's per-CPU counters); the coordinator reads every row whenever it wants,
 for the xdp-bench-style interval lines, heartbeats and the final report.  So the coordinator is never on
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emu.protocol import CMD, CONTROL, HEARTBEAT_NS, OFFLINE, OFFLINE_ACK, STATE, Cmd, ProcState
-from emu.shm import Segment
+from emu.mem.shm import Segment
+from emu.net.protocol import CMD, CONTROL, HEARTBEAT_NS, OFFLINE, OFFLINE_ACK, STATE, Cmd, ProcState
 
 CPU_COUNTERS = (
     "rx_packets",  # packets the XDP program ran on

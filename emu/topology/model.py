@@ -9,7 +9,7 @@ documents every key and its kernel counterpart.
 Everything is checked once, before anything starts, with a ``file:line: message`` diagnostic, because the
 alternative is an emulator that starts a dozen processes, allocates shared memory and then dies on a typo
 in a worker that has no idea which line of which file was wrong.  The reading and checking is
-`emu.topofile` (`load_topology`, `validate_topology_text`), which builds these dataclasses: this module
+`emu.topology.file` (`load_topology`, `validate_topology_text`), which builds these dataclasses: this module
 does not import it, so that processes which only receive a topology never load PyYAML.
 
 The result is a tree of frozen dataclasses (`Topology` at the root).  `Topology.to_dict` turns it into
@@ -59,7 +59,7 @@ __all__ = [
 
 # Kernel constants that the defaults mirror (include/net/page_pool/types.h, include/linux/netdevice.h,
 # kernel/bpf/devmap.c, include/net/xdp.h); XDP_PACKET_HEADROOM, which processes agree on, is
-# `emu.protocol`'s.
+# `emu.net.protocol`'s.
 PP_ALLOC_CACHE_SIZE = 128
 PP_ALLOC_CACHE_REFILL = 64
 PP_DEFAULT_RING_SIZE = 1024  # page_pool_init(): a pool_size of 0 gets a 1024-entry ptr_ring
@@ -206,7 +206,7 @@ class Endpoint:
 class LinkImpairment:
     """What a link does to the frames on it, like tc-netem on both ends of a veth pair.
 
-    Each end applies it to what *it* sends (`emu.netem.LinkShaper`).  The default impairs nothing.
+    Each end applies it to what *it* sends (`emu.net.netem.LinkShaper`).  The default impairs nothing.
     """
 
     delay_us: int = 0
@@ -252,7 +252,7 @@ class GeneratorConfig:
     src_mac: str
     dst_mac: str
     # The port's number in its topology (0-based, in file order): frames carry it, so that a sink hearing
-    # several generators counts each one's sequence numbers apart (emu.packets).
+    # several generators counts each one's sequence numbers apart (emu.net.packets).
     port_id: int = 0
 
 

@@ -3,14 +3,14 @@ their rings: a message costs a copy into memory the peer maps, not a trip throug
 
 Each ring has one producer and one consumer (CPU -> device for posts and transmits, device -> CPU for RX
 and TX completions, CPU -> CPU for skbs freed elsewhere), like the kernel's per-queue rings.  Messages
-are the emulator's usual envelopes (`emu.wire`), stored as ``[u32 length, u32 0, bytes, padding to 8]``;
+are the emulator's usual envelopes (`emu.net.wire`), stored as ``[u32 length, u32 0, bytes, padding to 8]``;
 a record that does not fit before the end of the buffer is preceded by a wrap marker.  The producer
 publishes a record by storing the new tail after its bytes; the consumer frees it by storing the new
 head.  Both are aligned 8-byte stores, and x86-64 keeps stores in order (the page pool's rings rely on
 the same), so a consumer that sees a tail sees the bytes before it.
 
 A consumer that has nothing to do sleeps in ``zmq_poll`` on its inbox socket and its doorbell
-(`emu.doorbell`, whose token it writes into the ring's `bell` word), after storing in its `sleeping`
+(`emu.net.doorbell`, whose token it writes into the ring's `bell` word), after storing in its `sleeping`
 word how many waiting bytes are worth waking it for; a producer that finds the word set and at least
 that much waiting after publishing rings the doorbell (`ring_bell`: one datagram; a consumer without a
 doorbell gets a tiny ``bell`` message on its socket instead).  Normally that is `BELL_FILL` (interrupt
@@ -28,8 +28,8 @@ from __future__ import annotations
 import numpy as np
 import zmq
 
-from emu import doorbell, protocol, wire
-from emu.shm import Segment
+from emu.mem.shm import Segment
+from emu.net import doorbell, protocol, wire
 
 RING_BYTES = 1 << 18  # 256 KiB: a dozen of the largest descriptor messages (1024 descriptors)
 _HDR_WORDS = 8  # head, tail, sleeping (0: awake, else the fill that rings the bell), bell, (reserved)
@@ -147,7 +147,7 @@ class MsgRing:
 
     @property
     def bell_token(self) -> int:
-        """The consumer's doorbell (`emu.doorbell`), 0 when it has none."""
+        """The consumer's doorbell (`emu.net.doorbell`), 0 when it has none."""
         return self.hdr[_BELL]
 
     @bell_token.setter

@@ -1,8 +1,8 @@
 """The topology schema, declared once: every key, its type, bounds, default, meaning and kernel counterpart.
 
 Three things used to state the schema separately and drifted apart: the validator's literals
-(`emu.topofile`), the tables of ``topology/README.md`` and the limits the processes rely on (a u32
-ifindex in a devmap, `emu.packets.SeqTracker.MAX_TRACKED`, the int64 words of `emu.pagemem`).  This
+(`emu.topology.file`), the tables of ``topology/README.md`` and the limits the processes rely on (a u32
+ifindex in a devmap, `emu.net.packets.SeqTracker.MAX_TRACKED`, the int64 words of `emu.mem.pagemem`).  This
 module is the one statement of them:
 
 * `SECTIONS` maps each section of a topology file (``top``, ``host``, ``pool``, ``device``, ``xdp``,
@@ -12,7 +12,7 @@ module is the one statement of them:
   devmap keys against ``max_entries``, ...), which the validator enforces with the same wording.
 * `min_pages` is the page count a host needs (also used by the generated suite of valid topologies).
 * `markdown` renders all of it, plus the params each bundled program declares (`emu.xdp.ParamSpec`), as
-  the tables of ``topology/README.md``; ``python -m emu.schema --markdown`` rewrites them between the
+  the tables of ``topology/README.md``; ``python -m emu.topology.schema --markdown`` rewrites them between the
   README's ``<!-- schema:NAME -->`` markers and ``--check`` fails when the README is stale (a test runs it).
 """
 
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emu.packets import MAX_FLOWS, MAX_PKT_SIZE, MIN_PKT_SIZE, SeqTracker
-from emu.protocol import CPU_MASK, DEVICE_BIT, LINK_DOWN_BIT, XDP_PACKET_HEADROOM
-from emu.topology import (
+from emu.net.packets import MAX_FLOWS, MAX_PKT_SIZE, MIN_PKT_SIZE, SeqTracker
+from emu.net.protocol import CPU_MASK, DEVICE_BIT, LINK_DOWN_BIT, XDP_PACKET_HEADROOM
+from emu.topology.model import (
     DEV_MAP_BULK_SIZE,
     NAPI_POLL_WEIGHT,
     PP_ALLOC_CACHE_REFILL,
@@ -57,11 +57,11 @@ __all__ = [
     "min_pages",
 ]
 
-README = Path(__file__).resolve().parent.parent / "topology" / "README.md"
+README = Path(__file__).resolve().parents[2] / "topology" / "README.md"
 
 # -- the numbers the processes rely on -------------------------------------------------------------
 
-# The offline mask (emu.protocol) has a bit for each CPU of a host and one for each device, below the
+# The offline mask (emu.net.protocol) has a bit for each CPU of a host and one for each device, below the
 # link-down bit: a host with more would signal one process's death as another's.
 MAX_CPUS = CPU_MASK.bit_length()  # 32
 MAX_DEVICES = LINK_DOWN_BIT - DEVICE_BIT  # 30
@@ -76,12 +76,12 @@ MAX_QUEUES = 64
 MIN_RING = 8
 MAX_RING = 16384
 MAX_BULK = 1024
-MAX_POOL_SIZE = 16384  # page_pool_init(): a ptr_ring of at most 16384 entries (emu.pagemem.PoolParams)
+MAX_POOL_SIZE = 16384  # page_pool_init(): a ptr_ring of at most 16384 entries (emu.mem.pagemem.PoolParams)
 MAX_CACHE_SIZE = 65536
-# A devmap slot is a u32 (emu.bpfmaps.DevMap) and so is the kernel's dev->ifindex.
+# A devmap slot is a u32 (emu.xdp.bpfmaps.DevMap) and so is the kernel's dev->ifindex.
 MAX_IFINDEX = (1 << 32) - 1
 MAX_TX_COMPLETION_US = 10_000_000
-# The sink's bitmap of sequence numbers (emu.packets.SeqTracker) tracks at most this many packets.
+# The sink's bitmap of sequence numbers (emu.net.packets.SeqTracker) tracks at most this many packets.
 MAX_COUNT = SeqTracker.MAX_TRACKED
 # The pacer counts in integer nanoseconds; a billion packets a second is far beyond any emulated link
 # and keeps the value a small int everywhere it travels (msgpack, JSON reports).
@@ -325,7 +325,7 @@ TRAFFIC = Section("traffic", "`traffic.<port>`", (
 
 GENERATE = Section("generate", "`traffic.<port>.generate`", (
     Key("count", "int", "Packets to send; `0` = until stopped. At most the sequence numbers a sink tracks "
-        "(`emu.packets.SeqTracker.MAX_TRACKED`).", 0, 0, MAX_COUNT),
+        "(`emu.net.packets.SeqTracker.MAX_TRACKED`).", 0, 0, MAX_COUNT),
     Key("rate", "int", "Packets per second; `0` = as fast as possible.", 0, 0, MAX_RATE_PPS),
     Key("pkt_size", "int",
         f"Frame size in bytes (without FCS); must fit a page after `XDP_PACKET_HEADROOM` "
@@ -346,7 +346,7 @@ CONSTRAINTS: tuple[Constraint, ...] = (
     Constraint("min_pages",
                "`pages` ≥ `min_pages` = Σ over devices of `rx_queues` × `rx_ring_size` + `cpus` × "
                "`pool.cache_size`: every RX ring full while every CPU's alloc cache is full "
-               "(`emu.schema.min_pages`). Fewer pages strand a queue that can never be refilled."),
+               "(`emu.topology.schema.min_pages`). Fewer pages strand a queue that can never be refilled."),
     Constraint("refill", "`pool.refill` ≤ `pool.cache_size` (the pool moves `refill` pages into an empty cache)."),
     Constraint("stack_cpu", "`stack_cpu` and every `rx_cpus` entry name a CPU of the host (0..`cpus`-1); "
                "`rx_cpus` has one entry per RX queue, `cpu_affinity` one per CPU."),
@@ -409,7 +409,7 @@ def constraints_list() -> str:
 def programs_table() -> str:
     """The bundled programs with the params and maps they declare (from `emu.programs`)."""
     import emu.programs as programs
-    from emu.xdp import Program
+    from emu.xdp.context import Program
 
     rows = ["| Program | Params | Maps | What it does |", "|-----|-----|-----|-----|"]
     for name in programs.__all__:
@@ -455,7 +455,7 @@ def render_readme(text: str, blocks: Mapping[str, str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m emu.schema", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m emu.topology.schema", description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true", help="rewrite the README's generated tables")
     parser.add_argument("--check", action="store_true", help="exit 1 when the README's tables are stale")
     parser.add_argument("--readme", type=Path, default=README)
@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     new = render_readme(text, markdown())
     if args.check:
         if new != text:
-            print(f"{args.readme}: the schema tables are stale; run python -m emu.schema --markdown",
+            print(f"{args.readme}: the schema tables are stale; run python -m emu.topology.schema --markdown",
                   file=sys.stderr)
             return 1
         return 0

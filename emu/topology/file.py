@@ -2,12 +2,12 @@
 
 To be able to point at lines, the file is read with `yaml.compose` (a node tree where every node carries
 its start mark) instead of `yaml.safe_load`; the values are then interpreted by hand against the schema
-declared in `emu.schema` (every key list, bound and default comes from there).  Composing also keeps
+declared in `emu.topology.schema` (every key list, bound and default comes from there).  Composing also keeps
 duplicate mapping keys, which `safe_load` would silently collapse to the last one, so they can be
-reported, and lets aliases be counted before anything expands them (`emu.schema.MAX_ALIAS_EXPANSION`).
+reported, and lets aliases be counted before anything expands them (`emu.topology.schema.MAX_ALIAS_EXPANSION`).
 Every problem is a `TopologyError` with ``file:line: message``.
 
-Programs are loaded the way a run loads them (`emu.xdp_runtime`): their declared params are checked,
+Programs are loaded the way a run loads them (`emu.xdp.runtime`): their declared params are checked,
 their maps created in a scratch place and populated from the params, their setup hooks run, so that a
 topology that validates does not fail later on a program, a map or a param.
 
@@ -32,12 +32,10 @@ from yaml.constructor import ConstructorError, SafeConstructor
 from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from emu import schema
-from emu.bpfmaps import MapError, populate
-from emu.packets import MAX_PORT
-from emu.protocol import XDP_PACKET_HEADROOM
-from emu.schema import MAX_ALIAS_EXPANSION, MAX_DEVICES, SECTIONS, Key
-from emu.topology import (
+from emu.net.packets import MAX_PORT
+from emu.net.protocol import XDP_PACKET_HEADROOM
+from emu.topology import schema
+from emu.topology.model import (
     MAX_LINK_DELAY_US,
     MAX_LINK_RATE_BPS,
     PP_ALLOC_CACHE_REFILL,
@@ -53,8 +51,10 @@ from emu.topology import (
     TrafficPort,
     XdpConfig,
 )
-from emu.xdp import Program, load_program
-from emu.xdp_runtime import ifindex_resolver, scratch_maps
+from emu.topology.schema import MAX_ALIAS_EXPANSION, MAX_DEVICES, SECTIONS, Key
+from emu.xdp.bpfmaps import MapError, populate
+from emu.xdp.context import Program, load_program
+from emu.xdp.runtime import ifindex_resolver, scratch_maps
 
 __all__ = ["load_topology", "validate_topology_text"]
 
@@ -334,7 +334,7 @@ class _Fields:
     def schema_int(
         self, key: Key, default: Any = None, *, hi: int | None = None, hint: str = "", nullable: bool = False
     ) -> Any:
-        """The int `key` (an `emu.schema.Key`) with its declared bounds and default; `default` stands in for
+        """The int `key` (an `emu.topology.schema.Key`) with its declared bounds and default; `default` stands in for
         a default that depends on other keys, `hi` for an upper bound that does (``cpus - 1``)."""
         return self.int(
             key.name,
@@ -601,7 +601,7 @@ class _Validator:
         return host
 
     def check_pages(self, host: HostConfig, f: _Fields) -> None:
-        """`pages` against rings and caches (`emu.schema.min_pages`): a host with fewer strands a queue."""
+        """`pages` against rings and caches (`emu.topology.schema.min_pages`): a host with fewer strands a queue."""
         need = schema.min_pages(host)
         if host.pages >= need:
             return
@@ -844,7 +844,7 @@ class _Validator:
             null_is_empty=True,
         )
         if len(mapping.items) > MAX_PORT + 1:
-            # Frames carry their generator's number in 16 bits (emu.packets.PORT_SHIFT).
+            # Frames carry their generator's number in 16 bits (emu.net.packets.PORT_SHIFT).
             self.fail(node, f"'traffic' defines {len(mapping.items):,} ports; a topology has at most {MAX_PORT + 1:,}")
         ports: dict[str, tuple[Node, _Fields | None]] = {}
         for key_node, value_node in mapping.items.values():

@@ -9,7 +9,7 @@ A ``"frames"`` message is what travels on a link between a device and a traffic 
 
     blob = lengths (n x u32 little-endian) | frame 0 | frame 1 | ... | frame n-1   (back to back)
 
-Which kinds there are, and who sends each to whom, is the protocol's (`emu.protocol`); this module only
+Which kinds there are, and who sends each to whom, is the protocol's (`emu.net.protocol`); this module only
 packs and checks.
 
 Receivers never trust a message: anything garbled, truncated, foreign or from another wire version raises
@@ -28,8 +28,8 @@ import msgpack
 import numpy as np
 
 from emu.errors import BadInputError
-from emu.packets import FrameBatch
-from emu.protocol import FRAMES
+from emu.net.packets import FrameBatch
+from emu.net.protocol import FRAMES
 
 WIRE_VERSION = 1
 

@@ -10,7 +10,7 @@ threads, locks or sockets of the coordinator are inherited, and each worker stil
 ``sys.path`` and working directory.
 
 The workers are then children of the fork server, which lives until the coordinator and every worker
-are gone; so a worker watches the coordinator itself, through a pidfd (`workers.common.Liveness`).
+are gone; so a worker watches the coordinator itself, through a pidfd (`emu.run.process.Liveness`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import multiprocessing.context
 # The modules every worker imports; the fork server imports them (and so numpy, zmq, msgpack) once.
 WORKER_MODULES = ["workers.cpu", "workers.device", "workers.traffic"]
 # Imported first by the fork server alone: names it and keeps it out of a SIGTERM's way (its docstring).
-SERVER_SETUP = "emu.forkserver"
+SERVER_SETUP = "emu.run.forkserver"
 
 
 def worker_context() -> multiprocessing.context.BaseContext:

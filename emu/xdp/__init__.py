@@ -1,0 +1,72 @@
+"""XDP and maps: the programs' view of a packet, BPF maps, and attaching programs to a host's devices.
+
+`context` holds the verdicts, the program context (`XdpContext`), the vectorised `XdpBatch` and program
+loading; `bpfmaps` the BPF maps in shared memory; `runtime` attaching programs to a host's devices (their
+maps and one context per RX queue).
+
+This package is the program author's API: an XDP program imports what it needs from here
+(``from emu.xdp import XDP_TX, XdpContext, xdp_program, MapSpec``), as the bundled `emu.programs` do.
+`runtime` is the emulator's, not the author's, and is not re-exported.
+"""
+
+from emu.xdp.bpfmaps import (
+    BPF_ANY,
+    BPF_EXIST,
+    BPF_NOEXIST,
+    ArrayMap,
+    BpfMap,
+    DevMap,
+    HashMap,
+    MapError,
+    MapSpec,
+    PerCpuArrayMap,
+    PerCpuHashMap,
+)
+from emu.xdp.context import (
+    PARAM_TYPES,
+    XDP_ABORTED,
+    XDP_DROP,
+    XDP_PASS,
+    XDP_REDIRECT,
+    XDP_TX,
+    ParamSpec,
+    Program,
+    ProgramFn,
+    XdpAction,
+    XdpBatch,
+    XdpContext,
+    classify_verdict,
+    classify_verdicts,
+    load_program,
+    xdp_program,
+)
+
+__all__ = [
+    "BPF_ANY",
+    "BPF_EXIST",
+    "BPF_NOEXIST",
+    "PARAM_TYPES",
+    "XDP_ABORTED",
+    "XDP_DROP",
+    "XDP_PASS",
+    "XDP_REDIRECT",
+    "XDP_TX",
+    "ArrayMap",
+    "BpfMap",
+    "DevMap",
+    "HashMap",
+    "MapError",
+    "MapSpec",
+    "ParamSpec",
+    "PerCpuArrayMap",
+    "PerCpuHashMap",
+    "Program",
+    "ProgramFn",
+    "XdpAction",
+    "XdpBatch",
+    "XdpContext",
+    "classify_verdict",
+    "classify_verdicts",
+    "load_program",
+    "xdp_program",
+]
