@@ -23,12 +23,12 @@ import zmq
 from emu import doorbell, wire
 from emu.netem import LinkShaper
 from emu.packets import FrameBatch, FrameFactory, Pacer, SeqTracker, verify_batch
-from emu.protocol import CMD, LINK_DOWN_BIT, OFFLINE, OFFLINE_ACK, Cmd, ProcState
+from emu.protocol import CMD, LINK_BATCH, LINK_DOWN_BIT, OFFLINE, OFFLINE_ACK, Cmd, ProcState
 from emu.shmring import IDLE_POLL_MS, MsgRing
 from emu.sockets import LINK_HWM, new_context, pull, push
 from emu.stats import StatsRow, StatsTable
 from workers.common import Liveness, ProcSpec, pin, run_process
-from workers.link import LINK_BATCH, LinkReceiver, LinkSender
+from workers.link import LinkReceiver, LinkSender
 
 
 class TrafficPort:
