@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from emu import wire
-from emu.pagemem import DESC_DTYPE, PageMemory, PageSpans, PageState, concat_descs, descs_from_bytes
+from emu.datapath import Core
+from emu.pagemem import DESC_DTYPE, PageMemory, PageState, concat_descs, descs_from_bytes
 from emu.pagepool import (
     PagePool,
     check_descs,
@@ -143,7 +144,7 @@ def load_rx_queues(host: HostConfig, cpu: int, mapsets: dict[str, str]) -> list[
     return out
 
 
-class NapiCore:
+class NapiCore(Core):
     """One CPU's data path: its RX queues, XDP verdicts, TX ring accounting and page pool.
 
     `counters` is indexed by `index` (the names of `emu.stats.CPU_COUNTERS`); `warn(key, text)` reports
@@ -153,23 +154,16 @@ class NapiCore:
         self, host: HostConfig, cpu: int, pm: PageMemory, pool: PagePool, rxqs: list[RxQueue], out: Outbox,
         counters: MutableSequence[int], index: dict[str, int], warn: Callable[[str, str], None],
     ) -> None:
+        super().__init__(pm, counters, index, warn)
         self.host = host
         self.cpu = cpu
         self.ncpus = host.cpus
-        self.budget = host.napi_budget
-        self.bulk = host.redirect_bulk
-        self.tx_bulk_size = host.tx_bulk
+        # NAPI's budget per poll, frames per ndo_xdp_xmit call, frames per ring-lock round trip of a return
+        self.budget, self.bulk, self.tx_bulk_size = host.napi_budget, host.redirect_bulk, host.tx_bulk
         self.stack_cpu = cpu if host.stack_cpu is None else host.stack_cpu
-        self.pm = pm
         self.pool = pool
         self.out = out
-        self.c = counters
-        self.i = index
-        self.warn_once = warn
-        self.ps = pm.page_size
         self.buf = pm.data_seg.buf
-        self.data2d = pm.data.reshape(pm.npages, self.ps)
-        self.spans = PageSpans(self.data2d)
         self.targets: dict[int, Target] = {}
         self.by_name: dict[str, Target] = {}
         for index_, (name, dev) in enumerate(host.devices.items()):

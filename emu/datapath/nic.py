@@ -41,8 +41,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from emu import wire
+from emu.datapath import Core
 from emu.packets import FrameBatch, rss_queue
-from emu.pagemem import DESC_DTYPE, PageMemory, PageSpans, PageState, concat_descs, descs_from_bytes
+from emu.pagemem import DESC_DTYPE, PageMemory, PageState, concat_descs, descs_from_bytes
 from emu.pagepool import check_descs, page_hand_over, tx_dma_start
 from emu.protocol import CPU_MASK, DEVICE_KINDS, LINK_BATCH, LINK_DOWN_BIT, XDP_PACKET_HEADROOM, refill_batch
 
@@ -95,7 +96,7 @@ class TxQueue:
     ninflight: int = 0
 
 
-class NicCore:
+class NicCore(Core):
     """One device's rings, RX FIFO, DMA, TX queues and completions.
 
     `counters` is indexed by `index` (the names of `emu.stats.DEVICE_COUNTERS`); `warn(key, text)` reports a
@@ -107,21 +108,15 @@ class NicCore:
         pause_ms: float = 1000, clock: Callable[[], int] = time.monotonic_ns,
         link_socket: Callable[[str], Any] | None = None,
     ) -> None:
+        super().__init__(pm, counters, index, warn)
         self.cfg = cfg
         self.name = cfg.name
         self.ncpus = ncpus
-        self.pm = pm
         self.cpus = cpus
         self.tx = tx
         self.rx = rx
-        self.c = counters
-        self.i = index
-        self.warn_once = warn
         self.clock = clock
         self.link_socket = link_socket
-        self.ps = pm.page_size
-        self.data2d = pm.data.reshape(pm.npages, self.ps)
-        self.spans = PageSpans(self.data2d)
         self.nrxq = cfg.rx_queues
         self.rx_cpus = list(cfg.rx_cpus)
         # Posted RX buffers per queue: a FIFO of descriptor arrays (the RX ring).
