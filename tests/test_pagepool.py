@@ -40,6 +40,7 @@ from emu.pagepool import (
     pool_of,
     put_page,
     return_pages,
+    tx_dma_start,
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -714,7 +715,7 @@ def test_expected_state_on_return(page_memory) -> None:
     assert len(good) == 0 and "wrong state" in errors[0]
     expect_stats(pool, cached=61, recycle_cached=2, recycled_before_tx_completion=4, wrong_state=5, **base)
     # Uniform batches in the expected state take the fast validation and go home, also through the ring.
-    pm.state[tx] = PageState.TX_INFLIGHT
+    tx_dma_start(pm, tx)  # on the wire
     assert pool_of(pm, 0).put(tx, pm.gen[tx], expect=PageState.TX_INFLIGHT) == 2
     assert return_pages(pm, pool, rx, expect=PageState.RX_POSTED) == 1
     # A freed page is still a double free, whatever was expected.
