@@ -9,7 +9,7 @@ Paths, each in bulks of 64 pages and one page at a time:
   the kernel's "fast path (softirq, direct)" figure.
 * ``ring``: the owner allocates; a non-owner handle returns the pages with ``put`` (ring lock); the next
   allocation refills the cache from the ring, 64 at a time; the kernel's "ptr_ring" figure.
-* ``allocator``: ``pm.alloc_pages_bulk`` + ``pm.free_pages_bulk`` (allocator lock); the kernel's "page
+* ``allocator``: ``alloc_pages_bulk`` + ``free_pages_bulk`` (`emu.mem.pagepool`) (allocator lock); the kernel's "page
   allocator" figure.
 * ``allocator via pool``: a pool whose ring has one slot: the owner allocates (slow path, bulk 64) and a
   non-owner's returns overflow the ring to the page allocator (``recycle_ring_full``).
@@ -42,7 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from emu.mem.pagemem import PageMemory, PoolParams
-from emu.mem.pagepool import pool_of
+from emu.mem.pagepool import alloc_pages_bulk, free_pages_bulk, pool_of
 from emu.mem.shm import new_run_prefix, unlink_prefix
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -150,9 +150,8 @@ def ring_case(pm: PageMemory, cpu: int, batch: int) -> Callable[[int], None]:
 
 def allocator_case(pm: PageMemory, batch: int) -> Callable[[int], None]:
     def run(iters: int) -> None:
-        alloc, free = pm.alloc_pages_bulk, pm.free_pages_bulk
         for _ in range(iters):
-            free(alloc(batch))
+            free_pages_bulk(pm, alloc_pages_bulk(pm, batch))
 
     return run
 

@@ -31,7 +31,17 @@ from emu.mem.pagemem import (
     PoolParams,
     concat_descs,
 )
-from emu.mem.pagepool import POOL_COUNTERS, ForeignRecycleError, PoolOwnershipError, pool_of, return_pages
+from emu.mem.pagepool import (
+    POOL_COUNTERS,
+    ForeignRecycleError,
+    PoolOwnershipError,
+    alloc_pages_bulk,
+    page_get,
+    pool_of,
+    put_page,
+    return_pages,
+    tx_dma_start,
+)
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -420,7 +430,7 @@ def test_released_refcnt_direct_and_ring(page_memory) -> None:
     ids = pool.alloc(8)
     base = dict(alloc_empty=1, alloc_slow=1, alloc_fast=7, hold_cnt=64)
     shared = ids[:2]
-    pm.page_get(shared)
+    page_get(pm, shared)
     assert set(pm.refcnt[shared]) == {2}
     assert int(pm.header[H_EXTRA_REFS]) == 2
     audit_ok(pm)
@@ -433,20 +443,20 @@ def test_released_refcnt_direct_and_ring(page_memory) -> None:
     audit_ok(pm)
     # The last put_page gives them to the page allocator.
     free_before = pm.free_count
-    pm.put_page(shared)
+    put_page(pm, shared)
     assert states(pm, shared) == {PageState.FREE}
     assert set(pm.refcnt[shared]) == {0}
     assert int(pm.header[H_EXTRA_REFS]) == 0
     assert pm.free_count == free_before + 2
     audit_ok(pm)
     # Same through the ring.
-    pm.page_get(ids[4:5])
+    page_get(pm, ids[4:5])
     pool_of(pm, 0).put(ids[4:8])
     expect_stats(
         pool, cached=58, ring=3, recycle_cached=2, recycle_ring=3, recycle_released_refcnt=3, release_cnt=3, **base
     )
     audit_ok(pm)
-    pm.put_page(ids[4:5])
+    put_page(pm, ids[4:5])
     assert pm.state[ids[4]] == PageState.FREE
     audit_ok(pm)
 
@@ -455,11 +465,11 @@ def test_page_get_then_put_page_before_return_recycles_normally(page_memory) -> 
     pm = page_memory()
     pool = pool_of(pm, 0, owner=True)
     ids = pool.alloc(2)
-    pm.page_get(ids)
-    pm.put_page(ids)
+    page_get(pm, ids)
+    put_page(pm, ids)
     assert set(pm.refcnt[ids]) == {1} and int(pm.header[H_EXTRA_REFS]) == 0
     # put_page never drops the pool's own reference.
-    pm.put_page(ids)
+    put_page(pm, ids)
     assert set(pm.refcnt[ids]) == {1} and states(pm, ids) == {PageState.ALLOCATED}
     assert pool.recycle_direct(ids) == 2
     expect_stats(pool, cached=64, alloc_empty=1, alloc_slow=1, alloc_fast=1, recycle_cached=2, hold_cnt=64)
@@ -705,7 +715,7 @@ def test_expected_state_on_return(page_memory) -> None:
     assert len(good) == 0 and "wrong state" in errors[0]
     expect_stats(pool, cached=61, recycle_cached=2, recycled_before_tx_completion=4, wrong_state=5, **base)
     # Uniform batches in the expected state take the fast validation and go home, also through the ring.
-    pm.state[tx] = PageState.TX_INFLIGHT
+    tx_dma_start(pm, tx)  # on the wire
     assert pool_of(pm, 0).put(tx, pm.gen[tx], expect=PageState.TX_INFLIGHT) == 2
     assert return_pages(pm, pool, rx, expect=PageState.RX_POSTED) == 1
     # A freed page is still a double free, whatever was expected.
@@ -975,7 +985,7 @@ def test_pool_size_zero_means_1024() -> None:
 def test_alloc_pages_bulk_negative_count_is_harmless(page_memory) -> None:
     """alloc_pages_bulk(-3) takes k = min(-3, have) = -3 and *raises* the free count by 3."""
     pm = page_memory()
-    ids = pm.alloc_pages_bulk(-3)
+    ids = alloc_pages_bulk(pm, -3)
     assert len(ids) == 0
     assert pm.free_count == 256
     audit_ok(pm)
@@ -987,9 +997,9 @@ def test_page_get_counts_duplicate_ids(page_memory) -> None:
     pm = page_memory()
     pool = pool_of(pm, 0, owner=True)
     p = pool.alloc(1)
-    pm.page_get(np.array([p[0], p[0]]))
+    page_get(pm, np.array([p[0], p[0]]))
     assert int(pm.refcnt[p[0]]) == 3
-    pm.put_page(np.array([p[0], p[0]]))
+    put_page(pm, np.array([p[0], p[0]]))
     assert int(pm.refcnt[p[0]]) == 1 and int(pm.header[H_EXTRA_REFS]) == 0
 
 
@@ -1001,8 +1011,8 @@ def test_released_pages_count_as_accepted(page_memory) -> None:
     pm = page_memory()
     pool = pool_of(pm, 0, owner=True)
     ids = pool.alloc(8)
-    pm.page_get(ids[:2])
-    pm.page_get(ids[4:6])
+    page_get(pm, ids[:2])
+    page_get(pm, ids[4:6])
     assert pool.recycle_direct(ids[:4]) == 4
     assert pool_of(pm, 0).put(ids[4:8]) == 4
 

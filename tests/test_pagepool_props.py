@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from emu.mem.pagemem import IN_USE, C, PageError, PageMemory, PageState, PoolParams
-from emu.mem.pagepool import ForeignRecycleError, pool_of, return_pages
+from emu.mem.pagepool import ForeignRecycleError, page_get, pool_of, put_page, return_pages
 from emu.mem.shm import new_run_prefix, unlink_prefix
 
 NPAGES = 96
@@ -215,14 +215,14 @@ class PoolMachine(RuleBasedStateMachine):
         page = data.draw(st.sampled_from(held), label="page")
         gen, cpu = self.held[page]
         pm = self.pm
-        pm.page_get(np.array([page]))
+        page_get(pm, np.array([page]))
         released = self.owners[cpu].stats()["recycle_released_refcnt"]
         return_pages(pm, self.owners[cpu], np.array([page]), np.array([gen], dtype=np.uint32))
         assert self.owners[cpu].stats()["recycle_released_refcnt"] == released + 1
         assert pm.owner[page] == -1 and pm.state[page] == PageState.ALLOCATED
         self._returned([page])
         self.check_audit()
-        pm.put_page(np.array([page]))
+        put_page(pm, np.array([page]))
         assert pm.state[page] == PageState.FREE
 
     @rule(data=st.data())

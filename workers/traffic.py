@@ -21,10 +21,10 @@ import numpy as np
 import zmq
 
 from emu.net import doorbell, wire
-from emu.net.link import LINK_BATCH, LinkReceiver, LinkSender
+from emu.net.link import LinkReceiver, LinkSender
 from emu.net.netem import LinkShaper
 from emu.net.packets import FrameBatch, FrameFactory, Pacer, SeqTracker, verify_batch
-from emu.net.protocol import CMD, LINK_DOWN_BIT, OFFLINE, OFFLINE_ACK, Cmd, ProcState
+from emu.net.protocol import CMD, LINK_BATCH, LINK_DOWN_BIT, OFFLINE, OFFLINE_ACK, Cmd, ProcState
 from emu.net.shmring import IDLE_POLL_MS, MsgRing
 from emu.net.sockets import LINK_HWM, new_context, pull, push
 from emu.run.process import Liveness, ProcSpec, pin, run_process

@@ -17,7 +17,9 @@ A *page descriptor* is the fixed-size record that travels between processes in p
 zmq as one packed blob.
 
 The page allocator is the stand-in for the kernel's buddy allocator and its per-CPU lists: one free
-stack shared by all CPUs of the host, used only in bulk (``alloc_pages_bulk``) and only under a lock.
+stack shared by all CPUs of the host (laid out here), used only in bulk and only under a lock; the
+functions that take pages from it and give them back are `emu.mem.pagepool`'s, which owns every change of a
+page's state.
 """
 
 from __future__ import annotations
@@ -72,20 +74,20 @@ DESC_DTYPE = np.dtype(
 
 NO_OWNER = -1
 MAGIC = 0x50504D31  # "PPM1"
-LAYOUT_VERSION = 2  # 2: the allocator's low-water mark (_H_FREE_LOW)
+LAYOUT_VERSION = 2  # 2: the allocator's low-water mark (H_FREE_LOW)
 HEADER_BYTES = 4096
 # Locks on the meta segment: 0 is the page allocator, 1 + cpu is that CPU's recycle ring.
 ALLOCATOR_LOCK = 0
 
 # Header words (int64) at the start of the meta segment.
 _H_MAGIC, _H_VERSION, _H_NPAGES, _H_PAGE_SIZE, _H_NCPUS = 0, 1, 2, 3, 4
-_H_CACHE, _H_REFILL, _H_RING, _H_LIMIT, _H_FREE_COUNT = 5, 6, 7, 8, 9
+_H_CACHE, _H_REFILL, _H_RING, _H_LIMIT, H_FREE_COUNT = 5, 6, 7, 8, 9
 # Pages holding references beyond their pool's: while 0, returns skip the per-page refcount check
-# (`emu.mem.pagepool` reads it; `page_get` and `put_page` here keep it).
+# (`emu.mem.pagepool` reads it in returns and keeps it in `page_get` and `put_page`).
 H_EXTRA_REFS = 10
 # The fewest pages the allocator ever held (its low-water mark): npages minus it is the most pages that
 # were ever out at once, which bounds the page memory any process of the host can have touched.
-_H_FREE_LOW = 11
+H_FREE_LOW = 11
 _H_WORDS = 16
 
 
@@ -343,7 +345,7 @@ class PageMemory:
         pm.holder[:] = NO_HOLDER
         # Pop order is from the top of the stack; lay pages out so that page 0 is handed out first.
         pm.free_stack[:] = np.arange(npages - 1, -1, -1, dtype=np.int32)
-        h[_H_FREE_COUNT] = h[_H_FREE_LOW] = npages
+        h[H_FREE_COUNT] = h[H_FREE_LOW] = npages
         h[_H_VERSION] = LAYOUT_VERSION
         h[_H_MAGIC] = MAGIC  # last: an attacher that sees the magic sees a complete header
         return pm
@@ -387,70 +389,13 @@ class PageMemory:
 
     @property
     def free_count(self) -> int:
-        return int(self.header[_H_FREE_COUNT])
+        return int(self.header[H_FREE_COUNT])
 
     @property
     def allocated_hwm(self) -> int:
         """The most pages ever out of the page allocator at once (a high-water mark, as VmHWM is for a
         process's RSS): a process of this host can have touched at most this many pages of page memory."""
-        return self.npages - int(self.header[_H_FREE_LOW])
-
-    def alloc_pages_bulk(self, n: int) -> np.ndarray:
-        """Take up to `n` pages from the page allocator (fewer when it runs dry)."""
-        with self.locks.lock(ALLOCATOR_LOCK):
-            have = int(self.header[_H_FREE_COUNT])
-            k = max(0, min(n, have))
-            ids = self.free_stack[have - k : have][::-1].copy()
-            self.header[_H_FREE_COUNT] = have - k
-            if have - k < self.header[_H_FREE_LOW]:
-                self.header[_H_FREE_LOW] = have - k
-            # Marked while still under the lock so that an audit never sees a page in no place.
-            self.state[ids] = PageState.ALLOCATED
-        return ids
-
-    def free_pages_bulk(self, ids: np.ndarray, release_pool: int = NO_OWNER) -> None:
-        """Give pages back to the page allocator.
-
-        `release_pool` is the CPU whose pool releases them: its `release_cnt` is bumped here, under the
-        allocator lock, because releases happen from any process (the kernel uses an atomic).
-        """
-        if len(ids) == 0:
-            return
-        with self.locks.lock(ALLOCATOR_LOCK):
-            have = int(self.header[_H_FREE_COUNT])
-            k = len(ids)
-            self.free_stack[have : have + k] = ids
-            self.state[ids] = PageState.FREE
-            self.owner[ids] = NO_OWNER
-            self.holder[ids] = NO_HOLDER
-            self.refcnt[ids] = 0
-            self.header[_H_FREE_COUNT] = have + k
-            if release_pool >= 0:
-                self.pool_counters[release_pool, C["release_cnt"]] += k
-
-    def page_get(self, ids: np.ndarray) -> None:
-        """``get_page``: take an extra reference (a pool will then release rather than recycle it)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        ids = ids[self.check_ids(ids)]
-        np.add.at(self.refcnt, ids, 1)  # add.at: a page named twice takes two references
-        self.header[H_EXTRA_REFS] += len(ids)
-
-    def put_page(self, ids: np.ndarray) -> None:
-        """``put_page``: drop a reference taken with `page_get`.
-
-        A page its pool already released (``recycle_released_refcnt``) goes to the page allocator when its
-        last reference is dropped.  The pool's own reference is dropped only by returning the page to it.
-        """
-        ids = np.asarray(ids, dtype=np.int64)
-        ids = ids[self.check_ids(ids)]
-        refs = self.refcnt[ids]
-        ownerless = self.owner[ids] == NO_OWNER
-        ids = ids[(refs > 1) | (ownerless & (refs > 0) & IN_USE[self.state[ids]])]
-        np.subtract.at(self.refcnt, ids, 1)
-        self.header[H_EXTRA_REFS] -= len(ids)
-        ids = np.unique(ids)
-        last = (self.refcnt[ids] == 0) & (self.owner[ids] == NO_OWNER)
-        self.free_pages_bulk(ids[last])
+        return self.npages - int(self.header[H_FREE_LOW])
 
     # -- audit ------------------------------------------------------------------------------------
 

@@ -24,6 +24,42 @@ Allocation semantics per page, as in ``page_pool_alloc_netmems``: served from th
 (`alloc_fast`); else the cache is refilled from the ring and that refill serves the page
 (`alloc_refill`; `alloc_empty` when the ring was empty); else the slow path bulk-allocates and serves
 it (`alloc_slow`).  `alloc` hands out many pages at once with exactly those per-page counts.
+
+This module owns a page's whole life: every change of its `state` (and of the `holder` that goes with
+it) is made by one of the functions below, named as the kernel names that step, and every descriptor a
+process is handed is checked by one function, `check_descs`.  Workers, devices and the coordinator's
+reclaim call them; none writes the page table's state itself.
+
+=================================  ==========================================  ==========================
+function                           transition                                  called by
+=================================  ==========================================  ==========================
+`alloc_pages_bulk`                 FREE -> ALLOCATED (page allocator)          `PagePool` slow path
+`PagePool.alloc`                   CACHE/RING -> `state` (``page_pool_alloc``)  its owner
+`page_pool_dev_alloc_pages`        CACHE/RING -> RX_POSTED, headroom set       a CPU's RX refill
+`xdp_prepare_buff`                 RX_POSTED -> XDP (holder: the CPU)          a CPU, RX completion
+`xdp_build_skb`                    XDP -> SKB                                  a CPU, XDP_PASS
+`xdp_xmit_queue`                   XDP -> TX_QUEUED (holder: the device)       a CPU, ``xdp_do_flush``
+`tx_dma_start`                     TX_QUEUED -> TX_INFLIGHT                    a device, on the wire
+`page_hand_over`                   holder only (state unchanged)               any sender of descriptors
+`PagePool.recycle_direct`          in use -> CACHE (ring when full)            the owner
+`PagePool.put`                     in use -> RING (``page_pool_put_page``)     any process
+`return_pages`                     in use -> CACHE or RING, by owner           any process
+`page_pool_return_page`            -> FREE (``page_pool_return_page``)         full ring, hard limit,
+                                                                               drain, reclaim
+`page_get` / `put_page`            refcount (``get_page`` / ``put_page``)       tests, shared pages
+=================================  ==========================================  ==========================
+
+Concurrency (as ``page_pool.c`` states it for ``pool->alloc`` and ``pool->ring``):
+
+* the alloc cache (``pool->alloc``) and the ring's consumer side are touched only by the process that
+  owns the pool (``is_owner``: the CPU's worker, the kernel's NAPI context of the pool), so they take no
+  lock; any other process returns pages through `put`, which takes the ring's producer lock (OFD lock
+  ``1 + cpu``, the ``ptr_ring`` producer spinlock) and validates under it;
+* the page allocator is taken under the allocator lock (OFD lock 0) from any process;
+* a page out of its pool has exactly one `holder` (the CPU or device that has it), and only the holder
+  changes its state, before it hands the page's descriptor on: the hand-off functions take no lock
+  because no two processes hold a page at once, and the one that receives it checks the descriptor
+  (`check_descs`) against the state the sender wrote.
 """
 
 from __future__ import annotations
@@ -37,6 +73,8 @@ from emu.errors import ResourceError
 from emu.mem.pagemem import (
     ALLOCATOR_LOCK,
     H_EXTRA_REFS,
+    H_FREE_COUNT,
+    H_FREE_LOW,
     IN_USE,
     NO_OWNER,
     P_CACHE_COUNT,
@@ -50,7 +88,7 @@ from emu.mem.pagemem import (
     PageState,
 )
 from emu.mem.shm import pid_alive
-from emu.net.protocol import NO_HOLDER
+from emu.net.protocol import NO_HOLDER, XDP_PACKET_HEADROOM
 
 _ALLOC_FAST = C["alloc_fast"]
 _LITTLE = sys.byteorder == "little"
@@ -210,7 +248,7 @@ class PagePool:
         return np.concatenate((self.ring[i:], self.ring[: i + k - self.ring_size]))
 
     def _alloc_slow(self) -> int:
-        ids = self.pm.alloc_pages_bulk(self.refill)
+        ids = alloc_pages_bulk(self.pm, self.refill)
         k = len(ids)
         if k == 0:
             return 0
@@ -480,7 +518,7 @@ class PagePool:
         if n > fits:
             self.cnt[C["recycle_ring_full"]] += n - fits
         if n > k:
-            self.pm.free_pages_bulk(ids[k:], release_pool=self.cpu)
+            page_pool_return_page(self.pm, ids[k:], self.cpu)
 
     @staticmethod
     def _raise(problems: list[str], errors: str) -> None:
@@ -503,7 +541,7 @@ class PagePool:
         have = int(self.ctl[P_CACHE_COUNT])
         cache_ids = self.cache[:have].copy()
         self.ctl[P_CACHE_COUNT] = 0
-        self.pm.free_pages_bulk(np.concatenate((cache_ids, ring_ids)), release_pool=self.cpu)
+        page_pool_return_page(self.pm, np.concatenate((cache_ids, ring_ids)), self.cpu)
         return self.inflight
 
 
@@ -562,3 +600,186 @@ def return_pages(
                 accepted += pool_of(pm, cpu).put(mine[k : k + step], None if g is None else g[k : k + step],
                                                  errors=errors, expect=expect)
     return accepted
+
+
+# -- the page allocator -----------------------------------------------------------------------------
+# The buddy allocator's stand-in (its free stack is laid out in `emu.mem.pagemem`): pages leave it only in
+# bulk into a pool's cache, and come back from a pool that releases them.
+
+
+def alloc_pages_bulk(pm: PageMemory, n: int) -> np.ndarray:
+    """``alloc_pages_bulk``: take up to `n` pages from the page allocator (fewer when it runs dry); they
+    are ALLOCATED until their pool places them."""
+    header = pm.header
+    with pm.locks.lock(ALLOCATOR_LOCK):
+        have = int(header[H_FREE_COUNT])
+        k = max(0, min(n, have))
+        ids = pm.free_stack[have - k : have][::-1].copy()
+        header[H_FREE_COUNT] = have - k
+        if have - k < header[H_FREE_LOW]:
+            header[H_FREE_LOW] = have - k
+        # Marked while still under the lock so that an audit never sees a page in no place.
+        pm.state[ids] = PageState.ALLOCATED
+    return ids
+
+
+def page_pool_return_page(pm: PageMemory, ids: np.ndarray, release_pool: int = NO_OWNER) -> None:
+    """``page_pool_return_page``: give pages back to the page allocator (FREE, no owner, no holder).
+
+    `release_pool` is the CPU whose pool releases them: its `release_cnt` is bumped here, under the
+    allocator lock, because releases happen from any process (the kernel uses an atomic).
+    """
+    if len(ids) == 0:
+        return
+    header = pm.header
+    with pm.locks.lock(ALLOCATOR_LOCK):
+        have = int(header[H_FREE_COUNT])
+        k = len(ids)
+        pm.free_stack[have : have + k] = ids
+        pm.state[ids] = PageState.FREE
+        pm.owner[ids] = NO_OWNER
+        pm.holder[ids] = NO_HOLDER
+        pm.refcnt[ids] = 0
+        header[H_FREE_COUNT] = have + k
+        if release_pool >= 0:
+            pm.pool_counters[release_pool, C["release_cnt"]] += k
+
+
+# The allocator's own name for the same step, as tests and benchmarks of the allocator call it.
+free_pages_bulk = page_pool_return_page
+
+
+def page_get(pm: PageMemory, ids: np.ndarray) -> None:
+    """``get_page``: take an extra reference (a pool will then release rather than recycle it)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    ids = ids[pm.check_ids(ids)]
+    np.add.at(pm.refcnt, ids, 1)  # add.at: a page named twice takes two references
+    pm.header[H_EXTRA_REFS] += len(ids)
+
+
+def put_page(pm: PageMemory, ids: np.ndarray) -> None:
+    """``put_page``: drop a reference taken with `page_get`.
+
+    A page its pool already released (``recycle_released_refcnt``) goes to the page allocator when its
+    last reference is dropped.  The pool's own reference is dropped only by returning the page to it.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    ids = ids[pm.check_ids(ids)]
+    refs = pm.refcnt[ids]
+    ownerless = pm.owner[ids] == NO_OWNER
+    ids = ids[(refs > 1) | (ownerless & (refs > 0) & IN_USE[pm.state[ids]])]
+    np.subtract.at(pm.refcnt, ids, 1)
+    pm.header[H_EXTRA_REFS] -= len(ids)
+    ids = np.unique(ids)
+    last = (pm.refcnt[ids] == 0) & (pm.owner[ids] == NO_OWNER)
+    page_pool_return_page(pm, ids[last])
+
+
+# -- the driver's and XDP's hand-offs ------------------------------------------------------------------
+# A page out of its pool moves between a CPU's XDP path and a device's rings.  Each step is one batch
+# store into the page table by the process that holds the pages, made before it hands their descriptors
+# on (so that, should it die in between, the coordinator finds every page where its state says).
+
+
+def page_pool_dev_alloc_pages(pool: PagePool, n: int, holder: int) -> np.ndarray:
+    """``page_pool_dev_alloc_pages`` for an RX ring: up to `n` pages from the pool, RX_POSTED to the
+    device `holder`, each to receive its frame at ``XDP_PACKET_HEADROOM``."""
+    ids = pool.alloc(n, PageState.RX_POSTED, holder=holder)
+    if len(ids):
+        pool.pm.off.put(ids, XDP_PACKET_HEADROOM)
+        pool.pm.len.put(ids, 0)
+    return ids
+
+
+def xdp_prepare_buff(pm: PageMemory, ids: np.ndarray, cpu: int) -> None:
+    """``xdp_prepare_buff``: completed RX buffers become the XDP buffers of CPU `cpu` (RX_POSTED -> XDP)."""
+    pm.state.put(ids, PageState.XDP)
+    pm.holder.put(ids, cpu)
+
+
+def xdp_build_skb(pm: PageMemory, ids: np.ndarray) -> None:
+    """``xdp_build_skb_from_frame``: XDP_PASS hands the pages to the stack as skbs (XDP -> SKB)."""
+    pm.state.put(ids, PageState.SKB)
+
+
+def xdp_xmit_queue(pm: PageMemory, ids: np.ndarray, holder: int) -> None:
+    """``ndo_xdp_xmit`` (and XDP_TX's ring): the frames go onto a device's TX queue (XDP -> TX_QUEUED),
+    which holds them from now on."""
+    pm.state.put(ids, PageState.TX_QUEUED)
+    pm.holder.put(ids, holder)
+
+
+def tx_dma_start(pm: PageMemory, ids: np.ndarray) -> None:
+    """The device puts queued frames on the wire: TX_QUEUED -> TX_INFLIGHT until their completion."""
+    pm.state.put(ids, PageState.TX_INFLIGHT)
+
+
+def page_hand_over(pm: PageMemory, ids: np.ndarray, holder: int) -> None:
+    """The pages go to `holder` (a CPU or a device code) in the state they are in: if it dies, the
+    coordinator finds them there."""
+    pm.holder.put(ids, holder)
+
+
+_POS = np.arange(_UNIFORM_MAX, dtype=np.int32)
+_POS_BYTES = _POS.tobytes()
+_OWNER_BYTES: dict[int, bytes] = {}
+
+
+def _owner_bytes(owner: int) -> bytes:
+    """`owner` as the int16 page-table entries of a batch of up to _UNIFORM_MAX pages."""
+    b = _OWNER_BYTES.get(owner)
+    if b is None:
+        b = _OWNER_BYTES[owner] = np.full(_UNIFORM_MAX, owner, dtype=np.int16).tobytes()
+    return b
+
+
+def check_descs(
+    pm: PageMemory, d: np.ndarray, expect: PageState, owner: int | None = None, unique: bool = False
+) -> np.ndarray | None:
+    """The check of descriptors a process is handed: each must name a page of this host (range) in its
+    current life (generation), in the state the message implies (`expect`), of pool `owner` when given,
+    and with `unique` no page twice.
+
+    Returns None when every descriptor passes (the common case: a few gathers and one reduction), else
+    the mask of those that do.  It changes and counts nothing: the caller refuses the rest and counts
+    them as ``bad_descriptors``.
+    """
+    pages = d["page"]
+    n = len(pages)
+    if 0 < n <= _UNIFORM_MAX:
+        # The common case in gathers and byte compares (as `PagePool._valid_uniform`): a third of the cost
+        # of the masks below, which only run when something is refused.
+        try:
+            if (pm.state.take(pages).tobytes() == bytes((int(expect),)) * n
+                    and pm.gen.take(pages).tobytes() == d["gen"].tobytes()
+                    and (owner is None or pm.owner.take(pages).tobytes() == _owner_bytes(owner)[: 2 * n])):
+                if not unique:
+                    return None
+                mark = pm.batch_mark
+                mark.put(pages, _POS[:n])
+                if mark.take(pages).tobytes() == _POS_BYTES[: 4 * n]:
+                    return None
+        except IndexError:
+            pass  # a page id past the end: the masks below refuse it
+    ok = pages < pm.npages  # ids are unsigned: nothing below 0
+    if np.logical_and.reduce(ok):
+        ok = (pm.state.take(pages) == expect) & (pm.gen.take(pages) == d["gen"])
+        if owner is not None:
+            ok &= pm.owner.take(pages) == owner
+    else:
+        inr = pages[ok]
+        good = (pm.state.take(inr) == expect) & (pm.gen.take(inr) == d["gen"][ok])
+        if owner is not None:
+            good &= pm.owner.take(inr) == owner
+        ok[ok] = good
+    if unique and len(pages) > 1:
+        # A page named twice: its later copies are refused (the same page cannot be two buffers).
+        sel = np.flatnonzero(ok)
+        ids = pages[sel]
+        pos = np.arange(len(ids), dtype=np.int32)
+        mark = pm.batch_mark
+        mark.put(ids, pos)
+        dup = mark.take(ids) != pos
+        if np.logical_or.reduce(dup):
+            ok[sel[dup]] = False
+    return None if np.logical_and.reduce(ok) else ok

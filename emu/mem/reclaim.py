@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from emu.mem.pagemem import HOME, PageMemory, PageState
-from emu.mem.pagepool import pool_of, return_pages
+from emu.mem.pagepool import page_pool_return_page, pool_of, return_pages
 
 # States in which a page holds a packet that has not reached its end (received, in XDP, queued to
 # transmit, in an skb); a posted RX buffer does too once its length is set (a frame was DMAed into it).
@@ -129,7 +129,7 @@ def free_torn(pm: PageMemory) -> int:
     torn = np.flatnonzero((st == PageState.CACHE) | (st == PageState.RING))
     owners = pm.owner[torn]
     for cpu in np.unique(owners).tolist():
-        pm.free_pages_bulk(torn[owners == cpu], release_pool=cpu if 0 <= cpu < pm.ncpus else -1)
+        page_pool_return_page(pm, torn[owners == cpu], cpu if 0 <= cpu < pm.ncpus else -1)
     return len(torn)
 
 

@@ -27,11 +27,9 @@ from emu.net import wire
 from emu.net.doorbell import Doorbell
 from emu.net.netem import LinkShaper
 from emu.net.packets import FrameBatch
+from emu.net.protocol import LINK_BATCH
 from emu.net.shmring import BELL_FILL, BELL_MSG, Inbox, MsgRing, ring_bell, take
 
-# Frames per message on the wire: bounds the work one link message can ask of a receiver (a device waits a
-# little for this many RX buffers posted on every queue, or a whole ring, before it takes a message).
-LINK_BATCH = 256
 # Bytes of frames per message (64-byte frames: 256 a message; 1500-byte frames: 43).
 LINK_BYTES = 1 << 16
 # Messages waiting to leave before a sender counts as busy (pauses its generator, stops transmitting).

@@ -156,3 +156,7 @@ FRAMES, LINK, BELL = "frames", "link", "bell"
 CPU_KINDS = (RX, TXC, TXDROP, RXRET, SKB, BELL)  # what a CPU worker's inbox takes
 DEVICE_KINDS = (POST, XMIT, FRAMES, LINK, BELL)  # what a device's inbox takes
 LINK_KINDS = (FRAMES, BELL)  # what a link end (a device's link ingress, a traffic port) takes
+# Frames per link message at most (a sender never puts more in one): bounds the work one link message can
+# ask of a receiver (a device waits a little for this many RX buffers posted on every queue, or a whole
+# ring, before it takes a message).
+LINK_BATCH = 256

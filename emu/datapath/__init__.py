@@ -1,0 +1,29 @@
+"""The data path of a host without its processes: a CPU's NAPI core (`napi`) and a NIC's core (`nic`).
+
+Each core is a plain object that the process around it (`workers/cpu.py`, `workers/device.py`) feeds with
+messages and drives from its loop, and that sends through a small interface the process implements over
+its channels; a unit test drives it the same way with fakes, over a real page memory, without a process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, MutableSequence
+
+from emu.mem.pagemem import PageMemory, PageSpans
+
+
+class Core:
+    """What both cores keep: the host's page memory and its bytes seen per page, the counters they count
+    into (a process's stats row, or a test's array) by name, and how they report a problem once."""
+
+    def __init__(
+        self, pm: PageMemory, counters: MutableSequence[int], index: dict[str, int],
+        warn: Callable[[str, str], None],
+    ) -> None:
+        self.pm = pm
+        self.c = counters
+        self.i = index
+        self.warn_once = warn
+        self.ps = pm.page_size
+        self.data2d = pm.data.reshape(pm.npages, self.ps)
+        self.spans = PageSpans(self.data2d)

@@ -1,0 +1,671 @@
+"""A CPU's NAPI core: what one emulated CPU does with packets, as a plain object without a process.
+
+What one poll does, in the kernel's order (drivers' ``napi_poll`` + ``xdp_do_flush``):
+
+1. take the RX-completion descriptors the devices sent for the RX queues bound to this CPU, at most
+   `napi_budget` (64) packets per queue per poll;
+2. run the ingress device's XDP program on each packet through a writable zero-copy view of its page
+   (or its vectorised form, `emu.xdp.XdpBatch`), once per pass over the packets its polls will take
+   (`run_programs`);
+3. act on the verdicts: DROP and ABORTED (and a program that raised or returned nonsense, counted as
+   ``xdp_exception``) recycle the page directly into this CPU's cache; PASS hands the page to the
+   emulated stack as an skb, freed at the end of the poll (or on `stack_cpu`, through the owner's
+   ring); TX puts it on the same device's XDP TX queue for this CPU; REDIRECT bulks it per target device
+   (16 frames per ``ndo_xdp_xmit`` call), or, for a target without XDP transmit, copies it into an skb
+   (``redirect_fallback: skb``) or drops it (``drop``: -EOPNOTSUPP, ``redirect_err``);
+4. refill the RX rings from the pool (inside the poll when it freed pages into the cache, else once for
+   the pass's polls: the same pages either way); the bulks and the refilled buffers go to the devices in
+   one message per device for up to `POLLS_PER_FLUSH` polls (counters such as ``xmit_bulks`` stay per
+   poll).
+
+A pass takes no more packets than this CPU's XDP TX queues have room for (`tx_room`): a frame holds its
+ring slot until its completion comes back here, as a driver's slot stays taken until NAPI reaps it.
+
+TX completions for the TX queues this CPU services come back here; each page goes back to the pool that
+allocated it: directly when that is this CPU's, through that CPU's recycle ring otherwise.  A page is
+never recycled before its completion: the return path checks that it is ``TX_INFLIGHT``.
+
+Every change of a page's state is one of `emu.mem.pagepool`'s functions, and every descriptor handed in is
+checked by its `check_descs`.  The core sends through an `Outbox` (the CPU worker's channels, or a test's
+fake) and counts into a counter array indexed by name (the worker's stats row, or a test's array), so
+`tests/test_napi_core.py` drives it in milliseconds over a real page memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, MutableSequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from emu.datapath import Core
+from emu.mem.pagemem import DESC_DTYPE, PageMemory, PageState, concat_descs, descs_from_bytes
+from emu.mem.pagepool import (
+    PagePool,
+    check_descs,
+    page_hand_over,
+    page_pool_dev_alloc_pages,
+    return_pages,
+    xdp_build_skb,
+    xdp_prepare_buff,
+    xdp_xmit_queue,
+)
+from emu.net import wire
+from emu.net.protocol import CPU_KINDS, DEVICE_BIT, REFILL_MIN, device_code, refill_batch
+from emu.xdp.context import (
+    XDP_ABORTED,
+    XDP_DROP,
+    XDP_PASS,
+    XDP_REDIRECT,
+    XDP_TX,
+    XdpBatch,
+    classify_verdict,
+    classify_verdicts,
+)
+
+if TYPE_CHECKING:
+    from emu.topology.model import HostConfig
+
+# NAPI polls (of napi_budget packets per queue each) whose TX/redirect bulks go out in one message: up
+# to 1,024 packets a pass at the kernel's budget of 64, half an RX ring of the bundled topologies.  A pass
+# costs about the same whatever it carries; 16 forwarded 9 % more l2fwd than 8 (interleaved A/B).
+POLLS_PER_FLUSH = 16
+# Passes in a row waiting on full TX queues, with completions still coming in, before `tx_resync`
+# checks the page table anyway.
+TX_RESYNC_WAITS = 64
+
+
+class Outbox(Protocol):
+    """Where a CPU's messages go: its channels to the devices (by name) and the other CPUs (by number)."""
+
+    def send(self, to: str | int, kind: str, header: dict, descs: np.ndarray) -> None:
+        """Send a batch of page descriptors of `kind` (a `emu.net.protocol` kind) to device or CPU `to`."""
+
+    def send_frames(self, to: str, frames: list[bytes]) -> None:
+        """Send frame bytes (the skb path) to device `to`."""
+
+
+@dataclass(slots=True)
+class RxQueue:
+    """One RX queue of one device, bound to this CPU."""
+
+    dev: str
+    ifindex: int
+    q: int
+    ring_size: int
+    program: object  # the XDP callable, or None (no program: every packet is passed)
+    ctx: object
+    batch: object = None  # the program's vectorised form, when it has one and the topology allows it
+    refill_min: int = REFILL_MIN  # see refill_batch
+    posted: int = 0  # buffers posted and not yet completed
+    pending: list[np.ndarray] = field(default_factory=list)  # RX completions the program has not seen
+    # This pass's packets the program has already run over, acted on poll by poll: page ids, verdicts,
+    # redirect targets (or None), whether they were acted on already (None: not yet; else the device
+    # whose devmap bulk queue they went to, "" for XDP_TX), and how many of them the polls have taken.
+    ready: tuple[np.ndarray, np.ndarray, np.ndarray | None, str | None] | None = None
+    taken: int = 0
+
+
+@dataclass(slots=True)
+class Target:
+    """A device of this host as seen by a CPU: where to send frames for it and how it transmits."""
+
+    name: str
+    index: int
+    ifindex: int
+    xdp_xmit: bool
+    fallback: str
+    tx_queues: int
+    tx_ring: int
+    # This CPU's XDP TX queue on the device is its own (as many queues as CPUs): its completions come
+    # back here, so this CPU knows how much of the ring its frames hold.
+    own_txq: bool
+    down: bool = False  # the device process died
+    tx_used: int = 0  # frames this CPU queued on its TX queue whose completion (or refusal) it has not seen
+
+
+def load_rx_queues(host: HostConfig, cpu: int, mapsets: dict[str, str]) -> list[RxQueue]:
+    """The RX queues of `host` bound to `cpu`, each with its device's XDP program, maps and context."""
+    from emu.xdp.runtime import make_context, program_for
+
+    ifindex_of = {name: dev.ifindex for name, dev in host.devices.items()}
+    out = []
+    for name, dev in host.devices.items():
+        prog, maps = program_for(dev, mapsets.get(name), host.cpus, cpu)
+        for q in range(dev.rx_queues):
+            if dev.rx_cpus[q] != cpu:
+                continue
+            ctx = make_context(prog, maps, dev, q, cpu, ifindex_of)
+            fn = None if prog is None else prog.fn
+            batch = prog.batch if prog is not None and dev.xdp.vectorised else None
+            out.append(RxQueue(name, dev.ifindex, q, dev.rx_ring_size, fn, ctx, batch,
+                               refill_batch(dev.rx_ring_size)))
+    return out
+
+
+class NapiCore(Core):
+    """One CPU's data path: its RX queues, XDP verdicts, TX ring accounting and page pool.
+
+    `counters` is indexed by `index` (the names of `emu.run.stats.CPU_COUNTERS`); `warn(key, text)` reports
+    a kind of problem once.  The core owns `pool` (this process is its owner)."""
+
+    def __init__(
+        self, host: HostConfig, cpu: int, pm: PageMemory, pool: PagePool, rxqs: list[RxQueue], out: Outbox,
+        counters: MutableSequence[int], index: dict[str, int], warn: Callable[[str, str], None],
+    ) -> None:
+        super().__init__(pm, counters, index, warn)
+        self.host = host
+        self.cpu = cpu
+        self.ncpus = host.cpus
+        # NAPI's budget per poll, frames per ndo_xdp_xmit call, frames per ring-lock round trip of a return
+        self.budget, self.bulk, self.tx_bulk_size = host.napi_budget, host.redirect_bulk, host.tx_bulk
+        self.stack_cpu = cpu if host.stack_cpu is None else host.stack_cpu
+        self.pool = pool
+        self.out = out
+        self.buf = pm.data_seg.buf
+        self.targets: dict[int, Target] = {}
+        self.by_name: dict[str, Target] = {}
+        for index_, (name, dev) in enumerate(host.devices.items()):
+            t = Target(name, index_, dev.ifindex, dev.xdp_xmit, dev.redirect_fallback, dev.tx_queues,
+                       dev.tx_ring_size, dev.tx_queues >= self.ncpus)
+            self.targets[dev.ifindex] = t
+            self.by_name[name] = t
+        self.rxqs: dict[tuple[str, int], RxQueue] = {(r.dev, r.q): r for r in rxqs}
+        # The TX queues of its own this CPU can fill: XDP_TX's (the devices it receives on) and
+        # ndo_xdp_xmit's.  A pass runs once they have room for a poll (or for a whole ring smaller than one).
+        rx_devs = {rxq.dev for rxq in self.rxqs.values()}
+        self.tx_limited = [t for t in self.by_name.values() if t.own_txq and (t.xdp_xmit or t.name in rx_devs)]
+        self.tx_poll_min = min([self.budget] + [t.tx_ring for t in self.tx_limited])
+        # This pass's bulks: (device, kind) -> list of page-id arrays to transmit.
+        self.tx_bulk: dict[tuple[str, str], list[np.ndarray]] = {}
+        self.bulked: dict[str, int] = {}  # frames this poll redirected into each device's bulk queue
+        self.posts: dict[tuple[str, int], list[np.ndarray]] = {}  # refilled RX buffers not yet posted
+        self.skb_local: list[np.ndarray] = []
+        self.skb_remote: list[np.ndarray] = []
+        self.offline = 0
+        self.waits = 0  # passes in a row that found the TX queues too full to poll
+
+    def send_descs(self, to: str | int, kind: str, header: dict, ids: np.ndarray) -> None:
+        """Describe pages `ids` from the page table and send them to `to`."""
+        d = np.empty(len(ids), dtype=DESC_DTYPE)
+        pm = self.pm
+        d["page"] = ids
+        d["gen"] = pm.gen.take(ids)
+        d["off"] = pm.off.take(ids)
+        d["len"] = pm.len.take(ids)
+        d["owner"] = pm.owner.take(ids)
+        d["aux"] = self.cpu
+        self.out.send(to, kind, header, d)
+
+    # -- messages from devices and other CPUs -----------------------------------------------------
+
+    def dispatch(self, msg: bytes) -> None:
+        """One message from the inbox: RX completions, TX completions and refusals, posted buffers handed
+        back, skbs to free; anything else is refused and counted."""
+        try:
+            kind, hdr, blob = wire.unpack_msg(msg, CPU_KINDS)
+            if kind == "bell":
+                return  # a producer woke us up: its message is in our ring
+            d = descs_from_bytes(blob)
+        except (wire.WireError, ValueError) as exc:
+            self.c[self.i["bad_messages"]] += 1
+            self.warn_once("badmsg", f"refused a message: {exc}")
+            return
+        if kind == "rx":
+            rxq = self.rxqs.get((hdr.get("dev"), hdr.get("q")))
+            if rxq is None:
+                self.c[self.i["bad_messages"]] += 1
+                self.warn_once("badq", f"RX descriptors for a queue not bound here: {hdr!r}")
+                return
+            n = len(d)
+            # Only this CPU's own posted buffers, each once, become its XDP buffers.
+            ok = check_descs(self.pm, d, PageState.RX_POSTED, owner=self.cpu, unique=True)
+            if ok is not None:
+                d = d[ok]
+                self._refused(n - len(d), PageState.RX_POSTED)
+            # A completed descriptor keeps its ring slot until NAPI processes it (see napi_poll); only
+            # refused ones free theirs now.  So the pool lends out no more than the ring holds.
+            rxq.posted -= n - len(d)
+            if len(d):
+                xdp_prepare_buff(self.pm, d["page"], self.cpu)
+                rxq.pending.append(d)
+        elif kind == "rxret":
+            # Posted buffers a device hands back at ndo_stop; screened like any return, so a forged one
+            # naming pages in flight moves nothing.
+            rxq = self.rxqs.get((hdr.get("dev"), hdr.get("q")))
+            n = self._return(d, PageState.RX_POSTED)
+            if rxq is not None:
+                rxq.posted -= n
+        elif kind == "txc":
+            # xdp_return_frame_bulk: another pool's pages go back tx_bulk (16) per ring-lock round trip.
+            self.c[self.i["tx_completions"]] += self._return(d, PageState.TX_INFLIGHT, bulk=self.tx_bulk_size)
+            self._tx_reaped(hdr, len(d))
+        elif kind == "txdrop":
+            what = "xdp_tx_full" if hdr.get("kind") == "tx" else "xmit_drops"
+            self.c[self.i[what]] += self._return(d, PageState.TX_QUEUED)
+            self._tx_reaped(hdr, len(d))
+        elif kind == "skb":
+            n = self._return(d, PageState.SKB)
+            self.c[self.i["stack_rx"]] += n
+            self.c[self.i["skb_remote_free"]] += n
+
+    def _refused(self, n: int, expect: PageState) -> None:
+        self.c[self.i["bad_descriptors"]] += n
+        self.warn_once(f"bad{expect}", f"refused descriptors not in state {expect.name} (or stale, foreign or "
+                                       f"named twice)")
+
+    def _return(self, d: np.ndarray, expect: PageState, bulk: int | None = None) -> int:
+        """Return pages a peer handed back to whichever pools own them; returns how many were valid.
+
+        Descriptors are checked first (`check_descs`: range, generation, state) so that a forged or
+        stale message moves no counter: counters count packets, and only real pages are packets."""
+        pm = self.pm
+        ids = d["page"]
+        # Usually every page is this CPU's own and exactly as expected: one check, then the cache.
+        n = self.pool.recycle_direct_if_valid(ids, d["gen"], expect)
+        if n is not None:
+            return n
+        ok = check_descs(pm, d, expect)
+        if ok is not None:
+            self._refused(len(d) - int(np.count_nonzero(ok)), expect)
+            d = d[ok]
+            ids = d["page"]
+        remote = int(np.count_nonzero(pm.owner.take(ids) != self.cpu))
+        if remote:
+            self.c[self.i["remote_returns"]] += remote
+        return return_pages(pm, self.pool, ids, d["gen"], expect=expect, bulk=bulk)
+
+    # -- the TX rings this CPU fills --------------------------------------------------------------
+
+    def _tx_reaped(self, hdr: dict, n: int) -> None:
+        """Frames of this CPU's TX queue came back (completed or refused): their ring slots are free."""
+        t = self.by_name.get(hdr.get("dev"))
+        # (A txdrop names no queue: it always answers this CPU's own xmit.)
+        if t is not None and t.own_txq and hdr.get("txq", self.cpu % t.tx_queues) == self.cpu % t.tx_queues:
+            t.tx_used = max(0, t.tx_used - n)
+
+    def tx_room(self) -> int:
+        """Frames this pass may take: the least room left in any XDP TX queue of this CPU's (its ring
+        size less what it holds), since any packet may be sent to any of them.
+
+        A driver's ring slot stays taken until its NAPI poll reaps the completion; the kernel's
+        ndo_xdp_xmit then drops what does not fit.  Here the "hardware" is a process that may not run
+        for milliseconds on a loaded machine, so instead of dropping the CPU polls no more than fits and
+        leaves the rest in the RX ring (the device then pauses its link, as flow control does): the pages
+        out of the pool stay bounded by the rings, as on a real NIC, instead of piling up in messages
+        while the TX side waits for a core."""
+        room = POLLS_PER_FLUSH * self.budget * max(1, len(self.rxqs))
+        for t in self.tx_limited:
+            if not t.down:
+                room = min(room, t.tx_ring - t.tx_used)
+        return room
+
+    def tx_resync(self) -> None:
+        """Never wait on frames the page table says are no longer out: a completion that never comes
+        (a device that refused descriptors as stale, say) must not hold this CPU's RX back for good.
+        Only this CPU transmits its own pages, so those of them queued or awaiting completion anywhere
+        bound what its TX queues can hold."""
+        pm = self.pm
+        st = pm.state
+        out = (st == PageState.TX_QUEUED) | (st == PageState.TX_INFLIGHT)
+        held = int(np.count_nonzero(out & (pm.owner == self.cpu)))
+        for t in self.tx_limited:
+            if t.tx_used > held:
+                t.tx_used = held
+
+    # -- a pass: the NAPI polls between two flushes -----------------------------------------------
+
+    def poll_pass(self, got: int, refilling: bool) -> int:
+        """Up to `POLLS_PER_FLUSH` NAPI polls and one flush; returns the packets the polls took.
+
+        `got` is how many messages came in before this pass (none: no completion is on its way);
+        `refilling` is False once the device is going down (``ndo_stop``: nothing more is posted).
+        Several polls, then one flush: the kernel flushes (xdp_do_flush) at the end of each poll, which
+        hands the bulks to the driver's rings for free; here a flush is a message, so the polls of one
+        pass share it (as xmit_more defers the doorbell).  Counters stay per poll."""
+        done = 0
+        pool = self.pool
+        room = self.tx_room()
+        if room >= self.tx_poll_min:
+            self.waits = 0
+            self.run_programs(room)
+        elif any(rxq.pending for rxq in self.rxqs.values()):
+            self.c[self.i["tx_ring_waits"]] += 1
+            self.waits += 1
+            # A scan of the whole page table: only once no message came in this pass (so no
+            # completion is on its way), or after many waits in a row, not on every waiting pass.
+            if not got or self.waits % TX_RESYNC_WAITS == 0:
+                self.tx_resync()
+        for _ in range(POLLS_PER_FLUSH):
+            recycles = pool.direct_recycles
+            n = self.napi_poll()
+            done += n
+            if refilling and pool.direct_recycles != recycles:
+                # The refill inside each poll, as drivers do, so that pages this poll freed are reused
+                # from the cache.  A poll that freed none left the pool as it was: its refill would
+                # take the same pages at the end of the pass, which does it for all of them at once.
+                self.refill()
+            if not n:
+                break
+        if refilling:
+            self.refill()
+        self.xdp_do_flush()
+        self.post_flush()
+        return done
+
+    # -- the NAPI poll ----------------------------------------------------------------------------
+
+    def run_programs(self, room: int) -> None:
+        """Run each queue's XDP program, once, over every packet this pass's polls will take.
+
+        A program sees its packets in the order the polls would give them, and nothing it can observe
+        (its packet, its maps) depends on the polls in between, so its verdicts are those of running it
+        poll by poll; what the verdicts do to the pages (`act`) and the RX refill still happen poll by
+        poll, as in the kernel, except when all they do is append pages to one bulk queue (`act` is then
+        done once; the polls still count themselves and their bulks).  One call instead of one per
+        poll: a vectorised program's cost is mostly per call."""
+        per_queue = POLLS_PER_FLUSH * self.budget
+        for rxq in self.rxqs.values():
+            pending = rxq.pending
+            if rxq.ready is not None or not pending:
+                continue
+            limit = min(per_queue, room)
+            if limit <= 0:
+                break
+            d = pending[0]
+            if len(d) > limit:
+                pending[0] = d[limit:]
+                d = d[:limit]
+            else:
+                parts, have = [pending.pop(0)], len(d)
+                while pending and have + len(pending[0]) <= limit:
+                    have += len(pending[0])
+                    parts.append(pending.pop(0))
+                d = concat_descs(parts)
+            pages = d["page"]
+            verdicts, targets = self.run_xdp(rxq, d)
+            ahead = self._only_bulked(rxq, verdicts, targets)
+            if ahead is not None:
+                # Every verdict only appends its page to a bulk queue, which the pass flushes once
+                # anyway: act on all of them now; the polls still count themselves and their bulks.
+                self.act(rxq, pages, verdicts, targets)
+                self.bulked.clear()
+            rxq.ready = (pages, verdicts, targets, ahead)
+            rxq.taken = 0
+            room -= len(pages)
+
+    def _only_bulked(self, rxq: RxQueue, verdicts: np.ndarray, targets: np.ndarray | None) -> str | None:
+        """When every packet is XDP_TX on a live device, or XDP_REDIRECT to one live device with
+        ``ndo_xdp_xmit``, all `act` does is append them to that bulk queue (no page goes back to a pool):
+        the device's name ("" for XDP_TX).  Else None."""
+        if not len(verdicts):
+            return None
+        v0 = int(verdicts[0])
+        if int(np.minimum.reduce(verdicts)) != v0 or int(np.maximum.reduce(verdicts)) != v0:
+            return None
+        if v0 == XDP_TX:
+            return None if self.by_name[rxq.dev].down else ""
+        if v0 != XDP_REDIRECT or targets is None:
+            return None
+        t0 = int(targets[0])
+        t = self.targets.get(t0)
+        if t is None or t.down or not t.xdp_xmit or not np.logical_and.reduce(targets == t0):
+            return None
+        return t.name
+
+    def napi_poll(self) -> int:
+        done = 0
+        budget = self.budget
+        for rxq in self.rxqs.values():
+            if rxq.ready is None:
+                continue
+            pages, verdicts, targets, ahead = rxq.ready
+            k = rxq.taken
+            n = min(budget, len(pages) - k)
+            if ahead:
+                self.bulked[ahead] = self.bulked.get(ahead, 0) + n
+            elif ahead is None:
+                if n == len(pages):
+                    self.act(rxq, pages, verdicts, targets)
+                else:
+                    sl = slice(k, k + n)
+                    self.act(rxq, pages[sl], verdicts[sl], None if targets is None else targets[sl])
+            rxq.taken = k + n
+            if rxq.taken == len(pages):
+                rxq.ready = None
+            rxq.posted -= n
+            done += n
+        if done:
+            self.c[self.i["polls"]] += 1
+            # The devmap bulk queue: one ndo_xdp_xmit call per `bulk` frames, and a partial one at the
+            # end of the poll.
+            if self.bulked:
+                self.c[self.i["xmit_bulks"]] += sum(-(-k // self.bulk) for k in self.bulked.values())
+                self.bulked.clear()
+        return done
+
+    def run_xdp(self, rxq: RxQueue, d: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The program's verdict on each packet of `d`, and each one's redirect target (None when the
+        program redirected none)."""
+        n = len(d)
+        pages = d["page"]
+        lens = d["len"]
+        c, i = self.c, self.i
+        c[i["rx_packets"]] += n
+        c[i["rx_bytes"]] += int(np.add.reduce(lens))
+        prog = rxq.program
+        if prog is None:
+            return np.full(n, XDP_PASS, dtype=np.int64), None
+        if rxq.batch is not None:
+            return self.run_batch(rxq, d)
+        starts = (pages.astype(np.int64) * self.ps + d["off"]).tolist()
+        ln = lens.tolist()
+        ctx = rxq.ctx
+        buf = self.buf
+        out = [0] * n
+        redirects: dict[int, int] = {}
+        errors = bad = 0
+        for k in range(n):
+            s = starts[k]
+            ctx.data = buf[s : s + ln[k]]
+            ctx.redirect_ifindex = -1
+            try:
+                v = prog(ctx)
+            except Exception as exc:
+                errors += 1
+                self.warn_once("raise", f"XDP program raised {type(exc).__name__}: {exc} (counted ABORTED)")
+                v = XDP_ABORTED
+            if type(v) is not int or not XDP_ABORTED <= v <= XDP_REDIRECT:
+                # Not an action: None from a missing return, 42, True (or a numpy integer, which is one).
+                v, wrong = classify_verdict(v)
+                bad += wrong
+            if v == XDP_REDIRECT:
+                redirects[k] = ctx.redirect_ifindex
+            out[k] = v
+        ctx.data = None
+        verdicts = np.fromiter(out, dtype=np.int64, count=n)
+        if bad:
+            self.warn_once("verdict", "XDP program returned something that is not an action (counted ABORTED)")
+        if bad or errors:
+            c[i["xdp_exception"]] += bad + errors
+        targets = None
+        if redirects:
+            targets = np.full(n, -1, dtype=np.int64)
+            targets[list(redirects)] = list(redirects.values())
+        return verdicts, targets
+
+    def run_batch(self, rxq: RxQueue, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The program's vectorised form over all of `d`; anything but one verdict per packet aborts them
+        all (each an ``xdp_exception``, as a raise per packet would be)."""
+        n = len(d)
+        pkts = XdpBatch(self.data2d, d["page"], d["off"], d["len"], self.spans)
+        try:
+            ret = rxq.batch(rxq.ctx, pkts)
+        except Exception as exc:
+            self.warn_once("raise", f"XDP program raised {type(exc).__name__}: {exc} (counted ABORTED)")
+            ret = None
+        if type(ret) is np.ndarray and ret.dtype == np.int64 and ret.shape == (n,) and n:
+            lo, hi = int(np.minimum.reduce(ret)), int(np.maximum.reduce(ret))
+            if lo >= XDP_ABORTED and hi <= XDP_REDIRECT:  # the usual case: one check, no copy
+                return ret, pkts.redirect_ifindex
+        res = None if ret is None else classify_verdicts(ret, n)
+        if res is None:
+            self.warn_once("batchverdict", "vectorised XDP program did not return one verdict per packet "
+                                           "(counted ABORTED)")
+            self.c[self.i["xdp_exception"]] += n
+            return np.full(n, XDP_ABORTED, dtype=np.int64), pkts.redirect_ifindex
+        verdicts, bad = res
+        if bad:
+            self.warn_once("verdict", "XDP program returned an unknown verdict (counted ABORTED)")
+            self.c[self.i["xdp_exception"]] += bad
+        return verdicts, pkts.redirect_ifindex
+
+    def act(self, rxq: RxQueue, pages: np.ndarray, v: np.ndarray, targets: np.ndarray | None) -> None:
+        """What one poll's verdicts do to its pages."""
+        c, i = self.c, self.i
+        aborted, drop, passed, tx, redirect = np.bincount(v, minlength=5).tolist()
+        if aborted:
+            c[i["xdp_aborted"]] += aborted
+        if drop:
+            c[i["xdp_drop"]] += drop
+        if aborted or drop:
+            self.pool.recycle_direct(pages[v <= XDP_DROP], errors="count", expect=PageState.XDP)
+        if passed:
+            c[i["xdp_pass"]] += passed
+            ids = pages[v == XDP_PASS]
+            xdp_build_skb(self.pm, ids)
+            (self.skb_local if self.stack_cpu == self.cpu else self.skb_remote).append(ids)
+        if tx:
+            c[i["xdp_tx"]] += tx
+            if self.by_name[rxq.dev].down:
+                c[i["xdp_tx_full"]] += tx
+                self.pool.recycle_direct(pages[v == XDP_TX], errors="count", expect=PageState.XDP)
+            else:
+                self.tx_bulk.setdefault((rxq.dev, "tx"), []).append(pages if tx == len(v) else pages[v == XDP_TX])
+        if redirect:
+            c[i["xdp_redirect"]] += redirect
+            if redirect == len(v):
+                self.redirect(pages, targets)
+            else:
+                sel = v == XDP_REDIRECT
+                self.redirect(pages[sel], None if targets is None else targets[sel])
+
+    def redirect(self, pages: np.ndarray, targets: np.ndarray | None) -> None:
+        """``xdp_do_redirect`` for each page, to the ifindex the program chose (-1: none was chosen)."""
+        if targets is None:
+            targets = np.full(len(pages), -1, dtype=np.int64)
+        first = int(targets[0])
+        if np.logical_and.reduce(targets == first):
+            groups = [(first, pages)]
+        else:
+            groups = [(int(ifx), pages[targets == ifx]) for ifx in np.unique(targets)]
+        for ifindex, ids in groups:
+            t = self.targets.get(ifindex)
+            if t is not None and t.down:
+                # The target device is gone (-ENETDOWN): the frame is freed, counted as a redirect error.
+                self.c[self.i["redirect_err"]] += len(ids)
+                self.pool.recycle_direct(ids, errors="count", expect=PageState.XDP)
+            elif t is None:
+                # bpf_redirect to an ifindex this host does not have: the kernel drops it (-ENODEV).
+                self.c[self.i["redirect_err"]] += len(ids)
+                self.warn_once(f"noif{ifindex}", f"redirect to unknown ifindex {ifindex} (redirect_err)")
+                self.pool.recycle_direct(ids, errors="count", expect=PageState.XDP)
+            elif t.xdp_xmit:
+                self.tx_bulk.setdefault((t.name, "redirect"), []).append(ids)
+                self.bulked[t.name] = self.bulked.get(t.name, 0) + len(ids)
+            elif t.fallback == "skb":
+                self.redirect_skb(t, ids)
+            else:
+                # __xdp_enqueue: no NETDEV_XDP_ACT_NDO_XMIT -> -EOPNOTSUPP, the driver frees the frame.
+                self.c[self.i["redirect_err"]] += len(ids)
+                self.pool.recycle_direct(ids, errors="count", expect=PageState.XDP)
+
+    def redirect_skb(self, t: Target, ids: np.ndarray) -> None:
+        """The fallback for a target without ``ndo_xdp_xmit``: build an skb (a copy of the frame) and
+        use the normal transmit path; the page itself is recycled at once."""
+        pm = self.pm
+        offs = pm.off.take(ids)
+        lens = pm.len.take(ids)
+        spans = zip(ids.tolist(), offs.tolist(), lens.tolist(), strict=True)
+        frames = [bytes(self.data2d[p, o : o + n]) for p, o, n in spans]
+        self.out.send_frames(t.name, frames)
+        self.c[self.i["redirect_skb"]] += len(ids)
+        self.pool.recycle_direct(ids, errors="count", expect=PageState.XDP)
+
+    def xdp_do_flush(self) -> None:
+        """End of a pass: hand every bulk to its device (``__dev_flush``) and free the pass's skbs."""
+        if self.tx_bulk:
+            for (dev, kind), parts in self.tx_bulk.items():
+                ids = parts[0] if len(parts) == 1 else np.concatenate(parts)
+                t = self.by_name[dev]
+                xdp_xmit_queue(self.pm, ids, device_code(t.index))
+                hdr = {"txq": self.cpu % t.tx_queues, "cpu": self.cpu, "kind": kind}
+                self.send_descs(dev, "xmit", hdr, ids)
+                if t.own_txq:
+                    t.tx_used += len(ids)
+            self.tx_bulk.clear()
+        if self.skb_local:
+            ids = np.concatenate(self.skb_local)
+            self.skb_local.clear()
+            self.c[self.i["stack_rx"]] += len(ids)
+            self.pool.recycle_direct(ids, errors="count", expect=PageState.SKB)
+        if self.skb_remote:
+            ids = np.concatenate(self.skb_remote)
+            self.skb_remote.clear()
+            page_hand_over(self.pm, ids, self.stack_cpu)
+            self.send_descs(self.stack_cpu, "skb", {"cpu": self.cpu}, ids)
+
+    def refill(self) -> None:
+        """Keep every bound RX ring full of pages from this CPU's pool (the driver's RX refill).  Called
+        after each poll that freed pages into the pool and once at the end of a pass; ``rx_alloc_fail``
+        counts the buffers an attempt could not get."""
+        for rxq in self.rxqs.values():
+            want = rxq.ring_size - rxq.posted
+            if want < rxq.refill_min or self.by_name[rxq.dev].down:
+                continue
+            ids = page_pool_dev_alloc_pages(self.pool, want, device_code(self.by_name[rxq.dev].index))
+            if len(ids) < want:
+                self.c[self.i["rx_alloc_fail"]] += want - len(ids)
+            if len(ids) == 0:
+                continue
+            rxq.posted += len(ids)
+            self.c[self.i["rx_posted"]] += len(ids)
+            self.posts.setdefault((rxq.dev, rxq.q), []).append(ids)
+
+    def post_flush(self) -> None:
+        """Ring the RX doorbells: the buffers refilled during this pass go to their devices."""
+        for (dev, q), parts in self.posts.items():
+            ids = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            self.send_descs(dev, "post", {"q": q, "cpu": self.cpu}, ids)
+        self.posts.clear()
+
+    def apply_offline(self, mask: int) -> None:
+        """CPUs or devices died (mask: CPUs in bits 0..31, devices from bit 32): free skbs here instead of
+        on a dead stack CPU, post and transmit nothing more to a dead device."""
+        self.offline = mask
+        if mask >> self.stack_cpu & 1:
+            self.stack_cpu = self.cpu
+        for t in self.by_name.values():
+            if mask >> (DEVICE_BIT + t.index) & 1:
+                t.down = True
+                t.tx_used = 0
+
+    def shutdown(self) -> None:
+        """``page_pool_destroy``: the pages this CPU still has as XDP buffers go home, then the cache's
+        and ring's pages go back to the allocator; what is still out is reported by the coordinator
+        ("stalled pool shutdown")."""
+        for rxq in self.rxqs.values():
+            if rxq.ready is not None:
+                # (A pass's polls take all of it, so this is only for a pass cut short; pages acted on
+                # ahead are in the TX bulks already.)
+                rest = rxq.ready[0][rxq.taken :]
+                if rxq.ready[3] is None:
+                    self.pool.recycle_direct(rest, errors="count", expect=PageState.XDP)
+                rxq.posted -= len(rest)
+                rxq.ready = None
+            for d in rxq.pending:
+                self.pool.recycle_direct(d["page"], errors="count", expect=PageState.XDP)
+                rxq.posted -= len(d)
+            rxq.pending.clear()
+        self.pool.drain()

@@ -1,0 +1,224 @@
+"""The CPU's NAPI core (`emu.datapath.napi.NapiCore`) driven without a process: a fake outbox records what
+it sends, a real page memory holds the pages, and the test plays the device (writing frames, sending RX
+and TX completions).  Each test runs in milliseconds."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+from fakes import Counters, one_cpu_host
+
+from emu.datapath.napi import NapiCore, RxQueue
+from emu.mem.pagemem import DESC_DTYPE, PageState
+from emu.mem.pagepool import pool_of, tx_dma_start
+from emu.net import wire
+from emu.net.protocol import DEVICE_BIT, XDP_PACKET_HEADROOM, device_code, refill_batch
+from emu.xdp.context import XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
+
+RX_RING = 64
+
+
+class FakeOutbox:
+    """Records every message: (to, kind, header, descriptors) and (to, "frames", frames)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []
+
+    def send(self, to, kind, header, descs) -> None:
+        self.sent.append((to, kind, dict(header), descs.copy()))
+
+    def send_frames(self, to, frames) -> None:
+        self.sent.append((to, "frames", list(frames)))
+
+    def take(self, kind: str) -> list[tuple]:
+        out = [m for m in self.sent if m[1] == kind]
+        self.sent = [m for m in self.sent if m[1] != kind]
+        return out
+
+
+def program(ctx) -> int:
+    """The verdict is the frame's first byte; a redirect's ifindex its second."""
+    v = ctx.data[0]
+    if v == XDP_REDIRECT:
+        ctx.redirect_ifindex = ctx.data[1]
+    return v
+
+
+def make_core(page_memory, eth1: str = "", tx_ring: int = 128):
+    host = one_cpu_host(f"""
+        eth0: {{ifindex: 2, rx_ring_size: {RX_RING}, tx_ring_size: {tx_ring}}}
+        eth1: {{ifindex: 3{', ' + eth1 if eth1 else ''}}}
+    """)
+    pm = page_memory(npages=1024, page_size=512, ncpus=1)
+    counters = Counters("cpu")
+    ctx = types.SimpleNamespace(data=None, redirect_ifindex=-1)
+    rxq = RxQueue("eth0", 2, 0, RX_RING, program, ctx, None, refill_batch(RX_RING))
+    out = FakeOutbox()
+    core = NapiCore(host, 0, pm, pool_of(pm, 0, owner=True), [rxq], out, counters.array, counters.index,
+                    lambda key, text: None)
+    core.count = counters.__getitem__  # type: ignore[attr-defined]
+    return core, pm, out
+
+
+def post(core: NapiCore, out: FakeOutbox) -> np.ndarray:
+    """The RX refill, and the posted descriptors the device got."""
+    core.refill()
+    core.post_flush()
+    (to, _kind, hdr, d), = out.take("post")
+    assert (to, hdr) == ("eth0", {"q": 0, "cpu": 0})
+    return d
+
+
+def complete_rx(core: NapiCore, pm, posted: np.ndarray, frames: list[bytes]) -> np.ndarray:
+    """Play the device: DMA `frames` into the first posted buffers and complete them to the CPU."""
+    d = posted[: len(frames)].copy()
+    for k, f in enumerate(frames):
+        p = int(d["page"][k])
+        pm.data[p * pm.page_size + XDP_PACKET_HEADROOM : p * pm.page_size + XDP_PACKET_HEADROOM + len(f)] = \
+            np.frombuffer(f, np.uint8)
+        pm.len[p] = len(f)
+    d["len"] = [len(f) for f in frames]
+    core.dispatch(wire.pack_msg("rx", {"dev": "eth0", "q": 0}, d.tobytes()))
+    return d
+
+
+def frame(verdict: int, ifindex: int = 0) -> bytes:
+    return bytes([verdict, ifindex]) + bytes(62)
+
+
+def test_refill_posts_a_full_ring_at_the_headroom(page_memory) -> None:
+    core, pm, out = make_core(page_memory)
+    d = post(core, out)
+    ids = d["page"]
+    assert len(d) == RX_RING and core.count("rx_posted") == RX_RING
+    assert (pm.state[ids] == PageState.RX_POSTED).all()
+    assert (pm.holder[ids] == device_code(0)).all()
+    assert (d["off"] == XDP_PACKET_HEADROOM).all() and (d["len"] == 0).all()
+    # Full: nothing more to post until buffers come back.
+    core.refill()
+    core.post_flush()
+    assert out.take("post") == []
+
+
+def test_a_poll_over_every_verdict(page_memory) -> None:
+    core, pm, out = make_core(page_memory)
+    posted = post(core, out)
+    verdicts = [XDP_ABORTED] * 2 + [XDP_DROP] * 3 + [XDP_PASS] * 4 + [XDP_TX] * 5 + [XDP_REDIRECT] * 6
+    d = complete_rx(core, pm, posted, [frame(v, 3) for v in verdicts])
+    ids = d["page"]
+    assert (pm.state[ids] == PageState.XDP).all() and (pm.holder[ids] == 0).all()
+    assert core.poll_pass(got=1, refilling=False) == len(verdicts)
+    assert {k: core.count(k) for k in ("xdp_aborted", "xdp_drop", "xdp_pass", "xdp_tx", "xdp_redirect",
+                                       "rx_packets", "polls", "stack_rx", "xdp_exception")} == {
+        "xdp_aborted": 2, "xdp_drop": 3, "xdp_pass": 4, "xdp_tx": 5, "xdp_redirect": 6, "rx_packets": 20,
+        "polls": 1, "stack_rx": 4, "xdp_exception": 0}
+    # DROP, ABORTED and the PASS skbs freed on this CPU are back in its cache.
+    assert (pm.state[ids[:9]] == PageState.CACHE).all()
+    # XDP_TX to eth0's queue, REDIRECT to eth1's, as one xmit message each with the frames' descriptors.
+    xmit = {to: (hdr, m) for to, _, hdr, m in out.take("xmit")}
+    assert xmit["eth0"][0] == {"txq": 0, "cpu": 0, "kind": "tx"}
+    assert xmit["eth1"][0] == {"txq": 0, "cpu": 0, "kind": "redirect"}
+    assert xmit["eth0"][1]["page"].tolist() == ids[9:14].tolist()
+    assert xmit["eth1"][1]["page"].tolist() == ids[14:].tolist()
+    assert (xmit["eth0"][1]["len"] == 64).all() and (xmit["eth0"][1]["gen"] == pm.gen[ids[9:14]]).all()
+    assert (pm.state[ids[9:]] == PageState.TX_QUEUED).all()
+    assert (pm.holder[ids[9:14]] == device_code(0)).all() and (pm.holder[ids[14:]] == device_code(1)).all()
+    assert core.count("xmit_bulks") == 1  # one ndo_xdp_xmit call for 6 frames (bulk of 16)
+
+
+def test_tx_ring_room_and_its_completions(page_memory) -> None:
+    core, pm, out = make_core(page_memory, tx_ring=8)
+    eth0 = core.by_name["eth0"]
+    posted = post(core, out)
+    assert core.tx_room() == 8  # the smallest room of this CPU's own TX queues
+    complete_rx(core, pm, posted, [frame(XDP_TX)] * 8)
+    core.poll_pass(got=1, refilling=False)
+    (_, _, _hdr, sent), = out.take("xmit")
+    assert eth0.tx_used == 8 and core.tx_room() == 0
+    # No room for a poll: the next packets wait in the RX ring, counted as a wait.
+    complete_rx(core, pm, posted[8:], [frame(XDP_TX)] * 4)
+    assert core.poll_pass(got=1, refilling=False) == 0
+    assert core.count("tx_ring_waits") == 1 and out.take("xmit") == []
+    # The device refuses 3 (txdrop) and completes 5 (txc): the slots are free again.
+    core.dispatch(wire.pack_msg("txdrop", {"dev": "eth0", "kind": "tx"}, sent[5:].tobytes()))
+    assert core.count("xdp_tx_full") == 3 and eth0.tx_used == 5
+    assert (pm.state[sent["page"][5:]] == PageState.CACHE).all()
+    tx_dma_start(pm, sent["page"][:5])
+    core.dispatch(wire.pack_msg("txc", {"dev": "eth0", "txq": 0}, sent[:5].tobytes()))
+    assert core.count("tx_completions") == 5 and eth0.tx_used == 0 and core.tx_room() == 8
+    assert (pm.state[sent["page"][:5]] == PageState.CACHE).all()
+    # A completion repeated is refused (the pages are home): nothing counted twice.
+    core.dispatch(wire.pack_msg("txc", {"dev": "eth0", "txq": 0}, sent[:5].tobytes()))
+    assert core.count("tx_completions") == 5 and core.count("bad_descriptors") == 5
+    # The waiting packets go now.
+    assert core.poll_pass(got=0, refilling=False) == 4
+
+
+def test_completion_before_the_wire_is_refused(page_memory) -> None:
+    core, pm, out = make_core(page_memory)
+    posted = post(core, out)
+    complete_rx(core, pm, posted, [frame(XDP_TX)] * 4)
+    core.poll_pass(got=1, refilling=False)
+    (_, _, _, sent), = out.take("xmit")
+    core.dispatch(wire.pack_msg("txc", {"dev": "eth0", "txq": 0}, sent.tobytes()))  # still TX_QUEUED
+    assert core.count("tx_completions") == 0 and core.count("bad_descriptors") == 4
+    assert (pm.state[sent["page"]] == PageState.TX_QUEUED).all()
+
+
+@pytest.mark.parametrize("fallback", ["drop", "skb"])
+def test_redirect_to_a_device_without_xdp_xmit(page_memory, fallback: str) -> None:
+    core, pm, out = make_core(page_memory, f"xdp_xmit: false, redirect_fallback: {fallback}")
+    posted = post(core, out)
+    d = complete_rx(core, pm, posted, [frame(XDP_REDIRECT, 3)] * 5)
+    core.poll_pass(got=1, refilling=False)
+    assert out.take("xmit") == []
+    assert (pm.state[d["page"]] == PageState.CACHE).all()  # the page is freed either way
+    if fallback == "drop":
+        assert core.count("redirect_err") == 5 and core.count("redirect_skb") == 0
+        assert out.take("frames") == []
+    else:
+        assert core.count("redirect_skb") == 5 and core.count("redirect_err") == 0
+        (to, _, frames), = out.take("frames")
+        assert to == "eth1" and frames == [frame(XDP_REDIRECT, 3)] * 5
+
+
+def test_redirect_to_an_unknown_or_dead_device(page_memory) -> None:
+    core, pm, out = make_core(page_memory)
+    posted = post(core, out)
+    complete_rx(core, pm, posted, [frame(XDP_REDIRECT, 9)] * 3)  # no ifindex 9 on this host
+    core.poll_pass(got=1, refilling=False)
+    assert core.count("redirect_err") == 3
+    core.apply_offline(1 << (DEVICE_BIT + 1))  # eth1 died
+    complete_rx(core, pm, posted[3:], [frame(XDP_REDIRECT, 3)] * 2)
+    core.poll_pass(got=1, refilling=False)
+    assert core.count("redirect_err") == 5 and out.take("xmit") == []
+
+
+def test_refused_rx_descriptors(page_memory) -> None:
+    core, pm, out = make_core(page_memory)
+    posted = post(core, out)
+    stale = posted[:4].copy()
+    stale["gen"] += 1
+    twice = np.concatenate((posted[4:6], posted[4:5])).astype(DESC_DTYPE)
+    core.dispatch(wire.pack_msg("rx", {"dev": "eth0", "q": 0}, stale.tobytes()))
+    core.dispatch(wire.pack_msg("rx", {"dev": "eth0", "q": 0}, twice.tobytes()))
+    assert core.count("bad_descriptors") == 5
+    assert (pm.state[posted["page"][:4]] == PageState.RX_POSTED).all()
+    assert (pm.state[posted["page"][4:6]] == PageState.XDP).all()
+    core.dispatch(b"garbage")
+    core.dispatch(wire.pack_msg("rx", {"dev": "eth7", "q": 0}, posted[8:9].tobytes()))
+    assert core.count("bad_messages") == 2
+
+
+def test_rx_return_and_shutdown_bring_every_page_home(page_memory) -> None:
+    core, pm, out = make_core(page_memory)
+    posted = post(core, out)
+    complete_rx(core, pm, posted, [frame(XDP_DROP)] * 3)  # received, never polled
+    core.dispatch(wire.pack_msg("rxret", {"dev": "eth0", "q": 0}, posted[3:].tobytes()))  # ndo_stop
+    assert core.rxqs[("eth0", 0)].posted == 3
+    core.shutdown()
+    assert core.rxqs[("eth0", 0)].posted == 0 and core.pool.inflight == 0
+    audit = pm.audit(strict=True)
+    assert audit.ok and audit.by_state["free"] == pm.npages, audit.problems

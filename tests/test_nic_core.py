@@ -1,0 +1,212 @@
+"""The device's NIC core (`emu.datapath.nic.NicCore`) driven without a process: fake CPU channels, a fake
+wire and link ingress, a clock the test moves, and a real page memory whose pages the test allocates and
+posts as a CPU would.  Each test runs in milliseconds."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+from fakes import Counters, one_cpu_host
+
+from emu.datapath.nic import NicCore
+from emu.mem.pagemem import DESC_DTYPE, PageState
+from emu.mem.pagepool import page_pool_dev_alloc_pages, pool_of, xdp_prepare_buff, xdp_xmit_queue
+from emu.net import wire
+from emu.net.protocol import XDP_PACKET_HEADROOM, device_code
+
+PAUSE_MS = 1000
+
+
+class FakeCpus:
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, str, dict, np.ndarray]] = []
+
+    def send(self, cpu, kind, header, descs) -> None:
+        self.sent.append((cpu, kind, dict(header), descs.copy()))
+
+    def take(self, kind: str) -> list[tuple]:
+        out = [m for m in self.sent if m[1] == kind]
+        self.sent = [m for m in self.sent if m[1] != kind]
+        return out
+
+
+class FakeWire:
+    connected = True
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    def connect(self, sock) -> None:
+        self.sock = sock
+
+    def busy(self) -> bool:
+        return False
+
+    def send(self, frames) -> int:
+        self.frames += frames.to_list()
+        return 0
+
+    def cut(self) -> int:
+        return 0
+
+
+class FakeLink:
+    def __init__(self) -> None:
+        self.msgs: collections.deque[bytes] = collections.deque()
+
+    def take(self) -> bytes | None:
+        return self.msgs.popleft() if self.msgs else None
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.ns = 1_000_000_000
+
+    def __call__(self) -> int:
+        return self.ns
+
+
+def make_nic(page_memory, rx_ring: int = 64, tx_ring: int = 128, completion_us: int = 0, xdp_xmit: bool = True):
+    xmit = str(xdp_xmit).lower()
+    cfg = one_cpu_host(f"""
+        eth0: {{ifindex: 2, rx_ring_size: {rx_ring}, tx_ring_size: {tx_ring}, tx_completion_us: {completion_us},
+                xdp_xmit: {xmit}}}
+    """).devices["eth0"]
+    pm = page_memory(npages=1024, page_size=512, ncpus=1)
+    counters = Counters("device")
+    cpus, tx, link, clock = FakeCpus(), FakeWire(), FakeLink(), Clock()
+    nic = NicCore(cfg, 1, pm, cpus, tx, link, counters.array, counters.index, lambda key, text: None,
+                  pause_ms=PAUSE_MS, clock=clock)
+    nic.count = counters.__getitem__  # type: ignore[attr-defined]
+    return nic, pm, cpus, tx, link, clock
+
+
+def descs_of(pm, ids: np.ndarray) -> np.ndarray:
+    d = np.zeros(len(ids), dtype=DESC_DTYPE)
+    d["page"], d["gen"], d["off"], d["len"], d["owner"] = ids, pm.gen[ids], pm.off[ids], pm.len[ids], 0
+    return d
+
+
+def post(nic: NicCore, pm, n: int) -> np.ndarray:
+    """Play CPU 0: allocate `n` RX buffers and post them to queue 0."""
+    ids = page_pool_dev_alloc_pages(pool_of(pm, 0, owner=True), n, device_code(0))
+    nic.dispatch(wire.pack_msg("post", {"q": 0, "cpu": 0}, descs_of(pm, ids).tobytes()))
+    return ids
+
+
+def frames(n: int, size: int = 64, start: int = 0) -> list[bytes]:
+    return [bytes([(start + k) % 256]) * size for k in range(n)]
+
+
+def test_dma_writes_the_frames_at_the_headroom(page_memory) -> None:
+    nic, pm, cpus, _, link, _ = make_nic(page_memory)
+    ids = post(nic, pm, 64)
+    fs = frames(10, 100)
+    link.msgs.append(wire.pack_frames(fs))
+    assert nic.receive() == 10
+    (cpu, _kind, hdr, d), = cpus.take("rx")
+    assert (cpu, hdr) == (0, {"dev": "eth0", "q": 0})
+    assert d["page"].tolist() == ids[:10].tolist() and (d["len"] == 100).all()
+    ps = pm.page_size
+    for p, f in zip(d["page"].tolist(), fs, strict=True):
+        assert bytes(pm.data[p * ps + XDP_PACKET_HEADROOM : p * ps + XDP_PACKET_HEADROOM + 100]) == f
+    assert (pm.len[ids[:10]] == 100).all() and (pm.holder[ids[:10]] == 0).all()
+    assert nic.count("rx_packets") == 10 and nic.count("rx_completed") == 10 and nic.nposted == [54]
+
+
+def test_a_small_ring_takes_a_larger_message_through_the_fifo(page_memory) -> None:
+    nic, pm, cpus, _, link, clock = make_nic(page_memory, rx_ring=16)
+    post(nic, pm, 16)
+    link.msgs.append(wire.pack_frames(frames(40)))
+    link.msgs.append(wire.pack_frames(frames(5, start=40)))
+    assert nic.receive() == 16
+    assert nic.fifo == 24 and nic.paused_since == clock.ns
+    # Paused: no link message is taken while frames wait, and nothing is dropped before pause_ms.
+    clock.ns += PAUSE_MS * 1_000_000 // 2
+    assert nic.receive() == 0 and len(link.msgs) == 1 and nic.count("rx_dropped") == 0
+    # Buffers posted since take the oldest waiting frames, in order.
+    cpus.take("rx")
+    post(nic, pm, 16)
+    assert nic.receive() == 16 and nic.fifo == 8
+    (_, _, _, d), = cpus.take("rx")
+    ps = pm.page_size
+    firsts = [int(pm.data[p * ps + XDP_PACKET_HEADROOM]) for p in d["page"].tolist()]
+    assert firsts == list(range(16, 32))
+    # No buffer for pause_ms since the last progress: the waiting frames are dropped, the link resumes.
+    clock.ns += PAUSE_MS * 1_000_000 - 1
+    assert nic.receive() == 0 and nic.count("rx_dropped") == 0
+    clock.ns += 1
+    nic.receive()
+    assert nic.count("rx_dropped") == 8 and nic.fifo == 0 and nic.paused_since == 0
+
+
+def test_transmit_gathers_the_frames_and_completes_after_tx_completion_us(page_memory) -> None:
+    nic, pm, cpus, tx, _, clock = make_nic(page_memory, completion_us=50)
+    ids = post(nic, pm, 64)[:8]
+    fs = frames(8, 80)
+    nic.rx.msgs.append(wire.pack_frames(fs))
+    nic.receive()
+    (_, _, _, d), = cpus.take("rx")
+    xdp_prepare_buff(pm, ids, 0)  # play the CPU: the frames go to XDP_TX
+    xdp_xmit_queue(pm, ids, device_code(0))
+    nic.dispatch(wire.pack_msg("xmit", {"txq": 0, "cpu": 0, "kind": "tx"}, d.tobytes()))
+    assert nic.count("xdp_tx") == 8 and nic.txqs[0].nqueued == 8
+    assert nic.transmit() == 8
+    assert tx.frames == fs and nic.count("tx_packets") == 8
+    assert (pm.state[ids] == PageState.TX_INFLIGHT).all()
+    clock.ns += 49_999
+    assert nic.complete() == 0 and nic.next_completion_ns() == clock.ns + 1
+    clock.ns += 1
+    assert nic.complete() == 8
+    (cpu, _, hdr, done), = cpus.take("txc")
+    assert (cpu, hdr) == (0, {"dev": "eth0", "txq": 0}) and done["page"].tolist() == ids.tolist()
+    assert nic.count("tx_completions") == 8 and nic.next_completion_ns() is None
+
+
+def test_a_full_tx_ring_refuses_the_excess(page_memory) -> None:
+    nic, pm, cpus, _, _, _ = make_nic(page_memory, tx_ring=8, completion_us=1000)
+    ids = page_pool_dev_alloc_pages(pool_of(pm, 0, owner=True), 10, device_code(0))
+    xdp_xmit_queue(pm, ids, device_code(0))
+    nic.dispatch(wire.pack_msg("xmit", {"txq": 0, "cpu": 0, "kind": "redirect"}, descs_of(pm, ids).tobytes()))
+    (_cpu, _, hdr, refused), = cpus.take("txdrop")
+    assert hdr == {"dev": "eth0", "kind": "redirect"} and refused["page"].tolist() == ids[8:].tolist()
+    assert nic.count("xmit_full") == 2 and nic.count("xdp_xmit") == 8
+
+
+def test_redirect_descriptors_to_a_device_without_xdp_xmit(page_memory) -> None:
+    nic, pm, cpus, _, _, _ = make_nic(page_memory, xdp_xmit=False)
+    ids = page_pool_dev_alloc_pages(pool_of(pm, 0, owner=True), 3, device_code(0))
+    xdp_xmit_queue(pm, ids, device_code(0))
+    nic.dispatch(wire.pack_msg("xmit", {"txq": 0, "cpu": 0, "kind": "redirect"}, descs_of(pm, ids).tobytes()))
+    assert nic.count("bad_messages") == 1 and len(cpus.take("txdrop")) == 1 and nic.txqs[0].nqueued == 0
+
+
+def test_bad_posts_are_refused(page_memory) -> None:
+    nic, pm, _, _, _, _ = make_nic(page_memory)
+    ids = page_pool_dev_alloc_pages(pool_of(pm, 0, owner=True), 4, device_code(0))
+    d = descs_of(pm, ids)
+    d["gen"][0] += 1  # stale
+    d["page"][1] = pm.npages + 5  # out of range
+    nic.dispatch(wire.pack_msg("post", {"q": 0, "cpu": 0}, d.tobytes()))
+    assert nic.count("bad_descriptors") == 2 and nic.nposted == [2]
+    nic.dispatch(wire.pack_msg("post", {"q": 3, "cpu": 0}, d.tobytes()))  # no such queue
+    assert nic.count("bad_messages") == 1
+
+
+def test_go_down_returns_posted_buffers_and_frees_queued_frames(page_memory) -> None:
+    nic, pm, cpus, _, _, _ = make_nic(page_memory, completion_us=1000)
+    posted = post(nic, pm, 10)
+    ids = page_pool_dev_alloc_pages(pool_of(pm, 0, owner=True), 3, device_code(0))
+    xdp_xmit_queue(pm, ids, device_code(0))
+    nic.dispatch(wire.pack_msg("xmit", {"txq": 0, "cpu": 0, "kind": "tx"}, descs_of(pm, ids).tobytes()))
+    nic.go_down()
+    (_cpu, _, hdr, back), = cpus.take("rxret")
+    assert hdr == {"dev": "eth0", "q": 0} and back["page"].tolist() == posted.tolist()
+    (_, _, _, freed), = cpus.take("txc")  # never sent: completed at once
+    assert freed["page"].tolist() == ids.tolist() and nic.count("tx_dropped") == 3
+    assert (pm.state[ids] == PageState.TX_INFLIGHT).all()
+    # Down: new posts go straight back, new transmits are refused.
+    more = post(nic, pm, 2)
+    (_, _, _, again), = cpus.take("rxret")
+    assert again["page"].tolist() == more.tolist()
