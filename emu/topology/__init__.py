@@ -9,52 +9,8 @@ This package re-exports `model`'s public names, so ``from emu.topology import To
 works.  It does not import `file` or `schema`: worker processes import the model and must not load PyYAML.
 """
 
-from emu.topology.model import (
-    DEV_MAP_BULK_SIZE,
-    MAX_LINK_DELAY_US,
-    MAX_LINK_RATE_BPS,
-    NAPI_POLL_WEIGHT,
-    PP_ALLOC_CACHE_REFILL,
-    PP_ALLOC_CACHE_SIZE,
-    PP_DEFAULT_RING_SIZE,
-    XDP_BULK_QUEUE_SIZE,
-    DeviceConfig,
-    Endpoint,
-    GeneratorConfig,
-    HostConfig,
-    LinkConfig,
-    LinkImpairment,
-    PoolConfig,
-    Topology,
-    TopologyError,
-    TrafficPort,
-    XdpConfig,
-    host_from_dict,
-    resolve_program,
-    topology_from_dict,
-)
+# Every public name of the model, and only those (its __all__ is the list).
+from emu.topology import model as _model
+from emu.topology.model import *  # noqa: F403
 
-__all__ = [
-    "DEV_MAP_BULK_SIZE",
-    "MAX_LINK_DELAY_US",
-    "MAX_LINK_RATE_BPS",
-    "NAPI_POLL_WEIGHT",
-    "PP_ALLOC_CACHE_REFILL",
-    "PP_ALLOC_CACHE_SIZE",
-    "PP_DEFAULT_RING_SIZE",
-    "XDP_BULK_QUEUE_SIZE",
-    "DeviceConfig",
-    "Endpoint",
-    "GeneratorConfig",
-    "HostConfig",
-    "LinkConfig",
-    "LinkImpairment",
-    "PoolConfig",
-    "Topology",
-    "TopologyError",
-    "TrafficPort",
-    "XdpConfig",
-    "host_from_dict",
-    "resolve_program",
-    "topology_from_dict",
-]
+__all__ = list(_model.__all__)

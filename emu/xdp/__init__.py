@@ -9,6 +9,9 @@ This package is the program author's API: an XDP program imports what it needs f
 `runtime` is the emulator's, not the author's, and is not re-exported.
 """
 
+# Everything `context` exports (its __all__), and the maps a program declares and uses; `MapSet` and
+# `populate` are the emulator's, not the author's.
+from emu.xdp import context as _context
 from emu.xdp.bpfmaps import (
     BPF_ANY,
     BPF_EXIST,
@@ -22,51 +25,7 @@ from emu.xdp.bpfmaps import (
     PerCpuArrayMap,
     PerCpuHashMap,
 )
-from emu.xdp.context import (
-    PARAM_TYPES,
-    XDP_ABORTED,
-    XDP_DROP,
-    XDP_PASS,
-    XDP_REDIRECT,
-    XDP_TX,
-    ParamSpec,
-    Program,
-    ProgramFn,
-    XdpAction,
-    XdpBatch,
-    XdpContext,
-    classify_verdict,
-    classify_verdicts,
-    load_program,
-    xdp_program,
-)
+from emu.xdp.context import *  # noqa: F403
 
-__all__ = [
-    "BPF_ANY",
-    "BPF_EXIST",
-    "BPF_NOEXIST",
-    "PARAM_TYPES",
-    "XDP_ABORTED",
-    "XDP_DROP",
-    "XDP_PASS",
-    "XDP_REDIRECT",
-    "XDP_TX",
-    "ArrayMap",
-    "BpfMap",
-    "DevMap",
-    "HashMap",
-    "MapError",
-    "MapSpec",
-    "ParamSpec",
-    "PerCpuArrayMap",
-    "PerCpuHashMap",
-    "Program",
-    "ProgramFn",
-    "XdpAction",
-    "XdpBatch",
-    "XdpContext",
-    "classify_verdict",
-    "classify_verdicts",
-    "load_program",
-    "xdp_program",
-]
+__all__ = [*_context.__all__, "BPF_ANY", "BPF_EXIST", "BPF_NOEXIST", "ArrayMap", "BpfMap", "DevMap", "HashMap",
+           "MapError", "MapSpec", "PerCpuArrayMap", "PerCpuHashMap"]
