@@ -83,7 +83,8 @@ class BareXdp:
 
     def __init__(self, prefix: str, npages: int = 1024, topology: Path = L2FWD_TOPOLOGY,
                  device: str = "eth0") -> None:
-        from emu.mem.pagemem import PageMemory, PoolParams
+        from emu.mem.pagemem import PageMemory
+        from emu.mem.pagepool import PoolParams
         from emu.topology.file import load_topology
         from emu.xdp import runtime as xdp_runtime
         from emu.xdp.context import XDP_REDIRECT
@@ -343,7 +344,7 @@ def cache_handover(prefix: str, rounds: int = 200, batch: int = 512, npages: int
 
 
 def _desc_message(seq: int) -> bytes:
-    from emu.mem.pagemem import DESC_DTYPE
+    from emu.mem.page import DESC_DTYPE
     from emu.net import wire
 
     d = np.zeros(BATCH, dtype=DESC_DTYPE)
@@ -356,7 +357,7 @@ def _desc_message(seq: int) -> bytes:
 
 def _take(msg: bytes) -> tuple[int, int]:
     """Unpack and validate one message as a receiver does; (seq, descriptors)."""
-    from emu.mem.pagemem import descs_from_bytes
+    from emu.mem.page import descs_from_bytes
     from emu.net import wire
 
     _, hdr, blob = wire.unpack_msg(msg, ("rx",))

@@ -41,8 +41,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from emu.mem.pagemem import PageMemory, PoolParams
-from emu.mem.pagepool import alloc_pages_bulk, free_pages_bulk, pool_of
+from emu.mem import pagepool
+from emu.mem.pagemem import PageMemory
+from emu.mem.pagepool import PoolParams, alloc_pages_bulk, free_pages_bulk, pool_of
 from emu.mem.shm import new_run_prefix, unlink_prefix
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -347,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             elif path == "allocator via pool":
                 assert d["alloc_slow"] > 0 and d["recycle_ring_full"] > 0, (key, d)
         for pmx in bench.pms:
-            audit = pmx.audit(strict=True)
+            audit = pagepool.audit(pmx, strict=True)
             assert audit.ok, (pmx.prefix, audit.problems)
 
         results = []

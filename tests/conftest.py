@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from emu.mem.pagemem import PageMemory, PoolParams
+from emu.mem.pagemem import PageMemory
+from emu.mem.pagepool import PoolParams
 from emu.mem.shm import new_run_prefix, unlink_prefix
 
 

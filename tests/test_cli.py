@@ -20,7 +20,7 @@ from emu import cli
 from emu.cluster.control import ControlError
 from emu.cluster.hostagent import CoordinatorLost
 from emu.errors import BadInputError, EmuError, ProcessFailure, ResourceError, exit_status
-from emu.mem.pagemem import PageError
+from emu.mem.page import PageError
 from emu.mem.pagepool import ForeignRecycleError, PoolOwnershipError
 from emu.mem.shm import ShmSpaceError
 from emu.net.security import KeyFileError

@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from procs import DEADLINE, ROOT, Lines, alive, descendants_of, received, segments_of, start_cli, wait_for, wait_traffic
 
-from emu.mem.pagemem import DESC_DTYPE, PageState
+from emu.mem import pagepool
+from emu.mem.page import DESC_DTYPE, PageState
 from emu.mem.pagepool import pool_of
 from emu.mem.shm import PREFIX, sweep_stale
 from emu.net import wire
@@ -421,7 +422,7 @@ def test_pages_a_kill_tore_out_of_a_cache_go_back_to_the_allocator(reliability) 
     """A CPU killed inside an alloc, after its cache's count dropped but before the pages taken got their
     new state, leaves pages marked CACHE in no cache.  After every process exited the coordinator finds
     them (every cache and ring is empty by then) and gives them back: the strict audit is clean."""
-    from emu.mem.pagemem import P_CACHE_COUNT
+    from emu.mem.pagepool import P_CACHE_COUNT
 
     run = Run(validate_topology_text(KILL, "kill.yaml"), RunOptions(quiet=True))
     try:
@@ -432,10 +433,10 @@ def test_pages_a_kill_tore_out_of_a_cache_go_back_to_the_allocator(reliability) 
         torn = int(pm.pool_ctl[1][P_CACHE_COUNT])
         assert torn > 0
         pm.pool_ctl[1][P_CACHE_COUNT] = 0  # the count went down; the states never changed
-        assert any("in no structure" in p for p in pm.audit(strict=True).problems)
+        assert any("in no structure" in p for p in pagepool.audit(pm, strict=True).problems)
         run.dead.add("h1/cpu1")
         run.reclaim()
-        audit = pm.audit(strict=True)
+        audit = pagepool.audit(pm, strict=True)
         assert audit.ok, audit.problems
         assert audit.by_state["free"] == pm.npages and len(ids) == 100
         assert any(f"{torn} pages a killed process left" in e for e in run.events)

@@ -11,7 +11,8 @@ import pytest
 from fakes import Counters, one_cpu_host
 
 from emu.datapath.napi import NapiCore, RxQueue
-from emu.mem.pagemem import DESC_DTYPE, PageState
+from emu.mem import pagepool
+from emu.mem.page import DESC_DTYPE, PageState
 from emu.mem.pagepool import pool_of, tx_dma_start
 from emu.net import wire
 from emu.net.protocol import DEVICE_BIT, XDP_PACKET_HEADROOM, device_code, refill_batch
@@ -220,5 +221,5 @@ def test_rx_return_and_shutdown_bring_every_page_home(page_memory) -> None:
     assert core.rxqs[("eth0", 0)].posted == 3
     core.shutdown()
     assert core.rxqs[("eth0", 0)].posted == 0 and core.pool.inflight == 0
-    audit = pm.audit(strict=True)
+    audit = pagepool.audit(pm, strict=True)
     assert audit.ok and audit.by_state["free"] == pm.npages, audit.problems

@@ -10,7 +10,7 @@ import numpy as np
 from fakes import Counters, one_cpu_host
 
 from emu.datapath.nic import NicCore
-from emu.mem.pagemem import DESC_DTYPE, PageState
+from emu.mem.page import DESC_DTYPE, PageState
 from emu.mem.pagepool import page_pool_dev_alloc_pages, pool_of, xdp_prepare_buff, xdp_xmit_queue
 from emu.net import wire
 from emu.net.protocol import XDP_PACKET_HEADROOM, device_code

@@ -14,8 +14,10 @@ import time
 import numpy as np
 import pytest
 
-from emu.mem.pagemem import PageError, PageMemory, PageState, PoolParams
-from emu.mem.pagepool import PoolOwnershipError, pool_of
+from emu.mem import pagepool
+from emu.mem.page import PageError, PageState
+from emu.mem.pagemem import PageMemory
+from emu.mem.pagepool import PoolOwnershipError, PoolParams, pool_of
 
 pytestmark = pytest.mark.slow
 
@@ -185,7 +187,7 @@ def test_owner_and_three_returners(page_memory) -> None:
     assert owner["allocated"] == total  # more than the host has: pages were reused
     assert returned == owner["sent"] == owner["allocated"] - owner["direct"]
 
-    audit = pm.audit(strict=True)
+    audit = pagepool.audit(pm, strict=True)
     assert audit.ok, audit.problems
     s = pool_of(pm, 0).stats()
     # Every returned page went through the ring (or, with the ring full, to the page allocator), plus the
@@ -206,7 +208,7 @@ def test_owner_and_three_returners(page_memory) -> None:
     pool = pool_of(pm, 0, owner=True)
     assert pool.drain() == 0
     assert pm.free_count == pm.npages
-    assert pm.audit(strict=True).ok
+    assert pagepool.audit(pm, strict=True).ok
 
 
 def test_concurrent_double_return_accepted_once(page_memory) -> None:
@@ -225,7 +227,7 @@ def test_concurrent_double_return_accepted_once(page_memory) -> None:
     s = owner.stats()
     assert s["recycle_ring"] == 200 and s["double_free"] == 200
     assert {PageState(int(x)) for x in pm.state[ids]} == {PageState.RING}
-    audit = pm.audit(strict=True)
+    audit = pagepool.audit(pm, strict=True)
     assert audit.ok, audit.problems
 
 
@@ -244,4 +246,4 @@ def test_live_owner_in_other_process_refused(page_memory) -> None:
     pool = pool_of(pm, 1, owner=True)
     assert pool.inflight == 64 and pool.cache_count == 61
     assert len(pool.alloc(61)) == 61
-    assert pm.audit(strict=True).ok
+    assert pagepool.audit(pm, strict=True).ok

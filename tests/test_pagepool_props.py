@@ -13,8 +13,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from emu.mem.pagemem import IN_USE, C, PageError, PageMemory, PageState, PoolParams
-from emu.mem.pagepool import ForeignRecycleError, page_get, pool_of, put_page, return_pages
+from emu.mem import pagepool
+from emu.mem.page import IN_USE, PageError, PageState
+from emu.mem.pagemem import PageMemory
+from emu.mem.pagepool import C, ForeignRecycleError, PoolParams, page_get, pool_of, put_page, return_pages
 from emu.mem.shm import new_run_prefix, unlink_prefix
 
 NPAGES = 96
@@ -238,7 +240,7 @@ class PoolMachine(RuleBasedStateMachine):
     def check_audit(self) -> None:
         if self.pm is None:
             return
-        audit = self.pm.audit(strict=True)
+        audit = pagepool.audit(self.pm, strict=True)
         assert audit.ok, audit.problems
 
     @invariant()

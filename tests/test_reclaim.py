@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from emu.mem import reclaim
-from emu.mem.pagemem import P_CACHE_COUNT, P_RING_HEAD, P_RING_TAIL, PageState
-from emu.mem.pagepool import pool_of
+from emu.mem import pagepool, reclaim
+from emu.mem.page import PageState
+from emu.mem.pagepool import P_CACHE_COUNT, P_RING_HEAD, P_RING_TAIL, pool_of
 from emu.net.protocol import device_code
 
 S = PageState
@@ -84,7 +84,7 @@ def test_reclaim_stranded_returns_every_page_out_and_drains_every_pool(page_memo
     got = reclaim.reclaim_stranded(pm)
 
     assert got == reclaim.Reclaimed(pages=7 + 3 + 9 + 11 + 2, packets=7 + 3 + 2)
-    audit = pm.audit(strict=True)
+    audit = pagepool.audit(pm, strict=True)
     assert audit.ok, audit.problems
     assert audit.by_state["free"] == 512
     assert pool0.inflight == 0 and pool1.inflight == 0
@@ -100,12 +100,12 @@ def test_free_torn_frees_pooled_pages_in_no_pool(page_memory) -> None:
     pm.pool_ctl[1][P_CACHE_COUNT] = 0  # the count went down; the states never changed
     pool_of(pm, 1).put(taken[:10], errors="count")  # ten into the ring...
     pm.pool_ctl[1][P_RING_HEAD] = pm.pool_ctl[1][P_RING_TAIL]  # ...and the consumer moved past them
-    assert any("in no structure" in p for p in pm.audit(strict=True).problems)
+    assert any("in no structure" in p for p in pagepool.audit(pm, strict=True).problems)
 
     assert reclaim.reclaim_stranded(pm) == reclaim.Reclaimed(pages=90, packets=0)
     assert reclaim.free_torn(pm) == 28 + 10
 
-    audit = pm.audit(strict=True)
+    audit = pagepool.audit(pm, strict=True)
     assert audit.ok, audit.problems
     assert audit.by_state["free"] == 512 and pool1.inflight == 0
     assert reclaim.free_torn(pm) == 0

@@ -3,7 +3,8 @@ one builder for a run on this machine and for a multi-host run, so their reports
 
 from __future__ import annotations
 
-from emu.mem.pagemem import PageState
+from emu.mem import pagepool
+from emu.mem.page import PageState
 from emu.mem.pagepool import pool_of
 from emu.run import report as rep
 from emu.run.stats import StatsTable
@@ -34,7 +35,8 @@ def test_one_record_one_report_for_one_machine_and_for_several(page_memory, run_
                                                       ("device", "h1/eth0"), ("traffic", "gen0")])
     try:
         final = rep.snapshot(table, 0.0, lost=2)
-        record = rep.RunRecord(topo, final, elapsed=1.0, pages={"h1": rep.HostPages.of(pm, pm.audit(strict=True))},
+        record = rep.RunRecord(topo, final, elapsed=1.0,
+                               pages={"h1": rep.HostPages.of(pm, pagepool.audit(pm, strict=True))},
                                events=["something"], dead=["h1/cpu1"], processes={"coordinator": 1})
         single = rep.build_report(record)
         merged = rep.build_report(rep.RunRecord(topo, final, elapsed=1.0, parts={"h1": single},

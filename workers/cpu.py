@@ -13,7 +13,8 @@ import numpy as np
 import zmq
 
 from emu.datapath.napi import NapiCore, load_rx_queues
-from emu.mem.pagemem import DESC_DTYPE, PageMemory
+from emu.mem.page import DESC_DTYPE
+from emu.mem.pagemem import PageMemory
 from emu.mem.pagepool import pool_of
 from emu.net import doorbell, wire
 from emu.net.protocol import CMD, OFFLINE, Cmd, ProcState

@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from emu.datapath import Core
-from emu.mem.pagemem import DESC_DTYPE, PageMemory, PageState, concat_descs, descs_from_bytes
+from emu.mem.page import DESC_DTYPE, PageState, concat_descs, descs_from_bytes
+from emu.mem.pagemem import PageMemory
 from emu.mem.pagepool import (
     PagePool,
     check_descs,

@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from emu.datapath import Core
-from emu.mem.pagemem import DESC_DTYPE, PageMemory, PageState, concat_descs, descs_from_bytes
+from emu.mem.page import DESC_DTYPE, PageState, concat_descs, descs_from_bytes
+from emu.mem.pagemem import PageMemory
 from emu.mem.pagepool import check_descs, page_hand_over, tx_dma_start
 from emu.net import wire
 from emu.net.packets import FrameBatch, rss_queue

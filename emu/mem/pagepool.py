@@ -1,5 +1,17 @@
 """The per-CPU page pool: the kernel's ``net/core/page_pool.c`` over the host's shared page memory.
 
+The promise of the project, kept here and nowhere else: every page a device receives into comes from the
+page pool of a CPU; it goes back only to that CPU's pool (directly from that CPU, through the pool's ring
+from any other), and only once its path is done with it (a transmitted page only after its TX
+completion); past the pool's hard limit, or when its ring is full, it goes back to the page allocator;
+each pool accounts for every page it took and released (``hold_cnt`` - ``release_cnt``, and a counter
+for every refusal); and `audit` proves from the page table alone that every page is in exactly one place.
+
+This module therefore holds the pool's parameters (`PoolParams`), its counters (`POOL_COUNTERS`, indexed
+by `C`) and control words (`P_*`), its share of the shared-memory segment (`pool_regions`, which
+`emu.mem.pagemem` lays out), every change of a page's state, the one descriptor check and the audit; what
+a page and a descriptor are is `emu.mem.page`'s.
+
 Structure and rules follow the kernel (``net/core/page_pool.c``, ``include/net/page_pool/types.h``):
 
 * an **alloc cache** (a LIFO stack of 128 entries, refilled 64 at a time) that only the owning CPU
@@ -47,6 +59,7 @@ function                           transition                                  c
 `page_pool_return_page`            -> FREE (``page_pool_return_page``)         full ring, hard limit,
                                                                                drain, reclaim
 `page_get` / `put_page`            refcount (``get_page`` / ``put_page``)       tests, shared pages
+`audit`                            none: checks conservation                   the coordinator, tests
 =================================  ==========================================  ==========================
 
 Concurrency (as ``page_pool.c`` states it for ``pool->alloc`` and ``pool->ring``):
@@ -66,29 +79,97 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from emu.errors import ResourceError
-from emu.mem.pagemem import (
+from emu.mem.page import (
     ALLOCATOR_LOCK,
     H_EXTRA_REFS,
     H_FREE_COUNT,
     H_FREE_LOW,
     IN_USE,
     NO_OWNER,
-    P_CACHE_COUNT,
-    P_OWNER_PID,
-    P_RING_HEAD,
-    P_RING_TAIL,
-    POOL_COUNTERS,
-    C,
     PageError,
-    PageMemory,
     PageState,
 )
 from emu.mem.shm import pid_alive
 from emu.net.protocol import NO_HOLDER, XDP_PACKET_HEADROOM
+
+if TYPE_CHECKING:
+    from emu.mem.pagemem import PageMemory
+
+
+@dataclass(frozen=True, slots=True)
+class PoolParams:
+    """Per-CPU page-pool sizes; the defaults are the kernel's."""
+
+    cache_size: int = 128  # PP_ALLOC_CACHE_SIZE
+    refill: int = 64  # PP_ALLOC_CACHE_REFILL
+    pool_size: int = 1024  # ptr_ring size; 0 means 1024, at most 16384 (page_pool_init)
+    recycle_limit: int = 0  # hard limit on recyclable pages kept (cache + ring); 0 = none
+
+    def normalised(self) -> PoolParams:
+        size = self.pool_size or 1024
+        if not 1 <= size <= 16384:
+            raise ValueError(f"pool_size must be 1..16384 (0 means 1024), not {self.pool_size}")
+        if not 1 <= self.cache_size <= 65536:
+            raise ValueError(f"cache_size must be 1..65536, not {self.cache_size}")
+        if not 1 <= self.refill <= self.cache_size:
+            raise ValueError(f"refill must be 1..cache_size ({self.cache_size}), not {self.refill}")
+        if self.recycle_limit < 0:
+            raise ValueError(f"recycle_limit must be >= 0, not {self.recycle_limit}")
+        return PoolParams(self.cache_size, self.refill, size, self.recycle_limit)
+
+
+# Per-pool counters (int64).  The first eleven are the kernel's `page_pool_stats` names; the rest are the
+# pool's accounting (`hold_cnt`/`release_cnt`, as in struct page_pool) and what the emulator enforces
+# where the kernel only trusts its drivers.
+POOL_STATS = (
+    "alloc_fast",
+    "alloc_slow",
+    "alloc_slow_high_order",
+    "alloc_empty",
+    "alloc_refill",
+    "alloc_waive",
+    "recycle_cached",
+    "recycle_cache_full",
+    "recycle_ring",
+    "recycle_ring_full",
+    "recycle_released_refcnt",
+)
+POOL_ACCOUNTING = ("hold_cnt", "release_cnt")
+POOL_EXTRA = (
+    "recycle_hard_limit",  # returned pages released because the pool already keeps recycle_limit pages
+    "alloc_failed",  # the page allocator had no page left (the driver's rx_alloc_fail)
+    "double_free",
+    "stale_generation",
+    "bad_page",
+    "foreign_cache_return",
+    "recycled_before_tx_completion",  # a page still queued for TX or awaiting completion came back
+    "wrong_state",  # a page returned from a path that does not hold it (e.g. a posted RX buffer)
+)
+POOL_COUNTERS = POOL_STATS + POOL_ACCOUNTING + POOL_EXTRA
+C = {name: i for i, name in enumerate(POOL_COUNTERS)}
+# Pool control words (int64, `PageMemory.pool_ctl[cpu]`), written by this module and read by the audit:
+# cache count, ring head (consumer), ring tail (producer), owner pid.
+P_CACHE_COUNT, P_RING_HEAD, P_RING_TAIL, P_OWNER_PID = 0, 1, 2, 3
+P_WORDS = 8
+
+
+def pool_regions(ncpus: int, params: PoolParams) -> list[tuple[str, np.dtype, tuple[int, int]]]:
+    """The pools' share of the meta segment, as ``(name, dtype, shape)`` per array, one row per CPU:
+    control words, counters, alloc caches and recycle rings.  `emu.mem.pagemem` lays them out after the
+    page table and maps each as the `PageMemory` attribute of that name."""
+    return [
+        ("pool_ctl", np.dtype(np.int64), (ncpus, P_WORDS)),
+        ("pool_counters", np.dtype(np.int64), (ncpus, len(POOL_COUNTERS))),
+        ("caches", np.dtype(np.int32), (ncpus, params.cache_size)),
+        ("rings", np.dtype(np.int32), (ncpus, params.pool_size)),
+    ]
+
 
 _ALLOC_FAST = C["alloc_fast"]
 _LITTLE = sys.byteorder == "little"
@@ -783,3 +864,116 @@ def check_descs(
         if np.logical_or.reduce(dup):
             ok[sel[dup]] = False
     return None if np.logical_and.reduce(ok) else ok
+
+
+# -- the audit --------------------------------------------------------------------------------------
+# The promise of this module, checked from the page table and the pools' structures alone: every page is
+# in exactly one place, and each pool's accounting matches the pages that carry its mark.
+
+
+@dataclass(slots=True)
+class Audit:
+    """Result of a page-conservation audit."""
+
+    total: int
+    by_state: dict[str, int]
+    problems: list[str]
+
+    @property
+    def accounted(self) -> int:
+        return sum(self.by_state.values())
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.accounted == self.total
+
+    def to_dict(self) -> dict:
+        return {
+            "total": self.total,
+            "accounted": self.accounted,
+            "by_state": dict(self.by_state),
+            "problems": list(self.problems),
+        }
+
+
+def audit(pm: PageMemory, strict: bool = False) -> Audit:
+    """Check page conservation in `pm`; any process may call it at any time.
+
+    The state histogram always sums to the page count (each page has one state) and is safe to take
+    while traffic runs.  `strict` also checks every structure against the page table (each page in
+    exactly one place, in the state that place implies, owned by the right pool, and every pool's
+    hold_cnt - release_cnt equal to the pages it owns); that is exact only when the host is quiescent.
+    """
+    states = pm.state.copy()
+    hist = np.bincount(states, minlength=len(PageState))
+    by_state = {s.name.lower(): int(hist[s]) for s in PageState}
+    unknown = int(len(states) - sum(by_state.values()))
+    problems: list[str] = []
+    if unknown:
+        problems.append(f"{unknown} pages in an unknown state")
+    if strict:
+        problems += _strict_problems(pm, states)
+    return Audit(pm.npages, by_state, problems)
+
+
+def _strict_problems(pm: PageMemory, states: np.ndarray) -> list[str]:
+    problems: list[str] = []
+    seen = np.zeros(pm.npages, dtype=np.int32)
+    owner = pm.owner.copy()
+
+    def place(ids: np.ndarray, want: PageState, where: str, cpu: int = NO_OWNER) -> None:
+        bad = ids[(ids < 0) | (ids >= pm.npages)]
+        if len(bad):
+            problems.append(f"{where}: {len(bad)} ids out of range, e.g. {int(bad[0])}")
+            ids = ids[(ids >= 0) & (ids < pm.npages)]
+        np.add.at(seen, ids, 1)
+        wrong = ids[states[ids] != want]
+        if len(wrong):
+            p = int(wrong[0])
+            problems.append(
+                f"{where}: {len(wrong)} pages not in state {want.name}, e.g. page {p} is "
+                f"{PageState(states[p]).name}"
+            )
+        if cpu != NO_OWNER:
+            foreign = ids[owner[ids] != cpu]
+            if len(foreign):
+                p = int(foreign[0])
+                problems.append(
+                    f"{where}: {len(foreign)} pages owned by another CPU, e.g. page {p} (cpu {owner[p]})"
+                )
+
+    place(pm.free_stack[: pm.free_count], PageState.FREE, "page allocator")
+    for cpu in range(pm.ncpus):
+        ctl = pm.pool_ctl[cpu]
+        n = int(ctl[P_CACHE_COUNT])
+        place(pm.caches[cpu, :n], PageState.CACHE, f"cpu {cpu} alloc cache", cpu)
+        head, tail = int(ctl[P_RING_HEAD]), int(ctl[P_RING_TAIL])
+        size = pm.params.pool_size
+        ring_ids = pm.rings[cpu, (np.arange(head, tail) % size)] if tail > head else np.empty(0, int)
+        place(ring_ids, PageState.RING, f"cpu {cpu} recycle ring", cpu)
+        cnt = pm.pool_counters[cpu]
+        owned = int(np.count_nonzero(owner == cpu))
+        held = int(cnt[C["hold_cnt"]] - cnt[C["release_cnt"]])
+        if owned != held:
+            problems.append(
+                f"cpu {cpu} pool: hold_cnt - release_cnt = {held} but {owned} pages carry its mark"
+            )
+    twice = np.flatnonzero(seen > 1)
+    if len(twice):
+        problems.append(f"{len(twice)} pages in more than one place, e.g. page {int(twice[0])}")
+    in_struct = (states == PageState.FREE) | (states == PageState.CACHE) | (states == PageState.RING)
+    lost = np.flatnonzero(in_struct & (seen == 0))
+    if len(lost):
+        p = int(lost[0])
+        problems.append(
+            f"{len(lost)} pages marked {PageState(states[p]).name} but in no structure, e.g. page {p}"
+        )
+    # A page released from its pool while someone still referenced it (recycle_released_refcnt)
+    # legitimately has no owner until its last put_page.
+    refs = pm.refcnt.copy()
+    orphan = np.flatnonzero(
+        ~in_struct & (owner == NO_OWNER) & (states != PageState.ALLOCATED) & (refs == 0)
+    )
+    if len(orphan):
+        problems.append(f"{len(orphan)} pages in use but owned by no pool, e.g. page {int(orphan[0])}")
+    return problems

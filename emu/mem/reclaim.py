@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emu.mem.pagemem import HOME, PageMemory, PageState
+from emu.mem.page import HOME, PageState
+from emu.mem.pagemem import PageMemory
 from emu.mem.pagepool import page_pool_return_page, pool_of, return_pages
 
 # States in which a page holds a packet that has not reached its end (received, in XDP, queued to

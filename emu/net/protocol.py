@@ -3,7 +3,7 @@
 This module is the specification; every process imports its names from here and no process module
 defines any of them, so that no worker needs to import another to talk to it.  It holds values only and
 imports nothing of the project.  How the values travel is elsewhere: the message envelope and the frame
-batch in `emu.net.wire`, the page descriptor record in `emu.mem.pagemem` (``DESC_DTYPE``), the stats table's
+batch in `emu.net.wire`, the page descriptor record in `emu.mem.page` (``DESC_DTYPE``), the stats table's
 rows and counter names in `emu.run.stats`, the rings and doorbells in `emu.net.shmring` and `emu.net.doorbell`.  The
 control channel between ``emu coordinator`` and ``emu host`` agents, a separate protocol with its own
 kinds, is `emu.cluster.control`.

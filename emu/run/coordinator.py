@@ -38,8 +38,10 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from emu.errors import ProcessFailure
-from emu.mem import reclaim
-from emu.mem.pagemem import HOME, PageMemory, PageState, PoolParams, required_shm_bytes
+from emu.mem import pagepool, reclaim
+from emu.mem.page import HOME, PageState
+from emu.mem.pagemem import PageMemory, required_shm_bytes
+from emu.mem.pagepool import PoolParams
 from emu.mem.shm import SHM_DIR, ShmSpaceError, new_run_prefix, shm_free_bytes, sweep_stale, unlink_prefix
 from emu.net.protocol import DEVICE_BIT, LINK_DOWN_BIT, Cmd, ProcState, device_code
 from emu.net.shmring import RING_BYTES, MsgRing
@@ -652,7 +654,7 @@ class Run(Console):
             final=final,
             elapsed=(self.settled_ns - self.started_ns) / 1e9,
             first_packet_s=self.first_packet_s,
-            pages={h: rep.HostPages.of(pm, pm.audit(strict=True)) for h, pm in self.pms.items()},
+            pages={h: rep.HostPages.of(pm, pagepool.audit(pm, strict=True)) for h, pm in self.pms.items()},
             maps=xdp_runtime.snapshot_maps(self.mapsets),
             live_audits=self.audits,
             audit_problems=list(self.audit_problems),
@@ -706,7 +708,7 @@ class Run(Console):
     def audit_live(self) -> None:
         """Page conservation while traffic runs (the state histogram; exact structures only at the end)."""
         for hname, pm in self.pms.items():
-            audit = pm.audit(strict=False)
+            audit = pagepool.audit(pm, strict=False)
             self.audits += 1
             if not audit.ok:
                 for prob in audit.problems:

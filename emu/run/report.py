@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from emu.mem.pagemem import POOL_COUNTERS, POOL_STATS, C, PageState
+from emu.mem.page import PageState
+from emu.mem.pagepool import POOL_COUNTERS, POOL_STATS, C
 from emu.net.protocol import CONTROL
 from emu.run.stats import StatsTable
 
 if TYPE_CHECKING:
-    from emu.mem.pagemem import Audit, PageMemory
+    from emu.mem.pagemem import PageMemory
+    from emu.mem.pagepool import Audit
     from emu.topology.model import Topology
 
 CPU_DROPS = ("xdp_drop", "xdp_aborted", "redirect_err", "xdp_tx_full", "xmit_drops")

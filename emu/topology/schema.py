@@ -76,7 +76,7 @@ MAX_QUEUES = 64
 MIN_RING = 8
 MAX_RING = 16384
 MAX_BULK = 1024
-MAX_POOL_SIZE = 16384  # page_pool_init(): a ptr_ring of at most 16384 entries (emu.mem.pagemem.PoolParams)
+MAX_POOL_SIZE = 16384  # page_pool_init(): a ptr_ring of at most 16384 entries (emu.mem.pagepool.PoolParams)
 MAX_CACHE_SIZE = 65536
 # A devmap slot is a u32 (emu.xdp.bpfmaps.DevMap) and so is the kernel's dev->ifindex.
 MAX_IFINDEX = (1 << 32) - 1
