@@ -60,12 +60,15 @@ def plot_file(k: int, plot: PlotSpec) -> str:
     return f"plot{k + 1}-{safe(plot.y)}-vs-{safe(plot.x.rsplit('.', 1)[-1])}.png"
 
 
-def series(spec: SweepSpec, plot: PlotSpec, runs: list[dict[str, Any]]) -> dict[str, list[tuple[Any, float, float, float]]]:
+Line = list[tuple[Any, float, float, float]]  # (x value, mean, min, max) per x
+
+
+def series(spec: SweepSpec, plot: PlotSpec, runs: list[dict[str, Any]]) -> dict[str, Line]:
     """The plot's lines: label -> [(x value, mean, min, max)] over the repeats, in the grid's x order;
     x values where no run has the metric defined are left out."""
     others = [k for k in spec.grid if k != plot.x and k != plot.lines and len(spec.grid[k]) > 1]
     groups = [k for k in ([plot.lines] if plot.lines else []) + others]
-    out: dict[str, list[tuple[Any, float, float, float]]] = {}
+    out: dict[str, Line] = {}
     for combo in itertools.product(*(spec.grid[k] for k in groups)):
         fixed = dict(zip(groups, combo, strict=True))
         label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in fixed.items()) or plot.y

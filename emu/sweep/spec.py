@@ -166,10 +166,9 @@ def load_spec(path: str) -> SweepSpec:
         if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
             raise fail(top["repeats"][1], f"repeats: a whole number >= 1, not {repeats!r}")
     count, duration = _run(top["run"][1], fail)
-    plots = _plots(top.get("plots"), grid, fail)
 
     spec = SweepSpec(path, topo_path, hashlib.sha256(topo_text.encode()).hexdigest(), grid, repeats, count,
-                     duration, plots)
+                     duration, [])
     # Every point up front: a value the topology refuses must stop the sweep before its first run.
     keys = list(grid)
     for values in itertools.product(*(grid[k] for k in keys)):
@@ -188,6 +187,8 @@ def load_spec(path: str) -> SweepSpec:
             raise fail(grid_lines[key], f"grid point {', '.join(f'{k}={v!r}' for k, v in params.items())}: "
                        f"the topology refuses it: {e.message}") from None
         spec.points.append(Point(params, topo))
+    # After the grid: a plot naming a key is checked against keys known to be good.
+    spec.plots = _plots(top.get("plots"), grid, fail)
     return spec
 
 
@@ -240,7 +241,7 @@ def _run(node: Node, fail) -> tuple[int | None, float | None]:
 def _plots(item: tuple[Node, Node] | None, grid: dict[str, list[Any]], fail) -> list[PlotSpec]:
     if item is None:
         return []
-    knode, vnode = item
+    vnode = item[1]
     if not isinstance(vnode, SequenceNode):
         raise fail(vnode, "plots: a list of {x: KEY, y: METRIC, lines: KEY}")
     plots = []
