@@ -34,7 +34,7 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, SequenceNode
 
-from emu.errors import BadInputError
+from emu.errors import FileLineError
 from emu.mem.pagemem import POOL_COUNTERS
 from emu.run.report import METRICS
 from emu.topology.file import validate_topology_text
@@ -46,17 +46,8 @@ PLOT_KEYS = ("x", "y", "lines")
 PLOTTABLE = METRICS + POOL_COUNTERS
 
 
-class SweepSpecError(BadInputError, ValueError):
+class SweepSpecError(FileLineError):
     """An experiment file is invalid; ``str()`` is ``"file:line: message"``, like a topology's."""
-
-    def __init__(self, file: str, line: int, message: str) -> None:
-        super().__init__(f"{file}:{line}: {message}")
-        self.file = file
-        self.line = line
-        self.message = message
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.file, self.line, self.message))
 
 
 @dataclass(frozen=True)
