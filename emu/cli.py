@@ -260,10 +260,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise BadInputError(f"--out {args.out}: not a directory")
+    from emu.sweep.output import require_plotting, write_outputs
+
+    require_plotting(spec)
     from emu.run import launch
 
     launch.prestart()
-    from emu.sweep.output import write_outputs
     from emu.sweep.runner import run_sweep
 
     results = run_sweep(spec, args.out)

@@ -19,6 +19,7 @@ import os
 import re
 from typing import Any
 
+from emu.errors import ResourceError
 from emu.mem.pagemem import POOL_COUNTERS
 from emu.run.report import METRICS
 from emu.sweep.spec import PlotSpec, SweepSpec
@@ -27,6 +28,17 @@ CSV = "results.csv"
 REPORT = "report.md"
 PLOT_SIZE = (6.4, 4.0)  # inches
 PLOT_DPI = 100  # so a plot is 640 x 400 pixels
+
+
+def require_plotting(spec: SweepSpec) -> None:
+    """Refuse, before any run, a spec with plots on a machine without matplotlib (an optional dependency:
+    the emulator itself never draws)."""
+    if not spec.plots:
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ResourceError(f"{spec.path}: its plots need matplotlib: pip install 'pagepool-emu[sweep]'") from None
 
 
 def csv_columns(spec: SweepSpec) -> list[str]:
