@@ -1,5 +1,6 @@
 """The ``emu`` command: run a topology on this machine, or across machines (``emu coordinator`` plus one
-``emu host`` per emulated host), validate a topology file, make CURVE keys, sweep leftovers.
+``emu host`` per emulated host), validate a topology file, run a sweep of experiments over a grid of
+topology keys, make CURVE keys, remove leftovers.
 
 Conventions follow xdp-bench and containerlab: ``-i`` is the interval between live lines (default 2 s),
 ``-e`` shows per-CPU and per-device rows, ``--json FILE`` (``-`` for stdout) writes the final report;
@@ -117,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_topology(val)
     val.add_argument("--json", action="store_true", help="print the parsed topology as JSON")
     sub.add_parser("clean", help="remove shared memory left by runs whose coordinator was killed")
+    sweep = sub.add_parser("sweep", help="run a topology over a grid of its keys; write a CSV, plots and a report")
+    sweep.add_argument("spec", help="experiment file (README: Sweeps)")
+    sweep.add_argument("--out", required=True, metavar="DIR",
+                       help="where results.csv, results.json, the plots and report.md go; runs already in "
+                       "DIR/results.json are not run again")
     return parser
 
 
@@ -248,6 +254,29 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from emu.sweep.spec import load_spec  # reads and checks every grid point: before anything starts
+
+    spec = load_spec(args.spec)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise BadInputError(f"--out {args.out}: not a directory")
+    from emu.sweep.output import require_plotting, write_outputs
+
+    require_plotting(spec)
+    from emu.run import launch
+
+    launch.prestart()
+    from emu.sweep.runner import run_sweep
+
+    results = run_sweep(spec, args.out)
+    for path in write_outputs(spec, results, args.out):
+        print(f"wrote {path}")
+    bad = [r["id"] for r in results["runs"] if r["metrics"]["violations"] or r["report"]["traffic"]["unaccounted"]]
+    if bad:
+        print(f"emu: {len(bad)} runs had violations or unaccounted packets: {', '.join(bad)}", file=sys.stderr)
+    return 1 if bad else 0
+
+
 def cmd_clean(args: argparse.Namespace) -> int:
     from emu.mem.shm import sweep_stale
 
@@ -258,7 +287,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "coordinator": cmd_coordinator, "host": cmd_host, "keys": cmd_keys, "clean": cmd_clean,
-    "validate": cmd_validate,
+    "validate": cmd_validate, "sweep": cmd_sweep,
 }
 
 

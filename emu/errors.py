@@ -18,8 +18,10 @@ the standard library stay among the bases where callers relied on them (``Topolo
 
 from __future__ import annotations
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_PROCESS_FAILURE", "BadInputError", "EmuError", "ProcessFailure",
-           "ResourceError", "exit_status"]
+from typing import Any
+
+__all__ = ["EXIT_BAD_INPUT", "EXIT_PROCESS_FAILURE", "BadInputError", "EmuError", "FileLineError",
+           "ProcessFailure", "ResourceError", "exit_status"]
 
 EXIT_BAD_INPUT = 2
 EXIT_PROCESS_FAILURE = 3
@@ -35,6 +37,23 @@ class BadInputError(EmuError):
     """Something the user gave (a file, a value, a message) is wrong; nothing was started."""
 
     exit_status = EXIT_BAD_INPUT
+
+
+class FileLineError(BadInputError, ValueError):
+    """An input file is wrong at a line (a topology, an experiment spec); ``str()`` is ``"file:line:
+    message"`` (line 1-based), the form the ``emu`` command prints as it is.  Still a ``ValueError`` for
+    the callers that catch that."""
+
+    def __init__(self, file: str, line: int, message: str) -> None:
+        super().__init__(f"{file}:{line}: {message}")
+        self.file = file
+        self.line = line
+        self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default reduce would call __init__ with the formatted string only; keep the exception
+        # picklable so it can cross process boundaries (pytest-xdist, multiprocessing).
+        return (type(self), (self.file, self.line, self.message))
 
 
 class ResourceError(EmuError):

@@ -35,6 +35,7 @@ PACKAGES = ("emu", "workers")
 # - run, workers: a run on one machine and its processes.  The coordinator starts the worker modules
 #   (their ``main``), and the workers take their `ProcSpec`, pinning and stats rows from `emu.run`.
 # - cluster: a run over several machines, each one a `Run`.
+# - sweep: experiments, a grid of runs (each one a `Run`) and their metrics, tables and plots.
 # - cli: the ``emu`` command, over everything.
 LAYERS: list[set[str]] = [
     {"emu", "emu.errors"},
@@ -42,6 +43,7 @@ LAYERS: list[set[str]] = [
     {"emu.topology", "emu.xdp", "emu.programs", "emu.datapath"},
     {"emu.run", "workers"},
     {"emu.cluster"},
+    {"emu.sweep"},
     {"emu.cli"},
 ]
 

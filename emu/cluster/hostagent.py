@@ -268,6 +268,7 @@ class HostAgent:
                 raise KeyboardInterrupt
             if self.run is not None:
                 self.run.check_procs()
+                self.run.sample_pages()  # this host's pages while traffic runs, for the report's metrics
             self.service()
             if time.monotonic() - self.heard > self.opts.coordinator_timeout:
                 raise CoordinatorLost(f"no word from the coordinator for {self.opts.coordinator_timeout:.0f} s")

@@ -215,6 +215,10 @@ class Run(Console):
         self.audits = 0  # conservation audits taken while traffic ran
         self.audit_problems: list[str] = []
         self.keys_dir: str | None = None  # CURVE keys for links that leave the machine
+        # The page tables sampled while traffic runs, for the report's in-flight and pool-memory metrics
+        # (at the end every page is home, so only samples show them).
+        self.samples: list[rep.PageSample] = []
+        self.next_sample = 0.0
 
     def tick(self) -> None:
         """Called from every waiting loop; a host agent services its coordinator channel here."""
@@ -591,11 +595,23 @@ class Run(Console):
         """Whether `go` has run: the run has traffic to end and report on."""
         return self.started_ns != 0
 
+    def sample_pages(self, force: bool = False) -> None:
+        """Sample the page tables (`report.sample_pages`) if `report.SAMPLE_PERIOD` has passed since the
+        last sample (or `force`), from START until traffic has settled (the run's `elapsed`).  Called by
+        every loop that waits while traffic runs: the main loop, settling, a host agent's message loop."""
+        now = time.monotonic()
+        if not self.started or self.settled_ns or not self.pms or (now < self.next_sample and not force):
+            return
+        self.next_sample = now + rep.SAMPLE_PERIOD
+        self.samples.append(rep.sample_pages(self.pms))
+
     def quiesce(self, settle: bool = True) -> None:
         """QUIESCE: generators stop; unless `settle` is False (a multi-host run's coordinator judges that
         across hosts, or the run must end now), wait until every generated packet is accounted for or
         nothing moves any more."""
         assert self.table is not None
+        # At least one sample, however short the run (a few thousand packets end before the first period).
+        self.sample_pages(force=True)
         self.table.command_all(Cmd.QUIESCE)
         if settle:
             self.wait_settled()
@@ -665,6 +681,7 @@ class Run(Console):
             dead=sorted(self.dead),
             offline=dict(self.offline),
             lost=final.lost,
+            samples=list(self.samples),
         )
 
     def report(self) -> dict:
@@ -690,6 +707,7 @@ class Run(Console):
             while not self.interrupted and not self.ending:
                 time.sleep(0.02)
                 self.check_procs()
+                self.sample_pages()
                 now = time.monotonic()
                 if now >= next_line:
                     self.audit_live()
@@ -721,6 +739,7 @@ class Run(Console):
         def step() -> None:
             time.sleep(0.02)
             self.check_procs()
+            self.sample_pages()
 
         wait_settled(step, self.snapshot, self.in_transit, DRAIN_STALL)
 

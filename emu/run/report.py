@@ -13,12 +13,13 @@ object, so both kinds of run report through the same `build_report`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from emu.mem.page import PageState
+from emu.mem.page import IN_USE_STATES, PageState
 from emu.mem.pagepool import POOL_COUNTERS, POOL_STATS, C
 from emu.net.protocol import CONTROL
 from emu.run.stats import StatsTable
@@ -31,6 +32,11 @@ if TYPE_CHECKING:
 CPU_DROPS = ("xdp_drop", "xdp_aborted", "redirect_err", "xdp_tx_full", "xmit_drops")
 DEVICE_DROPS = ("rx_dropped", "tx_dropped", "link_lost")
 # CPU counters reported as they are, next to the issue's fixed keys.
+# The derived metrics of every report (its ``metrics`` key), in this order: the sweep's CSV columns too.
+METRICS = ("pps", "hit_ratio", "alloc_slow_per_mpkt", "page_alloc_pps", "page_free_pps", "inflight_mean",
+           "inflight_p99", "pool_memory_bytes", "violations")
+# Pages counted in flight in a sample: out of every pool and of the page allocator (`IN_USE_STATES`).
+SAMPLE_PERIOD = 0.05  # seconds between the samples of the page table taken while traffic runs
 CPU_EXTRA = (
     "rx_packets", "rx_bytes", "xdp_tx_full", "xmit_drops", "xmit_bulks", "redirect_skb", "stack_rx",
     "skb_remote_free", "tx_completions", "remote_returns", "rx_posted", "rx_alloc_fail", "polls",
@@ -191,6 +197,100 @@ class HostPages:
                    [int(ctl[c][2] - ctl[c][1]) for c in range(pm.ncpus)], pm.allocated_hwm, audit)
 
 
+@dataclass(frozen=True)
+class PageSample:
+    """One look at the page tables while traffic runs: pages in flight (out of every pool and of the page
+    allocator: allocated, posted for RX, in XDP, queued or in flight for TX, held by an skb) and the bytes
+    of the pages the pools keep (alloc caches and recycle rings)."""
+
+    in_flight: int
+    pool_bytes: int
+
+
+def sample_pages(pms: dict[str, PageMemory]) -> PageSample:
+    """A `PageSample` of every host's page table, from its state histogram (a snapshot without locks: the
+    states are single bytes, so each page is counted in one state, if not the same instant for all)."""
+    in_flight = pool_bytes = 0
+    for pm in pms.values():
+        hist = np.bincount(pm.state, minlength=len(PageState))
+        in_flight += int(hist[list(IN_USE_STATES)].sum())
+        pool_bytes += int(hist[PageState.CACHE] + hist[PageState.RING]) * pm.page_size
+    return PageSample(in_flight, pool_bytes)
+
+
+def _samples_section(samples: list[PageSample]) -> dict[str, Any]:
+    return {"period_s": SAMPLE_PERIOD, "in_flight": [s.in_flight for s in samples],
+            "pool_bytes": [s.pool_bytes for s in samples]}
+
+
+def _merge_samples(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The hosts' sample series summed sample by sample: every host samples every `SAMPLE_PERIOD` from its
+    START to its end of traffic, so sample k of each is about the same instant.  Only the samples every
+    host has are kept (a host that started a little later has a few fewer)."""
+    series = [p for p in parts if p.get("in_flight")]
+    n = min((len(p["in_flight"]) for p in series), default=0)
+    return {"period_s": SAMPLE_PERIOD,
+            "in_flight": [sum(p["in_flight"][k] for p in series) for k in range(n)],
+            "pool_bytes": [sum(p["pool_bytes"][k] for p in series) for k in range(n)]}
+
+
+def pool_totals(cpus: list[dict[str, Any]]) -> dict[str, int]:
+    """Every page-pool counter (`POOL_COUNTERS`) summed over the report's CPUs (of every host)."""
+    return {name: sum(int(c["page_pool"][name]) for c in cpus) for name in POOL_COUNTERS}
+
+
+def _p99(values: list[int]) -> int:
+    """The 99th percentile by nearest rank: the smallest sample that at least 99 % of them do not exceed."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
+
+
+def derive_metrics(pool: dict[str, int], delivered: int, rx_packets: int, elapsed: float,
+                   in_flight: list[int], pool_bytes: list[int], violations: dict[str, int]) -> dict[str, Any]:
+    """The report's ``metrics`` (`METRICS`), from counters summed over every CPU of every host, so a
+    multi-host run's are recomputed from its summed counters, never averaged from its hosts' ratios.
+    A ratio or rate whose denominator is 0 (no recycling, no packet, no time) is None.
+
+    * ``pps``: delivered packets per second of the run (START to the end of traffic).
+    * ``hit_ratio``: recycle_cached / (recycle_cached + recycle_ring + recycle_ring_full): of the pages
+      returned to their pool, the share that went straight into its alloc cache.  This is the ratio mlx5's
+      deferred page release moved from 31 % to 98 %: returns that miss the cache go to the ring, or
+      past a full ring back to the page allocator.
+    * ``alloc_slow_per_mpkt``: slow-path allocations (each a bulk of up to `refill` pages from the
+      page allocator) per million packets received by XDP.
+    * ``page_alloc_pps``: pages taken from the page allocator per second: ``hold_cnt``, which
+      `emu.mem.pagepool` bumps by each slow-path bulk's actual size (the initial fill of the RX rings
+      included).
+    * ``page_free_pps``: pages given back to the page allocator per second while the run ran:
+      recycle_ring_full (past a full ring) + recycle_hard_limit (past `recycle_limit`) +
+      recycle_released_refcnt (left the pool because someone else still held a reference; freed at their
+      last ``put_page``).  Not ``release_cnt``, which also counts the pools' destruction at the end of
+      the run, when every cached page goes back.
+    * ``inflight_mean``, ``inflight_p99``: pages in flight (out of every pool and of the allocator), the
+      mean and the 99th percentile over the samples taken every `SAMPLE_PERIOD` while traffic ran.
+    * ``pool_memory_bytes``: the mean, over the same samples, of the bytes of the pages the pools kept
+      (alloc caches and recycle rings; at the end they are empty, so the samples are what shows it).
+    * ``violations``: the sum of the report's violation counters (0 in a correct run).
+    """
+    returned = pool["recycle_cached"] + pool["recycle_ring"] + pool["recycle_ring_full"]
+    freed = pool["recycle_ring_full"] + pool["recycle_hard_limit"] + pool["recycle_released_refcnt"]
+
+    def per_s(n: int) -> float | None:
+        return round(n / elapsed, 1) if elapsed > 0 else None
+
+    return {
+        "pps": per_s(delivered),
+        "hit_ratio": round(pool["recycle_cached"] / returned, 6) if returned else None,
+        "alloc_slow_per_mpkt": round(pool["alloc_slow"] * 1e6 / rx_packets, 3) if rx_packets else None,
+        "page_alloc_pps": per_s(pool["hold_cnt"]),
+        "page_free_pps": per_s(freed),
+        "inflight_mean": round(sum(in_flight) / len(in_flight), 1) if in_flight else None,
+        "inflight_p99": _p99(in_flight) if in_flight else None,
+        "pool_memory_bytes": round(sum(pool_bytes) / len(pool_bytes)) if pool_bytes else None,
+        "violations": sum(violations.values()),
+    }
+
+
 @dataclass
 class RunRecord:
     """Everything a report is built from, filled by the run that ran (a `Run` on one machine, the
@@ -220,6 +320,9 @@ class RunRecord:
     lost: int = 0  # packets in pages reclaimed from dead processes, and frames lost on their cables
     hosts_lost: list[str] = field(default_factory=list)
     control_refused: int | None = None  # multi-host: control connections refused (CURVE)
+    # Samples of the page tables taken while traffic ran (`PageSample`, every `SAMPLE_PERIOD`), summed
+    # over this run's hosts; a multi-host run's come from its parts' reports instead.
+    samples: list[PageSample] = field(default_factory=list)
     bad_control_messages: int | None = None  # multi-host: control messages refused
 
 
@@ -230,7 +333,8 @@ def _host_sections(r: RunRecord) -> dict[str, Any]:
     viol = {"foreign_cache_return": 0, "recycled_before_tx_completion": 0, "double_free": 0, "leaked": 0,
             "stale_generation": 0, "bad_descriptors": 0, "bad_messages": 0}
     pages = {"total": 0, "accounted": 0, "in_flight": 0, "allocated_hwm": 0, "by_state": {},
-             "problems": list(r.audit_problems), "audits": r.live_audits + len(r.pages)}
+             "problems": list(r.audit_problems), "audits": r.live_audits + len(r.pages),
+             "samples": _samples_section(r.samples)}
     for hname, host in r.topology.hosts.items():
         hp = r.pages[hname]
         for c in range(host.cpus):
@@ -288,6 +392,7 @@ def _merged_sections(r: RunRecord, parts: dict[str, dict[str, Any]]) -> dict[str
     failures = list(r.failures)
     processes = dict(r.processes)
     stalled = list(r.stalled)
+    pages["samples"] = _merge_samples([part["pages"].get("samples", {}) for part in parts.values()])
     for hname, part in parts.items():
         cpus += part["cpus"]
         devices += part["devices"]
@@ -324,6 +429,10 @@ def build_report(r: RunRecord) -> dict[str, Any]:
         "pages": sections["pages"],
         "violations": sections["violations"],
         "traffic": traffic,
+        "metrics": derive_metrics(
+            pool_totals(sections["cpus"]), traffic["delivered"], r.final.total("cpu", "rx_packets"), r.elapsed,
+            sections["pages"]["samples"]["in_flight"], sections["pages"]["samples"]["pool_bytes"],
+            sections["violations"]),
         "maps": sections["maps"],
         "events": sections["events"],
         "dead_processes": sections["dead_processes"],
@@ -374,6 +483,9 @@ def summary(r: dict[str, Any]) -> str:
     p = r["pages"]
     out.append(f"  pages    total {p['total']:,}  accounted {p['accounted']:,}  in_flight {p['in_flight']:,}  "
                f"allocated_hwm {p.get('allocated_hwm', 0):,}")
+    m = r.get("metrics")
+    if m:
+        out.append("  metrics  " + "  ".join(f"{k} {'-' if m[k] is None else m[k]}" for k in METRICS))
     out.append("  violations " + "  ".join(f"{k} {n:,}" for k, n in v.items()))
     if r.get("hosts_lost"):
         out.append(f"  LOST     hosts {', '.join(r['hosts_lost'])}: their pages died with them; "

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from emu.errors import BadInputError
+from emu.errors import FileLineError
 
 __all__ = [
     "DEV_MAP_BULK_SIZE",
@@ -72,22 +72,11 @@ MAX_LINK_DELAY_US = 10_000_000  # 10 s for `delay` and `jitter`
 MAX_LINK_RATE_BPS = 10 * 10**12  # 10 tbit
 
 
-class TopologyError(BadInputError, ValueError):
+class TopologyError(FileLineError):
     """A topology file is invalid; ``str()`` is ``"file:line: message"`` (line is 1-based).
 
     A `BadInputError` (exit status 2: nothing was started), and still a ``ValueError`` for the callers
     that catch that."""
-
-    def __init__(self, file: str, line: int, message: str) -> None:
-        super().__init__(f"{file}:{line}: {message}")
-        self.file = file
-        self.line = line
-        self.message = message
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # The default reduce would call __init__ with the formatted string only; keep the exception
-        # picklable so it can cross process boundaries (pytest-xdist, multiprocessing).
-        return (type(self), (self.file, self.line, self.message))
 
 
 # --------------------------------------------------------------------------------------------------
