@@ -16,7 +16,7 @@ import pytest
 
 from emu.cli import main
 from emu.errors import BadInputError
-from emu.mem.pagemem import POOL_COUNTERS
+from emu.mem.pagepool import POOL_COUNTERS
 from emu.run import report as rep
 from emu.sweep import output, runner
 from emu.sweep.spec import SweepSpec, SweepSpecError, load_spec
