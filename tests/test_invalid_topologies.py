@@ -30,7 +30,7 @@ from emu.cli import main
 from emu.topology import schema
 from emu.topology.file import validate_topology_text
 
-PROGRAMS = ("xdp_drop", "xdp_tx", "l2fwd", "l2fwd_map", "l2fwd_filter")
+PROGRAMS = ("xdp_drop", "xdp_tx", "l2fwd", "l2fwd_cost", "l2fwd_map", "l2fwd_filter")
 
 
 @dataclass
@@ -103,7 +103,7 @@ def valid_docs(draw: st.DrawFn) -> Doc:
             d.add("        xdp:", ("xdp", ""))
             d.add(f'          program: "emu.programs:{program}"', ("xdp", "program"))
             d.add("          vectorised: true", ("xdp", "vectorised"))
-            if program in ("l2fwd", "l2fwd_filter"):
+            if program in ("l2fwd", "l2fwd_cost", "l2fwd_filter"):
                 d.add("          params:", ("xdp", "params"))
                 d.add("            egress: eth1", ("params", "egress"))
             elif program == "l2fwd_map":

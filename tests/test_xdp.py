@@ -336,7 +336,66 @@ def test_l2fwd_filter_setup_errors(loaded: Loader, params: dict, fragment: str) 
         loaded("emu.programs:l2fwd_filter", params=params)
 
 
-@pytest.mark.parametrize("name", ["xdp_tx", "l2fwd", "l2fwd_filter"])
+class CountingClock:
+    """A nanosecond clock that advances `step` each time it is read, and counts the reads."""
+
+    def __init__(self, step: int) -> None:
+        self.t = 0
+        self.step = step
+        self.reads = 0
+
+    def __call__(self) -> int:
+        self.reads += 1
+        self.t += self.step
+        return self.t
+
+
+@pytest.mark.parametrize("vectorised", [False, True])
+def test_l2fwd_cost_spends_cost_ns_per_packet_and_forwards(
+    loaded: Loader, monkeypatch: pytest.MonkeyPatch, vectorised: bool
+) -> None:
+    """The busy loop reads the clock until `cost_ns` per packet has passed (a counting clock stands in for
+    the real one, so nothing here depends on how fast this machine is), then forwards like l2fwd."""
+    clock = CountingClock(step=100)
+    monkeypatch.setattr(programs, "_now_ns", clock)
+    prog, ctx, ms = loaded("emu.programs:l2fwd_cost", params={"egress": "eth1", "cost_ns": 1000})
+    frame = make_frame()
+    if vectorised:
+        rng = np.random.default_rng(7)
+        mem, pages, offs, lens = random_poll(rng, 30, True)
+        assert prog.batch is not None
+        verdicts = prog.batch(ctx, XdpBatch(mem, pages, offs, lens))
+        n, forwarded = len(pages), int(np.count_nonzero(lens >= 12))
+        assert verdicts.tolist() == [XDP_REDIRECT if n_ >= 12 else XDP_DROP for n_ in lens.tolist()]
+    else:
+        _, data = in_page(frame)
+        assert run(prog, ctx, data) == XDP_REDIRECT and bytes(data) == swapped(frame)
+        assert ctx.redirect_ifindex == IFINDEXES["eth1"]
+        n, forwarded = 1, 1
+    # One read for the deadline, then one per 100 ns step until n x 1000 ns have passed: once per call.
+    assert clock.reads == 1 + n * 1000 // 100
+    assert ms["rxcnt"].values(0) == [forwarded, 0]  # type: ignore[attr-defined]
+
+
+def test_l2fwd_cost_zero_reads_no_clock(loaded: Loader, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = CountingClock(step=100)
+    monkeypatch.setattr(programs, "_now_ns", clock)
+    prog, ctx, _ = loaded("emu.programs:l2fwd_cost", params={"egress": "eth1", "cost_ns": 0})
+    _, data = in_page(make_frame())
+    assert run(prog, ctx, data) == XDP_REDIRECT and clock.reads == 0
+
+
+@pytest.mark.parametrize(
+    ("params", "fragment"),
+    [({"cost_ns": 5}, "params.egress"), ({"egress": "eth1", "cost_ns": -1}, "cost_ns must be an integer >= 0"),
+     ({"egress": "eth1", "cost_ns": 1.5}, "cost_ns must be an integer")],
+)
+def test_l2fwd_cost_setup_errors(loaded: Loader, params: dict, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        loaded("emu.programs:l2fwd_cost", params=params)
+
+
+@pytest.mark.parametrize("name", ["xdp_tx", "l2fwd", "l2fwd_cost", "l2fwd_filter"])
 def test_runt_frames_are_dropped(loaded: Loader, name: str) -> None:
     prog, ctx, _ = loaded(f"emu.programs:{name}", params={"egress": "eth1"})
     _, data = in_page(b"\x01" * 10)
@@ -385,6 +444,7 @@ def random_poll(rng: np.random.Generator, n: int, uniform: bool) -> tuple[np.nda
         ("xdp_pass", {}),
         ("xdp_tx", {}),
         ("l2fwd", {"egress": "eth1"}),
+        ("l2fwd_cost", {"egress": "eth1", "cost_ns": 200}),
         ("l2fwd_map", {"tx_port": {"0": "eth1"}}),
         ("l2fwd_map", {"tx_port": {"1": "eth1"}}),  # slot 0 empty: every lookup misses
     ],

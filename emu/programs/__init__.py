@@ -6,6 +6,9 @@ The bundled topologies name them as ``emu.programs:<name>``:
 ``xdp_pass``    XDP_PASS everything.
 ``xdp_tx``      swap the Ethernet MACs in place and bounce with XDP_TX (``xdp2``, ``xdp-bench tx``).
 ``l2fwd``       swap MACs and ``bpf_redirect`` to ``params.egress`` (``xdp_redirect``).
+``l2fwd_cost``  ``l2fwd`` that also spends ``params.cost_ns`` of CPU per packet (busy work, not a sleep:
+                a program's processing time occupies its CPU), so that processing time can be swept
+                (issue 19: the knob against processing time, Little's law).
 ``l2fwd_map``   the same through the devmap ``tx_port`` (``xdp_redirect_map``), populated from
                 ``params: {tx_port: {0: eth1}}``.
 ``l2fwd_filter`` parse each frame with dpkt, drop UDP/TCP to ``params.deny_ports`` (``xdp-filter``'s
@@ -41,6 +44,7 @@ and one ``pack_into`` on the frame's memoryview, measured faster than slicing an
 from __future__ import annotations
 
 import struct
+import time
 
 import numpy as np
 
@@ -54,6 +58,7 @@ __all__ = [
     "buggy_raise",
     "buggy_slow",
     "l2fwd",
+    "l2fwd_cost",
     "l2fwd_filter",
     "l2fwd_map",
     "xdp_drop",
@@ -156,6 +161,54 @@ def l2fwd(ctx: XdpContext) -> int:
     egress, cnt = ctx.priv
     cnt[0] += 1
     return ctx.redirect(egress)
+
+
+# The clock the busy work reads; a module global so that a test can put a counting clock in its place.
+_now_ns = time.perf_counter_ns
+
+
+def _spin(ns: int) -> None:
+    """Keep this CPU busy for at least `ns` nanoseconds (a loop on the clock, never a sleep: a sleeping
+    worker would free its core, and a program's processing time is time its CPU cannot poll)."""
+    if ns <= 0:
+        return
+    now = _now_ns
+    deadline = now() + ns
+    while now() < deadline:
+        pass
+
+
+# At most a second a packet: more is a typo (and would starve the worker's heartbeat for minutes a poll).
+_COST = ParamSpec("int", "CPU time spent per packet, in nanoseconds (busy work)", default=1000, lo=0,
+                  hi=1_000_000_000)
+
+
+def _cost_of(ctx: XdpContext) -> int:
+    # Read from the params, not cached in ctx.priv: the priv stays exactly l2fwd's, so that the forwarding
+    # is l2fwd's own code; one mapping lookup is noise next to the busy loop it sizes.
+    return ctx.params.get("cost_ns", _COST.default)  # type: ignore[no-any-return]
+
+
+def _l2fwd_cost_setup(ctx: XdpContext) -> None:
+    cost = _cost_of(ctx)
+    if type(cost) is not int or cost < 0:
+        raise ValueError(f"l2fwd_cost: params.cost_ns must be an integer >= 0 (got {cost!r})")
+    _l2fwd_setup(ctx)
+
+
+def _l2fwd_cost_batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
+    # The packets' cost is spent before the forwarding, as in the per-packet body: n x cost_ns per call.
+    _spin(len(pkts) * _cost_of(ctx))
+    return _l2fwd_batch(ctx, pkts)
+
+
+@xdp_program(maps={"rxcnt": MapSpec("percpu_array", 1)}, setup=_l2fwd_cost_setup, batch=_l2fwd_cost_batch,
+             params={"egress": _EGRESS, "cost_ns": _COST})
+def l2fwd_cost(ctx: XdpContext) -> int:
+    """``l2fwd`` that first spends ``params.cost_ns`` of CPU on each packet (a busy loop on the clock, not
+    a sleep; the vectorised form spends n x ``cost_ns`` per call), so that processing time can be swept."""
+    _spin(_cost_of(ctx))
+    return l2fwd(ctx)
 
 
 def _l2fwd_map_setup(ctx: XdpContext) -> None:
