@@ -255,6 +255,35 @@ def test_duration_run_stops_and_accounts() -> None:
     assert r["traffic"]["generated"] > 0
 
 
+def scheduled_l2fwd(schedule: str, count: int | None = None) -> object:
+    text = (TOPO / "l2fwd.yaml").read_text()
+    old = "      pkt_size: 64\n"
+    assert old in text
+    extra = f"      count: {count}\n" if count else ""
+    return validate_topology_text(text.replace(old, f"{old}      schedule: {schedule}\n{extra}"), "l2fwd.yaml")
+
+
+def test_a_schedule_ends_the_run_with_what_its_phases_allow() -> None:
+    """No count: the generator runs its phases once and is done, which ends the run.  The pacer's guarantee
+    bounds what it sent: one burst plus each phase's rate x length (a slow machine sends less, never more);
+    the idle phase sends nothing."""
+    topo = scheduled_l2fwd("[{rate: 20kpps, for: 100ms}, {rate: 0, for: 100ms}, {rate: 5kpps, for: 200ms}]")
+    gen = topo.traffic["gen0"].generate
+    assert gen.count == 0 and gen.schedule == ((20_000, 100_000), (0, 100_000), (5000, 200_000))
+    r = run(topo)
+    assert_clean(r)
+    t = r["traffic"]
+    assert 0 < t["generated"] <= gen.burst + 2000 + 1000
+    assert t["generated"] == t["delivered"]
+
+
+def test_a_count_still_ends_a_scheduled_run() -> None:
+    topo = scheduled_l2fwd("[{rate: 20kpps, for: 60s}, {rate: 0, for: 1s}]")
+    r = run(topo, count=700)
+    assert_clean(r)
+    assert r["traffic"]["generated"] == r["traffic"]["delivered"] == 700
+
+
 def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "emu.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300)

@@ -20,6 +20,7 @@ from emu.net.packets import (
     FrameBatch,
     FrameFactory,
     Pacer,
+    ScheduledPacer,
     SeqTracker,
     bytes_to_mac,
     mac_to_bytes,
@@ -392,6 +393,99 @@ def test_pacer_unlimited() -> None:
         Pacer(-1, 1)
     with pytest.raises(ValueError):
         Pacer(1, 0)
+
+
+def run_schedule(p: ScheduledPacer, clk: FakeClock, step: float, until: float) -> list[tuple[float, int, int]]:
+    """Call `p` every `step` seconds of fake time until `until`: (time, phase, packets granted) per call."""
+    out = []
+    while clk.t < until:
+        n = p.next_burst()
+        out.append((clk.t, p.phase, n))
+        clk.t = round(clk.t + step, 9)
+    return out
+
+
+def test_schedule_phases_follow_the_clock_and_end() -> None:
+    clk = FakeClock()
+    p = ScheduledPacer([(1000, 100_000), (0, 50_000), (4000, 50_000)], burst=10, clock=clk)
+    assert p.phase == -1 and not p.finished and p.rate == 0
+    calls = run_schedule(p, clk, 0.001, 1000.3)
+    by_phase: dict[int, int] = {}
+    for _, phase, n in calls:
+        by_phase[phase] = by_phase.get(phase, 0) + n
+    # Phase 0 (100 ms at 1000 pps, calls at 0..99 ms): the full bucket, then one packet a millisecond;
+    # the 1 earned between the last call (99 ms) and the boundary is kept through the idle phase, which
+    # sends nothing and earns nothing; phase 2 (50 ms at 4000 pps, calls at 150..199 ms) adds 4 a
+    # millisecond for 49 ms.  The 4 earned in its last millisecond are never asked for: at 200 ms the
+    # schedule is over.
+    assert by_phase[0] == 10 + 99
+    assert by_phase[1] == 0
+    assert by_phase[2] == 1 + 4 * 49
+    assert p.finished and by_phase[3] == 0 and p.rate == 0 and p.next_burst() == 0
+    # Boundaries at 100 and 150 ms after the first call, at the calls that reached them.
+    first = {phase: t for t, phase, _ in reversed(calls)}
+    assert first[1] == pytest.approx(1000.1) and first[2] == pytest.approx(1000.15)
+    assert first[3] == pytest.approx(1000.2)
+
+
+def test_schedule_wait_hint_sleeps_through_idle_phases() -> None:
+    clk = FakeClock()
+    p = ScheduledPacer([(0, 20_000), (100, 10_000)], burst=4, clock=clk)
+    assert p.next_burst() == 0 and p.wait_hint() == pytest.approx(0.02)
+    clk.t += 0.02
+    assert p.next_burst() == 4 and p.wait_hint() == pytest.approx(0.01)  # next token in 10 ms = phase end
+    clk.t += 0.011
+    assert p.next_burst() == 0 and p.finished and p.wait_hint() == 1.0
+
+
+def test_schedule_applies_missed_boundaries_at_their_time() -> None:
+    """A caller that sleeps through several phases is granted what their rates allow, no more: the rate of
+    each phase is in force exactly for its length, whenever the boundary is noticed."""
+    clk = FakeClock()
+    p = ScheduledPacer([(1000, 5_000), (2000, 5_000), (0, 5_000), (1000, 30_000)], burst=1000, clock=clk)
+    assert p.next_burst() == 1000  # the bucket starts full
+    clk.t += 0.012  # past the first two phases, into the idle one: earned 5 + 10 packets, no more
+    assert p.next_burst() == 0 and p.phase == 2
+    clk.t += 0.005  # into the last phase: 2 ms at 1000 pps
+    assert p.next_burst() == 15 + 2 and p.phase == 3
+
+
+@given(phases=st.lists(st.tuples(st.sampled_from([0, 1, 500, 20_000]), st.integers(1, 20_000)), min_size=1,
+                       max_size=6),
+       steps=st.lists(st.floats(0, 0.01), min_size=1, max_size=100))
+@settings(max_examples=60, deadline=None)
+def test_schedule_never_exceeds_its_phases(phases: list[tuple[int, int]], steps: list[float]) -> None:
+    clk = FakeClock()
+    burst = 8
+    p = ScheduledPacer(phases, burst, clock=clk)
+    total = 0
+    for dt in steps:
+        total += p.next_burst()
+        clk.t += dt
+    total += p.next_burst()
+    # The guarantee the traffic port documents: a burst plus the phases' rate x length (1e-3: whole ns).
+    assert total <= burst + sum(r * us / 1e6 for r, us in phases) + 1e-3 * len(phases)
+
+
+def test_schedule_refuses_empty_and_bad_phases() -> None:
+    with pytest.raises(ValueError, match="at least one phase"):
+        ScheduledPacer([], 1)
+    with pytest.raises(ValueError, match="length > 0"):
+        ScheduledPacer([(10, 0)], 1)
+    with pytest.raises(ValueError, match="rate must be >= 0"):
+        ScheduledPacer([(-1, 10)], 1)
+
+
+def test_pacer_set_rate_at_a_past_boundary() -> None:
+    clk = FakeClock()
+    p = Pacer(1000, 100, clock=clk)
+    assert p.next_burst() == 100
+    clk.t += 0.010
+    p.set_rate(10_000, at=clk.t - 0.005)  # noticed 5 ms late: 5 ms at 1000 pps, then 5 ms at 10 000
+    assert p.next_burst() == 5 + 50
+    unlimited = Pacer(0, 16, clock=clk)
+    unlimited.set_rate(1000)
+    assert unlimited.next_burst() == 16 and unlimited.next_burst() == 0
 
 
 @pytest.mark.parametrize("size", [62, 64, 94, 95, 128])

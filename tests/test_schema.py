@@ -252,3 +252,61 @@ def test_packets_docstring_lists_the_payload_header_fields_in_order() -> None:
     assert [dt[n].itemsize * 8 for n in dt.names] == [32, 64, 16, 16] and dt.itemsize == 16
     assert np.dtype(dt).isalignedstruct is False
     assert emu.net.packets.PORT_SHIFT == 48 and emu.net.packets.MAX_PORT == 0xFFFF  # the u64 word: port u16 : seq u48
+
+
+# -- generate.schedule -------------------------------------------------------------------------------
+
+SCHEDULED = BASE.replace("  gen0: {generate: {count: 10}}", """\
+  gen0:
+    generate:
+      count: 10
+      schedule:
+        - {rate: 200kpps, for: 2s}
+        - {rate: 0, for: 1s}
+        - {rate: 1.5Mpps, for: 500ms}
+        - {rate: 5000, for: 250us}""")
+
+
+def test_schedule_is_parsed_with_units_and_survives_the_round_trip() -> None:
+    import json
+
+    from emu.topology.model import topology_from_dict
+
+    topo = validate_topology_text(SCHEDULED, "t.yaml")
+    gen = topo.traffic["gen0"].generate
+    assert gen is not None and gen.rate == 0
+    assert gen.schedule == ((200_000, 2_000_000), (0, 1_000_000), (1_500_000, 500_000), (5000, 250))
+    assert topology_from_dict(json.loads(json.dumps(topo.to_dict()))) == topo
+    plain = validate_topology_text(BASE, "t.yaml").traffic["gen0"].generate
+    assert plain is not None and plain.schedule == ()
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "line", "fragment"),
+    [
+        ("      count: 10\n", "      count: 10\n      rate: 1000\n", 20,
+         "gen0: generate: 'rate' and 'schedule' are mutually exclusive"),
+        ("{rate: 200kpps, for: 2s}", "{rate: 200kbps, for: 2s}", 21,
+         "gen0: generate: schedule[0]: rate '200kbps' has an unknown unit 'kbps': use pps, kpps or Mpps"),
+        ("{rate: 200kpps, for: 2s}", "{rate: 0.5pps, for: 2s}", 21, "is not a whole number of packets"),
+        ("{rate: 200kpps, for: 2s}", "{rate: 2000Mpps, for: 2s}", 21, "more than the maximum"),
+        ("{rate: 200kpps, for: 2s}", "{rate: -5, for: 2s}", 21, "must not be negative"),
+        ("{rate: 0, for: 1s}", "{rate: 0, for: 0s}", 22, "schedule[1]: for '0s' must be longer than 0"),
+        ("{rate: 0, for: 1s}", "{rate: 0, for: 1}", 22, "for '1' needs a unit: us, ms or s"),
+        ("{rate: 0, for: 1s}", "{rate: 0, for: 2h}", 22, "unknown unit 'h'"),
+        ("{rate: 0, for: 1s}", "{rate: 0, for: 3601s}", 22, "more than the maximum of 3600s"),
+        ("{rate: 0, for: 1s}", "{rate: 0}", 22, "schedule[1]: missing required key 'for'"),
+        ("{rate: 0, for: 1s}", "{rate: 0, for: 1s, burst: 4}", 22, "unknown key 'burst' (expected one of: rate, for)"),
+        ("{rate: 0, for: 1s}", "[0, 1s]", 22, "schedule[1] must be a mapping, not a list"),
+    ],
+)
+def test_bad_schedules_are_refused_at_their_line(old: str, new: str, line: int, fragment: str) -> None:
+    assert old in SCHEDULED
+    refused(SCHEDULED.replace(old, new, 1), line, fragment)
+
+
+@pytest.mark.parametrize(("value", "fragment"), [("[]", "1 to 1000 phases, not 0"),
+                                                 ("200kpps", "must be a list of phases")])
+def test_schedule_that_is_no_list_of_phases_is_refused(value: str, fragment: str) -> None:
+    text = BASE.replace("  gen0: {generate: {count: 10}}", f"  gen0: {{generate: {{schedule: {value}}}}}")
+    refused(text, 17, fragment)

@@ -1,16 +1,17 @@
 """A traffic port: pktgen on one end of a link, and a verifying sink for whatever comes back.
 
 A port with ``generate`` sends real Ethernet/IPv4/UDP frames (pktgen's knobs: count, rate in pps,
-pkt_size, flows, burst) whose payload carries a sequence number and a CRC; every port checks every frame
+pkt_size, flows, burst; or, instead of one rate, a ``schedule`` of phases of rate and length, paced by
+`emu.net.packets.ScheduledPacer`) whose payload carries a sequence number and a CRC; every port checks every frame
 it receives (magic, length, CRC) and tracks sequence numbers, so a page reused before its TX completion,
 a frame written into the wrong page or a duplicate shows up as ``corrupted`` or ``duplicates``.  Frames
 travel as batches (a burst per message, or several back-to-back bursts when unpaced), never one message
 per packet.
 
 Generation waits for the coordinator's START, so the first packet leaves only when every device and CPU
-is ready, and stops at QUIESCE or after `count` packets.  A full link (the device paused it) makes the
-generator wait: packets are counted as generated once they are handed to the link, and at most one
-batch waits for a paused link.
+is ready, and stops at QUIESCE, after `count` packets or at the end of its schedule, whichever comes
+first.  A full link (the device paused it) makes the generator wait: packets are counted as generated
+once they are handed to the link, and at most one batch waits for a paused link.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import zmq
 from emu.net import doorbell, wire
 from emu.net.link import LinkReceiver, LinkSender
 from emu.net.netem import LinkShaper
-from emu.net.packets import FrameBatch, FrameFactory, Pacer, SeqTracker, verify_batch
+from emu.net.packets import FrameBatch, FrameFactory, Pacer, ScheduledPacer, SeqTracker, verify_batch
 from emu.net.protocol import CMD, LINK_BATCH, LINK_DOWN_BIT, OFFLINE, OFFLINE_ACK, Cmd, ProcState
 from emu.net.shmring import IDLE_POLL_MS, MsgRing
 from emu.net.sockets import LINK_HWM, new_context, pull, push
@@ -59,7 +60,8 @@ class TrafficPort:
         self.factory = None
         if gen is not None:
             self.factory = FrameFactory(gen.pkt_size, gen.flows, gen.src_mac, gen.dst_mac, port=gen.port_id)
-            self.pacer = Pacer(gen.rate, gen.burst)
+            self.pacer: Pacer | ScheduledPacer = (
+                ScheduledPacer(gen.schedule, gen.burst) if gen.schedule else Pacer(gen.rate, gen.burst))
         self.seq = 0
 
     def receive(self) -> int:
@@ -115,7 +117,7 @@ class TrafficPort:
         n = min(self.pacer.next_burst(), left)
         if n <= 0:
             return 0
-        if not self.gen.rate:
+        if not self.gen.rate and not self.gen.schedule:
             # Unpaced: back-to-back bursts share one link message (up to LINK_BATCH frames), as pktgen's
             # bursts share one doorbell; paced, every burst leaves on its own schedule.
             n = min(left, max(n, LINK_BATCH // n * n))
@@ -161,7 +163,8 @@ class TrafficPort:
             if self.tx.backlog:
                 self.tx.flush()
             if generating and Cmd.START <= cmd < Cmd.QUIESCE:
-                if self.count and self.seq >= self.count:
+                if (self.count and self.seq >= self.count) or (
+                        isinstance(self.pacer, ScheduledPacer) and self.pacer.finished):
                     generating = False
                     self.row.set_state(ProcState.DONE)
                 else:

@@ -765,8 +765,9 @@ class Pacer:
     def _now_ns(self) -> int:
         return int(self._clock() * _NS)
 
-    def _refill(self) -> None:
-        now = self._now_ns()
+    def _refill(self, now: int | None = None) -> None:
+        if now is None:
+            now = self._now_ns()
         elapsed = now - self._last
         if elapsed > 0:  # a clock that steps back (a test's, say) must not drain the bucket
             self._credit = min(self._cap, self._credit + elapsed * self.rate)
@@ -789,3 +790,99 @@ class Pacer:
         self._refill()
         deficit = _NS - self._credit
         return 0.0 if deficit <= 0 else deficit / self.rate / _NS
+
+    def set_rate(self, rate_pps: int, at: float | None = None) -> None:
+        """From clock time `at` (default now) on, pace at `rate_pps`: the credit earned until `at` is
+        earned at the old rate, so a change applied late (the caller noticed the boundary after it
+        passed) grants no more than the rates in force allow.  The bound of the class holds across
+        changes: over an interval, at most ``burst`` plus the integral of the rate."""
+        if rate_pps < 0:
+            raise ValueError(f"rate_pps must be >= 0 (0 = unlimited), got {rate_pps}")
+        if self.rate:
+            self._refill(self._now_ns() if at is None else int(at * _NS))
+        else:
+            self._credit = self._cap  # unlimited until now: the bucket is full
+        self.rate = rate_pps
+
+    def pause(self, at: float) -> None:
+        """Earn credit at the current rate until clock time `at`, then none until `resume`."""
+        if self.rate:
+            self._refill(int(at * _NS))
+
+    def resume(self, rate_pps: int, at: float) -> None:
+        """Pace at `rate_pps` from clock time `at`, having earned nothing since `pause`."""
+        self._last = max(self._last, int(at * _NS))
+        self.rate = rate_pps
+
+
+class ScheduledPacer:
+    """A generator's traffic schedule (``generate.schedule``): phases of ``(rate_pps, duration_us)``, run
+    once in order from the first call after START.
+
+    A phase with a rate paces through one `Pacer` whose rate changes at each boundary (`Pacer.set_rate`
+    applied at the boundary's time, however late the caller notices it), so the token-bucket bound
+    carries across phases: over the whole schedule at most ``burst`` plus the sum of ``rate x length``
+    of its phases (the bucket earns nothing while idle, so an idle phase does not buy an extra burst).
+    A phase of rate 0 is idle: nothing is sent.  After the last phase `finished` is true and nothing
+    more is sent: the generator is done, as when its `count` is reached (to run a pattern longer, repeat
+    its phases).  `clock` is injectable for tests, as `Pacer`'s is.
+    """
+
+    def __init__(self, phases: Sequence[tuple[int, int]], burst: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not phases:
+            raise ValueError("a schedule needs at least one phase")
+        for rate, us in phases:
+            if rate < 0 or us <= 0:
+                raise ValueError(f"phase ({rate}, {us}): rate must be >= 0 and length > 0")
+        self.phases = tuple((int(r), int(us)) for r, us in phases)
+        self._clock = clock
+        self._pacer = Pacer(max(self.phases[0][0], 1), burst, clock)
+        self.phase = -1  # index of the current phase; -1 before the first call, len(phases) when finished
+        self._end = 0.0  # clock time at which the current phase ends
+
+    @property
+    def finished(self) -> bool:
+        return self.phase >= len(self.phases)
+
+    @property
+    def rate(self) -> int:
+        """The current phase's rate (0 when idle, not started or finished)."""
+        return self.phases[self.phase][0] if 0 <= self.phase < len(self.phases) else 0
+
+    def _advance(self) -> None:
+        """Move to the phase the clock is in, applying every boundary passed at its own time."""
+        now = self._clock()
+        if self.phase < 0:
+            self.phase, self._end = 0, now + self.phases[0][1] / 1e6
+            if self.phases[0][0]:
+                self._pacer.resume(self.phases[0][0], now)
+        while not self.finished and now >= self._end:
+            at, old = self._end, self.rate
+            self.phase += 1
+            if self.finished:
+                return
+            rate, us = self.phases[self.phase]
+            self._end = at + us / 1e6
+            if old and rate:
+                self._pacer.set_rate(rate, at)
+            elif old:
+                self._pacer.pause(at)
+            elif rate:
+                self._pacer.resume(rate, at)
+
+    def next_burst(self, limit: int | None = None) -> int:
+        """How many packets may go now (0 while idle and once finished)."""
+        self._advance()
+        if not self.rate:
+            return 0
+        return self._pacer.next_burst(limit)
+
+    def wait_hint(self) -> float:
+        """Seconds until a packet may be due: the pacer's wait, or the end of an idle phase."""
+        self._advance()
+        if self.finished:
+            return 1.0
+        until_end = max(0.0, self._end - self._clock())
+        return until_end if not self.rate else min(until_end, self._pacer.wait_hint())
+

@@ -104,15 +104,17 @@ def signal_name(code: int) -> str:
 
 
 def generators_done(topo: Topology, count: int | None, done: Callable[[str], bool]) -> bool:
-    """Whether every cabled generator has sent its count (`count` overrides the topology's); False while
-    any runs without one.  `done(name)` says whether that generator has finished."""
+    """Whether every cabled generator has sent its count (`count` overrides the topology's) or run its
+    schedule to the end; False while any runs without either.  `done(name)` says whether that generator
+    has finished."""
     gens = [n for n, p in topo.traffic.items()
             if p.generate is not None and topo.peer_of(Endpoint("traffic", None, n)) is not None]
     if not gens:
         return False
     for n in gens:
-        if not (count if count is not None else topo.traffic[n].generate.count):
-            return False
+        gen = topo.traffic[n].generate
+        if not (count if count is not None else gen.count) and not gen.schedule:
+            return False  # runs until stopped (a schedule ends by itself, a count of 0 does not)
         if not done(n):
             return False
     return True

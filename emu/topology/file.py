@@ -51,7 +51,15 @@ from emu.topology.model import (
     TrafficPort,
     XdpConfig,
 )
-from emu.topology.schema import MAX_ALIAS_EXPANSION, MAX_DEVICES, SECTIONS, Key
+from emu.topology.schema import (
+    MAX_ALIAS_EXPANSION,
+    MAX_DEVICES,
+    MAX_PHASE_US,
+    MAX_PHASES,
+    MAX_RATE_PPS,
+    SECTIONS,
+    Key,
+)
 from emu.xdp.bpfmaps import MapError, populate
 from emu.xdp.context import Program, load_program
 from emu.xdp.runtime import ifindex_resolver, scratch_maps
@@ -197,7 +205,7 @@ def _split_quantity(text: str, form: str) -> tuple[Decimal, str]:
     return Decimal(m["num"]), m["unit"].lower()
 
 
-def _parse_duration_us(text: str) -> int:
+def _parse_duration_us(text: str, max_us: int = MAX_LINK_DELAY_US) -> int:
     number, unit = _split_quantity(text, "a duration such as 5ms, 200us or 1.5s")
     if not unit:
         raise ValueError("needs a unit: us, ms or s")
@@ -206,9 +214,32 @@ def _parse_duration_us(text: str) -> int:
     us = number * _TIME_UNITS[unit]
     if us != us.to_integral_value():
         raise ValueError("is not a whole number of microseconds")
-    if us > MAX_LINK_DELAY_US:
-        raise ValueError(f"is more than the maximum of {MAX_LINK_DELAY_US // 1_000_000}s")
+    if us > max_us:
+        raise ValueError(f"is more than the maximum of {max_us // 1_000_000}s")
     return int(us)
+
+
+def _parse_phase_us(text: str) -> int:
+    us = _parse_duration_us(text, MAX_PHASE_US)
+    if us == 0:
+        raise ValueError("must be longer than 0 (leave the phase out instead)")
+    return us
+
+
+_PKT_RATE_UNITS = {"pps": 1, "kpps": 10**3, "mpps": 10**6}
+
+
+def _parse_pkt_rate(text: str) -> int:
+    """A generator phase's rate: a plain integer (packets per second) or a number with pps/kpps/Mpps."""
+    number, unit = _split_quantity(text, "a packet rate such as 200kpps, 1.5Mpps or 5000")
+    if unit and unit not in _PKT_RATE_UNITS:
+        raise ValueError(f"has an unknown unit '{unit}': use pps, kpps or Mpps (or none: packets per second)")
+    pps = number * _PKT_RATE_UNITS.get(unit, 1)
+    if pps != pps.to_integral_value():
+        raise ValueError("is not a whole number of packets per second")
+    if pps > MAX_RATE_PPS:
+        raise ValueError(f"is more than the maximum of {MAX_RATE_PPS:,} packets per second")
+    return int(pps)
 
 
 def _parse_percent(text: str) -> float:
@@ -257,6 +288,8 @@ class _Quantity:
 _DURATION = _Quantity("a duration such as 5ms, 200us or 1.5s", _parse_duration_us, 0)
 _PERCENT = _Quantity("a percentage such as 0.1% or 5%", _parse_percent, 0.0)
 _BIT_RATE = _Quantity("a bit rate such as 100mbit, 1gbit or 64000bit", _parse_bit_rate, 0)
+_PHASE_FOR = _Quantity("a duration such as 500ms or 2s", _parse_phase_us, None)
+_PKT_RATE = _Quantity("a packet rate such as 200kpps, 1.5Mpps or 5000", _parse_pkt_rate, None)
 
 
 class _Fields:
@@ -966,15 +999,38 @@ class _Validator:
                 f"{f.pfx}'pkt_size' {pkt_size} does not fit {pages} "
                 f"(max {max_pkt} = page_size - {XDP_PACKET_HEADROOM} bytes of XDP headroom)",
             )
+        schedule = self.schedule(f)
+        if schedule and f.given("rate") is not None:
+            self.fail(f.items["rate"][0], f"{f.pfx}'rate' and 'schedule' are mutually exclusive: the schedule "
+                      "gives each phase its rate")
         return {
             "count": f.schema_int(GENERATE["count"]),
             "rate": f.schema_int(GENERATE["rate"]),
+            "schedule": schedule,
             "pkt_size": pkt_size,
             "flows": f.schema_int(GENERATE["flows"]),
             "burst": f.schema_int(GENERATE["burst"]),
             "src_mac": f.mac("src_mac"),
             "dst_mac": f.mac("dst_mac"),
         }
+
+    def schedule(self, f: _Fields) -> tuple[tuple[int, int], ...]:
+        """``generate.schedule``: (rate in pps, length in us) per phase; () when absent."""
+        node = f.given("schedule")
+        if node is None:
+            return ()
+        if not isinstance(node, SequenceNode):
+            self.fail(node, f"{f.pfx}'schedule' must be a list of phases {{rate: R, for: D}}, not {_describe(node)}")
+        if not 1 <= len(node.value) <= MAX_PHASES:
+            self.fail(node, f"{f.pfx}'schedule' must have 1 to {MAX_PHASES} phases, not {len(node.value)}")
+        phases = []
+        for i, item in enumerate(node.value):
+            where = f"{f.where}: schedule[{i}]"
+            phase = _Fields(self, item, what=where, where=where, owner_line=_line(item), allowed=("rate", "for"))
+            phase.require("rate")
+            phase.require("for")
+            phases.append((phase.quantity("rate", _PKT_RATE), phase.quantity("for", _PHASE_FOR)))
+        return tuple(phases)
 
     def generators(
         self,

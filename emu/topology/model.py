@@ -243,6 +243,9 @@ class GeneratorConfig:
     # The port's number in its topology (0-based, in file order): frames carry it, so that a sink hearing
     # several generators counts each one's sequence numbers apart (emu.net.packets).
     port_id: int = 0
+    # `generate.schedule`: phases of (rate in pps, length in us), run once in order; empty = constant
+    # `rate`.  A rate of 0 in a phase is idle (not "unlimited" as `rate: 0` is).
+    schedule: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +315,7 @@ class Topology:
                         "src_mac": port.generate.src_mac,
                         "dst_mac": port.generate.dst_mac,
                         "port_id": port.generate.port_id,
+                        "schedule": [list(phase) for phase in port.generate.schedule],
                     },
                     "line": port.line,
                 }
@@ -392,7 +396,7 @@ def topology_from_dict(d: Mapping[str, Any]) -> Topology:
         if g is not None:
             gen = GeneratorConfig(
                 g["count"], g["rate"], g["pkt_size"], g["flows"], g["burst"], g["src_mac"], g["dst_mac"],
-                g.get("port_id", 0),
+                g.get("port_id", 0), tuple((int(r), int(us)) for r, us in g.get("schedule", ())),
             )
         traffic[name] = TrafficPort(td["name"], gen, td["line"])
     return Topology(
