@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 from procs import ROOT, segments_of, start_cli, wait_for
+from test_faults import STALL, end_with_frames_awaiting_completion
 
 from emu.mem.page import PageState
 from emu.mem.pagepool import (
@@ -45,10 +46,6 @@ hosts:
     cpus: 1
     devices:
       eth0: {ifindex: 2}
-traffic:
-  gen0: {generate: {count: 10}}
-links:
-  - endpoints: [gen0, "h1:eth0"]
 """
 
 
@@ -205,18 +202,8 @@ def test_emu_pools_lists_a_running_runs_pools_and_their_counters_grow() -> None:
     assert gone.returncode == 1 and f"run {p.pid} is not in progress" in gone.stderr
 
 
-STUCK = """
-name: stuck
-hosts:
-  h1:
-    cpus: 1
-    devices:
-      eth0: {ifindex: 2, tx_completion_us: 10000000, xdp: {program: "emu.programs:xdp_tx"}}
-traffic:
-  t0: {generate: {count: 500, burst: 50, rate: 2000}}
-links:
-  - endpoints: [t0, "h1:eth0"]
-"""
+# test_faults' stall, its TX completions as far away as a topology allows (10 s).
+STUCK = STALL.replace("tx_completion_us: 3000000", "tx_completion_us: 10000000")
 
 
 @pytest.mark.slow
@@ -226,17 +213,8 @@ def test_pool_destroyed_with_pages_in_flight_stays_listed_detached(monkeypatch) 
     detached, with its in-flight count: live (`emu pools` before the run's segments go) and in the
     report, whose audit counts the leak (made on purpose: not a fault for the reliability summary)."""
     monkeypatch.setattr(coordinator, "SHUTDOWN_TIMEOUT", 2.0)
-    run = Run(validate_topology_text(STUCK, "stuck.yaml"), RunOptions(quiet=True))
-    try:
-        run.prepare()
-        run.start()
-        pm = run.pms["h1"]
-        wait_for(lambda: int((pm.state == PageState.TX_INFLIGHT).sum()) >= 100, "frames awaiting TX completion")
-        report = run.end(settle=False)
-        live = pools.live_pools(pools.LiveRun(run.prefix, os.getpid(), ("h1",)))
-    finally:
-        run.abort()
-        run.cleanup()
+    report, live = end_with_frames_awaiting_completion(
+        STUCK, lambda run: pools.live_pools(pools.LiveRun(run.prefix, os.getpid(), ("h1",))))
     (pool,) = report["page_pools"]
     out = report["pages"]["total"] - report["pages"]["by_state"]["free"]
     assert pool["inflight"] == out >= 100 and pool["inflight-mem"] == out * 4096
