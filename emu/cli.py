@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_topology(val)
     val.add_argument("--json", action="store_true", help="print the parsed topology as JSON")
     sub.add_parser("clean", help="remove shared memory left by runs whose coordinator was killed")
+    pools = sub.add_parser("pools", help="show the page pools of a run in progress, as `ynl --family netdev "
+                           "--dump page-pool-get` and `page-pool-stats-get` show them")
+    pools.add_argument("run", nargs="?", metavar="RUN",
+                       help="the pid of its `emu run` / `emu host`, or its segment prefix (needed when "
+                       "several runs are in progress)")
+    pools.add_argument("--json", action="store_true", help="print the pools as one JSON list, as `ynl "
+                       "--output-json` does")
     sweep = sub.add_parser("sweep", help="run a topology over a grid of its keys; write a CSV, plots and a report")
     sweep.add_argument("spec", help="experiment file (README: Sweeps)")
     sweep.add_argument("--out", required=True, metavar="DIR",
@@ -286,9 +293,41 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pools(args: argparse.Namespace) -> int:
+    """``emu pools [--json] [RUN]``: the run's page pools (`emu.run.pools`).
+
+    Exit status as ``ynl`` and ``ip`` have it: an empty dump is no error, so with no run in progress
+    ``--json`` prints ``[]`` and exits 0 (a script polls it like ``ynl --dump``); the text form, read by
+    a person, says so on stderr and exits 1, as ``ip link show dev X`` does for a missing device.  A RUN
+    that is not in progress is that missing device in both forms (1); several runs in progress and no
+    RUN is ambiguous input (2), naming them."""
+    from emu.run import pools
+
+    runs = pools.find_runs()
+    chosen = pools.select_runs(runs, args.run)
+    if not chosen:
+        if args.run is None and args.json:
+            print("[]")
+            return 0
+        what = f"run {args.run} is not" if args.run is not None else "no run is"
+        print(f"emu: {what} in progress on this machine", file=sys.stderr)
+        return 1
+    if len(chosen) > 1:
+        names = ", ".join(f"{r.prefix} (pid {r.pid})" for r in chosen)
+        print(f"emu: {len(chosen)} runs are in progress: name one (emu pools PID): {names}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    run = chosen[0]
+    found = pools.live_pools(run)
+    if args.json:
+        print(json.dumps([p for _, p in found]))
+    else:
+        print(pools.dump_text(run, found))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "coordinator": cmd_coordinator, "host": cmd_host, "keys": cmd_keys, "clean": cmd_clean,
-    "validate": cmd_validate, "sweep": cmd_sweep,
+    "validate": cmd_validate, "sweep": cmd_sweep, "pools": cmd_pools,
 }
 
 

@@ -16,7 +16,9 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import msgpack
 import numpy as np
@@ -35,6 +37,7 @@ from emu.run.coordinator import Run, RunOptions
 from emu.topology.file import load_topology, validate_topology_text
 
 pytestmark = pytest.mark.slow
+T = TypeVar("T")
 
 
 def wait_running(p: subprocess.Popen) -> list[int]:
@@ -394,20 +397,27 @@ links:
 """
 
 
-def test_teardown_with_pages_in_flight_warns_then_exits_cleanly(reliability) -> None:
-    """Bring the device down while its TX completions are 3 s away: the shutdown retries and prints the
-    kernel's stalled-pool warning with the in-flight count until the completions land, then exits with
-    every page home."""
-    run = Run(validate_topology_text(STALL, "stall.yaml"), RunOptions(quiet=True))
+def end_with_frames_awaiting_completion(text: str, look: Callable[[Run], T] | None = None) -> tuple[dict, T | None]:
+    """Run topology `text` (STALL's shape) until 100 frames await TX completion on h1, then end it without
+    settling; returns its report and what `look(run)` saw of the run after its end, before its cleanup."""
+    run = Run(validate_topology_text(text, "stall.yaml"), RunOptions(quiet=True))
     try:
         run.prepare()
         run.start()
         pm = run.pms["h1"]
         wait_for(lambda: int((pm.state == PageState.TX_INFLIGHT).sum()) >= 100, "frames awaiting TX completion")
         report = run.end(settle=False)
+        return report, None if look is None else look(run)
     finally:
         run.abort()
         run.cleanup()
+
+
+def test_teardown_with_pages_in_flight_warns_then_exits_cleanly(reliability) -> None:
+    """Bring the device down while its TX completions are 3 s away: the shutdown retries and prints the
+    kernel's stalled-pool warning with the in-flight count until the completions land, then exits with
+    every page home."""
+    report, _ = end_with_frames_awaiting_completion(STALL)
     reliability("teardown with pages in flight", report)
     assert report["stalled_shutdown"], report["events"]
     assert "page_pool_release_retry() stalled pool shutdown: id h1/cpu0" in report["stalled_shutdown"][0]

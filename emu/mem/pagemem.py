@@ -45,7 +45,7 @@ from emu.mem.shm import SHM_DIR, Segment, ShmSpaceError, shm_free_bytes
 from emu.net.protocol import NO_HOLDER
 
 MAGIC = 0x50504D31  # "PPM1"
-LAYOUT_VERSION = 2  # 2: the allocator's low-water mark (H_FREE_LOW)
+LAYOUT_VERSION = 3  # 2: the allocator's low-water mark (H_FREE_LOW); 3: 16 pool words (netlink view)
 HEADER_BYTES = 4096
 
 

@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -156,7 +157,14 @@ C = {name: i for i, name in enumerate(POOL_COUNTERS)}
 # Pool control words (int64, `PageMemory.pool_ctl[cpu]`), written by this module and read by the audit:
 # cache count, ring head (consumer), ring tail (producer), owner pid.
 P_CACHE_COUNT, P_RING_HEAD, P_RING_TAIL, P_OWNER_PID = 0, 1, 2, 3
-P_WORDS = 8
+# What the kernel keeps for the netlink view of a pool (``pool->user.id``, ``pool->slow.netdev``,
+# ``pool->p.napi``, ``pool->user.detach_time``; `emu.run.pools` shows them): the pool's id, the ifindex
+# and NAPI id it serves (0: none), written once by `page_pool_list` before any worker runs; the
+# CLOCK_BOOTTIME second at which `drain` (``page_pool_destroy``) found pages still in flight (0: never),
+# and whether the pool was destroyed at all (a destroyed pool with nothing in flight is freed and, in the
+# kernel, no longer listed).  In shared memory, so that a process outside the run can read them.
+P_ID, P_IFINDEX, P_NAPI_ID, P_DETACH_TIME, P_DESTROYED = 4, 5, 6, 7, 8
+P_WORDS = 16
 
 
 def pool_regions(ncpus: int, params: PoolParams) -> list[tuple[str, np.dtype, tuple[int, int]]]:
@@ -623,7 +631,20 @@ class PagePool:
         cache_ids = self.cache[:have].copy()
         self.ctl[P_CACHE_COUNT] = 0
         page_pool_return_page(self.pm, np.concatenate((cache_ids, ring_ids)), self.cpu)
-        return self.inflight
+        left = self.inflight
+        # page_pool_destroy -> page_pool_detached: pages still out keep the pool listed, detached, with
+        # the time of its first destroy (a pool is destroyed once; reclaim drains it again, later).
+        if left and not self.ctl[P_DETACH_TIME] and not self.ctl[P_DESTROYED]:
+            self.ctl[P_DETACH_TIME] = max(1, int(time.clock_gettime(time.CLOCK_BOOTTIME)))
+        self.ctl[P_DESTROYED] = 1
+        return left
+
+
+def page_pool_list(pm: PageMemory, cpu: int, pool_id: int, ifindex: int, napi_id: int) -> None:
+    """``page_pool_list``: give CPU `cpu`'s pool its netlink identity (its id, and the ifindex and NAPI
+    id of what it serves, 0 for none) before any process uses it."""
+    ctl = pm.pool_ctl[cpu]
+    ctl[P_ID], ctl[P_IFINDEX], ctl[P_NAPI_ID] = pool_id, ifindex, napi_id
 
 
 def pool_of(pm: PageMemory, cpu: int, owner: bool = False) -> PagePool:

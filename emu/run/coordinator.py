@@ -45,7 +45,7 @@ from emu.mem.pagepool import PoolParams
 from emu.mem.shm import SHM_DIR, ShmSpaceError, new_run_prefix, shm_free_bytes, sweep_stale, unlink_prefix
 from emu.net.protocol import DEVICE_BIT, LINK_DOWN_BIT, Cmd, ProcState, device_code
 from emu.net.shmring import RING_BYTES, MsgRing
-from emu.run import launch
+from emu.run import launch, pools
 from emu.run import report as rep
 from emu.run.process import ProcSpec, read_last_words
 from emu.run.procname import process_name
@@ -250,10 +250,14 @@ class Run(Console):
         self.check_space()
         self.run_dir = tempfile.mkdtemp(prefix=f"{self.prefix}-")
         rows: list[tuple[str, str]] = []
+        ids = pools.pool_identities(self.topo.hosts.values())
         for hname, host in self.topo.hosts.items():
-            self.pms[hname] = PageMemory.create(
+            pm = self.pms[hname] = PageMemory.create(
                 f"{self.prefix}-{hname}", host.pages, host.page_size, host.cpus, pool_params(host)
             )
+            for c in range(host.cpus):  # the pools' netlink identities (`emu.run.pools`)
+                ident = ids[(hname, c)]
+                pagepool.page_pool_list(pm, c, ident.id, ident.ifindex, ident.napi_id)
             rows += [("cpu", f"{hname}/cpu{c}") for c in range(host.cpus)]
             rows += [("device", f"{hname}/{d}") for d in host.devices]
         rows += [("traffic", name) for name in self.topo.traffic]

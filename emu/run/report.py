@@ -22,6 +22,7 @@ import numpy as np
 from emu.mem.page import IN_USE_STATES, PageState
 from emu.mem.pagepool import POOL_COUNTERS, POOL_STATS, C
 from emu.net.protocol import CONTROL
+from emu.run import pools
 from emu.run.stats import StatsTable
 
 if TYPE_CHECKING:
@@ -189,12 +190,16 @@ class HostPages:
     ring: list[int]  # pages in each CPU's recycle ring
     allocated_hwm: int
     audit: Audit
+    # The pools' control words (their netlink identity and detach time: `emu.run.pools`) and page size.
+    pool_ctl: np.ndarray | None = None
+    page_size: int = 0
 
     @classmethod
     def of(cls, pm: PageMemory, audit: Audit) -> HostPages:
         ctl = pm.pool_ctl
         return cls(pm.pool_counters.copy(), [int(ctl[c][0]) for c in range(pm.ncpus)],
-                   [int(ctl[c][2] - ctl[c][1]) for c in range(pm.ncpus)], pm.allocated_hwm, audit)
+                   [int(ctl[c][2] - ctl[c][1]) for c in range(pm.ncpus)], pm.allocated_hwm, audit,
+                   ctl.copy(), pm.page_size)
 
 
 @dataclass(frozen=True)
@@ -329,7 +334,7 @@ class RunRecord:
 def _host_sections(r: RunRecord) -> dict[str, Any]:
     """cpus, devices, pages, violations and maps of a run on this machine, from its page memories."""
     final = r.final
-    cpus, devices = [], []
+    cpus, devices, page_pools = [], [], []
     viol = {"foreign_cache_return": 0, "recycled_before_tx_completion": 0, "double_free": 0, "leaked": 0,
             "stale_generation": 0, "bad_descriptors": 0, "bad_messages": 0}
     pages = {"total": 0, "accounted": 0, "in_flight": 0, "allocated_hwm": 0, "by_state": {},
@@ -340,6 +345,8 @@ def _host_sections(r: RunRecord) -> dict[str, Any]:
         for c in range(host.cpus):
             row = final.rows[f"{hname}/cpu{c}"]
             pool = _pool_report(hp.pool_counters[c], hp.cached[c], hp.ring[c])
+            if hp.pool_ctl is not None:
+                page_pools.append(pools.netlink_pool(hp.pool_counters[c], hp.pool_ctl[c], hp.page_size))
             cpus.append({
                 "host": hname,
                 "cpu": c,
@@ -373,9 +380,9 @@ def _host_sections(r: RunRecord) -> dict[str, Any]:
         viol["leaked"] += audit.total - audit.by_state[PageState.FREE.name.lower()]
     for p in final.keys("traffic"):
         viol["bad_messages"] += final.rows[p]["bad_messages"]
-    return {"cpus": cpus, "devices": devices, "pages": pages, "violations": viol, "maps": dict(r.maps),
-            "events": list(r.events), "dead_processes": sorted(r.dead), "failures": list(r.failures),
-            "processes": dict(r.processes), "stalled_shutdown": list(r.stalled)}
+    return {"cpus": cpus, "devices": devices, "page_pools": page_pools, "pages": pages, "violations": viol,
+            "maps": dict(r.maps), "events": list(r.events), "dead_processes": sorted(r.dead),
+            "failures": list(r.failures), "processes": dict(r.processes), "stalled_shutdown": list(r.stalled)}
 
 
 def _merged_sections(r: RunRecord, parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -393,8 +400,10 @@ def _merged_sections(r: RunRecord, parts: dict[str, dict[str, Any]]) -> dict[str
     processes = dict(r.processes)
     stalled = list(r.stalled)
     pages["samples"] = _merge_samples([part["pages"].get("samples", {}) for part in parts.values()])
+    page_pools: list[dict[str, int]] = []
     for hname, part in parts.items():
         cpus += part["cpus"]
+        page_pools += part.get("page_pools", [])
         devices += part["devices"]
         p = part["pages"]
         for k in ("total", "accounted", "in_flight", "allocated_hwm", "audits"):
@@ -410,8 +419,10 @@ def _merged_sections(r: RunRecord, parts: dict[str, dict[str, Any]]) -> dict[str
         failures += [dict(f, host=hname) for f in part.get("failures", [])]
         processes.update(part.get("processes", {}))
         stalled += part["stalled_shutdown"]
-    return {"cpus": cpus, "devices": devices, "pages": pages, "violations": viol, "maps": maps,
-            "events": events, "dead_processes": sorted(dead), "failures": failures, "processes": processes,
+    # Each host numbered its own pools from 1: numbered again in host order, unique across hosts.
+    return {"cpus": cpus, "devices": devices, "page_pools": pools.renumbered(page_pools), "pages": pages,
+            "violations": viol, "maps": maps, "events": events, "dead_processes": sorted(dead),
+            "failures": failures, "processes": processes,
             "stalled_shutdown": stalled}
 
 
@@ -426,6 +437,7 @@ def build_report(r: RunRecord) -> dict[str, Any]:
         **_headline(r.topology.name, r.final, traffic, r.elapsed, r.first_packet_s),
         "cpus": sections["cpus"],
         "devices": sections["devices"],
+        "page_pools": sections["page_pools"],
         "pages": sections["pages"],
         "violations": sections["violations"],
         "traffic": traffic,
