@@ -205,18 +205,22 @@ def _split_quantity(text: str, form: str) -> tuple[Decimal, str]:
     return Decimal(m["num"]), m["unit"].lower()
 
 
+def _whole(value: Decimal, unit: str, maximum: int, maximum_text: str) -> int:
+    """A scaled quantity as an int of `unit`s: refused when it is not whole or past `maximum`."""
+    if value != value.to_integral_value():
+        raise ValueError(f"is not a whole number of {unit}")
+    if value > maximum:
+        raise ValueError(f"is more than the maximum of {maximum_text}")
+    return int(value)
+
+
 def _parse_duration_us(text: str, max_us: int = MAX_LINK_DELAY_US) -> int:
     number, unit = _split_quantity(text, "a duration such as 5ms, 200us or 1.5s")
     if not unit:
         raise ValueError("needs a unit: us, ms or s")
     if unit not in _TIME_UNITS:
         raise ValueError(f"has an unknown unit '{unit}': use us, ms or s (or usec, msec, sec)")
-    us = number * _TIME_UNITS[unit]
-    if us != us.to_integral_value():
-        raise ValueError("is not a whole number of microseconds")
-    if us > max_us:
-        raise ValueError(f"is more than the maximum of {max_us // 1_000_000}s")
-    return int(us)
+    return _whole(number * _TIME_UNITS[unit], "microseconds", max_us, f"{max_us // 1_000_000}s")
 
 
 def _parse_phase_us(text: str) -> int:
@@ -235,11 +239,7 @@ def _parse_pkt_rate(text: str) -> int:
     if unit and unit not in _PKT_RATE_UNITS:
         raise ValueError(f"has an unknown unit '{unit}': use pps, kpps or Mpps (or none: packets per second)")
     pps = number * _PKT_RATE_UNITS.get(unit, 1)
-    if pps != pps.to_integral_value():
-        raise ValueError("is not a whole number of packets per second")
-    if pps > MAX_RATE_PPS:
-        raise ValueError(f"is more than the maximum of {MAX_RATE_PPS:,} packets per second")
-    return int(pps)
+    return _whole(pps, "packets per second", MAX_RATE_PPS, f"{MAX_RATE_PPS:,} packets per second")
 
 
 def _parse_percent(text: str) -> float:
@@ -271,11 +271,7 @@ def _parse_bit_rate(text: str) -> int:
     bps = number * _RATE_UNITS[unit]
     if bps == 0:
         raise ValueError("must be more than 0 (leave 'rate' out for an unlimited link)")
-    if bps != bps.to_integral_value():
-        raise ValueError("is not a whole number of bits per second")
-    if bps > MAX_LINK_RATE_BPS:
-        raise ValueError(f"is more than the maximum of {MAX_LINK_RATE_BPS // 10**12}tbit")
-    return int(bps)
+    return _whole(bps, "bits per second", MAX_LINK_RATE_BPS, f"{MAX_LINK_RATE_BPS // 10**12}tbit")
 
 
 @dataclass(frozen=True, slots=True)
