@@ -86,6 +86,25 @@ def test_l2fwd_delivers_every_packet() -> None:
     assert rxcnt["sum"] == 20_000 and all(rxcnt["cpus"])
 
 
+def test_l2fwd_adaptive_pool_policy() -> None:
+    """``pool.policy: adaptive``: the pools keep at most their measured watermark; every packet and every
+    page is still accounted, and each CPU's pool row shows the watermark it reached."""
+    text = (TOPO / "l2fwd.yaml").read_text()
+    assert "pool: {pool_size: 4096}" in text
+    topo = validate_topology_text(text.replace("pool: {pool_size: 4096}", "pool: {pool_size: 4096, policy: adaptive}"),
+                                  "l2fwd.yaml")
+    r = run(topo, count=20_000)
+    assert_clean(r)
+    t = r["traffic"]
+    assert t["generated"] == t["delivered"] == 20_000
+    for c in r["cpus"]:
+        pp = c["page_pool"]
+        assert pp["watermark"] > topo.hosts["h1"].pool.refill, pp  # measured: the RX ring's pages at least
+        # Every page the pool took from the allocator went back: released past the watermark, or at the end.
+        assert pp["hold_cnt"] == pp["release_cnt"] >= pp["recycle_hard_limit"]
+    assert "watermark" in summary(r)
+
+
 def test_l2fwd_per_packet_programs_forward_the_same() -> None:
     """``vectorised: false``: the CPUs call the program once per packet (bpf_prog_run_xdp), with the
     same counters and the same verified frames as its vectorised form."""

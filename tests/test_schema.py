@@ -310,3 +310,27 @@ def test_bad_schedules_are_refused_at_their_line(old: str, new: str, line: int, 
 def test_schedule_that_is_no_list_of_phases_is_refused(value: str, fragment: str) -> None:
     text = BASE.replace("  gen0: {generate: {count: 10}}", f"  gen0: {{generate: {{schedule: {value}}}}}")
     refused(text, 17, fragment)
+
+
+def test_pool_policy_unknown() -> None:
+    e = refused(BASE.replace("pool: {recycle_limit: 0}", "pool: {recycle_limit: 0, policy: lifo}"), 6,
+                "h1: pool: 'policy' must be 'fixed' or 'adaptive', not 'lifo'")
+    assert str(e).startswith("t.yaml:6:"), str(e)
+
+
+def test_pool_policy_adaptive_with_a_recycle_limit() -> None:
+    e = refused(BASE.replace("pool: {recycle_limit: 0}", "pool: {recycle_limit: 100, policy: adaptive}"), 6,
+                "'policy: adaptive' sets its own limit (the watermark): 'recycle_limit' must be 0, not 100")
+    assert str(e).startswith("t.yaml:6:"), str(e)
+
+
+def test_pool_policy_adaptive_accepted_and_kept() -> None:
+    from emu.run.coordinator import pool_params
+    from emu.topology.model import topology_from_dict
+
+    topo = validate_topology_text(BASE.replace("pool: {recycle_limit: 0}", "pool: {policy: adaptive}"), "t.yaml")
+    assert topo.hosts["h1"].pool.policy == "adaptive"
+    assert topology_from_dict(topo.to_dict()).hosts["h1"].pool.policy == "adaptive"
+    assert pool_params(topo.hosts["h1"]).policy == "adaptive"
+    fixed = validate_topology_text(BASE, "t.yaml")
+    assert fixed.hosts["h1"].pool.policy == "fixed" and pool_params(fixed.hosts["h1"]).policy == "fixed"

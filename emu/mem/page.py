@@ -73,6 +73,9 @@ H_EXTRA_REFS = 10
 # and the fewest pages it ever held (its low-water mark): npages minus it is the most pages that were ever
 # out at once, which bounds the page memory any process of the host can have touched.
 H_FREE_LOW = 11
+# The pools' recycling policy (`PoolParams.policy`, its index in `POOL_POLICIES`: 0 fixed, 1 adaptive),
+# written once at creation like the other `PoolParams` words.
+H_POLICY = 12
 H_WORDS = 16
 # Locks on the meta segment: 0 is the page allocator, 1 + cpu is that CPU's recycle ring.
 ALLOCATOR_LOCK = 0

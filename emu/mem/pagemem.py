@@ -34,18 +34,20 @@ from emu.mem.page import (
     H_NCPUS,
     H_NPAGES,
     H_PAGE_SIZE,
+    H_POLICY,
     H_REFILL,
     H_RING,
     H_VERSION,
     H_WORDS,
     NO_OWNER,
 )
-from emu.mem.pagepool import PoolParams, pool_regions
+from emu.mem.pagepool import POOL_POLICIES, PoolParams, pool_regions
 from emu.mem.shm import SHM_DIR, Segment, ShmSpaceError, shm_free_bytes
 from emu.net.protocol import NO_HOLDER
 
 MAGIC = 0x50504D31  # "PPM1"
-LAYOUT_VERSION = 3  # 2: the allocator's low-water mark (H_FREE_LOW); 3: 16 pool words (netlink view)
+LAYOUT_VERSION = 4  # 2: the allocator's low-water mark (H_FREE_LOW); 3: 16 pool words (netlink view);
+# 4: the pools' recycling policy (H_POLICY) and the adaptive watermark's pool words
 HEADER_BYTES = 4096
 
 
@@ -212,6 +214,7 @@ class PageMemory:
         h[H_NPAGES], h[H_PAGE_SIZE], h[H_NCPUS] = npages, page_size, ncpus
         h[H_CACHE], h[H_REFILL] = params.cache_size, params.refill
         h[H_RING], h[H_LIMIT] = params.pool_size, params.recycle_limit
+        h[H_POLICY] = POOL_POLICIES.index(params.policy)
         pm = cls(prefix, data, meta, layout)
         pm.owner[:] = NO_OWNER
         pm.holder[:] = NO_HOLDER
@@ -229,7 +232,11 @@ class PageMemory:
         h = meta.array(np.int64, H_WORDS, 0)
         if int(h[H_MAGIC]) != MAGIC or int(h[H_VERSION]) != LAYOUT_VERSION:
             raise ValueError(f"shared-memory segment {meta.name!r} is not a pagepool-emu page table")
-        params = PoolParams(int(h[H_CACHE]), int(h[H_REFILL]), int(h[H_RING]), int(h[H_LIMIT]))
+        policy = int(h[H_POLICY])
+        if not 0 <= policy < len(POOL_POLICIES):
+            raise ValueError(f"shared-memory segment {meta.name!r} names an unknown pool policy {policy}")
+        params = PoolParams(int(h[H_CACHE]), int(h[H_REFILL]), int(h[H_RING]), int(h[H_LIMIT]),
+                            POOL_POLICIES[policy])
         layout = Layout(int(h[H_NPAGES]), int(h[H_PAGE_SIZE]), int(h[H_NCPUS]), params)
         del h
         data = Segment.attach(f"{prefix}-data")

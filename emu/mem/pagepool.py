@@ -32,6 +32,53 @@ and never reaches a structure.  Refused pages stay with the caller, so nothing i
 pool does not have (its ring size is the only bound): once the cache and ring together keep that many
 pages, returned pages go back to the page allocator (`recycle_hard_limit`).
 
+The recycling policy (`PoolParams.policy`, ``hosts.<h>.pool.policy``) decides how many returned pages
+a pool keeps:
+
+* ``fixed`` (the default): the ring of `pool_size` and, when set, the hard limit `recycle_limit` above,
+  the knob Alexei proposed in the discussion this project comes from.
+* ``adaptive``: a high watermark ``W`` derived at run time from steady-state measurements of the pages in
+  flight, as Jesper proposed ("dynamically determined by the same method proposed for determining the
+  steady-state criteria"), so that there is no knob to set (``recycle_limit`` must be 0).
+
+The adaptive watermark.  The measured quantity is ``u`` = ``hold_cnt - release_cnt - (cache + ring)``:
+the pages of this pool out in use (posted for RX, in XDP, queued or in flight for TX, held by skbs).  It
+leaves out the pages the pool keeps, so keeping more can never raise the watermark.  The owner takes one
+sample per `alloc` call that reaches a ring refill or the slow path and one per direct-recycle batch
+(`recycle_direct`), never per page, and runs Jacobson/Karels' estimator (RFC 6298's SRTT/RTTVAR, the
+deviation first, from the previous mean)::
+
+    dev  += (|u - mean| - dev) / 4        # beta  = 1/4: WM_DEV_SHIFT
+    mean += (u - mean) / 8                # alpha = 1/8: WM_MEAN_SHIFT
+    W     = ceil(mean + 4 * dev) + refill # K = 4: WM_K
+
+(the first sample sets ``mean = u``, ``dev = u / 2``, as RFC 6298 starts RTTVAR), with one change,
+Linux's (``tcp_rtt_estimator``, after Eifel): while the load falls (``u < mean``) the deviation grows
+eight times slower.  Plain RFC 6298 reads a step down in load as a swing and widens the margin: in
+test_pagepool_adaptive's load change (twelve batches in flight, then one) it took the watermark from 209
+to 371 pages 16 samples after the step; with the change it only falls.  Why these: the mean of
+the pages in use is the steady-state demand (Little's law: rate x time a page is out); the mean deviation
+is a cheap, integer-only measure of how far the demand swings between samples, and ``mean + 4 dev`` covers
+nearly every swing (as it covers the RTT's, without assuming a distribution); the extra `refill` is one
+bulk of slack so that the pool can always serve the next refill from what it keeps.  The time constants,
+8 samples for the mean and 4 for the deviation, make the watermark follow a change of load within about
+8 refills (a step in the mean is 1 - (7/8)^8 = 66 % followed after 8 samples, 88 % after 16), while one
+odd batch moves it by an eighth only; the deviation reacts faster, so a load that starts to swing (or
+rise) widens the margin before the mean has moved.  A large step down is also seen as swing for a while,
+so the watermark, four deviations above the mean, halves in about twice the mean's time (some 30 samples
+in the test's step from 192 pages in use to 16).  The state lives in the pool's control words (`P_WATERMARK`,
+`P_U_MEAN`, `P_U_DEV` in 1/`WM_SCALE` pages, `P_U_SAMPLES`) as integers (shifts, no floats), so any
+process sees it; `stats` shows ``W`` as ``watermark`` (0: not measured yet, which means no limit).
+
+The watermark bounds the pages the pool holds (in use and kept: ``hold_cnt - release_cnt``): of `n`
+pages returning to the cache or the ring, at most ``max(W - inflight + n, refill - kept)`` are kept (the
+second term: a pool always keeps one refill's worth, so a load that comes back finds pages), the rest go
+back to the page allocator, counted in `recycle_hard_limit` as the fixed limit's are.  At each sample the
+owner also trims its cache toward ``W`` (down to one refill kept at least), those pages counted the same
+way.  Known gap: a CPU that goes idle takes no samples, so its pool keeps what it had until its next
+batch, when it trims; a non-owner's `put` checks the watermark against counters the owner changes
+concurrently, so it is exact only when the pool is quiet (as the fixed limit's check is).
+
 Allocation semantics per page, as in ``page_pool_alloc_netmems``: served from the cache
 (`alloc_fast`); else the cache is refilled from the ring and that refill serves the page
 (`alloc_refill`; `alloc_empty` when the ring was empty); else the slow path bulk-allocates and serves
@@ -111,6 +158,7 @@ class PoolParams:
     refill: int = 64  # PP_ALLOC_CACHE_REFILL
     pool_size: int = 1024  # ptr_ring size; 0 means 1024, at most 16384 (page_pool_init)
     recycle_limit: int = 0  # hard limit on recyclable pages kept (cache + ring); 0 = none
+    policy: str = "fixed"  # `POOL_POLICIES`: "fixed" (recycle_limit) or "adaptive" (the watermark)
 
     def normalised(self) -> PoolParams:
         size = self.pool_size or 1024
@@ -122,7 +170,16 @@ class PoolParams:
             raise ValueError(f"refill must be 1..cache_size ({self.cache_size}), not {self.refill}")
         if self.recycle_limit < 0:
             raise ValueError(f"recycle_limit must be >= 0, not {self.recycle_limit}")
-        return PoolParams(self.cache_size, self.refill, size, self.recycle_limit)
+        if self.policy not in POOL_POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POOL_POLICIES)}, not {self.policy!r}")
+        if self.policy == "adaptive" and self.recycle_limit:
+            raise ValueError(f"policy 'adaptive' sets its own limit: recycle_limit must be 0, not {self.recycle_limit}")
+        return PoolParams(self.cache_size, self.refill, size, self.recycle_limit, self.policy)
+
+
+# The recycling policies (`PoolParams.policy`; the page memory's header stores the index): "fixed" keeps at
+# most `recycle_limit` pages (0: as many as cache and ring hold), "adaptive" at most the watermark.
+POOL_POLICIES = ("fixed", "adaptive")
 
 
 # Per-pool counters (int64).  The first eleven are the kernel's `page_pool_stats` names; the rest are the
@@ -143,7 +200,7 @@ POOL_STATS = (
 )
 POOL_ACCOUNTING = ("hold_cnt", "release_cnt")
 POOL_EXTRA = (
-    "recycle_hard_limit",  # returned pages released because the pool already keeps recycle_limit pages
+    "recycle_hard_limit",  # pages released past recycle_limit (fixed) or the watermark (adaptive)
     "alloc_failed",  # the page allocator had no page left (the driver's rx_alloc_fail)
     "double_free",
     "stale_generation",
@@ -164,7 +221,14 @@ P_CACHE_COUNT, P_RING_HEAD, P_RING_TAIL, P_OWNER_PID = 0, 1, 2, 3
 # and whether the pool was destroyed at all (a destroyed pool with nothing in flight is freed and, in the
 # kernel, no longer listed).  In shared memory, so that a process outside the run can read them.
 P_ID, P_IFINDEX, P_NAPI_ID, P_DETACH_TIME, P_DESTROYED = 4, 5, 6, 7, 8
+# The adaptive policy's state, written by the owner only (see "The adaptive watermark" above): the
+# watermark W (0: not measured yet, no limit), the mean and mean deviation of the pages out in use, in
+# 1/`WM_SCALE` pages, and the number of samples taken.
+P_WATERMARK, P_U_MEAN, P_U_DEV, P_U_SAMPLES = 9, 10, 11, 12
 P_WORDS = 16
+# The estimator's constants (RFC 6298's alpha = 1/8, beta = 1/4, K = 4) and fixed point.
+WM_MEAN_SHIFT, WM_DEV_SHIFT, WM_K, WM_SCALE_SHIFT = 3, 2, 4, 8
+WM_SCALE = 1 << WM_SCALE_SHIFT
 
 
 def pool_regions(ncpus: int, params: PoolParams) -> list[tuple[str, np.dtype, tuple[int, int]]]:
@@ -225,6 +289,7 @@ class PagePool:
         self.refill = pm.params.refill
         self.ring_size = pm.params.pool_size
         self.limit = pm.params.recycle_limit
+        self.adaptive = pm.params.policy == "adaptive"
         self.ring_lock = 1 + cpu
         if owner:
             pid = os.getpid()
@@ -253,7 +318,14 @@ class PagePool:
         out["inflight"] = out["hold_cnt"] - out["release_cnt"]
         out["cached"] = self.cache_count
         out["ring"] = self.ring_count
+        if self.adaptive:
+            out["watermark"] = self.watermark
         return out
+
+    @property
+    def watermark(self) -> int:
+        """The adaptive policy's watermark ``W`` (0: not measured yet, no limit; always 0 for fixed)."""
+        return int(self.ctl[P_WATERMARK])
 
     # -- allocation (owner only) ------------------------------------------------------------------
 
@@ -302,6 +374,8 @@ class PagePool:
             parts.append(self.cache[have - 1 : have].astype(np.intp))
             self.ctl[P_CACHE_COUNT] = have - 1
             want -= 1
+        if self.adaptive:
+            self._measure()
         if not parts:
             return np.empty(0, dtype=np.intp)
         ids = parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -527,6 +601,48 @@ class PagePool:
             ids = self._cache_put(ids)
             if len(ids):
                 self._ring_put(ids)
+        if self.adaptive:
+            self._measure()
+
+    # -- the adaptive watermark (see the module's docstring) --------------------------------------
+
+    def _measure(self) -> None:
+        """One sample of the pages out in use (owner only): update the estimator and ``W``, then trim
+        the cache toward ``W``."""
+        ctl = self.ctl
+        inflight = self.inflight
+        cache = int(ctl[P_CACHE_COUNT])
+        kept = cache + self.ring_count
+        u = max(0, inflight - kept) << WM_SCALE_SHIFT
+        if ctl[P_U_SAMPLES]:
+            mean, dev = int(ctl[P_U_MEAN]), int(ctl[P_U_DEV])
+            err = u - mean
+            step = abs(err) - dev
+            if err < 0 < step:
+                # A falling load: the deviation grows WM_MEAN_SHIFT times slower (Linux's
+                # tcp_rtt_estimator, after Eifel), or the margin would swell as the demand drops.
+                step >>= WM_MEAN_SHIFT
+            dev += step >> WM_DEV_SHIFT
+            mean += err >> WM_MEAN_SHIFT
+        else:
+            mean, dev = u, u >> 1
+        wm = -(-(mean + WM_K * dev) >> WM_SCALE_SHIFT) + self.refill
+        ctl[P_U_MEAN], ctl[P_U_DEV], ctl[P_WATERMARK] = mean, dev, wm
+        ctl[P_U_SAMPLES] += 1
+        trim = min(cache, inflight - wm, kept - self.refill)
+        if trim > 0:
+            ids = self.cache[cache - trim : cache].copy()
+            ctl[P_CACHE_COUNT] = cache - trim
+            self.cnt[C["recycle_hard_limit"]] += trim
+            page_pool_return_page(self.pm, ids, self.cpu)
+
+    def _keep_room(self, n: int) -> int:
+        """Of `n` pages returning, how many the watermark lets the pool keep."""
+        wm = int(self.ctl[P_WATERMARK])
+        if not wm:
+            return n
+        kept = int(self.ctl[P_CACHE_COUNT]) + self.ring_count
+        return max(0, wm - self.inflight + n, self.refill - kept)
 
     def recycle_direct_if_valid(self, ids: np.ndarray, gens: np.ndarray, expect: int) -> int | None:
         """`recycle_direct` for the common case, checked once: when every page is this pool's own, in
@@ -551,6 +667,8 @@ class PagePool:
         room = self.cache_size - have
         if self.limit:
             room = min(room, max(0, self.limit - have - self.ring_count))
+        elif self.adaptive:
+            room = min(room, self._keep_room(len(ids)))
         k = min(room, len(ids))
         if k:
             head = ids[:k]
@@ -592,6 +710,9 @@ class PagePool:
         k = fits
         if self.limit:
             k = min(k, max(0, self.limit - (tail - head) - int(self.ctl[P_CACHE_COUNT])))
+            self.cnt[C["recycle_hard_limit"]] += fits - k
+        elif self.adaptive:
+            k = min(k, self._keep_room(n))
             self.cnt[C["recycle_hard_limit"]] += fits - k
         if k:
             put = ids[:k]

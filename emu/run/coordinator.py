@@ -149,7 +149,7 @@ def ring_pairs(host: HostConfig) -> list[tuple[str, str]]:
 
 def pool_params(host: HostConfig) -> PoolParams:
     p = host.pool
-    return PoolParams(p.cache_size, p.refill, p.pool_size, p.recycle_limit)
+    return PoolParams(p.cache_size, p.refill, p.pool_size, p.recycle_limit, p.policy)
 
 
 class Console:

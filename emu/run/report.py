@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from emu.mem.page import IN_USE_STATES, PageState
-from emu.mem.pagepool import POOL_COUNTERS, POOL_STATS, C
+from emu.mem.pagepool import P_WATERMARK, POOL_COUNTERS, POOL_STATS, C
 from emu.net.protocol import CONTROL
 from emu.run import pools
 from emu.run.stats import StatsTable
@@ -193,13 +193,14 @@ class HostPages:
     # The pools' control words (their netlink identity and detach time: `emu.run.pools`) and page size.
     pool_ctl: np.ndarray | None = None
     page_size: int = 0
+    policy: str = "fixed"  # the pools' recycling policy: an adaptive pool's row shows its watermark
 
     @classmethod
     def of(cls, pm: PageMemory, audit: Audit) -> HostPages:
         ctl = pm.pool_ctl
         return cls(pm.pool_counters.copy(), [int(ctl[c][0]) for c in range(pm.ncpus)],
                    [int(ctl[c][2] - ctl[c][1]) for c in range(pm.ncpus)], pm.allocated_hwm, audit,
-                   ctl.copy(), pm.page_size)
+                   ctl.copy(), pm.page_size, pm.params.policy)
 
 
 @dataclass(frozen=True)
@@ -345,6 +346,8 @@ def _host_sections(r: RunRecord) -> dict[str, Any]:
         for c in range(host.cpus):
             row = final.rows[f"{hname}/cpu{c}"]
             pool = _pool_report(hp.pool_counters[c], hp.cached[c], hp.ring[c])
+            if hp.policy == "adaptive" and hp.pool_ctl is not None:
+                pool["watermark"] = int(hp.pool_ctl[c][P_WATERMARK])
             if hp.pool_ctl is not None:
                 page_pools.append(pools.netlink_pool(hp.pool_counters[c], hp.pool_ctl[c], hp.page_size))
             cpus.append({
@@ -485,7 +488,8 @@ def summary(r: dict[str, Any]) -> str:
             + (f"  tx_ring_waits {waits:,}" if waits else "")
         )
         pp = c["page_pool"]
-        out.append("      page_pool " + "  ".join(f"{k} {pp[k]:,}" for k in POOL_STATS if pp[k]))
+        out.append("      page_pool " + "  ".join(f"{k} {pp[k]:,}" for k in POOL_STATS if pp[k])
+                   + (f"  watermark {pp['watermark']:,}" if "watermark" in pp else ""))
     for d in r["devices"]:
         out.append(
             f"  {d['host']}:{d['name']:<8} RX packets {d['rx_packets']:,} bytes {d['rx_bytes']:,} dropped "

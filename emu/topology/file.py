@@ -668,7 +668,14 @@ class _Validator:
             self.fail(refill_node, f"{f.pfx}'refill' ({refill}) must not exceed 'cache_size' ({cache_size})")
         pool_size = f.schema_int(POOL["pool_size"]) or PoolConfig().pool_size
         recycle_limit = f.schema_int(POOL["recycle_limit"])
-        return PoolConfig(cache_size, refill, pool_size, recycle_limit)
+        key = POOL["policy"]
+        policy = f.choice(key.name, key.choices, key.default)
+        if policy == "adaptive" and recycle_limit:
+            node = f.get("policy")
+            assert node is not None
+            self.fail(node, f"{f.pfx}'policy: adaptive' sets its own limit (the watermark): "
+                                       f"'recycle_limit' must be 0, not {recycle_limit}")
+        return PoolConfig(cache_size, refill, pool_size, recycle_limit, policy)
 
     def devices(self, host: str, host_index: int, cpus: int, hf: _Fields) -> dict[str, DeviceConfig]:
         node = hf.require("devices")

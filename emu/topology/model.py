@@ -91,6 +91,7 @@ class PoolConfig:
     refill: int = PP_ALLOC_CACHE_REFILL
     pool_size: int = PP_DEFAULT_RING_SIZE
     recycle_limit: int = 0
+    policy: str = "fixed"  # `emu.mem.pagepool.POOL_POLICIES`
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +166,7 @@ class HostConfig:
                 "refill": self.pool.refill,
                 "pool_size": self.pool.pool_size,
                 "recycle_limit": self.pool.recycle_limit,
+                "policy": self.pool.policy,
             },
             "devices": {name: _device_to_dict(dev) for name, dev in self.devices.items()},
             "line": self.line,
@@ -381,7 +383,8 @@ def host_from_dict(d: Mapping[str, Any]) -> HostConfig:
         redirect_bulk=d["redirect_bulk"],
         tx_bulk=d["tx_bulk"],
         stack_cpu=d["stack_cpu"],
-        pool=PoolConfig(pool["cache_size"], pool["refill"], pool["pool_size"], pool["recycle_limit"]),
+        pool=PoolConfig(pool["cache_size"], pool["refill"], pool["pool_size"], pool["recycle_limit"],
+                        pool.get("policy", "fixed")),
         devices=devices,
         line=d["line"],
     )

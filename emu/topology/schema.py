@@ -244,6 +244,12 @@ POOL = Section("pool", "`hosts.<host>.pool`", (
         "Hard limit on recyclable pages the pool keeps (cache + ring); `0` = no limit. A pool never keeps "
         f"more pages than its host has, so the bound is the largest `pages` ({MAX_PAGES}).",
         0, 0, MAX_PAGES, kernel="(emulator knob)"),
+    Key("policy", "choice",
+        "Recycling policy: `fixed` = keep what the ring (`pool_size`) and `recycle_limit` allow; `adaptive` "
+        "= keep at most a high watermark measured at run time (mean + 4 × mean deviation of the pages out "
+        "in use, plus one `refill`; `emu.mem.pagepool`), shown as `watermark` in the report's pool rows. "
+        "`adaptive` requires `recycle_limit: 0` (see Constraints).", "fixed",
+        choices=("fixed", "adaptive"), kernel="(emulator policy)"),
 ))
 
 DEVICE = Section("device", "`hosts.<host>.devices.<dev>`", (
@@ -364,6 +370,7 @@ CONSTRAINTS: tuple[Constraint, ...] = (
                "`pool.cache_size`: every RX ring full while every CPU's alloc cache is full "
                "(`emu.topology.schema.min_pages`). Fewer pages strand a queue that can never be refilled."),
     Constraint("refill", "`pool.refill` ≤ `pool.cache_size` (the pool moves `refill` pages into an empty cache)."),
+    Constraint("policy", "`pool.policy: adaptive` takes `pool.recycle_limit: 0` (the watermark is the limit)."),
     Constraint("stack_cpu", "`stack_cpu` and every `rx_cpus` entry name a CPU of the host (0..`cpus`-1); "
                "`rx_cpus` has one entry per RX queue, `cpu_affinity` one per CPU."),
     Constraint("ifindex", "`ifindex` is unique within a host; a device whose ifindex is above 65535 (or on the "
