@@ -128,7 +128,7 @@ class TimedRun:
         class _Timed(Run):
             def __init__(self, *a, **k) -> None:
                 super().__init__(*a, **k)
-                self.marks = {"created": self.created}
+                self.marks = {"created": time.monotonic()}
 
             def prepare(self) -> None:
                 super().prepare()

@@ -174,8 +174,7 @@ def _options(args: argparse.Namespace, topo):
         opts.count = None
         topo = _unbounded(topo)
     if opts.count is None and args.duration is None:
-        unbounded = [n for n, p in topo.traffic.items() if p.generate is not None and not p.generate.count
-                     and not p.generate.schedule]
+        unbounded = [n for n, p in topo.traffic.items() if p.generate is not None and not p.generate.ends()]
         if unbounded:
             opts.out.write(f"generators {', '.join(unbounded)} have no count: running until Ctrl-C\n")
     return opts, topo

@@ -133,8 +133,7 @@ class Device:
                     break
                 core.dispatch(msg)
                 work += 1
-            if not core.down:
-                work += core.receive()
+            work += core.receive()
             work += core.transmit()
             if self.tx.backlog:
                 self.tx.flush()

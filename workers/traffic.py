@@ -163,8 +163,7 @@ class TrafficPort:
             if self.tx.backlog:
                 self.tx.flush()
             if generating and Cmd.START <= cmd < Cmd.QUIESCE:
-                if (self.count and self.seq >= self.count) or (
-                        isinstance(self.pacer, ScheduledPacer) and self.pacer.finished):
+                if (self.count and self.seq >= self.count) or self.pacer.finished:
                     generating = False
                     self.row.set_state(ProcState.DONE)
                 else:

@@ -433,7 +433,6 @@ class Cluster(Console):
             parts={s.name: s.report for s in self.slots.values() if s.live and s.report is not None},
             events=list(self.events),
             processes={"coordinator": os.getpid()},
-            lost=final.lost,
             hosts_lost=lost_hosts,
             control_refused=self.gatekeeper.refused if self.gatekeeper is not None else 0,
             bad_control_messages=self.bad_messages,

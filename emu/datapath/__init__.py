@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, MutableSequence
 
+from emu.mem.page import PageState
 from emu.mem.pagemem import PageMemory, PageSpans
 
 
@@ -27,3 +28,9 @@ class Core:
         self.ps = pm.page_size
         self.data2d = pm.data.reshape(pm.npages, self.ps)
         self.spans = PageSpans(self.data2d)
+
+    def refused(self, n: int, expect: PageState, why: str = "") -> None:
+        """Count `n` descriptors refused for not naming a page in state `expect` (`why`: what else makes one
+        invalid here) and say so once per state."""
+        self.c[self.i["bad_descriptors"]] += n
+        self.warn_once(f"bad{expect}", f"refused descriptors not in state {expect.name}{why}")

@@ -53,7 +53,20 @@ from emu.mem.pagepool import (
     xdp_xmit_queue,
 )
 from emu.net import wire
-from emu.net.protocol import CPU_KINDS, DEVICE_BIT, REFILL_MIN, device_code, refill_batch
+from emu.net.protocol import (
+    CPU_KINDS,
+    DEVICE_BIT,
+    POST,
+    REFILL_MIN,
+    RX,
+    RXRET,
+    SKB,
+    TXC,
+    TXDROP,
+    XMIT,
+    device_code,
+    refill_batch,
+)
 from emu.xdp.context import (
     XDP_ABORTED,
     XDP_DROP,
@@ -75,6 +88,8 @@ POLLS_PER_FLUSH = 16
 # Passes in a row waiting on full TX queues, with completions still coming in, before `tx_resync`
 # checks the page table anyway.
 TX_RESYNC_WAITS = 64
+# What else makes a descriptor handed to a CPU invalid, in its one warning.
+_REFUSED_WHY = " (or stale, foreign or named twice)"
 
 
 class Outbox(Protocol):
@@ -213,7 +228,7 @@ class NapiCore(Core):
             self.c[self.i["bad_messages"]] += 1
             self.warn_once("badmsg", f"refused a message: {exc}")
             return
-        if kind == "rx":
+        if kind == RX:
             rxq = self.rxqs.get((hdr.get("dev"), hdr.get("q")))
             if rxq is None:
                 self.c[self.i["bad_messages"]] += 1
@@ -224,37 +239,32 @@ class NapiCore(Core):
             ok = check_descs(self.pm, d, PageState.RX_POSTED, owner=self.cpu, unique=True)
             if ok is not None:
                 d = d[ok]
-                self._refused(n - len(d), PageState.RX_POSTED)
+                self.refused(n - len(d), PageState.RX_POSTED, _REFUSED_WHY)
             # A completed descriptor keeps its ring slot until NAPI processes it (see napi_poll); only
             # refused ones free theirs now.  So the pool lends out no more than the ring holds.
             rxq.posted -= n - len(d)
             if len(d):
                 xdp_prepare_buff(self.pm, d["page"], self.cpu)
                 rxq.pending.append(d)
-        elif kind == "rxret":
+        elif kind == RXRET:
             # Posted buffers a device hands back at ndo_stop; screened like any return, so a forged one
             # naming pages in flight moves nothing.
             rxq = self.rxqs.get((hdr.get("dev"), hdr.get("q")))
             n = self._return(d, PageState.RX_POSTED)
             if rxq is not None:
                 rxq.posted -= n
-        elif kind == "txc":
+        elif kind == TXC:
             # xdp_return_frame_bulk: another pool's pages go back tx_bulk (16) per ring-lock round trip.
             self.c[self.i["tx_completions"]] += self._return(d, PageState.TX_INFLIGHT, bulk=self.tx_bulk_size)
             self._tx_reaped(hdr, len(d))
-        elif kind == "txdrop":
+        elif kind == TXDROP:
             what = "xdp_tx_full" if hdr.get("kind") == "tx" else "xmit_drops"
             self.c[self.i[what]] += self._return(d, PageState.TX_QUEUED)
             self._tx_reaped(hdr, len(d))
-        elif kind == "skb":
+        elif kind == SKB:
             n = self._return(d, PageState.SKB)
             self.c[self.i["stack_rx"]] += n
             self.c[self.i["skb_remote_free"]] += n
-
-    def _refused(self, n: int, expect: PageState) -> None:
-        self.c[self.i["bad_descriptors"]] += n
-        self.warn_once(f"bad{expect}", f"refused descriptors not in state {expect.name} (or stale, foreign or "
-                                       f"named twice)")
 
     def _return(self, d: np.ndarray, expect: PageState, bulk: int | None = None) -> int:
         """Return pages a peer handed back to whichever pools own them; returns how many were valid.
@@ -269,7 +279,7 @@ class NapiCore(Core):
             return n
         ok = check_descs(pm, d, expect)
         if ok is not None:
-            self._refused(len(d) - int(np.count_nonzero(ok)), expect)
+            self.refused(len(d) - int(np.count_nonzero(ok)), expect, _REFUSED_WHY)
             d = d[ok]
             ids = d["page"]
         remote = int(np.count_nonzero(pm.owner.take(ids) != self.cpu))
@@ -563,22 +573,17 @@ class NapiCore(Core):
             groups = [(int(ifx), pages[targets == ifx]) for ifx in np.unique(targets)]
         for ifindex, ids in groups:
             t = self.targets.get(ifindex)
-            if t is not None and t.down:
-                # The target device is gone (-ENETDOWN): the frame is freed, counted as a redirect error.
-                self.c[self.i["redirect_err"]] += len(ids)
-                self.pool.recycle_direct(ids, errors="count", expect=PageState.XDP)
-            elif t is None:
-                # bpf_redirect to an ifindex this host does not have: the kernel drops it (-ENODEV).
-                self.c[self.i["redirect_err"]] += len(ids)
-                self.warn_once(f"noif{ifindex}", f"redirect to unknown ifindex {ifindex} (redirect_err)")
-                self.pool.recycle_direct(ids, errors="count", expect=PageState.XDP)
-            elif t.xdp_xmit:
+            if t is not None and not t.down and t.xdp_xmit:
                 self.tx_bulk.setdefault((t.name, "redirect"), []).append(ids)
                 self.bulked[t.name] = self.bulked.get(t.name, 0) + len(ids)
-            elif t.fallback == "skb":
+            elif t is not None and not t.down and t.fallback == "skb":
                 self.redirect_skb(t, ids)
             else:
-                # __xdp_enqueue: no NETDEV_XDP_ACT_NDO_XMIT -> -EOPNOTSUPP, the driver frees the frame.
+                # The kernel frees the frame and counts a redirect error: -ENODEV for an ifindex this host
+                # does not have, -ENETDOWN for a device that is gone, -EOPNOTSUPP (__xdp_enqueue) for one
+                # without ndo_xdp_xmit.
+                if t is None:
+                    self.warn_once(f"noif{ifindex}", f"redirect to unknown ifindex {ifindex} (redirect_err)")
                 self.c[self.i["redirect_err"]] += len(ids)
                 self.pool.recycle_direct(ids, errors="count", expect=PageState.XDP)
 
@@ -602,7 +607,7 @@ class NapiCore(Core):
                 t = self.by_name[dev]
                 xdp_xmit_queue(self.pm, ids, device_code(t.index))
                 hdr = {"txq": self.cpu % t.tx_queues, "cpu": self.cpu, "kind": kind}
-                self.send_descs(dev, "xmit", hdr, ids)
+                self.send_descs(dev, XMIT, hdr, ids)
                 if t.own_txq:
                     t.tx_used += len(ids)
             self.tx_bulk.clear()
@@ -615,7 +620,7 @@ class NapiCore(Core):
             ids = np.concatenate(self.skb_remote)
             self.skb_remote.clear()
             page_hand_over(self.pm, ids, self.stack_cpu)
-            self.send_descs(self.stack_cpu, "skb", {"cpu": self.cpu}, ids)
+            self.send_descs(self.stack_cpu, SKB, {"cpu": self.cpu}, ids)
 
     def refill(self) -> None:
         """Keep every bound RX ring full of pages from this CPU's pool (the driver's RX refill).  Called
@@ -638,7 +643,7 @@ class NapiCore(Core):
         """Ring the RX doorbells: the buffers refilled during this pass go to their devices."""
         for (dev, q), parts in self.posts.items():
             ids = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            self.send_descs(dev, "post", {"q": q, "cpu": self.cpu}, ids)
+            self.send_descs(dev, POST, {"q": q, "cpu": self.cpu}, ids)
         self.posts.clear()
 
     def apply_offline(self, mask: int) -> None:

@@ -41,12 +41,26 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from emu.datapath import Core
-from emu.mem.page import DESC_DTYPE, PageState, concat_descs, descs_from_bytes
+from emu.mem.page import DESC_DTYPE, PageState, concat_descs, descs, descs_from_bytes
 from emu.mem.pagemem import PageMemory
 from emu.mem.pagepool import check_descs, page_hand_over, tx_dma_start
 from emu.net import wire
 from emu.net.packets import FrameBatch, rss_queue
-from emu.net.protocol import CPU_MASK, DEVICE_KINDS, LINK_BATCH, LINK_DOWN_BIT, XDP_PACKET_HEADROOM, refill_batch
+from emu.net.protocol import (
+    CPU_MASK,
+    DEVICE_KINDS,
+    FRAMES,
+    LINK,
+    LINK_BATCH,
+    LINK_DOWN_BIT,
+    POST,
+    RX,
+    RXRET,
+    TXC,
+    TXDROP,
+    XDP_PACKET_HEADROOM,
+    refill_batch,
+)
 
 if TYPE_CHECKING:
     from emu.topology.model import DeviceConfig
@@ -150,16 +164,16 @@ class NicCore(Core):
     def dispatch(self, msg: bytes) -> None:
         try:
             kind, hdr, blob = wire.unpack_msg(msg, DEVICE_KINDS)
-            if kind == "frames":
+            if kind == FRAMES:
                 self.skb_xmit(wire.unpack_frames(msg))
                 return
-            if kind == "link":
+            if kind == LINK:
                 self.cable(hdr["peer"])
                 return
             if kind == "bell":
                 return  # a CPU woke us up: its message is in our ring
             d = descs_from_bytes(blob)
-            if kind == "post":
+            if kind == POST:
                 q, cpu = int(hdr["q"]), int(hdr["cpu"])
                 if not 0 <= q < self.nrxq or self.rx_cpus[q] != cpu:
                     raise ValueError(f"post to RX queue {q} from cpu {cpu}, which does not service it")
@@ -174,12 +188,12 @@ class NicCore(Core):
             self.c[self.i["bad_messages"]] += 1
             self.warn_once("badmsg", f"refused a message: {exc}")
             return
-        if kind == "post":
+        if kind == POST:
             d = self._valid(d, PageState.RX_POSTED, owner=cpu)
             if not self.rxq_online[q]:
                 return  # posted by a CPU declared dead: the coordinator reclaims the pages
             if self.down:
-                self._send(cpu, "rxret", {"dev": self.name, "q": q}, d)
+                self._send(cpu, RXRET, {"dev": self.name, "q": q}, d)
             elif len(d):
                 self.posted[q].append(d)
                 self.nposted[q] += len(d)
@@ -201,8 +215,7 @@ class NicCore(Core):
         ok = check_descs(self.pm, d, expect, owner)
         if ok is None:
             return d
-        self.c[self.i["bad_descriptors"]] += int(np.count_nonzero(~ok))
-        self.warn_once(f"bad{expect}", f"refused descriptors not in state {expect.name}")
+        self.refused(int(np.count_nonzero(~ok)), expect)
         return d[ok]
 
     def xmit(self, txq: int, cpu: int, kind: str, d: np.ndarray) -> None:
@@ -212,7 +225,7 @@ class NicCore(Core):
         if kind == "redirect" and not self.cfg.xdp_xmit:
             # A CPU only redirects here through the skb fallback; descriptors mean a confused peer.
             self.c[self.i["bad_messages"]] += 1
-            self._send(cpu, "txdrop", {"dev": self.name, "kind": kind}, d)
+            self._send(cpu, TXDROP, {"dev": self.name, "kind": kind}, d)
             return
         q = self.txqs[txq]
         if not self.down and q.nqueued + q.ninflight + len(d) > self.tx_ring:
@@ -223,7 +236,7 @@ class NicCore(Core):
         take = min(room, len(d))
         if take < len(d):
             self.c[self.i["xmit_full"]] += len(d) - take
-            self._send(cpu, "txdrop", {"dev": self.name, "kind": kind}, d[take:])
+            self._send(cpu, TXDROP, {"dev": self.name, "kind": kind}, d[take:])
         if take:
             q.queued.append(d[:take])
             q.nqueued += take
@@ -317,7 +330,7 @@ class NicCore(Core):
                 _, d = q.inflight.popleft()
                 q.ninflight -= len(d)
                 done += len(d)
-                self._send(self.txc_cpu[t], "txc", {"dev": self.name, "txq": t}, d)
+                self._send(self.txc_cpu[t], TXC, {"dev": self.name, "txq": t}, d)
         if done:
             self.c[self.i["tx_completions"]] += done
         return done
@@ -326,8 +339,8 @@ class NicCore(Core):
         """Take frames from the link into posted pages and complete them to the CPUs; while frames wait
         in the RX FIFO, only place them as buffers are posted (the link is paused)."""
         rx = self.rx
-        if rx is None:
-            return 0
+        if rx is None or self.down:
+            return 0  # down (ndo_stop): the link is not read any more
         work = 0
         if self.fifo:
             work = self._drain()
@@ -385,9 +398,9 @@ class NicCore(Core):
 
     def _hold(self, q: int, frames: FrameBatch, idx: np.ndarray) -> None:
         """Frames of queue `q` that found no posted buffer: into the RX FIFO, which pauses the link (or
-        dropped at once when the queue will never have a buffer again: offline, or the device down)."""
+        dropped at once when the queue will never have a buffer again: it is offline)."""
         n = len(idx)
-        if self.down or not self.rxq_online[q]:
+        if not self.rxq_online[q]:
             self.c[self.i["rx_dropped"]] += n
             return
         self.waiting[q].append(FrameBatch(frames.data, frames.offsets[idx], frames.lengths[idx]))
@@ -469,7 +482,7 @@ class NicCore(Core):
             bufs = bufs.copy()
             bufs["len"] = lens
             c[i["rx_completed"]] += len(idx)
-            self._send(self.rx_cpus[q], "rx", {"dev": self.name, "q": q}, bufs)
+            self._send(self.rx_cpus[q], RX, {"dev": self.name, "q": q}, bufs)
         return taken
 
     def _write(self, frames: FrameBatch, idx: np.ndarray, pages: np.ndarray, offs: np.ndarray,
@@ -502,7 +515,7 @@ class NicCore(Core):
                 have += need
         self.nposted[q] -= have
         if not out:
-            return np.empty(0, dtype=DESC_DTYPE)
+            return descs()
         return concat_descs(out)
 
     def apply_offline(self, mask: int) -> None:
@@ -535,7 +548,7 @@ class NicCore(Core):
         self.paused_since = self.xon_since = 0
         for q in range(self.nrxq):
             d = self._take_posted(q, self.nposted[q])
-            self._send(self.rx_cpus[q], "rxret", {"dev": self.name, "q": q}, d)
+            self._send(self.rx_cpus[q], RXRET, {"dev": self.name, "q": q}, d)
         for q in self.txqs:
             if q.queued:
                 d = concat_descs(list(q.queued))

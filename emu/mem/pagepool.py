@@ -248,6 +248,21 @@ _LITTLE = sys.byteorder == "little"
 # The largest batch `_valid_uniform` checks in one go: the largest RX ring a topology may have (larger
 # batches take the full check).
 _UNIFORM_MAX = 16384
+# Byte patterns a valid batch of up to _UNIFORM_MAX pages shows, shared by every pool handle and by
+# `check_descs`; each batch compares against a slice of them (a copy of a few KiB costs less than
+# keeping patterns for every batch size seen).
+_POS = np.arange(_UNIFORM_MAX, dtype=np.int32)
+_POS_BYTES = _POS.tobytes()
+_ZEROS = bytes(4 * _UNIFORM_MAX)
+_OWNER_BYTES: dict[int, bytes] = {}
+
+
+def _owner_bytes(owner: int) -> bytes:
+    """`owner` as the int16 page-table entries of a batch of up to _UNIFORM_MAX pages."""
+    b = _OWNER_BYTES.get(owner)
+    if b is None:
+        b = _OWNER_BYTES[owner] = np.full(_UNIFORM_MAX, owner, dtype=np.int16).tobytes()
+    return b
 
 
 class ForeignRecycleError(PageError):
@@ -275,12 +290,7 @@ class PagePool:
         self.ctl = memoryview(pm.pool_ctl[cpu])
         self.cnt = memoryview(pm.pool_counters[cpu])
         self._hdr = memoryview(pm.header)
-        # Byte patterns a valid batch of up to _UNIFORM_MAX pages shows, each batch comparing against a
-        # slice of them (a copy of a few KiB costs less than keeping patterns for every batch size seen).
-        self._pos = np.arange(_UNIFORM_MAX, dtype=np.int32)
-        self._pos_bytes = self._pos.tobytes()
-        self._mine = np.full(_UNIFORM_MAX, cpu, dtype=np.int16).tobytes()
-        self._zeros = bytes(4 * _UNIFORM_MAX)
+        self._mine = _owner_bytes(cpu)
         # Direct recycles done through this object (a CPU refills inside a poll that did any).
         self.direct_recycles = 0
         self.cache = pm.caches[cpu]
@@ -437,7 +447,7 @@ class PagePool:
         """
         ids = np.asarray(ids)
         n = len(ids)
-        if 0 < n <= len(self._pos) and ids.dtype.kind in "iu":
+        if 0 < n <= _UNIFORM_MAX and ids.dtype.kind in "iu":
             try:
                 if self._valid_uniform(ids, gens, n, expect):
                     return ids
@@ -462,7 +472,7 @@ class PagePool:
             if ids.itemsize == 8 and _LITTLE:
                 # The high 32 bits of every valid id are zero (a negative id's are not): one byte compare,
                 # a third of the cost of ids.min().
-                if ids.view(np.uint32)[1::2].tobytes() != self._zeros[: 4 * n]:
+                if ids.view(np.uint32)[1::2].tobytes() != _ZEROS[: 4 * n]:
                     return False
             elif ids.min() < 0:
                 return False
@@ -475,8 +485,8 @@ class PagePool:
         if gens is not None and pm.gen.take(ids).tobytes() != np.asarray(gens, dtype=np.uint32).tobytes():
             return False
         mark = pm.batch_mark
-        mark.put(ids, self._pos[:n])
-        return mark.take(ids).tobytes() == self._pos_bytes[: 4 * n]
+        mark.put(ids, _POS[:n])
+        return mark.take(ids).tobytes() == _POS_BYTES[: 4 * n]
 
     def _validate_full(
         self, ids: np.ndarray, gens: np.ndarray | None, errors: list[str], expect: int | None,
@@ -651,7 +661,7 @@ class PagePool:
         if not self.is_owner:
             return None
         n = len(ids)
-        if not 0 < n <= len(self._pos) or ids.dtype.kind not in "iu":
+        if not 0 < n <= _UNIFORM_MAX or ids.dtype.kind not in "iu":
             return None
         try:
             if not self._valid_uniform(ids, gens, n, expect):
@@ -941,19 +951,6 @@ def page_hand_over(pm: PageMemory, ids: np.ndarray, holder: int) -> None:
     """The pages go to `holder` (a CPU or a device code) in the state they are in: if it dies, the
     coordinator finds them there."""
     pm.holder.put(ids, holder)
-
-
-_POS = np.arange(_UNIFORM_MAX, dtype=np.int32)
-_POS_BYTES = _POS.tobytes()
-_OWNER_BYTES: dict[int, bytes] = {}
-
-
-def _owner_bytes(owner: int) -> bytes:
-    """`owner` as the int16 page-table entries of a batch of up to _UNIFORM_MAX pages."""
-    b = _OWNER_BYTES.get(owner)
-    if b is None:
-        b = _OWNER_BYTES[owner] = np.full(_UNIFORM_MAX, owner, dtype=np.int16).tobytes()
-    return b
 
 
 def check_descs(

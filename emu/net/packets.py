@@ -750,6 +750,8 @@ class Pacer:
     The bucket starts full, so the first burst goes out at once.  `clock` is injectable for tests.
     """
 
+    finished = False  # a constant rate never ends by itself (a `ScheduledPacer` does)
+
     def __init__(self, rate_pps: int, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
         if rate_pps < 0:
             raise ValueError(f"rate_pps must be >= 0 (0 = unlimited), got {rate_pps}")

@@ -324,7 +324,5 @@ def buggy_out_of_bounds(ctx: XdpContext) -> int:
 def buggy_slow(ctx: XdpContext) -> int:
     """Takes a millisecond per packet (a program doing far too much work): slow, but every packet is
     still accounted for and the worker keeps its heartbeat."""
-    import time
-
     time.sleep(0.001)
     return XDP_DROP

@@ -113,8 +113,8 @@ def generators_done(topo: Topology, count: int | None, done: Callable[[str], boo
         return False
     for n in gens:
         gen = topo.traffic[n].generate
-        if not (count if count is not None else gen.count) and not gen.schedule:
-            return False  # runs until stopped (a schedule ends by itself, a count of 0 does not)
+        if not gen.ends(count):
+            return False  # runs until stopped
         if not done(n):
             return False
     return True
@@ -198,11 +198,9 @@ class Run(Console):
         self.table: StatsTable | None = None
         self.procs: list[Proc] = []
         self.events: list[str] = []
-        self.created = time.monotonic()
         self.created_ns = time.monotonic_ns()
         self.started_ns = 0
         self.settled_ns = 0
-        self.first_packet_s: float | None = None  # from `emu run` (this object) to the first delivery
         self.stalled: list[str] = []
         self.interrupted = False
         self.dead: set[str] = set()
@@ -394,15 +392,16 @@ class Run(Console):
                 continue
             code = p.process.exitcode
             hung = None
-            if code is None and self.table.read(p.key)["state"] >= ProcState.READY:
-                beat = self.table.read(p.key)["heartbeat_ns"]
+            row = self.table.read(p.key)
+            if code is None and row["state"] >= ProcState.READY:
+                beat = row["heartbeat_ns"]
                 if now - beat > HUNG_NS:
                     hung = f"sent no heartbeat for {(now - beat) / 1e9:.1f} s"
                     self.event(f"{p.kind} {p.key} {hung}: killing it")
                     p.process.kill()
                     p.process.join(5)
                     code = p.process.exitcode
-            if code is None or (code == 0 and self.table.read(p.key)["cmd"] >= Cmd.EXIT):
+            if code is None or (code == 0 and row["cmd"] >= Cmd.EXIT):
                 continue
             words = self.failed(p, code, hung)
             if not self.started_ns:
@@ -667,15 +666,14 @@ class Run(Console):
         and what happened.  After `reclaim`."""
         final = self.snapshot()
         firsts = [final.rows[k]["first_rx_ns"] for k in final.keys("traffic") if final.rows[k]["first_rx_ns"]]
-        if firsts:
-            self.first_packet_s = (min(firsts) - self.created_ns) / 1e9
+        first = (min(firsts) - self.created_ns) / 1e9 if firsts else None
         from emu.xdp import runtime as xdp_runtime
 
         return rep.RunRecord(
             topology=self.topo,
             final=final,
             elapsed=(self.settled_ns - self.started_ns) / 1e9,
-            first_packet_s=self.first_packet_s,
+            first_packet_s=first,
             pages={h: rep.HostPages.of(pm, pagepool.audit(pm, strict=True)) for h, pm in self.pms.items()},
             maps=xdp_runtime.snapshot_maps(self.mapsets),
             live_audits=self.audits,
@@ -685,8 +683,6 @@ class Run(Console):
             processes=self.processes(),
             stalled=list(self.stalled),
             dead=sorted(self.dead),
-            offline=dict(self.offline),
-            lost=final.lost,
             samples=list(self.samples),
         )
 

@@ -32,12 +32,11 @@ if TYPE_CHECKING:
 
 CPU_DROPS = ("xdp_drop", "xdp_aborted", "redirect_err", "xdp_tx_full", "xmit_drops")
 DEVICE_DROPS = ("rx_dropped", "tx_dropped", "link_lost")
-# CPU counters reported as they are, next to the fixed keys.
 # The derived metrics of every report (its ``metrics`` key), in this order: the sweep's CSV columns too.
 METRICS = ("pps", "hit_ratio", "alloc_slow_per_mpkt", "page_alloc_pps", "page_free_pps", "inflight_mean",
            "inflight_p99", "pool_memory_bytes", "violations")
-# Pages counted in flight in a sample: out of every pool and of the page allocator (`IN_USE_STATES`).
 SAMPLE_PERIOD = 0.05  # seconds between the samples of the page table taken while traffic runs
+# CPU counters reported as they are, next to the fixed keys.
 CPU_EXTRA = (
     "rx_packets", "rx_bytes", "xdp_tx_full", "xmit_drops", "xmit_bulks", "redirect_skb", "stack_rx",
     "skb_remote_free", "tx_completions", "remote_returns", "rx_posted", "rx_alloc_fail", "polls",
@@ -322,8 +321,6 @@ class RunRecord:
     processes: dict[str, int] = field(default_factory=dict)  # name -> pid
     stalled: list[str] = field(default_factory=list)  # "stalled pool shutdown" warnings
     dead: list[str] = field(default_factory=list)  # processes that died, by stats row
-    offline: dict[str, int] = field(default_factory=dict)  # host -> its final offline mask
-    lost: int = 0  # packets in pages reclaimed from dead processes, and frames lost on their cables
     hosts_lost: list[str] = field(default_factory=list)
     control_refused: int | None = None  # multi-host: control connections refused (CURVE)
     # Samples of the page tables taken while traffic ran (`PageSample`, every `SAMPLE_PERIOD`), summed

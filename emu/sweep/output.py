@@ -3,7 +3,7 @@ asks for, and ``report.md`` embedding them.
 
 CSV columns, in this order: the grid's keys (the spec's order), ``repeat`` (0-based), the metrics
 (`emu.run.report.METRICS`, empty when a metric is undefined for the run, e.g. a hit ratio without
-returns), then every page-pool counter (`emu.mem.pagemem.POOL_COUNTERS`) summed over the run's CPUs.
+returns), then every page-pool counter (`emu.mem.pagepool.POOL_COUNTERS`) summed over the run's CPUs.
 
 A plot draws a metric against a grid key, one line per value of the plot's ``lines`` key (and of any
 other grid key that varies, so that no two different points are averaged together): each marker is the

@@ -445,20 +445,25 @@ class _Fields:
             self.v.fail(node, f"{self.pfx}{key} '{text}' {e}")
 
 
+# A traffic port's key node, and its `generate` mapping with the values read from it (None: a sink).
+_PortNodes = tuple[Node, "tuple[_Fields, dict[str, Any]] | None"]
+
+
 @dataclass(frozen=True, slots=True)
 class _XdpNodes:
     """Where a device's `xdp` mapping said what, for messages about its program, params and maps."""
 
     line: int  # of the `xdp` key
     program: Node
+    prog: Program  # the program, loaded once (`check_program` uses it once the host is known)
     params_line: int | None  # of the `params` key, None when there is none
     params: dict[str, tuple[Node, Node]]  # key -> (key node, value node)
 
 
 class _Validator:
-    def __init__(self, filename: str, alias_uses: list[tuple[yaml.Mark, str, Node]] | None = None) -> None:
+    def __init__(self, filename: str, alias_uses: list[tuple[yaml.Mark, str, Node]]) -> None:
         self.file = filename
-        self.alias_uses = alias_uses or []
+        self.alias_uses = alias_uses
         self.xdp_nodes: dict[str, _XdpNodes] = {}  # by "host:device"
 
     # -- primitives ---------------------------------------------------------------------------------
@@ -732,8 +737,9 @@ class _Validator:
         if rx_cpus is None:
             rx_cpus = tuple(q % cpus for q in range(rx_queues))
         xdp = self.xdp(where, f)
-        xdp_xmit = f.bool("xdp_xmit", True)
-        redirect_fallback = f.choice("redirect_fallback", ("drop", "skb"), "drop")
+        xdp_xmit = f.bool("xdp_xmit", DEVICE["xdp_xmit"].default)
+        fallback = DEVICE["redirect_fallback"]
+        redirect_fallback = f.choice(fallback.name, fallback.choices, fallback.default)
         tx_completion_us = f.schema_int(DEVICE["tx_completion_us"])
         dev = DeviceConfig(
             name=name,
@@ -763,7 +769,7 @@ class _Validator:
         program_node = f.require("program")
         program = self.str_value(program_node, "program", f.pfx)
         try:
-            load_program(program)  # imported and wrapped now, so that the messages follow file order
+            prog = load_program(program)  # imported and wrapped now, so that the messages follow file order
         except (ValueError, TypeError) as e:
             self.fail(program_node, f"{where}: {e}")
         params: dict[str, Any] = {}
@@ -778,9 +784,9 @@ class _Validator:
                 param_nodes[key] = (key_node, value_node)
         params_key = f.items.get("params")
         self.xdp_nodes[where] = _XdpNodes(
-            key_line, program_node, None if params_key is None else _line(params_key[0]), param_nodes
+            key_line, program_node, prog, None if params_key is None else _line(params_key[0]), param_nodes
         )
-        return XdpConfig(program, params, f.bool("vectorised", True))
+        return XdpConfig(program, params, f.bool("vectorised", XDP["vectorised"].default))
 
     def check_program(self, host: HostConfig, dev: DeviceConfig) -> None:
         """Load `dev`'s program as a run would: its declared params, its maps (created in a scratch place
@@ -789,10 +795,7 @@ class _Validator:
         where = f"{host.name}:{dev.name}"
         nodes = self.xdp_nodes[where]
         pfx = f"{where}: xdp: params"
-        try:
-            prog = load_program(dev.xdp.program)
-        except (ValueError, TypeError) as e:
-            self.fail(nodes.program, f"{where}: {e}")
+        prog = nodes.prog
         params = dev.xdp.params
         if prog.params is not None:
             self.check_declared_params(prog, params, nodes, host, pfx)
@@ -865,7 +868,7 @@ class _Validator:
             self.fail(node, f"{where}: non-finite number {_describe(node)} is not allowed")
         return value
 
-    def traffic(self, top: _Fields, hosts: dict[str, HostConfig]) -> dict[str, tuple[Node, _Fields | None]]:
+    def traffic(self, top: _Fields, hosts: dict[str, HostConfig]) -> dict[str, _PortNodes]:
         """Traffic-port names and their `generate` mappings; resolved after the links are known."""
         node = top.get("traffic")
         if node is None:
@@ -882,7 +885,7 @@ class _Validator:
         if len(mapping.items) > MAX_PORT + 1:
             # Frames carry their generator's number in 16 bits (emu.net.packets.PORT_SHIFT).
             self.fail(node, f"'traffic' defines {len(mapping.items):,} ports; a topology has at most {MAX_PORT + 1:,}")
-        ports: dict[str, tuple[Node, _Fields | None]] = {}
+        ports: dict[str, _PortNodes] = {}
         for key_node, value_node in mapping.items.values():
             name = self.name(key_node, "traffic port name", "", _HOST_NAME_RE, "A-Z a-z 0-9 _ -")
             if name in hosts:
@@ -900,13 +903,13 @@ class _Validator:
                 null_is_empty=True,
             )
             gen_node = f.get("generate")
-            gen: _Fields | None = None
+            gen: tuple[_Fields, dict[str, Any]] | None = None
             if gen_node is not None:
                 if isinstance(gen_node, ScalarNode) and gen_node.tag == _TAG_NULL:
                     # `generate:` alone could mean "defaults" or "no generator"; make the author say which.
                     hint = "use 'generate: {}' for defaults or remove it"
                     self.fail(gen_node, f"{name}: 'generate' is null; {hint}")
-                gen = _Fields(
+                gen_fields = _Fields(
                     self,
                     gen_node,
                     what=f"{name}: 'generate'",
@@ -914,13 +917,14 @@ class _Validator:
                     owner_line=_line(f.items["generate"][0]),
                     allowed=GENERATE.names,
                 )
-                # Types and the host-independent ranges are checked now, in file order.
-                self.generator_values(gen, page_size=None)
+                # Types and the host-independent ranges are checked now, in file order; the page that
+                # bounds pkt_size once the links are known (`generators`).
+                gen = (gen_fields, self.generator_values(gen_fields))
             ports[name] = (key_node, gen)
         return ports
 
     def links(
-        self, top: _Fields, hosts: dict[str, HostConfig], traffic: dict[str, tuple[Node, _Fields | None]]
+        self, top: _Fields, hosts: dict[str, HostConfig], traffic: dict[str, _PortNodes]
     ) -> list[LinkConfig]:
         node = top.given("links")
         if node is None:
@@ -969,7 +973,7 @@ class _Validator:
         node: Node,
         where: str,
         hosts: dict[str, HostConfig],
-        traffic: dict[str, tuple[Node, _Fields | None]],
+        traffic: dict[str, _PortNodes],
     ) -> Endpoint:
         if not isinstance(node, ScalarNode) or node.tag not in (_TAG_STR, _TAG_INT):
             expected = "a string 'host:device' or a traffic port"
@@ -987,13 +991,11 @@ class _Validator:
             self.fail(node, f"link endpoint '{text}': no traffic port '{text}'{hint}")
         return ep
 
-    def generator_values(self, f: _Fields, page_size: int | None, whose: str = "") -> dict[str, Any]:
-        """The generator's values; `page_size` is the smallest page its frames may reach (None: not known
-        yet, only the static bounds are checked), `whose` says whose pages those are when not the linked
-        host's."""
-        max_pkt = None if page_size is None else page_size - XDP_PACKET_HEADROOM
-        pkt_size = f.schema_int(GENERATE["pkt_size"])
-        if max_pkt is not None and pkt_size > max_pkt:
+    def check_pkt_fits(self, f: _Fields, pkt_size: int, page_size: int, whose: str = "") -> None:
+        """`pkt_size` against the smallest page its frames may reach; `whose` says whose pages those are
+        when not the linked host's."""
+        max_pkt = page_size - XDP_PACKET_HEADROOM
+        if pkt_size > max_pkt:
             node = f.get("pkt_size")
             assert node is not None
             pages = f"the linked host's {page_size}-byte pages" if not whose else f"the {page_size}-byte pages{whose}"
@@ -1002,6 +1004,10 @@ class _Validator:
                 f"{f.pfx}'pkt_size' {pkt_size} does not fit {pages} "
                 f"(max {max_pkt} = page_size - {XDP_PACKET_HEADROOM} bytes of XDP headroom)",
             )
+
+    def generator_values(self, f: _Fields) -> dict[str, Any]:
+        """The generator's values, checked against every bound that does not depend on the hosts."""
+        pkt_size = f.schema_int(GENERATE["pkt_size"])
         schedule = self.schedule(f)
         if schedule and f.given("rate") is not None:
             self.fail(f.items["rate"][0], f"{f.pfx}'rate' and 'schedule' are mutually exclusive: the schedule "
@@ -1037,7 +1043,7 @@ class _Validator:
 
     def generators(
         self,
-        ports: dict[str, tuple[Node, _Fields | None]],
+        ports: dict[str, _PortNodes],
         hosts: dict[str, HostConfig],
         links: Iterable[LinkConfig],
     ) -> dict[str, TrafficPort]:
@@ -1047,9 +1053,10 @@ class _Validator:
                 if ep.kind == "traffic":
                     peers[ep.name] = other
         traffic: dict[str, TrafficPort] = {}
-        for index, (name, (key_node, gen_fields)) in enumerate(ports.items()):
+        for index, (name, (key_node, read)) in enumerate(ports.items()):
             gen = None
-            if gen_fields is not None:
+            if read is not None:
+                gen_fields, values = read[0], dict(read[1])
                 peer = peers.get(name)
                 if peer is None:
                     self.fail(
@@ -1061,9 +1068,9 @@ class _Validator:
                 # that does not fit a receiving device's buffer is not a frame that device can take: the
                 # smallest page on the way bounds pkt_size.
                 smallest = min(_cabled_hosts(peer.host, links, hosts), key=lambda h: (h.page_size, h.index))
-                values = self.generator_values(gen_fields, smallest.page_size,
-                                               "" if smallest is host else f" of host '{smallest.name}', cabled to"
-                                               f" the linked host '{host.name}'")
+                self.check_pkt_fits(gen_fields, values["pkt_size"], smallest.page_size,
+                                    "" if smallest is host else f" of host '{smallest.name}', cabled to"
+                                    f" the linked host '{host.name}'")
                 if values["src_mac"] is None:
                     values["src_mac"] = f"02:00:00:ff:{(index + 1) >> 8:02x}:{(index + 1) & 0xFF:02x}"
                 if values["dst_mac"] is None:

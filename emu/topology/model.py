@@ -249,6 +249,11 @@ class GeneratorConfig:
     # `rate`.  A rate of 0 in a phase is idle (not "unlimited" as `rate: 0` is).
     schedule: tuple[tuple[int, int], ...] = ()
 
+    def ends(self, count: int | None = None) -> bool:
+        """Whether this generator stops by itself: it has a count (`count` overrides its own) or a
+        schedule, which ends after its last phase; a count of 0 without a schedule runs until stopped."""
+        return bool(count if count is not None else self.count) or bool(self.schedule)
+
 
 @dataclass(frozen=True, slots=True)
 class TrafficPort:
