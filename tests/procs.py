@@ -107,8 +107,8 @@ def wait_traffic(p: subprocess.Popen, out: Lines) -> None:
 
 
 def titles(pids: list[int]) -> dict[int, str]:
-    """What ``ps -eo pid,args`` shows for each of `pids` that is still alive."""
-    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+    """What ``ps -ww -eo pid,args`` (never cut at a terminal width) shows for each of `pids` that is still alive."""
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
     want = set(pids)
     out = {}
     for line in ps.splitlines()[1:]:
