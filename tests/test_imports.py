@@ -28,10 +28,11 @@ PACKAGES = ("emu", "workers")
 # - mem, net: page memory and pools, and transport.  `pagemem` and `pagepool` take the holder codes from
 #   the protocol (`emu.net.protocol`), and the message rings (`emu.net.shmring`) live in `emu.mem.shm`
 #   segments; neither knows of topologies, XDP or processes.
-# - topology, xdp, programs, datapath: what to emulate, the XDP programs' world, and the process-free
-#   cores of a CPU and a device.  The topology's model is below XDP (`emu.xdp.runtime` attaches programs
-#   per `DeviceConfig`, `load_program` resolves ``module:function`` names through it) and reading a file is
-#   above it (`emu.topology.file` and `schema` load the programs a file names, and their maps).
+# - topology, xdp, ebpf, programs, datapath: what to emulate, the XDP programs' world (Python programs and
+#   clang-built eBPF objects), and the process-free cores of a CPU and a device.  The topology's model is
+#   below XDP (`emu.xdp.runtime` attaches programs per `DeviceConfig`, `load_program` resolves
+#   ``module:function`` names through it) and reading a file is above it (`emu.topology.file` and `schema`
+#   load the programs a file names, and their maps).
 # - run, workers: a run on one machine and its processes.  The coordinator starts the worker modules
 #   (their ``main``), and the workers take their `ProcSpec`, pinning and stats rows from `emu.run`.
 # - cluster: a run over several machines, each one a `Run`.
@@ -40,7 +41,7 @@ PACKAGES = ("emu", "workers")
 LAYERS: list[set[str]] = [
     {"emu", "emu.errors"},
     {"emu.mem", "emu.net"},
-    {"emu.topology", "emu.xdp", "emu.programs", "emu.datapath"},
+    {"emu.topology", "emu.xdp", "emu.ebpf", "emu.programs", "emu.datapath"},
     {"emu.run", "workers"},
     {"emu.cluster"},
     {"emu.sweep"},
