@@ -68,3 +68,15 @@ def compile_c(src: Path | str, out_dir: Path, *, name: str | None = None, cflags
     if r.returncode:
         raise AssertionError(f"clang failed on {src}:\n{r.stderr}")
     return out
+
+
+def need_kernel() -> None:
+    """Skip where this process may not use bpf(2), with the reason; fail instead where the kernel is required
+    (CI sets EMU_REQUIRE_KERNEL=1, as it sets EMU_REQUIRE_DOCKER)."""
+    from emu.ebpf import kernel
+
+    ok, reason = kernel.available()
+    if not ok:
+        if os.environ.get("EMU_REQUIRE_KERNEL"):
+            pytest.fail(f"EMU_REQUIRE_KERNEL is set but {reason}")
+        pytest.skip(reason)
