@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "several runs are in progress)")
     pools.add_argument("--json", action="store_true", help="print the pools as one JSON list, as `ynl "
                        "--output-json` does")
+    insp = sub.add_parser("inspect", help="show an eBPF object's programs, maps, globals and helpers, and "
+                          "whether the emulator supports each")
+    insp.add_argument("object", help="an eBPF object file (clang -O2 -g -target bpf)")
+    insp.add_argument("--json", action="store_true", help="print it as JSON")
+    insp.add_argument("-d", "--disassemble", action="store_true", help="also print each program's instructions")
     sweep = sub.add_parser("sweep", help="run a topology over a grid of its keys; write a CSV, plots and a report")
     sweep.add_argument("spec", help="experiment file (README: Sweeps)")
     sweep.add_argument("--out", required=True, metavar="DIR",
@@ -144,6 +149,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
         devs = sum(len(h.devices) for h in topo.hosts.values())
         print(f"{args.topology}: ok: topology {topo.name!r}: {len(topo.hosts)} hosts, {cpus} CPUs, "
               f"{devs} devices, {len(topo.links)} links, {len(topo.traffic)} traffic ports")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from emu.ebpf.inspect import format_text, inspect_object
+
+    info = inspect_object(args.object, disassemble=args.disassemble)
+    print(json.dumps(info, indent=2) if args.json else format_text(info))
     return 0
 
 
@@ -327,6 +340,7 @@ def cmd_pools(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "coordinator": cmd_coordinator, "host": cmd_host, "keys": cmd_keys, "clean": cmd_clean,
     "validate": cmd_validate, "sweep": cmd_sweep, "pools": cmd_pools,
+    "inspect": cmd_inspect,
 }
 
 

@@ -45,7 +45,7 @@ from emu.ebpf.obj import (
 )
 from emu.errors import ObjectError
 
-__all__ = ["XDP_SECTIONS", "ElfFile", "load_object", "parse_elf"]
+__all__ = ["XDP_SECTIONS", "ElfFile", "load_object", "parse_elf", "survey_object"]
 
 # libbpf's section definitions for XDP: section name -> (expected attach, program flags).
 XDP_SECTIONS: dict[str, tuple[str, int]] = {
@@ -234,16 +234,27 @@ def _is_data_section(name: str) -> bool:
 class _Loader:
     """One object's maps, globals and linked programs."""
 
-    def __init__(self, elf: ElfFile) -> None:
+    def __init__(self, elf: ElfFile, strict: bool = True) -> None:
         self.elf = elf
+        # strict: refuse what the emulator cannot run; not strict (emu inspect): record it in `problems`
+        self.strict = strict
+        self.problems: dict[str, list[str]] = {}  # program name ("" for the object) -> what it needs
         self.maps: list[MapDef] = []
         # (section index, offset of the map's definition) -> map index, for map relocations
         self.map_at: dict[tuple[int, int], int] = {}
         self.data_map: dict[int, int] = {}  # global-data section index -> map index
         self.globals: dict[str, GlobalVar] = {}
 
+    def refuse(self, prog: str, where: str, message: str) -> None:
+        if self.strict:
+            raise self.elf.err(where, message)
+        self.problems.setdefault(prog, []).append(f"{where}: {message}")
+
     def add_map(self, m: MapDef, where: str) -> int:
         if m.type not in MAP_TYPE_NAMES:
+            if not self.strict:
+                self.maps.append(m)
+                return len(self.maps) - 1
             raise self.elf.err(where, f"map '{m.name}': {map_type_name(m.type)} (type {m.type}) is not supported; "
                                f"supported: {', '.join(MAP_TYPE_NAMES.values())}")
         if any(x.name == m.name for x in self.maps):
@@ -391,7 +402,7 @@ class _Loader:
             for relo in elf.ext.core_relos.get(s.name, ()):
                 if a <= relo.insn_off // 8 < b:
                     assert elf.btf is not None
-                    raise elf.err(f"{s.name}+{relo.insn_off // 8}", f"CO-RE relocation (kind {relo.kind}, "
+                    self.refuse(name, f"{s.name}+{relo.insn_off // 8}", f"CO-RE relocation (kind {relo.kind}, "
                                   f"{elf.btf.describe(relo.type_id)} access {relo.access}) is not supported; "
                                   "an XDP program's ctx and packet need none")
             rels = elf.rels.get(s.index, {})
@@ -427,12 +438,12 @@ class _Loader:
                         callee = place(ts, ta, tb)
                         struct.pack_into("<i", out, at * 8 + 4, callee - (at + 1))
                     elif ins.src == I.BPF_PSEUDO_KFUNC_CALL:
-                        raise elf.err(where, f"call to kernel function (kfunc) {rel[0].name if rel else ins.imm}"
-                                      " is not supported")
+                        self.refuse(name, where, f"call to kernel function (kfunc) "
+                                    f"{rel[0].name if rel else ins.imm} is not supported")
                     elif ins.src == 0:
                         if ins.imm not in HELPER_NAMES:
-                            raise elf.err(where, f"unknown func {helper_name(ins.imm)}#{ins.imm}: the emulator "
-                                          "does not support this helper (emu inspect lists the supported ones)")
+                            self.refuse(name, where, f"unknown func {helper_name(ins.imm)}#{ins.imm}: the emulator "
+                                        "does not support this helper (emu inspect lists the supported ones)")
                         if ins.imm not in helpers:
                             helpers.append(ins.imm)
                     else:
@@ -516,21 +527,37 @@ def load_object(path: Path, globals: Mapping[str, object] | None = None) -> BpfO
     """Read, check, relocate and link an eBPF object file; `globals` sets ``.rodata``/``.data``/``.bss``
     variables by name before load (ints, or bytes/str no longer than the variable), as a libbpf skeleton's
     ``skel->rodata->var = ...`` does.  Raises `ObjectError` (a `BadInputError`) for anything wrong."""
-    elf = parse_elf(Path(path))
-    ld = _Loader(elf)
+    obj, _, _ = _load(parse_elf(Path(path)), True, globals)
+    return obj
+
+
+def survey_object(path: Path) -> tuple[BpfObject, ElfFile, dict[str, list[str]]]:
+    """`load_object` that records, instead of refusing, what the emulator does not support (helpers, map
+    types, kfuncs, CO-RE relocations), by program name ("" for the object): for ``emu inspect``.  A
+    malformed file is still an `ObjectError`."""
+    return _load(parse_elf(Path(path)), False, None)
+
+
+def _load(elf: ElfFile, strict: bool, globals: Mapping[str, object] | None) \
+        -> tuple[BpfObject, ElfFile, dict[str, list[str]]]:
+    ld = _Loader(elf, strict)
     for sec in elf.sections:
         if sec.name == ".maps":
             ld.btf_maps(sec)
         elif sec.name == "maps":
             ld.legacy_maps(sec)
     ld.data_maps()
+    for m in ld.maps:
+        if m.type not in MAP_TYPE_NAMES:
+            ld.problems.setdefault("", []).append(f"{m.section}: map '{m.name}': {map_type_name(m.type)} "
+                                                  f"(type {m.type}) is not supported")
     programs = ld.programs()
     lic = elf.by_name("license")
     license_ = lic.data.split(b"\0", 1)[0].decode("utf-8", "replace") if lic is not None else ""
     maps = ld.maps
     if globals:
         maps = set_globals(elf, maps, ld.globals, globals)
-    return BpfObject(elf.path, programs, maps, ld.globals, license_)
+    return BpfObject(elf.path, programs, maps, ld.globals, license_), elf, ld.problems
 
 
 def set_globals(elf: ElfFile, maps: list[MapDef], known: Mapping[str, GlobalVar],
