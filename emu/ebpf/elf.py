@@ -385,10 +385,13 @@ class _Loader:
         helpers: list[int] = []
         lines: dict[int, str] = {}
 
-        def place(s: Section, a: int, b: int) -> int:
+        funcs: list[tuple[int, str]] = []
+
+        def place(s: Section, a: int, b: int, fname: str) -> int:
             key = (s.index, a)
             if key not in placed:
                 placed[key] = len(out) // 8
+                funcs.append((placed[key], fname))
                 out.extend(s.data[a * 8:b * 8])
                 work.append((s, a, b, placed[key]))
                 for li in elf.ext.lines.get(s.name, ()):
@@ -396,7 +399,7 @@ class _Loader:
                         lines[placed[key] + li.insn_off // 8 - a] = f"{li.file}:{li.line}"
             return placed[key]
 
-        place(sec, start, end)
+        place(sec, start, end, name)
         while work:
             s, a, b, base = work.pop(0)
             for relo in elf.ext.core_relos.get(s.name, ()):
@@ -434,8 +437,8 @@ class _Loader:
                             target = sym.value // 8 + ins.imm + 1
                         else:
                             ts, target = s, i + ins.imm + 1
-                        ta, tb, _ = self.function_at(ts, target, where)
-                        callee = place(ts, ta, tb)
+                        ta, tb, fname = self.function_at(ts, target, where)
+                        callee = place(ts, ta, tb, fname)
                         struct.pack_into("<i", out, at * 8 + 4, callee - (at + 1))
                     elif ins.src == I.BPF_PSEUDO_KFUNC_CALL:
                         self.refuse(name, where, f"call to kernel function (kfunc) "
@@ -450,7 +453,7 @@ class _Loader:
                         raise elf.err(where, f"call with src_reg {ins.src}")
                 i += 1
         return ProgDef(name, sec.name, bytes(out), XDP_SECTIONS[sec.name][0], XDP_SECTIONS[sec.name][1],
-                       tuple(helpers), lines)
+                       tuple(helpers), lines, tuple(funcs))
 
     def ld_imm64(self, out: bytearray, at: int, ins: I.Insn, rel: tuple[Symbol, int], where: str,
                  place: object) -> None:
@@ -481,8 +484,8 @@ class _Loader:
             # a function's address (a bpf_loop callback): libbpf's RELO_SUBPROG_ADDR
             if (sym.value + ins.imm) % 8:
                 raise elf.err(where, f"function pointer {sym.name}+{ins.imm} is not at an instruction")
-            ta, tb, _ = self.function_at(ts, (sym.value + ins.imm) // 8, where)
-            callee = place(ts, ta, tb)  # type: ignore[operator]
+            ta, tb, fname = self.function_at(ts, (sym.value + ins.imm) // 8, where)
+            callee = place(ts, ta, tb, fname)  # type: ignore[operator]
             out[at * 8 + 1] = regs | I.BPF_PSEUDO_FUNC << 4
             struct.pack_into("<i", out, at * 8 + 4, callee - (at + 1))
             struct.pack_into("<i", out, at * 8 + 12, 0)
@@ -557,7 +560,15 @@ def _load(elf: ElfFile, strict: bool, globals: Mapping[str, object] | None) \
     maps = ld.maps
     if globals:
         maps = set_globals(elf, maps, ld.globals, globals)
-    return BpfObject(elf.path, programs, maps, ld.globals, license_), elf, ld.problems
+    btf = None
+    if elf.btf is not None:
+        try:
+            btf = elf.btf.fixed_datasecs({sec.name: len(sec.data) for sec in elf.sections},
+                                         {(sym.shndx, sym.name): sym.value for sym in elf.symbols},
+                                         {sec.name: sec.index for sec in elf.sections})
+        except BtfError as e:
+            raise elf.err(".BTF", str(e)) from None
+    return BpfObject(elf.path, programs, maps, ld.globals, license_, btf), elf, ld.problems
 
 
 def set_globals(elf: ElfFile, maps: list[MapDef], known: Mapping[str, GlobalVar],
