@@ -255,7 +255,7 @@ def test_truncated_files_refused(objs: Path, tmp_path: Path) -> None:
 def test_fuzzed_files_give_object_errors_only(objs: Path, tmp_path: Path) -> None:
     rng = random.Random(1717)
     sources = [(objs / n).read_bytes() for n in ("l2fwd_map.o", "l2fwd.o", "xdp_drop.o")]
-    for k in range(600):
+    for k in range(1500):
         data = bytearray(rng.choice(sources))
         for _ in range(rng.choice((1, 2, 4, 16))):
             pos = rng.randrange(len(data))

@@ -186,10 +186,14 @@ class Btf:
                 continue
             off = self.type_offsets[i]
             if t.name in section_sizes:
+                if section_sizes[t.name] > 0xFFFFFFFF:
+                    raise BtfError(f"DATASEC {t.name}: section size {section_sizes[t.name]} does not fit BTF")
                 struct.pack_into("<I", raw, off + 8, section_sizes[t.name])
             shndx = section_index.get(t.name, -1)
             for j, (_, var_id, _offset, size) in enumerate(t.members):
                 value = symbols.get((shndx, self.var_name(var_id)))
+                if value is not None and value > 0xFFFFFFFF:
+                    raise BtfError(f"DATASEC {t.name}: variable offset {value} does not fit BTF")
                 if value is not None:
                     struct.pack_into("<III", raw, off + 12 + 12 * j, var_id, value, size)
         return bytes(raw)
