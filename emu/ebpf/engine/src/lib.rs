@@ -185,7 +185,7 @@ fn decode(names: &[String], progs: &[Vec<u8>], nmaps: usize, store: &MapStore) -
                         }
                         let off = hi.imm as u32 as u64;
                         if off as usize >= d.value_size { return Err(err(k, format!("value offset {} beyond {} bytes", off, d.value_size))); }
-                        ((TAG_VALUE + lo) << 32) | off
+                        ((TAG_VALUE + lo) << 32) + BASE + off
                     }
                     4 => {
                         let t = k as i64 + 1 + i.imm as i64;

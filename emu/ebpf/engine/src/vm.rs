@@ -18,6 +18,9 @@ pub const TAG_PKT: u64 = 3;
 pub const TAG_MAPPTR: u64 = 4;
 pub const TAG_FUNC: u64 = 5;
 pub const TAG_VALUE: u64 = 0x100; // + map index
+// Offsets inside a region start here, so that a pointer moved below its region's start (data - 300) stays
+// in its region's tag and is refused as what it is, rather than borrowing into the next tag.
+pub const BASE: u64 = 0x4000_0000;
 
 pub const STACK_FRAME: usize = 512;
 pub const MAX_CALL_FRAMES: usize = 8;
@@ -130,6 +133,11 @@ fn fault<T>(pc: usize, what: String) -> R<T> {
     Err(Fault { pc, what })
 }
 
+/// r10 of call frame `depth`: frames grow down from the top of the stack region, 512 bytes each.
+fn frame_top(depth: usize) -> u64 {
+    (TAG_STACK << 32) + BASE + (STACK_SIZE - depth * STACK_FRAME) as u64
+}
+
 fn clock(id: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     unsafe { libc::clock_gettime(id, &mut ts) };
@@ -141,7 +149,7 @@ impl Vm {
     #[inline(always)]
     fn tr(&mut self, pkt: &Pkt, pc: usize, addr: u64, n: usize, write: bool) -> R<*mut u8> {
         let tag = addr >> 32;
-        let off = (addr & 0xffff_ffff) as usize;
+        let off = ((addr & 0xffff_ffff).wrapping_sub(BASE) & 0xffff_ffff) as usize;
         match tag {
             TAG_PKT => {
                 if off >= pkt.data_meta && off + n <= pkt.data_end {
@@ -180,7 +188,7 @@ impl Vm {
     #[inline(always)]
     fn load(&mut self, pkt: &Pkt, pc: usize, addr: u64, n: usize) -> R<u64> {
         if addr >> 32 == TAG_CTX {
-            return self.load_ctx(pkt, pc, addr & 0xffff_ffff, n);
+            return self.load_ctx(pkt, pc, (addr & 0xffff_ffff).wrapping_sub(BASE) & 0xffff_ffff, n);
         }
         let p = self.tr(pkt, pc, addr, n, false)?;
         Ok(unsafe {
@@ -213,11 +221,11 @@ impl Vm {
         if n != 4 {
             return fault(pc, format!("ctx access of {} bytes at offset {} (xdp_md fields are u32)", n, off));
         }
-        let p = TAG_PKT << 32;
+        let p = (TAG_PKT << 32) + BASE;
         Ok(match off {
-            0 => p | pkt.data as u64,
-            4 => p | pkt.data_end as u64,
-            8 => p | pkt.data_meta as u64,
+            0 => p + pkt.data as u64,
+            4 => p + pkt.data_end as u64,
+            8 => p + pkt.data_meta as u64,
             12 => pkt.ingress_ifindex as u64,
             16 => pkt.rx_queue as u64,
             20 => 0, // egress_ifindex: only for devmap programs
@@ -241,7 +249,7 @@ impl Vm {
     }
 
     fn value_addr(&self, m: usize, row: usize, slot: usize) -> u64 {
-        ((TAG_VALUE + m as u64) << 32) | self.store.maps[m].value_off(row, slot) as u64
+        ((TAG_VALUE + m as u64) << 32) + BASE + self.store.maps[m].value_off(row, slot) as u64
     }
 
     /// Run the program `prog` over the packet; Ok(r0) or the fault.
@@ -250,8 +258,8 @@ impl Vm {
         self.depth = 0;
         pkt.tail_calls = 0;
         let mut regs = [0u64; 11];
-        regs[1] = TAG_CTX << 32;
-        regs[10] = (TAG_STACK << 32) | STACK_FRAME as u64;
+        regs[1] = (TAG_CTX << 32) + BASE;
+        regs[10] = frame_top(0);
         self.exec(self.prog_start[prog], &mut regs, pkt)
     }
 
@@ -462,13 +470,13 @@ impl Vm {
                         }
                         frames.push((pc, [regs[6], regs[7], regs[8], regs[9]]));
                         self.depth += 1;
-                        regs[10] = (TAG_STACK << 32) | ((self.depth + 1) * STACK_FRAME) as u64;
+                        regs[10] = frame_top(self.depth);
                         pc = (pc as i64 + i.imm as i64) as usize;
                     } else if i.src == 0 {
                         if i.imm == H_TAIL_CALL {
                             if let Some(target) = self.tail_call(pkt, pc - 1, regs)? {
                                 pc = target;
-                                regs[1] = TAG_CTX << 32;
+                                regs[1] = (TAG_CTX << 32) + BASE;
                             } else {
                                 regs[0] = (-(ENOENT)) as u64;
                             }
@@ -492,7 +500,7 @@ impl Vm {
                         Some((ret, saved)) => {
                             regs[6..10].copy_from_slice(&saved);
                             self.depth -= 1;
-                            regs[10] = (TAG_STACK << 32) | ((self.depth + 1) * STACK_FRAME) as u64;
+                            regs[10] = frame_top(self.depth);
                             pc = ret;
                         }
                     }
@@ -822,7 +830,7 @@ impl Vm {
                     r[1] = k;
                     r[2] = cbctx;
                     self.depth += 1;
-                    r[10] = (TAG_STACK << 32) | ((self.depth + 1) * STACK_FRAME) as u64;
+                    r[10] = frame_top(self.depth);
                     let ret = self.exec((cb & 0xffff_ffff) as usize, &mut r, pkt);
                     self.depth -= 1;
                     let ret = ret?;
