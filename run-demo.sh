@@ -9,4 +9,5 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install -qq -e .
+./scripts/build-bpf.sh  # the bundled eBPF objects (clang, libbpf-dev installed where missing)
 exec "$VENV/bin/emu" run topology/l2fwd.yaml --count "${COUNT:-200000}" -i 1 -e "$@"

@@ -10,6 +10,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install -qq -e ".[test]"
+./scripts/build-bpf.sh  # the bundled eBPF objects (clang, libbpf-dev installed where missing)
 "$VENV/bin/python" -m ruff check .
 status=0
 "$VENV/bin/python" -m pytest -n auto -q "$@" || status=$?

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_PROCESS_FAILURE", "BadInputError", "EmuError", "FileLineError",
-           "ProcessFailure", "ResourceError", "exit_status"]
+           "ObjectError", "ProcessFailure", "ResourceError", "exit_status"]
 
 EXIT_BAD_INPUT = 2
 EXIT_PROCESS_FAILURE = 3
@@ -54,6 +54,21 @@ class FileLineError(BadInputError, ValueError):
         # The default reduce would call __init__ with the formatted string only; keep the exception
         # picklable so it can cross process boundaries (pytest-xdist, multiprocessing).
         return (type(self), (self.file, self.line, self.message))
+
+
+class ObjectError(BadInputError, ValueError):
+    """An eBPF object file is wrong or asks for what the emulator does not support; ``str()`` is
+    ``"FILE:WHERE: message"``, WHERE being ``SECTION+INSN`` (an instruction index in the ELF section) or a
+    section or program name, as the kernel's verifier and libbpf name places."""
+
+    def __init__(self, file: str, where: str, message: str) -> None:
+        super().__init__(f"{file}:{where}: {message}" if where else f"{file}: {message}")
+        self.file = file
+        self.where = where
+        self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.file, self.where, self.message))
 
 
 class ResourceError(EmuError):

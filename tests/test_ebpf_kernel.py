@@ -1,0 +1,86 @@
+"""The kernel side (emu/ebpf/kernel.py): the bundled objects load and pass the kernel's verifier, run under
+BPF_PROG_TEST_RUN with their maps readable after, a program the verifier rejects is refused with its log, and
+no descriptor is left open."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from emu.ebpf import kernel
+from emu.ebpf.elf import load_object
+from tests.ebpf_build import bundled, compile_c, need_kernel
+
+pytestmark = pytest.mark.kernel
+
+XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = 1, 2, 3, 4
+
+
+@pytest.fixture(scope="module")
+def objs() -> Path:
+    need_kernel()
+    return bundled()
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_bundled_objects_pass_the_verifier(objs: Path) -> None:
+    before = _open_fds()
+    for o in sorted(objs.glob("*.o")):
+        obj = load_object(o)
+        assert kernel.verify_object_programs(obj) is True
+        with kernel.load(obj) as ko:
+            assert set(ko.prog_fds) == set(obj.programs) and len(ko.map_fds) == len(obj.maps)
+    assert _open_fds() <= before
+
+
+def test_xdp_drop_counts_per_cpu(objs: Path) -> None:
+    obj = load_object(objs / "xdp_drop.o")
+    with kernel.load(obj) as ko:
+        ret, out, _ = kernel.prog_test_run(ko.prog_fds["xdp_drop"], bytes(range(100)), repeat=3)
+        assert ret == XDP_DROP and out == bytes(range(100))
+        cnt = ko.items("rxcnt")
+        assert len(cnt[struct.pack("<I", 0)]) == kernel.possible_cpus()
+        assert sum(struct.unpack("<Q", v)[0] for v in cnt[struct.pack("<I", 0)]) == 3  # type: ignore[union-attr]
+        assert sum(struct.unpack("<Q", v)[0] for v in cnt[struct.pack("<I", 1)]) == 300  # type: ignore[union-attr]
+
+
+def test_l2fwd_redirects_to_the_rodata_ifindex(objs: Path) -> None:
+    obj = load_object(objs / "l2fwd.o", globals={"egress_ifindex": 1})
+    frame = bytes(range(60))
+    with kernel.load(obj) as ko:
+        ret, out, _ = kernel.prog_test_run(ko.prog_fds["l2fwd"], frame)
+        assert ret == XDP_REDIRECT
+        assert out == frame[6:12] + frame[0:6] + frame[12:]
+        with pytest.raises(kernel.BpfSyscallError):  # the kernel test-runs no frame shorter than ETH_HLEN
+            kernel.prog_test_run(ko.prog_fds["l2fwd"], frame[:13])
+        assert ko.items(".rodata") == {bytes(4): struct.pack("<I", 1)}
+
+
+def test_rejected_program_names_file_program_and_log(objs: Path, tmp_path: Path) -> None:
+    src = compile_c('#include "xdp_common.h"\n'
+                    'SEC("xdp") int unchecked(struct xdp_md *ctx)\n'
+                    '{ unsigned char *p = (void *)(long)ctx->data; return p[20]; }\n'
+                    'char _l[] SEC("license") = "GPL";\n', tmp_path, name="unchecked")
+    before = _open_fds()
+    with pytest.raises(kernel.KernelRejected) as e:
+        kernel.load(load_object(src))
+    assert str(e.value).startswith(f"{src}:unchecked: kernel verifier rejected it:")
+    assert "invalid access to packet" in str(e.value) and "invalid access to packet" in e.value.log
+    assert e.value.exit_status == 2
+    assert _open_fds() <= before
+
+
+def test_unavailable_bpf_is_said_once(monkeypatch: pytest.MonkeyPatch, objs: Path) -> None:
+    monkeypatch.setattr(kernel, "available", lambda: (False, "bpf(2) not permitted (test)"))
+    monkeypatch.setattr(kernel, "_said_unavailable", False)
+    said: list[str] = []
+    obj = load_object(objs / "xdp_tx.o")
+    assert kernel.verify_object_programs(obj, warn=said.append) is False
+    assert kernel.verify_object_programs(obj, warn=said.append) is False
+    assert said == ["emu: not verifying eBPF programs with the kernel: bpf(2) not permitted (test)"]
