@@ -165,6 +165,13 @@ fn decode(names: &[String], progs: &[Vec<u8>], nmaps: usize, store: &MapStore) -
             if i.dst > 10 || i.src > 10 {
                 return Err(err(k, "bad register".into()));
             }
+            // r10 is the read-only frame pointer: refuse every write to it here, once, not per packet.
+            let cls = i.op & 7;
+            let writes_dst = matches!(cls, 1 | 4 | 7) || i.op == 0x18;
+            let writes_src = matches!(i.op, 0xc3 | 0xdb) && (i.imm & 1 == 1);
+            if (writes_dst && i.dst == 10) || (writes_src && i.src == 10) {
+                return Err(err(k, "writes the frame pointer r10".into()));
+            }
             if i.op == 0x18 {
                 if k + 1 >= n {
                     return Err(err(k, "ld_imm64 without its second half".into()));

@@ -127,10 +127,13 @@ pub struct Vm {
     pub depth: usize,
 }
 
-type R<T> = Result<T, Fault>;
+// A boxed fault keeps every `Result` on the hot path one word wide.
+type R<T> = Result<T, Box<Fault>>;
 
+#[cold]
+#[inline(never)]
 fn fault<T>(pc: usize, what: String) -> R<T> {
-    Err(Fault { pc, what })
+    Err(Box::new(Fault { pc, what }))
 }
 
 /// r10 of call frame `depth`: frames grow down from the top of the stack region, 512 bytes each.
@@ -150,38 +153,50 @@ impl Vm {
     fn tr(&mut self, pkt: &Pkt, pc: usize, addr: u64, n: usize, write: bool) -> R<*mut u8> {
         let tag = addr >> 32;
         let off = ((addr & 0xffff_ffff).wrapping_sub(BASE) & 0xffff_ffff) as usize;
+        if tag == TAG_PKT {
+            if off >= pkt.data_meta && off + n <= pkt.data_end {
+                return Ok(unsafe { pkt.page.add(off) });
+            }
+        } else if tag == TAG_STACK {
+            if off + n <= STACK_SIZE {
+                return Ok(unsafe { self.stack.as_mut_ptr().add(off) });
+            }
+        } else if tag >= TAG_VALUE && ((tag - TAG_VALUE) as usize) < self.store.maps.len() {
+            let d = &self.store.maps[(tag - TAG_VALUE) as usize];
+            if off < d.values_len && off % d.vstride + n <= d.value_size
+                && !(write && (d.flags & BPF_F_RDONLY_PROG != 0
+                    || matches!(d.mtype, BPF_MAP_TYPE_DEVMAP | BPF_MAP_TYPE_DEVMAP_HASH)))
+            {
+                return Ok(unsafe { self.store.base.add(d.off_values + off) });
+            }
+        }
+        self.bad_access(pkt, pc, addr, n, write)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn bad_access(&self, pkt: &Pkt, pc: usize, addr: u64, n: usize, write: bool) -> R<*mut u8> {
+        let tag = addr >> 32;
+        let off = ((addr & 0xffff_ffff).wrapping_sub(BASE) & 0xffff_ffff) as usize;
+        let what = if write { "store" } else { "load" };
         match tag {
-            TAG_PKT => {
-                if off >= pkt.data_meta && off + n <= pkt.data_end {
-                    return Ok(unsafe { pkt.page.add(off) });
-                }
-                fault(pc, format!(
-                    "{} of {} bytes at packet offset {} outside [data_meta {}, data_end {})",
-                    if write { "store" } else { "load" }, n, off as i64 - pkt.data as i64,
-                    pkt.data_meta as i64 - pkt.data as i64, pkt.data_end - pkt.data))
-            }
-            TAG_STACK => {
-                if off + n <= STACK_SIZE {
-                    return Ok(unsafe { self.stack.as_mut_ptr().add(off) });
-                }
-                fault(pc, format!("stack access of {} bytes at {:#x} outside the stack", n, off))
-            }
+            TAG_PKT => fault(pc, format!(
+                "{} of {} bytes at packet offset {} outside [data_meta {}, data_end {})",
+                what, n, off as i32 as i64 - pkt.data as i64,
+                pkt.data_meta as i64 - pkt.data as i64, pkt.data_end - pkt.data)),
+            TAG_STACK => fault(pc, format!("stack {} of {} bytes at {:#x} outside the stack", what, n, off)),
             t if t >= TAG_VALUE && ((t - TAG_VALUE) as usize) < self.store.maps.len() => {
                 let m = (t - TAG_VALUE) as usize;
                 let d = &self.store.maps[m];
                 if write && (d.flags & BPF_F_RDONLY_PROG != 0
-                    || matches!(d.mtype, BPF_MAP_TYPE_DEVMAP | BPF_MAP_TYPE_DEVMAP_HASH))
-                {
+                    || matches!(d.mtype, BPF_MAP_TYPE_DEVMAP | BPF_MAP_TYPE_DEVMAP_HASH)) {
                     return fault(pc, format!("store into read-only map value (map {})", m));
                 }
-                if off < d.values_len && off % d.vstride + n <= d.value_size {
-                    return Ok(unsafe { self.store.base.add(d.off_values + off) });
-                }
-                fault(pc, format!("access of {} bytes at offset {} of a map value of {} bytes (map {})",
-                    n, off % d.vstride.max(1), d.value_size, m))
+                fault(pc, format!("{} of {} bytes at offset {} of a map value of {} bytes (map {})",
+                    what, n, off % d.vstride.max(1), d.value_size, m))
             }
-            TAG_CTX => fault(pc, "ctx access through a helper or misaligned".into()),
-            _ => fault(pc, format!("{} through a bad pointer {:#x}", if write { "store" } else { "load" }, addr)),
+            TAG_CTX => fault(pc, format!("ctx {} through a helper or of a bad size", what)),
+            _ => fault(pc, format!("{} through a bad pointer {:#x}", what, addr)),
         }
     }
 
@@ -257,17 +272,19 @@ impl Vm {
         self.left = self.budget;
         self.depth = 0;
         pkt.tail_calls = 0;
-        let mut regs = [0u64; 11];
+        let mut regs = [0u64; 16];
         regs[1] = (TAG_CTX << 32) + BASE;
         regs[10] = frame_top(0);
         self.exec(self.prog_start[prog], &mut regs, pkt)
     }
 
     /// Interpret from `pc` until the frame entered at depth `self.depth` exits.
-    fn exec(&mut self, mut pc: usize, regs: &mut [u64; 11], pkt: &mut Pkt) -> R<u64> {
+    fn exec(&mut self, mut pc: usize, regs: &mut [u64; 16], pkt: &mut Pkt) -> R<u64> {
         let base = self.depth;
         let mut frames: Vec<(usize, [u64; 4])> = Vec::new();
         let code_len = self.code.len();
+        // The code does not change while a packet runs; a raw pointer lets helpers borrow self.
+        let code = self.code.as_ptr();
         loop {
             if pc >= code_len {
                 return fault(pc, "jump out of the program".into());
@@ -276,23 +293,19 @@ impl Vm {
                 return fault(pc, format!("instruction budget of {} exhausted", self.budget));
             }
             self.left -= 1;
-            let i = self.code[pc];
-            let dst = i.dst as usize;
-            let src = i.src as usize;
-            if dst > 10 || src > 10 {
-                return fault(pc, "bad register".into());
-            }
+            let i = unsafe { *code.add(pc) };
+            // registers were checked at decode (<= 10); the mask lets the compiler drop bounds checks
+            let dst = (i.dst & 0xf) as usize;
+            let src = (i.src & 0xf) as usize;
             let imm = i.imm as i64 as u64;
             pc += 1;
             macro_rules! alu64 {
                 ($v:expr) => {{
-                    if dst == 10 { return fault(pc - 1, "write to r10".into()); }
-                    regs[dst] = $v;
+                    regs[dst] = $v; // never r10: refused at decode
                 }};
             }
             macro_rules! alu32 {
                 ($v:expr) => {{
-                    if dst == 10 { return fault(pc - 1, "write to r10".into()); }
                     regs[dst] = ($v) as u32 as u64;
                 }};
             }
@@ -510,7 +523,7 @@ impl Vm {
         }
     }
 
-    fn atomic(&mut self, pkt: &Pkt, pc: usize, i: Insn, regs: &mut [u64; 11]) -> R<()> {
+    fn atomic(&mut self, pkt: &Pkt, pc: usize, i: Insn, regs: &mut [u64; 16]) -> R<()> {
         let wide = i.op == 0xdb;
         let n = if wide { 8 } else { 4 };
         let addr = regs[i.dst as usize].wrapping_add(i.off as i64 as u64);
@@ -558,7 +571,7 @@ impl Vm {
         Ok(())
     }
 
-    fn tail_call(&mut self, pkt: &mut Pkt, pc: usize, regs: &[u64; 11]) -> R<Option<usize>> {
+    fn tail_call(&mut self, pkt: &mut Pkt, pc: usize, regs: &[u64; 16]) -> R<Option<usize>> {
         let m = self.map_arg(pc, regs[2])?;
         if self.store.maps[m].mtype != BPF_MAP_TYPE_PROG_ARRAY {
             return fault(pc, "bpf_tail_call on a map that is not a prog_array".into());
@@ -577,7 +590,7 @@ impl Vm {
         Ok(Some(self.prog_start[v - 1]))
     }
 
-    fn helper(&mut self, pkt: &mut Pkt, pc: usize, id: i32, regs: &mut [u64; 11]) -> R<u64> {
+    fn helper(&mut self, pkt: &mut Pkt, pc: usize, id: i32, regs: &mut [u64; 16]) -> R<u64> {
         let (a1, a2, a3, a4, a5) = (regs[1], regs[2], regs[3], regs[4], regs[5]);
         let neg = |e: i64| (-e) as u64;
         match id {
@@ -596,8 +609,10 @@ impl Vm {
                     }
                     a3 as usize
                 } else if d.percpu() { self.cpu } else { 0 };
-                let key = self.bytes(pkt, pc, a2, d.key_size)?;
-                Ok(match self.store.find(m, &key) {
+                // the key is read in place: no copy on the per-packet lookup path
+                let kp = self.tr(pkt, pc, a2, d.key_size, false)?;
+                let key = unsafe { std::slice::from_raw_parts(kp, d.key_size) };
+                Ok(match self.store.find(m, key) {
                     Some(slot) => self.value_addr(m, row, slot),
                     None => 0,
                 })
@@ -826,7 +841,7 @@ impl Vm {
                 let saved = *regs;
                 let mut done = 0u64;
                 for k in 0..nr {
-                    let mut r = [0u64; 11];
+                    let mut r = [0u64; 16];
                     r[1] = k;
                     r[2] = cbctx;
                     self.depth += 1;
