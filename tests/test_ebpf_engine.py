@@ -291,11 +291,11 @@ def test_unknown_action_is_aborted_in_a_batch(run_prefix: str) -> None:
         offs = np.array([256, 256], dtype=np.uint32)
         lens = np.array([60, 60], dtype=np.uint32)
         targets = np.full(2, -1, dtype=np.int64)
-        v, exc = e.cpu().run_batch(0, pm_mem, pages, offs, lens, targets, 1, 0)
+        v, exc, _ = e.cpu().run_batch(0, pm_mem, pages, offs, lens, targets, 1, 0)
         assert list(v) == [XDP_ABORTED, XDP_ABORTED] and exc == 2
         # ... and r0's upper half is ignored, as the kernel's u32 act is
         e2 = Engine(make({"p": A.ld_imm64(0, (7 << 32) | XDP_PASS) + A.exit_()}))
-        v, exc = e2.cpu().run_batch(0, pm_mem, pages, offs, lens, targets, 1, 0)
+        v, exc, _ = e2.cpu().run_batch(0, pm_mem, pages, offs, lens, targets, 1, 0)
         assert list(v) == [XDP_PASS, XDP_PASS] and exc == 0
         e2.close()
     finally:
@@ -312,12 +312,12 @@ def test_batch_faults_touch_no_other_page() -> None:
     try:
         pages = np.array([1], dtype=np.uint32)
         offs, lens = np.array([256], dtype=np.uint32), np.array([64], dtype=np.uint32)
-        v, exc = e.cpu().run_batch(0, mem, pages, offs, lens, np.full(1, -1, dtype=np.int64), 1, 0)
+        v, exc, _ = e.cpu().run_batch(0, mem, pages, offs, lens, np.full(1, -1, dtype=np.int64), 1, 0)
         assert v[0] == XDP_ABORTED and exc == 1
         assert mem[1, 256] == 0xAA and mem[1, 255] == 0
         assert not mem[0].any() and not mem[2].any()
         # a descriptor pointing outside the page memory is refused, not followed
-        v, exc = e.cpu().run_batch(0, mem, np.array([7], dtype=np.uint32), offs, lens,
+        v, exc, _ = e.cpu().run_batch(0, mem, np.array([7], dtype=np.uint32), offs, lens,
                                    np.full(1, -1, dtype=np.int64), 1, 0)
         assert v[0] == XDP_ABORTED and exc == 1
     finally:
@@ -576,7 +576,7 @@ def test_batch_writes_back_offsets_and_targets() -> None:
     e = Engine(make({"p": prog}))
     try:
         targets = np.full(3, -1, dtype=np.int64)
-        v, exc = e.cpu().run_batch(0, mem, desc["page"], desc["off"], desc["len"], targets, 1, 0)
+        v, exc, _ = e.cpu().run_batch(0, mem, desc["page"], desc["off"], desc["len"], targets, 1, 0)
         assert exc == 0 and list(v) == [XDP_REDIRECT] * 3
         assert list(targets) == [5, 5, 5]
         assert list(desc["off"]) == [270, 270, 256]  # a 20-byte frame cannot lose 14 bytes (ETH_HLEN left)

@@ -62,6 +62,7 @@ _ALIGN = 64
 _MAGIC = 0x4F424A4D41505321  # "OBJMAPS!"
 _VERSION = 1
 _HDR = struct.Struct("<QQQQQ")  # magic, version, ncpus, nmaps, fingerprint
+_TRACE = struct.Struct("<QQ")  # per CPU: bpf_trace_printk lines logged, lines dropped by the rate limit
 _MAP_HDR = 64
 _SLOT = 16
 # One object's maps may not reserve more than this (a typo in max_entries should not fill /dev/shm), and
@@ -95,7 +96,7 @@ def _check(m: o.MapDef) -> None:
 def map_layout(maps: list[o.MapDef], ncpus: int) -> tuple[int, list[list[int]]]:
     """(segment size, one layout row per map as the engine takes it: type, key_size, value_size, max_entries,
     map_flags, rows, capacity, vstride, kstride, off_hdr, off_slots, off_keys, off_values, values_len)."""
-    off = _ALIGN
+    off = _up(_ALIGN + _TRACE.size * ncpus)  # the segment header, then per CPU its trace_printk counters
     out = []
     for m in maps:
         _check(m)
@@ -266,6 +267,18 @@ class ObjMaps:
         i, _ = self._def(name)
         return self.native.events(i)
 
+    # ---- bpf_trace_printk, counted per CPU (each CPU writes only its own counters) ----
+
+    def count_trace(self, cpu: int, lines: int, dropped: int) -> None:
+        off = _ALIGN + _TRACE.size * cpu
+        a, b = _TRACE.unpack_from(self.seg.buf, off)
+        _TRACE.pack_into(self.seg.buf, off, a + lines, b + dropped)
+
+    def trace_counts(self) -> tuple[int, int]:
+        """(lines, dropped) over every CPU."""
+        rows = [_TRACE.unpack_from(self.seg.buf, _ALIGN + _TRACE.size * c) for c in range(self.ncpus)]
+        return sum(r[0] for r in rows), sum(r[1] for r in rows)
+
     # ---- the report ----
 
     def snapshot(self) -> dict[str, Any]:
@@ -303,6 +316,10 @@ class ObjMaps:
             if gvars and m.type == o.BPF_MAP_TYPE_ARRAY:
                 raw = self.native.lookup(i, b"\0\0\0\0", 0) or b""
                 out[m.name]["vars"] = {g: _from_bytes(raw[v.offset: v.offset + v.size]) for g, v in gvars.items()}
+        lines, dropped = self.trace_counts()
+        if lines or dropped:
+            # not a C identifier: cannot collide with a map's name
+            out["(bpf_trace_printk)"] = {"lines": lines, "dropped": dropped}
         return out
 
     def populate(self, initial: Mapping[str, Mapping[Any, Any]], ifindex_of: Callable[[str], int]) -> None:

@@ -270,12 +270,13 @@ impl Engine {
     /// Run program `prog` over the packets described by `pages`/`offs`/`lens` (u32 arrays, any stride: a
     /// worker passes its descriptors' own fields) in `mem` (uint8, npages x page_size).  Writes each
     /// verdict (int64; ABORTED after a fault or an unknown action) and redirect target (int64, -1 none),
-    /// and the new offset and length back into `offs`/`lens`.  Returns the number of packets that
-    /// faulted or returned an unknown action (the kernel's xdp_exception).
+    /// and the new offset and length back into `offs`/`lens` (only for packets whose data or data_end
+    /// moved).  Returns (packets that faulted or returned an unknown action: the kernel's xdp_exception,
+    /// packets whose data or data_end moved).
     #[allow(clippy::too_many_arguments)]
     fn run_batch(&mut self, prog: usize, mem: &Bound<'_, PyAny>, page_size: usize, pages: &Bound<'_, PyAny>,
                  offs: &Bound<'_, PyAny>, lens: &Bound<'_, PyAny>, verdicts: &Bound<'_, PyAny>,
-                 targets: &Bound<'_, PyAny>, ingress_ifindex: u32, rx_queue: u32) -> PyResult<u64> {
+                 targets: &Bound<'_, PyAny>, ingress_ifindex: u32, rx_queue: u32) -> PyResult<(u64, u64)> {
         if prog >= self.names.len() {
             return Err(PyValueError::new_err(format!("no program {}", prog)));
         }
@@ -308,6 +309,7 @@ impl Engine {
         let at = |b: &PyBuffer<u32>, k: usize| unsafe { (b.buf_ptr() as *mut u8).offset(b.strides()[0] * k as isize) as *mut u32 };
         let at64 = |b: &PyBuffer<i64>, k: usize| unsafe { (b.buf_ptr() as *mut u8).offset(b.strides()[0] * k as isize) as *mut i64 };
         let mut exc = 0u64;
+        let mut moved = 0u64;
         for k in 0..n {
             let (page, off, len) = unsafe {
                 (std::ptr::read_unaligned(at(&pg, k)) as usize, std::ptr::read_unaligned(at(&of, k)) as usize,
@@ -341,9 +343,12 @@ impl Engine {
                         self.note(prog, &f);
                     }
                 }
-                unsafe {
-                    std::ptr::write_unaligned(at(&of, k), pkt.data as u32);
-                    std::ptr::write_unaligned(at(&ln, k), (pkt.data_end - pkt.data) as u32);
+                if pkt.data != off || pkt.data_end != off + len {
+                    moved += 1;
+                    unsafe {
+                        std::ptr::write_unaligned(at(&of, k), pkt.data as u32);
+                        std::ptr::write_unaligned(at(&ln, k), (pkt.data_end - pkt.data) as u32);
+                    }
                 }
             }
             unsafe {
@@ -351,7 +356,7 @@ impl Engine {
                 std::ptr::write_unaligned(at64(&tg, k), target);
             }
         }
-        Ok(exc)
+        Ok((exc, moved))
     }
 
     /// Run program `prog` once per frame, each in a page of its own at the kernel's 256-byte headroom:
