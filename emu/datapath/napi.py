@@ -516,6 +516,12 @@ class NapiCore(Core):
         except Exception as exc:
             self.warn_once("raise", f"XDP program raised {type(exc).__name__}: {exc} (counted ABORTED)")
             ret = None
+        if pkts.moved:  # a native program's adjust_head/tail: the frames' new place in their pages
+            self.pm.off.put(d["page"], pkts.offs)
+            self.pm.len.put(d["page"], pkts.lens)
+        if pkts.exceptions:  # a native program's faults (emu.ebpf.engine): ABORTED, each an xdp_exception
+            self.warn_once("fault", f"XDP program faulted: {pkts.fault} (counted ABORTED)")
+            self.c[self.i["xdp_exception"]] += pkts.exceptions
         if type(ret) is np.ndarray and ret.dtype == np.int64 and ret.shape == (n,) and n:
             lo, hi = int(np.minimum.reduce(ret)), int(np.maximum.reduce(ret))
             if lo >= XDP_ABORTED and hi <= XDP_REDIRECT:  # the usual case: one check, no copy

@@ -25,6 +25,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
@@ -32,6 +33,8 @@ from yaml.constructor import ConstructorError, SafeConstructor
 from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from emu.errors import BadInputError
+from emu.mem.shm import new_run_prefix
 from emu.net.packets import MAX_PORT
 from emu.net.protocol import XDP_PACKET_HEADROOM
 from emu.topology import schema
@@ -465,6 +468,7 @@ class _Validator:
         self.file = filename
         self.alias_uses = alias_uses
         self.xdp_nodes: dict[str, _XdpNodes] = {}  # by "host:device"
+        self.object_nodes: dict[str, _Fields] = {}  # by "host:device", for eBPF objects
 
     # -- primitives ---------------------------------------------------------------------------------
 
@@ -766,6 +770,12 @@ class _Validator:
         f = _Fields(
             self, node, what=f"{where}: 'xdp'", where=f"{where}: xdp", owner_line=key_line, allowed=XDP.names
         )
+        if f.given("object") is not None:
+            return self.xdp_object(where, f, key_line)
+        for key in ("maps", "globals"):
+            if f.given(key) is not None:
+                self.fail(f.items[key][0], f"{f.pfx}'{key}' is for an eBPF 'object' (a Python program's maps are "
+                                           f"populated from its params)")
         program_node = f.require("program")
         program = self.str_value(program_node, "program", f.pfx)
         try:
@@ -788,10 +798,91 @@ class _Validator:
         )
         return XdpConfig(program, params, f.bool("vectorised", XDP["vectorised"].default))
 
+    def xdp_object(self, where: str, f: _Fields, key_line: int) -> XdpConfig:
+        """``xdp: {object: PATH.o, program: NAME, maps: {...}, globals: {...}}``: read here, loaded (and its maps
+        populated in a scratch place) by `check_object` once the host's devices are known."""
+        if f.given("params") is not None:
+            self.fail(f.items["params"][0], f"{f.pfx}'params' is for a Python program; an object takes 'maps' "
+                                            f"and 'globals'")
+        object_node = f.require("object")
+        rel = self.str_value(object_node, "object", f.pfx)
+        path = Path(rel) if os.path.isabs(rel) else Path(self.file).resolve().parent / rel
+        if not path.is_file():
+            self.fail(object_node, f"{f.pfx}object '{rel}': no such file ({path})")
+        program_node = f.given("program")
+        program = "" if program_node is None else self.str_value(program_node, "program", f.pfx)
+        parts: dict[str, Any] = {}
+        for key in ("maps", "globals"):
+            node = f.given(key)
+            if node is not None and not isinstance(node, MappingNode):
+                self.fail(node, f"{f.pfx}'{key}' must be a mapping, not {_describe(node)}")
+            parts[key] = {} if node is None else self.plain_value(node, f"{where}: xdp: {key}")
+        self.object_nodes[where] = f
+        return XdpConfig(program, {}, f.bool("vectorised", XDP["vectorised"].default), str(path),
+                         parts["maps"], parts["globals"])
+
+    def check_object(self, host: HostConfig, dev: DeviceConfig) -> None:
+        """Load `dev`'s eBPF object as a run would (globals set, the program chosen and decoded by the engine,
+        the maps created in a scratch place and populated); errors point at the key at fault."""
+        from emu.ebpf.engine import CpuEngine
+        from emu.ebpf.maps import ObjMaps
+        from emu.xdp.runtime import load_xdp_object
+
+        assert dev.xdp is not None
+        where = f"{host.name}:{dev.name}"
+        f = self.object_nodes[where]
+        pfx = f"{where}: xdp: "
+        object_node = f.items["object"][1]
+        try:
+            obj, _ = load_xdp_object(dev, host)
+        except BadInputError as e:
+            text = str(e)
+            at = f.items["globals"][1] if "globals" in f.items and "global" in text else object_node
+            if "program" in f.items and "no program" in text:
+                at = f.items["program"][1]
+            self.fail(at, f"{pfx}{text}")
+        try:
+            om = ObjMaps.create(f"{new_run_prefix()}-scratch", obj.maps, host.cpus)
+        except BadInputError as e:
+            self.fail(object_node, f"{pfx}{obj.path}: {e}")
+        try:
+            om.programs = list(obj.programs)
+            try:
+                CpuEngine(obj, om, 0)
+            except BadInputError as e:
+                self.fail(object_node, f"{pfx}{e}")
+            maps_node = f.given("maps")
+            if maps_node is None:
+                return
+            ifindex_of = ifindex_resolver(host)
+            for mk_node, mv_node in maps_node.value:
+                mname = str(mk_node.value)
+                if mname not in om.index:
+                    self.fail(mk_node, f"{pfx}maps: no map '{mname}' in {obj.path.name} (maps: "
+                                       f"{', '.join(om.index) or 'none'})")
+                if not isinstance(mv_node, MappingNode):
+                    self.fail(mv_node, f"{pfx}maps: '{mname}' must be a mapping of key to value, not "
+                                       f"{_describe(mv_node)}")
+                entries = dev.xdp.maps[mname]
+                for k_node, v_node in mv_node.value:
+                    k = str(k_node.value)
+                    try:
+                        om.populate({mname: {k: entries[k]}}, ifindex_of)
+                    except (BadInputError, ValueError, KeyError) as e:
+                        text = str(e) if not isinstance(e, KeyError) or isinstance(e, MapError) else e.args[0]
+                        at = k_node if " key " in text else v_node
+                        self.fail(at, f"{pfx}maps: '{mname}': {text}")
+        finally:
+            om.unlink()
+            om.close()
+
     def check_program(self, host: HostConfig, dev: DeviceConfig) -> None:
         """Load `dev`'s program as a run would: its declared params, its maps (created in a scratch place
         and populated from the params) and its setup hook on a context of this device."""
         assert dev.xdp is not None
+        if dev.xdp.object is not None:
+            self.check_object(host, dev)
+            return
         where = f"{host.name}:{dev.name}"
         nodes = self.xdp_nodes[where]
         pfx = f"{where}: xdp: params"

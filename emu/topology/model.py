@@ -102,6 +102,11 @@ class XdpConfig:
     program: str
     params: dict[str, Any] = field(default_factory=dict)
     vectorised: bool = True
+    # An eBPF object instead of a Python program (issue 17): its absolute path, `program` the function
+    # name ("" when the object has one XDP program), map entries and global variables to set before load.
+    object: str | None = None
+    maps: dict[str, Any] = field(default_factory=dict)
+    globals: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,7 +351,8 @@ def _device_to_dict(dev: DeviceConfig) -> dict[str, Any]:
         "xdp": None
         if dev.xdp is None
         else {"program": dev.xdp.program, "params": copy.deepcopy(dev.xdp.params),
-              "vectorised": dev.xdp.vectorised},
+              "vectorised": dev.xdp.vectorised, "object": dev.xdp.object, "maps": copy.deepcopy(dev.xdp.maps),
+              "globals": copy.deepcopy(dev.xdp.globals)},
         "xdp_xmit": dev.xdp_xmit,
         "redirect_fallback": dev.redirect_fallback,
         "tx_completion_us": dev.tx_completion_us,
@@ -370,7 +376,9 @@ def host_from_dict(d: Mapping[str, Any]) -> HostConfig:
             rx_cpus=tuple(dd["rx_cpus"]),
             xdp=None
             if xdp is None
-            else XdpConfig(xdp["program"], copy.deepcopy(dict(xdp["params"])), xdp.get("vectorised", True)),
+            else XdpConfig(xdp["program"], copy.deepcopy(dict(xdp["params"])), xdp.get("vectorised", True),
+                           xdp.get("object"), copy.deepcopy(dict(xdp.get("maps") or {})),
+                           copy.deepcopy(dict(xdp.get("globals") or {}))),
             xdp_xmit=dd["xdp_xmit"],
             redirect_fallback=dd["redirect_fallback"],
             tx_completion_us=dd["tx_completion_us"],

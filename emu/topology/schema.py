@@ -295,7 +295,23 @@ XDP = Section("xdp", "`hosts.<host>.devices.<dev>.xdp`", (
         "Python callable implementing the program. Imported and loaded during validation (its maps created "
         "in a scratch place, populated from `params`, its setup hook run for the device): what would fail "
         "at run time is reported with the line of the key at fault. Bundled programs: "
-        "[below](#bundled-xdp-programs).", REQUIRED, type_doc="string `module:function`"),
+        "[below](#bundled-xdp-programs).  With `object`: the name of the object's XDP function (may be "
+        "omitted when the object has one).", REQUIRED, type_doc="string `module:function`",
+        default_doc="required (with `object`: optional)"),
+    Key("object", "str",
+        "A clang-compiled eBPF object (`clang -O2 -g -target bpf`), path relative to the topology file: "
+        "loaded as libbpf would (`emu.ebpf.elf`), run natively by the engine (`emu.ebpf.engine`, "
+        "[docs/ebpf.md](../docs/ebpf.md)), its maps in shared memory.", None, type_doc="path to a `.o`",
+        default_doc="null (a Python program)", kernel="`bpf_object__open`, `bpf_prog_load`"),
+    Key("maps", "mapping",
+        "With `object`: entries to put in the object's maps before traffic, `{MAP: {KEY: VALUE}}`; keys and "
+        "values integers, devmap (and 4-byte array) values may name devices of the host, prog_array values "
+        "name programs of the object.", None, type_doc="mapping", default_doc="`{}`",
+        kernel="`bpf_map_update_elem` from user space"),
+    Key("globals", "mapping",
+        "With `object`: `.rodata`/`.data`/`.bss` variables set before load, `{VAR: VALUE}` (an integer, or a "
+        "device name of the host for its ifindex), as a libbpf skeleton's `skel->rodata->VAR = VALUE`.", None,
+        type_doc="mapping", default_doc="`{}`", kernel="skeleton `.rodata` before `bpf_object__load`"),
     Key("params", "mapping",
         "Parameters passed to the program (scalars, lists, mappings). A program that declares its params "
         "(`xdp_program(params=...)`, every bundled one) gets them checked: unknown, missing and mistyped "

@@ -194,7 +194,8 @@ class XdpBatch:
     per-CPU ``bpf_redirect_info`` for each packet: -1 until `redirect` or `redirect_map` sets it.
     """
 
-    __slots__ = ("_uniform", "lens", "mem", "offs", "pages", "redirect_ifindex", "spans")
+    __slots__ = ("_uniform", "exceptions", "fault", "lens", "mem", "moved", "offs", "pages", "redirect_ifindex",
+                 "spans")
 
     def __init__(self, mem: np.ndarray, pages: np.ndarray, offs: np.ndarray, lens: np.ndarray,
                  spans: PageSpans | None = None) -> None:
@@ -207,6 +208,13 @@ class XdpBatch:
         self.lens = lens
         self.redirect_ifindex = np.full(len(pages), -1, dtype=np.int64)
         self._uniform: int | None = -1  # the offset every packet shares (None: they differ); -1: not known yet
+        # Packets a native (eBPF object) program aborted on a fault, counted as xdp_exception, and the last
+        # fault's text (emu.ebpf.engine).
+        self.exceptions = 0
+        self.fault: str | None = None
+        # A native program moved packets' data or data_end (bpf_xdp_adjust_head/tail): `offs`/`lens` are the
+        # new ones, which the worker stores in the pages' metadata.
+        self.moved = False
 
     def _offset(self) -> int | None:
         """The offset every packet's data starts at (None when they differ), found once."""

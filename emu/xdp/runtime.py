@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from emu.mem.shm import new_run_prefix
@@ -52,6 +53,42 @@ def scratch_maps(prog: Program, ncpus: int) -> Iterator[MapSet | None]:
         ms.close()
 
 
+def object_globals(dev: DeviceConfig, host: HostConfig) -> dict[str, Any]:
+    """The topology's ``globals`` for `dev`'s object, a device name of the host replaced by its ifindex."""
+    assert dev.xdp is not None
+    devs = {name: d.ifindex for name, d in host.devices.items()}
+    return {k: devs[v] if isinstance(v, str) and v in devs else v for k, v in dev.xdp.globals.items()}
+
+
+def load_xdp_object(dev: DeviceConfig, host: HostConfig | None = None) -> tuple[Any, str]:
+    """`dev`'s eBPF object, loaded (with its globals set when `host` is given: a CPU worker needs none, the
+    maps' segment already holds them) and the name of the program to attach."""
+    from emu.ebpf.elf import load_object
+    from emu.ebpf.engine import choose_program
+
+    assert dev.xdp is not None and dev.xdp.object is not None
+    obj = load_object(Path(dev.xdp.object), object_globals(dev, host) if host is not None else None)
+    return obj, choose_program(obj, dev.xdp.program)
+
+
+def create_object_maps(name: str, dev: DeviceConfig, host: HostConfig) -> Any:
+    """The maps of `dev`'s object in segment `name`: global data as set, populated from ``maps:``."""
+    from emu.ebpf.maps import ObjMaps
+
+    assert dev.xdp is not None
+    obj, _ = load_xdp_object(dev, host)
+    om = ObjMaps.create(name, obj.maps, host.cpus)
+    try:
+        om.globals = dict(obj.globals)
+        om.programs = list(obj.programs)
+        om.populate(dev.xdp.maps, ifindex_resolver(host))
+    except BaseException:
+        om.unlink()
+        om.close()
+        raise
+    return om
+
+
 def create_maps(prefix: str, host: HostConfig) -> tuple[dict[str, str], list[tuple[str, MapSet]]]:
     """Create (and populate) the map set of every device whose program declares maps."""
     names: dict[str, str] = {}
@@ -60,6 +97,11 @@ def create_maps(prefix: str, host: HostConfig) -> tuple[dict[str, str], list[tup
     try:
         for dname, dev in host.devices.items():
             if dev.xdp is None:
+                continue
+            if dev.xdp.object is not None:
+                name = f"{prefix}-maps-{dname}"
+                sets.append((f"{host.name}:{dname}", create_object_maps(name, dev, host)))
+                names[dname] = name
                 continue
             prog = load_program(dev.xdp.program)
             if not prog.maps:
@@ -83,6 +125,13 @@ def program_for(
     """In a CPU worker: the device's program and its maps as seen from `cpu`."""
     if dev.xdp is None:
         return None, {}
+    if dev.xdp.object is not None:  # an eBPF object, run natively (emu.ebpf.engine)
+        from emu.ebpf.engine import xdp_program
+        from emu.ebpf.maps import ObjMaps
+
+        obj, name = load_xdp_object(dev)
+        assert mapset_name is not None
+        return xdp_program(obj, name, ObjMaps.attach(mapset_name, obj.maps, ncpus), cpu), {}
     prog = load_program(dev.xdp.program)
     if not prog.maps or mapset_name is None:
         return prog, {}

@@ -1,0 +1,209 @@
+"""Running a loaded eBPF object's XDP programs natively: the Python face of the Rust engine.
+
+Kernel counterpart: ``bpf_prog_run_xdp`` (include/net/xdp.h) with the interpreter of kernel/bpf/core.c
+and the XDP helpers of net/core/filter.c, and ``BPF_PROG_TEST_RUN`` for `Engine.run`.  The engine
+(emu/ebpf/engine/, a PyO3 extension built by ``pip install``) decodes every program of the object once,
+then runs one program over a whole batch of packets per call, in place in the host's page memory, every
+load and store checked (see emu/ebpf/engine/src/vm.rs and docs/ebpf.md).  A fault — an access outside
+the packet, the stack, the ctx or a map value, a bad helper argument, the instruction budget exhausted —
+ends that packet as XDP_ABORTED, counted as ``xdp_exception``; the engine, the worker and shared memory
+are unaffected.
+
+`CpuEngine` is one emulated CPU's engine (what a CPU worker holds); `Engine` is the test and benchmark
+entry point over frames: ``Engine(obj, maps, ncpus).run(prog, frames, cpu, ingress_ifindex, rx_queue)``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+from emu.ebpf import _engine
+from emu.ebpf.maps import ObjMaps
+from emu.ebpf.obj import BpfObject
+from emu.errors import BadInputError
+from emu.mem.shm import new_run_prefix
+
+__all__ = ["DEFAULT_BUDGET", "ETH_DATA_LEN", "SUPPORTED_HELPERS", "CpuEngine", "Engine", "choose_program",
+           "xdp_program"]
+
+# Instructions one packet may execute (bpf_loop callbacks and tail calls included): the kernel bounds
+# programs at verification (1M processed instructions); a program looping on values the emulator's
+# verifier-free engine cannot prove bounded is stopped here instead.
+DEFAULT_BUDGET = 1_000_000
+SUPPORTED_HELPERS = frozenset(_engine.SUPPORTED_HELPERS)
+ETH_DATA_LEN = 1500  # the MTU bpf_check_mtu sees for every device (the emulator's devices have no MTU key)
+# bpf_trace_printk lines a CPU worker prints to its stderr (the run's log) at most; the rest are counted.
+TRACE_PRINT_LIMIT = 200
+
+
+class CpuEngine:
+    """The programs of `obj` on emulated CPU `cpu`, over the maps `maps` (attached by this process)."""
+
+    def __init__(self, obj: BpfObject, maps: ObjMaps, cpu: int, budget: int = DEFAULT_BUDGET,
+                 trace_limit: int = 64, seed: int = 0) -> None:
+        self.obj = obj
+        self.maps = maps
+        self.cpu = cpu
+        self.names = list(obj.programs)
+        progs = [obj.programs[n].insns for n in self.names]
+        try:
+            self.native = _engine.Engine(self.names, progs, maps.mem, maps.layout, maps.lock_fd, maps.ncpus, cpu,
+                                         budget, trace_limit, seed)
+        except ValueError as exc:
+            raise BadInputError(f"{obj.path}: {exc}") from None
+
+    def index(self, prog: str) -> int:
+        try:
+            return self.names.index(prog)
+        except ValueError:
+            raise BadInputError(f"{self.obj.path}: no program {prog!r} (programs: {', '.join(self.names)})") from None
+
+    def set_devices(self, mtus: dict[int, int]) -> None:
+        """The host's devices by ifindex and their MTU (``bpf_check_mtu``)."""
+        self.native.set_devices(sorted(mtus.items()))
+
+    def run_batch(self, prog: int, mem: np.ndarray, pages: np.ndarray, offs: np.ndarray, lens: np.ndarray,
+                  targets: np.ndarray, ingress_ifindex: int, rx_queue: int) -> tuple[np.ndarray, int, int]:
+        """Program `prog` over the packets (page ids, offsets and lengths, writable u32 arrays of any stride,
+        written back after adjust_head/meta/tail) in `mem` (npages x page_size uint8): their verdicts
+        (int64), how many faulted or returned an unknown action, and how many moved their data or data_end.
+        `targets` (int64) receives redirect targets."""
+        verdicts = np.empty(len(pages), dtype=np.int64)
+        exc, moved = self.native.run_batch(prog, mem, mem.shape[1], pages, offs, lens, verdicts, targets,
+                                           ingress_ifindex, rx_queue)
+        return verdicts, exc, moved
+
+    def run(self, prog: str, frames: list[bytes], ingress_ifindex: int = 1, rx_queue: int = 0,
+            page_size: int = 4096) -> list[tuple[int, bytes, int]]:
+        """Each frame in a page of its own at the 256-byte headroom: (r0, the frame after, redirect target)."""
+        return self.native.run_frames(self.index(prog), frames, ingress_ifindex, rx_queue, page_size)
+
+    @property
+    def last_fault(self) -> str | None:
+        return self.native.last_fault
+
+    @property
+    def faults(self) -> int:
+        return self.native.faults
+
+    def drain_trace(self) -> tuple[list[str], int]:
+        """bpf_trace_printk lines since the last call, and how many the rate limit dropped."""
+        return self.native.drain_trace()
+
+
+class Engine:
+    """All CPUs of one object, for tests and benchmarks: maps created under a scratch name (unlinked by
+    `close`) unless given, one `CpuEngine` per CPU on demand."""
+
+    def __init__(self, obj: BpfObject, maps: ObjMaps | None = None, ncpus: int = 1,
+                 budget: int = DEFAULT_BUDGET) -> None:
+        self.obj = obj
+        self.ncpus = ncpus
+        self.budget = budget
+        self._own = maps is None
+        self.maps = maps if maps is not None else ObjMaps.create(f"{new_run_prefix()}-objmaps", obj.maps, ncpus)
+        self.maps.globals = dict(obj.globals)
+        self.maps.programs = list(obj.programs)
+        self._cpus: dict[int, CpuEngine] = {}
+
+    def cpu(self, cpu: int = 0) -> CpuEngine:
+        e = self._cpus.get(cpu)
+        if e is None:
+            e = self._cpus[cpu] = CpuEngine(self.obj, self.maps, cpu, self.budget)
+        return e
+
+    def run(self, prog: str, frames: list[bytes], cpu: int = 0, ingress_ifindex: int = 1,
+            rx_queue: int = 0) -> list[tuple[int, bytes, int]]:
+        return self.cpu(cpu).run(prog, frames, ingress_ifindex, rx_queue)
+
+    def close(self) -> None:
+        self._cpus.clear()
+        if self._own:
+            self.maps.unlink()
+        self.maps.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def choose_program(obj: BpfObject, name: str | None) -> str:
+    """The XDP program to attach: `name`, or the object's only program attached at XDP (sections ``xdp``,
+    ``xdp.frags``) when `name` is empty; BadInputError saying what the object has otherwise."""
+    xdp = [n for n, p in obj.programs.items() if p.expected_attach == "xdp"]
+    if name:
+        if name not in obj.programs:
+            raise BadInputError(f"{obj.path}: no program {name!r} (XDP programs: {', '.join(xdp) or 'none'})")
+        if obj.programs[name].expected_attach != "xdp":
+            raise BadInputError(f"{obj.path}: program {name!r} is in section {obj.programs[name].section!r}, "
+                                f"not one attached at an RX queue (xdp, xdp.frags)")
+        return name
+    if len(xdp) != 1:
+        raise BadInputError(f"{obj.path}: {len(xdp)} XDP programs ({', '.join(xdp) or 'none'}): name the one "
+                            f"to attach with 'program'")
+    return xdp[0]
+
+
+def xdp_program(obj: BpfObject, prog: str, maps: ObjMaps, cpu: int) -> Any:
+    """An `emu.xdp.context.Program` running `prog` of `obj` natively on CPU `cpu`: its vectorised form is
+    one engine call per batch (descriptors' offsets and lengths written back, redirect targets per packet,
+    faults counted as ``xdp_exception`` through `XdpBatch.exceptions`); its per-packet form, for
+    ``vectorised: false``, runs the engine on one frame and refuses a change of the frame's length."""
+    from emu.xdp.context import XDP_ABORTED, XDP_REDIRECT, Program, XdpBatch, XdpContext
+
+    eng = CpuEngine(obj, maps, cpu)
+    idx = eng.index(prog)
+    printed = [0]
+
+    def drain() -> None:
+        lines, dropped = eng.drain_trace()
+        if not lines and not dropped:
+            return
+        room = max(0, TRACE_PRINT_LIMIT - printed[0])
+        for line in lines[:room]:
+            sys.stderr.write(f"bpf_trace_printk: cpu{cpu} {prog}: {line}\n")
+        printed[0] += min(room, len(lines))
+        maps.count_trace(cpu, len(lines), dropped)
+
+    def setup(ctx: XdpContext) -> None:
+        eng.set_devices({i: ETH_DATA_LEN for i in ctx._ifindexes.values()})
+
+    def batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
+        # A worker's descriptors are read-only views of a received message: the program gets copies, and
+        # when it moved a packet's data or data_end the worker stores the new ones in the page's metadata.
+        offs, lens = pkts.offs, pkts.lens
+        if not offs.flags.writeable:
+            offs = np.array(offs, dtype=np.uint32)
+        if not lens.flags.writeable:
+            lens = np.array(lens, dtype=np.uint32)
+        v, exc, moved = eng.run_batch(idx, pkts.mem, pkts.pages, offs, lens, pkts.redirect_ifindex,
+                                      ctx.ingress_ifindex, ctx.rx_queue_index)
+        if moved:
+            pkts.offs, pkts.lens, pkts.moved = offs, lens, True
+        if exc:
+            pkts.exceptions += exc
+            pkts.fault = eng.last_fault
+        drain()
+        return v
+
+    def fn(ctx: XdpContext) -> int:
+        data = ctx.data
+        assert data is not None
+        (r0, out, target), = eng.run(prog, [bytes(data)], ctx.ingress_ifindex, ctx.rx_queue_index)
+        drain()
+        if len(out) != len(data):
+            raise ValueError(f"{prog} changed the frame's length ({len(data)} -> {len(out)} bytes): "
+                             f"adjust_head/tail need the vectorised path")
+        data[:] = out
+        if r0 == XDP_REDIRECT:
+            ctx.redirect_ifindex = target
+        if eng.last_fault is not None and r0 == XDP_ABORTED:
+            raise RuntimeError(eng.last_fault)
+        return r0
+
+    return Program(fn, f"{obj.path.name}:{prog}", {}, setup, batch, None)
