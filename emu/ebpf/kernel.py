@@ -18,8 +18,9 @@ import errno
 import os
 import re
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from emu.ebpf.btf import Btf
 from emu.ebpf.obj import (
@@ -34,7 +35,7 @@ from emu.ebpf.obj import (
 from emu.errors import ObjectError
 
 __all__ = ["BpfSyscallError", "KernelObject", "KernelRejected", "available", "load", "map_items", "map_lookup",
-           "map_update", "possible_cpus", "prog_test_run", "verify_object_programs"]
+           "map_update", "possible_cpus", "prog_test_run", "verify_object_programs", "verify_topology"]
 
 SYS_bpf = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
 
@@ -336,7 +337,7 @@ _said_unavailable = False
 
 
 def verify_object_programs(obj: BpfObject, programs: Iterable[str] | None = None,
-                           warn: object = None) -> bool:
+                           warn: Callable[[str], None] | None = None) -> bool:
     """Load `obj`'s programs (all, or those named) into the kernel and unload them: the kernel's verifier as
     the judge, as ``emu validate`` and ``emu run`` use it.  Raises `KernelRejected` (exit status 2 from the
     CLI) for a program it rejects.  Where ``bpf(2)`` is not permitted, says so once through `warn` (a
@@ -347,7 +348,7 @@ def verify_object_programs(obj: BpfObject, programs: Iterable[str] | None = None
         if not _said_unavailable:
             _said_unavailable = True
             msg = f"emu: not verifying eBPF programs with the kernel: {reason}"
-            if callable(warn):
+            if warn is not None:
                 warn(msg)
             else:
                 import sys
@@ -357,3 +358,29 @@ def verify_object_programs(obj: BpfObject, programs: Iterable[str] | None = None
     with load(obj, programs):
         pass
     return True
+
+
+def verify_topology(topo: Any, warn: Callable[[str], None] | None = None) -> int:
+    """The kernel as the verifier of a topology's eBPF objects: every program of every object a device
+    attaches (with the device's globals set, as the run will load it) is loaded into the kernel and
+    unloaded, as ``emu validate`` and ``emu run`` do before anything starts.  Raises `KernelRejected`
+    (``FILE:program: kernel verifier rejected it:`` and the log's last lines; exit status 2) for one the
+    kernel refuses.  Where ``bpf(2)`` is not permitted, says so once and returns 0; else how many
+    objects were verified."""
+    from emu.xdp.runtime import load_xdp_object
+
+    seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+    n = 0
+    for host in topo.hosts.values():
+        for dev in host.devices.values():
+            if dev.xdp is None or getattr(dev.xdp, "object", None) is None:
+                continue
+            obj, _ = load_xdp_object(dev, host)
+            key = (str(obj.path), tuple(sorted((m.name, (m.data or b"").hex()) for m in obj.maps)))
+            if key in seen:
+                continue
+            seen.add(key)
+            if not verify_object_programs(obj, warn=warn):
+                return 0
+            n += 1
+    return n

@@ -35,6 +35,6 @@ int adjust(struct xdp_md *ctx)
 	((__u64 *)data)[0] = r1 | r2 << 16 | r3 << 32;
 	((__u64 *)data)[1] = b;
 	((__u64 *)data)[2] = (__u64)(end - data);
-	((__u64 *)data)[3] = bpf_xdp_get_buff_len(ctx);
+	((__u64 *)data)[3] = (__u64)(data - (void *)(long)ctx->data_meta);
 	return XDP_TX;
 }
