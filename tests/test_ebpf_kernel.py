@@ -84,3 +84,37 @@ def test_unavailable_bpf_is_said_once(monkeypatch: pytest.MonkeyPatch, objs: Pat
     assert kernel.verify_object_programs(obj, warn=said.append) is False
     assert kernel.verify_object_programs(obj, warn=said.append) is False
     assert said == ["emu: not verifying eBPF programs with the kernel: bpf(2) not permitted (test)"]
+
+
+# -- emu validate / run: the kernel as the verifier --------------------------------------------------------
+
+def _topology_with(obj: Path, tmp_path: Path, program: str) -> Path:
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "topology" / "l2fwd-obj.yaml").read_text()
+    text = text.replace("object: ../emu/programs/bpf/l2fwd.o", f"object: {obj}")
+    text = text.replace("program: l2fwd\n", f"program: {program}\n")
+    if program != "l2fwd":
+        text = text.replace("          globals: {egress_ifindex: eth1}\n", "")
+    topo = tmp_path / "topo.yaml"
+    topo.write_text(text)
+    return topo
+
+
+def test_emu_validate_refuses_what_the_kernel_rejects(objs: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from emu.cli import main
+
+    assert main(["validate", str(_topology_with(objs / "l2fwd.o", tmp_path, "l2fwd"))]) == 0
+    assert "ok" in capsys.readouterr().out
+    bad = compile_c('#include "xdp_common.h"\n'
+                    'SEC("xdp") int unchecked(struct xdp_md *ctx)\n'
+                    '{ unsigned char *p = (void *)(long)ctx->data; return p[20] ? XDP_PASS : XDP_DROP; }\n'
+                    'char _l[] SEC("license") = "GPL";\n', tmp_path, name="unchecked")
+    topo = _topology_with(bad, tmp_path, "unchecked")
+    assert main(["validate", str(topo)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{bad}:unchecked: kernel verifier rejected it:")
+    assert "invalid access to packet" in err
+    assert main(["validate", "--no-kernel-verify", str(topo)]) == 0  # the engine would run it (and abort)
+    assert main(["run", str(topo), "-n", "10", "-q"]) == 2  # refused before anything starts
+    assert "kernel verifier rejected it" in capsys.readouterr().err
