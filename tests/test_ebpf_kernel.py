@@ -118,3 +118,31 @@ def test_emu_validate_refuses_what_the_kernel_rejects(objs: Path, tmp_path: Path
     assert main(["validate", "--no-kernel-verify", str(topo)]) == 0  # the engine would run it (and abort)
     assert main(["run", str(topo), "-n", "10", "-q"]) == 2  # refused before anything starts
     assert "kernel verifier rejected it" in capsys.readouterr().err
+
+
+def test_event_maps_created_as_libbpf_does(objs: Path, tmp_path: Path) -> None:
+    """A perf_event_array without max_entries (libbpf: one per possible CPU) and a ringbuf load, with the
+    helpers that write to them; a hash map's keys read back through GET_NEXT_KEY."""
+    src = compile_c('#include "xdp_common.h"\n' + r"""
+struct { __uint(type, BPF_MAP_TYPE_PERF_EVENT_ARRAY); __uint(key_size, 4); __uint(value_size, 4); } events
+	SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_RINGBUF); __uint(max_entries, 4096); } ring SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_LRU_HASH); __type(key, __u32); __type(value, __u64); __uint(max_entries, 64); }
+	seen SEC(".maps");
+SEC("xdp") int ev(struct xdp_md *ctx)
+{
+	__u64 v = ctx->data_end - ctx->data;
+	__u32 k = v & 7;
+	bpf_perf_event_output(ctx, &events, BPF_F_CURRENT_CPU, &v, sizeof(v));
+	bpf_ringbuf_output(&ring, &v, sizeof(v), 0);
+	bpf_map_update_elem(&seen, &k, &v, BPF_ANY);
+	return XDP_PASS;
+}
+char _l[] SEC("license") = "GPL";
+""", tmp_path, name="events")
+    obj = load_object(src)
+    assert obj.maps[obj.map_index("events")].max_entries == 0
+    with kernel.load(obj) as ko:
+        for n in (20, 21, 30, 28):
+            assert kernel.prog_test_run(ko.prog_fds["ev"], bytes(n))[0] == 2
+        assert ko.items("seen") == {struct.pack("<I", k): struct.pack("<Q", v) for k, v in ((4, 28), (5, 21), (6, 30))}
