@@ -116,8 +116,8 @@ TRIM = """#include "xdp_common.h"
 SEC("xdp")
 int move(struct xdp_md *ctx)
 {
-	/* the frame moves 4 bytes towards its page's start: 4 bytes of headroom in, the frame copied down,
-	   4 bytes of tail out; unchanged, it reaches the sink intact only if the device sends it from there */
+	/* the frame moves 4 bytes towards its page's start (headroom in, frame copied down, tail out) */
+	/* unchanged, it reaches the sink intact only if the device sends it from its new place */
 	if (bpf_xdp_adjust_head(ctx, -4))
 		return XDP_ABORTED;
 	unsigned char *data = (void *)(long)ctx->data;

@@ -56,9 +56,9 @@ pub const H_KTIME_GET_BOOT_NS: i32 = 125;
 pub const H_RINGBUF_OUTPUT: i32 = 130;
 pub const H_CHECK_MTU: i32 = 163;
 pub const H_LOOP: i32 = 181;
-pub const H_XDP_GET_BUFF_LEN: i32 = 189;
-pub const H_XDP_LOAD_BYTES: i32 = 190;
-pub const H_XDP_STORE_BYTES: i32 = 191;
+pub const H_XDP_GET_BUFF_LEN: i32 = 188;
+pub const H_XDP_LOAD_BYTES: i32 = 189;
+pub const H_XDP_STORE_BYTES: i32 = 190;
 pub const H_MAP_LOOKUP_PERCPU_ELEM: i32 = 195;
 
 pub const SUPPORTED_HELPERS: &[i32] = &[
