@@ -70,7 +70,8 @@ mkdir "$tmp/src"
 { tar -C "$ROOT" -cf - --warning=no-file-changed \
     --exclude=./.git --exclude=./.venv --exclude=./venv --exclude=./build --exclude=./dist \
     --exclude='*.egg-info' --exclude=__pycache__ --exclude=./.pytest_cache --exclude=./.ruff_cache \
-    --exclude=./.hypothesis --exclude=./.mypy_cache . || [ $? = 1 ]; } | tar -C "$tmp/src" -xf -
+    --exclude=./.hypothesis --exclude=./.mypy_cache \
+    --exclude=./emu/ebpf/engine/target --exclude='./emu/ebpf/_engine*.so' . || [ $? = 1 ]; } | tar -C "$tmp/src" -xf -
 
 build_requires=$("$PYTHON" - "$ROOT/pyproject.toml" <<'EOF'
 import sys, tomllib

@@ -185,7 +185,7 @@ def test_topology_variants_are_validated_edits():
     xdp = f.hosts["h1"].devices["eth0"].xdp
     assert f.hosts["h1"].cpus == 1 and xdp.program == "emu.programs:l2fwd_filter"
     assert xdp.params == {"egress": "eth1", "deny_ports": [53]}
-    assert set(emu_runs.VARIANTS) | {"xdp-drop", "xdp-tx", "l2fwd"} == set(suite.EMU_CASES)
+    assert set(emu_runs.VARIANTS) | {"xdp-drop", "xdp-tx", "l2fwd", "l2fwd-obj"} == set(suite.EMU_CASES)
     assert emu_runs.case("l2fwd").hosts["h1"].cpus == 2
 
 
@@ -309,6 +309,10 @@ def test_tiny_suite_writes_every_key(tmp_path, no_leftovers):
                 "xdp_drop_pps", "xdp_tx_pps", "l2fwd_pps", "l2fwd_1cpu_pps", "l2fwd_2cpu_pps", "l2fwd_to_bare",
                 "l2fwd_to_naive", "scaling_2_to_1", "shm_bytes_l2fwd", "first_packet_s"):
         assert isinstance(res[key], int | float) and res[key] > 0, key
+    # the C object end to end and the eBPF engine alone, per bundled C program (issue 17)
+    assert res["l2fwd_obj_pps"] > 0 and res["l2fwd_obj_to_l2fwd"] > 0
+    assert set(res["xdp_engine_ns"]) == {"xdp_drop", "xdp_tx", "l2fwd", "l2fwd_map", "xdp_filter", "xdp_lb"}
+    assert all(v > 0 for v in res["xdp_engine_ns"].values())
     assert res["l2fwd_to_bare"] == pytest.approx(res["l2fwd_pps"] / res["bare_xdp_pps"], abs=1e-4)
     assert res["l2fwd_to_naive"] == pytest.approx(res["l2fwd_pps"] / res["naive_queue_pps"], abs=1e-4)
     assert res["scaling_2_to_1"] == pytest.approx(res["l2fwd_2cpu_pps"] / res["l2fwd_1cpu_pps"], abs=1e-4)

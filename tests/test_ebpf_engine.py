@@ -20,7 +20,7 @@ XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
 # helper ids (include/uapi/linux/bpf.h)
 LOOKUP, UPDATE, DELETE, TRACE, SMP_ID, TAIL_CALL, REDIRECT = 1, 2, 3, 6, 8, 12, 23
 PERF_OUT, CSUM_DIFF, ADJ_HEAD, REDIRECT_MAP, ADJ_META, ADJ_TAIL = 25, 28, 44, 51, 54, 65
-RINGBUF_OUT, CHECK_MTU, LOOP, BUFF_LEN, LOAD_BYTES, STORE_BYTES, PERCPU_LOOKUP = 130, 163, 181, 189, 190, 191, 195
+RINGBUF_OUT, CHECK_MTU, LOOP, BUFF_LEN, LOAD_BYTES, STORE_BYTES, PERCPU_LOOKUP = 130, 163, 181, 188, 189, 190, 195
 
 OUT = MapDef("out", o.BPF_MAP_TYPE_ARRAY, 4, 8, 1, section=".bss", data=bytes(8))
 
@@ -583,3 +583,11 @@ def test_batch_writes_back_offsets_and_targets() -> None:
         assert list(desc["len"]) == [50, 86, 20]
     finally:
         e.close()
+
+
+def test_engine_supports_exactly_the_loaders_helpers() -> None:
+    # one table (emu/ebpf/helpers.py) for the loader, `emu inspect` and the docs; the engine implements each
+    from emu.ebpf.engine import SUPPORTED_HELPERS
+    from emu.ebpf.helpers import HELPERS
+
+    assert {i for i, _ in HELPERS} == set(SUPPORTED_HELPERS)

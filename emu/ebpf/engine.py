@@ -34,6 +34,7 @@ __all__ = ["DEFAULT_BUDGET", "ETH_DATA_LEN", "SUPPORTED_HELPERS", "CpuEngine", "
 # verifier-free engine cannot prove bounded is stopped here instead.
 DEFAULT_BUDGET = 1_000_000
 SUPPORTED_HELPERS = frozenset(_engine.SUPPORTED_HELPERS)
+_MOVERS = frozenset((44, 54, 65))  # bpf_xdp_adjust_head, _meta, _tail
 ETH_DATA_LEN = 1500  # the MTU bpf_check_mtu sees for every device (the emulator's devices have no MTU key)
 # bpf_trace_printk lines a CPU worker prints to its stderr (the run's log) at most; the rest are counted.
 TRACE_PRINT_LIMIT = 200
@@ -48,6 +49,9 @@ class CpuEngine:
         self.maps = maps
         self.cpu = cpu
         self.names = list(obj.programs)
+        self.trace_pending = 0  # bpf_trace_printk lines the last batch left for drain_trace
+        # Whether any program (a tail call reaches any) may move a packet's data or data_end.
+        self.moves_packets = any(h in _MOVERS for p in obj.programs.values() for h in p.helpers)
         progs = [obj.programs[n].insns for n in self.names]
         try:
             self.native = _engine.Engine(self.names, progs, maps.mem, maps.layout, maps.lock_fd, maps.ncpus, cpu,
@@ -72,8 +76,8 @@ class CpuEngine:
         (int64), how many faulted or returned an unknown action, and how many moved their data or data_end.
         `targets` (int64) receives redirect targets."""
         verdicts = np.empty(len(pages), dtype=np.int64)
-        exc, moved = self.native.run_batch(prog, mem, mem.shape[1], pages, offs, lens, verdicts, targets,
-                                           ingress_ifindex, rx_queue)
+        exc, moved, self.trace_pending = self.native.run_batch(prog, mem, mem.shape[1], pages, offs, lens, verdicts,
+                                                               targets, ingress_ifindex, rx_queue)
         return verdicts, exc, moved
 
     def run(self, prog: str, frames: list[bytes], ingress_ifindex: int = 1, rx_queue: int = 0,
@@ -158,6 +162,7 @@ def xdp_program(obj: BpfObject, prog: str, maps: ObjMaps, cpu: int) -> Any:
 
     eng = CpuEngine(obj, maps, cpu)
     idx = eng.index(prog)
+    moves = eng.moves_packets
     printed = [0]
 
     def drain() -> None:
@@ -176,10 +181,11 @@ def xdp_program(obj: BpfObject, prog: str, maps: ObjMaps, cpu: int) -> Any:
     def batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
         # A worker's descriptors are read-only views of a received message: the program gets copies, and
         # when it moved a packet's data or data_end the worker stores the new ones in the page's metadata.
+        # A program that cannot move packets gets them as they are (the engine refuses to write there).
         offs, lens = pkts.offs, pkts.lens
-        if not offs.flags.writeable:
+        if moves and not offs.flags.writeable:
             offs = np.array(offs, dtype=np.uint32)
-        if not lens.flags.writeable:
+        if moves and not lens.flags.writeable:
             lens = np.array(lens, dtype=np.uint32)
         v, exc, moved = eng.run_batch(idx, pkts.mem, pkts.pages, offs, lens, pkts.redirect_ifindex,
                                       ctx.ingress_ifindex, ctx.rx_queue_index)
@@ -188,7 +194,8 @@ def xdp_program(obj: BpfObject, prog: str, maps: ObjMaps, cpu: int) -> Any:
         if exc:
             pkts.exceptions += exc
             pkts.fault = eng.last_fault
-        drain()
+        if eng.trace_pending:
+            drain()
         return v
 
     def fn(ctx: XdpContext) -> int:

@@ -272,11 +272,11 @@ impl Engine {
     /// verdict (int64; ABORTED after a fault or an unknown action) and redirect target (int64, -1 none),
     /// and the new offset and length back into `offs`/`lens` (only for packets whose data or data_end
     /// moved).  Returns (packets that faulted or returned an unknown action: the kernel's xdp_exception,
-    /// packets whose data or data_end moved).
+    /// packets whose data or data_end moved, bpf_trace_printk lines waiting for `drain_trace`).
     #[allow(clippy::too_many_arguments)]
     fn run_batch(&mut self, prog: usize, mem: &Bound<'_, PyAny>, page_size: usize, pages: &Bound<'_, PyAny>,
                  offs: &Bound<'_, PyAny>, lens: &Bound<'_, PyAny>, verdicts: &Bound<'_, PyAny>,
-                 targets: &Bound<'_, PyAny>, ingress_ifindex: u32, rx_queue: u32) -> PyResult<(u64, u64)> {
+                 targets: &Bound<'_, PyAny>, ingress_ifindex: u32, rx_queue: u32) -> PyResult<(u64, u64, u64)> {
         if prog >= self.names.len() {
             return Err(PyValueError::new_err(format!("no program {}", prog)));
         }
@@ -287,11 +287,14 @@ impl Engine {
         let vd = PyBuffer::<i64>::get_bound(verdicts)?;
         let tg = PyBuffer::<i64>::get_bound(targets)?;
         let n = pg.item_count();
-        for (what, b, w) in [("offs", &of, true), ("lens", &ln, true)] {
-            if b.item_count() != n || b.dimensions() != 1 || (w && b.readonly()) {
-                return Err(PyValueError::new_err(format!("{}: {} writable items expected", what, n)));
+        for (what, b) in [("offs", &of), ("lens", &ln)] {
+            if b.item_count() != n || b.dimensions() != 1 {
+                return Err(PyValueError::new_err(format!("{}: {} items expected", what, n)));
             }
         }
+        // Read-only descriptors are fine for a program that moves no packet; one that does has that
+        // packet aborted rather than a write into memory the caller did not offer for writing.
+        let desc_writable = !of.readonly() && !ln.readonly();
         for (what, b) in [("verdicts", &vd), ("targets", &tg)] {
             if b.item_count() != n || b.dimensions() != 1 || b.readonly() {
                 return Err(PyValueError::new_err(format!("{}: {} writable items expected", what, n)));
@@ -326,7 +329,17 @@ impl Engine {
                     page: unsafe { base.add(page * page_size) }, page_size, data: off, data_end: off + len,
                     data_meta: off, ingress_ifindex, rx_queue, redirect: -1, tail_calls: 0,
                 };
-                match self.vm.run(prog, &mut pkt) {
+                let res = self.vm.run(prog, &mut pkt);
+                let res = match res {
+                    Ok(_) if !desc_writable && (pkt.data != off || pkt.data_end != off + len) => {
+                        pkt.data = off;
+                        pkt.data_end = off + len;
+                        Err(Box::new(Fault { pc: self.vm.prog_start[prog],
+                            what: "moved the packet (adjust_head/meta/tail) but its descriptors are read-only".into() }))
+                    }
+                    r => r,
+                };
+                match res {
                     Ok(r0) => {
                         let act = r0 as u32 as i64;
                         if act > 4 {
@@ -356,7 +369,7 @@ impl Engine {
                 std::ptr::write_unaligned(at64(&tg, k), target);
             }
         }
-        Ok((exc, moved))
+        Ok((exc, moved, self.vm.events.trace.len() as u64 + self.vm.events.trace_dropped))
     }
 
     /// Run program `prog` once per frame, each in a page of its own at the kernel's 256-byte headroom:

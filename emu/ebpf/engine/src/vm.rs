@@ -56,9 +56,9 @@ pub const H_KTIME_GET_BOOT_NS: i32 = 125;
 pub const H_RINGBUF_OUTPUT: i32 = 130;
 pub const H_CHECK_MTU: i32 = 163;
 pub const H_LOOP: i32 = 181;
-pub const H_XDP_GET_BUFF_LEN: i32 = 189;
-pub const H_XDP_LOAD_BYTES: i32 = 190;
-pub const H_XDP_STORE_BYTES: i32 = 191;
+pub const H_XDP_GET_BUFF_LEN: i32 = 188;
+pub const H_XDP_LOAD_BYTES: i32 = 189;
+pub const H_XDP_STORE_BYTES: i32 = 190;
 pub const H_MAP_LOOKUP_PERCPU_ELEM: i32 = 195;
 
 pub const SUPPORTED_HELPERS: &[i32] = &[
@@ -289,10 +289,6 @@ impl Vm {
             if pc >= code_len {
                 return fault(pc, "jump out of the program".into());
             }
-            if self.left == 0 {
-                return fault(pc, format!("instruction budget of {} exhausted", self.budget));
-            }
-            self.left -= 1;
             let i = unsafe { *code.add(pc) };
             // registers were checked at decode (<= 10); the mask lets the compiler drop bounds checks
             let dst = (i.dst & 0xf) as usize;
@@ -309,9 +305,23 @@ impl Vm {
                     regs[dst] = ($v) as u32 as u64;
                 }};
             }
+            // The budget is spent by backward jumps (and calls, loop iterations): straight-line code ends
+            // within the program's length, so only going back can run forever; counting there keeps the
+            // per-instruction path free of it.
+            macro_rules! back {
+                () => {{
+                    if self.left == 0 {
+                        return fault(pc - 1, format!("budget of {} backward jumps and calls exhausted", self.budget));
+                    }
+                    self.left -= 1;
+                }};
+            }
             macro_rules! jmp {
                 ($c:expr) => {{
-                    if $c { pc = (pc as i64 + i.off as i64) as usize; }
+                    if $c {
+                        if i.off < 0 { back!(); }
+                        pc = (pc as i64 + i.off as i64) as usize;
+                    }
                 }};
             }
             let d64 = regs[dst];
@@ -451,7 +461,11 @@ impl Vm {
                 }
                 // ---- jumps ----
                 0x05 => jmp!(true),
-                0x06 => pc = (pc as i64 + i.imm as i64) as usize, // gotol
+                0x06 => {
+                    // gotol
+                    if i.imm < 0 { back!(); }
+                    pc = (pc as i64 + i.imm as i64) as usize;
+                }
                 0x15 => jmp!(d64 == imm), 0x1d => jmp!(d64 == regs[src]),
                 0x25 => jmp!(d64 > imm), 0x2d => jmp!(d64 > regs[src]),
                 0x35 => jmp!(d64 >= imm), 0x3d => jmp!(d64 >= regs[src]),
@@ -481,6 +495,7 @@ impl Vm {
                         if self.depth + 1 >= MAX_CALL_FRAMES {
                             return fault(pc - 1, format!("call depth beyond {} frames", MAX_CALL_FRAMES));
                         }
+                        back!();
                         frames.push((pc, [regs[6], regs[7], regs[8], regs[9]]));
                         self.depth += 1;
                         regs[10] = frame_top(self.depth);
@@ -841,6 +856,10 @@ impl Vm {
                 let saved = *regs;
                 let mut done = 0u64;
                 for k in 0..nr {
+                    if self.left == 0 {
+                        return fault(pc, format!("budget of {} backward jumps and calls exhausted", self.budget));
+                    }
+                    self.left -= 1;
                     let mut r = [0u64; 16];
                     r[1] = k;
                     r[2] = cbctx;

@@ -1,0 +1,115 @@
+"""The eBPF engine alone, per bundled C program: ns per packet over a batch in real page memory, next to
+the kernel's own ``BPF_PROG_TEST_RUN`` duration for the same program and frame where ``bpf(2)`` is
+permitted (the ``xdp_engine_ns`` of bench/run.py).
+
+Each program runs over `BATCH` copies of one 64-byte UDP/IPv4 frame (port 9, as the traffic generator
+sends), one engine call per batch, as a CPU worker calls it; the frames are restored before each call so
+every packet takes the same path.  l2fwd_map's devmap slot 0 is filled, as its topology does.
+"""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+import emu
+
+BPF_DIR = Path(emu.__file__).parent / "programs" / "bpf"
+PROGRAMS = ("xdp_drop", "xdp_tx", "l2fwd", "l2fwd_map", "xdp_filter", "xdp_lb")
+BATCH = 256
+PAGE = 2048
+HEADROOM = 256
+
+
+def frame() -> bytes:
+    """Ethernet + IPv4 + UDP to port 9, 64 bytes."""
+    eth = bytes.fromhex("020000000002" "020000000001") + b"\x08\x00"
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 50, 0, 0, 64, 17, 0, bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))
+    udp = struct.pack("!HHHH", 1024, 9, 30, 0)
+    return (eth + ip + udp).ljust(64, b"\0")
+
+
+def objects() -> Path | None:
+    """The bundled objects' directory, built with make when missing; None when they cannot be built."""
+    if not all((BPF_DIR / f"{p}.o").exists() for p in PROGRAMS):
+        r = subprocess.run(["make", "-s", "-C", str(BPF_DIR)], capture_output=True)
+        if r.returncode != 0:
+            return None
+    return BPF_DIR
+
+
+class EngineCase:
+    """One program in the engine over a batch of frames; `run` is one call (BATCH packets)."""
+
+    def __init__(self, name: str) -> None:
+        from emu.ebpf.elf import load_object
+        from emu.ebpf.engine import Engine
+
+        self.name = name
+        self.obj = load_object(BPF_DIR / f"{name}.o")
+        self.engine = Engine(self.obj, ncpus=1)
+        if name == "l2fwd_map":
+            self.engine.maps.update("tx_port", 0, 3)
+        self.cpu = self.engine.cpu(0)
+        self.prog = self.cpu.index(next(iter(self.obj.programs)))
+        self.mem = np.zeros((BATCH, PAGE), dtype=np.uint8)
+        f = np.frombuffer(frame(), dtype=np.uint8)
+        self.mem[:, HEADROOM:HEADROOM + len(f)] = f
+        self.pristine = self.mem.copy()
+        self.pages = np.arange(BATCH, dtype=np.uint32)
+        self.offs = np.full(BATCH, HEADROOM, dtype=np.uint32)
+        self.lens = np.full(BATCH, len(f), dtype=np.uint32)
+        self.targets = np.full(BATCH, -1, dtype=np.int64)
+
+    def run(self) -> None:
+        self.offs[:] = HEADROOM
+        self.lens[:] = 64
+        self.cpu.run_batch(self.prog, self.mem, self.pages, self.offs, self.lens, self.targets, 2, 0)
+
+    def ns_per_packet(self, seconds: float) -> float:
+        """The engine's ns per packet, calls repeated for about `seconds` (CPU time of this process)."""
+        self.run()
+        calls = 0
+        t0 = time.process_time()
+        while True:
+            for _ in range(20):
+                self.run()
+            calls += 20
+            dt = time.process_time() - t0
+            if dt >= seconds:
+                return dt / (calls * BATCH) * 1e9
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def kernel_ns(name: str, repeat: int = 20000) -> float | None:
+    """``BPF_PROG_TEST_RUN``'s mean duration per run for `name` on the same frame, or None where bpf(2) is
+    not permitted or the kernel refuses the program."""
+    from emu.ebpf import kernel
+    from emu.ebpf.elf import load_object
+
+    ok, _ = kernel.available()
+    if not ok:
+        return None
+    obj = load_object(BPF_DIR / f"{name}.o")
+    try:
+        with kernel.load(obj) as ko:
+            prog = next(iter(obj.programs))
+            if name == "l2fwd_map":
+                kernel.map_update(ko.map_fd("tx_port"), struct.pack("<I", 0), struct.pack("<I", 1))
+            _, _, ns = kernel.prog_test_run(ko.prog_fds[prog], frame(), repeat=repeat)
+            return float(ns)
+    except OSError:
+        return None
+
+
+def all_cases() -> dict[str, Callable[[float], float]] | None:
+    if objects() is None:
+        return None
+    return {name: EngineCase(name).ns_per_packet for name in PROGRAMS}
