@@ -316,19 +316,28 @@ def edge_frames() -> list[bytes]:
     return out
 
 
+CORPUS_SKIPPED: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The corpus compiled once per worker (v4.c only where clang can emit cpu v4)."""
+    """The corpus compiled once per worker; v4.c only where clang can emit cpu v4 (>= 18), and a program
+    whose inline asm an old clang's assembler does not take (clang 14: `%=`, jmp32 on w registers) is
+    skipped there with the reason (scripts/build-bpf.sh installs clang-19 where Debian has it)."""
     need_kernel()
     d = tmp_path_factory.mktemp("corpus")
     out = {}
+    major = clang_major()
     for src in sorted(CORPUS_DIR.glob("*.c")):
-        if src.stem == "v4":
-            if clang_major() < 18:
-                continue
-            out[src.stem] = compile_c(src, d, cflags=("-mcpu=v4",))
-        else:
-            out[src.stem] = compile_c(src, d, cflags=("-mcpu=v3",))
+        if src.stem == "v4" and major < 18:
+            CORPUS_SKIPPED["v4"] = f"v4.c needs clang >= 18 (-mcpu=v4); this clang is {major}"
+            continue
+        try:
+            out[src.stem] = compile_c(src, d, cflags=("-mcpu=v4" if src.stem == "v4" else "-mcpu=v3",))
+        except AssertionError as e:
+            if major >= 18:
+                raise
+            CORPUS_SKIPPED[src.stem] = f"clang {major} cannot assemble {src.name}: {str(e)[-200:]}"
     return out
 
 
@@ -421,7 +430,7 @@ def pair() -> Iterator[Any]:
 @pytest.mark.parametrize("name", ["alu", "endian", "jumps", "atomics", "calls", "adjust", "v4"])
 def test_corpus_engine_matches_kernel_on_edge_values(name: str, corpus: dict[str, Path], pair: Any) -> None:
     if name not in corpus:
-        pytest.skip(f"{name}.c needs clang >= 18 (-mcpu=v4); this clang is {clang_major()}")
+        pytest.skip(CORPUS_SKIPPED[name])
     p = pair(corpus[name])
     frames = edge_frames()
     results = p.compare(name, frames)

@@ -30,11 +30,12 @@ int adjust(struct xdp_md *ctx)
 	r3 = bpf_xdp_adjust_tail(ctx, (int)((c >> 8) & 63) - 32);
 	data = (void *)(long)ctx->data;
 	end = (void *)(long)ctx->data_end;
-	if (data + 32 > end)
+	if (data + 40 > end)
 		return XDP_DROP;
 	((__u64 *)data)[0] = r1 | r2 << 16 | r3 << 32;
 	((__u64 *)data)[1] = b;
 	((__u64 *)data)[2] = (__u64)(end - data);
 	((__u64 *)data)[3] = (__u64)(data - (void *)(long)ctx->data_meta);
+	((__u64 *)data)[4] = bpf_xdp_get_buff_len(ctx);
 	return XDP_TX;
 }
