@@ -35,9 +35,19 @@ struct vlan_tag {
 /* Both bounds a header must fit in: the frame (end, which the verifier checks) and the IP datagram's own
  * length (lim, bytes from the frame's start: IPv4 tot_len, IPv6 payload_len; 0 when the field is 0, as a
  * TSO packet's), as a packet library reads them. */
+static __always_inline long off_of(unsigned char *data, unsigned char *p)
+{
+	long off = p - data;
+
+	/* an opaque scalar from here: clang 14 would otherwise fold (p - data) + n into n - data + p, pointer
+	 * arithmetic the verifier refuses ("tried to subtract pointer from scalar") */
+	asm volatile("" : "+r"(off));
+	return off;
+}
+
 static __always_inline int fits(unsigned char *data, unsigned char *p, unsigned char *end, long lim, int n)
 {
-	return p + n <= end && (!lim || (p - data) + n <= lim);
+	return p + n <= end && (!lim || off_of(data, p) + n <= lim);
 }
 
 /* The L4 protocol and its header, or 0 when there is none to filter. */
@@ -50,7 +60,7 @@ static __always_inline int l4_of_ipv4(unsigned char *data, unsigned char *p, uns
 		return 0;
 	if (ip->frag_off & bpf_htons(0x1fff)) /* not the first fragment: no L4 header here */
 		return 0;
-	*lim = ip->tot_len ? (p - data) + bpf_ntohs(ip->tot_len) : 0;
+	*lim = ip->tot_len ? off_of(data, p) + bpf_ntohs(ip->tot_len) : 0;
 	*l4 = p + ip->ihl * 4;
 	return ip->protocol;
 }
@@ -65,7 +75,7 @@ static __always_inline int l4_of_ipv6(unsigned char *data, unsigned char *p, uns
 		return 0;
 	nexthdr = ip6->nexthdr;
 	p = (void *)(ip6 + 1);
-	*lim = ip6->payload_len ? (p - data) + bpf_ntohs(ip6->payload_len) : 0;
+	*lim = ip6->payload_len ? off_of(data, p) + bpf_ntohs(ip6->payload_len) : 0;
 	for (int i = 0; i < IPV6_EXT_MAX; i++) {
 		unsigned char *h = p;
 
