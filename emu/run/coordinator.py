@@ -45,7 +45,7 @@ from emu.mem.pagepool import PoolParams
 from emu.mem.shm import SHM_DIR, ShmSpaceError, new_run_prefix, shm_free_bytes, sweep_stale, unlink_prefix
 from emu.net.protocol import DEVICE_BIT, LINK_DOWN_BIT, Cmd, ProcState, device_code
 from emu.net.shmring import RING_BYTES, MsgRing
-from emu.run import launch, pools
+from emu.run import expect, launch, pools
 from emu.run import report as rep
 from emu.run.process import ProcSpec, read_last_words
 from emu.run.procname import process_name
@@ -108,11 +108,12 @@ def generators_done(topo: Topology, count: int | None, done: Callable[[str], boo
     schedule to the end; False while any runs without either.  `done(name)` says whether that generator
     has finished."""
     gens = [n for n, p in topo.traffic.items()
-            if p.generate is not None and topo.peer_of(Endpoint("traffic", None, n)) is not None]
+            if (p.generate is not None or p.replay is not None)
+            and topo.peer_of(Endpoint("traffic", None, n)) is not None]
     if not gens:
         return False
     for n in gens:
-        gen = topo.traffic[n].generate
+        gen = topo.traffic[n].generate or topo.traffic[n].replay
         if not gen.ends(count):
             return False  # runs until stopped
         if not done(n):
@@ -350,7 +351,8 @@ class Run(Console):
             spec = ProcSpec(
                 "traffic", name, port=port,
                 endpoints={"link_bind": bind, "link_peer": peer, **self.link_ring_eps(name)},
-                options={"count": self.opts.count, "impair": self.impair_of(name)}, **common,
+                options={"count": self.opts.count, "impair": self.impair_of(name), **self.replay_options(name)},
+                **common,
             )
             specs.append((spec, traffic_worker.main))
         for spec, target in specs:
@@ -359,6 +361,16 @@ class Run(Console):
             p = mp.Process(target=target, args=(spec,), name=f"emu-{spec.key}", daemon=True)
             p.start()
             self.procs.append(Proc(spec.kind, spec.key, p, spec.last_words))
+
+    def replay_options(self, name: str) -> dict:
+        """What traffic port `name` needs to account for replayed frames (`emu.net.replay`): every replay
+        port's file and loop count, and where to write its golden-file comparison."""
+        replays = [(p.replay.pcap, p.replay.loop, p.replay.dst_mac, p.replay.src_mac)
+                   for p in self.topo.traffic.values() if p.replay is not None]
+        out: dict = {"replays": replays} if replays else {}
+        if self.topo.traffic[name].expect is not None:
+            out["expect_out"] = os.path.join(self.run_dir, f"{name}.expect.json")
+        return out
 
     def processes(self) -> dict[str, int]:
         """Name -> pid of this run's processes (this one under its `role`), for the report."""
@@ -689,7 +701,8 @@ class Run(Console):
     def report(self) -> dict:
         """Build the final report from the run's record, and print its summary."""
         report = rep.build_report(self.record())
-        self.say(rep.summary(report))
+        lines = expect.attach(report, self.topo, self.run_dir)
+        self.say(rep.summary(report) + "".join(f"\n{line}" for line in lines))
         return report
 
     def end(self, settle: bool = True) -> dict:

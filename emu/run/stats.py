@@ -87,6 +87,9 @@ TRAFFIC_COUNTERS = (
     "link_lost",  # frames the link's loss impairment dropped after this port sent them
     "bad_messages",
     "first_rx_ns",  # CLOCK_MONOTONIC time of the first frame received (for the start-up measurement)
+    "replayed",  # received frames a replay port sent (recognised by content, emu.net.replay): delivered
+    "replay_oversize",  # replayed frames longer than the devices take: generated and dropped, never sent
+    "replay_runt",  # replayed frames shorter than an Ethernet header: likewise
 )
 
 KINDS = {"cpu": CPU_COUNTERS, "device": DEVICE_COUNTERS, "traffic": TRAFFIC_COUNTERS}

@@ -24,6 +24,7 @@ trusted as the Python code they name.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import re
 from collections.abc import Callable, Mapping
@@ -43,11 +44,13 @@ __all__ = [
     "XDP_BULK_QUEUE_SIZE",
     "DeviceConfig",
     "Endpoint",
+    "ExpectConfig",
     "GeneratorConfig",
     "HostConfig",
     "LinkConfig",
     "LinkImpairment",
     "PoolConfig",
+    "ReplayConfig",
     "Topology",
     "TopologyError",
     "TrafficPort",
@@ -248,11 +251,44 @@ class GeneratorConfig:
     # `generate.schedule`: phases of (rate in pps, length in us), run once in order; empty = constant
     # `rate`.  A rate of 0 in a phase is idle (not "unlimited" as `rate: 0` is).
     schedule: tuple[tuple[int, int], ...] = ()
+    # `pkt_size: imix` or a list of [size, weight]: the frame sizes and their weights (`pkt_size` is then
+    # the largest, which is what must fit the pages); empty = every frame `pkt_size` bytes.
+    imix: tuple[tuple[int, int], ...] = ()
 
     def ends(self, count: int | None = None) -> bool:
         """Whether this generator stops by itself: it has a count (`count` overrides its own) or a
         schedule, which ends after its last phase; a count of 0 without a schedule runs until stopped."""
         return bool(count if count is not None else self.count) or bool(self.schedule)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayConfig:
+    """``traffic.<port>.replay``: a capture file the port sends instead of generating (`emu.net.replay`).
+
+    `pcap` is an absolute path (the file gives it relative to itself); `max_frame` is the longest frame
+    the devices on the way take (the smallest page of the hosts it may reach, less the XDP headroom)."""
+
+    pcap: str
+    loop: int = 1  # passes over the file; 0 = until stopped
+    timing: str = "original"  # "original" (the file's timestamps) or "rate"
+    rate: int = 0  # pps with timing "rate"; 0 = as fast as possible
+    burst: int = 64
+    dst_mac: str | None = None
+    src_mac: str | None = None
+    max_frame: int = 0
+    port_id: int = 0
+
+    def ends(self, count: int | None = None) -> bool:
+        """Whether the replay stops by itself: a loop count, or `count` frames (``--count``)."""
+        return bool(self.loop) or bool(count)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpectConfig:
+    """``traffic.<port>.expect``: the golden capture a sink's frames are compared with at the end."""
+
+    pcap: str  # absolute path
+    ordered: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +298,8 @@ class TrafficPort:
     name: str
     generate: GeneratorConfig | None
     line: int = 0
+    replay: ReplayConfig | None = None
+    expect: ExpectConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,8 +361,11 @@ class Topology:
                         "dst_mac": port.generate.dst_mac,
                         "port_id": port.generate.port_id,
                         "schedule": [list(phase) for phase in port.generate.schedule],
+                        "imix": [list(m) for m in port.generate.imix],
                     },
                     "line": port.line,
+                    "replay": None if port.replay is None else dataclasses.asdict(port.replay),
+                    "expect": None if port.expect is None else dataclasses.asdict(port.expect),
                 }
                 for name, port in self.traffic.items()
             },
@@ -405,8 +446,11 @@ def topology_from_dict(d: Mapping[str, Any]) -> Topology:
             gen = GeneratorConfig(
                 g["count"], g["rate"], g["pkt_size"], g["flows"], g["burst"], g["src_mac"], g["dst_mac"],
                 g.get("port_id", 0), tuple((int(r), int(us)) for r, us in g.get("schedule", ())),
+                tuple((int(sz), int(w)) for sz, w in g.get("imix", ())),
             )
-        traffic[name] = TrafficPort(td["name"], gen, td["line"])
+        rp, ex = td.get("replay"), td.get("expect")
+        traffic[name] = TrafficPort(td["name"], gen, td["line"], None if rp is None else ReplayConfig(**rp),
+                                    None if ex is None else ExpectConfig(**ex))
     return Topology(
         name=d["name"],
         path=d["path"],
