@@ -40,6 +40,7 @@ from emu.topology.model import (
     MAX_LINK_DELAY_US,
     MAX_LINK_RATE_BPS,
     PP_ALLOC_CACHE_REFILL,
+    CaptureConfig,
     DeviceConfig,
     Endpoint,
     ExpectConfig,
@@ -587,7 +588,37 @@ class _Validator:
         traffic_nodes = self.traffic(top, hosts)
         links = self.links(top, hosts, traffic_nodes)
         traffic = self.generators(traffic_nodes, hosts, links)
-        return Topology(name=name, path=self.file, hosts=hosts, links=tuple(links), traffic=traffic)
+        return Topology(name=name, path=self.file, hosts=hosts, links=tuple(links), traffic=traffic,
+                        capture=self.capture(top, hosts))
+
+    def capture(self, top: _Fields, hosts: dict[str, HostConfig]) -> CaptureConfig | None:
+        """The ``capture`` mapping: devices to write pcapng files of (`emu.run.capture`)."""
+        node = top.given("capture")
+        if node is None:
+            return None
+        section = SECTIONS["capture"]
+        f = _Fields(self, node, what="'capture'", where="capture", owner_line=_line(top.items["capture"][0]),
+                    allowed=section.names)
+        dev_node = f.require("devices")
+        if not isinstance(dev_node, SequenceNode) or not dev_node.value:
+            self.fail(dev_node, f"capture: 'devices' must be a non-empty list of 'host:device' strings, not "
+                      f"{_describe(dev_node)}")
+        devices: list[tuple[str, str, bool]] = []
+        for item in dev_node.value:
+            text = self.str_value(item, "devices", f.pfx)
+            try:
+                dev = CaptureConfig.parse_device(text, hosts)
+            except ValueError as e:
+                self.fail(item, f"capture: {e}")
+            if any(d[:2] == dev[:2] for d in devices):
+                self.fail(item, f"capture: '{text}' is listed twice")
+            devices.append(dev)
+        dir_node = f.given("dir")
+        text = "." if dir_node is None else self.str_value(dir_node, "dir", f.pfx)
+        where = os.path.join(os.path.dirname(os.path.abspath(self.file)), text)
+        if os.path.exists(where) and not os.path.isdir(where):
+            self.fail(dir_node if dir_node is not None else node, f"capture: 'dir' {where} is not a directory")
+        return CaptureConfig(tuple(devices), os.path.normpath(where), f.schema_int(section["snaplen"]))
 
     def hosts(self, top: _Fields) -> dict[str, HostConfig]:
         node = top.require("hosts")

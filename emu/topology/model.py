@@ -42,6 +42,7 @@ __all__ = [
     "PP_ALLOC_CACHE_SIZE",
     "PP_DEFAULT_RING_SIZE",
     "XDP_BULK_QUEUE_SIZE",
+    "CaptureConfig",
     "DeviceConfig",
     "Endpoint",
     "ExpectConfig",
@@ -303,6 +304,40 @@ class TrafficPort:
 
 
 @dataclass(frozen=True, slots=True)
+class CaptureConfig:
+    """``capture`` (or ``emu run --capture``): devices whose frames are written to pcapng files, as xdpdump
+    writes them (`emu.run.capture`): ``(host, device, exit)``, where `exit` adds the frame after the XDP
+    program, with its verdict, to the frames at XDP entry and the frames transmitted."""
+
+    devices: tuple[tuple[str, str, bool], ...]
+    dir: str  # absolute; DIR/<host>-<device>.pcapng
+    snaplen: int = 262144  # xdpdump's default
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"devices": [list(d) for d in self.devices], "dir": self.dir, "snaplen": self.snaplen}
+
+    @staticmethod
+    def parse_device(text: str, hosts: Mapping[str, HostConfig]) -> tuple[str, str, bool]:
+        """``"h1:eth0"`` or ``"h1:eth0@exit"`` -> (host, device, exit); ValueError naming what is wrong."""
+        spec, at, point = text.partition("@")
+        if at and point != "exit":
+            raise ValueError(f"capture '{text}': the only capture point to add is '@exit' (entry and "
+                             "transmitted frames are always captured)")
+        host, colon, dev = spec.partition(":")
+        if not colon:
+            raise ValueError(f"capture '{text}': expected host:device (and '@exit' for XDP exit)")
+        if host not in hosts:
+            raise ValueError(f"capture '{text}': no host '{host}'")
+        if dev not in hosts[host].devices:
+            raise ValueError(f"capture '{text}': host '{host}' has no device '{dev}'")
+        return host, dev, bool(at)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CaptureConfig:
+        return cls(tuple((str(h), str(n), bool(x)) for h, n, x in d["devices"]), d["dir"], int(d["snaplen"]))
+
+
+@dataclass(frozen=True, slots=True)
 class Topology:
     """A validated topology file."""
 
@@ -311,6 +346,7 @@ class Topology:
     hosts: dict[str, HostConfig]
     links: tuple[LinkConfig, ...]
     traffic: dict[str, TrafficPort]
+    capture: CaptureConfig | None = None
 
     def peer_of(self, endpoint: Endpoint) -> Endpoint | None:
         """The endpoint at the other end of `endpoint`'s link, or None when it is not linked."""
@@ -369,6 +405,7 @@ class Topology:
                 }
                 for name, port in self.traffic.items()
             },
+            "capture": None if self.capture is None else self.capture.to_dict(),
         }
 
 
@@ -465,6 +502,7 @@ def topology_from_dict(d: Mapping[str, Any]) -> Topology:
             for ld in d["links"]
         ),
         traffic=traffic,
+        capture=None if d.get("capture") is None else CaptureConfig.from_dict(d["capture"]),
     )
 
 

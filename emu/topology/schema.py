@@ -98,6 +98,8 @@ MAX_PHASE_US = 3600 * 1_000_000
 # validate in milliseconds, while an "alias bomb" of 1 KB expanding to millions is refused before any
 # expansion (the counting is by memoised subtree sizes, so refusing costs as little as accepting).
 MAX_ALIAS_EXPANSION = 10_000
+# A capture's snap length: xdpdump's default and largest useful value (a page is at most 64 KiB).
+MAX_SNAPLEN = 262144
 
 
 class _Required:
@@ -201,6 +203,9 @@ TOP = Section("top", "Top level", (
         default_doc="`[]` (null ok)"),
     Key("traffic", "mapping", "Names: `[A-Za-z0-9_-]+`, must not clash with host names.", None,
         type_doc="mapping name → traffic port", default_doc="`{}` (null ok)"),
+    Key("capture", "mapping", "Devices to capture into pcapng files as xdpdump does (below; `emu run "
+        "--capture` does the same from the command line). [docs/capture.md](../docs/capture.md)", None,
+        type_doc="mapping", default_doc="absent (no capture)"),
 ), kernel_column=False)
 
 HOST = Section("host", "`hosts.<host>`", (
@@ -389,8 +394,19 @@ GENERATE = Section("generate", "`traffic.<port>.generate`", (
         default_doc="MAC of the device the port is linked to"),
 ), kernel_column=False, key_prefix="generate.")
 
+CAPTURE = Section("capture", "`capture`", (
+    Key("devices", "list", "`host:device` (frames at XDP entry, and transmitted), or `host:device@exit` (also "
+        "the frame after the program, with its verdict). Each device is written to "
+        "`<dir>/<host>-<device>.pcapng` on the machine its host runs on.", REQUIRED,
+        type_doc="list of strings"),
+    Key("dir", "str", "Directory of the files, relative to the topology file; created if missing.", ".",
+        type_doc="path", default_doc="the topology file's directory"),
+    Key("snaplen", "int", "Bytes of each frame kept (the rest is counted in the packet's original length).",
+        MAX_SNAPLEN, 1, MAX_SNAPLEN, kernel="xdpdump `--snapshot-length`"),
+), key_prefix="capture.")
+
 SECTIONS: dict[str, Section] = {s.name: s for s in (TOP, HOST, POOL, DEVICE, XDP, LINK, TRAFFIC, GENERATE,
-                                                     REPLAY, EXPECT)}
+                                                     REPLAY, EXPECT, CAPTURE)}
 
 
 CONSTRAINTS: tuple[Constraint, ...] = (
