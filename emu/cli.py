@@ -287,8 +287,16 @@ def cmd_capture(args: argparse.Namespace) -> int:
     topo = dataclasses.replace(topo, capture=None)  # only the device asked for
     topo = _with_capture(topo, [args.device], None, args.snaplen)
     count = args.count if args.count else None
-    opts = RunOptions(count=count, duration=args.duration, quiet=True, out=sys.stderr,
-                      capture_printer=lambda line: print(line, flush=True))
+    def printer(line: str) -> None:
+        try:
+            print(line, flush=True)
+        except BrokenPipeError:
+            # `emu capture ... | head`: as tcpdump, stop writing; stdout goes nowhere from now on, so that
+            # the interpreter's own flush at exit does not fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise
+
+    opts = RunOptions(count=count, duration=args.duration, quiet=True, out=sys.stderr, capture_printer=printer)
     if args.count == 0:
         opts.count = None
         topo = _unbounded(topo)

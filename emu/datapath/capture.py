@@ -95,7 +95,7 @@ class CaptureTap:
             if targets is not None:
                 recs["target"] = targets
         if point == ENTRY:
-            self.entry_ref = self.seq + 1 if self._put(recs, b"".join(c.tobytes() for c in chunks)) else NO_REF
+            self.entry_ref = self.seq if self._put(recs, b"".join(c.tobytes() for c in chunks)) else NO_REF
         else:
             self._put(recs, b"".join(c.tobytes() for c in chunks), self.entry_ref)
 

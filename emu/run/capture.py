@@ -63,6 +63,7 @@ class _DeviceFile:
     last_ts: int = 0
     pending_drops: int = 0
     exit: bool = False  # XDP exit captured too
+    prog: str = ""  # the XDP program's function name
     ids: dict[tuple, int] = field(default_factory=dict)  # (producer, record, frame) at entry -> packet id
 
 
@@ -70,10 +71,11 @@ def _prog_name(program: str | None) -> str:
     return (program or "xdp_pass").rpartition(":")[2]
 
 
-def summary_line(ts_ns: int, name: str, point: int, verdict: int, target: int, queue: int, ifindex: int,
+def summary_line(ts_ns: int, prog: str, point: int, verdict: int, target: int, queue: int, ifindex: int,
                  cpu: int, length: int, packet_id: int, frame: bytes, target_name: str = "") -> str:
-    """One frame as xdpdump prints it without ``-w``, then a tcpdump-style decode of its headers."""
-    where = {ENTRY: f"{name}@entry", EXIT: f"{name}@exit[{_verdict(verdict)}]", TX: f"{name}@tx"}[point]
+    """One frame as xdpdump prints it without ``-w`` (``l2fwd()@entry``, ``l2fwd()@exit[XDP_REDIRECT]``;
+    ``tx`` for a transmitted frame), then a tcpdump-style decode of its headers."""
+    where = {ENTRY: f"{prog}()@entry", EXIT: f"{prog}()@exit[{_verdict(verdict)}]", TX: "tx"}[point]
     q = "tx queue" if point == TX else "rx queue"
     line = (f"{ts_ns // 1_000_000_000}.{ts_ns % 1_000_000_000:09d}: {where}: packet size {length} bytes on "
             f"if_index {ifindex}, {q} {queue}, cpu {cpu}, id {packet_id}")
@@ -148,6 +150,7 @@ class CaptureSession:
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.errors: list[str] = []
+        self.printer_broken = False
 
     # -- set-up ---------------------------------------------------------------------------------------
 
@@ -177,8 +180,8 @@ class CaptureSession:
     def _open(self, host: str, dev: str, exit_: bool) -> _DeviceFile:
         dcfg = self.topo.hosts[host].devices[dev]
         path = os.path.join(self.cfg.dir, f"{host}-{dev}.pcapng")
-        df = _DeviceFile(host, dev, dcfg.ifindex, path, None, None, exit=exit_)
         prog = _prog_name(dcfg.xdp.program if dcfg.xdp else None)
+        df = _DeviceFile(host, dev, dcfg.ifindex, path, None, None, exit=exit_, prog=prog)
         points = [(ENTRY, q) for q in range(dcfg.rx_queues)]
         points += [(EXIT, q) for q in range(dcfg.rx_queues) if exit_]
         points += [(TX, q) for q in range(dcfg.tx_queues)]
@@ -213,8 +216,11 @@ class CaptureSession:
         self.thread.start()
 
     def _loop(self) -> None:
-        while not self.stop.wait(DRAIN_PERIOD):
-            self.drain(time.time_ns() - MERGE_WINDOW_NS)
+        try:
+            while not self.stop.wait(DRAIN_PERIOD):
+                self.drain(time.time_ns() - MERGE_WINDOW_NS)
+        except Exception as e:  # a full disk, say: the rings fill and count drops; the run says why
+            self.errors.append(f"the capture writer stopped: {type(e).__name__}: {e}")
 
     def drain(self, upto: int | None) -> None:
         """Take every record from the rings; write what is older than `upto` (None: everything)."""
@@ -262,9 +268,15 @@ class CaptureSession:
         df.packets += 1
         verdict, target, cpu = int(rec["verdict"]), int(rec["target"]), int(rec["cpu"])
         if self.printer is not None:
-            tname = self._target_name(df.host, target)
-            self.printer(summary_line(ts, df.names.get((point, q), df.dev), point, verdict, target, q, df.ifindex,
-                                      cpu, int(rec["len"]), pid, frame, tname))
+            if not self.printer_broken:
+                tname = self._target_name(df.host, target)
+                line = summary_line(ts, df.prog, point, verdict, target, q, df.ifindex, cpu, int(rec["len"]), pid,
+                                    frame, tname)
+                try:
+                    self.printer(line)
+                except OSError as e:  # the reader went away (`| head`): keep running, print no more
+                    self.printer_broken = True
+                    self.errors.append(f"stopped printing: {e.strerror or e}")
             return
         assert df.writer is not None
         comment = f"cpu {cpu}" if point != TX else ""
@@ -288,7 +300,10 @@ class CaptureSession:
         if self.thread is not None:
             self.thread.join(timeout=30)
             self.thread = None
-        self.drain(None)
+        try:
+            self.drain(None)
+        except Exception as e:
+            self.errors.append(f"the capture writer failed at the end: {type(e).__name__}: {e}")
         out = []
         for per_host in self.files.values():
             for df in per_host.values():

@@ -845,6 +845,8 @@ class Run(Console):
         `report`, put what was written in its ``capture`` and return the summary's lines."""
         if self.capture is not None:
             self.captured = self.capture.close()
+            for err in self.capture.errors:
+                self.event(f"capture: {err}")
             self.capture = None
         if report is None or not self.captured:
             return []
