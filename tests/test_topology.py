@@ -439,7 +439,7 @@ BAD: list[tuple[str, str, int, str]] = [
         nodes: {}
         """,
         2,
-        "unknown top-level key 'nodes' (expected one of: name, hosts, links, traffic)",
+        "unknown top-level key 'nodes' (expected one of: name, hosts, links, traffic, capture)",
     ),
     (
         "missing-name",

@@ -72,8 +72,9 @@ def _linktype_name(lt: int) -> str:
     return f"{lt} ({_LINKTYPE_NAMES[lt]})" if lt in _LINKTYPE_NAMES else str(lt)
 
 
-def read_frames(path: str | os.PathLike[str]) -> PcapFrames:
-    """Every frame of the pcap or pcapng file `path` (see the module docstring); `PcapError` otherwise."""
+def read_frames(path: str | os.PathLike[str], allow_cut: bool = False) -> PcapFrames:
+    """Every frame of the pcap or pcapng file `path` (see the module docstring); `PcapError` otherwise.
+    `allow_cut`: keep frames cut by the snap length (reading a capture back, not replaying it)."""
     name = os.fspath(path)
     try:
         with open(name, "rb") as f:
@@ -88,15 +89,15 @@ def read_frames(path: str | os.PathLike[str]) -> PcapFrames:
         raise PcapError(f"{name}: not a pcap or pcapng file ({len(data)} bytes, too short for a header)")
     magic_le = struct.unpack_from("<I", data)[0]
     if magic_le == _PCAPNG_SHB:
-        return _read_pcapng(name, data)
+        return _read_pcapng(name, data, allow_cut)
     for order in "<>":
         magic = struct.unpack_from(order + "I", data)[0]
         if magic in (_PCAP_MAGIC_US, _PCAP_MAGIC_NS):
-            return _read_pcap(name, data, order, magic == _PCAP_MAGIC_NS)
+            return _read_pcap(name, data, order, magic == _PCAP_MAGIC_NS, allow_cut)
     raise PcapError(f"{name}: not a pcap or pcapng file (magic 0x{magic_le:08x})")
 
 
-def _read_pcap(name: str, data: bytes, order: str, nano: bool) -> PcapFrames:
+def _read_pcap(name: str, data: bytes, order: str, nano: bool, allow_cut: bool) -> PcapFrames:
     if len(data) < 24:
         raise PcapError(f"{name}: truncated pcap header ({len(data)} of 24 bytes)")
     _, _, _, _, _, _snaplen, network = struct.unpack_from(order + "IHHiIII", data)
@@ -120,7 +121,7 @@ def _read_pcap(name: str, data: bytes, order: str, nano: bool) -> PcapFrames:
         if pos + 16 + incl > len(data):
             raise PcapError(f"{name}: frame {n}: truncated: {incl} bytes announced, "
                             f"{len(data) - pos - 16} left in the file")
-        if incl < orig:
+        if incl < orig and not allow_cut:
             raise PcapError(f"{name}: frame {n}: captured {incl} of its {orig} bytes (snap length): a cut "
                             "frame cannot be replayed")
         frames.append(data[pos + 16 : pos + 16 + incl])
@@ -152,7 +153,7 @@ def _options(data: bytes, pos: int, end: int, order: str) -> Iterable[tuple[int,
         pos += 4 + ((length + 3) & ~3)
 
 
-def _read_pcapng(name: str, data: bytes) -> PcapFrames:
+def _read_pcapng(name: str, data: bytes, allow_cut: bool) -> PcapFrames:
     frames: list[bytes] = []
     ts: list[int] = []
     ifaces: list[_Iface] = []
@@ -209,7 +210,7 @@ def _read_pcapng(name: str, data: bytes) -> PcapFrames:
             if incl > MAX_FRAME or body + hdr + incl > end:
                 raise PcapError(f"{name}: frame {n}: block at byte {pos} claims {incl:,} bytes of data, "
                                 "more than it holds")
-            if incl < orig:
+            if incl < orig and not allow_cut:
                 raise PcapError(f"{name}: frame {n}: captured {incl} of its {orig} bytes (snap length): a cut "
                                 "frame cannot be replayed")
             frames.append(data[body + hdr : body + hdr + incl])
