@@ -45,3 +45,26 @@ def mismatched(report: dict[str, Any]) -> list[str]:
     """The ports whose golden-file comparison failed."""
     ports = report.get("traffic", {}).get("ports", {})
     return [n for n, p in ports.items() if isinstance(p.get("expect"), dict) and not p["expect"].get("match")]
+
+
+def merge_parts(report: dict[str, Any], parts: dict[str, dict[str, Any]]) -> list[str]:
+    """A multi-host report: each host's golden-file results and capture files (each host compares and
+    captures on its own machine) copied into the merged `report`; returns the summary's lines."""
+    lines: list[str] = []
+    ports = report.get("traffic", {}).get("ports", {})
+    captured: list[dict[str, Any]] = []
+    for hname, part in parts.items():
+        for name, port in part.get("traffic", {}).get("ports", {}).items():
+            if "expect" in port and name in ports:
+                res = ports[name]["expect"] = port["expect"]
+                verdict = "match" if res.get("match") else "MISMATCH"
+                lines.append(f"  expect   {name} (on {hname}): {verdict}: {res.get('missing')} missing, "
+                             f"{res.get('unexpected')} unexpected")
+                lines += [f"    {d}" for d in res.get("differences", [])]
+        for item in part.get("capture", []):
+            captured.append(dict(item, host=hname))
+            lines.append(f"  capture  {item['device']} -> {item['file']} on {hname}: {item['packets']:,} frames, "
+                         f"{item['capture_drops']:,} capture drops")
+    if captured:
+        report["capture"] = captured
+    return lines
