@@ -341,3 +341,23 @@ def test_replay_loop_bounds(tmp_path: Path, loop: int) -> None:
     path = _topo(tmp_path, f"  gen0: {{replay: {{pcap: in.pcap, loop: {loop}}}}}\n  sink0: {{}}")
     with pytest.raises(TopologyError, match=r"t.yaml:11: gen0: replay: 'loop' must be between 0 and 4294967296"):
         load_topology(path)
+
+
+def test_dpkt_reads_what_we_write(tmp_path: Path) -> None:
+    """Cross-check with dpkt's readers: the classic pcap file and the xdpdump-style pcapng."""
+    import dpkt
+
+    frames = sample_frames()
+    ts = [TS0 + k * 1_000_000 for k in range(len(frames))]
+    write_pcap(tmp_path / "a.pcap", frames, ts)
+    with open(tmp_path / "a.pcap", "rb") as f:
+        got = list(dpkt.pcap.Reader(f))
+    assert [bytes(b) for _, b in got] == frames
+    assert [round(t * 1e6) for t, _ in got] == [t // 1000 for t in ts]
+    with open(tmp_path / "a.pcapng", "wb") as f:
+        w = PcapngWriter(f)
+        w.add_interface("eth0:l2fwd()@fentry:rxq0", 65535, "h1:eth0 ifindex 2")
+        for k, fr in enumerate(frames):
+            w.packet(0, ts[k], fr, len(fr), flags=1, queue=0, packetid=k + 1, comment="cpu 0")
+    with open(tmp_path / "a.pcapng", "rb") as f:
+        assert [bytes(b) for _, b in dpkt.pcapng.Reader(f)] == frames

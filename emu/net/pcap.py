@@ -9,6 +9,10 @@ link type, or holds a frame that was cut by the capture's snap length (it cannot
 the wire) raises `PcapError`, a `BadInputError` naming the file and the frame (1-based, as Wireshark's
 ``frame.number``) or the byte offset of the block at fault.
 
+The reader is written here rather than taken from dpkt (which the tests use to cross-check it) because
+refusing a bad file well needs what a general reader does not say: which frame, which byte, and why it
+cannot be replayed.
+
 Writing: `write_pcap` (the classic format, microsecond timestamps, what test fixtures and golden files
 use) and `PcapngWriter`, which writes what xdpdump's ``xpcapng`` writes: a Section Header Block, one
 Interface Description Block per capture interface (``if_name``, ``if_description``, ``if_tsresol`` = 9,
