@@ -17,6 +17,7 @@ once they are handed to the link, and at most one batch waits for a paused link.
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import numpy as np
@@ -27,7 +28,7 @@ from emu.net.imix import ImixFactory
 from emu.net.link import LinkReceiver, LinkSender
 from emu.net.netem import LinkShaper
 from emu.net.packets import FrameBatch, FrameFactory, Pacer, ScheduledPacer, SeqTracker, verify_batch
-from emu.net.pcap import read_frames
+from emu.net.pcap import PcapError, read_frames
 from emu.net.protocol import CMD, LINK_BATCH, LINK_DOWN_BIT, OFFLINE, OFFLINE_ACK, Cmd, ProcState
 from emu.net.replay import ReplayIndex, ReplaySource, compare, prepare_frames
 from emu.net.shmring import IDLE_POLL_MS, MsgRing
@@ -95,7 +96,14 @@ class TrafficPort:
         self.index = ReplayIndex()
         for path, loop, dst, src in replays:
             # By content after the MACs, so the rewrite does not matter; but runts are never sent.
-            prep = prepare_frames(read_frames(path), 1 << 30, dst, src)
+            try:
+                pcap = read_frames(path)
+            except PcapError as e:
+                # Another machine's port (a multi-host run): its file is not here, so its frames will
+                # count as foreign at this port (and the run as unaccounted), which the message explains.
+                print(f"emu: {self.spec.key}: cannot recognise replayed frames: {e}", file=sys.stderr, flush=True)
+                continue
+            prep = prepare_frames(pcap, 1 << 30, dst, src)
             self.index.add([f for f, ok in zip(prep.frames, prep.fits.tolist(), strict=True) if ok], loop or None)
         if ex is not None:
             self.expect = (read_frames(ex.pcap).frames, ex.ordered, spec.options.get("expect_out"))
