@@ -11,6 +11,7 @@ tshark is installed by run-tests.sh when missing; these tests fail (they do not 
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -234,3 +235,61 @@ def test_capture_key_is_checked_at_its_line(tmp_path: Path) -> None:
 
 def test_cap_dtype_is_packed() -> None:
     assert CAP_DTYPE.itemsize == 32  # the record layout the writer reads: no hidden padding
+
+
+@pytest.mark.slow
+def test_emu_capture_prints_a_line_per_frame(tmp_path: Path, capsys) -> None:
+    write_pcap(tmp_path / "in.pcap", sample_frames())
+    path = topo_file(tmp_path, "l2fwd", True, "")
+    assert cli.main(["capture", str(path), "h1:eth0@exit"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 18, out
+    entries = [x for x in out if "l2fwd()@entry: " in x]
+    exits = [x for x in out if "l2fwd()@exit[XDP_REDIRECT]: " in x]
+    assert len(entries) == len(exits) == 9
+    assert all("on if_index 2, rx queue " in x for x in out)
+    assert all("redirect to if_index 3 (eth1)" in x for x in exits)
+    text = "\n".join(entries)
+    for what in ("vlan 100", "vlan 10, vlan 20", "IPv6 fd00::1 > fd00::2", "TCP, length 74", "ARP, length 42",
+                 "frag id 4660 offset 800", "UDP, length 3000"):
+        assert what in text, what
+
+
+@pytest.mark.slow
+def test_multi_host_replay_expect_and_capture_on_its_own_host(tmp_path: Path) -> None:
+    """topology/multihost.yaml replaying the crafted frames through l2fwd on three hosts (three MAC
+    swaps: swapped once at the sink), each host an `emu host`; h2 captures its eth0 into its file."""
+    from pcap_frames import expected_l2fwd
+    from test_multihost import Proc, listening, start_hosts
+
+    frames = sample_frames()
+    write_pcap(tmp_path / "in.pcap", frames)
+    write_pcap(tmp_path / "exp.pcap", expected_l2fwd(frames, 4096 - 256))
+    text = (Path(__file__).resolve().parents[1] / "topology" / "multihost.yaml").read_text()
+    gen = text[text.index("  gen0:"):text.index("  sink0: {}")]
+    text = text.replace(gen, "  gen0:\n    replay: {pcap: in.pcap, timing: rate}\n")
+    text = text.replace("  sink0: {}", "  sink0: {expect: {pcap: exp.pcap}}")
+    (tmp_path / "mh.yaml").write_text(text)
+    coord_addr = f"ipc://{tmp_path}/control"
+    out = tmp_path / "report.json"
+    c = Proc(tmp_path, "coord", "coordinator", str(tmp_path / "mh.yaml"), "--bind", coord_addr, "--json", str(out),
+             "--status-file", str(tmp_path / "coord.status"), "--capture", "h2:eth0@exit", "--capture-dir",
+             str(tmp_path / "caps"))
+    hosts = {}
+    try:
+        listening(tmp_path)
+        hosts = start_hosts(tmp_path, coord_addr)
+        assert c.wait() == 0, c.text()
+        for p in hosts.values():
+            assert p.wait() == 0, p.text()
+    finally:
+        for p in [c, *hosts.values()]:
+            p.stop()
+    report = json.loads(out.read_text())
+    t = report["traffic"]
+    assert (t["generated"], t["delivered"], t["unaccounted"]) == (11, 9, 0), t
+    assert t["ports"]["sink0"]["expect"]["match"] is True
+    (cap,) = report["capture"]
+    assert (cap["device"], cap["host"], cap["packets"], cap["capture_drops"]) == ("h2:eth0", "h2", 18, 0)
+    rows = tshark(tmp_path / "caps" / "h2-eth0.pcapng")
+    assert len(rows) == 18 and sum(r["frame.verdict.ebpf_xdp"] == "4" for r in rows) == 9
