@@ -31,9 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-import numpy as np
-
-from emu.datapath.capture import CAPTURE_RING_BYTES, ENTRY, EXIT, TX, decode_record
+from emu.datapath.capture import CAPTURE_RING_BYTES, ENTRY, EXIT, TX, Record, decode_record
 from emu.errors import BadInputError
 from emu.net.pcap import EPB_FLAG_INBOUND, EPB_FLAG_OUTBOUND, PcapngWriter
 from emu.net.shmring import MsgRing
@@ -143,8 +141,7 @@ class CaptureSession:
         self.rings: dict[str, MsgRing] = {}  # producer key ("h1/cpu0", "h1/eth0") -> ring
         self.producers: dict[str, dict[str, dict[str, Any]]] = {}  # producer key -> captured devices
         self.files: dict[int, dict[int, _DeviceFile]] = {}  # host index -> ifindex -> file
-        self.heap: list[tuple[int, int, int, int, int, bytes]] = []  # (ts, seq, host, ifindex, rec idx, frame)
-        self.meta: dict[int, tuple[np.void, int]] = {}
+        self.heap: list[tuple[int, int, int, str, Record]] = []  # (ts, seq, host index, producer, record)
         self.seq = itertools.count()
         self.thread: threading.Thread | None = None
         self.stop = threading.Event()
@@ -236,21 +233,24 @@ class CaptureSession:
                     except ValueError as e:
                         self.errors.append(f"{key}: {e}")
                         continue
-                    for k, (rec, frame) in enumerate(zip(r.recs, r.frames, strict=True)):
-                        s = next(self.seq)
-                        # Which frame of which record it is: an exit names its batch's entry record, so it
-                        # gets the packet id its entry got.
-                        self.meta[s] = (rec, r.drops if k == 0 else 0, (key, r.seq, k), (key, r.ref, k))
-                        heapq.heappush(self.heap, (int(rec["ts"]), s, host, int(rec["ifindex"]), s, frame))
+                    if len(r.recs):
+                        # One heap entry per record (its frames share a timestamp), written in order.
+                        heapq.heappush(self.heap, (int(r.recs["ts"][0]), next(self.seq), host, key, r))
             while self.heap and (upto is None or self.heap[0][0] <= upto):
-                ts, s, host, ifindex, _, frame = heapq.heappop(self.heap)
-                rec, drops, me, ref = self.meta.pop(s)
-                df = self.files.get(host, {}).get(ifindex)
-                if df is not None:
-                    self._write(df, ts, rec, drops, frame, me, ref)
+                ts, _, host, key, r = heapq.heappop(self.heap)
+                files = self.files.get(host, {})
+                cols = [r.recs[n].tolist() for n in ("ifindex", "point", "queue", "verdict", "target", "cpu", "len")]
+                for k, (ifindex, point, q, verdict, target, cpu, length) in enumerate(zip(*cols, strict=True)):
+                    df = files.get(ifindex)
+                    if df is None:
+                        continue
+                    # Which frame of which record it is: an exit names its batch's entry record, so it gets
+                    # the packet id its entry got.
+                    self._write(df, ts, point, q, verdict, target, cpu, length, r.drops if k == 0 else 0,
+                                r.frames[k], (key, r.seq, k), (key, r.ref, k))
 
-    def _write(self, df: _DeviceFile, ts: int, rec: np.void, drops: int, frame: bytes, me: tuple, ref: tuple) -> None:
-        point, q = int(rec["point"]), int(rec["queue"])
+    def _write(self, df: _DeviceFile, ts: int, point: int, q: int, verdict: int, target: int, cpu: int, length: int,
+               drops: int, frame: bytes, me: tuple, ref: tuple) -> None:
         ts = max(ts, df.last_ts)
         df.last_ts = ts
         df.pending_drops += drops
@@ -266,12 +266,11 @@ class CaptureSession:
             df.entry_ids += 1
             pid = df.entry_ids
         df.packets += 1
-        verdict, target, cpu = int(rec["verdict"]), int(rec["target"]), int(rec["cpu"])
         if self.printer is not None:
             if not self.printer_broken:
                 tname = self._target_name(df.host, target)
-                line = summary_line(ts, df.prog, point, verdict, target, q, df.ifindex, cpu, int(rec["len"]), pid,
-                                    frame, tname)
+                line = summary_line(ts, df.prog, point, verdict, target, q, df.ifindex, cpu, length, pid, frame,
+                                    tname)
                 try:
                     self.printer(line)
                 except OSError as e:  # the reader went away (`| head`): keep running, print no more
@@ -283,7 +282,7 @@ class CaptureSession:
         if point == EXIT and verdict == 4 and target >= 0:
             tname = self._target_name(df.host, target)
             comment += f", redirect to ifindex {target}" + (f" ({tname})" if tname else "")
-        df.writer.packet(df.ifids.get((point, q), 0), ts, frame, int(rec["len"]),
+        df.writer.packet(df.ifids.get((point, q), 0), ts, frame, length,
                          flags=EPB_FLAG_OUTBOUND if point == TX else EPB_FLAG_INBOUND, queue=q, packetid=pid,
                          dropcount=df.pending_drops, verdict=verdict if point == EXIT else None, comment=comment)
         df.pending_drops = 0
