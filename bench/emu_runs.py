@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
+import os
 import re
 import subprocess
 import sys
@@ -99,6 +100,26 @@ VARIANTS = {
     "l2fwd-filter": lambda: l2fwd_variant(program=FILTER_PROGRAM),
     "l2fwd-filter-1cpu": lambda: l2fwd_variant(cpus=1, program=FILTER_PROGRAM),
 }
+
+
+# The capture case: l2fwd with eth0 captured (every frame at XDP entry; eth0 transmits nothing), into a
+# temporary directory that each run empties again (emu.run.capture).  A snap length of 128 bytes, as a
+# header capture would use.
+CAPTURE_DEVICE = ("h1", "eth0", False)
+CAPTURE_SNAPLEN = 128
+
+
+def l2fwd_capture():
+    """topology/l2fwd.yaml with ``capture`` of h1:eth0 into a fresh temporary directory."""
+    import dataclasses
+    import tempfile
+
+    from emu.topology.model import CaptureConfig
+
+    topo = load("l2fwd")
+    where = tempfile.mkdtemp(prefix="emu-bench-capture-")
+    return dataclasses.replace(topo, name="l2fwd-capture",
+                               capture=CaptureConfig((CAPTURE_DEVICE,), where, CAPTURE_SNAPLEN))
 
 
 def case(name: str):
@@ -227,7 +248,20 @@ def run_topology(topo, duration: float, sample_every: float = 0.25) -> dict:
     if getattr(run, "interrupted", False):
         raise Interrupted
     t = report["traffic"]
+    captured = {}
+    if topo.capture is not None:
+        # What the capture kept and dropped; its files go (a second of l2fwd is hundreds of MB of them).
+        frames = sum(c["packets"] for c in report.get("capture", []))
+        drops = sum(c["capture_drops"] for c in report.get("capture", []))
+        captured = {"capture_frames": frames, "capture_drops": drops,
+                    "capture_bytes": sum(os.path.getsize(c["file"]) for c in report.get("capture", [])
+                                         if c.get("file") and os.path.exists(c["file"]))}
+        for c in report.get("capture", []):
+            if c.get("file"):
+                with contextlib.suppress(OSError):
+                    os.unlink(c["file"])
     return {
+        **captured,
         "topology": topo.name,
         "rx_pps": report["rx_pps"],
         "delivered_pps": report["delivered_pps"],

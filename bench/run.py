@@ -151,7 +151,10 @@ class Suite:
             "pool": self.measure_pool,
             **{name: (lambda name=name: self.measure_emu(name)) for name in self.topos},
             **({"engine": self.measure_engine} if self.engine_cases is not None else {}),
+            # l2fwd again with one device captured (emu.run.capture): the capture's cost, same rounds.
+            "l2fwd-capture": self.measure_capture,
         }
+        self.capture_topo = emu_runs.l2fwd_capture()
 
     def close(self) -> None:
         if self.bare is not None:
@@ -163,6 +166,11 @@ class Suite:
         from emu.mem.shm import unlink_prefix
 
         unlink_prefix(self.prefix)
+        cap = getattr(self, "capture_topo", None)
+        if cap is not None and cap.capture is not None:
+            import shutil
+
+            shutil.rmtree(cap.capture.dir, ignore_errors=True)  # the capture case's (emptied) directory
 
     # -- the measurements --------------------------------------------------------------------------
 
@@ -215,6 +223,9 @@ class Suite:
 
     def measure_emu(self, name: str) -> dict:
         return emu_runs.run_topology(self.topos[name], self.cfg.duration)
+
+    def measure_capture(self) -> dict:
+        return emu_runs.run_topology(self.capture_topo, self.cfg.duration)
 
 
 @contextlib.contextmanager
@@ -309,6 +320,18 @@ def derive(samples: dict[str, list[dict]], cli: dict | None, cores: int | None =
     eng = samples.get("engine", [])
     r["xdp_engine_ns"] = {k: round(med([s[k] for s in eng]), 1) for k in eng[0]} if eng else None
     r["xdp_kernel_test_run_ns"] = kernel_test_run_ns() if eng else None
+    # The capture's cost: l2fwd with eth0 captured against l2fwd, both in every round; the median of
+    # each round's own ratio (measured minutes apart otherwise), and the share the capture ring dropped.
+    cap = samples.get("l2fwd-capture", [])
+    if cap:
+        r["l2fwd_capture_pps"] = round(med([s["delivered_pps"] for s in cap]))
+        by_round = {s.get("round"): s["delivered_pps"] for s in emu["l2fwd"]}
+        rel = [s["delivered_pps"] / by_round[s.get("round")] for s in cap if by_round.get(s.get("round"))]
+        r["capture_to_l2fwd"] = round(med(rel), 4) if rel else None
+        kept = [s.get("capture_frames", 0) / max(1, s.get("capture_frames", 0) + s.get("capture_drops", 0))
+                for s in cap]
+        r["capture_kept_share"] = round(med(kept), 4)
+        r["capture_violations"] = sum(s["violations"] + s["unaccounted"] + s["corrupted"] for s in cap)
     r["pool_ns_per_page"] = {k: round(med([s[f"{k}_ns"] for s in samples["pool"]]), 1)
                              for k in ("fast", "ring", "allocator")}
 
@@ -480,6 +503,8 @@ def render_table(res: dict) -> str:
         *[(f"eBPF engine alone: {k} (kernel test_run "
            f"{(res.get('xdp_kernel_test_run_ns') or {}).get(k, '-')} ns)", v, spread(col("engine", k)), "ns/pkt")
           for k, v in (res.get("xdp_engine_ns") or {}).items()],
+        *([("emulator l2fwd, eth0 captured (docs/capture.md)", res["l2fwd_capture_pps"],
+            spread(col("l2fwd-capture", "delivered_pps")), "pkt/s")] if "l2fwd_capture_pps" in res else []),
         ("emulator l2fwd_filter (CPU-heavy program), 2 CPUs", res["l2fwd_filter_pps"],
          spread(col("l2fwd-filter", "delivered_pps")), "pkt/s"),
         ("emulator l2fwd_filter (CPU-heavy program), 1 CPU", res["l2fwd_filter_1cpu_pps"],
@@ -512,6 +537,9 @@ def render_table(res: dict) -> str:
            f"| {res['bare_scaling_2_to_1']:.2f} |"] if res.get("bare_scaling_2_to_1") is not None else []),
         f"| l2fwd_filter 2 CPUs / 1 CPU | {res['filter_scaling_2_to_1']:.2f} |",
         f"| l2fwd pkt/s / transport desc/s (one hop) | {res['l2fwd_to_transport']:.3f} |",
+        *([f"| l2fwd with eth0 captured / without (same rounds); frames the capture kept "
+           f"| {res['capture_to_l2fwd']:.3f}; {res['capture_kept_share']:.1%} |"]
+          if res.get("capture_to_l2fwd") is not None else []),
         "",
         "| process kind | peak RSS (VmHWM) MB | private (RssAnon) MB | PSS MB |",
         "| --- | ---: | ---: | ---: |",

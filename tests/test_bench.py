@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -348,3 +349,30 @@ def test_tiny_suite_writes_every_key(tmp_path, no_leftovers):
     assert set(res["allocated_hwm_mb_by_topology"]) == set(suite.EMU_CASES)
     assert {t["key"] for t in res["targets"]} >= {"l2fwd_to_bare", "scaling_2_to_1", "rss_mb"}
     assert all(isinstance(t["met"], bool) for t in res["targets"])
+
+
+def test_capture_cost_is_each_rounds_own_ratio():
+    samples = _samples()
+    for k, s in enumerate(samples["l2fwd"]):
+        s["round"] = k
+    cap = [_emu_sample(75_000), _emu_sample(130_000), _emu_sample(55_000)]  # against 150k, 130k, 110k
+    for k, s in enumerate(cap):
+        s.update(round=k, capture_frames=900, capture_drops=100)
+    samples["l2fwd-capture"] = cap
+    r = suite.derive(samples, cli=None)
+    assert r["l2fwd_capture_pps"] == 75_000
+    assert r["capture_to_l2fwd"] == 0.5  # median of 0.5, 1.0, 0.5
+    assert r["capture_kept_share"] == 0.9 and r["capture_violations"] == 0
+    assert "capture_to_l2fwd" not in suite.derive(_samples(), cli=None)
+
+
+@pytest.mark.slow
+def test_capture_case_runs_and_removes_its_files(no_leftovers):
+    topo = emu_runs.l2fwd_capture()
+    try:
+        s = emu_runs.run_topology(topo, 0.6)
+        assert s["delivered"] > 0 and s["violations"] == 0 and s["unaccounted"] == 0
+        assert s["capture_frames"] > 0 and s["capture_frames"] + s["capture_drops"] >= s["delivered"]
+        assert s["capture_bytes"] > 0 and os.listdir(topo.capture.dir) == []
+    finally:
+        shutil.rmtree(topo.capture.dir, ignore_errors=True)

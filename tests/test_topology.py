@@ -439,7 +439,7 @@ BAD: list[tuple[str, str, int, str]] = [
         nodes: {}
         """,
         2,
-        "unknown top-level key 'nodes' (expected one of: name, hosts, links, traffic)",
+        "unknown top-level key 'nodes' (expected one of: name, hosts, links, traffic, capture)",
     ),
     (
         "missing-name",
@@ -1308,7 +1308,7 @@ BAD: list[tuple[str, str, int, str]] = [
             generator: {}
         """,
         6,
-        "gen0: unknown key 'generator' (expected one of: generate); did you mean 'generate'?",
+        "gen0: unknown key 'generator' (expected one of: generate, replay, expect); did you mean 'generate'?",
     ),
     (
         "generate-unknown-key",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import zmq
 
+from emu.datapath.capture import CaptureTap
 from emu.datapath.napi import NapiCore, load_rx_queues
 from emu.mem.page import DESC_DTYPE
 from emu.mem.pagemem import PageMemory
@@ -83,6 +84,8 @@ class CpuWorker:
         self.core = NapiCore(spec.host, self.cpu, self.pm, pool_of(self.pm, self.cpu, owner=True),
                              load_rx_queues(spec.host, self.cpu, spec.maps), self.channels,
                              row.c, row.index, WarnOnce(spec.key))
+        if "capture" in spec.options:  # xdpdump-style capture of some device's RX queues here
+            self.core.capture = CaptureTap.from_options(spec.options["capture"], self.cpu, row.c, row.index)
         # Interrupt moderation (ethtool -C rx-frames): a sleeping CPU is woken once RX_BELL_POLLS polls'
         # worth of descriptors wait for it, else by its poll timeout (rx-usecs).  Never more than half
         # its smallest RX ring: waiting for more than a device can complete before the ring runs dry
@@ -124,6 +127,8 @@ class CpuWorker:
     def shutdown(self) -> None:
         """``page_pool_destroy`` (the core gives its pages back), then the sockets."""
         self.core.shutdown()
+        if self.core.capture is not None:
+            self.core.capture.close()
         self.inbox.close()
         self.bell.close()
         self.channels.close()

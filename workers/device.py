@@ -14,6 +14,7 @@ import time
 import numpy as np
 import zmq
 
+from emu.datapath.capture import CaptureTap
 from emu.datapath.nic import NicCore
 from emu.mem.pagemem import PageMemory
 from emu.net import doorbell, security, wire
@@ -91,6 +92,8 @@ class Device:
         self.core = NicCore(host.devices[self.name], host.cpus, self.pm, self.cpus, self.tx, self.rx,
                             row.c, row.index, WarnOnce(spec.key), pause_ms=spec.options.get("pause_ms", 1000),
                             link_socket=self._link_socket)
+        if "capture" in spec.options:  # xdpdump-style capture of what this device transmits
+            self.core.capture = CaptureTap.from_options(spec.options["capture"], 0, row.c, row.index)
 
     def _link_socket(self, addr: str) -> zmq.Socket:
         secure = self.keys is not None and addr.startswith("tcp://")

@@ -16,20 +16,29 @@ once they are handed to the link, and at most one batch waits for a paused link.
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 
 import numpy as np
 import zmq
 
 from emu.net import doorbell, wire
+from emu.net.imix import ImixFactory
 from emu.net.link import LinkReceiver, LinkSender
 from emu.net.netem import LinkShaper
 from emu.net.packets import FrameBatch, FrameFactory, Pacer, ScheduledPacer, SeqTracker, verify_batch
+from emu.net.pcap import PcapError, read_frames
 from emu.net.protocol import CMD, LINK_BATCH, LINK_DOWN_BIT, OFFLINE, OFFLINE_ACK, Cmd, ProcState
+from emu.net.replay import ReplayIndex, ReplaySource, compare, prepare_frames
 from emu.net.shmring import IDLE_POLL_MS, MsgRing
 from emu.net.sockets import LINK_HWM, new_context, pull, push
 from emu.run.process import Liveness, ProcSpec, pin, run_process
 from emu.run.stats import StatsRow, StatsTable
+
+# Frames a sink with ``expect`` keeps for the golden comparison (a golden file is a unit test's worth of
+# frames; past this the comparison fails, as the extra frames are unexpected anyway).
+MAX_KEPT = 1_000_000
 
 
 class TrafficPort:
@@ -59,10 +68,106 @@ class TrafficPort:
         self.trackers: dict[int, SeqTracker] = {}
         self.factory = None
         if gen is not None:
-            self.factory = FrameFactory(gen.pkt_size, gen.flows, gen.src_mac, gen.dst_mac, port=gen.port_id)
-            self.pacer: Pacer | ScheduledPacer = (
+            self.factory: FrameFactory | ImixFactory = (
+                ImixFactory(gen.imix, gen.flows, gen.src_mac, gen.dst_mac, port=gen.port_id) if gen.imix
+                else FrameFactory(gen.pkt_size, gen.flows, gen.src_mac, gen.dst_mac, port=gen.port_id))
+            self.pacer: Pacer | ScheduledPacer | ReplaySource = (
                 ScheduledPacer(gen.schedule, gen.burst) if gen.schedule else Pacer(gen.rate, gen.burst))
         self.seq = 0
+        self.replay: ReplaySource | None = None
+        self.index: ReplayIndex | None = None
+        self.expect = None
+        self.setup_replay(spec)
+
+    # -- replay and golden files (emu.net.replay) ---------------------------------------------------
+
+    def setup_replay(self, spec: ProcSpec) -> None:
+        """This port's replay source, the index of every replay port's frames (to recognise them when
+        they arrive here) and, with ``expect``, the golden frames and a place for what arrives."""
+        rp = self.port.replay
+        if rp is not None:
+            prep = prepare_frames(read_frames(rp.pcap), rp.max_frame, rp.dst_mac, rp.src_mac)
+            self.replay = ReplaySource(prep, rp.loop, rp.timing, rp.rate, rp.burst)
+            self.pacer = self.replay
+        replays = spec.options.get("replays") or []
+        ex = self.port.expect
+        if not replays and ex is None:
+            return
+        self.index = ReplayIndex()
+        for path, loop, dst, src in replays:
+            # By content after the MACs, so the rewrite does not matter; but runts are never sent.
+            try:
+                pcap = read_frames(path)
+            except PcapError as e:
+                # Another machine's port (a multi-host run): its file is not here, so its frames will
+                # count as foreign at this port (and the run as unaccounted), which the message explains.
+                print(f"emu: {self.spec.key}: cannot recognise replayed frames: {e}", file=sys.stderr, flush=True)
+                continue
+            prep = prepare_frames(pcap, 1 << 30, dst, src)
+            self.index.add([f for f, ok in zip(prep.frames, prep.fits.tolist(), strict=True) if ok], loop or None)
+        if ex is not None:
+            self.expect = (read_frames(ex.pcap).frames, ex.ordered, spec.options.get("expect_out"))
+            self.kept: list[bytes] = []
+            # Golden frames are the run's too: a program may rewrite more than the MACs.
+            self.index.add(self.expect[0], None)
+
+    def account_replayed(self, frames: FrameBatch, good: np.ndarray, foreign: int) -> int:
+        """Of a batch's frames that are not our generators', those a replay port sent (counted
+        ``replayed``; duplicates counted too); keeps them for the golden comparison.  Returns how many
+        of the `foreign` frames were replayed ones."""
+        if good.all():
+            return 0
+        rest = frames.to_list() if not good.any() else [frames.frame(k).tobytes() for k in np.flatnonzero(~good)]
+        if self.expect is not None and len(self.kept) < MAX_KEPT:
+            self.kept += rest[: MAX_KEPT - len(self.kept)]
+        if self.index is None or not foreign:
+            return 0
+        known, dups = self.index.classify(rest)
+        known = min(known, foreign)
+        c, i = self.c, self.i
+        c[i["replayed"]] += known
+        c[i["duplicates"]] += dups
+        return known
+
+    def finish_expect(self) -> None:
+        """Compare what arrived with the golden file and leave the result for the report."""
+        if self.expect is None:
+            return
+        expected, ordered, out = self.expect
+        res = compare(expected, self.kept, ordered)
+        if out:
+            with open(out, "w") as f:
+                json.dump(res, f)
+
+    def replay_step(self) -> int:
+        """Send the replayed frames due now if the link allows; returns frames handed out (sent or
+        skipped for not fitting)."""
+        assert self.replay is not None
+        if self.tx.backlog:
+            self.tx.flush()
+            if self.tx.blocked() or self.tx.busy():
+                return 0
+        left = self.count - self.seq if self.count else LINK_BATCH
+        before = dict(self.replay.skipped)
+        batch, k, skipped = self.replay.next_batch(min(left, LINK_BATCH))
+        if not k:
+            return 0
+        c, i = self.c, self.i
+        self.seq += k
+        c[i["generated"]] += k
+        if skipped:
+            for kind, name in (("oversize", "replay_oversize"), ("runt", "replay_runt")):
+                c[i[name]] += self.replay.skipped[kind] - before.get(kind, 0)
+        if batch is None:
+            return k
+        if c[OFFLINE] >> LINK_DOWN_BIT & 1:
+            c[i["link_down"]] += len(batch)
+            return k
+        c[i["tx_bytes"]] += int(np.add.reduce(batch.lengths))
+        lost = self.tx.send(batch)
+        if lost:
+            c[i["link_lost"]] += lost
+        return k
 
     def receive(self) -> int:
         """Take what the link brought (several messages verified as one batch) and check every frame."""
@@ -87,7 +192,8 @@ class TrafficPort:
         res = verify_batch(frames)
         c[i["verified"]] += res.ok
         c[i["corrupted"]] += res.corrupted
-        c[i["foreign"]] += res.foreign
+        c[i["foreign"]] += res.foreign - (self.account_replayed(frames, res.good, res.foreign)
+                                          if self.index is not None or self.expect is not None else 0)
         c[i["duplicates"]] += self.record(res.seqs, res.ports)
         return n
 
@@ -109,6 +215,8 @@ class TrafficPort:
 
     def generate(self) -> int:
         """Send one burst if the pacer and the link allow; returns packets sent."""
+        if self.replay is not None:
+            return self.replay_step()
         if self.tx.backlog:
             self.tx.flush()
             if self.tx.blocked() or self.tx.busy():
@@ -138,7 +246,7 @@ class TrafficPort:
     def run(self) -> None:
         live = Liveness(self.row, self.spec.parent_pid)
         c = self.c
-        generating = self.factory is not None and self.tx.connected
+        generating = (self.factory is not None or self.replay is not None) and self.tx.connected
         self.row.set_state(ProcState.READY)
         bell = self.bell
         poller = zmq.Poller()
@@ -192,6 +300,7 @@ class TrafficPort:
                         self.rx.awake(False)
                 else:
                     time.sleep(wait / 1000)
+        self.finish_expect()
         self.rx.close()
         self.tx.close()
         if bell is not None:

@@ -32,6 +32,7 @@ from emu.cluster import control
 from emu.net import security
 from emu.net.protocol import ProcState
 from emu.net.sockets import new_context
+from emu.run import expect
 from emu.run import report as rep
 from emu.run.coordinator import (
     DRAIN_STALL,
@@ -440,8 +441,10 @@ class Cluster(Console):
 
     def report(self) -> dict[str, Any]:
         """The merged report (printed); then the hosts may exit."""
-        report = rep.build_report(self.record())
-        self.say(rep.summary(report))
+        record = self.record()
+        report = rep.build_report(record)
+        lines = expect.merge_parts(report, record.parts or {})
+        self.say(rep.summary(report) + "".join(f"\n{line}" for line in lines))
         # Hosts wait for this before they exit, so that `docker compose up --exit-code-from coordinator`
         # (which stops everything when the first container exits) shows the report above.
         self.broadcast("bye")

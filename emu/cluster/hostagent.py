@@ -59,7 +59,7 @@ def host_part(topo: Topology, hname: str) -> Topology:
         return ep.host == hname if ep.kind == "device" else ep.name in traffic
 
     links = tuple(link for link in topo.links if here(link.a) or here(link.b))
-    return Topology(topo.name, topo.path, {hname: topo.hosts[hname]}, links, traffic)
+    return Topology(topo.name, topo.path, {hname: topo.hosts[hname]}, links, traffic, topo.capture)
 
 
 @dataclass
@@ -84,6 +84,7 @@ class HostRun(Run):
         self.hname = hname
         self.keys_dir = agent.opts.keys_dir
         self.role = f"host {hname}"
+        self.all_traffic = full.traffic  # replayed frames from other hosts' ports arrive here too
         self.sent_events = 0  # events already sent with the counters
 
     def tick(self) -> None:

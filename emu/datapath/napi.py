@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from emu.datapath import Core
+from emu.datapath.capture import ENTRY, EXIT, CaptureTap
 from emu.mem.page import DESC_DTYPE, PageState, concat_descs, descs_from_bytes
 from emu.mem.pagemem import PageMemory
 from emu.mem.pagepool import (
@@ -201,6 +202,7 @@ class NapiCore(Core):
         self.skb_remote: list[np.ndarray] = []
         self.offline = 0
         self.waits = 0  # passes in a row that found the TX queues too full to poll
+        self.capture: CaptureTap | None = None  # xdpdump-style capture (emu.datapath.capture), when asked for
 
     def send_descs(self, to: str | int, kind: str, header: dict, ids: np.ndarray) -> None:
         """Describe pages `ids` from the page table and send them to `to`."""
@@ -395,7 +397,12 @@ class NapiCore(Core):
                     parts.append(pending.pop(0))
                 d = concat_descs(parts)
             pages = d["page"]
+            cap = self.capture
+            if cap is not None:
+                cap.xdp(rxq.dev, rxq.q, self.data2d, pages, d["off"], d["len"], ENTRY)
             verdicts, targets = self.run_xdp(rxq, d)
+            if cap is not None:
+                cap.xdp(rxq.dev, rxq.q, self.data2d, pages, d["off"], d["len"], EXIT, verdicts, targets)
             ahead = self._only_bulked(rxq, verdicts, targets)
             if ahead is not None:
                 # Every verdict only appends its page to a bulk queue, which the pass flushes once

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from emu.datapath import Core
+from emu.datapath.capture import CaptureTap
 from emu.mem.page import DESC_DTYPE, PageState, concat_descs, descs, descs_from_bytes
 from emu.mem.pagemem import PageMemory
 from emu.mem.pagepool import check_descs, page_hand_over, tx_dma_start
@@ -158,6 +159,7 @@ class NicCore(Core):
         self.rxq_online = [True] * self.nrxq
         self.all_online = True
         self.txc_cpu = [t % ncpus for t in range(cfg.tx_queues)]
+        self.capture: CaptureTap | None = None  # xdpdump-style capture (emu.datapath.capture), when asked for
 
     # -- messages from CPUs -----------------------------------------------------------------------
 
@@ -259,7 +261,12 @@ class NicCore(Core):
 
     # -- the wire ---------------------------------------------------------------------------------
 
-    def _wire_send(self, frames: FrameBatch) -> None:
+    def _wire_send(self, frames: FrameBatch, queues: list[tuple[int, int]] | None = None) -> None:
+        """Frames onto the wire; `queues`: (TX queue, frames) in batch order, for a capture (None: the skb
+        path, queue 0)."""
+        if self.capture is not None:
+            qs = np.repeat([q for q, _ in queues], [k for _, k in queues]) if queues else 0
+            self.capture.tx(self.name, frames.data, frames.offsets, frames.lengths, qs)
         n = len(frames)
         self.c[self.i["tx_packets"]] += n
         self.c[self.i["tx_bytes"]] += int(np.add.reduce(frames.lengths))
@@ -294,7 +301,8 @@ class NicCore(Core):
         # State first: should this process die in between, a page already counted as sent must not also
         # look like a frame still queued (the coordinator counts those as lost).
         tx_dma_start(self.pm, d["page"])
-        self._wire_send(frames)
+        self._wire_send(frames, None if self.capture is None else
+                        [(self.txqs.index(q), k) for q, k in sent])
         start = 0
         for q, n in sent:
             q.inflight.append((now + self.completion_ns, d[start : start + n]))

@@ -146,7 +146,9 @@ def wire_losses(links: list[DeadLink], read: Callable[[str], Mapping[str, int]],
             continue
         peer = read(link.peer)
         if link.peer_kind == "traffic":
-            sent, got = peer["generated"] - peer["link_down"] - peer["link_lost"], peer["received"]
+            # Replayed frames the devices could not take were never sent (counted where they were skipped).
+            unsent = peer["link_down"] + peer["link_lost"] + peer.get("replay_oversize", 0) + peer.get("replay_runt", 0)
+            sent, got = peer["generated"] - unsent, peer["received"]
         else:
             sent, got = peer["tx_packets"] - peer["tx_dropped"] - peer["link_lost"], peer["rx_packets"]
         lost += max(0, sent - dev["rx_packets"])

@@ -45,7 +45,7 @@ from emu.mem.pagepool import PoolParams
 from emu.mem.shm import SHM_DIR, ShmSpaceError, new_run_prefix, shm_free_bytes, sweep_stale, unlink_prefix
 from emu.net.protocol import DEVICE_BIT, LINK_DOWN_BIT, Cmd, ProcState, device_code
 from emu.net.shmring import RING_BYTES, MsgRing
-from emu.run import launch, pools
+from emu.run import capture, expect, launch, pools
 from emu.run import report as rep
 from emu.run.process import ProcSpec, read_last_words
 from emu.run.procname import process_name
@@ -76,6 +76,8 @@ class RunOptions:
     # Workers raise InjectedFault where they are when sent SIGUSR1, as a bug would (tests; off unless
     # asked for, or ``EMU_FAULT_INJECTION=1`` in the environment of `emu run` / `emu host`).
     fault_injection: bool = field(default_factory=lambda: os.environ.get("EMU_FAULT_INJECTION") == "1")
+    # With the topology's `capture`: print each captured frame's line (``emu capture``) instead of files.
+    capture_printer: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -108,11 +110,12 @@ def generators_done(topo: Topology, count: int | None, done: Callable[[str], boo
     schedule to the end; False while any runs without either.  `done(name)` says whether that generator
     has finished."""
     gens = [n for n, p in topo.traffic.items()
-            if p.generate is not None and topo.peer_of(Endpoint("traffic", None, n)) is not None]
+            if (p.generate is not None or p.replay is not None)
+            and topo.peer_of(Endpoint("traffic", None, n)) is not None]
     if not gens:
         return False
     for n in gens:
-        gen = topo.traffic[n].generate
+        gen = topo.traffic[n].generate or topo.traffic[n].replay
         if not gen.ends(count):
             return False  # runs until stopped
         if not done(n):
@@ -185,6 +188,7 @@ class Run(Console):
 
     def __init__(self, topo: Topology, opts: RunOptions | None = None) -> None:
         self.topo = topo
+        self.all_traffic = topo.traffic  # every port of the topology (a host agent's Run has its own part)
         self.opts = opts or RunOptions()
         self.prefix = new_run_prefix()
         self.run_dir = ""
@@ -219,6 +223,8 @@ class Run(Console):
         # (at the end every page is home, so only samples show them).
         self.samples: list[rep.PageSample] = []
         self.next_sample = 0.0
+        self.capture: capture.CaptureSession | None = None  # `capture` of the topology (emu.run.capture)
+        self.captured: list[dict] = []  # what the capture wrote, once closed
 
     def tick(self) -> None:
         """Called from every waiting loop; a host agent services its coordinator channel here."""
@@ -278,6 +284,10 @@ class Run(Console):
             names, sets = xdp_runtime.create_maps(f"{self.prefix}-{hname}", host)
             self.maps[hname] = names
             self.mapsets += sets
+        if self.topo.capture is not None:
+            self.capture = capture.CaptureSession(self.topo, self.prefix, self.opts.capture_printer)
+            self.capture.prepare()
+            self.capture.start()
 
     def endpoints(self) -> dict:
         d = self.run_dir
@@ -350,15 +360,29 @@ class Run(Console):
             spec = ProcSpec(
                 "traffic", name, port=port,
                 endpoints={"link_bind": bind, "link_peer": peer, **self.link_ring_eps(name)},
-                options={"count": self.opts.count, "impair": self.impair_of(name)}, **common,
+                options={"count": self.opts.count, "impair": self.impair_of(name), **self.replay_options(name)},
+                **common,
             )
             specs.append((spec, traffic_worker.main))
         for spec, target in specs:
             spec.last_words = os.path.join(self.run_dir, spec.key.replace("/", "-") + ".last-words")
             spec.options["fault_injection"] = self.opts.fault_injection
+            cap = None if self.capture is None else self.capture.options_for(spec.key)
+            if cap is not None:
+                spec.options["capture"] = cap
             p = mp.Process(target=target, args=(spec,), name=f"emu-{spec.key}", daemon=True)
             p.start()
             self.procs.append(Proc(spec.kind, spec.key, p, spec.last_words))
+
+    def replay_options(self, name: str) -> dict:
+        """What traffic port `name` needs to account for replayed frames (`emu.net.replay`): every replay
+        port's file and loop count, and where to write its golden-file comparison."""
+        replays = [(p.replay.pcap, p.replay.loop, p.replay.dst_mac, p.replay.src_mac)
+                   for p in self.all_traffic.values() if p.replay is not None]
+        out: dict = {"replays": replays} if replays else {}
+        if self.topo.traffic[name].expect is not None:
+            out["expect_out"] = os.path.join(self.run_dir, f"{name}.expect.json")
+        return out
 
     def processes(self) -> dict[str, int]:
         """Name -> pid of this run's processes (this one under its `role`), for the report."""
@@ -689,7 +713,9 @@ class Run(Console):
     def report(self) -> dict:
         """Build the final report from the run's record, and print its summary."""
         report = rep.build_report(self.record())
-        self.say(rep.summary(report))
+        lines = expect.attach(report, self.topo, self.run_dir)
+        lines += self.close_capture(report)
+        self.say(rep.summary(report) + "".join(f"\n{line}" for line in lines))
         return report
 
     def end(self, settle: bool = True) -> dict:
@@ -814,7 +840,30 @@ class Run(Console):
                 p.process.kill()
                 p.process.join(3)
 
+    def close_capture(self, report: dict | None = None) -> list[str]:
+        """Write the rest of the capture and close its files (after EXIT: every producer is done); with
+        `report`, put what was written in its ``capture`` and return the summary's lines."""
+        if self.capture is not None:
+            self.captured = self.capture.close()
+            for err in self.capture.errors:
+                self.event(f"capture: {err}")
+            self.capture = None
+        if report is None or not self.captured:
+            return []
+        final = self.snapshot()
+        lines = []
+        for item in self.captured:
+            # A CPU's drops may be of any device it captures (one ring per process): a bound, exact when
+            # each CPU serves one captured device.
+            item["capture_drops"] = sum(final.rows[k].get("capture_drops", 0) for k in item.pop("producers"))
+            where = f" -> {item['file']}" if item["file"] else ""
+            lines.append(f"  capture  {item['device']}{where}: {item['packets']:,} frames, "
+                         f"{item['capture_drops']:,} capture drops")
+        report["capture"] = self.captured
+        return lines
+
     def cleanup(self) -> None:
+        self.close_capture()
         for ring in self.rings:
             ring.unlink()
             ring.close()

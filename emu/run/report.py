@@ -70,6 +70,9 @@ class Snapshot:
         out.update({f"device.{n}": self.total("device", n) for n in DEVICE_DROPS})
         out["traffic.link_down"] = self.total("traffic", "link_down")
         out["traffic.link_lost"] = self.total("traffic", "link_lost")
+        # Replayed frames no device could take (emu.net.replay); .get: a host from before replay has none.
+        for name in ("replay_oversize", "replay_runt"):
+            out[f"traffic.{name}"] = sum(self.rows[k].get(name, 0) for k in self.keys("traffic"))
         out["fault.lost"] = self.lost
         out["fault.host_lost"] = self.host_lost
         return out

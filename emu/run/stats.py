@@ -47,6 +47,8 @@ CPU_COUNTERS = (
     "tx_ring_waits",  # passes that left RX waiting: an XDP TX queue of this CPU's had no room for a poll
     "bad_descriptors",  # refused descriptors (stale, wrong state, out of range)
     "bad_messages",  # refused messages (garbled, foreign, unknown kind)
+    "capture_packets",  # frames copied into the capture ring (XDP entry and exit; emu.datapath.capture)
+    "capture_drops",  # frames the capture ring had no room for (the writer fell behind)
 )
 
 DEVICE_COUNTERS = (
@@ -72,6 +74,8 @@ DEVICE_COUNTERS = (
     "link_up",  # gauge: 1 once a link between hosts is cabled to its peer
     "bad_descriptors",
     "bad_messages",
+    "capture_packets",  # transmitted frames copied into the capture ring (emu.datapath.capture)
+    "capture_drops",  # frames the capture ring had no room for (the writer fell behind)
 )
 
 TRAFFIC_COUNTERS = (
@@ -87,6 +91,9 @@ TRAFFIC_COUNTERS = (
     "link_lost",  # frames the link's loss impairment dropped after this port sent them
     "bad_messages",
     "first_rx_ns",  # CLOCK_MONOTONIC time of the first frame received (for the start-up measurement)
+    "replayed",  # received frames a replay port sent (recognised by content, emu.net.replay): delivered
+    "replay_oversize",  # replayed frames longer than the devices take: generated and dropped, never sent
+    "replay_runt",  # replayed frames shorter than an Ethernet header: likewise
 )
 
 KINDS = {"cpu": CPU_COUNTERS, "device": DEVICE_COUNTERS, "traffic": TRAFFIC_COUNTERS}

@@ -35,20 +35,24 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from emu.errors import BadInputError
 from emu.mem.shm import new_run_prefix
-from emu.net.packets import MAX_PORT
+from emu.net.packets import MAX_PKT_SIZE, MAX_PORT, MIN_PKT_SIZE
+from emu.net.pcap import PcapError, read_frames
 from emu.net.protocol import XDP_PACKET_HEADROOM
 from emu.topology import schema
 from emu.topology.model import (
     MAX_LINK_DELAY_US,
     MAX_LINK_RATE_BPS,
     PP_ALLOC_CACHE_REFILL,
+    CaptureConfig,
     DeviceConfig,
     Endpoint,
+    ExpectConfig,
     GeneratorConfig,
     HostConfig,
     LinkConfig,
     LinkImpairment,
     PoolConfig,
+    ReplayConfig,
     Topology,
     TopologyError,
     TrafficPort,
@@ -68,6 +72,10 @@ from emu.xdp.context import Program, load_program
 from emu.xdp.runtime import ifindex_resolver, scratch_maps
 
 __all__ = ["load_topology", "validate_topology_text"]
+
+# `pkt_size: imix`: the classic simple IMIX, 7:4:1 of 64, 570 and 1518 bytes (without FCS).
+IMIX = ((64, 7), (570, 4), (1518, 1))
+MAX_IMIX_SIZES = 64
 
 _TAG_NULL = "tag:yaml.org,2002:null"
 _TAG_BOOL = "tag:yaml.org,2002:bool"
@@ -469,6 +477,9 @@ class _Validator:
         self.alias_uses = alias_uses
         self.xdp_nodes: dict[str, _XdpNodes] = {}  # by "host:device"
         self.object_nodes: dict[str, _Fields] = {}  # by "host:device", for eBPF objects
+        # A port's `replay` (its fields and values, resolved once the links are known) and `expect`.
+        self.replays: dict[str, tuple[_Fields, dict[str, Any]]] = {}
+        self.expects: dict[str, ExpectConfig] = {}
 
     # -- primitives ---------------------------------------------------------------------------------
 
@@ -581,7 +592,37 @@ class _Validator:
         traffic_nodes = self.traffic(top, hosts)
         links = self.links(top, hosts, traffic_nodes)
         traffic = self.generators(traffic_nodes, hosts, links)
-        return Topology(name=name, path=self.file, hosts=hosts, links=tuple(links), traffic=traffic)
+        return Topology(name=name, path=self.file, hosts=hosts, links=tuple(links), traffic=traffic,
+                        capture=self.capture(top, hosts))
+
+    def capture(self, top: _Fields, hosts: dict[str, HostConfig]) -> CaptureConfig | None:
+        """The ``capture`` mapping: devices to write pcapng files of (`emu.run.capture`)."""
+        node = top.given("capture")
+        if node is None:
+            return None
+        section = SECTIONS["capture"]
+        f = _Fields(self, node, what="'capture'", where="capture", owner_line=_line(top.items["capture"][0]),
+                    allowed=section.names)
+        dev_node = f.require("devices")
+        if not isinstance(dev_node, SequenceNode) or not dev_node.value:
+            self.fail(dev_node, f"capture: 'devices' must be a non-empty list of 'host:device' strings, not "
+                      f"{_describe(dev_node)}")
+        devices: list[tuple[str, str, bool]] = []
+        for item in dev_node.value:
+            text = self.str_value(item, "devices", f.pfx)
+            try:
+                dev = CaptureConfig.parse_device(text, hosts)
+            except ValueError as e:
+                self.fail(item, f"capture: {e}")
+            if any(d[:2] == dev[:2] for d in devices):
+                self.fail(item, f"capture: '{text}' is listed twice")
+            devices.append(dev)
+        dir_node = f.given("dir")
+        text = "." if dir_node is None else self.str_value(dir_node, "dir", f.pfx)
+        where = os.path.join(os.path.dirname(os.path.abspath(self.file)), text)
+        if os.path.exists(where) and not os.path.isdir(where):
+            self.fail(dir_node if dir_node is not None else node, f"capture: 'dir' {where} is not a directory")
+        return CaptureConfig(tuple(devices), os.path.normpath(where), f.schema_int(section["snaplen"]))
 
     def hosts(self, top: _Fields) -> dict[str, HostConfig]:
         node = top.require("hosts")
@@ -1011,8 +1052,79 @@ class _Validator:
                 # Types and the host-independent ranges are checked now, in file order; the page that
                 # bounds pkt_size once the links are known (`generators`).
                 gen = (gen_fields, self.generator_values(gen_fields))
+            replay_node = f.given("replay")
+            if replay_node is not None:
+                if gen is not None:
+                    self.fail(f.items["replay"][0], f"{name}: 'replay' and 'generate' are mutually exclusive: "
+                              "a port sends a capture file or frames of its own, not both")
+                rf = _Fields(self, replay_node, what=f"{name}: 'replay'", where=f"{name}: replay",
+                             owner_line=_line(f.items["replay"][0]), allowed=SECTIONS["replay"].names)
+                self.replays[name] = (rf, self.replay_values(rf))
+            expect_node = f.given("expect")
+            if expect_node is not None:
+                ef = _Fields(self, expect_node, what=f"{name}: 'expect'", where=f"{name}: expect",
+                             owner_line=_line(f.items["expect"][0]), allowed=SECTIONS["expect"].names)
+                self.expects[name] = ExpectConfig(self.capture_file(ef), ef.bool("ordered", False))
             ports[name] = (key_node, gen)
         return ports
+
+    def capture_file(self, f: _Fields) -> str:
+        """The `pcap` key of `f`: a capture file relative to the topology file, read now so that a missing
+        or malformed one is refused before anything starts; its absolute path."""
+        node = f.require("pcap")
+        text = self.str_value(node, "pcap", f.pfx)
+        path = os.path.join(os.path.dirname(os.path.abspath(self.file)), text)
+        try:
+            frames = read_frames(path)
+        except PcapError as e:
+            self.fail(node, f"{f.pfx}'pcap': {e}")
+        if not len(frames):
+            self.fail(node, f"{f.pfx}'pcap': {path}: holds no frames")
+        return path
+
+    def replay_values(self, f: _Fields) -> dict[str, Any]:
+        """``replay``'s values but the ones that depend on the hosts (`max_frame`)."""
+        pcap = self.capture_file(f)
+        timing = f.choice("timing", SECTIONS["replay"]["timing"].choices, "original")
+        rate = f.quantity("rate", _PKT_RATE) or 0
+        if rate and timing != "rate":
+            self.fail(f.items["rate"][0], f"{f.pfx}'rate' needs 'timing: rate' (with 'original' the file's "
+                      "timestamps pace the frames)")
+        dst = src = None
+        rw = f.given("rewrite")
+        if rw is not None:
+            rwf = _Fields(self, rw, what=f"{f.where}: 'rewrite'", where=f"{f.where}: rewrite",
+                          owner_line=_line(f.items["rewrite"][0]), allowed=("dst_mac", "src_mac"))
+            dst, src = rwf.mac("dst_mac"), rwf.mac("src_mac")
+        return {"pcap": pcap, "loop": f.schema_int(SECTIONS["replay"]["loop"]), "timing": timing, "rate": rate,
+                "dst_mac": dst, "src_mac": src}
+
+    def pkt_sizes(self, f: _Fields) -> tuple[int, tuple[tuple[int, int], ...]]:
+        """``pkt_size``: (the frame size, or the largest of an imix; the imix, or ())."""
+        key = GENERATE["pkt_size"]
+        node = f.get("pkt_size")
+        if isinstance(node, ScalarNode) and node.tag == _TAG_STR and node.value == "imix":
+            return max(s for s, _ in IMIX), IMIX
+        if not isinstance(node, SequenceNode):
+            return f.schema_int(key), ()
+        hi = key.hi if key.hi is not None else MAX_PKT_SIZE
+        if not 1 <= len(node.value) <= MAX_IMIX_SIZES:
+            self.fail(node, f"{f.pfx}'pkt_size' as a mix needs 1 to {MAX_IMIX_SIZES} [size, weight] pairs, "
+                      f"not {len(node.value)}")
+        mix = []
+        for k, item in enumerate(node.value):
+            if not isinstance(item, SequenceNode) or len(item.value) != 2:
+                self.fail(item, f"{f.pfx}'pkt_size' entry {k} must be a pair [size, weight], not {_describe(item)}")
+            size = self.int_value(item.value[0], f"'pkt_size' entry {k} size", f.pfx)
+            weight = self.int_value(item.value[1], f"'pkt_size' entry {k} weight", f.pfx)
+            if not MIN_PKT_SIZE <= size <= hi:
+                self.fail(item.value[0], f"{f.pfx}'pkt_size' entry {k}: size must be between {MIN_PKT_SIZE} "
+                          f"and {hi}, not {size}")
+            if not 1 <= weight <= 1_000_000:
+                self.fail(item.value[1], f"{f.pfx}'pkt_size' entry {k}: weight must be between 1 and "
+                          f"1000000, not {weight}")
+            mix.append((size, weight))
+        return max(s for s, _ in mix), tuple(mix)
 
     def links(
         self, top: _Fields, hosts: dict[str, HostConfig], traffic: dict[str, _PortNodes]
@@ -1098,7 +1210,7 @@ class _Validator:
 
     def generator_values(self, f: _Fields) -> dict[str, Any]:
         """The generator's values, checked against every bound that does not depend on the hosts."""
-        pkt_size = f.schema_int(GENERATE["pkt_size"])
+        pkt_size, imix = self.pkt_sizes(f)
         schedule = self.schedule(f)
         if schedule and f.given("rate") is not None:
             self.fail(f.items["rate"][0], f"{f.pfx}'rate' and 'schedule' are mutually exclusive: the schedule "
@@ -1112,6 +1224,7 @@ class _Validator:
             "burst": f.schema_int(GENERATE["burst"]),
             "src_mac": f.mac("src_mac"),
             "dst_mac": f.mac("dst_mac"),
+            "imix": imix,
         }
 
     def schedule(self, f: _Fields) -> tuple[tuple[int, int], ...]:
@@ -1167,7 +1280,16 @@ class _Validator:
                 if values["dst_mac"] is None:
                     values["dst_mac"] = host.devices[peer.name].mac
                 gen = GeneratorConfig(**values, port_id=index)
-            traffic[name] = TrafficPort(name, gen, _line(key_node))
+            replay = None
+            if name in self.replays:
+                _, rv = self.replays[name]
+                peer = peers.get(name)
+                if peer is None:
+                    self.fail(key_node, f"traffic port '{name}' replays a capture but is not linked to a device")
+                assert peer.host is not None
+                smallest = min(_cabled_hosts(peer.host, links, hosts), key=lambda h: (h.page_size, h.index))
+                replay = ReplayConfig(**rv, max_frame=smallest.page_size - XDP_PACKET_HEADROOM, port_id=index)
+            traffic[name] = TrafficPort(name, gen, _line(key_node), replay, self.expects.get(name))
         return traffic
 
 

@@ -24,6 +24,7 @@ trusted as the Python code they name.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import re
 from collections.abc import Callable, Mapping
@@ -41,13 +42,16 @@ __all__ = [
     "PP_ALLOC_CACHE_SIZE",
     "PP_DEFAULT_RING_SIZE",
     "XDP_BULK_QUEUE_SIZE",
+    "CaptureConfig",
     "DeviceConfig",
     "Endpoint",
+    "ExpectConfig",
     "GeneratorConfig",
     "HostConfig",
     "LinkConfig",
     "LinkImpairment",
     "PoolConfig",
+    "ReplayConfig",
     "Topology",
     "TopologyError",
     "TrafficPort",
@@ -253,11 +257,44 @@ class GeneratorConfig:
     # `generate.schedule`: phases of (rate in pps, length in us), run once in order; empty = constant
     # `rate`.  A rate of 0 in a phase is idle (not "unlimited" as `rate: 0` is).
     schedule: tuple[tuple[int, int], ...] = ()
+    # `pkt_size: imix` or a list of [size, weight]: the frame sizes and their weights (`pkt_size` is then
+    # the largest, which is what must fit the pages); empty = every frame `pkt_size` bytes.
+    imix: tuple[tuple[int, int], ...] = ()
 
     def ends(self, count: int | None = None) -> bool:
         """Whether this generator stops by itself: it has a count (`count` overrides its own) or a
         schedule, which ends after its last phase; a count of 0 without a schedule runs until stopped."""
         return bool(count if count is not None else self.count) or bool(self.schedule)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayConfig:
+    """``traffic.<port>.replay``: a capture file the port sends instead of generating (`emu.net.replay`).
+
+    `pcap` is an absolute path (the file gives it relative to itself); `max_frame` is the longest frame
+    the devices on the way take (the smallest page of the hosts it may reach, less the XDP headroom)."""
+
+    pcap: str
+    loop: int = 1  # passes over the file; 0 = until stopped
+    timing: str = "original"  # "original" (the file's timestamps) or "rate"
+    rate: int = 0  # pps with timing "rate"; 0 = as fast as possible
+    burst: int = 64
+    dst_mac: str | None = None
+    src_mac: str | None = None
+    max_frame: int = 0
+    port_id: int = 0
+
+    def ends(self, count: int | None = None) -> bool:
+        """Whether the replay stops by itself: a loop count, or `count` frames (``--count``)."""
+        return bool(self.loop) or bool(count)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpectConfig:
+    """``traffic.<port>.expect``: the golden capture a sink's frames are compared with at the end."""
+
+    pcap: str  # absolute path
+    ordered: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +304,42 @@ class TrafficPort:
     name: str
     generate: GeneratorConfig | None
     line: int = 0
+    replay: ReplayConfig | None = None
+    expect: ExpectConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureConfig:
+    """``capture`` (or ``emu run --capture``): devices whose frames are written to pcapng files, as xdpdump
+    writes them (`emu.run.capture`): ``(host, device, exit)``, where `exit` adds the frame after the XDP
+    program, with its verdict, to the frames at XDP entry and the frames transmitted."""
+
+    devices: tuple[tuple[str, str, bool], ...]
+    dir: str  # absolute; DIR/<host>-<device>.pcapng
+    snaplen: int = 262144  # xdpdump's default
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"devices": [list(d) for d in self.devices], "dir": self.dir, "snaplen": self.snaplen}
+
+    @staticmethod
+    def parse_device(text: str, hosts: Mapping[str, HostConfig]) -> tuple[str, str, bool]:
+        """``"h1:eth0"`` or ``"h1:eth0@exit"`` -> (host, device, exit); ValueError naming what is wrong."""
+        spec, at, point = text.partition("@")
+        if at and point != "exit":
+            raise ValueError(f"capture '{text}': the only capture point to add is '@exit' (entry and "
+                             "transmitted frames are always captured)")
+        host, colon, dev = spec.partition(":")
+        if not colon:
+            raise ValueError(f"capture '{text}': expected host:device (and '@exit' for XDP exit)")
+        if host not in hosts:
+            raise ValueError(f"capture '{text}': no host '{host}'")
+        if dev not in hosts[host].devices:
+            raise ValueError(f"capture '{text}': host '{host}' has no device '{dev}'")
+        return host, dev, bool(at)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CaptureConfig:
+        return cls(tuple((str(h), str(n), bool(x)) for h, n, x in d["devices"]), d["dir"], int(d["snaplen"]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +351,7 @@ class Topology:
     hosts: dict[str, HostConfig]
     links: tuple[LinkConfig, ...]
     traffic: dict[str, TrafficPort]
+    capture: CaptureConfig | None = None
 
     def peer_of(self, endpoint: Endpoint) -> Endpoint | None:
         """The endpoint at the other end of `endpoint`'s link, or None when it is not linked."""
@@ -328,11 +402,15 @@ class Topology:
                         "dst_mac": port.generate.dst_mac,
                         "port_id": port.generate.port_id,
                         "schedule": [list(phase) for phase in port.generate.schedule],
+                        "imix": [list(m) for m in port.generate.imix],
                     },
                     "line": port.line,
+                    "replay": None if port.replay is None else dataclasses.asdict(port.replay),
+                    "expect": None if port.expect is None else dataclasses.asdict(port.expect),
                 }
                 for name, port in self.traffic.items()
             },
+            "capture": None if self.capture is None else self.capture.to_dict(),
         }
 
 
@@ -413,8 +491,11 @@ def topology_from_dict(d: Mapping[str, Any]) -> Topology:
             gen = GeneratorConfig(
                 g["count"], g["rate"], g["pkt_size"], g["flows"], g["burst"], g["src_mac"], g["dst_mac"],
                 g.get("port_id", 0), tuple((int(r), int(us)) for r, us in g.get("schedule", ())),
+                tuple((int(sz), int(w)) for sz, w in g.get("imix", ())),
             )
-        traffic[name] = TrafficPort(td["name"], gen, td["line"])
+        rp, ex = td.get("replay"), td.get("expect")
+        traffic[name] = TrafficPort(td["name"], gen, td["line"], None if rp is None else ReplayConfig(**rp),
+                                    None if ex is None else ExpectConfig(**ex))
     return Topology(
         name=d["name"],
         path=d["path"],
@@ -429,6 +510,7 @@ def topology_from_dict(d: Mapping[str, Any]) -> Topology:
             for ld in d["links"]
         ),
         traffic=traffic,
+        capture=None if d.get("capture") is None else CaptureConfig.from_dict(d["capture"]),
     )
 
 

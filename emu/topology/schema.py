@@ -98,6 +98,8 @@ MAX_PHASE_US = 3600 * 1_000_000
 # validate in milliseconds, while an "alias bomb" of 1 KB expanding to millions is refused before any
 # expansion (the counting is by memoised subtree sizes, so refusing costs as little as accepting).
 MAX_ALIAS_EXPANSION = 10_000
+# A capture's snap length: xdpdump's default and largest useful value (a page is at most 64 KiB).
+MAX_SNAPLEN = 262144
 
 
 class _Required:
@@ -201,6 +203,9 @@ TOP = Section("top", "Top level", (
         default_doc="`[]` (null ok)"),
     Key("traffic", "mapping", "Names: `[A-Za-z0-9_-]+`, must not clash with host names.", None,
         type_doc="mapping name → traffic port", default_doc="`{}` (null ok)"),
+    Key("capture", "mapping", "Devices to capture into pcapng files as xdpdump does (below; `emu run "
+        "--capture` does the same from the command line). [docs/capture.md](../docs/capture.md)", None,
+        type_doc="mapping", default_doc="absent (no capture)"),
 ), kernel_column=False)
 
 HOST = Section("host", "`hosts.<host>`", (
@@ -349,7 +354,33 @@ LINK = Section("link", "`links[]`", (
 TRAFFIC = Section("traffic", "`traffic.<port>`", (
     Key("generate", "mapping", "What the port sends (below); absent: the port only receives.", None,
         type_doc="mapping", default_doc="absent (a sink)"),
+    Key("replay", "mapping", "A capture file the port sends instead of generating (below); not with "
+        "`generate`.", None, type_doc="mapping", default_doc="absent"),
+    Key("expect", "mapping", "A golden capture what this port receives is compared with at the end of the "
+        "run (below): the report's `traffic.ports.<port>.expect`.", None, type_doc="mapping",
+        default_doc="absent"),
 ), kernel_column=False)
+
+REPLAY = Section("replay", "`traffic.<port>.replay`", (
+    Key("pcap", "str", "The pcap or pcapng file (Ethernet link type only), relative to the topology file. "
+        "Read when the topology is validated: a missing, malformed or truncated file, another link type "
+        "or a frame cut by its snap length is refused, naming the file and the frame.", REQUIRED,
+        type_doc="path"),
+    Key("loop", "int", "Passes over the file; `0` = until stopped.", 1, 0, MAX_COUNT),
+    Key("timing", "choice", "`original` = each frame at its timestamp's offset from the file's first (loop "
+        "after loop); `rate` = paced at `rate`.", "original", choices=("original", "rate")),
+    Key("rate", "rate", "With `timing: rate`: packets per second (a plain int or `pps`, `kpps`, `Mpps`); "
+        "`0` = as fast as the link takes them.", 0, type_doc="packet rate", default_doc="`0`"),
+    Key("rewrite", "mapping", "`{dst_mac: MAC, src_mac: MAC}`: addresses written into every frame (either "
+        "may be left out).", None, type_doc="mapping", default_doc="frames sent as they are"),
+), kernel_column=False, key_prefix="replay.")
+
+EXPECT = Section("expect", "`traffic.<port>.expect`", (
+    Key("pcap", "str", "The expected frames (pcap or pcapng, Ethernet), relative to the topology file.",
+        REQUIRED, type_doc="path"),
+    Key("ordered", "bool", "Compare in order (`true`) or as a multiset (`false`: frames from several RX "
+        "queues and CPUs need not keep their order).", False),
+), kernel_column=False, key_prefix="expect.")
 
 GENERATE = Section("generate", "`traffic.<port>.generate`", (
     Key("count", "int", "Packets to send; `0` = until stopped. At most the sequence numbers a sink tracks "
@@ -367,7 +398,9 @@ GENERATE = Section("generate", "`traffic.<port>.generate`", (
         type_doc="list of `{rate: R, for: D}`", default_doc="absent (constant `rate`)"),
     Key("pkt_size", "int",
         f"Frame size in bytes (without FCS); must fit a page after `XDP_PACKET_HEADROOM` "
-        f"({XDP_PACKET_HEADROOM}).", 64, MIN_PKT_SIZE, min(MAX_PKT_SIZE, MAX_PAGE_SIZE - XDP_PACKET_HEADROOM),
+        f"({XDP_PACKET_HEADROOM}). `imix` = the classic 7:4:1 mix of 64, 570 and 1518 bytes, or a list of "
+        "`[size, weight]` pairs (each size in bounds; the largest must fit).", 64,
+        MIN_PKT_SIZE, min(MAX_PKT_SIZE, MAX_PAGE_SIZE - XDP_PACKET_HEADROOM),
         hi_ref=f"`page_size` − {XDP_PACKET_HEADROOM} of the linked host and hosts cabled to it"),
     Key("flows", "int", "Distinct flows (spread over RX queues).", 16, 1, MAX_FLOWS),
     Key("burst", "int", "Packets sent back to back.", 64, 1, MAX_BURST),
@@ -377,7 +410,19 @@ GENERATE = Section("generate", "`traffic.<port>.generate`", (
         default_doc="MAC of the device the port is linked to"),
 ), kernel_column=False, key_prefix="generate.")
 
-SECTIONS: dict[str, Section] = {s.name: s for s in (TOP, HOST, POOL, DEVICE, XDP, LINK, TRAFFIC, GENERATE)}
+CAPTURE = Section("capture", "`capture`", (
+    Key("devices", "list", "`host:device` (frames at XDP entry, and transmitted), or `host:device@exit` (also "
+        "the frame after the program, with its verdict). Each device is written to "
+        "`<dir>/<host>-<device>.pcapng` on the machine its host runs on.", REQUIRED,
+        type_doc="list of strings"),
+    Key("dir", "str", "Directory of the files, relative to the topology file; created if missing.", ".",
+        type_doc="path", default_doc="the topology file's directory"),
+    Key("snaplen", "int", "Bytes of each frame kept (the rest is counted in the packet's original length).",
+        MAX_SNAPLEN, 1, MAX_SNAPLEN, kernel="xdpdump `--snapshot-length`"),
+), key_prefix="capture.")
+
+SECTIONS: dict[str, Section] = {s.name: s for s in (TOP, HOST, POOL, DEVICE, XDP, LINK, TRAFFIC, GENERATE,
+                                                     REPLAY, EXPECT, CAPTURE)}
 
 
 CONSTRAINTS: tuple[Constraint, ...] = (
