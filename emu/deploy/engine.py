@@ -199,7 +199,8 @@ def containers(d: Deployment) -> list[Container]:
         service = labels.get(COMPOSE_SERVICE) or labels.get(SWARM_SERVICE, "?").removeprefix(f"{d.name}_")
         st = c["State"]
         state = st["Status"] if st["Status"] != "exited" else f"exited ({st['ExitCode']})"
-        out.append(Container(service, c["Id"][:12], "local", state, (st.get("Health") or {}).get("Status", "")))
+        health = (st.get("Health") or {}).get("Status", "") if st["Status"] == "running" else ""
+        out.append(Container(service, c["Id"][:12], "local", state, health))
     order = {n: i for i, n in enumerate([COORDINATOR, *d.hosts])}
     return sorted(out, key=lambda c: (order.get(c.service, 99), c.id))
 
@@ -253,6 +254,17 @@ def finished(d: Deployment) -> int | None:
             code = (st.get("ContainerStatus") or {}).get("ExitCode")
             return int(code) if code is not None else 3
     return None
+
+
+def stop_coordinator(d: Deployment, timeout: int = 60) -> None:
+    """SIGTERM to a running coordinator on this machine, as Ctrl-C: it tears the run down in order and
+    prints its report.  (A swarm's coordinator on another node is stopped with its stack, unreported.)"""
+    label = (f"{COMPOSE_SERVICE}={COORDINATOR}" if d.engine == "compose" else f"{SWARM_SERVICE}={d.name}_{COORDINATOR}")
+    scope = f"{COMPOSE_PROJECT}={d.name}" if d.engine == "compose" else f"{STACK_NAMESPACE}={d.name}"
+    ids = docker.lines("ps", "-q", "--filter", f"label={scope}", "--filter", f"label={label}",
+                       "--filter", "status=running")
+    if ids:
+        docker.docker("stop", "-t", str(timeout), *ids, timeout=timeout + 60)
 
 
 def report(d: Deployment) -> dict[str, Any] | None:
@@ -318,7 +330,11 @@ def destroy(name: str, out: TextIO = sys.stdout) -> dict[str, Any] | None:
     docker.require_engine()
     rep = None
     try:
+        stop_coordinator(d)
         rep = report(d)
+        text = coordinator_logs(d)
+        if "Summary of" in text:
+            out.write(text[text.rindex("Summary of"):].split("\n{")[0].rstrip() + "\n")
     except (DockerError, OSError):
         pass
     if d.engine == "compose":
@@ -385,5 +401,5 @@ def ps_text(name: str | None) -> str:
         if s not in seen:
             rows.append(f"{s:<14} {'-' if s == COORDINATOR else s:<14} {'-':<14} {'-':<14} no container")
     line = live_line(d)
-    rows.append(line if line else "(no live line yet)")
+    rows.append(line if line else "(no live line)")
     return "\n".join(rows)
