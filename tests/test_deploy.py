@@ -100,9 +100,13 @@ def test_compose_file_for_multihost() -> None:
         s = svc[h]
         assert s["depends_on"] == {"coordinator": {"condition": "service_healthy"}}
         assert s["command"][:3] == ["emu", "host", h] and "tcp://coordinator:7700" in s["command"]
+        # control on `emu`, cables on `links` (hosts only), where peers reach the host as hN.links
+        assert s["networks"] == {"emu": {}, "links": {"aliases": [f"{h}.links"]}}
+        assert s["command"][s["command"].index("--advertise") + 1] == f"{h}.links"
         assert s["pull_policy"] == "never" and s["init"] is True and s["restart"] == "no"
         assert "ports" not in s and "healthcheck" in s
-    assert doc["networks"] == {"emu": {"internal": True}}
+    assert doc["networks"] == {"emu": {"internal": True}, "links": {"internal": True}}
+    assert svc["coordinator"]["networks"] == ["emu"]
 
 
 def test_shm_size_covers_the_host_with_margin(two) -> None:
@@ -148,7 +152,8 @@ def test_swarm_stack(two, tmp_path: Path) -> None:
     doc = yaml.safe_load(swarm.render(plan, str(tmp_path), "pagepool-emu:local", count=40,
                                       keys_dir=str(tmp_path / "keys")))
     svc = doc["services"]
-    assert doc["networks"]["emu"] == {"driver": "overlay", "internal": True, "attachable": True}
+    assert doc["networks"]["emu"] == doc["networks"]["links"] == {"driver": "overlay", "internal": True,
+                                                                   "attachable": True}
     for name, s in svc.items():
         assert s["deploy"]["restart_policy"] == {"condition": "none"}, name
         assert "depends_on" not in s and "cpuset" not in s and "shm_size" not in s and "ports" not in s
@@ -225,3 +230,26 @@ def test_compose_cli_writes_the_file(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert isinstance(commands.compose_text(argparse.Namespace(
         topology=str(MULTIHOST), cores=None, build_context=None, keys=None, count=None, duration=None,
         output="-"))[0], str)
+
+
+def test_link_watch_reports_a_cut_and_its_heal() -> None:
+    """The coordinator's partition watch on one direction of a cable between hosts: frames sent but
+    none taken for PARTITION_AFTER seconds is a cut; frames taken again is the heal."""
+    from emu.cluster.cluster import PARTITION_AFTER, LinkWatch
+
+    w = LinkWatch("h1:eth1 -> h2:eth0", "h1/eth1", "h2/eth0", ("h1", "h2"))
+
+    def rows(sent: int, got: int) -> dict[str, dict[str, int]]:
+        return {"h1/eth1": {"tx_packets": sent + 7, "tx_dropped": 5, "link_lost": 2}, "h2/eth0": {"rx_packets": got}}
+
+    t = 100.0
+    assert w.check(rows(0, 0), t) is None
+    assert w.check(rows(500, 400), t + 0.25) is None  # moving
+    assert w.check(rows(900, 400), t + 0.25 + PARTITION_AFTER / 2) is None  # stalled, not for long yet
+    assert w.check(rows(1000, 400), t + 0.3 + PARTITION_AFTER) == "cut"
+    assert w.waiting == 600 and w.cut == t + 0.25
+    assert w.check(rows(1000, 400), t + 20) is None  # still cut: said once
+    assert w.check(rows(1000, 1000), t + 21) == "healed"
+    assert w.history == [{"link": "h1:eth1 -> h2:eth0", "cut_s": 100.25, "healed_s": 121.0, "seconds": 20.75}]
+    # idle (nothing waits) is no partition, however long
+    assert w.check(rows(1000, 1000), t + 100) is None and w.cut is None

@@ -33,6 +33,9 @@ COUNT = 20_000
 RUN_DEADLINE = 600
 EVENT_DEADLINE = 300
 HOST_LOST = "host h2 lost"
+HOST_LOST_ANY = re.compile(r"host \S+ lost")  # the coordinator's event when it gives a host up
+PARTITION = "partition: link"
+HEALED = "partition healed: link"
 LIVE_LINE = re.compile(r"^Summary\s+([\d,]+) rx/s", re.MULTILINE)
 VIOLATIONS = ("foreign_cache_return", "recycled_before_tx_completion", "double_free", "leaked")
 
@@ -166,6 +169,50 @@ def test_deploy_compose_l2fwd(deployments: Callable[[str], Deploy]) -> None:
     assert "destroyed" in d.destroy()
     assert not d.dir.exists()
     assert not any(d.leftovers().values()), d.leftovers()
+
+
+def test_partition_under_compose(deployments: Callable[[str], Deploy]) -> None:
+    """multihost under compose, until stopped; h2 is cut off the links network mid-run (`docker network
+    disconnect`) and put back: the coordinator reports the partition and the heal, no host is lost, and
+    `emu destroy`'s final report shows every packet and page accounted for, no violation."""
+    d = deployments("compose")
+    proc = d.deploy("topology/multihost.yaml", "--count", "0")
+    assert proc.returncode == 0, f"emu deploy exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+
+    def flowing() -> bool:
+        return any(int(rx.replace(",", "")) > 0 for rx in LIVE_LINE.findall(d.logs()))
+
+    d.wait_for("live line with traffic flowing", flowing)
+    net = f"{d.name}_links"
+    h2 = _docker("ps", "-q", "--filter", f"label=com.docker.compose.project={d.name}",
+                 "--filter", "label=com.docker.compose.service=h2").stdout.split()[0]
+
+    def ip() -> str:
+        return _docker("inspect", "-f", f"{{{{(index .NetworkSettings.Networks \"{net}\").IPAddress}}}}",
+                       h2).stdout.strip()
+
+    before = ip()
+    _docker("network", "disconnect", net, h2)
+    d.wait_for("a partition reported", lambda: PARTITION in d.logs())
+    # Back with its address and its links' name: connections made before the cut carry on.
+    _docker("network", "connect", "--alias", "h2.links", "--alias", "h2", net, h2)
+    after = ip()
+    d.wait_for("the partition's heal reported", lambda: HEALED in d.logs())
+    assert not HOST_LOST_ANY.search(d.logs()), d.text_logs()
+    table = d.ps()
+    for host in ("h1", "h2", "h3"):
+        assert re.search(rf"^{host}\s+{host}\s+\S+\s+\S+\s+running", table, re.MULTILINE), table
+    out = d.destroy()  # SIGTERM to the coordinator: an orderly teardown and the full report
+    traffic = next((x for x in out.splitlines() if x.strip().startswith("traffic")), "")
+    for phrase in ("unaccounted 0", "corrupted 0"):
+        assert re.search(rf"\b{phrase}(?![\d,])", traffic), f"{phrase!r} not in {traffic!r}\n{out}"
+    viol = next((x for x in out.splitlines() if x.strip().startswith("violations")), "")
+    assert viol and not re.search(r" [1-9][\d,]*", viol), out
+    pages = re.search(r"pages\s+total ([\d,]+)\s+accounted ([\d,]+)", out)
+    assert pages and pages.group(1) == pages.group(2), out
+    assert "LOST" not in out, out
+    assert re.search(r"PARTITION link h\d:eth\d -> h\d:eth\d: cut at [\d.]+ s, healed", out), (before, after, out)
+    d.wait_gone()
 
 
 @pytest.fixture

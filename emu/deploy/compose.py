@@ -21,7 +21,13 @@ import yaml
 from emu.deploy.plan import COORD_PORT, COORDINATOR, STATUS_FILE, Mount, Plan, size_text
 
 KEYS_TARGET = "/keys"
-NETWORK = "emu"
+NETWORK = "emu"  # the control channel: the coordinator and every host
+LINKS = "links"  # the cables between hosts: hosts only, so a host can be cut off them alone (a partition)
+
+
+def link_alias(host: str) -> str:
+    """The name a host's links are reached by: on the links network only."""
+    return f"{host}.{LINKS}"
 IMAGE_REF = "${EMU_IMAGE:-pagepool-emu:local}"
 
 
@@ -75,9 +81,9 @@ def coordinator_command(plan: Plan, stop: list[str], keys: bool, report_json: bo
     return cmd
 
 
-def host_command(name: str, keys: bool, advertise: str | None = None, coordinator: str = COORDINATOR) -> list[str]:
-    cmd = ["emu", "host", name, "--coordinator", f"tcp://{coordinator}:{COORD_PORT}", "--listen", "0.0.0.0",
-           "--advertise", advertise or name, "--status-file", STATUS_FILE]
+def host_command(name: str, keys: bool) -> list[str]:
+    cmd = ["emu", "host", name, "--coordinator", f"tcp://{COORDINATOR}:{COORD_PORT}", "--listen", "0.0.0.0",
+           "--advertise", link_alias(name), "--status-file", STATUS_FILE]
     return cmd + (["--keys", KEYS_TARGET] if keys else [])
 
 
@@ -121,6 +127,7 @@ def render(plan: Plan, out_dir: str, *, count: int | None = None, duration: floa
     services[COORDINATOR] = coord
     for h in plan.hosts:
         svc = common(h.name, f"${{{h.env}:-{h.cpuset}}}")
+        svc["networks"] = {NETWORK: {}, LINKS: {"aliases": [link_alias(h.name)]}}
         svc["shm_size"] = size_text(h.shm_bytes)
         svc["command"] = host_command(h.name, keys)
         vols = mounts(plan.program_mounts)
@@ -131,8 +138,8 @@ def render(plan: Plan, out_dir: str, *, count: int | None = None, duration: floa
         svc["healthcheck"] = dict(HOST_HEALTH)
         svc["depends_on"] = {COORDINATOR: {"condition": "service_healthy"}}
         services[h.name] = svc
-    # no route out of the project's network: the emulator only talks between its own containers
-    doc = {"services": services, "networks": {NETWORK: {"internal": True}}}
+    # no route out of the project's networks: the emulator only talks between its own containers
+    doc = {"services": services, "networks": {NETWORK: {"internal": True}, LINKS: {"internal": True}}}
     return header + dump(doc)
 
 

@@ -30,16 +30,18 @@ from typing import Any
 from emu.deploy.compose import (
     COORDINATOR_HEALTH,
     HOST_HEALTH,
+    LINKS,
     coordinator_command,
     default_count,
     dump,
     host_command,
+    link_alias,
     stop_args,
     volume_path,
 )
 from emu.deploy.plan import COORDINATOR, IMAGE_UID, Plan
 
-NETWORK = "emu"
+NETWORK = "emu"  # the control channel
 SECRETS_DIR = "/run/secrets"
 KEY_FILES = ("emu.key", "emu.key_secret")
 
@@ -96,6 +98,7 @@ def render(plan: Plan, out_dir: str, image: str, *, count: int | None = None, du
     for h in plan.hosts:
         svc = common(h.name, h.placement)
         svc["command"] = [SECRETS_DIR if c == "/keys" else c for c in host_command(h.name, keys_args)]
+        svc["networks"] = {NETWORK: {}, LINKS: {"aliases": [link_alias(h.name)]}}
         svc["healthcheck"] = dict(HOST_HEALTH)
         svc["volumes"] = [{"type": "tmpfs", "target": "/dev/shm", "tmpfs": {"size": h.shm_bytes}}]
         if programs:
@@ -105,7 +108,8 @@ def render(plan: Plan, out_dir: str, image: str, *, count: int | None = None, du
             svc["secrets"] = [dict(r) for r in secret_refs()]
         services[h.name] = svc
     doc: dict[str, Any] = {"version": "3.8", "services": services,
-                           "networks": {NETWORK: {"driver": "overlay", "internal": True, "attachable": True}}}
+                           "networks": {n: {"driver": "overlay", "internal": True, "attachable": True}
+                                        for n in (NETWORK, LINKS)}}
     if configs:
         doc["configs"] = configs
     if secrets:
