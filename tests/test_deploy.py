@@ -253,3 +253,35 @@ def test_link_watch_reports_a_cut_and_its_heal() -> None:
     assert w.history == [{"link": "h1:eth1 -> h2:eth0", "cut_s": 100.25, "healed_s": 121.0, "seconds": 20.75}]
     # idle (nothing waits) is no partition, however long
     assert w.check(rows(1000, 1000), t + 100) is None and w.cut is None
+
+
+def test_deployment_files_are_copies(two, tmp_path: Path) -> None:
+    """A deployment reads copies of the topology, its program modules and keys (the keys owned by the
+    image's user when run as root), so editing the originals changes no running deployment."""
+    from emu.net.security import generate_keys
+
+    keys = tmp_path / "keys"
+    generate_keys(str(keys))
+    plan = make_plan(two, cores=2)
+    files = tmp_path / "dep" / "files"
+    if os.geteuid() != 0:
+        with pytest.raises(BadInputError, match="uid 10001"):
+            engine._copy_files(plan, files, str(keys))
+        return
+    copied, keys_copy = engine._copy_files(plan, files, str(keys))
+    assert [m.source for m in copied.mounts] == [str(files / "topology" / "t.yaml")]
+    assert [m.source for m in copied.program_mounts] == [str(files / "programs" / "myprog.py")]
+    assert (files / "topology" / "t.yaml").read_text() == (tmp_path / "t.yaml").read_text()
+    assert keys_copy == str(files / "keys")
+    for f in ("emu.key", "emu.key_secret"):
+        st = (files / "keys" / f).stat()
+        assert st.st_uid == 10001
+    assert (files / "keys" / "emu.key_secret").stat().st_mode & 0o077 == 0  # the secret stays private
+
+
+def test_deploy_refuses_an_existing_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("EMU_DEPLOY_DIR", str(tmp_path))
+    (tmp_path / "lab1").mkdir()
+    assert cli.main(["deploy", str(MULTIHOST), "--name", "lab1"]) == 2
+    assert "deployment 'lab1' exists already" in capsys.readouterr().err
