@@ -133,7 +133,10 @@ def test_program_modules_outside_the_image_are_mounted(two, tmp_path: Path) -> N
     b = doc["services"]["b"]
     assert b["volumes"] == ["./myprog.py:/srv/emu/programs/myprog.py:ro"]
     assert b["environment"] == {"PYTHONPATH": "/srv/emu/programs"}
-    assert doc["services"]["coordinator"]["volumes"] == ["./t.yaml:/srv/emu/topology/t.yaml:ro"]
+    # the coordinator validates the topology, so it imports the program too
+    assert doc["services"]["coordinator"]["volumes"] == ["./t.yaml:/srv/emu/topology/t.yaml:ro",
+                                                         "./myprog.py:/srv/emu/programs/myprog.py:ro"]
+    assert doc["services"]["coordinator"]["environment"] == {"PYTHONPATH": "/srv/emu/programs"}
     # a file elsewhere is named by its absolute path
     doc = yaml.safe_load(compose.render(plan, str(ROOT)))
     assert doc["services"]["b"]["volumes"] == [f"{tmp_path}/myprog.py:/srv/emu/programs/myprog.py:ro"]
@@ -165,7 +168,8 @@ def test_swarm_stack(two, tmp_path: Path) -> None:
     assert "placement" not in svc["a"]["deploy"]
     for h in plan.hosts:
         assert svc[h.name]["volumes"] == [{"type": "tmpfs", "target": "/dev/shm", "tmpfs": {"size": h.shm_bytes}}]
-    assert svc["coordinator"]["configs"][0]["target"] == "/srv/emu/topology/t.yaml"
+    assert [c["target"] for c in svc["coordinator"]["configs"]] == ["/srv/emu/topology/t.yaml",
+                                                                    "/srv/emu/programs/myprog.py"]
     assert svc["b"]["configs"][0]["target"] == "/srv/emu/programs/myprog.py"
     assert doc["configs"]["f_t_yaml"] == {"file": "./t.yaml"}
     assert doc["secrets"]["emu_key_secret"] == {"file": "./keys/emu.key_secret"}

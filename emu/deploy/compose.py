@@ -122,7 +122,9 @@ def render(plan: Plan, out_dir: str, *, count: int | None = None, duration: floa
     services: dict[str, Any] = {}
     coord = common(COORDINATOR, f"${{EMU_CPUS_COORDINATOR:-{plan.coordinator_cpus}}}")
     coord["command"] = coordinator_command(plan, stop_args(count, duration, default_count(plan)), keys, report_json)
-    coord["volumes"] = mounts(plan.mounts)
+    coord["volumes"] = mounts(plan.mounts + plan.program_mounts)  # it validates the topology: its programs
+    if plan.pythonpath:
+        coord["environment"] = {"PYTHONPATH": plan.pythonpath}
     coord["healthcheck"] = dict(COORDINATOR_HEALTH)
     services[COORDINATOR] = coord
     for h in plan.hosts:

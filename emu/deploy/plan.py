@@ -69,8 +69,8 @@ class Plan:
     topology_target: str  # the topology file inside the coordinator's container
     hosts: tuple[HostPlan, ...]
     cores: int
-    mounts: tuple[Mount, ...]  # the coordinator's (the topology) and every host's (program modules)
-    program_mounts: tuple[Mount, ...]
+    mounts: tuple[Mount, ...]  # the coordinator's: the topology
+    program_mounts: tuple[Mount, ...]  # everyone's: program modules the image lacks (the coordinator validates)
 
     @property
     def coordinator_cpus(self) -> str:

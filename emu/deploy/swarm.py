@@ -40,6 +40,7 @@ from emu.deploy.compose import (
     volume_path,
 )
 from emu.deploy.plan import COORDINATOR, IMAGE_UID, Plan
+from emu.errors import BadInputError
 
 NETWORK = "emu"  # the control channel
 SECRETS_DIR = "/run/secrets"
@@ -60,6 +61,9 @@ def render(plan: Plan, out_dir: str, image: str, *, count: int | None = None, du
     def config_refs(mounts) -> list[dict[str, Any]]:
         refs = []
         for m in mounts:
+            if m.directory:
+                raise BadInputError(f"--engine swarm: program package {m.source} is a folder, and swarm configs are "
+                                    "files: install the package into the image, or make it one module file")
             name = "f_" + m.target.rsplit("/", 1)[-1].replace(".", "_")
             configs[name] = {"file": volume_path(m.source, out_dir)}
             refs.append({"source": name, "target": m.target, "uid": str(IMAGE_UID), "mode": 0o444})
@@ -90,11 +94,13 @@ def render(plan: Plan, out_dir: str, image: str, *, count: int | None = None, du
     cmd = coordinator_command(plan, stop_args(count, duration, default_count(plan)), keys_args, True)
     coord["command"] = [SECRETS_DIR if c == "/keys" else c for c in cmd]
     coord["healthcheck"] = dict(COORDINATOR_HEALTH)
-    coord["configs"] = config_refs(plan.mounts)
+    programs = config_refs(plan.program_mounts)
+    coord["configs"] = config_refs(plan.mounts) + programs  # it validates the topology: its programs
+    if programs:
+        coord["environment"] = {"PYTHONPATH": plan.pythonpath}
     if keys:
         coord["secrets"] = secret_refs()
     services[COORDINATOR] = coord
-    programs = config_refs(plan.program_mounts)
     for h in plan.hosts:
         svc = common(h.name, h.placement)
         svc["command"] = [SECRETS_DIR if c == "/keys" else c for c in host_command(h.name, keys_args)]
