@@ -169,6 +169,40 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", required=True, metavar="DIR",
                        help="where results.csv, results.json, the plots and report.md go; runs already in "
                        "DIR/results.json are not run again")
+    # -- containers (emu.deploy; docs/docker.md) --
+    comp = sub.add_parser("compose", help="write a Docker Compose file for a topology (coordinator + one "
+                          "service per host)")
+    _add_topology(comp)
+    comp.add_argument("-o", "--output", default="-", metavar="FILE", help="where to write it (default: stdout)")
+    comp.add_argument("--keys", metavar="DIR", help="mount this CURVE key set (`emu keys`) and pass --keys")
+    comp.add_argument("--cores", type=_positive(int), metavar="N",
+                      help="cores of the machine the containers run on, for the cpusets (default: this one's)")
+    comp.add_argument("--build-context", metavar="DIR",
+                      help="add a build section (the repository, relative to the file) for `compose up --build`")
+    cstop = comp.add_mutually_exclusive_group()
+    cstop.add_argument("--count", "-n", type=_non_negative_int, metavar="N",
+                       help="the run's default --count (EMU_COUNT overrides; default: the generators' own)")
+    cstop.add_argument("--duration", "-d", type=_positive(float), metavar="S", help="run for S seconds")
+    dep = sub.add_parser("deploy", help="run a topology as containers (compose or swarm), like containerlab deploy")
+    _add_topology(dep)
+    dep.add_argument("--engine", choices=("compose", "swarm"), default="compose",
+                     help="docker compose on this machine (default), or a stack on a Docker Swarm")
+    dep.add_argument("--name", metavar="NAME", help="the deployment's name (default: emu-TOPOLOGY)")
+    dstop = dep.add_mutually_exclusive_group()
+    dstop.add_argument("--count", "-n", type=_non_negative_int, metavar="N",
+                       help="every generator sends N packets (0: until destroyed)")
+    dstop.add_argument("--duration", "-d", type=_positive(float), metavar="S", help="run for S seconds")
+    dep.add_argument("--keys", metavar="DIR", help="CURVE keys (`emu keys`) for the control channel and links")
+    dep.add_argument("--image", default="pagepool-emu:local", metavar="IMAGE",
+                     help="the image (default pagepool-emu:local; built when missing)")
+    dep.add_argument("--build", action="store_true", help="rebuild the image first (scripts/docker-build.sh)")
+    dep.add_argument("--cores", type=_positive(int), metavar="N", help="cores per machine, for the cpusets")
+    dep.add_argument("--wait", action="store_true",
+                     help="follow the live lines until the run ends; exit with the coordinator's status")
+    des = sub.add_parser("destroy", help="stop and remove a deployment's containers, networks, secrets")
+    des.add_argument("name", help="the deployment's name")
+    dps = sub.add_parser("ps", help="list deployments, or one deployment's hosts, containers and live line")
+    dps.add_argument("name", nargs="?", help="the deployment's name")
     return parser
 
 
@@ -443,10 +477,18 @@ def cmd_pools(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deployment(args: argparse.Namespace) -> int:
+    """``emu compose``, ``deploy``, ``destroy``, ``ps``: containers (`emu.deploy.commands`)."""
+    from emu.deploy import commands
+
+    return commands.COMMANDS[args.command](args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "coordinator": cmd_coordinator, "host": cmd_host, "keys": cmd_keys, "clean": cmd_clean,
     "validate": cmd_validate, "sweep": cmd_sweep, "pools": cmd_pools, "capture": cmd_capture,
     "inspect": cmd_inspect,
+    "compose": cmd_deployment, "deploy": cmd_deployment, "destroy": cmd_deployment, "ps": cmd_deployment,
 }
 
 

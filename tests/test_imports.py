@@ -37,6 +37,7 @@ PACKAGES = ("emu", "workers")
 #   (their ``main``), and the workers take their `ProcSpec`, pinning and stats rows from `emu.run`.
 # - cluster: a run over several machines, each one a `Run`.
 # - sweep: experiments, a grid of runs (each one a `Run`) and their metrics, tables and plots.
+# - deploy: a topology as containers (compose files, swarm stacks, named deployments of them).
 # - cli: the ``emu`` command, over everything.
 LAYERS: list[set[str]] = [
     {"emu", "emu.errors"},
@@ -45,6 +46,7 @@ LAYERS: list[set[str]] = [
     {"emu.run", "workers"},
     {"emu.cluster"},
     {"emu.sweep"},
+    {"emu.deploy"},
     {"emu.cli"},
 ]
 

@@ -10,7 +10,12 @@ Each emulated host runs as an ``emu host NAME`` agent (its own processes and sha
    cabled;
 3. **watches** the counters each host sends a few times a second (also its heartbeat), printing the
    same live lines as ``emu run``; a host silent for ``--host-timeout`` seconds is **lost**: the report
-   says so, the devices cabled to it see their carrier go down, and the others keep running;
+   says so, the devices cabled to it see their carrier go down, and the others keep running.  A cable
+   between two live hosts that carries nothing for `PARTITION_AFTER` seconds while frames wait on it is
+   **partitioned** (the network between them is cut, the hosts themselves still report); when frames
+   arrive again it is **healed**.  Both are reported as they happen and in the report's ``partitions``
+   (`LinkWatch`); frames a cut link could not take are counted where they stopped (the sender's
+   ``tx_dropped``, the CPUs' redirect errors), and those on the wire arrive after the heal;
 4. **tears down** as ``emu run`` does, phase by phase across hosts (quiesce, settle, down and the wait
    for every page, exit), then merges the hosts' own reports (each audits its own pages) into one.
 
@@ -46,6 +51,7 @@ from emu.run.coordinator import (
 from emu.topology.model import Endpoint, Topology
 
 PING_EVERY = 1.0
+PARTITION_AFTER = 3.0  # seconds a cable between live hosts may carry nothing while frames wait on it
 FINAL_TIMEOUT = 60.0  # hosts join their processes and audit their pages before they report
 
 
@@ -65,6 +71,46 @@ class HostSlot:
     @property
     def live(self) -> bool:
         return self.state not in ("lost", "failed")
+
+
+@dataclass
+class LinkWatch:
+    """One direction of a cable between two hosts, watched for a partition: frames the sending device
+    put on it (``tx_packets - tx_dropped - link_lost``) against frames the receiving device took
+    (``rx_packets``), from the counters both hosts send."""
+
+    name: str  # "h1:eth1 -> h2:eth0"
+    tx: str  # the sending device's stats row ("h1/eth1")
+    rx: str
+    hosts: tuple[str, str]
+    got: int = 0
+    moved: float = 0.0  # when `got` last grew (or nothing waited)
+    cut: float | None = None  # when the current partition was noticed
+    waiting: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def check(self, rows: dict[str, dict[str, int]], now: float) -> str | None:
+        """'cut' or 'healed' when the link's state changes, else None."""
+        tx, rx = rows.get(self.tx), rows.get(self.rx)
+        if tx is None or rx is None or not self.moved:
+            self.moved = now
+            return None
+        sent = tx["tx_packets"] - tx["tx_dropped"] - tx["link_lost"]
+        got = rx["rx_packets"]
+        grew, self.got = got > self.got, got
+        self.waiting = max(0, sent - got)
+        if grew or not self.waiting:
+            self.moved = now
+            if self.cut is not None and grew:
+                self.history.append({"link": self.name, "cut_s": round(self.cut, 3),
+                                     "healed_s": round(now, 3), "seconds": round(now - self.cut, 3)})
+                self.cut = None
+                return "healed"
+            return None
+        if self.cut is None and now - self.moved >= PARTITION_AFTER:
+            self.cut = self.moved
+            return "cut"
+        return None
 
 
 class Cluster(Console):
@@ -94,6 +140,9 @@ class Cluster(Console):
         self.bad_messages = 0
         self.address = ""
         self.peers_sent = False
+        self.watches = [LinkWatch(f"{a} -> {b}", f"{a.host}/{a.name}", f"{b.host}/{b.name}", (a.host, b.host))
+                        for link in topo.links for a, b in ((link.a, link.b), (link.b, link.a))
+                        if a.kind == b.kind == "device" and a.host != b.host and a.host and b.host]
 
     def status(self, word: str) -> None:
         control.write_status(self.status_file, word)
@@ -159,6 +208,34 @@ class Cluster(Console):
             for slot in self.slots.values():
                 if slot.state in ("running", "home") and now - slot.heard > self.host_timeout:
                     self.host_lost(slot, f"no word from it for {now - slot.heard:.1f} s")
+            self.watch_links(now)
+
+    def watch_links(self, now: float) -> None:
+        """Partitions: cables between live hosts that stopped carrying (`LinkWatch`)."""
+        if not self.watches:
+            return
+        rows = self.snapshot().rows
+        for w in self.watches:
+            if not all(self.slots[h].live for h in w.hosts):
+                continue
+            change = w.check(rows, now)
+            if change == "cut":
+                self.event(f"partition: link {w.name} has carried nothing for {now - w.moved:.1f} s with "
+                           f"{w.waiting:,} frames sent on it; hosts {w.hosts[0]} and {w.hosts[1]} still report")
+            elif change == "healed":
+                self.event(f"partition healed: link {w.name} carries again after {w.history[-1]['seconds']:.1f} s")
+
+    def partitions(self) -> list[dict[str, Any]]:
+        """Every partition of the run, healed or not (times in seconds since the traffic started)."""
+        out = []
+        for w in self.watches:
+            for p in w.history:
+                out.append(dict(p, cut_s=round(p["cut_s"] - self.started, 3),
+                                healed_s=round(p["healed_s"] - self.started, 3)))
+            if w.cut is not None:
+                out.append({"link": w.name, "cut_s": round(w.cut - self.started, 3), "healed_s": None,
+                            "seconds": None, "frames_waiting": w.waiting})
+        return sorted(out, key=lambda p: p["cut_s"])
 
     def handle(self, parts: list[bytes]) -> None:
         if len(parts) != 2:
@@ -444,7 +521,12 @@ class Cluster(Console):
         record = self.record()
         report = rep.build_report(record)
         lines = expect.merge_parts(report, record.parts or {})
+        report["partitions"] = self.partitions()
         self.say(rep.summary(report) + "".join(f"\n{line}" for line in lines))
+        for p in report["partitions"]:
+            healed = ("not healed" if p["healed_s"] is None
+                      else f"healed at {p['healed_s']:.1f} s ({p['seconds']:.1f} s)")
+            self.say(f"  PARTITION link {p['link']}: cut at {p['cut_s']:.1f} s, {healed}")
         # Hosts wait for this before they exit, so that `docker compose up --exit-code-from coordinator`
         # (which stops everything when the first container exits) shows the report above.
         self.broadcast("bye")

@@ -150,6 +150,16 @@ def ring_pairs(host: HostConfig) -> list[tuple[str, str]]:
     return pairs + [(a, b) for a in cpus for b in cpus if a != b]
 
 
+RUN_SHM_BYTES = 1 << 20  # a run's stats table and BPF maps, besides its hosts' page memory and rings
+
+
+def host_shm_bytes(host: HostConfig) -> int:
+    """Bytes of ``/dev/shm`` one host's page memory and rings take (a container's ``shm_size`` is sized
+    from it, `emu.deploy.plan`)."""
+    return (required_shm_bytes(host.pages, host.page_size, host.cpus, pool_params(host))
+            + len(ring_pairs(host)) * (RING_BYTES + 4096))
+
+
 def pool_params(host: HostConfig) -> PoolParams:
     p = host.pool
     return PoolParams(p.cache_size, p.refill, p.pool_size, p.recycle_limit, p.policy)
@@ -232,11 +242,7 @@ class Run(Console):
     # -- set-up -----------------------------------------------------------------------------------
 
     def check_space(self) -> None:
-        need = 0
-        for host in self.topo.hosts.values():
-            need += required_shm_bytes(host.pages, host.page_size, host.cpus, pool_params(host))
-            need += len(ring_pairs(host)) * (RING_BYTES + 4096)
-        need += 1 << 20  # stats table and BPF maps
+        need = sum(host_shm_bytes(host) for host in self.topo.hosts.values()) + RUN_SHM_BYTES
         free = shm_free_bytes()
         if need > free:
             raise ShmSpaceError(

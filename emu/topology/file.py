@@ -658,6 +658,7 @@ class _Validator:
         )
         pool = self.pool(name, f)
         devices = self.devices(name, index, cpus, f)
+        placement = self.placement(name, f)
         host = HostConfig(
             name=name,
             index=index,
@@ -672,12 +673,32 @@ class _Validator:
             pool=pool,
             devices=devices,
             line=_line(key_node),
+            placement=placement,
         )
         self.check_pages(host, f)
         for dev in devices.values():
             if dev.xdp is not None:
                 self.check_program(host, dev)
         return host
+
+    def placement(self, host: str, hf: _Fields) -> tuple[tuple[str, str], ...]:
+        """`placement`: swarm node attributes (`schema.PLACEMENT_ATTRIBUTES`, ``node.labels.X``,
+        ``engine.labels.X``) and the string each must equal."""
+        node = hf.given("placement")
+        if node is None:
+            return ()
+        f = _Fields(self, node, what=f"host '{host}' 'placement'", where=host, owner_line=_line(node), allowed=None)
+        out = []
+        for key, (key_node, value_node) in f.items.items():
+            label = any(key.startswith(p) and len(key) > len(p) for p in schema.PLACEMENT_LABELS)
+            if not (label or key in schema.PLACEMENT_ATTRIBUTES):
+                self.fail(key_node, f"{host}: 'placement' key {key!r} is no swarm node attribute (expected "
+                          f"node.labels.NAME, engine.labels.NAME or one of {', '.join(schema.PLACEMENT_ATTRIBUTES)})")
+            value = self.construct(value_node)
+            if isinstance(value, bool) or not isinstance(value, str | int) or str(value) == "":
+                self.fail(value_node, f"{host}: 'placement' {key} must be a non-empty string, not {value!r}")
+            out.append((key, str(value)))
+        return tuple(out)
 
     def check_pages(self, host: HostConfig, f: _Fields) -> None:
         """`pages` against rings and caches (`emu.topology.schema.min_pages`): a host with fewer strands a queue."""

@@ -149,6 +149,8 @@ class HostConfig:
     pool: PoolConfig
     devices: dict[str, DeviceConfig]
     line: int = 0
+    # `placement`: (swarm node attribute, value) pairs for `emu deploy --engine swarm`
+    placement: tuple[tuple[str, str], ...] = ()
 
     def device_by_ifindex(self, ifindex: int) -> DeviceConfig | None:
         """The device with this ifindex, or None (what a devmap lookup of a stale ifindex finds)."""
@@ -170,6 +172,7 @@ class HostConfig:
             "redirect_bulk": self.redirect_bulk,
             "tx_bulk": self.tx_bulk,
             "stack_cpu": self.stack_cpu,
+            "placement": [list(p) for p in self.placement],
             "pool": {
                 "cache_size": self.pool.cache_size,
                 "refill": self.pool.refill,
@@ -474,6 +477,7 @@ def host_from_dict(d: Mapping[str, Any]) -> HostConfig:
         redirect_bulk=d["redirect_bulk"],
         tx_bulk=d["tx_bulk"],
         stack_cpu=d["stack_cpu"],
+        placement=tuple((str(k), str(v)) for k, v in d.get("placement", ())),
         pool=PoolConfig(pool["cache_size"], pool["refill"], pool["pool_size"], pool["recycle_limit"],
                         pool.get("policy", "fixed")),
         devices=devices,

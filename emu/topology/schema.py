@@ -208,6 +208,10 @@ TOP = Section("top", "Top level", (
         type_doc="mapping", default_doc="absent (no capture)"),
 ), kernel_column=False)
 
+# Swarm node attributes a host's `placement` may constrain (besides node.labels.* and engine.labels.*).
+PLACEMENT_ATTRIBUTES = ("node.id", "node.hostname", "node.role", "node.platform.os", "node.platform.arch")
+PLACEMENT_LABELS = ("node.labels.", "engine.labels.")
+
 HOST = Section("host", "`hosts.<host>`", (
     Key("cpus", "int", "Number of emulated CPUs (one worker process each).", REQUIRED, 1, MAX_CPUS,
         kernel="`nr_cpu_ids`"),
@@ -235,6 +239,12 @@ HOST = Section("host", "`hosts.<host>`", (
         default_doc="kernel defaults (null ok)", kernel="`struct page_pool_params`"),
     Key("devices", "mapping", f"Device names {_NAME}.", REQUIRED, type_doc="mapping name → device",
         default_doc=f"*required*, 1 to {MAX_DEVICES} devices", kernel="`struct net_device`"),
+    Key("placement", "mapping",
+        "Where `emu deploy --engine swarm` may run the host's container: swarm node attributes and the value "
+        "each must have (`{node.labels.emu: rack1}` is the constraint `node.labels.emu == rack1`). Keys: "
+        "`node.labels.NAME`, `engine.labels.NAME`, " + ", ".join(f"`{k}`" for k in PLACEMENT_ATTRIBUTES)
+        + ". Ignored by `emu run` and compose (one machine).",
+        None, type_doc="mapping attribute → string", default_doc="`{}` (swarm places it)"),
 ))
 
 POOL = Section("pool", "`hosts.<host>.pool`", (
