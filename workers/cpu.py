@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import zmq
 
-from emu.datapath.napi import NapiCore, load_rx_queues
+from emu.datapath.napi import NapiCore, load_cpumaps, load_rx_queues
 from emu.mem.page import DESC_DTYPE
 from emu.mem.pagemem import PageMemory
 from emu.mem.pagepool import pool_of
@@ -82,7 +82,8 @@ class CpuWorker:
         self.channels = Channels(self.zctx, spec)
         self.core = NapiCore(spec.host, self.cpu, self.pm, pool_of(self.pm, self.cpu, owner=True),
                              load_rx_queues(spec.host, self.cpu, spec.maps), self.channels,
-                             row.c, row.index, WarnOnce(spec.key))
+                             row.c, row.index, WarnOnce(spec.key),
+                             load_cpumaps(spec.host, self.cpu, spec.maps))
         # Interrupt moderation (ethtool -C rx-frames): a sleeping CPU is woken once RX_BELL_POLLS polls'
         # worth of descriptors wait for it, else by its poll timeout (rx-usecs).  Never more than half
         # its smallest RX ring: waiting for more than a device can complete before the ring runs dry

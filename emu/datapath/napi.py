@@ -55,6 +55,7 @@ from emu.mem.pagepool import (
 from emu.net import wire
 from emu.net.protocol import (
     CPU_KINDS,
+    CPUMAP,
     DEVICE_BIT,
     POST,
     REFILL_MIN,
@@ -67,6 +68,7 @@ from emu.net.protocol import (
     device_code,
     refill_batch,
 )
+from emu.xdp.bpfmaps import CPU_MAP_BULK_SIZE, REDIRECT_CPUMAP, CpuMap
 from emu.xdp.context import (
     XDP_ABORTED,
     XDP_DROP,
@@ -88,6 +90,8 @@ POLLS_PER_FLUSH = 16
 # Passes in a row waiting on full TX queues, with completions still coming in, before `tx_resync`
 # checks the page table anyway.
 TX_RESYNC_WAITS = 64
+# GRO_NORMAL_BATCH-like: the cpumap kthread flushes GRO every this many skbs (and when its ring empties).
+GRO_FLUSH_SKBS = 64
 # What else makes a descriptor handed to a CPU invalid, in its one warning.
 _REFUSED_WHY = " (or stale, foreign or named twice)"
 
@@ -160,6 +164,20 @@ def load_rx_queues(host: HostConfig, cpu: int, mapsets: dict[str, str]) -> list[
     return out
 
 
+def load_cpumaps(host: HostConfig, cpu: int, mapsets: dict[str, str]) -> dict[tuple[str, int], CpuMap]:
+    """Every cpumap of the host's programs as seen from `cpu`, by (device, the map's ordinal in its map
+    set): a CPU redirects into those of the devices it polls, and its kthread consumes from any of them."""
+    from emu.xdp.runtime import program_for
+
+    out: dict[tuple[str, int], CpuMap] = {}
+    for name, dev in host.devices.items():
+        _, maps = program_for(dev, mapsets.get(name), host.cpus, cpu)
+        for m in maps.values():
+            if isinstance(m, CpuMap):
+                out[(name, (m.redirect_base - REDIRECT_CPUMAP) >> 16)] = m
+    return out
+
+
 class NapiCore(Core):
     """One CPU's data path: its RX queues, XDP verdicts, TX ring accounting and page pool.
 
@@ -169,6 +187,7 @@ class NapiCore(Core):
     def __init__(
         self, host: HostConfig, cpu: int, pm: PageMemory, pool: PagePool, rxqs: list[RxQueue], out: Outbox,
         counters: MutableSequence[int], index: dict[str, int], warn: Callable[[str, str], None],
+        cpumaps: dict[tuple[str, int], CpuMap] | None = None,
     ) -> None:
         super().__init__(pm, counters, index, warn)
         self.host = host
@@ -201,6 +220,15 @@ class NapiCore(Core):
         self.skb_remote: list[np.ndarray] = []
         self.offline = 0
         self.waits = 0  # passes in a row that found the TX queues too full to poll
+        # cpumap: the host's cpumaps by (device, ordinal); this pass's per-CPU bulks by (device, ordinal,
+        # target CPU); this CPU's kthread's backlog (frames taken off the message rings, still in its
+        # ptr_ring) as (device, ordinal, page ids); the second programs it runs, by (device, name); skbs
+        # since its last GRO flush.
+        self.cpumaps = cpumaps or {}
+        self.cpu_bulk: dict[tuple[str, int, int], list[np.ndarray]] = {}
+        self.kq: list[tuple[str, int, np.ndarray]] = []
+        self.kprogs: dict[tuple[str, str], RxQueue] = {}
+        self.gro_held = 0
 
     def send_descs(self, to: str | int, kind: str, header: dict, ids: np.ndarray) -> None:
         """Describe pages `ids` from the page table and send them to `to`."""
@@ -265,6 +293,31 @@ class NapiCore(Core):
             n = self._return(d, PageState.SKB)
             self.c[self.i["stack_rx"]] += n
             self.c[self.i["skb_remote_free"]] += n
+        elif kind == CPUMAP:
+            key = (hdr.get("dev"), hdr.get("map"))
+            m = self.cpumaps.get(key)  # type: ignore[arg-type]
+            if m is None:
+                self.c[self.i["bad_messages"]] += 1
+                self.warn_once("badcpumap", f"cpumap frames for a map this host does not have: {hdr!r}")
+                return
+            n = len(d)
+            ok = check_descs(self.pm, d, PageState.XDP, unique=True)
+            if ok is not None:
+                d = d[ok]
+                self.refused(n - len(d), PageState.XDP, _REFUSED_WHY)
+                m.ring_consumed(self.cpu, n - len(d))  # they held ring slots: give them back
+            if len(d):
+                self.kq.append((key[0], key[1], d["page"].astype(np.int64)))  # type: ignore[arg-type]
+
+    def _free(self, ids: np.ndarray, expect: PageState) -> int:
+        """Free frames on this CPU, in softirq: this CPU's own pages go straight to its cache (NAPI-local
+        direct recycling, 6.4), every other pool's through that pool's ring (``xdp_return_frame``)."""
+        if not len(ids):
+            return 0
+        remote = int(np.count_nonzero(self.pm.owner.take(ids) != self.cpu))
+        if remote:
+            self.c[self.i["remote_returns"]] += remote
+        return return_pages(self.pm, self.pool, ids, expect=expect)
 
     def _return(self, d: np.ndarray, expect: PageState, bulk: int | None = None) -> int:
         """Return pages a peer handed back to whichever pools own them; returns how many were valid.
@@ -361,6 +414,7 @@ class NapiCore(Core):
                 break
         if refilling:
             self.refill()
+        done += self.cpumap_kthread()
         self.xdp_do_flush()
         self.post_flush()
         return done
@@ -459,12 +513,17 @@ class NapiCore(Core):
     def run_xdp(self, rxq: RxQueue, d: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """The program's verdict on each packet of `d`, and each one's redirect target (None when the
         program redirected none)."""
+        c, i = self.c, self.i
+        c[i["rx_packets"]] += len(d)
+        c[i["rx_bytes"]] += int(np.add.reduce(d["len"]))
+        return self.run_program(rxq, d)
+
+    def run_program(self, rxq: RxQueue, d: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """`run_xdp` without the RX counters: the cpumap kthread's second program runs through it too."""
         n = len(d)
         pages = d["page"]
         lens = d["len"]
         c, i = self.c, self.i
-        c[i["rx_packets"]] += n
-        c[i["rx_bytes"]] += int(np.add.reduce(lens))
         prog = rxq.program
         if prog is None:
             return np.full(n, XDP_PASS, dtype=np.int64), None
@@ -557,13 +616,14 @@ class NapiCore(Core):
         if redirect:
             c[i["xdp_redirect"]] += redirect
             if redirect == len(v):
-                self.redirect(pages, targets)
+                self.redirect(pages, targets, rxq.dev)
             else:
                 sel = v == XDP_REDIRECT
-                self.redirect(pages[sel], None if targets is None else targets[sel])
+                self.redirect(pages[sel], None if targets is None else targets[sel], rxq.dev)
 
-    def redirect(self, pages: np.ndarray, targets: np.ndarray | None) -> None:
-        """``xdp_do_redirect`` for each page, to the ifindex the program chose (-1: none was chosen)."""
+    def redirect(self, pages: np.ndarray, targets: np.ndarray | None, dev: str = "") -> None:
+        """``xdp_do_redirect`` for each page, to the ifindex the program chose (-1: none was chosen) or to
+        the cpumap entry it chose (a `REDIRECT_CPUMAP` code; the map is one of `dev`'s program)."""
         if targets is None:
             targets = np.full(len(pages), -1, dtype=np.int64)
         first = int(targets[0])
@@ -572,6 +632,9 @@ class NapiCore(Core):
         else:
             groups = [(int(ifx), pages[targets == ifx]) for ifx in np.unique(targets)]
         for ifindex, ids in groups:
+            if ifindex >= REDIRECT_CPUMAP:
+                self.cpumap_enqueue(dev, ifindex, ids)
+                continue
             t = self.targets.get(ifindex)
             if t is not None and not t.down and t.xdp_xmit:
                 self.tx_bulk.setdefault((t.name, "redirect"), []).append(ids)
@@ -585,7 +648,7 @@ class NapiCore(Core):
                 if t is None:
                     self.warn_once(f"noif{ifindex}", f"redirect to unknown ifindex {ifindex} (redirect_err)")
                 self.c[self.i["redirect_err"]] += len(ids)
-                self.pool.recycle_direct(ids, errors="count", expect=PageState.XDP)
+                self._free(ids, PageState.XDP)
 
     def redirect_skb(self, t: Target, ids: np.ndarray) -> None:
         """The fallback for a target without ``ndo_xdp_xmit``: build an skb (a copy of the frame) and
@@ -597,10 +660,148 @@ class NapiCore(Core):
         frames = [bytes(self.data2d[p, o : o + n]) for p, o, n in spans]
         self.out.send_frames(t.name, frames)
         self.c[self.i["redirect_skb"]] += len(ids)
-        self.pool.recycle_direct(ids, errors="count", expect=PageState.XDP)
+        self._free(ids, PageState.XDP)
+
+    # -- cpumap: XDP_REDIRECT to another CPU (kernel/bpf/cpumap.c) --------------------------------
+
+    def cpumap_enqueue(self, dev: str, code: int, ids: np.ndarray) -> None:
+        """``cpu_map_enqueue``: the frames join this CPU's bulk queue for the entry (``bq_enqueue``), which
+        `xdp_do_flush` produces into the entry's ptr_ring (``__cpu_map_flush``)."""
+        ordinal, cpu = (code - REDIRECT_CPUMAP) >> 16, code & 0xFFFF
+        if (dev, ordinal) not in self.cpumaps or cpu >= self.ncpus:
+            self.warn_once(f"nocpumap{code}", f"redirect to an unknown cpumap entry {code:#x} (redirect_err)")
+            self.c[self.i["redirect_err"]] += len(ids)
+            self._free(ids, PageState.XDP)
+            return
+        self.cpu_bulk.setdefault((dev, ordinal, cpu), []).append(ids)
+
+    def cpumap_flush(self) -> None:
+        """``__cpu_map_flush``: each target's bulk into its ptr_ring, in bulks of `CPU_MAP_BULK_SIZE`; what
+        does not fit is dropped and freed here (``xdp_return_frame_rx_napi``), counted as enqueue drops,
+        as ``xdp-bench redirect-cpu`` shows them.  The frames that fit go to the target CPU (a ``cpumap``
+        message; its kthread takes them off the ring)."""
+        c, i = self.c, self.i
+        for (dev, ordinal, cpu), parts in self.cpu_bulk.items():
+            ids = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            n = len(ids)
+            c[i["cpumap_enqueue_bulks"]] += -(-n // CPU_MAP_BULK_SIZE)
+            # A dead target CPU's kthread is gone: nothing more goes into its ring.
+            k = 0 if self.offline >> cpu & 1 else self.cpumaps[(dev, ordinal)].ring_produce(cpu, n)
+            if k < n:
+                c[i["cpumap_enqueue_drop"]] += n - k
+                self._free(ids[k:], PageState.XDP)
+            if not k:
+                continue
+            c[i["cpumap_enqueue"]] += k
+            ids = ids[:k]
+            if cpu == self.cpu:
+                self.kq.append((dev, ordinal, ids))
+            else:
+                page_hand_over(self.pm, ids, cpu)
+                self.send_descs(cpu, CPUMAP, {"cpu": self.cpu, "dev": dev, "map": ordinal}, ids)
+        self.cpu_bulk.clear()
+
+    def cpumap_kthread(self) -> int:
+        """This CPU's share for its cpumap kthread (``cpu_map_kthread_run``): frames off its ptr_rings,
+        `CPUMAP_BATCH` (8) a round, at most a pass's worth of NAPI polls (1,024) per pass so that NAPI gets
+        the CPU too, as the scheduler shares a CPU between the kthread and softirq.  Returns the frames
+        taken."""
+        if not self.kq:
+            return 0
+        c, i = self.c, self.i
+        limit = POLLS_PER_FLUSH * self.budget
+        done = 0
+        while self.kq and done < limit:
+            dev, ordinal, ids = self.kq[0]
+            take = min(len(ids), limit - done)
+            if take < len(ids):
+                self.kq[0] = (dev, ordinal, ids[take:])
+                ids = ids[:take]
+            else:
+                self.kq.pop(0)
+            m = self.cpumaps[(dev, ordinal)]
+            m.ring_consumed(self.cpu, len(ids))
+            done += len(ids)
+            self._kthread_frames(dev, m, ids)
+        c[i["cpumap_kthread_processed"]] += done
+        if not self.kq:
+            # The ring is empty: the last GRO flush, and the kthread sleeps until a producer wakes it.
+            if self.gro_held:
+                c[i["cpumap_gro_flush"]] += 1
+                self.gro_held = 0
+            c[i["cpumap_kthread_sched"]] += 1
+        return done
+
+    def _kthread_frames(self, dev: str, m: CpuMap, ids: np.ndarray) -> None:
+        """One stretch of frames of one entry: the entry's second program (if any) over them, then
+        ``cpu_map_bpf_prog_run_xdp``'s verdicts: XDP_PASS builds skbs for the stack, XDP_REDIRECT goes
+        through ``xdp_do_redirect``, anything else is dropped (XDP_TX is not allowed there: a warning and
+        an ``xdp_exception``).  Every free is on this CPU: its own pool's pages to its cache, the others'
+        through their rings."""
+        c, i = self.c, self.i
+        name = m.program(self.cpu)
+        if name is None:
+            verdicts = np.full(len(ids), XDP_PASS, dtype=np.int64)
+            targets = None
+        else:
+            rq = self._kprog(dev, name)
+            pm = self.pm
+            d = np.empty(len(ids), dtype=DESC_DTYPE)
+            d["page"] = ids
+            d["gen"] = pm.gen.take(ids)
+            d["off"] = pm.off.take(ids)
+            d["len"] = pm.len.take(ids)
+            d["owner"] = pm.owner.take(ids)
+            d["aux"] = self.cpu
+            verdicts, targets = self.run_program(rq, d)
+        passed = verdicts == XDP_PASS
+        npass = int(np.count_nonzero(passed))
+        redir = verdicts == XDP_REDIRECT
+        nredir = int(np.count_nonzero(redir))
+        ndrop = len(ids) - npass - nredir
+        if ndrop:
+            tx = int(np.count_nonzero(verdicts == XDP_TX))
+            if tx:
+                self.warn_once("cpumaptx", f"cpumap program {name} returned XDP_TX, which a cpumap program "
+                                           "cannot do (dropped, counted as xdp_exception)")
+                c[i["xdp_exception"]] += tx
+            c[i["cpumap_kthread_drop"]] += ndrop
+            self._free(ids[~(passed | redir)], PageState.XDP)
+        if nredir:
+            c[i["cpumap_kthread_redirect"]] += nredir
+            self.redirect(ids[redir], None if targets is None else targets[redir], dev)
+        if npass:
+            skbs = ids if npass == len(ids) else ids[passed]
+            # __xdp_build_skb_from_frame, then the stack (GRO) consumes and frees them on this CPU.
+            xdp_build_skb(self.pm, skbs)
+            c[i["cpumap_kthread_pass"]] += npass
+            c[i["stack_rx"]] += npass
+            held = self.gro_held + npass
+            c[i["cpumap_gro_flush"]] += held // GRO_FLUSH_SKBS
+            self.gro_held = held % GRO_FLUSH_SKBS
+            self._free(skbs, PageState.SKB)
+
+    def _kprog(self, dev: str, name: str) -> RxQueue:
+        """The second program `name` as this CPU's kthread runs it for frames of `dev` (loaded once)."""
+        rq = self.kprogs.get((dev, name))
+        if rq is None:
+            from emu.xdp.context import load_program
+
+            prog = load_program(name)
+            cfg = self.host.devices[dev]
+            ifindexes = {n: dv.ifindex for n, dv in self.host.devices.items()}
+            # The frame's rxq is its ingress device's (xdpf->dev_rx), queue 0: an xdp_frame keeps no queue.
+            ctx = prog.new_context(cfg.ifindex, 0, self.cpu, {}, {}, ifindexes)
+            batch = prog.batch if cfg.xdp is None or cfg.xdp.vectorised else None
+            rq = RxQueue(dev, cfg.ifindex, 0, 0, prog.fn, ctx, batch)
+            self.kprogs[(dev, name)] = rq
+        return rq
 
     def xdp_do_flush(self) -> None:
-        """End of a pass: hand every bulk to its device (``__dev_flush``) and free the pass's skbs."""
+        """End of a pass: hand every bulk to its device (``__dev_flush``) and to its CPU's ptr_ring
+        (``__cpu_map_flush``), and free the pass's skbs."""
+        if self.cpu_bulk:
+            self.cpumap_flush()
         if self.tx_bulk:
             for (dev, kind), parts in self.tx_bulk.items():
                 ids = parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -674,4 +875,11 @@ class NapiCore(Core):
                 self.pool.recycle_direct(d["page"], errors="count", expect=PageState.XDP)
                 rxq.posted -= len(d)
             rxq.pending.clear()
+        if self.cpu_bulk:
+            self.cpumap_flush()
+        for dev, ordinal, ids in self.kq:
+            # The kthread is stopped with frames in its ring: they are freed (``__cpu_map_ring_cleanup``).
+            self.cpumaps[(dev, ordinal)].ring_consumed(self.cpu, len(ids))
+            self._free(ids, PageState.XDP)
+        self.kq.clear()
         self.pool.drain()

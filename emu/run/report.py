@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from emu.mem.pagepool import Audit
     from emu.topology.model import Topology
 
-CPU_DROPS = ("xdp_drop", "xdp_aborted", "redirect_err", "xdp_tx_full", "xmit_drops")
+CPU_DROPS = ("xdp_drop", "xdp_aborted", "redirect_err", "xdp_tx_full", "xmit_drops", "cpumap_enqueue_drop",
+             "cpumap_kthread_drop")
 DEVICE_DROPS = ("rx_dropped", "tx_dropped", "link_lost")
 # The derived metrics of every report (its ``metrics`` key), in this order: the sweep's CSV columns too.
 METRICS = ("pps", "hit_ratio", "alloc_slow_per_mpkt", "page_alloc_pps", "page_free_pps", "inflight_mean",
@@ -41,6 +42,12 @@ CPU_EXTRA = (
     "rx_packets", "rx_bytes", "xdp_tx_full", "xmit_drops", "xmit_bulks", "redirect_skb", "stack_rx",
     "skb_remote_free", "tx_completions", "remote_returns", "rx_posted", "rx_alloc_fail", "polls",
     "tx_ring_waits", "bad_descriptors", "bad_messages",
+)
+# The cpumap counters (xdp-bench redirect-cpu's enqueue and kthread lines), in each CPU's `cpumap`.
+CPU_CPUMAP = (
+    "cpumap_enqueue", "cpumap_enqueue_drop", "cpumap_enqueue_bulks", "cpumap_kthread_processed",
+    "cpumap_kthread_drop", "cpumap_kthread_pass", "cpumap_kthread_redirect", "cpumap_kthread_sched",
+    "cpumap_gro_flush",
 )
 
 
@@ -130,6 +137,16 @@ def interval_lines(topo: Topology, a: Snapshot, b: Snapshot, extended: bool) -> 
                 f"{fmt(rate('cpu', 'xdp_exception', [k]))} error/s{fmt(rate('cpu', 'xdp_redirect', [k]))} redir/s"
             )
     if extended:
+        # xdp-bench redirect-cpu: each CPU's enqueues into cpumap rings, and each kthread's work.
+        for k in cpu_keys:
+            if b.rows[k]["cpumap_enqueue"] + b.rows[k]["cpumap_enqueue_drop"] > a.rows[k]["cpumap_enqueue"] + \
+                    a.rows[k]["cpumap_enqueue_drop"]:
+                lines.append(f"  {k:<12}{fmt(rate('cpu', 'cpumap_enqueue', [k]))} enq/s"
+                             f"{fmt(rate('cpu', 'cpumap_enqueue_drop', [k]))} enq_drop/s")
+            if b.rows[k]["cpumap_kthread_processed"] > a.rows[k]["cpumap_kthread_processed"]:
+                lines.append(f"  {k + ' kthread':<12}{fmt(rate('cpu', 'cpumap_kthread_processed', [k]))} pkt/s"
+                             f"{fmt(rate('cpu', 'cpumap_kthread_drop', [k]))} drop/s"
+                             f"{fmt(rate('cpu', 'cpumap_kthread_sched', [k]))} sched/s")
         for k in dev_keys:
             lines.append(
                 f"  {k:<12}{fmt(rate('device', 'rx_packets', [k]))} rx/s{fmt(rate('device', 'rx_dropped', [k]))}"
@@ -355,6 +372,7 @@ def _host_sections(r: RunRecord) -> dict[str, Any]:
                 "redirect_err": row["redirect_err"],
                 "xdp_exception": row["xdp_exception"],
                 **{k: row[k] for k in CPU_EXTRA},
+                "cpumap": {k.removeprefix("cpumap_"): row[k] for k in CPU_CPUMAP},
             })
             for k in ("foreign_cache_return", "recycled_before_tx_completion", "double_free",
                       "stale_generation"):
@@ -484,6 +502,13 @@ def summary(r: dict[str, Any]) -> str:
             f"{c['redirect_err']:,}  xdp_exception {c['xdp_exception']:,}"
             + (f"  tx_ring_waits {waits:,}" if waits else "")
         )
+        cm = c.get("cpumap", {})
+        if any(cm.values()):
+            # xdp-bench redirect-cpu's lines: what this CPU enqueued, and what its kthread did.
+            out.append(f"      cpumap enqueue {cm['enqueue']:,}  drop {cm['enqueue_drop']:,}  bulks "
+                       f"{cm['enqueue_bulks']:,} | kthread processed {cm['kthread_processed']:,}  drop "
+                       f"{cm['kthread_drop']:,}  pass {cm['kthread_pass']:,}  redirect {cm['kthread_redirect']:,}"
+                       f"  sched {cm['kthread_sched']:,}  gro_flush {cm['gro_flush']:,}")
         pp = c["page_pool"]
         out.append("      page_pool " + "  ".join(f"{k} {pp[k]:,}" for k in POOL_STATS if pp[k])
                    + (f"  watermark {pp['watermark']:,}" if "watermark" in pp else ""))

@@ -47,6 +47,16 @@ CPU_COUNTERS = (
     "tx_ring_waits",  # passes that left RX waiting: an XDP TX queue of this CPU's had no room for a poll
     "bad_descriptors",  # refused descriptors (stale, wrong state, out of range)
     "bad_messages",  # refused messages (garbled, foreign, unknown kind)
+    # cpumap (xdp:xdp_cpumap_enqueue on the redirecting CPU, xdp:xdp_cpumap_kthread on the target):
+    "cpumap_enqueue",  # frames this CPU produced into cpumap ptr_rings
+    "cpumap_enqueue_drop",  # frames dropped because the target's ptr_ring was full
+    "cpumap_enqueue_bulks",  # bulk flushes (of up to CPU_MAP_BULK_SIZE = 8 frames) into the ptr_rings
+    "cpumap_kthread_processed",  # frames this CPU's cpumap kthread took off its rings
+    "cpumap_kthread_drop",  # of those, dropped (the second program's XDP_DROP, ABORTED, TX, or errors)
+    "cpumap_kthread_pass",  # of those, built into skbs for the stack (counted in stack_rx too)
+    "cpumap_kthread_redirect",  # of those, redirected by the second program
+    "cpumap_kthread_sched",  # times the kthread found its rings empty and slept (schedule())
+    "cpumap_gro_flush",  # GRO flushes of the kthread's skbs (every 64, and when its ring empties)
 )
 
 DEVICE_COUNTERS = (

@@ -18,6 +18,7 @@ from emu.xdp.bpfmaps import (
     BPF_NOEXIST,
     ArrayMap,
     BpfMap,
+    CpuMap,
     DevMap,
     HashMap,
     MapError,
@@ -27,5 +28,5 @@ from emu.xdp.bpfmaps import (
 )
 from emu.xdp.context import *  # noqa: F403
 
-__all__ = [*_context.__all__, "BPF_ANY", "BPF_EXIST", "BPF_NOEXIST", "ArrayMap", "BpfMap", "DevMap", "HashMap",
-           "MapError", "MapSpec", "PerCpuArrayMap", "PerCpuHashMap"]
+__all__ = [*_context.__all__, "BPF_ANY", "BPF_EXIST", "BPF_NOEXIST", "ArrayMap", "BpfMap", "CpuMap", "DevMap",
+           "HashMap", "MapError", "MapSpec", "PerCpuArrayMap", "PerCpuHashMap"]
