@@ -51,6 +51,7 @@ from emu.mem.pagepool import (
     xdp_build_skb,
     xdp_prepare_buff,
     xdp_xmit_queue,
+    xdpf_clone,
 )
 from emu.net import wire
 from emu.net.protocol import (
@@ -68,7 +69,7 @@ from emu.net.protocol import (
     device_code,
     refill_batch,
 )
-from emu.xdp.bpfmaps import CPU_MAP_BULK_SIZE, REDIRECT_CPUMAP, CpuMap
+from emu.xdp.bpfmaps import CPU_MAP_BULK_SIZE, REDIRECT_BROADCAST, REDIRECT_CPUMAP, CpuMap, DevMap
 from emu.xdp.context import (
     XDP_ABORTED,
     XDP_DROP,
@@ -90,6 +91,9 @@ POLLS_PER_FLUSH = 16
 # Passes in a row waiting on full TX queues, with completions still coming in, before `tx_resync`
 # checks the page table anyway.
 TX_RESYNC_WAITS = 64
+# The kernel's PAGE_SIZE: xdpf_clone copies a frame (its headroom with it) into one page of this size, so a
+# frame whose end lies past it cannot be cloned (-ENOMEM), whatever page size the emulated host uses.
+PAGE_SIZE = 4096
 # GRO_NORMAL_BATCH-like: the cpumap kthread flushes GRO every this many skbs (and when its ring empties).
 GRO_FLUSH_SKBS = 64
 # What else makes a descriptor handed to a CPU invalid, in its one warning.
@@ -229,6 +233,12 @@ class NapiCore(Core):
         self.kq: list[tuple[str, int, np.ndarray]] = []
         self.kprogs: dict[tuple[str, str], RxQueue] = {}
         self.gro_held = 0
+        # The devmaps of the programs of the queues this CPU polls, by (device, ordinal): broadcasts.
+        self.devmaps: dict[tuple[str, int], DevMap] = {}
+        for rxq in self.rxqs.values():
+            for m in getattr(rxq.ctx, "maps", {}).values():
+                if isinstance(m, DevMap):
+                    self.devmaps[(rxq.dev, (m.bcast_base - REDIRECT_BROADCAST) >> 16)] = m
 
     def send_descs(self, to: str | int, kind: str, header: dict, ids: np.ndarray) -> None:
         """Describe pages `ids` from the page table and send them to `to`."""
@@ -314,7 +324,8 @@ class NapiCore(Core):
         direct recycling, 6.4), every other pool's through that pool's ring (``xdp_return_frame``)."""
         if not len(ids):
             return 0
-        remote = int(np.count_nonzero(self.pm.owner.take(ids) != self.cpu))
+        owners = self.pm.owner.take(ids)
+        remote = int(np.count_nonzero((owners != self.cpu) & (owners >= 0)))
         if remote:
             self.c[self.i["remote_returns"]] += remote
         return return_pages(self.pm, self.pool, ids, expect=expect)
@@ -335,7 +346,8 @@ class NapiCore(Core):
             self.refused(len(d) - int(np.count_nonzero(ok)), expect, _REFUSED_WHY)
             d = d[ok]
             ids = d["page"]
-        remote = int(np.count_nonzero(pm.owner.take(ids) != self.cpu))
+        owners = pm.owner.take(ids)
+        remote = int(np.count_nonzero((owners != self.cpu) & (owners >= 0)))  # (not page-allocator clones)
         if remote:
             self.c[self.i["remote_returns"]] += remote
         return return_pages(pm, self.pool, ids, d["gen"], expect=expect, bulk=bulk)
@@ -632,6 +644,9 @@ class NapiCore(Core):
         else:
             groups = [(int(ifx), pages[targets == ifx]) for ifx in np.unique(targets)]
         for ifindex, ids in groups:
+            if ifindex >= REDIRECT_BROADCAST:
+                self.broadcast(dev, ifindex, ids)
+                continue
             if ifindex >= REDIRECT_CPUMAP:
                 self.cpumap_enqueue(dev, ifindex, ids)
                 continue
@@ -661,6 +676,74 @@ class NapiCore(Core):
         self.out.send_frames(t.name, frames)
         self.c[self.i["redirect_skb"]] += len(ids)
         self._free(ids, PageState.XDP)
+
+    # -- devmap broadcast: BPF_F_BROADCAST (kernel/bpf/devmap.c dev_map_enqueue_multi) ---------------
+
+    def broadcast(self, dev: str, code: int, ids: np.ndarray) -> None:
+        """``dev_map_enqueue_multi``: each frame to every device of the devmap that can take it (has
+        ``ndo_xdp_xmit`` and is up), but the ingress device with ``BPF_F_EXCLUDE_INGRESS``.  Every target
+        but the last gets a clone (``xdpf_clone``: a page from the page allocator, not from the pool);
+        the last gets the frame itself.  So N targets cost the pool page and N-1 page-allocator pages,
+        each freed by its own path at its TX completion.
+
+        No target left: the kernel frees the frame and reports success (``redirect_bcast_empty`` here, so
+        that the packet is accounted for).  A frame that cannot be cloned (its end past the kernel's
+        PAGE_SIZE) or no page to clone into: -ENOMEM, the frame is freed, a ``redirect_err``; the kernel
+        may have sent some clones by then, the emulator sends none (all or nothing per batch)."""
+        c, i = self.c, self.i
+        ordinal, exclude = (code - REDIRECT_BROADCAST) >> 16, code & 1
+        m = self.devmaps.get((dev, ordinal))
+        if m is None:
+            self.warn_once(f"nobcast{code}", f"broadcast to an unknown devmap {code:#x} (redirect_err)")
+            c[i["redirect_err"]] += len(ids)
+            self._free(ids, PageState.XDP)
+            return
+        ingress = self.by_name[dev].ifindex if dev in self.by_name else -1
+        dsts = []
+        for ifx in m.ifindexes:
+            if not ifx or (exclude and ifx == ingress):
+                continue
+            t = self.targets.get(ifx)
+            if t is not None and not t.down and t.xdp_xmit:  # is_valid_dst: others are skipped silently
+                dsts.append(t)
+        if not dsts:
+            self.warn_once(f"bcastempty{dev}{ordinal}", f"broadcast from {dev} through devmap {m.name!r} has no "
+                           "target (only the ingress device, excluded, or devices without ndo_xdp_xmit): "
+                           "nothing is sent, as in the kernel (counted redirect_bcast_empty)")
+            c[i["redirect_bcast_empty"]] += len(ids)
+            self._free(ids, PageState.XDP)
+            return
+        pm = self.pm
+        if len(dsts) > 1:
+            clonable = pm.off.take(ids).astype(np.int64) + pm.len.take(ids) <= PAGE_SIZE
+            if not np.logical_and.reduce(clonable):
+                self.warn_once("bcastbig", f"broadcast of frames too large to clone into a {PAGE_SIZE}-byte page: "
+                               "-ENOMEM (redirect_err)")
+                c[i["redirect_err"]] += len(ids) - int(np.count_nonzero(clonable))
+                self._free(ids[~clonable], PageState.XDP)
+                ids = ids[clonable]
+                if not len(ids):
+                    return
+            clones = []
+            for t in dsts[:-1]:
+                new = xdpf_clone(pm, ids, self.cpu)
+                if len(new) < len(ids):
+                    self.warn_once("bcastnomem", "no page left in the page allocator for a broadcast's clone: "
+                                   "-ENOMEM (redirect_err)")
+                    for _, cl in clones:
+                        self._free(cl, PageState.XDP)
+                    c[i["redirect_err"]] += len(ids)
+                    self._free(ids, PageState.XDP)
+                    return
+                self.data2d[new] = self.data2d[ids]
+                clones.append((t, new))
+            c[i["xdpf_clone"]] += len(ids) * len(clones)
+            for t, new in clones:
+                self.tx_bulk.setdefault((t.name, "redirect"), []).append(new)
+                self.bulked[t.name] = self.bulked.get(t.name, 0) + len(new)
+        last = dsts[-1]
+        self.tx_bulk.setdefault((last.name, "redirect"), []).append(ids)
+        self.bulked[last.name] = self.bulked.get(last.name, 0) + len(ids)
 
     # -- cpumap: XDP_REDIRECT to another CPU (kernel/bpf/cpumap.c) --------------------------------
 

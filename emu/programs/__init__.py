@@ -22,6 +22,9 @@ The bundled topologies name them as ``emu.programs:<name>``:
                 runs, xdp-bench's ``--remote-action``).
 ``cpumap_drop`` a second program for a cpumap entry: drop every frame on the target CPU (no maps, as a
                 cpumap entry's program here has none); ``xdp_pass`` is the ``pass`` one.
+``xdp_broadcast`` flood every frame to all devices of the devmap ``tx_ports`` but the ingress one
+                (``bpf_redirect_map(&tx_ports, 0, BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS)``, the kernel
+                selftests' ``xdp_redirect_multi``); ``params.exclude_ingress: false`` drops the second flag.
 ``buggy_*``     six programs that misbehave on purpose, for the fault tests: ``buggy_raise`` raises,
                 ``buggy_bad_verdict`` returns 42, ``buggy_no_verdict`` returns None,
                 ``buggy_batch_short`` returns one verdict too few from its vectorised form, and
@@ -57,6 +60,8 @@ import numpy as np
 
 from emu.net.packets import UDP_OFF
 from emu.xdp import (
+    BPF_F_BROADCAST,
+    BPF_F_EXCLUDE_INGRESS,
     XDP_DROP,
     XDP_PASS,
     XDP_TX,
@@ -82,6 +87,7 @@ __all__ = [
     "l2fwd_filter",
     "l2fwd_map",
     "redirect_cpu",
+    "xdp_broadcast",
     "xdp_drop",
     "xdp_pass",
     "xdp_tx",
@@ -306,6 +312,32 @@ def redirect_cpu(ctx: XdpContext) -> int:
     except struct.error:
         return ctx.redirect_map(cpu_map, cpus[0])
     return ctx.redirect_map(cpu_map, cpus[sport % len(cpus)])
+
+
+def _broadcast_setup(ctx: XdpContext) -> None:
+    exclude = ctx.params.get("exclude_ingress", True)
+    if not isinstance(exclude, bool):
+        raise ValueError(f"xdp_broadcast: params.exclude_ingress must be true or false (got {exclude!r})")
+    ctx.priv = (ctx.maps["tx_ports"], BPF_F_BROADCAST | (BPF_F_EXCLUDE_INGRESS if exclude else 0))
+
+
+def _broadcast_batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
+    tx_ports, flags = ctx.priv
+    return pkts.redirect_map(tx_ports, 0, flags=flags)
+
+
+@xdp_program(
+    maps={"tx_ports": MapSpec("devmap", 64)},
+    setup=_broadcast_setup,
+    batch=_broadcast_batch,
+    params={"exclude_ingress": ParamSpec("bool", "leave the ingress device out (BPF_F_EXCLUDE_INGRESS)",
+                                         default=True)},
+)
+def xdp_broadcast(ctx: XdpContext) -> int:
+    """``bpf_redirect_map(&tx_ports, 0, BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS)``: every device of the
+    map gets the frame (a clone each, the last one the frame itself), the ingress one excepted."""
+    tx_ports, flags = ctx.priv
+    return ctx.redirect_map(tx_ports, 0, flags)
 
 
 def _cpumap_drop_batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from emu.mem.page import IN_USE_STATES, PageState
+from emu.mem.page import H_ORDER0_ALLOC, H_ORDER0_FREE, IN_USE_STATES, PageState
 from emu.mem.pagepool import P_WATERMARK, POOL_COUNTERS, POOL_STATS, C
 from emu.net.protocol import CONTROL
 from emu.run import pools
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from emu.topology.model import Topology
 
 CPU_DROPS = ("xdp_drop", "xdp_aborted", "redirect_err", "xdp_tx_full", "xmit_drops", "cpumap_enqueue_drop",
-             "cpumap_kthread_drop")
+             "cpumap_kthread_drop", "redirect_bcast_empty")
 DEVICE_DROPS = ("rx_dropped", "tx_dropped", "link_lost")
 # The derived metrics of every report (its ``metrics`` key), in this order: the sweep's CSV columns too.
 METRICS = ("pps", "hit_ratio", "alloc_slow_per_mpkt", "page_alloc_pps", "page_free_pps", "inflight_mean",
@@ -41,7 +41,7 @@ SAMPLE_PERIOD = 0.05  # seconds between the samples of the page table taken whil
 CPU_EXTRA = (
     "rx_packets", "rx_bytes", "xdp_tx_full", "xmit_drops", "xmit_bulks", "redirect_skb", "stack_rx",
     "skb_remote_free", "tx_completions", "remote_returns", "rx_posted", "rx_alloc_fail", "polls",
-    "tx_ring_waits", "bad_descriptors", "bad_messages",
+    "tx_ring_waits", "bad_descriptors", "bad_messages", "xdpf_clone", "redirect_bcast_empty",
 )
 # The cpumap counters (xdp-bench redirect-cpu's enqueue and kthread lines), in each CPU's `cpumap`.
 CPU_CPUMAP = (
@@ -87,8 +87,13 @@ class Snapshot:
     def consumed(self) -> int:
         return self.total("cpu", "stack_rx")
 
+    def cloned(self) -> int:
+        """Extra packets a devmap broadcast made (one per clone): each ends delivered, dropped or consumed
+        like a generated one."""
+        return self.total("cpu", "xdpf_clone")
+
     def unaccounted(self) -> int:
-        return self.generated() - self.delivered() - self.dropped() - self.consumed()
+        return self.generated() + self.cloned() - self.delivered() - self.dropped() - self.consumed()
 
 
 def snapshot(table: StatsTable, t: float, lost: int = 0) -> Snapshot:
@@ -184,6 +189,7 @@ def traffic_section(final: Snapshot) -> dict[str, Any]:
     """Where every generated packet went, from the final counters."""
     return {
         "generated": final.generated(),
+        "cloned": final.cloned(),
         "delivered": final.delivered(),
         "dropped": final.dropped(),
         "consumed": final.consumed(),
@@ -210,13 +216,16 @@ class HostPages:
     pool_ctl: np.ndarray | None = None
     page_size: int = 0
     policy: str = "fixed"  # the pools' recycling policy: an adaptive pool's row shows its watermark
+    # Pages the page allocator gave xdpf_clone (devmap broadcast), and those that came back to it.
+    clones: tuple[int, int] = (0, 0)
 
     @classmethod
     def of(cls, pm: PageMemory, audit: Audit) -> HostPages:
         ctl = pm.pool_ctl
         return cls(pm.pool_counters.copy(), [int(ctl[c][0]) for c in range(pm.ncpus)],
                    [int(ctl[c][2] - ctl[c][1]) for c in range(pm.ncpus)], pm.allocated_hwm, audit,
-                   ctl.copy(), pm.page_size, pm.params.policy)
+                   ctl.copy(), pm.page_size, pm.params.policy,
+                   (int(pm.header[H_ORDER0_ALLOC]), int(pm.header[H_ORDER0_FREE])))
 
 
 @dataclass(frozen=True)
@@ -352,7 +361,8 @@ def _host_sections(r: RunRecord) -> dict[str, Any]:
     cpus, devices, page_pools = [], [], []
     viol = {"foreign_cache_return": 0, "recycled_before_tx_completion": 0, "double_free": 0, "leaked": 0,
             "stale_generation": 0, "bad_descriptors": 0, "bad_messages": 0}
-    pages = {"total": 0, "accounted": 0, "in_flight": 0, "allocated_hwm": 0, "by_state": {},
+    pages = {"total": 0, "accounted": 0, "in_flight": 0, "allocated_hwm": 0, "clone_pages": 0,
+             "clone_pages_freed": 0, "by_state": {},
              "problems": list(r.audit_problems), "audits": r.live_audits + len(r.pages),
              "samples": _samples_section(r.samples)}
     for hname, host in r.topology.hosts.items():
@@ -390,6 +400,8 @@ def _host_sections(r: RunRecord) -> dict[str, Any]:
             viol["bad_messages"] += row["bad_messages"]
         audit = hp.audit
         pages["allocated_hwm"] += hp.allocated_hwm
+        pages["clone_pages"] += hp.clones[0]
+        pages["clone_pages_freed"] += hp.clones[1]
         pages["total"] += audit.total
         pages["accounted"] += audit.accounted
         for s, n in audit.by_state.items():
@@ -408,8 +420,9 @@ def _merged_sections(r: RunRecord, parts: dict[str, dict[str, Any]]) -> dict[str
     pools and audits); the coordinator's own events, processes and so on come first."""
     cpus: list[dict[str, Any]] = []
     devices: list[dict[str, Any]] = []
-    pages: dict[str, Any] = {"total": 0, "accounted": 0, "in_flight": 0, "allocated_hwm": 0, "by_state": {},
-                             "problems": list(r.audit_problems), "audits": r.live_audits}
+    pages: dict[str, Any] = {"total": 0, "accounted": 0, "in_flight": 0, "allocated_hwm": 0, "clone_pages": 0,
+                             "clone_pages_freed": 0, "by_state": {}, "problems": list(r.audit_problems),
+                             "audits": r.live_audits}
     viol: dict[str, int] = {}
     maps: dict[str, Any] = dict(r.maps)
     events = list(r.events)
@@ -424,7 +437,7 @@ def _merged_sections(r: RunRecord, parts: dict[str, dict[str, Any]]) -> dict[str
         page_pools += part.get("page_pools", [])
         devices += part["devices"]
         p = part["pages"]
-        for k in ("total", "accounted", "in_flight", "allocated_hwm", "audits"):
+        for k in ("total", "accounted", "in_flight", "allocated_hwm", "clone_pages", "clone_pages_freed", "audits"):
             pages[k] += p.get(k, 0)
         for st, n in p["by_state"].items():
             pages["by_state"][st] = pages["by_state"].get(st, 0) + n
@@ -484,7 +497,8 @@ def summary(r: dict[str, Any]) -> str:
     v = r["violations"]
     out = [f"\nSummary of {r['topology']!r}: {r['elapsed_s']:.2f} s"]
     out.append(
-        f"  traffic  generated {t['generated']:,}  delivered {t['delivered']:,}  dropped {t['dropped']:,}  "
+        f"  traffic  generated {t['generated']:,}{'  cloned ' + format(t['cloned'], ',') if t.get('cloned') else ''}"
+        f"  delivered {t['delivered']:,}  dropped {t['dropped']:,}  "
         f"consumed {t['consumed']:,}  corrupted {t['corrupted']:,}  unaccounted {t['unaccounted']:,}"
     )
     drops = ", ".join(f"{k} {n:,}" for k, n in t["drops"].items() if n)
@@ -501,6 +515,7 @@ def summary(r: dict[str, Any]) -> str:
             f"tx {x['tx']:,}  redirect {x['redirect']:,}  aborted {x['aborted']:,}  redirect_err "
             f"{c['redirect_err']:,}  xdp_exception {c['xdp_exception']:,}"
             + (f"  tx_ring_waits {waits:,}" if waits else "")
+            + "".join(f"  {k} {c[k]:,}" for k in ("xdpf_clone", "redirect_bcast_empty") if c.get(k))
         )
         cm = c.get("cpumap", {})
         if any(cm.values()):
@@ -520,7 +535,9 @@ def summary(r: dict[str, Any]) -> str:
         )
     p = r["pages"]
     out.append(f"  pages    total {p['total']:,}  accounted {p['accounted']:,}  in_flight {p['in_flight']:,}  "
-               f"allocated_hwm {p.get('allocated_hwm', 0):,}")
+               f"allocated_hwm {p.get('allocated_hwm', 0):,}"
+               + (f"  clone_pages {p['clone_pages']:,} (freed {p['clone_pages_freed']:,})"
+                  if p.get("clone_pages") else ""))
     m = r.get("metrics")
     if m:
         out.append("  metrics  " + "  ".join(f"{k} {'-' if m[k] is None else m[k]}" for k in METRICS))

@@ -47,6 +47,9 @@ CPU_COUNTERS = (
     "tx_ring_waits",  # passes that left RX waiting: an XDP TX queue of this CPU's had no room for a poll
     "bad_descriptors",  # refused descriptors (stale, wrong state, out of range)
     "bad_messages",  # refused messages (garbled, foreign, unknown kind)
+    # devmap broadcast (BPF_F_BROADCAST):
+    "xdpf_clone",  # frames copied into a page from the page allocator, one per extra target (xdpf_clone)
+    "redirect_bcast_empty",  # broadcasts with no target left (the kernel frees the frame and reports success)
     # cpumap (xdp:xdp_cpumap_enqueue on the redirecting CPU, xdp:xdp_cpumap_kthread on the target):
     "cpumap_enqueue",  # frames this CPU produced into cpumap ptr_rings
     "cpumap_enqueue_drop",  # frames dropped because the target's ptr_ring was full

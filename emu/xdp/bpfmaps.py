@@ -63,10 +63,13 @@ from emu.mem.shm import SHM_DIR, Segment
 __all__ = [
     "BPF_ANY",
     "BPF_EXIST",
+    "BPF_F_BROADCAST",
+    "BPF_F_EXCLUDE_INGRESS",
     "BPF_NOEXIST",
     "CPUMAP_BATCH",
     "CPU_MAP_BULK_SIZE",
     "MAP_TYPES",
+    "REDIRECT_BROADCAST",
     "REDIRECT_CPUMAP",
     "ArrayMap",
     "BpfMap",
@@ -85,6 +88,9 @@ __all__ = [
 BPF_ANY = 0
 BPF_NOEXIST = 1
 BPF_EXIST = 2
+# bpf_redirect_map flags (include/uapi/linux/bpf.h): send to every device of a devmap, but the ingress one.
+BPF_F_BROADCAST = 1 << 3
+BPF_F_EXCLUDE_INGRESS = 1 << 4
 
 MapType = Literal["array", "percpu_array", "hash", "percpu_hash", "devmap", "cpumap"]
 MAP_TYPES: tuple[str, ...] = ("array", "percpu_array", "hash", "percpu_hash", "devmap", "cpumap")
@@ -99,6 +105,8 @@ CPU_MAP_QSIZE_MAX = 16384
 # ``REDIRECT_CPUMAP | ordinal << 16 | cpu``, `ordinal` the map's place in its map set (sorted names), as
 # the kernel's ``bpf_redirect_info`` keeps the map type and the entry next to the target.
 REDIRECT_CPUMAP = 1 << 32
+# A devmap broadcast's target: ``REDIRECT_BROADCAST | ordinal << 16 | exclude_ingress`` (`DevMap.bcast_base`).
+REDIRECT_BROADCAST = 2 << 32
 # A cpumap entry: ``struct bpf_cpumap_val`` (qsize; the second program, here by its "module:function" name,
 # as a pinned path names a program) and the entry's ptr_ring, as frames produced and consumed.
 CPUMAP_DTYPE = np.dtype([("qsize", "<u4"), ("_pad", "<u4"), ("produced", "<u8"), ("consumed", "<u8"),
@@ -494,13 +502,15 @@ class DevMap(BpfMap):
     """BPF_MAP_TYPE_DEVMAP: an array of egress ifindexes (0 = empty slot) for ``bpf_redirect_map``."""
 
     # `ifindexes` is the raw u32 slot storage, a plain attribute (not a property) because
-    # `emu.xdp.XdpContext.redirect_map` reads it per packet.
-    __slots__ = ("ifindexes",)
+    # `emu.xdp.XdpContext.redirect_map` reads it per packet; `bcast_base` codes a broadcast to this map
+    # (`REDIRECT_BROADCAST` and its ordinal in its map set).
+    __slots__ = ("bcast_base", "ifindexes")
 
-    def __init__(self, name: str, spec: MapSpec, values: Any) -> None:
+    def __init__(self, name: str, spec: MapSpec, values: Any, bcast_base: int = REDIRECT_BROADCAST) -> None:
         super().__init__(name, spec)
         self._v = values
         self.ifindexes = values
+        self.bcast_base = bcast_base
 
     def lookup(self, key: int) -> int | None:
         if 0 <= key < self._n:
@@ -993,7 +1003,7 @@ class MapSet:
             elif s.type == "percpu_array":
                 m = PerCpuArrayMap(name, s, rows, cpu)
             elif s.type == "devmap":
-                m = DevMap(name, s, rows[0])
+                m = DevMap(name, s, rows[0], REDIRECT_BROADCAST | ordinal << 16)
             elif s.type == "cpumap":
                 assert self._lockfile is not None
                 m = CpuMap(name, s, rows[0], ncpus, REDIRECT_CPUMAP | ordinal << 16, self._lockfile, p.offset)

@@ -58,7 +58,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from emu.mem.pagemem import PageSpans
-from emu.xdp.bpfmaps import BpfMap, CpuMap, DevMap, MapSpec
+from emu.xdp.bpfmaps import BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS, BpfMap, CpuMap, DevMap, MapSpec
 
 __all__ = [
     "PARAM_TYPES",
@@ -99,6 +99,8 @@ XDP_REDIRECT = 4
 
 # bpf_redirect_map(): the low bits of flags are the action on a lookup miss (XDP_ABORTED..XDP_TX).
 _ACTION_MASK = XDP_ABORTED | XDP_DROP | XDP_PASS | XDP_TX
+# ...and a devmap takes BPF_F_BROADCAST (every device of the map) and BPF_F_EXCLUDE_INGRESS on top.
+_BCAST_FLAGS = BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS
 
 
 class XdpContext:
@@ -157,10 +159,15 @@ class XdpContext:
         """``bpf_redirect_map`` on a devmap or a cpumap: XDP_REDIRECT on a hit, else the action in
         ``flags & 3``.  A cpumap hit targets CPU `key` (`emu.xdp.bpfmaps.REDIRECT_CPUMAP` codes it).
 
-        Flags beyond the action bits (BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS) are not emulated and
-        return XDP_ABORTED, as unknown flags do in the kernel.
+        On a devmap, ``BPF_F_BROADCAST`` ignores `key` and sends the frame to every device of the map
+        (``BPF_F_EXCLUDE_INGRESS``: but the one it came in on), always XDP_REDIRECT, as the kernel's
+        ``dev_map_redirect`` does; any other flag returns XDP_ABORTED, as unknown flags do in the kernel.
         """
         if flags & ~_ACTION_MASK:
+            if flags & BPF_F_BROADCAST and not flags & ~(_ACTION_MASK | _BCAST_FLAGS) and \
+                    devmap.__class__ is DevMap:
+                self.redirect_ifindex = devmap.bcast_base | bool(flags & BPF_F_EXCLUDE_INGRESS)  # type: ignore[union-attr]
+                return XDP_REDIRECT
             return XDP_ABORTED
         if devmap.__class__ is CpuMap:
             # __cpu_map_lookup_elem: an entry with a ring (qsize > 0) is a hit.
@@ -275,6 +282,9 @@ class XdpBatch:
         ``flags & 3``."""
         sel = np.arange(len(self.pages))[where]
         if flags & ~_ACTION_MASK:
+            if flags & BPF_F_BROADCAST and not flags & ~(_ACTION_MASK | _BCAST_FLAGS) and isinstance(devmap, DevMap):
+                self.redirect_ifindex[sel] = devmap.bcast_base | bool(flags & BPF_F_EXCLUDE_INGRESS)
+                return np.full(len(sel), XDP_REDIRECT, dtype=np.int64)
             return np.full(len(sel), XDP_ABORTED, dtype=np.int64)
         keys = np.broadcast_to(np.asarray(keys, dtype=np.int64), sel.shape)
         if isinstance(devmap, CpuMap):
