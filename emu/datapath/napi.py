@@ -129,6 +129,9 @@ class RxQueue:
     # whose devmap bulk queue they went to, "" for XDP_TX), and how many of them the polls have taken.
     ready: tuple[np.ndarray, np.ndarray, np.ndarray | None, str | None] | None = None
     taken: int = 0
+    # The device's XDP features include `redirect` (else its driver takes XDP_REDIRECT for an unknown
+    # action: bpf_warn_invalid_xdp_action, an xdp_exception, and the packet is dropped).
+    can_redirect: bool = True
 
 
 @dataclass(slots=True)
@@ -145,6 +148,8 @@ class Target:
     # This CPU's XDP TX queue on the device is its own (as many queues as CPUs): its completions come
     # back here, so this CPU knows how much of the ring its frames hold.
     own_txq: bool
+    profile: str = "nic"  # the driver it behaves like ("veth": ndo-xmit only while its peer has XDP)
+    peer: str = ""  # the far end of its cable, for the messages that explain a veth's rule
     down: bool = False  # the device process died
     tx_used: int = 0  # frames this CPU queued on its TX queue whose completion (or refusal) it has not seen
 
@@ -164,7 +169,7 @@ def load_rx_queues(host: HostConfig, cpu: int, mapsets: dict[str, str]) -> list[
             fn = None if prog is None else prog.fn
             batch = prog.batch if prog is not None and dev.xdp.vectorised else None
             out.append(RxQueue(name, dev.ifindex, q, dev.rx_ring_size, fn, ctx, batch,
-                               refill_batch(dev.rx_ring_size)))
+                               refill_batch(dev.rx_ring_size), can_redirect="redirect" in dev.xdp_features))
     return out
 
 
@@ -207,7 +212,7 @@ class NapiCore(Core):
         self.by_name: dict[str, Target] = {}
         for index_, (name, dev) in enumerate(host.devices.items()):
             t = Target(name, index_, dev.ifindex, dev.xdp_xmit, dev.redirect_fallback, dev.tx_queues,
-                       dev.tx_ring_size, dev.tx_queues >= self.ncpus)
+                       dev.tx_ring_size, dev.tx_queues >= self.ncpus, dev.profile, dev.peer)
             self.targets[dev.ifindex] = t
             self.by_name[name] = t
         self.rxqs: dict[tuple[str, int], RxQueue] = {(r.dev, r.q): r for r in rxqs}
@@ -483,7 +488,7 @@ class NapiCore(Core):
             return None
         if v0 == XDP_TX:
             return None if self.by_name[rxq.dev].down else ""
-        if v0 != XDP_REDIRECT or targets is None:
+        if v0 != XDP_REDIRECT or targets is None or not rxq.can_redirect:
             return None
         t0 = int(targets[0])
         t = self.targets.get(t0)
@@ -625,7 +630,14 @@ class NapiCore(Core):
                 self.pool.recycle_direct(pages[v == XDP_TX], errors="count", expect=PageState.XDP)
             else:
                 self.tx_bulk.setdefault((rxq.dev, "tx"), []).append(pages if tx == len(v) else pages[v == XDP_TX])
-        if redirect:
+        if redirect and not rxq.can_redirect:
+            self.warn_once(f"noredirect{rxq.dev}", f"{rxq.dev}'s XDP features lack 'redirect': its driver takes "
+                           "XDP_REDIRECT for an unknown action (bpf_warn_invalid_xdp_action): dropped, counted "
+                           "xdp_aborted and xdp_exception")
+            c[i["xdp_aborted"]] += redirect
+            c[i["xdp_exception"]] += redirect
+            self.pool.recycle_direct(pages[v == XDP_REDIRECT], errors="count", expect=PageState.XDP)
+        elif redirect:
             c[i["xdp_redirect"]] += redirect
             if redirect == len(v):
                 self.redirect(pages, targets, rxq.dev)
@@ -656,14 +668,37 @@ class NapiCore(Core):
                 self.bulked[t.name] = self.bulked.get(t.name, 0) + len(ids)
             elif t is not None and not t.down and t.fallback == "skb":
                 self.redirect_skb(t, ids)
+            elif t is None:
+                # The kernel frees the frame and counts a redirect error (xdp:xdp_redirect_err): -EINVAL
+                # for an ifindex with no device (xdp_do_redirect), -ENETDOWN for a device that is gone
+                # (xdp_ok_fwd_dev), -EOPNOTSUPP for one whose features lack ndo-xmit (__xdp_enqueue).
+                self.redirect_err(ids, "einval", f"noif{ifindex}", f"redirect to ifindex {ifindex}: no such "
+                                  "device on this host: -EINVAL")
+            elif t.down:
+                self.redirect_err(ids, "enetdown", f"down{t.name}", f"redirect to {t.name}: the device is "
+                                  "gone: -ENETDOWN")
             else:
-                # The kernel frees the frame and counts a redirect error: -ENODEV for an ifindex this host
-                # does not have, -ENETDOWN for a device that is gone, -EOPNOTSUPP (__xdp_enqueue) for one
-                # without ndo_xdp_xmit.
-                if t is None:
-                    self.warn_once(f"noif{ifindex}", f"redirect to unknown ifindex {ifindex} (redirect_err)")
-                self.c[self.i["redirect_err"]] += len(ids)
-                self._free(ids, PageState.XDP)
+                if t.profile == "veth":
+                    why = (f"{t.name} is a veth, which advertises ndo-xmit only while the peer of its pair has "
+                           "an XDP program attached, as the kernel's veth does; ")
+                    if ":" in t.peer:
+                        why += f"attach one to {t.peer} (xdp_pass will do)"
+                    else:
+                        why += (f"its peer {t.peer or '(none: it is not cabled)'} is no device and runs no "
+                                "program: cable it to a device that has one, or set redirect_fallback: skb")
+                else:
+                    why = (f"{t.name} does not implement ndo_xdp_xmit (xdp_xmit: false, or xdp_features "
+                           "without ndo-xmit); set redirect_fallback: skb to copy into an skb instead")
+                self.redirect_err(ids, "eopnotsupp", f"noxmit{t.name}", f"redirect to {t.name} failed with "
+                                  f"-EOPNOTSUPP: its XDP features lack ndo-xmit: {why}")
+
+    def redirect_err(self, ids: np.ndarray, errno_name: str, key: str, text: str) -> None:
+        """A failed ``xdp_do_redirect``: the frames are freed here and counted as ``redirect_err`` and by
+        errno (`emu.run.report.REDIRECT_ERRNOS`), and the reason is said once (`key`)."""
+        self.warn_once(key, f"{text} (redirect_err)")
+        self.c[self.i["redirect_err"]] += len(ids)
+        self.c[self.i[f"redirect_err_{errno_name}"]] += len(ids)
+        self._free(ids, PageState.XDP)
 
     def redirect_skb(self, t: Target, ids: np.ndarray) -> None:
         """The fallback for a target without ``ndo_xdp_xmit``: build an skb (a copy of the frame) and
@@ -694,9 +729,7 @@ class NapiCore(Core):
         ordinal, exclude = (code - REDIRECT_BROADCAST) >> 16, code & 1
         m = self.devmaps.get((dev, ordinal))
         if m is None:
-            self.warn_once(f"nobcast{code}", f"broadcast to an unknown devmap {code:#x} (redirect_err)")
-            c[i["redirect_err"]] += len(ids)
-            self._free(ids, PageState.XDP)
+            self.redirect_err(ids, "einval", f"nobcast{code}", f"broadcast to an unknown devmap {code:#x}: -EINVAL")
             return
         ingress = self.by_name[dev].ifindex if dev in self.by_name else -1
         dsts = []
@@ -717,10 +750,8 @@ class NapiCore(Core):
         if len(dsts) > 1:
             clonable = pm.off.take(ids).astype(np.int64) + pm.len.take(ids) <= PAGE_SIZE
             if not np.logical_and.reduce(clonable):
-                self.warn_once("bcastbig", f"broadcast of frames too large to clone into a {PAGE_SIZE}-byte page: "
-                               "-ENOMEM (redirect_err)")
-                c[i["redirect_err"]] += len(ids) - int(np.count_nonzero(clonable))
-                self._free(ids[~clonable], PageState.XDP)
+                self.redirect_err(ids[~clonable], "enomem", "bcastbig", "broadcast of frames too large to clone "
+                                  f"into a {PAGE_SIZE}-byte page (xdpf_clone): -ENOMEM")
                 ids = ids[clonable]
                 if not len(ids):
                     return
@@ -728,12 +759,10 @@ class NapiCore(Core):
             for t in dsts[:-1]:
                 new = xdpf_clone(pm, ids, self.cpu)
                 if len(new) < len(ids):
-                    self.warn_once("bcastnomem", "no page left in the page allocator for a broadcast's clone: "
-                                   "-ENOMEM (redirect_err)")
                     for _, cl in clones:
                         self._free(cl, PageState.XDP)
-                    c[i["redirect_err"]] += len(ids)
-                    self._free(ids, PageState.XDP)
+                    self.redirect_err(ids, "enomem", "bcastnomem", "no page left in the page allocator for a "
+                                      "broadcast's clone (xdpf_clone): -ENOMEM")
                     return
                 self.data2d[new] = self.data2d[ids]
                 clones.append((t, new))
@@ -752,9 +781,8 @@ class NapiCore(Core):
         `xdp_do_flush` produces into the entry's ptr_ring (``__cpu_map_flush``)."""
         ordinal, cpu = (code - REDIRECT_CPUMAP) >> 16, code & 0xFFFF
         if (dev, ordinal) not in self.cpumaps or cpu >= self.ncpus:
-            self.warn_once(f"nocpumap{code}", f"redirect to an unknown cpumap entry {code:#x} (redirect_err)")
-            self.c[self.i["redirect_err"]] += len(ids)
-            self._free(ids, PageState.XDP)
+            self.redirect_err(ids, "einval", f"nocpumap{code}", f"redirect to an unknown cpumap entry {code:#x}: "
+                              "-EINVAL")
             return
         self.cpu_bulk.setdefault((dev, ordinal, cpu), []).append(ids)
 

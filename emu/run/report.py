@@ -43,6 +43,9 @@ CPU_EXTRA = (
     "skb_remote_free", "tx_completions", "remote_returns", "rx_posted", "rx_alloc_fail", "polls",
     "tx_ring_waits", "bad_descriptors", "bad_messages", "xdpf_clone", "redirect_bcast_empty",
 )
+# Redirect errors by errno: the CPU counter and the name xdp-bench's redirect_err breakdown prints.
+REDIRECT_ERRNOS = (("redirect_err_einval", "-EINVAL"), ("redirect_err_enetdown", "-ENETDOWN"),
+                   ("redirect_err_eopnotsupp", "-EOPNOTSUPP"), ("redirect_err_enomem", "-ENOMEM"))
 # The cpumap counters (xdp-bench redirect-cpu's enqueue and kthread lines), in each CPU's `cpumap`.
 CPU_CPUMAP = (
     "cpumap_enqueue", "cpumap_enqueue_drop", "cpumap_enqueue_bulks", "cpumap_kthread_processed",
@@ -112,7 +115,8 @@ def banner(topo: Topology) -> str:
             prog = dev.xdp.program if dev.xdp else "(none: XDP_PASS)"
             parts.append(
                 f"{hname}:{dname} (ifindex {dev.ifindex}; {dev.rx_queues} rxq, {dev.tx_queues} txq; "
-                f"xdp_xmit {'on' if dev.xdp_xmit else 'off'}) running {prog}"
+                f"xdp_xmit {'on' if dev.xdp_xmit else 'off'}; {dev.profile}, xdp-features "
+                f"{','.join(dev.xdp_features) or 'none'}) running {prog}"
             )
     cpus = sum(h.cpus for h in topo.hosts.values())
     return f"Running topology {topo.name!r} on {cpus} emulated CPUs:\n  " + "\n  ".join(parts)
@@ -380,6 +384,7 @@ def _host_sections(r: RunRecord) -> dict[str, Any]:
                 "page_pool": pool,
                 "xdp": {a: row[f"xdp_{a}"] for a in ("aborted", "drop", "pass", "tx", "redirect")},
                 "redirect_err": row["redirect_err"],
+                "redirect_err_errno": {name: row[k] for k, name in REDIRECT_ERRNOS},
                 "xdp_exception": row["xdp_exception"],
                 **{k: row[k] for k in CPU_EXTRA},
                 "cpumap": {k.removeprefix("cpumap_"): row[k] for k in CPU_CPUMAP},
@@ -393,7 +398,8 @@ def _host_sections(r: RunRecord) -> dict[str, Any]:
         for dname, dev in host.devices.items():
             row = final.rows[f"{hname}/{dname}"]
             devices.append({
-                "host": hname, "name": dname, "ifindex": dev.ifindex,
+                "host": hname, "name": dname, "ifindex": dev.ifindex, "profile": dev.profile,
+                "xdp_features": list(dev.xdp_features),
                 **{k: v for k, v in row.items() if k not in CONTROL},
             })
             viol["bad_descriptors"] += row["bad_descriptors"]
@@ -513,7 +519,10 @@ def summary(r: dict[str, Any]) -> str:
         out.append(
             f"  {c['host']}/cpu{c['cpu']:<3} rx {c['rx_packets']:,}  drop {x['drop']:,}  pass {x['pass']:,}  "
             f"tx {x['tx']:,}  redirect {x['redirect']:,}  aborted {x['aborted']:,}  redirect_err "
-            f"{c['redirect_err']:,}  xdp_exception {c['xdp_exception']:,}"
+            f"{c['redirect_err']:,}"
+            + ("" if not c["redirect_err"] else " (" + ", ".join(
+                f"{e} {n:,}" for e, n in c.get("redirect_err_errno", {}).items() if n) + ")")
+            + f"  xdp_exception {c['xdp_exception']:,}"
             + (f"  tx_ring_waits {waits:,}" if waits else "")
             + "".join(f"  {k} {c[k]:,}" for k in ("xdpf_clone", "redirect_bcast_empty") if c.get(k))
         )

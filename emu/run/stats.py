@@ -32,6 +32,11 @@ CPU_COUNTERS = (
     "xdp_tx",
     "xdp_redirect",
     "redirect_err",  # xdp:xdp_redirect_err (unknown target, or -EOPNOTSUPP with the drop fallback)
+    # ...by errno, as xdp-bench's redirect_err breakdown shows them (REDIRECT_ERRNOS):
+    "redirect_err_einval",  # no device with that ifindex (or no such cpumap entry or devmap)
+    "redirect_err_enetdown",  # the target device is gone
+    "redirect_err_eopnotsupp",  # the target's XDP features lack ndo-xmit (a veth whose peer has no program)
+    "redirect_err_enomem",  # a broadcast's clone could not be made (frame past a page, allocator empty)
     "xdp_exception",  # xdp:xdp_exception: the program raised or returned an unknown verdict
     "xdp_tx_full",  # XDP_TX frames dropped because the TX ring was full
     "xmit_drops",  # redirected frames the target's ndo_xdp_xmit did not take (devmap_xmit drops)
