@@ -291,9 +291,10 @@ class NapiCore(Core):
                 rxq.pending.append(d)
         elif kind == RXRET:
             # Posted buffers a device hands back at ndo_stop; screened like any return, so a forged one
-            # naming pages in flight moves nothing.
+            # naming pages in flight moves nothing.  ndo_stop frees them in process context, not in the
+            # pool's NAPI softirq, so they go through the ring (page_pool_put_full_page, allow_direct false).
             rxq = self.rxqs.get((hdr.get("dev"), hdr.get("q")))
-            n = self._return(d, PageState.RX_POSTED)
+            n = self._return(d, PageState.RX_POSTED, direct=False)
             if rxq is not None:
                 rxq.posted -= n
         elif kind == TXC:
@@ -335,15 +336,17 @@ class NapiCore(Core):
             self.c[self.i["remote_returns"]] += remote
         return return_pages(self.pm, self.pool, ids, expect=expect)
 
-    def _return(self, d: np.ndarray, expect: PageState, bulk: int | None = None) -> int:
+    def _return(self, d: np.ndarray, expect: PageState, bulk: int | None = None, direct: bool = True) -> int:
         """Return pages a peer handed back to whichever pools own them; returns how many were valid.
+        `direct`: freed in this CPU's softirq, so its own pages may go straight to its cache (else every
+        page goes through its pool's ring).
 
         Descriptors are checked first (`check_descs`: range, generation, state) so that a forged or
         stale message moves no counter: counters count packets, and only real pages are packets."""
         pm = self.pm
         ids = d["page"]
         # Usually every page is this CPU's own and exactly as expected: one check, then the cache.
-        n = self.pool.recycle_direct_if_valid(ids, d["gen"], expect)
+        n = self.pool.recycle_direct_if_valid(ids, d["gen"], expect) if direct else None
         if n is not None:
             return n
         ok = check_descs(pm, d, expect)
@@ -355,7 +358,7 @@ class NapiCore(Core):
         remote = int(np.count_nonzero((owners != self.cpu) & (owners >= 0)))  # (not page-allocator clones)
         if remote:
             self.c[self.i["remote_returns"]] += remote
-        return return_pages(pm, self.pool, ids, d["gen"], expect=expect, bulk=bulk)
+        return return_pages(pm, self.pool if direct else None, ids, d["gen"], expect=expect, bulk=bulk)
 
     # -- the TX rings this CPU fills --------------------------------------------------------------
 
