@@ -241,8 +241,10 @@ def test_broadcast_topology_floods_three_sinks_and_accounts_for_every_page() -> 
     assert all(n == 0 for n in r["violations"].values()), r["violations"]
     t = r["traffic"]
     assert t["generated"] == 20_000 and t["unaccounted"] == 0 and t["corrupted"] == 0 and t["duplicates"] == 0
-    # Every packet reached all three sinks: two clones and the frame itself.
-    assert t["cloned"] == 40_000 and t["delivered"] == 60_000 and t["dropped"] == 0
+    # Every packet reached all three sinks: two clones and the frame itself (the topology leaves the page
+    # allocator enough pages for every clone, and the TX rings hold back RX rather than drop).
+    assert t["dropped"] == 0, t["drops"]
+    assert t["cloned"] == 40_000 and t["delivered"] == 60_000
     assert {k: v["verified"] for k, v in t["ports"].items() if k.startswith("sink")} == {
         "sink1": 20_000, "sink2": 20_000, "sink3": 20_000}
     assert sum(c["xdpf_clone"] for c in r["cpus"]) == 40_000
