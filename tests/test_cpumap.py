@@ -17,7 +17,7 @@ from fakes import Counters
 
 from emu.datapath.napi import NapiCore, RxQueue
 from emu.errors import BadInputError
-from emu.mem.page import PageState
+from emu.mem.page import DESC_DTYPE, PageState
 from emu.mem.pagepool import C, audit, pool_of
 from emu.net import wire
 from emu.net.packets import UDP_OFF
@@ -340,3 +340,25 @@ def test_redirect_cpu_topology_accounts_for_every_page() -> None:
         assert c["page_pool"]["hold_cnt"] == 0 and c["page_pool"]["recycle_cached"] == 0
     assert pp0["hold_cnt"] == pp0["release_cnt"]
     assert r["maps"]["h1:eth0"]["cpu_map"]["entries"]["1"] == {"qsize": 2048, "program": None, "queued": 0}
+
+
+def test_a_forged_cpumap_message_frees_nothing(pair) -> None:
+    """Frames the target was never handed (still CPU 0's XDP buffers, or stale) are refused and counted;
+    the ring is not thrown off."""
+    p = pair("{1: 64}")
+    ids = p.receive([1] * 4)
+    d = np.zeros(4, dtype=DESC_DTYPE)
+    d["page"] = ids
+    d["gen"] = p.pm.gen[ids]
+    d["len"] = 64
+    # CPU 0 received them (XDP, held by CPU 0) and has not polled yet: a message to CPU 1 naming them.
+    ordinal = (p.cpu_map.redirect_base - REDIRECT_CPUMAP) >> 16
+    p.cores[1].dispatch(wire.pack_msg(CPUMAP, {"cpu": 0, "dev": "eth0", "map": ordinal}, d.tobytes()))
+    assert p.counts[1]["bad_descriptors"] == 4 and p.cores[1].kq == []
+    assert p.cores[1].poll_pass(got=1, refilling=False) == 0
+    assert (p.pm.state[ids] == PageState.XDP).all() and (p.pm.holder[ids] == 0).all()
+    # CPU 0 then redirects them for real: all four fit the ring (it was not thrown off) and arrive.
+    p.cores[0].poll_pass(got=1, refilling=False)
+    assert p.counts[0]["cpumap_enqueue"] == 4 and p.deliver() == 4
+    p.cores[1].poll_pass(got=1, refilling=False)
+    assert p.counts[1]["cpumap_kthread_pass"] == 4 and (p.pm.state[ids] == PageState.RING).all()

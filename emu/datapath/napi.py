@@ -318,9 +318,11 @@ class NapiCore(Core):
                 return
             n = len(d)
             ok = check_descs(self.pm, d, PageState.XDP, unique=True)
-            if ok is not None:
-                d = d[ok]
-                self.refused(n - len(d), PageState.XDP, _REFUSED_WHY)
+            # Only frames handed over to this CPU: another CPU's XDP buffers are not ours to free.
+            mine = self.pm.holder.take(d["page"]) == self.cpu
+            if ok is not None or not np.logical_and.reduce(mine):
+                d = d[mine if ok is None else ok & mine]
+                self.refused(n - len(d), PageState.XDP, " held by this CPU" + _REFUSED_WHY)
                 m.ring_consumed(self.cpu, n - len(d))  # they held ring slots: give them back
             if len(d):
                 self.kq.append((key[0], key[1], d["page"].astype(np.int64)))  # type: ignore[arg-type]

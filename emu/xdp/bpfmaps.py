@@ -667,7 +667,9 @@ class CpuMap(BpfMap):
         the caller drops the rest, as ``bq_flush_to_queue`` does."""
         with self._lockfile.lock(self._lockbase + key):
             v = self._v
-            room = int(v[key]["qsize"]) - (int(v[key]["produced"]) - int(v[key]["consumed"]))
+            # (Never below empty: a forged cpumap message refused by the consumer returns slots it never
+            # held.)
+            room = int(v[key]["qsize"]) - max(0, int(v[key]["produced"]) - int(v[key]["consumed"]))
             k = max(0, min(n, room))
             if k:
                 v[key : key + 1]["produced"] += k
