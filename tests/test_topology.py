@@ -174,6 +174,9 @@ def test_defaults_and_derived_values() -> None:
         redirect_fallback="drop",
         tx_completion_us=0,
         line=6,
+        xdp_features=("basic", "redirect", "ndo-xmit"),
+        profile="nic",
+        peer="gen0",  # the far end of its cable
     )
     assert topo.traffic["gen0"].generate == GeneratorConfig(
         count=0, rate=0, pkt_size=64, flows=16, burst=64, src_mac="02:00:00:ff:00:01", dst_mac=eth0.mac

@@ -13,7 +13,7 @@ import numpy as np
 import zmq
 
 from emu.datapath.capture import CaptureTap
-from emu.datapath.napi import NapiCore, load_rx_queues
+from emu.datapath.napi import NapiCore, load_cpumaps, load_rx_queues
 from emu.mem.page import DESC_DTYPE
 from emu.mem.pagemem import PageMemory
 from emu.mem.pagepool import pool_of
@@ -83,7 +83,8 @@ class CpuWorker:
         self.channels = Channels(self.zctx, spec)
         self.core = NapiCore(spec.host, self.cpu, self.pm, pool_of(self.pm, self.cpu, owner=True),
                              load_rx_queues(spec.host, self.cpu, spec.maps), self.channels,
-                             row.c, row.index, WarnOnce(spec.key))
+                             row.c, row.index, WarnOnce(spec.key),
+                             load_cpumaps(spec.host, self.cpu, spec.maps))
         if "capture" in spec.options:  # xdpdump-style capture of some device's RX queues here
             self.core.capture = CaptureTap.from_options(spec.options["capture"], self.cpu, row.c, row.index)
         # Interrupt moderation (ethtool -C rx-frames): a sleeping CPU is woken once RX_BELL_POLLS polls'

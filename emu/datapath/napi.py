@@ -52,10 +52,12 @@ from emu.mem.pagepool import (
     xdp_build_skb,
     xdp_prepare_buff,
     xdp_xmit_queue,
+    xdpf_clone,
 )
 from emu.net import wire
 from emu.net.protocol import (
     CPU_KINDS,
+    CPUMAP,
     DEVICE_BIT,
     POST,
     REFILL_MIN,
@@ -68,6 +70,7 @@ from emu.net.protocol import (
     device_code,
     refill_batch,
 )
+from emu.xdp.bpfmaps import CPU_MAP_BULK_SIZE, REDIRECT_BROADCAST, REDIRECT_CPUMAP, CpuMap, DevMap
 from emu.xdp.context import (
     XDP_ABORTED,
     XDP_DROP,
@@ -89,6 +92,11 @@ POLLS_PER_FLUSH = 16
 # Passes in a row waiting on full TX queues, with completions still coming in, before `tx_resync`
 # checks the page table anyway.
 TX_RESYNC_WAITS = 64
+# The kernel's PAGE_SIZE: xdpf_clone copies a frame (its headroom with it) into one page of this size, so a
+# frame whose end lies past it cannot be cloned (-ENOMEM), whatever page size the emulated host uses.
+PAGE_SIZE = 4096
+# GRO_NORMAL_BATCH-like: the cpumap kthread flushes GRO every this many skbs (and when its ring empties).
+GRO_FLUSH_SKBS = 64
 # What else makes a descriptor handed to a CPU invalid, in its one warning.
 _REFUSED_WHY = " (or stale, foreign or named twice)"
 
@@ -122,6 +130,9 @@ class RxQueue:
     # whose devmap bulk queue they went to, "" for XDP_TX), and how many of them the polls have taken.
     ready: tuple[np.ndarray, np.ndarray, np.ndarray | None, str | None] | None = None
     taken: int = 0
+    # The device's XDP features include `redirect` (else its driver takes XDP_REDIRECT for an unknown
+    # action: bpf_warn_invalid_xdp_action, an xdp_exception, and the packet is dropped).
+    can_redirect: bool = True
 
 
 @dataclass(slots=True)
@@ -138,6 +149,8 @@ class Target:
     # This CPU's XDP TX queue on the device is its own (as many queues as CPUs): its completions come
     # back here, so this CPU knows how much of the ring its frames hold.
     own_txq: bool
+    profile: str = "nic"  # the driver it behaves like ("veth": ndo-xmit only while its peer has XDP)
+    peer: str = ""  # the far end of its cable, for the messages that explain a veth's rule
     down: bool = False  # the device process died
     tx_used: int = 0  # frames this CPU queued on its TX queue whose completion (or refusal) it has not seen
 
@@ -157,7 +170,21 @@ def load_rx_queues(host: HostConfig, cpu: int, mapsets: dict[str, str]) -> list[
             fn = None if prog is None else prog.fn
             batch = prog.batch if prog is not None and dev.xdp.vectorised else None
             out.append(RxQueue(name, dev.ifindex, q, dev.rx_ring_size, fn, ctx, batch,
-                               refill_batch(dev.rx_ring_size)))
+                               refill_batch(dev.rx_ring_size), can_redirect="redirect" in dev.xdp_features))
+    return out
+
+
+def load_cpumaps(host: HostConfig, cpu: int, mapsets: dict[str, str]) -> dict[tuple[str, int], CpuMap]:
+    """Every cpumap of the host's programs as seen from `cpu`, by (device, the map's ordinal in its map
+    set): a CPU redirects into those of the devices it polls, and its kthread consumes from any of them."""
+    from emu.xdp.runtime import program_for
+
+    out: dict[tuple[str, int], CpuMap] = {}
+    for name, dev in host.devices.items():
+        _, maps = program_for(dev, mapsets.get(name), host.cpus, cpu)
+        for m in maps.values():
+            if isinstance(m, CpuMap):
+                out[(name, (m.redirect_base - REDIRECT_CPUMAP) >> 16)] = m
     return out
 
 
@@ -170,6 +197,7 @@ class NapiCore(Core):
     def __init__(
         self, host: HostConfig, cpu: int, pm: PageMemory, pool: PagePool, rxqs: list[RxQueue], out: Outbox,
         counters: MutableSequence[int], index: dict[str, int], warn: Callable[[str, str], None],
+        cpumaps: dict[tuple[str, int], CpuMap] | None = None,
     ) -> None:
         super().__init__(pm, counters, index, warn)
         self.host = host
@@ -185,7 +213,7 @@ class NapiCore(Core):
         self.by_name: dict[str, Target] = {}
         for index_, (name, dev) in enumerate(host.devices.items()):
             t = Target(name, index_, dev.ifindex, dev.xdp_xmit, dev.redirect_fallback, dev.tx_queues,
-                       dev.tx_ring_size, dev.tx_queues >= self.ncpus)
+                       dev.tx_ring_size, dev.tx_queues >= self.ncpus, dev.profile, dev.peer)
             self.targets[dev.ifindex] = t
             self.by_name[name] = t
         self.rxqs: dict[tuple[str, int], RxQueue] = {(r.dev, r.q): r for r in rxqs}
@@ -203,6 +231,21 @@ class NapiCore(Core):
         self.offline = 0
         self.waits = 0  # passes in a row that found the TX queues too full to poll
         self.capture: CaptureTap | None = None  # xdpdump-style capture (emu.datapath.capture), when asked for
+        # cpumap: the host's cpumaps by (device, ordinal); this pass's per-CPU bulks by (device, ordinal,
+        # target CPU); this CPU's kthread's backlog (frames taken off the message rings, still in its
+        # ptr_ring) as (device, ordinal, page ids); the second programs it runs, by (device, name); skbs
+        # since its last GRO flush.
+        self.cpumaps = cpumaps or {}
+        self.cpu_bulk: dict[tuple[str, int, int], list[np.ndarray]] = {}
+        self.kq: list[tuple[str, int, np.ndarray]] = []
+        self.kprogs: dict[tuple[str, str], RxQueue] = {}
+        self.gro_held = 0
+        # The devmaps of the programs of the queues this CPU polls, by (device, ordinal): broadcasts.
+        self.devmaps: dict[tuple[str, int], DevMap] = {}
+        for rxq in self.rxqs.values():
+            for m in getattr(rxq.ctx, "maps", {}).values():
+                if isinstance(m, DevMap):
+                    self.devmaps[(rxq.dev, (m.bcast_base - REDIRECT_BROADCAST) >> 16)] = m
 
     def send_descs(self, to: str | int, kind: str, header: dict, ids: np.ndarray) -> None:
         """Describe pages `ids` from the page table and send them to `to`."""
@@ -250,9 +293,10 @@ class NapiCore(Core):
                 rxq.pending.append(d)
         elif kind == RXRET:
             # Posted buffers a device hands back at ndo_stop; screened like any return, so a forged one
-            # naming pages in flight moves nothing.
+            # naming pages in flight moves nothing.  ndo_stop frees them in process context, not in the
+            # pool's NAPI softirq, so they go through the ring (page_pool_put_full_page, allow_direct false).
             rxq = self.rxqs.get((hdr.get("dev"), hdr.get("q")))
-            n = self._return(d, PageState.RX_POSTED)
+            n = self._return(d, PageState.RX_POSTED, direct=False)
             if rxq is not None:
                 rxq.posted -= n
         elif kind == TXC:
@@ -267,16 +311,46 @@ class NapiCore(Core):
             n = self._return(d, PageState.SKB)
             self.c[self.i["stack_rx"]] += n
             self.c[self.i["skb_remote_free"]] += n
+        elif kind == CPUMAP:
+            key = (hdr.get("dev"), hdr.get("map"))
+            m = self.cpumaps.get(key)  # type: ignore[arg-type]
+            if m is None:
+                self.c[self.i["bad_messages"]] += 1
+                self.warn_once("badcpumap", f"cpumap frames for a map this host does not have: {hdr!r}")
+                return
+            n = len(d)
+            ok = check_descs(self.pm, d, PageState.XDP, unique=True)
+            # Only frames handed over to this CPU: another CPU's XDP buffers are not ours to free.
+            mine = self.pm.holder.take(d["page"]) == self.cpu
+            if ok is not None or not np.logical_and.reduce(mine):
+                d = d[mine if ok is None else ok & mine]
+                self.refused(n - len(d), PageState.XDP, " held by this CPU" + _REFUSED_WHY)
+                m.ring_consumed(self.cpu, n - len(d))  # they held ring slots: give them back
+            if len(d):
+                self.kq.append((key[0], key[1], d["page"].astype(np.int64)))  # type: ignore[arg-type]
 
-    def _return(self, d: np.ndarray, expect: PageState, bulk: int | None = None) -> int:
+    def _free(self, ids: np.ndarray, expect: PageState) -> int:
+        """Free frames on this CPU, in softirq: this CPU's own pages go straight to its cache (NAPI-local
+        direct recycling, 6.4), every other pool's through that pool's ring (``xdp_return_frame``)."""
+        if not len(ids):
+            return 0
+        owners = self.pm.owner.take(ids)
+        remote = int(np.count_nonzero((owners != self.cpu) & (owners >= 0)))
+        if remote:
+            self.c[self.i["remote_returns"]] += remote
+        return return_pages(self.pm, self.pool, ids, expect=expect)
+
+    def _return(self, d: np.ndarray, expect: PageState, bulk: int | None = None, direct: bool = True) -> int:
         """Return pages a peer handed back to whichever pools own them; returns how many were valid.
+        `direct`: freed in this CPU's softirq, so its own pages may go straight to its cache (else every
+        page goes through its pool's ring).
 
         Descriptors are checked first (`check_descs`: range, generation, state) so that a forged or
         stale message moves no counter: counters count packets, and only real pages are packets."""
         pm = self.pm
         ids = d["page"]
         # Usually every page is this CPU's own and exactly as expected: one check, then the cache.
-        n = self.pool.recycle_direct_if_valid(ids, d["gen"], expect)
+        n = self.pool.recycle_direct_if_valid(ids, d["gen"], expect) if direct else None
         if n is not None:
             return n
         ok = check_descs(pm, d, expect)
@@ -284,10 +358,11 @@ class NapiCore(Core):
             self.refused(len(d) - int(np.count_nonzero(ok)), expect, _REFUSED_WHY)
             d = d[ok]
             ids = d["page"]
-        remote = int(np.count_nonzero(pm.owner.take(ids) != self.cpu))
+        owners = pm.owner.take(ids)
+        remote = int(np.count_nonzero((owners != self.cpu) & (owners >= 0)))  # (not page-allocator clones)
         if remote:
             self.c[self.i["remote_returns"]] += remote
-        return return_pages(pm, self.pool, ids, d["gen"], expect=expect, bulk=bulk)
+        return return_pages(pm, self.pool if direct else None, ids, d["gen"], expect=expect, bulk=bulk)
 
     # -- the TX rings this CPU fills --------------------------------------------------------------
 
@@ -363,6 +438,7 @@ class NapiCore(Core):
                 break
         if refilling:
             self.refill()
+        done += self.cpumap_kthread()
         self.xdp_do_flush()
         self.post_flush()
         return done
@@ -424,7 +500,7 @@ class NapiCore(Core):
             return None
         if v0 == XDP_TX:
             return None if self.by_name[rxq.dev].down else ""
-        if v0 != XDP_REDIRECT or targets is None:
+        if v0 != XDP_REDIRECT or targets is None or not rxq.can_redirect:
             return None
         t0 = int(targets[0])
         t = self.targets.get(t0)
@@ -466,12 +542,17 @@ class NapiCore(Core):
     def run_xdp(self, rxq: RxQueue, d: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """The program's verdict on each packet of `d`, and each one's redirect target (None when the
         program redirected none)."""
+        c, i = self.c, self.i
+        c[i["rx_packets"]] += len(d)
+        c[i["rx_bytes"]] += int(np.add.reduce(d["len"]))
+        return self.run_program(rxq, d)
+
+    def run_program(self, rxq: RxQueue, d: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """`run_xdp` without the RX counters: the cpumap kthread's second program runs through it too."""
         n = len(d)
         pages = d["page"]
         lens = d["len"]
         c, i = self.c, self.i
-        c[i["rx_packets"]] += n
-        c[i["rx_bytes"]] += int(np.add.reduce(lens))
         prog = rxq.program
         if prog is None:
             return np.full(n, XDP_PASS, dtype=np.int64), None
@@ -567,16 +648,24 @@ class NapiCore(Core):
                 self.pool.recycle_direct(pages[v == XDP_TX], errors="count", expect=PageState.XDP)
             else:
                 self.tx_bulk.setdefault((rxq.dev, "tx"), []).append(pages if tx == len(v) else pages[v == XDP_TX])
-        if redirect:
+        if redirect and not rxq.can_redirect:
+            self.warn_once(f"noredirect{rxq.dev}", f"{rxq.dev}'s XDP features lack 'redirect': its driver takes "
+                           "XDP_REDIRECT for an unknown action (bpf_warn_invalid_xdp_action): dropped, counted "
+                           "xdp_aborted and xdp_exception")
+            c[i["xdp_aborted"]] += redirect
+            c[i["xdp_exception"]] += redirect
+            self.pool.recycle_direct(pages[v == XDP_REDIRECT], errors="count", expect=PageState.XDP)
+        elif redirect:
             c[i["xdp_redirect"]] += redirect
             if redirect == len(v):
-                self.redirect(pages, targets)
+                self.redirect(pages, targets, rxq.dev)
             else:
                 sel = v == XDP_REDIRECT
-                self.redirect(pages[sel], None if targets is None else targets[sel])
+                self.redirect(pages[sel], None if targets is None else targets[sel], rxq.dev)
 
-    def redirect(self, pages: np.ndarray, targets: np.ndarray | None) -> None:
-        """``xdp_do_redirect`` for each page, to the ifindex the program chose (-1: none was chosen)."""
+    def redirect(self, pages: np.ndarray, targets: np.ndarray | None, dev: str = "") -> None:
+        """``xdp_do_redirect`` for each page, to the ifindex the program chose (-1: none was chosen) or to
+        the cpumap entry it chose (a `REDIRECT_CPUMAP` code; the map is one of `dev`'s program)."""
         if targets is None:
             targets = np.full(len(pages), -1, dtype=np.int64)
         first = int(targets[0])
@@ -585,20 +674,49 @@ class NapiCore(Core):
         else:
             groups = [(int(ifx), pages[targets == ifx]) for ifx in np.unique(targets)]
         for ifindex, ids in groups:
+            if ifindex >= REDIRECT_BROADCAST:
+                self.broadcast(dev, ifindex, ids)
+                continue
+            if ifindex >= REDIRECT_CPUMAP:
+                self.cpumap_enqueue(dev, ifindex, ids)
+                continue
             t = self.targets.get(ifindex)
             if t is not None and not t.down and t.xdp_xmit:
                 self.tx_bulk.setdefault((t.name, "redirect"), []).append(ids)
                 self.bulked[t.name] = self.bulked.get(t.name, 0) + len(ids)
             elif t is not None and not t.down and t.fallback == "skb":
                 self.redirect_skb(t, ids)
+            elif t is None:
+                # The kernel frees the frame and counts a redirect error (xdp:xdp_redirect_err): -EINVAL
+                # for an ifindex with no device (xdp_do_redirect), -ENETDOWN for a device that is gone
+                # (xdp_ok_fwd_dev), -EOPNOTSUPP for one whose features lack ndo-xmit (__xdp_enqueue).
+                self.redirect_err(ids, "einval", f"noif{ifindex}", f"redirect to ifindex {ifindex}: no such "
+                                  "device on this host: -EINVAL")
+            elif t.down:
+                self.redirect_err(ids, "enetdown", f"down{t.name}", f"redirect to {t.name}: the device is "
+                                  "gone: -ENETDOWN")
             else:
-                # The kernel frees the frame and counts a redirect error: -ENODEV for an ifindex this host
-                # does not have, -ENETDOWN for a device that is gone, -EOPNOTSUPP (__xdp_enqueue) for one
-                # without ndo_xdp_xmit.
-                if t is None:
-                    self.warn_once(f"noif{ifindex}", f"redirect to unknown ifindex {ifindex} (redirect_err)")
-                self.c[self.i["redirect_err"]] += len(ids)
-                self.pool.recycle_direct(ids, errors="count", expect=PageState.XDP)
+                if t.profile == "veth":
+                    why = (f"{t.name} is a veth, which advertises ndo-xmit only while the peer of its pair has "
+                           "an XDP program attached, as the kernel's veth does; ")
+                    if ":" in t.peer:
+                        why += f"attach one to {t.peer} (xdp_pass will do)"
+                    else:
+                        why += (f"its peer {t.peer or '(none: it is not cabled)'} is no device and runs no "
+                                "program: cable it to a device that has one, or set redirect_fallback: skb")
+                else:
+                    why = (f"{t.name} does not implement ndo_xdp_xmit (xdp_xmit: false, or xdp_features "
+                           "without ndo-xmit); set redirect_fallback: skb to copy into an skb instead")
+                self.redirect_err(ids, "eopnotsupp", f"noxmit{t.name}", f"redirect to {t.name} failed with "
+                                  f"-EOPNOTSUPP: its XDP features lack ndo-xmit: {why}")
+
+    def redirect_err(self, ids: np.ndarray, errno_name: str, key: str, text: str) -> None:
+        """A failed ``xdp_do_redirect``: the frames are freed here and counted as ``redirect_err`` and by
+        errno (`emu.run.report.REDIRECT_ERRNOS`), and the reason is said once (`key`)."""
+        self.warn_once(key, f"{text} (redirect_err)")
+        self.c[self.i["redirect_err"]] += len(ids)
+        self.c[self.i[f"redirect_err_{errno_name}"]] += len(ids)
+        self._free(ids, PageState.XDP)
 
     def redirect_skb(self, t: Target, ids: np.ndarray) -> None:
         """The fallback for a target without ``ndo_xdp_xmit``: build an skb (a copy of the frame) and
@@ -610,10 +728,209 @@ class NapiCore(Core):
         frames = [bytes(self.data2d[p, o : o + n]) for p, o, n in spans]
         self.out.send_frames(t.name, frames)
         self.c[self.i["redirect_skb"]] += len(ids)
-        self.pool.recycle_direct(ids, errors="count", expect=PageState.XDP)
+        self._free(ids, PageState.XDP)
+
+    # -- devmap broadcast: BPF_F_BROADCAST (kernel/bpf/devmap.c dev_map_enqueue_multi) ---------------
+
+    def broadcast(self, dev: str, code: int, ids: np.ndarray) -> None:
+        """``dev_map_enqueue_multi``: each frame to every device of the devmap that can take it (has
+        ``ndo_xdp_xmit`` and is up), but the ingress device with ``BPF_F_EXCLUDE_INGRESS``.  Every target
+        but the last gets a clone (``xdpf_clone``: a page from the page allocator, not from the pool);
+        the last gets the frame itself.  So N targets cost the pool page and N-1 page-allocator pages,
+        each freed by its own path at its TX completion.
+
+        No target left: the kernel frees the frame and reports success (``redirect_bcast_empty`` here, so
+        that the packet is accounted for).  A frame that cannot be cloned (its end past the kernel's
+        PAGE_SIZE) or no page to clone into: -ENOMEM, the frame is freed, a ``redirect_err``; the kernel
+        may have sent some clones by then, the emulator sends none (all or nothing per batch)."""
+        c, i = self.c, self.i
+        ordinal, exclude = (code - REDIRECT_BROADCAST) >> 16, code & 1
+        m = self.devmaps.get((dev, ordinal))
+        if m is None:
+            self.redirect_err(ids, "einval", f"nobcast{code}", f"broadcast to an unknown devmap {code:#x}: -EINVAL")
+            return
+        ingress = self.by_name[dev].ifindex if dev in self.by_name else -1
+        dsts = []
+        for ifx in m.ifindexes:
+            if not ifx or (exclude and ifx == ingress):
+                continue
+            t = self.targets.get(ifx)
+            if t is not None and not t.down and t.xdp_xmit:  # is_valid_dst: others are skipped silently
+                dsts.append(t)
+        if not dsts:
+            self.warn_once(f"bcastempty{dev}{ordinal}", f"broadcast from {dev} through devmap {m.name!r} has no "
+                           "target (only the ingress device, excluded, or devices without ndo_xdp_xmit): "
+                           "nothing is sent, as in the kernel (counted redirect_bcast_empty)")
+            c[i["redirect_bcast_empty"]] += len(ids)
+            self._free(ids, PageState.XDP)
+            return
+        pm = self.pm
+        if len(dsts) > 1:
+            clonable = pm.off.take(ids).astype(np.int64) + pm.len.take(ids) <= PAGE_SIZE
+            if not np.logical_and.reduce(clonable):
+                self.redirect_err(ids[~clonable], "enomem", "bcastbig", "broadcast of frames too large to clone "
+                                  f"into a {PAGE_SIZE}-byte page (xdpf_clone): -ENOMEM")
+                ids = ids[clonable]
+                if not len(ids):
+                    return
+            clones = []
+            for t in dsts[:-1]:
+                new = xdpf_clone(pm, ids, self.cpu)
+                if len(new) < len(ids):
+                    for _, cl in clones:
+                        self._free(cl, PageState.XDP)
+                    self.redirect_err(ids, "enomem", "bcastnomem", "no page left in the page allocator for a "
+                                      "broadcast's clone (xdpf_clone): -ENOMEM")
+                    return
+                self.data2d[new] = self.data2d[ids]
+                clones.append((t, new))
+            c[i["xdpf_clone"]] += len(ids) * len(clones)
+            for t, new in clones:
+                self.tx_bulk.setdefault((t.name, "redirect"), []).append(new)
+                self.bulked[t.name] = self.bulked.get(t.name, 0) + len(new)
+        last = dsts[-1]
+        self.tx_bulk.setdefault((last.name, "redirect"), []).append(ids)
+        self.bulked[last.name] = self.bulked.get(last.name, 0) + len(ids)
+
+    # -- cpumap: XDP_REDIRECT to another CPU (kernel/bpf/cpumap.c) --------------------------------
+
+    def cpumap_enqueue(self, dev: str, code: int, ids: np.ndarray) -> None:
+        """``cpu_map_enqueue``: the frames join this CPU's bulk queue for the entry (``bq_enqueue``), which
+        `xdp_do_flush` produces into the entry's ptr_ring (``__cpu_map_flush``)."""
+        ordinal, cpu = (code - REDIRECT_CPUMAP) >> 16, code & 0xFFFF
+        if (dev, ordinal) not in self.cpumaps or cpu >= self.ncpus:
+            self.redirect_err(ids, "einval", f"nocpumap{code}", f"redirect to an unknown cpumap entry {code:#x}: "
+                              "-EINVAL")
+            return
+        self.cpu_bulk.setdefault((dev, ordinal, cpu), []).append(ids)
+
+    def cpumap_flush(self) -> None:
+        """``__cpu_map_flush``: each target's bulk into its ptr_ring, in bulks of `CPU_MAP_BULK_SIZE`; what
+        does not fit is dropped and freed here (``xdp_return_frame_rx_napi``), counted as enqueue drops,
+        as ``xdp-bench redirect-cpu`` shows them.  The frames that fit go to the target CPU (a ``cpumap``
+        message; its kthread takes them off the ring)."""
+        c, i = self.c, self.i
+        for (dev, ordinal, cpu), parts in self.cpu_bulk.items():
+            ids = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            n = len(ids)
+            c[i["cpumap_enqueue_bulks"]] += -(-n // CPU_MAP_BULK_SIZE)
+            # A dead target CPU's kthread is gone: nothing more goes into its ring.
+            k = 0 if self.offline >> cpu & 1 else self.cpumaps[(dev, ordinal)].ring_produce(cpu, n)
+            if k < n:
+                c[i["cpumap_enqueue_drop"]] += n - k
+                self._free(ids[k:], PageState.XDP)
+            if not k:
+                continue
+            c[i["cpumap_enqueue"]] += k
+            ids = ids[:k]
+            if cpu == self.cpu:
+                self.kq.append((dev, ordinal, ids))
+            else:
+                page_hand_over(self.pm, ids, cpu)
+                self.send_descs(cpu, CPUMAP, {"cpu": self.cpu, "dev": dev, "map": ordinal}, ids)
+        self.cpu_bulk.clear()
+
+    def cpumap_kthread(self) -> int:
+        """This CPU's share for its cpumap kthread (``cpu_map_kthread_run``): frames off its ptr_rings,
+        `CPUMAP_BATCH` (8) a round, at most a pass's worth of NAPI polls (1,024) per pass so that NAPI gets
+        the CPU too, as the scheduler shares a CPU between the kthread and softirq.  Returns the frames
+        taken."""
+        if not self.kq:
+            return 0
+        c, i = self.c, self.i
+        limit = POLLS_PER_FLUSH * self.budget
+        done = 0
+        while self.kq and done < limit:
+            dev, ordinal, ids = self.kq[0]
+            take = min(len(ids), limit - done)
+            if take < len(ids):
+                self.kq[0] = (dev, ordinal, ids[take:])
+                ids = ids[:take]
+            else:
+                self.kq.pop(0)
+            m = self.cpumaps[(dev, ordinal)]
+            m.ring_consumed(self.cpu, len(ids))
+            done += len(ids)
+            self._kthread_frames(dev, m, ids)
+        c[i["cpumap_kthread_processed"]] += done
+        if not self.kq:
+            # The ring is empty: the last GRO flush, and the kthread sleeps until a producer wakes it.
+            if self.gro_held:
+                c[i["cpumap_gro_flush"]] += 1
+                self.gro_held = 0
+            c[i["cpumap_kthread_sched"]] += 1
+        return done
+
+    def _kthread_frames(self, dev: str, m: CpuMap, ids: np.ndarray) -> None:
+        """One stretch of frames of one entry: the entry's second program (if any) over them, then
+        ``cpu_map_bpf_prog_run_xdp``'s verdicts: XDP_PASS builds skbs for the stack, XDP_REDIRECT goes
+        through ``xdp_do_redirect``, anything else is dropped (XDP_TX is not allowed there: a warning and
+        an ``xdp_exception``).  Every free is on this CPU: its own pool's pages to its cache, the others'
+        through their rings."""
+        c, i = self.c, self.i
+        name = m.program(self.cpu)
+        if name is None:
+            verdicts = np.full(len(ids), XDP_PASS, dtype=np.int64)
+            targets = None
+        else:
+            rq = self._kprog(dev, name)
+            pm = self.pm
+            d = np.empty(len(ids), dtype=DESC_DTYPE)
+            d["page"] = ids
+            d["gen"] = pm.gen.take(ids)
+            d["off"] = pm.off.take(ids)
+            d["len"] = pm.len.take(ids)
+            d["owner"] = pm.owner.take(ids)
+            d["aux"] = self.cpu
+            verdicts, targets = self.run_program(rq, d)
+        passed = verdicts == XDP_PASS
+        npass = int(np.count_nonzero(passed))
+        redir = verdicts == XDP_REDIRECT
+        nredir = int(np.count_nonzero(redir))
+        ndrop = len(ids) - npass - nredir
+        if ndrop:
+            tx = int(np.count_nonzero(verdicts == XDP_TX))
+            if tx:
+                self.warn_once("cpumaptx", f"cpumap program {name} returned XDP_TX, which a cpumap program "
+                                           "cannot do (dropped, counted as xdp_exception)")
+                c[i["xdp_exception"]] += tx
+            c[i["cpumap_kthread_drop"]] += ndrop
+            self._free(ids[~(passed | redir)], PageState.XDP)
+        if nredir:
+            c[i["cpumap_kthread_redirect"]] += nredir
+            self.redirect(ids[redir], None if targets is None else targets[redir], dev)
+        if npass:
+            skbs = ids if npass == len(ids) else ids[passed]
+            # __xdp_build_skb_from_frame, then the stack (GRO) consumes and frees them on this CPU.
+            xdp_build_skb(self.pm, skbs)
+            c[i["cpumap_kthread_pass"]] += npass
+            c[i["stack_rx"]] += npass
+            held = self.gro_held + npass
+            c[i["cpumap_gro_flush"]] += held // GRO_FLUSH_SKBS
+            self.gro_held = held % GRO_FLUSH_SKBS
+            self._free(skbs, PageState.SKB)
+
+    def _kprog(self, dev: str, name: str) -> RxQueue:
+        """The second program `name` as this CPU's kthread runs it for frames of `dev` (loaded once)."""
+        rq = self.kprogs.get((dev, name))
+        if rq is None:
+            from emu.xdp.context import load_program
+
+            prog = load_program(name)
+            cfg = self.host.devices[dev]
+            ifindexes = {n: dv.ifindex for n, dv in self.host.devices.items()}
+            # The frame's rxq is its ingress device's (xdpf->dev_rx), queue 0: an xdp_frame keeps no queue.
+            ctx = prog.new_context(cfg.ifindex, 0, self.cpu, {}, {}, ifindexes)
+            batch = prog.batch if cfg.xdp is None or cfg.xdp.vectorised else None
+            rq = RxQueue(dev, cfg.ifindex, 0, 0, prog.fn, ctx, batch)
+            self.kprogs[(dev, name)] = rq
+        return rq
 
     def xdp_do_flush(self) -> None:
-        """End of a pass: hand every bulk to its device (``__dev_flush``) and free the pass's skbs."""
+        """End of a pass: hand every bulk to its device (``__dev_flush``) and to its CPU's ptr_ring
+        (``__cpu_map_flush``), and free the pass's skbs."""
+        if self.cpu_bulk:
+            self.cpumap_flush()
         if self.tx_bulk:
             for (dev, kind), parts in self.tx_bulk.items():
                 ids = parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -687,4 +1004,11 @@ class NapiCore(Core):
                 self.pool.recycle_direct(d["page"], errors="count", expect=PageState.XDP)
                 rxq.posted -= len(d)
             rxq.pending.clear()
+        if self.cpu_bulk:
+            self.cpumap_flush()
+        for dev, ordinal, ids in self.kq:
+            # The kthread is stopped with frames in its ring: they are freed (``__cpu_map_ring_cleanup``).
+            self.cpumaps[(dev, ordinal)].ring_consumed(self.cpu, len(ids))
+            self._free(ids, PageState.XDP)
+        self.kq.clear()
         self.pool.drain()

@@ -56,6 +56,9 @@ HOME = np.zeros(256, dtype=bool)
 HOME[[PageState.FREE, PageState.CACHE, PageState.RING]] = True
 
 NO_OWNER = -1
+# A page straight from the page allocator, owned by no pool: an ``xdpf_clone`` copy (the kernel's
+# MEM_TYPE_PAGE_ORDER0), freed back to the allocator (``put_page``) when its frame is done.
+ORDER0_OWNER = -2
 
 # One descriptor: 20 bytes, little-endian, no padding, so a batch is a flat blob on the wire.
 DESC_DTYPE = np.dtype(
@@ -76,6 +79,10 @@ H_FREE_LOW = 11
 # The pools' recycling policy (`PoolParams.policy`, its index in `POOL_POLICIES`: 0 fixed, 1 adaptive),
 # written once at creation like the other `PoolParams` words.
 H_POLICY = 12
+# Pages the page allocator gave `xdpf_clone` (MEM_TYPE_PAGE_ORDER0 frames, in no pool), and those that came
+# back (under `ALLOCATOR_LOCK`): their difference is the clones out now, which the strict audit checks.
+H_ORDER0_ALLOC = 13
+H_ORDER0_FREE = 14
 H_WORDS = 16
 # Locks on the meta segment: 0 is the page allocator, 1 + cpu is that CPU's recycle ring.
 ALLOCATOR_LOCK = 0

@@ -106,6 +106,8 @@ function                           transition                                  c
 `page_pool_return_page`            -> FREE (``page_pool_return_page``)         full ring, hard limit,
                                                                                drain, reclaim
 `page_get` / `put_page`            refcount (``get_page`` / ``put_page``)       tests, shared pages
+`xdpf_clone`                       FREE -> XDP, no pool (MEM_TYPE_PAGE_ORDER0)  a CPU, devmap broadcast
+`xdp_return_frame_order0`          such a page -> FREE (``put_page``)          `return_pages`
 `audit`                            none: checks conservation                   the coordinator, tests
 =================================  ==========================================  ==========================
 
@@ -138,8 +140,11 @@ from emu.mem.page import (
     H_EXTRA_REFS,
     H_FREE_COUNT,
     H_FREE_LOW,
+    H_ORDER0_ALLOC,
+    H_ORDER0_FREE,
     IN_USE,
     NO_OWNER,
+    ORDER0_OWNER,
     PageError,
     PageState,
 )
@@ -820,7 +825,9 @@ def return_pages(
         sel = slice(None) if single else owners == cpu
         g = None if gens is None else np.asarray(gens)[sel]
         cpu = int(cpu)
-        if cpu == NO_OWNER or cpu >= pm.ncpus:
+        if cpu == ORDER0_OWNER:
+            accepted += xdp_return_frame_order0(pm, ids[sel], g, expect)
+        elif cpu == NO_OWNER or cpu >= pm.ncpus:
             # Out of range, or already back in the allocator: let the caller's pool (or CPU 0's) refuse
             # and count it with the usual message.
             target = local if local is not None else pool_of(pm, 0)
@@ -856,7 +863,8 @@ def alloc_pages_bulk(pm: PageMemory, n: int) -> np.ndarray:
     return ids
 
 
-def page_pool_return_page(pm: PageMemory, ids: np.ndarray, release_pool: int = NO_OWNER) -> None:
+def page_pool_return_page(pm: PageMemory, ids: np.ndarray, release_pool: int = NO_OWNER,
+                          order0: bool = False) -> None:
     """``page_pool_return_page``: give pages back to the page allocator (FREE, no owner, no holder).
 
     `release_pool` is the CPU whose pool releases them: its `release_cnt` is bumped here, under the
@@ -876,6 +884,8 @@ def page_pool_return_page(pm: PageMemory, ids: np.ndarray, release_pool: int = N
         header[H_FREE_COUNT] = have + k
         if release_pool >= 0:
             pm.pool_counters[release_pool, C["release_cnt"]] += k
+        if order0:
+            header[H_ORDER0_FREE] += k
 
 
 # The allocator's own name for the same step, as tests and benchmarks of the allocator call it.
@@ -906,6 +916,47 @@ def put_page(pm: PageMemory, ids: np.ndarray) -> None:
     ids = np.unique(ids)
     last = (pm.refcnt[ids] == 0) & (pm.owner[ids] == NO_OWNER)
     page_pool_return_page(pm, ids[last])
+
+
+def xdpf_clone(pm: PageMemory, ids: np.ndarray, holder: int) -> np.ndarray:
+    """``xdpf_clone``: for each frame of `ids`, a page from the page allocator (``dev_alloc_page``, no pool)
+    to copy it into: XDP, held by `holder`, at the same offset and length, owned by no pool
+    (`ORDER0_OWNER`) with its one reference.  All or nothing: when the allocator cannot give a page for
+    every frame, it gives none (the caller's broadcast then fails with -ENOMEM).  The caller copies the
+    bytes; the pages go back to the allocator through `return_pages` when their frames are done."""
+    ids = np.asarray(ids, dtype=np.int64)
+    new = alloc_pages_bulk(pm, len(ids)).astype(np.int64)
+    if len(new) < len(ids):
+        page_pool_return_page(pm, new)
+        return new[:0]
+    with pm.locks.lock(ALLOCATOR_LOCK):
+        pm.header[H_ORDER0_ALLOC] += len(new)
+    pm.off[new] = pm.off[ids]
+    pm.len[new] = pm.len[ids]
+    pm.gen[new] += 1
+    pm.refcnt[new] = 1
+    pm.owner[new] = ORDER0_OWNER
+    pm.holder[new] = holder
+    pm.state[new] = PageState.XDP
+    return new
+
+
+def xdp_return_frame_order0(
+    pm: PageMemory, ids: np.ndarray, gens: np.ndarray | None = None, expect: int | None = None
+) -> int:
+    """``xdp_return_frame`` of a MEM_TYPE_PAGE_ORDER0 frame (an `xdpf_clone` copy): ``put_page`` drops its
+    one reference and the page goes back to the page allocator.  Only such pages, in use (in state
+    `expect` when given) and of generation `gens` when given; the rest are refused (returns how many
+    were freed)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    ok = (pm.owner[ids] == ORDER0_OWNER) & (pm.refcnt[ids] == 1) & IN_USE[pm.state[ids]]
+    if expect is not None:
+        ok &= pm.state[ids] == expect
+    if gens is not None:
+        ok &= pm.gen[ids] == np.asarray(gens)
+    good = np.unique(ids[ok])
+    page_pool_return_page(pm, good, order0=True)
+    return len(good)
 
 
 # -- the driver's and XDP's hand-offs ------------------------------------------------------------------
@@ -1115,4 +1166,15 @@ def _strict_problems(pm: PageMemory, states: np.ndarray) -> list[str]:
     )
     if len(orphan):
         problems.append(f"{len(orphan)} pages in use but owned by no pool, e.g. page {int(orphan[0])}")
+    # xdpf_clone's pages from the page allocator: in use, with their one reference, until freed; and as
+    # many out as the allocator gave them less those that came back.
+    out0 = int(pm.header[H_ORDER0_ALLOC] - pm.header[H_ORDER0_FREE])
+    marked = int(np.count_nonzero(owner == ORDER0_OWNER))
+    if out0 != marked:
+        problems.append(f"page allocator: {out0} cloned pages out (given - returned) but {marked} carry the mark")
+    order0 = np.flatnonzero((owner == ORDER0_OWNER) & (~IN_USE[states] | (refs != 1)))
+    if len(order0):
+        p = int(order0[0])
+        problems.append(f"{len(order0)} cloned (page-allocator) pages not in use with one reference, e.g. page "
+                        f"{p} ({PageState(states[p]).name}, refcnt {int(refs[p])})")
     return problems

@@ -73,6 +73,9 @@ txdrop     device -> CPU                pages a full (or down) TX ring refused
 txc        device -> CPU                TX completions, to the CPU servicing the queue
 rxret      device -> CPU                posted pages handed back at ``ndo_stop``
 skb        CPU -> CPU                   XDP_PASS skbs to free on the stack CPU (``cpu``: sender)
+cpumap     CPU -> CPU                   xdp_frames produced into a cpumap entry's ptr_ring, for the
+                                        target CPU's kthread (``cpu``: sender, ``dev``: ingress
+                                        device, ``map``: the cpumap's ordinal in its map set)
 frames     link end -> link end;        frame bytes (``n`` frames: their lengths, then the frames);
            CPU -> device                on a CPU -> device socket, skbs for the normal transmit path
 link       host agent -> device         the address of the device's link peer on another host
@@ -151,9 +154,10 @@ XDP_PACKET_HEADROOM = 256  # include/uapi/linux/bpf.h: where a driver puts a rec
 # -- message kinds ------------------------------------------------------------------------------------
 
 POST, RX, XMIT, TXDROP, TXC, RXRET, SKB = "post", "rx", "xmit", "txdrop", "txc", "rxret", "skb"
+CPUMAP = "cpumap"
 FRAMES, LINK, BELL = "frames", "link", "bell"
 
-CPU_KINDS = (RX, TXC, TXDROP, RXRET, SKB, BELL)  # what a CPU worker's inbox takes
+CPU_KINDS = (RX, TXC, TXDROP, RXRET, SKB, BELL, CPUMAP)  # what a CPU worker's inbox takes
 DEVICE_KINDS = (POST, XMIT, FRAMES, LINK, BELL)  # what a device's inbox takes
 LINK_KINDS = (FRAMES, BELL)  # what a link end (a device's link ingress, a traffic port) takes
 # Frames per link message at most (a sender never puts more in one): bounds the work one link message can

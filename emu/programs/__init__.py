@@ -15,6 +15,16 @@ The bundled topologies name them as ``emu.programs:<name>``:
                 port filter), forward the rest like ``l2fwd``.  Per packet only, and about 10 us a
                 packet: the kind of program a Python user writes with a packet library, and one where
                 the CPU workers, not the devices, are the bottleneck (what the scaling benchmark needs).
+``redirect_cpu`` spread frames over the CPUs of the cpumap ``cpu_map`` (``xdp-bench redirect-cpu``,
+                its ``l4-sport`` mode: the UDP source port picks the CPU), populated from
+                ``params: {cpu_map: {1: 2048, 2: {qsize: 2048, program: "emu.programs:cpumap_drop"}}}``
+                (each entry its ptr_ring's qsize and an optional second program the target's kthread
+                runs, xdp-bench's ``--remote-action``).
+``cpumap_drop`` a second program for a cpumap entry: drop every frame on the target CPU (no maps, as a
+                cpumap entry's program here has none); ``xdp_pass`` is the ``pass`` one.
+``xdp_broadcast`` flood every frame to all devices of the devmap ``tx_ports`` but the ingress one
+                (``bpf_redirect_map(&tx_ports, 0, BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS)``, the kernel
+                selftests' ``xdp_redirect_multi``); ``params.exclude_ingress: false`` drops the second flag.
 ``buggy_*``     six programs that misbehave on purpose, for the fault tests: ``buggy_raise`` raises,
                 ``buggy_bad_verdict`` returns 42, ``buggy_no_verdict`` returns None,
                 ``buggy_batch_short`` returns one verdict too few from its vectorised form, and
@@ -48,7 +58,21 @@ import time
 
 import numpy as np
 
-from emu.xdp import XDP_DROP, XDP_PASS, XDP_TX, DevMap, MapSpec, ParamSpec, XdpBatch, XdpContext, xdp_program
+from emu.net.packets import UDP_OFF
+from emu.xdp import (
+    BPF_F_BROADCAST,
+    BPF_F_EXCLUDE_INGRESS,
+    XDP_DROP,
+    XDP_PASS,
+    XDP_TX,
+    CpuMap,
+    DevMap,
+    MapSpec,
+    ParamSpec,
+    XdpBatch,
+    XdpContext,
+    xdp_program,
+)
 
 __all__ = [
     "buggy_bad_verdict",
@@ -57,10 +81,13 @@ __all__ = [
     "buggy_out_of_bounds",
     "buggy_raise",
     "buggy_slow",
+    "cpumap_drop",
     "l2fwd",
     "l2fwd_cost",
     "l2fwd_filter",
     "l2fwd_map",
+    "redirect_cpu",
+    "xdp_broadcast",
     "xdp_drop",
     "xdp_pass",
     "xdp_tx",
@@ -243,6 +270,84 @@ def l2fwd_map(ctx: XdpContext) -> int:
     tx_port, cnt = ctx.priv
     cnt[0] += 1
     return ctx.redirect_map(tx_port, 0)
+
+
+_SPORT = struct.Struct("!H")
+
+
+def _redirect_cpu_setup(ctx: XdpContext) -> None:
+    # The CPUs to spread over, read once from the map as user space fills xdp-bench's cpus_available.
+    cpu_map = ctx.maps["cpu_map"]
+    assert isinstance(cpu_map, CpuMap)
+    cpus = [k for k in range(cpu_map.max_entries) if cpu_map.lookup(k) is not None]
+    if not cpus:
+        raise ValueError("redirect_cpu needs at least one entry in params.cpu_map ({cpu: qsize})")
+    ctx.priv = (cpu_map, cpus, np.asarray(cpus, dtype=np.int64), ctx.maps["rxcnt"].view)
+
+
+def _redirect_cpu_batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
+    cpu_map, _, cpus, cnt = ctx.priv
+    cnt[0] += len(pkts)
+    ok, ports = pkts.head(UDP_OFF + 2)
+    keys = np.full(len(pkts), cpus[0], dtype=np.int64)
+    if len(ports):
+        sport = ports[:, UDP_OFF].astype(np.int64) << 8 | ports[:, UDP_OFF + 1]
+        keys[ok] = cpus[sport % len(cpus)]
+    return pkts.redirect_map(cpu_map, keys)
+
+
+@xdp_program(
+    maps={"cpu_map": MapSpec("cpumap", 32), "rxcnt": MapSpec("percpu_array", 1)},
+    setup=_redirect_cpu_setup,
+    batch=_redirect_cpu_batch,
+    params={},  # only `cpu_map`, which populates the map of that name
+)
+def redirect_cpu(ctx: XdpContext) -> int:
+    """``bpf_redirect_map(&cpu_map, cpu, 0)`` with `cpu` picked by the UDP source port among the map's
+    entries (the first for a frame too short to have one); ``rxcnt[0]`` counts packets."""
+    cpu_map, cpus, _, cnt = ctx.priv
+    cnt[0] += 1
+    try:
+        (sport,) = _SPORT.unpack_from(ctx.data, UDP_OFF)  # type: ignore[arg-type]
+    except struct.error:
+        return ctx.redirect_map(cpu_map, cpus[0])
+    return ctx.redirect_map(cpu_map, cpus[sport % len(cpus)])
+
+
+def _broadcast_setup(ctx: XdpContext) -> None:
+    exclude = ctx.params.get("exclude_ingress", True)
+    if not isinstance(exclude, bool):
+        raise ValueError(f"xdp_broadcast: params.exclude_ingress must be true or false (got {exclude!r})")
+    ctx.priv = (ctx.maps["tx_ports"], BPF_F_BROADCAST | (BPF_F_EXCLUDE_INGRESS if exclude else 0))
+
+
+def _broadcast_batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
+    tx_ports, flags = ctx.priv
+    return pkts.redirect_map(tx_ports, 0, flags=flags)
+
+
+@xdp_program(
+    maps={"tx_ports": MapSpec("devmap", 64)},
+    setup=_broadcast_setup,
+    batch=_broadcast_batch,
+    params={"exclude_ingress": ParamSpec("bool", "leave the ingress device out (BPF_F_EXCLUDE_INGRESS)",
+                                         default=True)},
+)
+def xdp_broadcast(ctx: XdpContext) -> int:
+    """``bpf_redirect_map(&tx_ports, 0, BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS)``: every device of the
+    map gets the frame (a clone each, the last one the frame itself), the ingress one excepted."""
+    tx_ports, flags = ctx.priv
+    return ctx.redirect_map(tx_ports, 0, flags)
+
+
+def _cpumap_drop_batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
+    return np.full(len(pkts), XDP_DROP, dtype=np.int64)
+
+
+@xdp_program(batch=_cpumap_drop_batch, params={})
+def cpumap_drop(ctx: XdpContext) -> int:
+    """Drop every frame: a cpumap entry's second program (``xdp-bench redirect-cpu -r drop``)."""
+    return XDP_DROP
 
 
 def _l2fwd_filter_setup(ctx: XdpContext) -> None:

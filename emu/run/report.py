@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from emu.mem.page import IN_USE_STATES, PageState
+from emu.mem.page import H_ORDER0_ALLOC, H_ORDER0_FREE, IN_USE_STATES, PageState
 from emu.mem.pagepool import P_WATERMARK, POOL_COUNTERS, POOL_STATS, C
 from emu.net.protocol import CONTROL
 from emu.run import pools
@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from emu.mem.pagepool import Audit
     from emu.topology.model import Topology
 
-CPU_DROPS = ("xdp_drop", "xdp_aborted", "redirect_err", "xdp_tx_full", "xmit_drops")
+CPU_DROPS = ("xdp_drop", "xdp_aborted", "redirect_err", "xdp_tx_full", "xmit_drops", "cpumap_enqueue_drop",
+             "cpumap_kthread_drop", "redirect_bcast_empty")
 DEVICE_DROPS = ("rx_dropped", "tx_dropped", "link_lost")
 # The derived metrics of every report (its ``metrics`` key), in this order: the sweep's CSV columns too.
 METRICS = ("pps", "hit_ratio", "alloc_slow_per_mpkt", "page_alloc_pps", "page_free_pps", "inflight_mean",
@@ -40,7 +41,16 @@ SAMPLE_PERIOD = 0.05  # seconds between the samples of the page table taken whil
 CPU_EXTRA = (
     "rx_packets", "rx_bytes", "xdp_tx_full", "xmit_drops", "xmit_bulks", "redirect_skb", "stack_rx",
     "skb_remote_free", "tx_completions", "remote_returns", "rx_posted", "rx_alloc_fail", "polls",
-    "tx_ring_waits", "bad_descriptors", "bad_messages",
+    "tx_ring_waits", "bad_descriptors", "bad_messages", "xdpf_clone", "redirect_bcast_empty",
+)
+# Redirect errors by errno: the CPU counter and the name xdp-bench's redirect_err breakdown prints.
+REDIRECT_ERRNOS = (("redirect_err_einval", "-EINVAL"), ("redirect_err_enetdown", "-ENETDOWN"),
+                   ("redirect_err_eopnotsupp", "-EOPNOTSUPP"), ("redirect_err_enomem", "-ENOMEM"))
+# The cpumap counters (xdp-bench redirect-cpu's enqueue and kthread lines), in each CPU's `cpumap`.
+CPU_CPUMAP = (
+    "cpumap_enqueue", "cpumap_enqueue_drop", "cpumap_enqueue_bulks", "cpumap_kthread_processed",
+    "cpumap_kthread_drop", "cpumap_kthread_pass", "cpumap_kthread_redirect", "cpumap_kthread_sched",
+    "cpumap_gro_flush",
 )
 
 
@@ -83,8 +93,13 @@ class Snapshot:
     def consumed(self) -> int:
         return self.total("cpu", "stack_rx")
 
+    def cloned(self) -> int:
+        """Extra packets a devmap broadcast made (one per clone): each ends delivered, dropped or consumed
+        like a generated one."""
+        return self.total("cpu", "xdpf_clone")
+
     def unaccounted(self) -> int:
-        return self.generated() - self.delivered() - self.dropped() - self.consumed()
+        return self.generated() + self.cloned() - self.delivered() - self.dropped() - self.consumed()
 
 
 def snapshot(table: StatsTable, t: float, lost: int = 0) -> Snapshot:
@@ -103,7 +118,8 @@ def banner(topo: Topology) -> str:
             prog = dev.xdp.program if dev.xdp else "(none: XDP_PASS)"
             parts.append(
                 f"{hname}:{dname} (ifindex {dev.ifindex}; {dev.rx_queues} rxq, {dev.tx_queues} txq; "
-                f"xdp_xmit {'on' if dev.xdp_xmit else 'off'}) running {prog}"
+                f"xdp_xmit {'on' if dev.xdp_xmit else 'off'}; {dev.profile}, xdp-features "
+                f"{','.join(dev.xdp_features) or 'none'}) running {prog}"
             )
     cpus = sum(h.cpus for h in topo.hosts.values())
     return f"Running topology {topo.name!r} on {cpus} emulated CPUs:\n  " + "\n  ".join(parts)
@@ -133,6 +149,16 @@ def interval_lines(topo: Topology, a: Snapshot, b: Snapshot, extended: bool) -> 
                 f"{fmt(rate('cpu', 'xdp_exception', [k]))} error/s{fmt(rate('cpu', 'xdp_redirect', [k]))} redir/s"
             )
     if extended:
+        # xdp-bench redirect-cpu: each CPU's enqueues into cpumap rings, and each kthread's work.
+        for k in cpu_keys:
+            if b.rows[k]["cpumap_enqueue"] + b.rows[k]["cpumap_enqueue_drop"] > a.rows[k]["cpumap_enqueue"] + \
+                    a.rows[k]["cpumap_enqueue_drop"]:
+                lines.append(f"  {k:<12}{fmt(rate('cpu', 'cpumap_enqueue', [k]))} enq/s"
+                             f"{fmt(rate('cpu', 'cpumap_enqueue_drop', [k]))} enq_drop/s")
+            if b.rows[k]["cpumap_kthread_processed"] > a.rows[k]["cpumap_kthread_processed"]:
+                lines.append(f"  {k + ' kthread':<12}{fmt(rate('cpu', 'cpumap_kthread_processed', [k]))} pkt/s"
+                             f"{fmt(rate('cpu', 'cpumap_kthread_drop', [k]))} drop/s"
+                             f"{fmt(rate('cpu', 'cpumap_kthread_sched', [k]))} sched/s")
         for k in dev_keys:
             lines.append(
                 f"  {k:<12}{fmt(rate('device', 'rx_packets', [k]))} rx/s{fmt(rate('device', 'rx_dropped', [k]))}"
@@ -170,6 +196,7 @@ def traffic_section(final: Snapshot) -> dict[str, Any]:
     """Where every generated packet went, from the final counters."""
     return {
         "generated": final.generated(),
+        "cloned": final.cloned(),
         "delivered": final.delivered(),
         "dropped": final.dropped(),
         "consumed": final.consumed(),
@@ -196,13 +223,16 @@ class HostPages:
     pool_ctl: np.ndarray | None = None
     page_size: int = 0
     policy: str = "fixed"  # the pools' recycling policy: an adaptive pool's row shows its watermark
+    # Pages the page allocator gave xdpf_clone (devmap broadcast), and those that came back to it.
+    clones: tuple[int, int] = (0, 0)
 
     @classmethod
     def of(cls, pm: PageMemory, audit: Audit) -> HostPages:
         ctl = pm.pool_ctl
         return cls(pm.pool_counters.copy(), [int(ctl[c][0]) for c in range(pm.ncpus)],
                    [int(ctl[c][2] - ctl[c][1]) for c in range(pm.ncpus)], pm.allocated_hwm, audit,
-                   ctl.copy(), pm.page_size, pm.params.policy)
+                   ctl.copy(), pm.page_size, pm.params.policy,
+                   (int(pm.header[H_ORDER0_ALLOC]), int(pm.header[H_ORDER0_FREE])))
 
 
 @dataclass(frozen=True)
@@ -338,7 +368,8 @@ def _host_sections(r: RunRecord) -> dict[str, Any]:
     cpus, devices, page_pools = [], [], []
     viol = {"foreign_cache_return": 0, "recycled_before_tx_completion": 0, "double_free": 0, "leaked": 0,
             "stale_generation": 0, "bad_descriptors": 0, "bad_messages": 0}
-    pages = {"total": 0, "accounted": 0, "in_flight": 0, "allocated_hwm": 0, "by_state": {},
+    pages = {"total": 0, "accounted": 0, "in_flight": 0, "allocated_hwm": 0, "clone_pages": 0,
+             "clone_pages_freed": 0, "by_state": {},
              "problems": list(r.audit_problems), "audits": r.live_audits + len(r.pages),
              "samples": _samples_section(r.samples)}
     for hname, host in r.topology.hosts.items():
@@ -356,8 +387,10 @@ def _host_sections(r: RunRecord) -> dict[str, Any]:
                 "page_pool": pool,
                 "xdp": {a: row[f"xdp_{a}"] for a in ("aborted", "drop", "pass", "tx", "redirect")},
                 "redirect_err": row["redirect_err"],
+                "redirect_err_errno": {name: row[k] for k, name in REDIRECT_ERRNOS},
                 "xdp_exception": row["xdp_exception"],
                 **{k: row[k] for k in CPU_EXTRA},
+                "cpumap": {k.removeprefix("cpumap_"): row[k] for k in CPU_CPUMAP},
             })
             for k in ("foreign_cache_return", "recycled_before_tx_completion", "double_free",
                       "stale_generation"):
@@ -368,13 +401,16 @@ def _host_sections(r: RunRecord) -> dict[str, Any]:
         for dname, dev in host.devices.items():
             row = final.rows[f"{hname}/{dname}"]
             devices.append({
-                "host": hname, "name": dname, "ifindex": dev.ifindex,
+                "host": hname, "name": dname, "ifindex": dev.ifindex, "profile": dev.profile,
+                "xdp_features": list(dev.xdp_features),
                 **{k: v for k, v in row.items() if k not in CONTROL},
             })
             viol["bad_descriptors"] += row["bad_descriptors"]
             viol["bad_messages"] += row["bad_messages"]
         audit = hp.audit
         pages["allocated_hwm"] += hp.allocated_hwm
+        pages["clone_pages"] += hp.clones[0]
+        pages["clone_pages_freed"] += hp.clones[1]
         pages["total"] += audit.total
         pages["accounted"] += audit.accounted
         for s, n in audit.by_state.items():
@@ -393,8 +429,9 @@ def _merged_sections(r: RunRecord, parts: dict[str, dict[str, Any]]) -> dict[str
     pools and audits); the coordinator's own events, processes and so on come first."""
     cpus: list[dict[str, Any]] = []
     devices: list[dict[str, Any]] = []
-    pages: dict[str, Any] = {"total": 0, "accounted": 0, "in_flight": 0, "allocated_hwm": 0, "by_state": {},
-                             "problems": list(r.audit_problems), "audits": r.live_audits}
+    pages: dict[str, Any] = {"total": 0, "accounted": 0, "in_flight": 0, "allocated_hwm": 0, "clone_pages": 0,
+                             "clone_pages_freed": 0, "by_state": {}, "problems": list(r.audit_problems),
+                             "audits": r.live_audits}
     viol: dict[str, int] = {}
     maps: dict[str, Any] = dict(r.maps)
     events = list(r.events)
@@ -409,7 +446,7 @@ def _merged_sections(r: RunRecord, parts: dict[str, dict[str, Any]]) -> dict[str
         page_pools += part.get("page_pools", [])
         devices += part["devices"]
         p = part["pages"]
-        for k in ("total", "accounted", "in_flight", "allocated_hwm", "audits"):
+        for k in ("total", "accounted", "in_flight", "allocated_hwm", "clone_pages", "clone_pages_freed", "audits"):
             pages[k] += p.get(k, 0)
         for st, n in p["by_state"].items():
             pages["by_state"][st] = pages["by_state"].get(st, 0) + n
@@ -469,7 +506,8 @@ def summary(r: dict[str, Any]) -> str:
     v = r["violations"]
     out = [f"\nSummary of {r['topology']!r}: {r['elapsed_s']:.2f} s"]
     out.append(
-        f"  traffic  generated {t['generated']:,}  delivered {t['delivered']:,}  dropped {t['dropped']:,}  "
+        f"  traffic  generated {t['generated']:,}{'  cloned ' + format(t['cloned'], ',') if t.get('cloned') else ''}"
+        f"  delivered {t['delivered']:,}  dropped {t['dropped']:,}  "
         f"consumed {t['consumed']:,}  corrupted {t['corrupted']:,}  unaccounted {t['unaccounted']:,}"
     )
     drops = ", ".join(f"{k} {n:,}" for k, n in t["drops"].items() if n)
@@ -484,9 +522,20 @@ def summary(r: dict[str, Any]) -> str:
         out.append(
             f"  {c['host']}/cpu{c['cpu']:<3} rx {c['rx_packets']:,}  drop {x['drop']:,}  pass {x['pass']:,}  "
             f"tx {x['tx']:,}  redirect {x['redirect']:,}  aborted {x['aborted']:,}  redirect_err "
-            f"{c['redirect_err']:,}  xdp_exception {c['xdp_exception']:,}"
+            f"{c['redirect_err']:,}"
+            + ("" if not c["redirect_err"] else " (" + ", ".join(
+                f"{e} {n:,}" for e, n in c.get("redirect_err_errno", {}).items() if n) + ")")
+            + f"  xdp_exception {c['xdp_exception']:,}"
             + (f"  tx_ring_waits {waits:,}" if waits else "")
+            + "".join(f"  {k} {c[k]:,}" for k in ("xdpf_clone", "redirect_bcast_empty") if c.get(k))
         )
+        cm = c.get("cpumap", {})
+        if any(cm.values()):
+            # xdp-bench redirect-cpu's lines: what this CPU enqueued, and what its kthread did.
+            out.append(f"      cpumap enqueue {cm['enqueue']:,}  drop {cm['enqueue_drop']:,}  bulks "
+                       f"{cm['enqueue_bulks']:,} | kthread processed {cm['kthread_processed']:,}  drop "
+                       f"{cm['kthread_drop']:,}  pass {cm['kthread_pass']:,}  redirect {cm['kthread_redirect']:,}"
+                       f"  sched {cm['kthread_sched']:,}  gro_flush {cm['gro_flush']:,}")
         pp = c["page_pool"]
         out.append("      page_pool " + "  ".join(f"{k} {pp[k]:,}" for k in POOL_STATS if pp[k])
                    + (f"  watermark {pp['watermark']:,}" if "watermark" in pp else ""))
@@ -498,7 +547,9 @@ def summary(r: dict[str, Any]) -> str:
         )
     p = r["pages"]
     out.append(f"  pages    total {p['total']:,}  accounted {p['accounted']:,}  in_flight {p['in_flight']:,}  "
-               f"allocated_hwm {p.get('allocated_hwm', 0):,}")
+               f"allocated_hwm {p.get('allocated_hwm', 0):,}"
+               + (f"  clone_pages {p['clone_pages']:,} (freed {p['clone_pages_freed']:,})"
+                  if p.get("clone_pages") else ""))
     m = r.get("metrics")
     if m:
         out.append("  metrics  " + "  ".join(f"{k} {'-' if m[k] is None else m[k]}" for k in METRICS))

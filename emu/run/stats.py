@@ -32,6 +32,11 @@ CPU_COUNTERS = (
     "xdp_tx",
     "xdp_redirect",
     "redirect_err",  # xdp:xdp_redirect_err (unknown target, or -EOPNOTSUPP with the drop fallback)
+    # ...by errno, as xdp-bench's redirect_err breakdown shows them (REDIRECT_ERRNOS):
+    "redirect_err_einval",  # no device with that ifindex (or no such cpumap entry or devmap)
+    "redirect_err_enetdown",  # the target device is gone
+    "redirect_err_eopnotsupp",  # the target's XDP features lack ndo-xmit (a veth whose peer has no program)
+    "redirect_err_enomem",  # a broadcast's clone could not be made (frame past a page, allocator empty)
     "xdp_exception",  # xdp:xdp_exception: the program raised or returned an unknown verdict
     "xdp_tx_full",  # XDP_TX frames dropped because the TX ring was full
     "xmit_drops",  # redirected frames the target's ndo_xdp_xmit did not take (devmap_xmit drops)
@@ -49,6 +54,19 @@ CPU_COUNTERS = (
     "bad_messages",  # refused messages (garbled, foreign, unknown kind)
     "capture_packets",  # frames copied into the capture ring (XDP entry and exit; emu.datapath.capture)
     "capture_drops",  # frames the capture ring had no room for (the writer fell behind)
+    # devmap broadcast (BPF_F_BROADCAST):
+    "xdpf_clone",  # frames copied into a page from the page allocator, one per extra target (xdpf_clone)
+    "redirect_bcast_empty",  # broadcasts with no target left (the kernel frees the frame and reports success)
+    # cpumap (xdp:xdp_cpumap_enqueue on the redirecting CPU, xdp:xdp_cpumap_kthread on the target):
+    "cpumap_enqueue",  # frames this CPU produced into cpumap ptr_rings
+    "cpumap_enqueue_drop",  # frames dropped because the target's ptr_ring was full
+    "cpumap_enqueue_bulks",  # bulk flushes (of up to CPU_MAP_BULK_SIZE = 8 frames) into the ptr_rings
+    "cpumap_kthread_processed",  # frames this CPU's cpumap kthread took off its rings
+    "cpumap_kthread_drop",  # of those, dropped (the second program's XDP_DROP, ABORTED, TX, or errors)
+    "cpumap_kthread_pass",  # of those, built into skbs for the stack (counted in stack_rx too)
+    "cpumap_kthread_redirect",  # of those, redirected by the second program
+    "cpumap_kthread_sched",  # times the kthread found its rings empty and slept (schedule())
+    "cpumap_gro_flush",  # GRO flushes of the kthread's skbs (every 64, and when its ring empties)
 )
 
 DEVICE_COUNTERS = (

@@ -18,6 +18,7 @@ memory).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import os
@@ -40,9 +41,11 @@ from emu.net.pcap import PcapError, read_frames
 from emu.net.protocol import XDP_PACKET_HEADROOM
 from emu.topology import schema
 from emu.topology.model import (
+    DEVICE_PROFILES,
     MAX_LINK_DELAY_US,
     MAX_LINK_RATE_BPS,
     PP_ALLOC_CACHE_REFILL,
+    XDP_FEATURES,
     CaptureConfig,
     DeviceConfig,
     Endpoint,
@@ -57,6 +60,7 @@ from emu.topology.model import (
     TopologyError,
     TrafficPort,
     XdpConfig,
+    xdp_features_of,
 )
 from emu.topology.schema import (
     MAX_ALIAS_EXPANSION,
@@ -471,6 +475,26 @@ class _XdpNodes:
     params: dict[str, tuple[Node, Node]]  # key -> (key node, value node)
 
 
+
+def resolve_peers(hosts: dict[str, HostConfig], links: list[LinkConfig]) -> None:
+    """Name each cabled device's peer, and give a veth the XDP features its peer decides: ``ndo-xmit``
+    (``xdp_xmit``) only while the far end of its cable is a device with an XDP program."""
+    for link in links:
+        for me, other in ((link.a, link.b), (link.b, link.a)):
+            if me.kind != "device" or me.host not in hosts:
+                continue
+            devices = hosts[me.host].devices
+            dev = devices.get(me.name)
+            if dev is None:
+                continue
+            peer_dev = hosts[other.host].devices.get(other.name) if other.kind == "device" and \
+                other.host in hosts else None
+            changes: dict[str, Any] = {"peer": str(other)}
+            if dev.profile == "veth":
+                features = xdp_features_of("veth", False, peer_dev is not None and peer_dev.xdp is not None)
+                changes.update(xdp_features=features, xdp_xmit="ndo-xmit" in features)
+            devices[me.name] = dataclasses.replace(dev, **changes)
+
 class _Validator:
     def __init__(self, filename: str, alias_uses: list[tuple[yaml.Mark, str, Node]]) -> None:
         self.file = filename
@@ -591,6 +615,7 @@ class _Validator:
         hosts = self.hosts(top)
         traffic_nodes = self.traffic(top, hosts)
         links = self.links(top, hosts, traffic_nodes)
+        resolve_peers(hosts, links)
         traffic = self.generators(traffic_nodes, hosts, links)
         return Topology(name=name, path=self.file, hosts=hosts, links=tuple(links), traffic=traffic,
                         capture=self.capture(top, hosts))
@@ -804,6 +829,35 @@ class _Validator:
             rx_cpus = tuple(q % cpus for q in range(rx_queues))
         xdp = self.xdp(where, f)
         xdp_xmit = f.bool("xdp_xmit", DEVICE["xdp_xmit"].default)
+        profile = f.choice("profile", DEVICE_PROFILES, DEVICE["profile"].default)
+        features = xdp_features_of(profile, xdp_xmit)
+        flags_node = f.given("xdp_features")
+        if profile == "veth":
+            for key in ("xdp_xmit", "xdp_features"):
+                if f.given(key) is not None:
+                    self.fail(f.given(key), f"{where}: '{key}' is not for a veth: a veth advertises ndo-xmit "
+                                            "(is a redirect target) exactly while the peer of its pair, the "
+                                            "far end of its cable, has an XDP program")
+        elif flags_node is not None:
+            if not isinstance(flags_node, SequenceNode):
+                self.fail(flags_node, f"{where}: 'xdp_features' must be a list of flags, not "
+                                      f"{_describe(flags_node)}")
+            given = []
+            for item in flags_node.value:
+                flag = self.str_value(item, "xdp_features entry", f"{where}: ")
+                if flag not in XDP_FEATURES:
+                    self.fail(item, f"{where}: unknown XDP feature '{flag}' (the kernel's: "
+                                    f"{', '.join(XDP_FEATURES)})")
+                given.append(flag)
+            features = tuple(x for x in XDP_FEATURES if x in given)
+            if f.given("xdp_xmit") is not None and xdp_xmit != ("ndo-xmit" in features):
+                self.fail(flags_node, f"{where}: 'xdp_xmit: {str(xdp_xmit).lower()}' contradicts 'xdp_features' "
+                                      f"({'with' if 'ndo-xmit' in features else 'without'} ndo-xmit)")
+            xdp_xmit = "ndo-xmit" in features
+        if xdp is not None and "basic" not in features:
+            self.fail(flags_node if flags_node is not None else key_node,
+                      f"{where}: cannot attach an XDP program: the device's XDP features lack 'basic' "
+                      "(the kernel refuses native XDP on it)")
         fallback = DEVICE["redirect_fallback"]
         redirect_fallback = f.choice(fallback.name, fallback.choices, fallback.default)
         tx_completion_us = f.schema_int(DEVICE["tx_completion_us"])
@@ -821,6 +875,8 @@ class _Validator:
             redirect_fallback=redirect_fallback,  # type: ignore[arg-type]
             tx_completion_us=tx_completion_us,
             line=_line(key_node),
+            xdp_features=features,
+            profile=profile,  # type: ignore[arg-type]
         )
         return dev, f.require("ifindex")
 

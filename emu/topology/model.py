@@ -113,6 +113,23 @@ class XdpConfig:
     globals: dict[str, Any] = field(default_factory=dict)
 
 
+# The kernel's XDP feature flags a device advertises (include/uapi/linux/netdev.h, netlink's xdp-features),
+# in the order netlink lists them; ``xsk-zerocopy`` is left out (no AF_XDP here).
+XDP_FEATURES = ("basic", "redirect", "ndo-xmit", "ndo-xmit-sg", "rx-sg")
+DEVICE_PROFILES = ("nic", "veth")
+
+
+def xdp_features_of(profile: str, xdp_xmit: bool, peer_has_xdp: bool = False) -> tuple[str, ...]:
+    """The flags a device of `profile` advertises: a NIC's ``basic``, ``redirect`` and, with `xdp_xmit`,
+    ``ndo-xmit``; a veth's ``basic``, ``redirect``, ``rx-sg``, and ``ndo-xmit`` and ``ndo-xmit-sg`` only
+    while the peer of the pair has an XDP program (``veth_set_xdp_features``)."""
+    if profile == "veth":
+        flags = {"basic", "redirect", "rx-sg"} | ({"ndo-xmit", "ndo-xmit-sg"} if peer_has_xdp else set())
+    else:
+        flags = {"basic", "redirect"} | ({"ndo-xmit"} if xdp_xmit else set())
+    return tuple(f for f in XDP_FEATURES if f in flags)
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceConfig:
     """One network device of a host, with every default already resolved."""
@@ -130,6 +147,13 @@ class DeviceConfig:
     redirect_fallback: Literal["drop", "skb"]
     tx_completion_us: int
     line: int = 0
+    # The kernel's XDP feature flags (netlink ``dev-get xdp-features``), resolved: `XDP_FEATURES` names,
+    # in that order; ``ndo-xmit`` in them is `xdp_xmit`.  `profile` is the driver the device behaves like
+    # (``veth``: ``ndo-xmit`` only while the peer of the pair has an XDP program); `peer` names the far end
+    # of its cable (a device ``host:dev`` or a traffic port), for the messages that explain a veth's rule.
+    xdp_features: tuple[str, ...] = ("basic", "redirect", "ndo-xmit")
+    profile: Literal["nic", "veth"] = "nic"
+    peer: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,6 +462,9 @@ def _device_to_dict(dev: DeviceConfig) -> dict[str, Any]:
         "redirect_fallback": dev.redirect_fallback,
         "tx_completion_us": dev.tx_completion_us,
         "line": dev.line,
+        "xdp_features": list(dev.xdp_features),
+        "profile": dev.profile,
+        "peer": dev.peer,
     }
 
 
@@ -464,6 +491,10 @@ def host_from_dict(d: Mapping[str, Any]) -> HostConfig:
             redirect_fallback=dd["redirect_fallback"],
             tx_completion_us=dd["tx_completion_us"],
             line=dd["line"],
+            xdp_features=tuple(dd.get("xdp_features", ("basic", "redirect", "ndo-xmit") if dd["xdp_xmit"]
+                                      else ("basic", "redirect"))),
+            profile=dd.get("profile", "nic"),
+            peer=dd.get("peer", ""),
         )
     pool = d["pool"]
     return HostConfig(

@@ -293,8 +293,21 @@ DEVICE = Section("device", "`hosts.<host>.devices.<dev>`", (
     Key("xdp", "mapping", "Attached XDP program, below.", None, type_doc="mapping",
         default_doc="null (no program: every packet is passed to the stack, `XDP_PASS` semantics)",
         kernel="`bpf_prog` on `XDP_FLAGS_DRV_MODE`"),
-    Key("xdp_xmit", "bool", "Device implements `ndo_xdp_xmit` and can be a redirect target.", True,
+    Key("xdp_xmit", "bool", "Device implements `ndo_xdp_xmit` and can be a redirect target (its XDP "
+        "features include `ndo-xmit`).  Not for a `veth`, whose peer decides.", True,
         kernel="`ndo_xdp_xmit`"),
+    Key("profile", "choice",
+        "The driver the device behaves like: `nic`, or `veth`, which advertises `ndo-xmit` (can be a "
+        "redirect target) only while the peer of the pair (the far end of its cable) has an XDP program, "
+        "so a redirect to it fails with `-EOPNOTSUPP` otherwise, as the kernel's veth does.", "nic",
+        choices=("nic", "veth"), kernel="`veth_set_xdp_features`"),
+    Key("xdp_features", "str_list",
+        "The XDP feature flags the device advertises, any of `basic`, `redirect`, `ndo-xmit`, "
+        "`ndo-xmit-sg`, `rx-sg`: without `basic` no program can be attached, without `redirect` an "
+        "`XDP_REDIRECT` verdict is an `xdp_exception` (dropped), without `ndo-xmit` the device is no "
+        "redirect target (`-EOPNOTSUPP`).  The `-sg` flags are shown but decide nothing (no multi-buffer "
+        "frames yet).  Not for a `veth`.", None, type_doc="list of flags",
+        default_doc="`basic`, `redirect`, and `ndo-xmit` when `xdp_xmit`", kernel="`dev->xdp_features`"),
     Key("redirect_fallback", "choice",
         "What a redirect to a device without `xdp_xmit` does: `drop` = today's kernel (`-EOPNOTSUPP`, "
         "counted `redirect_err`); `skb` = copy into an skb and transmit normally.", "drop",

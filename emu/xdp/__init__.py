@@ -15,9 +15,12 @@ from emu.xdp import context as _context
 from emu.xdp.bpfmaps import (
     BPF_ANY,
     BPF_EXIST,
+    BPF_F_BROADCAST,
+    BPF_F_EXCLUDE_INGRESS,
     BPF_NOEXIST,
     ArrayMap,
     BpfMap,
+    CpuMap,
     DevMap,
     HashMap,
     MapError,
@@ -27,5 +30,6 @@ from emu.xdp.bpfmaps import (
 )
 from emu.xdp.context import *  # noqa: F403
 
-__all__ = [*_context.__all__, "BPF_ANY", "BPF_EXIST", "BPF_NOEXIST", "ArrayMap", "BpfMap", "DevMap", "HashMap",
-           "MapError", "MapSpec", "PerCpuArrayMap", "PerCpuHashMap"]
+__all__ = [*_context.__all__, "BPF_ANY", "BPF_EXIST", "BPF_F_BROADCAST", "BPF_F_EXCLUDE_INGRESS", "BPF_NOEXIST",
+           "ArrayMap", "BpfMap", "CpuMap", "DevMap", "HashMap", "MapError", "MapSpec", "PerCpuArrayMap",
+           "PerCpuHashMap"]

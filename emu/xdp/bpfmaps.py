@@ -1,7 +1,8 @@
 """BPF maps in shared memory, shared by the CPU worker processes of one emulated host.
 
 Kernel counterpart: ``kernel/bpf/arraymap.c`` (BPF_MAP_TYPE_ARRAY, _PERCPU_ARRAY), ``kernel/bpf/hashtab.c``
-(BPF_MAP_TYPE_HASH, _PERCPU_HASH) and ``kernel/bpf/devmap.c`` (BPF_MAP_TYPE_DEVMAP).  In the kernel a map
+(BPF_MAP_TYPE_HASH, _PERCPU_HASH), ``kernel/bpf/devmap.c`` (BPF_MAP_TYPE_DEVMAP) and ``kernel/bpf/cpumap.c``
+(BPF_MAP_TYPE_CPUMAP: an entry per target CPU with its ptr_ring's ``qsize``, see `CpuMap`).  In the kernel a map
 is one object every CPU sees, which is what lets an XDP program keep state across packets and lets user
 space read it.  Here the "CPUs" are separate processes, so the maps of one program attachment live in
 one `emu.mem.shm.Segment` (a `MapSet`) that every CPU worker attaches; a per-CPU map gives each CPU its own
@@ -62,10 +63,17 @@ from emu.mem.shm import SHM_DIR, Segment
 __all__ = [
     "BPF_ANY",
     "BPF_EXIST",
+    "BPF_F_BROADCAST",
+    "BPF_F_EXCLUDE_INGRESS",
     "BPF_NOEXIST",
+    "CPUMAP_BATCH",
+    "CPU_MAP_BULK_SIZE",
     "MAP_TYPES",
+    "REDIRECT_BROADCAST",
+    "REDIRECT_CPUMAP",
     "ArrayMap",
     "BpfMap",
+    "CpuMap",
     "DevMap",
     "HashMap",
     "MapError",
@@ -80,10 +88,29 @@ __all__ = [
 BPF_ANY = 0
 BPF_NOEXIST = 1
 BPF_EXIST = 2
+# bpf_redirect_map flags (include/uapi/linux/bpf.h): send to every device of a devmap, but the ingress one.
+BPF_F_BROADCAST = 1 << 3
+BPF_F_EXCLUDE_INGRESS = 1 << 4
 
-MapType = Literal["array", "percpu_array", "hash", "percpu_hash", "devmap"]
-MAP_TYPES: tuple[str, ...] = ("array", "percpu_array", "hash", "percpu_hash", "devmap")
+MapType = Literal["array", "percpu_array", "hash", "percpu_hash", "devmap", "cpumap"]
+MAP_TYPES: tuple[str, ...] = ("array", "percpu_array", "hash", "percpu_hash", "devmap", "cpumap")
 MAX_ENTRIES_LIMIT = 1 << 24  # keeps a typo from reserving gigabytes of /dev/shm
+
+# kernel/bpf/cpumap.c: frames a CPU bulks per target before the ptr_ring (CPU_MAP_BULK_SIZE), frames the
+# target's kthread takes a round (CPUMAP_BATCH), and the sanity limit on an entry's qsize.
+CPU_MAP_BULK_SIZE = 8
+CPUMAP_BATCH = 8
+CPU_MAP_QSIZE_MAX = 16384
+# A redirect target at or above this names a cpumap entry rather than an ifindex (ifindexes are u32):
+# ``REDIRECT_CPUMAP | ordinal << 16 | cpu``, `ordinal` the map's place in its map set (sorted names), as
+# the kernel's ``bpf_redirect_info`` keeps the map type and the entry next to the target.
+REDIRECT_CPUMAP = 1 << 32
+# A devmap broadcast's target: ``REDIRECT_BROADCAST | ordinal << 16 | exclude_ingress`` (`DevMap.bcast_base`).
+REDIRECT_BROADCAST = 2 << 32
+# A cpumap entry: ``struct bpf_cpumap_val`` (qsize; the second program, here by its "module:function" name,
+# as a pinned path names a program) and the entry's ptr_ring, as frames produced and consumed.
+CPUMAP_DTYPE = np.dtype([("qsize", "<u4"), ("_pad", "<u4"), ("produced", "<u8"), ("consumed", "<u8"),
+                         ("program", "S104")])
 
 _ALIGN = 64  # rows and maps start on their own cache line, like the kernel's per-CPU areas
 _MAGIC = 0x50504D4150534554  # "PPMAPSET"
@@ -173,6 +200,10 @@ class MapSpec:
             if self.value not in (None, "u32", "u4", "uint32"):
                 raise ValueError(f"a devmap holds u32 ifindexes, not {self.value!r}")
             dt = np.dtype("uint32")
+        elif self.type == "cpumap":
+            if self.value is not None:
+                raise ValueError(f"a cpumap holds struct bpf_cpumap_val (qsize, program), not {self.value!r}")
+            dt = CPUMAP_DTYPE
         else:
             dt = _resolve_dtype("u64" if self.value is None else self.value)
         if self.key not in _KEY_TYPES or (
@@ -471,13 +502,15 @@ class DevMap(BpfMap):
     """BPF_MAP_TYPE_DEVMAP: an array of egress ifindexes (0 = empty slot) for ``bpf_redirect_map``."""
 
     # `ifindexes` is the raw u32 slot storage, a plain attribute (not a property) because
-    # `emu.xdp.XdpContext.redirect_map` reads it per packet.
-    __slots__ = ("ifindexes",)
+    # `emu.xdp.XdpContext.redirect_map` reads it per packet; `bcast_base` codes a broadcast to this map
+    # (`REDIRECT_BROADCAST` and its ordinal in its map set).
+    __slots__ = ("bcast_base", "ifindexes")
 
-    def __init__(self, name: str, spec: MapSpec, values: Any) -> None:
+    def __init__(self, name: str, spec: MapSpec, values: Any, bcast_base: int = REDIRECT_BROADCAST) -> None:
         super().__init__(name, spec)
         self._v = values
         self.ifindexes = values
+        self.bcast_base = bcast_base
 
     def lookup(self, key: int) -> int | None:
         if 0 <= key < self._n:
@@ -514,6 +547,145 @@ class DevMap(BpfMap):
     def snapshot(self) -> dict[str, Any]:
         entries = {str(k): self._v[k] for k in range(self._n) if self._v[k]}
         return {"type": "devmap", "max_entries": self._n, "entries": entries}
+
+
+class CpuMap(BpfMap):
+    """BPF_MAP_TYPE_CPUMAP: one entry per target CPU (the key), each with its ptr_ring of ``qsize`` frames
+    and an optional second XDP program the target's kthread runs (``xdp/cpumap`` programs, 5.9).
+
+    ``bpf_redirect_map(&cpu_map, cpu, 0)`` sends a frame to CPU `cpu`: the redirecting CPU bulks it (8 a
+    target), then produces the bulk into the entry's ptr_ring, dropping what does not fit.  The ring is
+    shared by every producer, as the kernel's is under its producer lock: `ring_produce` reserves room
+    under the map's OFD lock (one byte per entry), and the consumer, the target CPU's kthread, returns it
+    with `ring_consumed` (one writer, no lock).  Its frames travel in messages (`emu.net.protocol`'s
+    ``cpumap`` kind); the ring counts them from produce to the kthread taking them.
+
+    Updates follow ``cpu_map_update_elem``: a key past ``max_entries`` is E2BIG, BPF_NOEXIST is EEXIST
+    (an entry always exists), a qsize above 16384 EOVERFLOW, a CPU the host does not have ENODEV.  The
+    kernel treats qsize 0 as deleting the entry; from a topology that is always a mistake, so it is
+    refused (EINVAL) with that explanation: `delete` empties an entry.
+    """
+
+    __slots__ = ("_lockbase", "_lockfile", "ncpus", "qsizes", "redirect_base")
+
+    def __init__(self, name: str, spec: MapSpec, values: Any, ncpus: int, redirect_base: int,
+                 lockfile: OfdLockFile, lockbase: int) -> None:
+        super().__init__(name, spec)
+        self._v = values
+        self.ncpus = ncpus
+        # Read per packet by `emu.xdp.XdpContext.redirect_map`: the qsize field (0: no entry), a view.
+        self.qsizes = values["qsize"]
+        self.redirect_base = redirect_base
+        self._lockfile = lockfile
+        self._lockbase = lockbase
+
+    def _check_key(self, key: int) -> None:
+        if not isinstance(key, int) or not 0 <= key < self._n:
+            raise MapError(errno.E2BIG, f"cpumap {self.name!r}: key {key} out of range 0..{self._n - 1}")
+
+    def lookup(self, key: int) -> dict[str, Any] | None:
+        """The entry of CPU `key` (``qsize``, ``program``), or None."""
+        if not isinstance(key, int) or not 0 <= key < self._n:
+            return None
+        e = self._v[key]
+        if not e["qsize"]:
+            return None
+        return {"qsize": int(e["qsize"]), "program": e["program"].decode() or None}
+
+    def program(self, key: int) -> str | None:
+        """The second program of CPU `key`'s entry ("module:function"), or None."""
+        name = bytes(self._v[key]["program"]).decode()
+        return name or None
+
+    def update(self, key: int, value: Any, flags: int = BPF_ANY) -> None:
+        """Set CPU `key`'s entry: `value` is its qsize, or ``{"qsize": n, "program": "module:function"}``."""
+        _check_flags(flags)
+        self._check_key(key)
+        if flags == BPF_NOEXIST:
+            raise MapError(errno.EEXIST, f"cpumap {self.name!r}: key {key} always exists (BPF_NOEXIST)")
+        prog = None
+        entry = f"cpumap {self.name!r}: CPU {key}'s entry"
+        if isinstance(value, Mapping):
+            unknown = set(value) - {"qsize", "program"}
+            if unknown:
+                raise MapError(errno.EINVAL, f"{entry}: unknown fields "
+                                             f"{sorted(unknown)} (struct bpf_cpumap_val has qsize, program)")
+            qsize, prog = value.get("qsize"), value.get("program")
+        else:
+            qsize = value
+        if type(qsize) is not int or qsize < 0:
+            raise MapError(errno.EINVAL, f"{entry}: qsize {qsize!r} is not a frame count")
+        if qsize > CPU_MAP_QSIZE_MAX:
+            raise MapError(errno.EOVERFLOW, f"{entry}: qsize {qsize} above the kernel's limit of "
+                                            f"{CPU_MAP_QSIZE_MAX}")
+        if key >= self.ncpus:
+            raise MapError(errno.ENODEV, f"cpumap {self.name!r}: key {key}: the host has no CPU {key} "
+                                         f"(CPUs 0..{self.ncpus - 1})")
+        if qsize == 0:
+            raise MapError(errno.EINVAL, f"{entry}: qsize 0 (the kernel takes it as "
+                                         "deleting the entry, so nothing could be redirected to CPU "
+                                         f"{key}); give the ptr_ring's size, e.g. 2048 as xdp-bench does")
+        if prog is not None:
+            from emu.topology.model import resolve_program  # the one place that imports program modules
+
+            if not isinstance(prog, str):
+                raise MapError(errno.EINVAL, f"{entry}: program {prog!r} is not "
+                                             "a 'module:function' name")
+            try:
+                fn = resolve_program(prog)
+            except ValueError as e:
+                raise MapError(errno.EINVAL, f"{entry}: {e}") from None
+            if getattr(fn, "maps", None):
+                raise MapError(errno.EINVAL, f"{entry}: program {prog!r} declares "
+                                             "maps; a cpumap program here runs without maps of its own")
+            if len(prog.encode()) > CPUMAP_DTYPE["program"].itemsize:
+                raise MapError(errno.ENAMETOOLONG, f"{entry}: program name too long")
+        e = self._v[key : key + 1]
+        e["qsize"] = qsize
+        e["program"] = (prog or "").encode()
+
+    def delete(self, key: int) -> None:
+        self._check_key(key)
+        self._v[key : key + 1]["qsize"] = 0
+
+    def __getitem__(self, key: int) -> dict[str, Any]:
+        v = self.lookup(key)
+        if v is None:
+            raise MapError(errno.ENOENT, f"cpumap {self.name!r}: no entry for CPU {key}")
+        return v
+
+    def __setitem__(self, key: int, value: Any) -> None:
+        self.update(key, value)
+
+    def queued(self, key: int) -> int:
+        """Frames in CPU `key`'s ptr_ring now (produced, not yet taken by its kthread)."""
+        e = self._v[key]
+        return int(e["produced"]) - int(e["consumed"])
+
+    def ring_produce(self, key: int, n: int) -> int:
+        """``__ptr_ring_produce`` of `n` frames under the producer lock: how many fit (the first ones);
+        the caller drops the rest, as ``bq_flush_to_queue`` does."""
+        with self._lockfile.lock(self._lockbase + key):
+            v = self._v
+            # (Never below empty: a forged cpumap message refused by the consumer returns slots it never
+            # held.)
+            room = int(v[key]["qsize"]) - max(0, int(v[key]["produced"]) - int(v[key]["consumed"]))
+            k = max(0, min(n, room))
+            if k:
+                v[key : key + 1]["produced"] += k
+        return k
+
+    def ring_consumed(self, key: int, n: int) -> None:
+        """The kthread of CPU `key` took `n` frames off its ring (the single consumer: no lock)."""
+        self._v[key : key + 1]["consumed"] += n
+
+    def snapshot(self) -> dict[str, Any]:
+        entries = {}
+        for k in range(self._n):
+            e = self.lookup(k)
+            if e is not None:
+                entries[str(k)] = {**e, "queued": self.queued(k)}
+        return {"type": "cpumap", "max_entries": self._n, "entries": entries}
 
 
 class HashMap(BpfMap):
@@ -820,10 +992,10 @@ class MapSet:
         self.ncpus = ncpus
         self.cpu = cpu
         _, places = _layout(self.specs, ncpus)
-        needs_lock = any(s.type in ("hash", "percpu_hash") for s in self.specs.values())
+        needs_lock = any(s.type in ("hash", "percpu_hash", "cpumap") for s in self.specs.values())
         self._lockfile = OfdLockFile(f"{SHM_DIR}/{seg.name}") if needs_lock else None
         self.maps: dict[str, BpfMap] = {}
-        for name in sorted(self.specs):
+        for ordinal, name in enumerate(sorted(self.specs)):
             s, p = self.specs[name], places[name]
             nrows = ncpus if s.percpu else 1
             rows = [_values_view(seg, s.dtype, p.capacity, p.values + r * p.row) for r in range(nrows)]
@@ -833,7 +1005,10 @@ class MapSet:
             elif s.type == "percpu_array":
                 m = PerCpuArrayMap(name, s, rows, cpu)
             elif s.type == "devmap":
-                m = DevMap(name, s, rows[0])
+                m = DevMap(name, s, rows[0], REDIRECT_BROADCAST | ordinal << 16)
+            elif s.type == "cpumap":
+                assert self._lockfile is not None
+                m = CpuMap(name, s, rows[0], ncpus, REDIRECT_CPUMAP | ordinal << 16, self._lockfile, p.offset)
             else:
                 assert self._lockfile is not None
                 cls = HashMap if s.type == "hash" else PerCpuHashMap
@@ -926,5 +1101,7 @@ def populate(
             value = ifindex_of(v) if isinstance(v, str) else v
             if isinstance(m, PerCpuArrayMap | PerCpuHashMap):
                 m.update_all(key, value)
+            elif isinstance(m, CpuMap):
+                m.update(key, v)
             elif isinstance(m, ArrayMap | DevMap | HashMap):
                 m.update(key, value)

@@ -58,7 +58,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from emu.mem.pagemem import PageSpans
-from emu.xdp.bpfmaps import BpfMap, DevMap, MapSpec
+from emu.xdp.bpfmaps import BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS, BpfMap, CpuMap, DevMap, MapSpec
 
 __all__ = [
     "PARAM_TYPES",
@@ -99,6 +99,8 @@ XDP_REDIRECT = 4
 
 # bpf_redirect_map(): the low bits of flags are the action on a lookup miss (XDP_ABORTED..XDP_TX).
 _ACTION_MASK = XDP_ABORTED | XDP_DROP | XDP_PASS | XDP_TX
+# ...and a devmap takes BPF_F_BROADCAST (every device of the map) and BPF_F_EXCLUDE_INGRESS on top.
+_BCAST_FLAGS = BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS
 
 
 class XdpContext:
@@ -153,15 +155,28 @@ class XdpContext:
         self.redirect_ifindex = ifindex
         return XDP_REDIRECT
 
-    def redirect_map(self, devmap: DevMap, key: int, flags: int = 0) -> int:
-        """``bpf_redirect_map`` on a devmap: XDP_REDIRECT on a hit, else the action in ``flags & 3``.
+    def redirect_map(self, devmap: DevMap | CpuMap, key: int, flags: int = 0) -> int:
+        """``bpf_redirect_map`` on a devmap or a cpumap: XDP_REDIRECT on a hit, else the action in
+        ``flags & 3``.  A cpumap hit targets CPU `key` (`emu.xdp.bpfmaps.REDIRECT_CPUMAP` codes it).
 
-        Flags beyond the action bits (BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS) are not emulated and
-        return XDP_ABORTED, as unknown flags do in the kernel.
+        On a devmap, ``BPF_F_BROADCAST`` ignores `key` and sends the frame to every device of the map
+        (``BPF_F_EXCLUDE_INGRESS``: but the one it came in on), always XDP_REDIRECT, as the kernel's
+        ``dev_map_redirect`` does; any other flag returns XDP_ABORTED, as unknown flags do in the kernel.
         """
         if flags & ~_ACTION_MASK:
+            if flags & BPF_F_BROADCAST and not flags & ~(_ACTION_MASK | _BCAST_FLAGS) and \
+                    devmap.__class__ is DevMap:
+                self.redirect_ifindex = devmap.bcast_base | bool(flags & BPF_F_EXCLUDE_INGRESS)  # type: ignore[union-attr]
+                return XDP_REDIRECT
             return XDP_ABORTED
-        slots = devmap.ifindexes  # inlined DevMap.lookup: this runs per packet
+        if devmap.__class__ is CpuMap:
+            # __cpu_map_lookup_elem: an entry with a ring (qsize > 0) is a hit.
+            qs = devmap.qsizes  # type: ignore[union-attr]
+            if 0 <= key < len(qs) and qs[key]:
+                self.redirect_ifindex = devmap.redirect_base + key  # type: ignore[union-attr]
+                return XDP_REDIRECT
+            return flags
+        slots = devmap.ifindexes  # type: ignore[union-attr]  # inlined DevMap.lookup: runs per packet
         if 0 <= key < len(slots):
             ifindex = slots[key]
             if ifindex:
@@ -268,15 +283,26 @@ class XdpBatch:
         self.redirect_ifindex[where] = ifindex
         return XDP_REDIRECT
 
-    def redirect_map(self, devmap: DevMap, keys: np.ndarray | int, where: np.ndarray | slice = slice(None),
-                     flags: int = 0) -> np.ndarray:
-        """``bpf_redirect_map`` on a devmap for the packets `where` selects (`keys` one per selected packet,
-        or one for all): the verdict of each, XDP_REDIRECT on a hit, else the action in ``flags & 3``."""
+    def redirect_map(self, devmap: DevMap | CpuMap, keys: np.ndarray | int,
+                     where: np.ndarray | slice = slice(None), flags: int = 0) -> np.ndarray:
+        """``bpf_redirect_map`` on a devmap or a cpumap for the packets `where` selects (`keys` one per
+        selected packet, or one for all): the verdict of each, XDP_REDIRECT on a hit, else the action in
+        ``flags & 3``."""
         sel = np.arange(len(self.pages))[where]
         if flags & ~_ACTION_MASK:
+            if flags & BPF_F_BROADCAST and not flags & ~(_ACTION_MASK | _BCAST_FLAGS) and isinstance(devmap, DevMap):
+                self.redirect_ifindex[sel] = devmap.bcast_base | bool(flags & BPF_F_EXCLUDE_INGRESS)
+                return np.full(len(sel), XDP_REDIRECT, dtype=np.int64)
             return np.full(len(sel), XDP_ABORTED, dtype=np.int64)
-        slots = np.asarray(devmap.ifindexes, dtype=np.int64)
         keys = np.broadcast_to(np.asarray(keys, dtype=np.int64), sel.shape)
+        if isinstance(devmap, CpuMap):
+            qs = np.asarray(devmap.qsizes, dtype=np.int64)
+            inside = (keys >= 0) & (keys < len(qs))
+            hit = np.zeros(len(sel), dtype=bool)
+            hit[inside] = qs[keys[inside]] != 0
+            self.redirect_ifindex[sel[hit]] = devmap.redirect_base + keys[hit]
+            return np.where(hit, XDP_REDIRECT, flags)
+        slots = np.asarray(devmap.ifindexes, dtype=np.int64)
         inside = (keys >= 0) & (keys < len(slots))
         ifx = np.zeros(len(sel), dtype=np.int64)
         ifx[inside] = slots[keys[inside]]

@@ -1,0 +1,259 @@
+"""devmap broadcast (BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS): every device of the map but the ingress one
+gets the frame; each extra copy is a clone in a page from the page allocator (``xdpf_clone``), the
+original goes to the last target.  So N targets cost one pool page and N-1 page-allocator pages, which
+the counters and the strict audit show exactly; a map with only the ingress device sends nothing, and a
+frame too large to clone is an -ENOMEM redirect error."""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fakes import Counters
+
+from emu.datapath.napi import NapiCore, RxQueue
+from emu.mem.page import ORDER0_OWNER, PageState
+from emu.mem.pagepool import C, audit, pool_of, tx_dma_start
+from emu.net import wire
+from emu.net.protocol import XDP_PACKET_HEADROOM, refill_batch
+from emu.run.coordinator import Run, RunOptions
+from emu.topology.file import load_topology, validate_topology_text
+from emu.xdp.bpfmaps import BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS, MapSet, populate
+from emu.xdp.context import XDP_ABORTED, XDP_REDIRECT, XdpContext, load_program
+
+ROOT = Path(__file__).resolve().parent.parent
+RX_RING = 64
+IFX = {"eth0": 2, "eth1": 3, "eth2": 4, "eth3": 5}
+
+HOST = """
+name: t
+hosts:
+  h1:
+    cpus: 1
+    page_size: {page_size}
+    pages: 8192
+    devices:
+      eth0:
+        ifindex: 2
+        rx_ring_size: {ring}
+        xdp_xmit: {eth0_xmit}
+        xdp:
+          program: "emu.programs:xdp_broadcast"
+          params: {params}
+      eth1: {{ifindex: 3, xdp_xmit: true}}
+      eth2: {{ifindex: 4, xdp_xmit: {eth2_xmit}}}
+      eth3: {{ifindex: 5, xdp_xmit: true}}
+"""
+
+
+class FakeOutbox:
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []
+
+    def send(self, to, kind, header, descs) -> None:
+        self.sent.append((to, kind, dict(header), descs.copy()))
+
+    def send_frames(self, to, frames) -> None:
+        self.sent.append((to, "frames", list(frames)))
+
+    def take(self, kind: str) -> list[tuple]:
+        out = [m for m in self.sent if m[1] == kind]
+        self.sent = [m for m in self.sent if m[1] != kind]
+        return out
+
+
+class Bcast:
+    """One CPU polling eth0, which runs xdp_broadcast over the devmap `tx_ports`."""
+
+    def __init__(self, page_memory, run_prefix: str, tx_ports: str, exclude: bool = True,
+                 page_size: int = 2048, npages: int = 1024, eth0_xmit: bool = False, eth2_xmit: bool = True) -> None:
+        params = f"{{tx_ports: {tx_ports}, exclude_ingress: {'true' if exclude else 'false'}}}"
+        topo = validate_topology_text(HOST.format(page_size=page_size, ring=RX_RING, params=params,
+                                                  eth0_xmit=str(eth0_xmit).lower(),
+                                                  eth2_xmit=str(eth2_xmit).lower()), "t.yaml")
+        host = topo.hosts["h1"]
+        self.pm = pm = page_memory(npages=npages, page_size=page_size, ncpus=1)
+        prog = load_program("emu.programs:xdp_broadcast")
+        dev = host.devices["eth0"]
+        self.ms = MapSet.create(f"{run_prefix}-maps", prog.maps, 1, 0)
+        populate(self.ms, prog.initial_maps(dev.xdp.params), IFX.__getitem__)
+        ctx = prog.new_context(2, 0, 0, dev.xdp.params, self.ms.maps, IFX)
+        rxq = RxQueue("eth0", 2, 0, RX_RING, prog.fn, ctx, prog.batch, refill_batch(RX_RING))
+        self.counts = Counters("cpu")
+        self.out = FakeOutbox()
+        self.core = NapiCore(host, 0, pm, pool_of(pm, 0, owner=True), [rxq], self.out, self.counts.array,
+                             self.counts.index, lambda key, text: None)
+
+    def close(self) -> None:
+        self.ms.unlink()
+        self.ms.close()
+
+    def receive(self, n: int, length: int = 64) -> tuple[np.ndarray, list[bytes]]:
+        core, pm = self.core, self.pm
+        core.refill()
+        core.post_flush()
+        (_, _, _, posted), = self.out.take("post")
+        d = posted[:n].copy()
+        frames = []
+        for k in range(n):
+            f = bytes([k % 251]) * length
+            p = int(d["page"][k])
+            start = p * pm.page_size + XDP_PACKET_HEADROOM
+            pm.data[start : start + length] = np.frombuffer(f, np.uint8)
+            pm.len[p] = length
+            frames.append(f)
+        d["len"] = length
+        core.dispatch(wire.pack_msg("rx", {"dev": "eth0", "q": 0}, d.tobytes()))
+        return d["page"].astype(np.int64), frames
+
+    def frame_of(self, page: int) -> bytes:
+        pm = self.pm
+        start = page * pm.page_size + int(pm.off[page])
+        return bytes(pm.data[start : start + int(pm.len[page])])
+
+    def complete(self, xmit: list[tuple]) -> None:
+        """Play the devices: put every transmitted frame on the wire, then complete it to the CPU."""
+        for to, _, hdr, d in xmit:
+            tx_dma_start(self.pm, d["page"])
+            self.core.dispatch(wire.pack_msg("txc", {"dev": to, "txq": hdr["txq"]}, d.tobytes()))
+
+
+@pytest.fixture
+def bcast(page_memory, run_prefix):
+    made: list[Bcast] = []
+
+    def make(*args, **kw) -> Bcast:
+        b = Bcast(page_memory, f"{run_prefix}-{len(made)}", *args, **kw)
+        made.append(b)
+        return b
+
+    yield make
+    for b in made:
+        b.close()
+
+
+def test_three_targets_one_pool_page_and_two_page_allocator_pages(bcast) -> None:
+    b = bcast("{0: eth0, 1: eth1, 2: eth2, 3: eth3}")
+    pm = b.pm
+    ids, frames = b.receive(10)
+    free_before = pm.free_count
+    hold_before = int(pm.pool_counters[0, C["hold_cnt"]])
+    assert b.core.poll_pass(got=1, refilling=False) == 10
+    assert b.counts["xdp_redirect"] == 10 and b.counts["xdpf_clone"] == 20 and b.counts["redirect_err"] == 0
+    xmit = {to: (hdr, d) for to, _, hdr, d in b.out.take("xmit")}
+    assert sorted(xmit) == ["eth1", "eth2", "eth3"]  # eth0, the ingress device, is excluded
+    # The last target gets the frames themselves; the others a clone each, in page-allocator pages.
+    assert xmit["eth3"][1]["page"].tolist() == ids.tolist()
+    clones = np.concatenate([xmit["eth1"][1]["page"], xmit["eth2"][1]["page"]]).astype(np.int64)
+    assert len(np.unique(clones)) == 20 and not np.isin(clones, ids).any()
+    assert (pm.owner[clones] == ORDER0_OWNER).all() and (pm.refcnt[clones] == 1).all()
+    assert (pm.state[clones] == PageState.TX_QUEUED).all()
+    for dev in ("eth1", "eth2"):
+        assert [b.frame_of(int(p)) for p in xmit[dev][1]["page"]] == frames
+    assert pm.free_count == free_before - 20  # straight from the page allocator...
+    assert int(pm.pool_counters[0, C["hold_cnt"]]) == hold_before  # ...not from the pool
+    assert int(pm.header[13]) == 20 and audit(pm, strict=True).problems == []
+    # TX completion: the clones go back to the page allocator, the originals to the pool's cache.
+    cached = int(pm.pool_counters[0, C["recycle_cached"]])
+    b.complete([(to, None, hdr, d) for to, (hdr, d) in xmit.items()])
+    assert b.counts["tx_completions"] == 30 and b.counts["remote_returns"] == 0
+    assert (pm.state[clones] == PageState.FREE).all() and pm.free_count == free_before
+    assert (pm.state[ids] == PageState.CACHE).all()
+    assert int(pm.pool_counters[0, C["recycle_cached"]]) == cached + 10
+    assert int(pm.pool_counters[0, C["recycle_ring"]]) == 0 and int(pm.pool_counters[0, C["double_free"]]) == 0
+    a = audit(pm, strict=True)
+    assert a.problems == [] and a.by_state["tx_queued"] == a.by_state["tx_inflight"] == 0
+
+
+def test_a_map_of_the_ingress_device_only_sends_nothing(bcast) -> None:
+    b = bcast("{0: eth0}")
+    ids, _ = b.receive(12)
+    b.core.poll_pass(got=1, refilling=False)
+    # The kernel's dev_map_enqueue_multi: no destination, the frame is freed and the redirect succeeded.
+    assert b.counts["xdp_redirect"] == 12 and b.counts["redirect_bcast_empty"] == 12
+    assert b.counts["redirect_err"] == 0 and b.counts["xdpf_clone"] == 0 and b.out.take("xmit") == []
+    assert (b.pm.state[ids] == PageState.CACHE).all()
+
+
+def test_without_exclude_ingress_the_ingress_device_gets_one_too(bcast) -> None:
+    b = bcast("{0: eth0, 1: eth1}", exclude=False, eth0_xmit=True)
+    ids, _ = b.receive(5)
+    b.core.poll_pass(got=1, refilling=False)
+    xmit = {to: d for to, _, _, d in b.out.take("xmit")}
+    assert sorted(xmit) == ["eth0", "eth1"] and b.counts["xdpf_clone"] == 5
+    assert xmit["eth1"]["page"].tolist() == ids.tolist()  # the last in map order: the originals
+
+
+def test_devices_without_ndo_xdp_xmit_are_skipped(bcast) -> None:
+    b = bcast("{1: eth1, 2: eth2, 3: eth3}", eth2_xmit=False)
+    b.receive(4)
+    b.core.poll_pass(got=1, refilling=False)
+    assert sorted(to for to, *_ in b.out.take("xmit")) == ["eth1", "eth3"] and b.counts["xdpf_clone"] == 4
+
+
+def test_a_frame_larger_than_a_page_cannot_be_cloned(bcast) -> None:
+    b = bcast("{1: eth1, 2: eth2}", page_size=8192)
+    ids, _ = b.receive(3, length=4000)  # at offset 256: it ends past the kernel's 4,096-byte page
+    b.core.poll_pass(got=1, refilling=False)
+    assert b.counts["redirect_err"] == 3 and b.counts["xdpf_clone"] == 0 and b.out.take("xmit") == []
+    assert (b.pm.state[ids] == PageState.CACHE).all() and audit(b.pm, strict=True).problems == []
+    # One target needs no clone: the frame itself goes.
+    one = bcast("{1: eth1}", page_size=8192)
+    ids, _ = one.receive(3, length=4000)
+    one.core.poll_pass(got=1, refilling=False)
+    assert one.counts["redirect_err"] == 0 and [to for to, *_ in one.out.take("xmit")] == ["eth1"]
+
+
+def test_no_page_left_to_clone_into_is_enomem_and_loses_nothing(bcast) -> None:
+    b = bcast("{1: eth1, 2: eth2, 3: eth3}", npages=80)
+    ids, _ = b.receive(40)
+    # 80 pages: the pool took 64 for eth0's ring, 16 are left; 40 frames need 80 clones.
+    b.core.poll_pass(got=1, refilling=False)
+    assert b.counts["redirect_err"] == 40 and b.counts["xdpf_clone"] == 0 and b.out.take("xmit") == []
+    assert (b.pm.state[ids] == PageState.CACHE).all()
+    assert audit(b.pm, strict=True).problems == [] and int(b.pm.header[13]) == 0
+
+
+def test_broadcast_flags_per_packet_and_vectorised(run_prefix) -> None:
+    prog = load_program("emu.programs:xdp_broadcast")
+    ms = MapSet.create(f"{run_prefix}-m", prog.maps, 1)
+    try:
+        tx = ms.maps["tx_ports"]
+        ctx = XdpContext(2, 0, 0, maps=ms.maps)
+        flags = BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS
+        assert ctx.redirect_map(tx, 7, flags) == XDP_REDIRECT and ctx.redirect_ifindex == tx.bcast_base | 1
+        assert ctx.redirect_map(tx, 0, BPF_F_BROADCAST) == XDP_REDIRECT and ctx.redirect_ifindex == tx.bcast_base
+        assert ctx.redirect_map(tx, 0, BPF_F_EXCLUDE_INGRESS) == XDP_ABORTED  # not without BPF_F_BROADCAST
+        assert ctx.redirect_map(tx, 0, flags | 1 << 5) == XDP_ABORTED  # an unknown flag
+    finally:
+        ms.unlink()
+        ms.close()
+
+
+@pytest.mark.slow
+def test_broadcast_topology_floods_three_sinks_and_accounts_for_every_page() -> None:
+    topo = load_topology(ROOT / "topology" / "broadcast.yaml")
+    r = Run(topo, RunOptions(count=20_000, interval=0.5, out=io.StringIO())).run()
+    assert multiprocessing.active_children() == []
+    assert all(n == 0 for n in r["violations"].values()), r["violations"]
+    t = r["traffic"]
+    assert t["generated"] == 20_000 and t["unaccounted"] == 0 and t["corrupted"] == 0 and t["duplicates"] == 0
+    # Every packet reached all three sinks: two clones and the frame itself (the topology leaves the page
+    # allocator enough pages for every clone, and the TX rings hold back RX rather than drop).
+    assert t["dropped"] == 0, t["drops"]
+    assert t["cloned"] == 40_000 and t["delivered"] == 60_000
+    assert {k: v["verified"] for k, v in t["ports"].items() if k.startswith("sink")} == {
+        "sink1": 20_000, "sink2": 20_000, "sink3": 20_000}
+    assert sum(c["xdpf_clone"] for c in r["cpus"]) == 40_000
+    p = r["pages"]
+    assert p["clone_pages"] == p["clone_pages_freed"] == 40_000
+    assert p["total"] == p["accounted"] == p["by_state"]["free"] and not p["problems"], p
+    for c in r["cpus"]:
+        pp = c["page_pool"]
+        assert pp["hold_cnt"] == pp["release_cnt"]
+    eth = {d["name"]: d for d in r["devices"]}
+    assert [eth[n]["xdp_xmit"] for n in ("eth1", "eth2", "eth3")] == [20_000] * 3
+    assert [eth[n]["tx_completions"] for n in ("eth1", "eth2", "eth3")] == [20_000] * 3
