@@ -173,6 +173,9 @@ def traffic_section(final: Snapshot) -> dict[str, Any]:
         "corrupted": final.total("traffic", "corrupted"),
         "duplicates": final.total("traffic", "duplicates"),
         "unaccounted": final.unaccounted(),
+        # Packets paced generators owed but fell too far behind to send: the rate offered fell short by
+        # this much (not a loss: they were never generated).
+        "pacer_lag": final.total("traffic", "pacer_lag"),
         "drops": final.drops(),
         "ports": {k: {n: v for n, v in final.rows[k].items() if n not in CONTROL} for k in final.keys("traffic")},
     }
@@ -472,6 +475,9 @@ def summary(r: dict[str, Any]) -> str:
     drops = ", ".join(f"{k} {n:,}" for k, n in t["drops"].items() if n)
     if drops:
         out.append(f"  drops    {drops}")
+    if t.get("pacer_lag"):
+        out.append(f"  pacer    {t['pacer_lag']:,} packets owed at the paced rate but not sent (pacer_lag: the "
+                   f"generator fell behind by more than its backlog)")
     out.append(f"  rate     {r['rx_pps']:,} XDP rx pkt/s, {r['delivered_pps']:,} delivered pkt/s")
     for c in r["cpus"]:
         x = c["xdp"]
