@@ -143,6 +143,11 @@ BAD_SPECS = [
     ("a plot against an unknown key", SPEC.replace("{x: hosts.h1.pool.pool_size", "{x: hosts.h1.cpus"),
      "hosts.h1.cpus", 7),
     ("unknown top-level key", SPEC + "repeat: 3\n", "repeat", 8),
+    ("a time plot of what is no time series", SPEC.replace("{x: hosts.h1.pool.pool_size, y: hit_ratio}",
+                                                           "{x: time, y: hit_ratio}"), "hit_ratio", 7),
+    ("a time plot's lines not a grid key", SPEC.replace("{x: hosts.h1.pool.pool_size, y: hit_ratio}",
+                                                        "{x: time, y: in_flight, lines: hosts.h1.cpus}"),
+     "hosts.h1.cpus", 7),
     ("run without a length", SPEC.replace("run: {count: 3000}", "run: {}"), "run", 5),
 ]
 
@@ -179,9 +184,31 @@ def _png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+def test_time_series_average_repeats_sample_by_sample(tmp_path: Path) -> None:
+    """A time plot's line per grid point: the repeats' samples averaged index by index, cut to the
+    shortest repeat, against the first repeat's times."""
+    spec = load_spec(str(_write(tmp_path, SPEC.replace("repeats: 1", "repeats: 2")
+                                + "  - {x: time, y: pool_bytes, lines: hosts.h1.pool.pool_size}\n")))
+    plot = spec.plots[1]
+    assert plot.x == "time" and plot.y == "pool_bytes"
+
+    def run(size: int, pool_bytes: list[int]) -> dict[str, Any]:
+        samples = {"period_s": 0.05, "t_s": [0.05 * k + 0.01 for k in range(len(pool_bytes))],
+                   "pool_bytes": pool_bytes}
+        return {"params": {"hosts.h1.pool.pool_size": size}, "report": {"pages": {"samples": samples}}}
+
+    runs = [run(64, [10, 20, 30]), run(64, [30, 40]), run(256, [5, 5, 5, 5])]
+    lines = output.time_series(spec, plot, runs)
+    assert lines["pool_size=64"] == (pytest.approx([0.01, 0.06]), [20.0, 30.0])
+    assert lines["pool_size=256"][1] == [5.0] * 4
+    png = tmp_path / "t.png"
+    output.draw_plot(spec, plot, runs, str(png))
+    assert _png_size(png) == (640, 400)
+
+
 @pytest.mark.slow
 def test_sweep_tiny_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = _write(tmp_path)
+    path = _write(tmp_path, SPEC + "  - {x: time, y: alloc_slow, lines: hosts.h1.pool.pool_size}\n")
     out = tmp_path / "out"
     assert main(["sweep", str(path), "--out", str(out)]) == 0
     with open(out / "results.csv", newline="") as f:
@@ -208,6 +235,19 @@ def test_sweep_tiny_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert matplotlib.image.imread(str(png)).shape[:2] == (400, 640)
     md = (out / "report.md").read_text()
     assert f"]({png.name})" in md and "results.csv" in md
+    # The time series: every series as long as the times, the times rising, the counters never falling,
+    # and the last sample's alloc_slow no more than the run's total.
+    for run in results["runs"]:
+        samples = run["report"]["pages"]["samples"]
+        n = len(samples["t_s"])
+        assert n and all(len(samples[name]) == n for name in rep.SAMPLE_SERIES)
+        assert samples["t_s"] == sorted(samples["t_s"])
+        for name in ("alloc_slow", "page_alloc", "page_free", "delivered"):
+            assert samples[name] == sorted(samples[name]), name
+        assert 0 < samples["alloc_slow"][-1] <= run["page_pool"]["alloc_slow"]
+    timeplot = out / output.plot_file(1, load_spec(str(path)).plots[1])
+    assert timeplot.name.endswith("-vs-time.png") and _png_size(timeplot) == (640, 400)
+    assert f"]({timeplot.name})" in md and "alloc_slow over time" in md
 
 
 class _Interrupt:

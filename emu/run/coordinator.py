@@ -608,7 +608,9 @@ class Run(Console):
         if not self.started or self.settled_ns or not self.pms or (now < self.next_sample and not force):
             return
         self.next_sample = now + rep.SAMPLE_PERIOD
-        self.samples.append(rep.sample_pages(self.pms))
+        # With the time since START and the packets delivered so far: the report's time series.
+        delivered = rep.snapshot(self.table, now).delivered() if self.table is not None else 0
+        self.samples.append(rep.sample_pages(self.pms, (time.monotonic_ns() - self.started_ns) / 1e9, delivered))
 
     def quiesce(self, settle: bool = True) -> None:
         """QUIESCE: generators stop; unless `settle` is False (a multi-host run's coordinator judges that

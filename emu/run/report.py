@@ -175,7 +175,7 @@ def traffic_section(final: Snapshot) -> dict[str, Any]:
         "unaccounted": final.unaccounted(),
         # Packets paced generators owed but fell too far behind to send: the rate offered fell short by
         # this much (not a loss: they were never generated).
-        "pacer_lag": final.total("traffic", "pacer_lag"),
+        "pacer_lag": sum(final.rows[k].get("pacer_lag", 0) for k in final.keys("traffic")),
         "drops": final.drops(),
         "ports": {k: {n: v for n, v in final.rows[k].items() if n not in CONTROL} for k in final.keys("traffic")},
     }
@@ -209,37 +209,63 @@ class HostPages:
 class PageSample:
     """One look at the page tables while traffic runs: pages in flight (out of every pool and of the page
     allocator: allocated, posted for RX, in XDP, queued or in flight for TX, held by an skb) and the bytes
-    of the pages the pools keep (alloc caches and recycle rings)."""
+    of the pages the pools keep (alloc caches and recycle rings); with the time since START, the pools'
+    page-allocator counters so far (summed over CPUs: ``alloc_slow``, pages taken = ``hold_cnt``, pages
+    given back while running = recycle_ring_full + recycle_hard_limit + recycle_released_refcnt, as
+    `derive_metrics` counts them), the adaptive watermarks (summed; 0 for `fixed`) and the packets
+    delivered so far, so that a run's report shows them over time (`SAMPLE_SERIES`)."""
 
     in_flight: int
     pool_bytes: int
+    t_s: float = 0.0
+    alloc_slow: int = 0
+    page_alloc: int = 0
+    page_free: int = 0
+    watermark: int = 0
+    delivered: int = 0
 
 
-def sample_pages(pms: dict[str, PageMemory]) -> PageSample:
+# The report's time series (``pages.samples``): one list per name, one entry per sample, next to ``t_s``.
+SAMPLE_SERIES = ("in_flight", "pool_bytes", "alloc_slow", "page_alloc", "page_free", "watermark", "delivered")
+_FREED = [C["recycle_ring_full"], C["recycle_hard_limit"], C["recycle_released_refcnt"]]
+
+
+def sample_pages(pms: dict[str, PageMemory], t_s: float = 0.0, delivered: int = 0) -> PageSample:
     """A `PageSample` of every host's page table, from its state histogram (a snapshot without locks: the
-    states are single bytes, so each page is counted in one state, if not the same instant for all)."""
-    in_flight = pool_bytes = 0
+    states are single bytes, so each page is counted in one state, if not the same instant for all), and
+    of its pools' counters; `t_s` (seconds since START) and `delivered` come from the caller."""
+    in_flight = pool_bytes = alloc_slow = page_alloc = page_free = watermark = 0
     for pm in pms.values():
         hist = np.bincount(pm.state, minlength=len(PageState))
         in_flight += int(hist[list(IN_USE_STATES)].sum())
         pool_bytes += int(hist[PageState.CACHE] + hist[PageState.RING]) * pm.page_size
-    return PageSample(in_flight, pool_bytes)
+        cnt = pm.pool_counters
+        alloc_slow += int(cnt[:, C["alloc_slow"]].sum())
+        page_alloc += int(cnt[:, C["hold_cnt"]].sum())
+        page_free += int(cnt[:, _FREED].sum())
+        watermark += int(pm.pool_ctl[:, P_WATERMARK].sum())
+    return PageSample(in_flight, pool_bytes, round(t_s, 3), alloc_slow, page_alloc, page_free, watermark,
+                      delivered)
 
 
 def _samples_section(samples: list[PageSample]) -> dict[str, Any]:
-    return {"period_s": SAMPLE_PERIOD, "in_flight": [s.in_flight for s in samples],
-            "pool_bytes": [s.pool_bytes for s in samples]}
+    return {"period_s": SAMPLE_PERIOD, "t_s": [s.t_s for s in samples],
+            **{name: [getattr(s, name) for s in samples] for name in SAMPLE_SERIES}}
 
 
 def _merge_samples(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """The hosts' sample series summed sample by sample: every host samples every `SAMPLE_PERIOD` from its
-    START to its end of traffic, so sample k of each is about the same instant.  Only the samples every
-    host has are kept (a host that started a little later has a few fewer)."""
+    START to its end of traffic, so sample k of each is about the same instant (``t_s`` is the first
+    host's).  Only the samples every host has are kept (a host that started a little later has a few
+    fewer)."""
     series = [p for p in parts if p.get("in_flight")]
     n = min((len(p["in_flight"]) for p in series), default=0)
-    return {"period_s": SAMPLE_PERIOD,
-            "in_flight": [sum(p["in_flight"][k] for p in series) for k in range(n)],
-            "pool_bytes": [sum(p["pool_bytes"][k] for p in series) for k in range(n)]}
+    out: dict[str, Any] = {"period_s": SAMPLE_PERIOD,
+                           "t_s": list(series[0].get("t_s", [k * SAMPLE_PERIOD for k in range(n)]))[:n] if series
+                           else []}
+    for name in SAMPLE_SERIES:
+        out[name] = [sum(p.get(name, [0] * n)[k] for p in series) for k in range(n)]
+    return out
 
 
 def pool_totals(cpus: list[dict[str, Any]]) -> dict[str, int]:
