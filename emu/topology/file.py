@@ -611,6 +611,8 @@ class _Validator:
         stack_cpu = f.schema_int(
             HOST["stack_cpu"], hi=cpus - 1, nullable=True, hint=f" (host '{name}' has {cpus} cpus)"
         )
+        release = HOST["txc_release"]
+        txc_release = f.choice(release.name, release.choices, release.default)
         pool = self.pool(name, f)
         devices = self.devices(name, index, cpus, f)
         host = HostConfig(
@@ -624,6 +626,7 @@ class _Validator:
             redirect_bulk=redirect_bulk,
             tx_bulk=tx_bulk,
             stack_cpu=stack_cpu,
+            txc_release=txc_release,
             pool=pool,
             devices=devices,
             line=_line(key_node),
@@ -736,6 +739,9 @@ class _Validator:
         rx_cpus = f.int_list("rx_cpus", DEVICE["rx_cpus"].lo or 0, cpus - 1, rx_queues, "RX queue")
         if rx_cpus is None:
             rx_cpus = tuple(q % cpus for q in range(rx_queues))
+        tx_cpus = f.int_list("tx_cpus", DEVICE["tx_cpus"].lo or 0, cpus - 1, tx_queues, "TX queue")
+        if tx_cpus is None:
+            tx_cpus = tuple(t % cpus for t in range(tx_queues))
         xdp = self.xdp(where, f)
         xdp_xmit = f.bool("xdp_xmit", DEVICE["xdp_xmit"].default)
         fallback = DEVICE["redirect_fallback"]
@@ -755,6 +761,7 @@ class _Validator:
             redirect_fallback=redirect_fallback,  # type: ignore[arg-type]
             tx_completion_us=tx_completion_us,
             line=_line(key_node),
+            tx_cpus=tx_cpus,
         )
         return dev, f.require("ifindex")
 

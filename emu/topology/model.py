@@ -121,6 +121,12 @@ class DeviceConfig:
     redirect_fallback: Literal["drop", "skb"]
     tx_completion_us: int
     line: int = 0
+    # CPU handling each TX queue's completions (its TX IRQ affinity); () = queue q -> CPU q % cpus.
+    tx_cpus: tuple[int, ...] = ()
+
+    def tx_cpu(self, txq: int, cpus: int) -> int:
+        """The CPU that handles TX queue `txq`'s completions on a host of `cpus` CPUs."""
+        return self.tx_cpus[txq] if self.tx_cpus else txq % cpus
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +146,9 @@ class HostConfig:
     pool: PoolConfig
     devices: dict[str, DeviceConfig]
     line: int = 0
+    # When a CPU recycles its own pages that TX completions bring back: "deferred" (its NAPI polls reap
+    # them before each refill) or "immediate" (the whole batch as it arrives).
+    txc_release: str = "deferred"
 
     def device_by_ifindex(self, ifindex: int) -> DeviceConfig | None:
         """The device with this ifindex, or None (what a devmap lookup of a stale ifindex finds)."""
@@ -161,6 +170,7 @@ class HostConfig:
             "redirect_bulk": self.redirect_bulk,
             "tx_bulk": self.tx_bulk,
             "stack_cpu": self.stack_cpu,
+            "txc_release": self.txc_release,
             "pool": {
                 "cache_size": self.pool.cache_size,
                 "refill": self.pool.refill,
@@ -351,6 +361,7 @@ def _device_to_dict(dev: DeviceConfig) -> dict[str, Any]:
         "redirect_fallback": dev.redirect_fallback,
         "tx_completion_us": dev.tx_completion_us,
         "line": dev.line,
+        "tx_cpus": list(dev.tx_cpus),
     }
 
 
@@ -375,6 +386,7 @@ def host_from_dict(d: Mapping[str, Any]) -> HostConfig:
             redirect_fallback=dd["redirect_fallback"],
             tx_completion_us=dd["tx_completion_us"],
             line=dd["line"],
+            tx_cpus=tuple(dd.get("tx_cpus", ())),
         )
     pool = d["pool"]
     return HostConfig(
@@ -388,6 +400,7 @@ def host_from_dict(d: Mapping[str, Any]) -> HostConfig:
         redirect_bulk=d["redirect_bulk"],
         tx_bulk=d["tx_bulk"],
         stack_cpu=d["stack_cpu"],
+        txc_release=d.get("txc_release", "deferred"),
         pool=PoolConfig(pool["cache_size"], pool["refill"], pool["pool_size"], pool["recycle_limit"],
                         pool.get("policy", "fixed")),
         devices=devices,
