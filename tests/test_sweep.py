@@ -74,8 +74,9 @@ def test_derived_metrics_from_known_counters() -> None:
                  recycle_hard_limit=10, recycle_released_refcnt=2, release_cnt=320)
     m = rep.derive_metrics(pool, delivered=5000, rx_packets=2_000_000, elapsed=2.0,
                            in_flight=[*range(1, 101)], pool_bytes=[1000, 3000],
-                           violations={"double_free": 1, "leaked": 2})
+                           violations={"double_free": 1, "leaked": 2}, cpu_s=1.5)
     assert list(m) == list(rep.METRICS)
+    assert m["cpu_ns_per_pkt"] == 750.0  # 1.5 s of the CPU workers over 2 M packets
     assert m["pps"] == 2500.0
     assert m["hit_ratio"] == 0.98  # 98 / (98 + 1 + 1)
     assert m["alloc_slow_per_mpkt"] == 2.5  # 5 per 2 M packets
@@ -91,7 +92,7 @@ def test_undefined_metrics_are_none() -> None:
                            violations={"leaked": 0})
     assert m == {"pps": None, "hit_ratio": None, "alloc_slow_per_mpkt": None, "page_alloc_pps": None,
                  "page_free_pps": None, "inflight_mean": None, "inflight_p99": None, "pool_memory_bytes": None,
-                 "violations": 0}
+                 "violations": 0, "cpu_ns_per_pkt": None}
 
 
 def _part(cached: int, ring: int, samples: list[int], pool_bytes: list[int]) -> dict[str, Any]:
@@ -206,6 +207,17 @@ def test_time_series_average_repeats_sample_by_sample(tmp_path: Path) -> None:
     assert _png_size(png) == (640, 400)
 
 
+def test_a_plot_against_list_values(tmp_path: Path) -> None:
+    """A grid key whose values are lists (a device's rx_cpus, tx_cpus) is plotted by position."""
+    spec = load_spec(str(_write(tmp_path, SPEC.replace("hosts.h1.pool.pool_size: [64, 256]",
+                                                       "hosts.h1.pool.pool_size: [64]\n  hosts.h1.devices.eth0.tx_cpus: [[0]]").replace(
+        "{x: hosts.h1.pool.pool_size, y: hit_ratio}", "{x: hosts.h1.devices.eth0.tx_cpus, y: hit_ratio}"))))
+    runs = [{"params": p.params, "metrics": dict.fromkeys(rep.METRICS, 0.5)} for p in spec.points]
+    png = tmp_path / "l.png"
+    output.draw_plot(spec, spec.plots[0], runs, str(png))
+    assert _png_size(png) == (640, 400)
+
+
 @pytest.mark.slow
 def test_sweep_tiny_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _write(tmp_path, SPEC + "  - {x: time, y: alloc_slow, lines: hosts.h1.pool.pool_size}\n")
@@ -227,6 +239,9 @@ def test_sweep_tiny_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
             assert int(col[name]) == sum(c["page_pool"][name] for c in report["cpus"]), name
         assert report["cpus"][0]["page_pool"]["hold_cnt"] > 0 and float(col["page_alloc_pps"]) > 0
         assert report["pages"]["samples"]["in_flight"], "sampled while traffic ran"
+        # CPU time measured from /proc for every process while traffic ran, put per packet.
+        assert report["cpu_time_s"]["cpu"] >= 0 and "h1/cpu0" in report["cpu_time_s"]["by_process"]
+        assert run["metrics"]["cpu_ns_per_pkt"] is not None
         assert run["params"]["hosts.h1.pool.pool_size"] == int(col["hosts.h1.pool.pool_size"])
     png = out / output.plot_file(0, load_spec(str(path)).plots[0])
     assert _png_size(png) == (640, 400)

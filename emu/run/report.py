@@ -34,7 +34,7 @@ CPU_DROPS = ("xdp_drop", "xdp_aborted", "redirect_err", "xdp_tx_full", "xmit_dro
 DEVICE_DROPS = ("rx_dropped", "tx_dropped", "link_lost")
 # The derived metrics of every report (its ``metrics`` key), in this order: the sweep's CSV columns too.
 METRICS = ("pps", "hit_ratio", "alloc_slow_per_mpkt", "page_alloc_pps", "page_free_pps", "inflight_mean",
-           "inflight_p99", "pool_memory_bytes", "violations")
+           "inflight_p99", "pool_memory_bytes", "violations", "cpu_ns_per_pkt")
 SAMPLE_PERIOD = 0.05  # seconds between the samples of the page table taken while traffic runs
 # CPU counters reported as they are, next to the issue's fixed keys.
 CPU_EXTRA = (
@@ -279,8 +279,19 @@ def _p99(values: list[int]) -> int:
     return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
 
 
+def cpu_time_section(cpu_s: dict[str, tuple[str, float]]) -> dict[str, Any]:
+    """The report's ``cpu_time_s``: CPU seconds (user + system, from ``/proc``) each kind of process used
+    while traffic ran, and each process's (by stats row), so that a run's CPU cost can be put per packet."""
+    by_kind = {"cpu": 0.0, "device": 0.0, "traffic": 0.0}
+    for kind, s in cpu_s.values():
+        by_kind[kind] = by_kind.get(kind, 0.0) + s
+    return {**{k: round(v, 3) for k, v in by_kind.items()},
+            "by_process": {key: round(s, 3) for key, (_, s) in sorted(cpu_s.items())}}
+
+
 def derive_metrics(pool: dict[str, int], delivered: int, rx_packets: int, elapsed: float,
-                   in_flight: list[int], pool_bytes: list[int], violations: dict[str, int]) -> dict[str, Any]:
+                   in_flight: list[int], pool_bytes: list[int], violations: dict[str, int],
+                   cpu_s: float | None = None) -> dict[str, Any]:
     """The report's ``metrics`` (`METRICS`), from counters summed over every CPU of every host, so a
     multi-host run's are recomputed from its summed counters, never averaged from its hosts' ratios.
     A ratio or rate whose denominator is 0 (no recycling, no packet, no time) is None.
@@ -305,6 +316,10 @@ def derive_metrics(pool: dict[str, int], delivered: int, rx_packets: int, elapse
     * ``pool_memory_bytes``: the mean, over the same samples, of the bytes of the pages the pools kept
       (alloc caches and recycle rings; at the end they are empty, so the samples are what shows it).
     * ``violations``: the sum of the report's violation counters (0 in a correct run).
+    * ``cpu_ns_per_pkt``: CPU time the emulated CPUs' worker processes used while traffic ran (`cpu_s`
+      seconds, ``/proc``'s utime + stime) per packet received by XDP: the data path's cost per packet,
+      recycling included (None when not measured, e.g. a multi-host run's).  The emulator's cost, not a
+      kernel's: compare runs of one machine.
     """
     returned = pool["recycle_cached"] + pool["recycle_ring"] + pool["recycle_ring_full"]
     freed = pool["recycle_ring_full"] + pool["recycle_hard_limit"] + pool["recycle_released_refcnt"]
@@ -322,6 +337,7 @@ def derive_metrics(pool: dict[str, int], delivered: int, rx_packets: int, elapse
         "inflight_p99": _p99(in_flight) if in_flight else None,
         "pool_memory_bytes": round(sum(pool_bytes) / len(pool_bytes)) if pool_bytes else None,
         "violations": sum(violations.values()),
+        "cpu_ns_per_pkt": round(cpu_s * 1e9 / rx_packets, 1) if cpu_s is not None and rx_packets else None,
     }
 
 
@@ -356,6 +372,8 @@ class RunRecord:
     # over this run's hosts; a multi-host run's come from its parts' reports instead.
     samples: list[PageSample] = field(default_factory=list)
     bad_control_messages: int | None = None  # multi-host: control messages refused
+    # CPU time each process used while traffic ran (START to settled): process key -> (kind, seconds).
+    cpu_s: dict[str, tuple[str, float]] = field(default_factory=dict)
 
 
 def _host_sections(r: RunRecord) -> dict[str, Any]:
@@ -460,6 +478,7 @@ def build_report(r: RunRecord) -> dict[str, Any]:
     whether one machine ran it or several hosts did (`RunRecord.parts`)."""
     sections = _host_sections(r) if r.parts is None else _merged_sections(r, r.parts)
     traffic = traffic_section(r.final)
+    cpu_time = cpu_time_section(r.cpu_s)
     if r.final.host_lost:
         traffic["lost_with_hosts"] = r.final.host_lost
     report = {
@@ -473,7 +492,8 @@ def build_report(r: RunRecord) -> dict[str, Any]:
         "metrics": derive_metrics(
             pool_totals(sections["cpus"]), traffic["delivered"], r.final.total("cpu", "rx_packets"), r.elapsed,
             sections["pages"]["samples"]["in_flight"], sections["pages"]["samples"]["pool_bytes"],
-            sections["violations"]),
+            sections["violations"], cpu_s=cpu_time["cpu"] if r.cpu_s else None),
+        "cpu_time_s": cpu_time,
         "maps": sections["maps"],
         "events": sections["events"],
         "dead_processes": sections["dead_processes"],

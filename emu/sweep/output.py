@@ -153,7 +153,8 @@ def draw_plot(spec: SweepSpec, plot: PlotSpec, runs: list[dict[str, Any]], path:
     xs = spec.grid[plot.x]
     numeric = all(isinstance(x, int | float) and not isinstance(x, bool) for x in xs)
     # Non-numeric x values (``200kpps``, ``5ms``) are placed evenly, in the grid's order, and labelled.
-    where = (lambda x: x) if numeric else {x: i for i, x in enumerate(xs)}.__getitem__
+    # (By position, not a dict: a value may be a list, e.g. a device's tx_cpus.)
+    where = (lambda x: x) if numeric else xs.index
     fig, ax = plt.subplots(figsize=PLOT_SIZE, dpi=PLOT_DPI)
     try:
         for label, pts in series(spec, plot, runs).items():
