@@ -209,9 +209,11 @@ def test_time_series_average_repeats_sample_by_sample(tmp_path: Path) -> None:
 
 def test_a_plot_against_list_values(tmp_path: Path) -> None:
     """A grid key whose values are lists (a device's rx_cpus, tx_cpus) is plotted by position."""
-    spec = load_spec(str(_write(tmp_path, SPEC.replace("hosts.h1.pool.pool_size: [64, 256]",
-                                                       "hosts.h1.pool.pool_size: [64]\n  hosts.h1.devices.eth0.tx_cpus: [[0]]").replace(
-        "{x: hosts.h1.pool.pool_size, y: hit_ratio}", "{x: hosts.h1.devices.eth0.tx_cpus, y: hit_ratio}"))))
+    text = SPEC.replace("hosts.h1.pool.pool_size: [64, 256]",
+                        "hosts.h1.pool.pool_size: [64]\n  hosts.h1.devices.eth0.tx_cpus: [[0]]")
+    text = text.replace("{x: hosts.h1.pool.pool_size, y: hit_ratio}",
+                        "{x: hosts.h1.devices.eth0.tx_cpus, y: hit_ratio}")
+    spec = load_spec(str(_write(tmp_path, text)))
     runs = [{"params": p.params, "metrics": dict.fromkeys(rep.METRICS, 0.5)} for p in spec.points]
     png = tmp_path / "l.png"
     output.draw_plot(spec, spec.plots[0], runs, str(png))
@@ -257,7 +259,7 @@ def test_sweep_tiny_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         n = len(samples["t_s"])
         assert n and all(len(samples[name]) == n for name in rep.SAMPLE_SERIES)
         assert samples["t_s"] == sorted(samples["t_s"])
-        for name in ("alloc_slow", "page_alloc", "page_free", "delivered"):
+        for name in ("alloc_slow", "page_alloc", "page_free", "delivered", "recycle_cached", "recycle_returned"):
             assert samples[name] == sorted(samples[name]), name
         assert 0 < samples["alloc_slow"][-1] <= run["page_pool"]["alloc_slow"]
     timeplot = out / output.plot_file(1, load_spec(str(path)).plots[1])

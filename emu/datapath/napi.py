@@ -509,6 +509,8 @@ class NapiCore(Core):
                 rxq.ready = None
             rxq.posted -= n
             done += n
+        # The stack freed the poll's skbs on this CPU within the poll (before its refill), as in NAPI.
+        self.free_local_skbs()
         if done:
             self.c[self.i["polls"]] += 1
             # The devmap bulk queue: one ndo_xdp_xmit call per `bulk` frames, and a partial one at the
@@ -673,16 +675,22 @@ class NapiCore(Core):
                 if t.own_txq:
                     t.tx_used += len(ids)
             self.tx_bulk.clear()
-        if self.skb_local:
-            ids = np.concatenate(self.skb_local)
-            self.skb_local.clear()
-            self.c[self.i["stack_rx"]] += len(ids)
-            self.pool.recycle_direct(ids, errors="count", expect=PageState.SKB)
+        self.free_local_skbs()
         if self.skb_remote:
             ids = np.concatenate(self.skb_remote)
             self.skb_remote.clear()
             page_hand_over(self.pm, ids, self.stack_cpu)
             self.send_descs(self.stack_cpu, SKB, {"cpu": self.cpu}, ids)
+
+    def free_local_skbs(self) -> None:
+        """The skbs this CPU's stack consumed in this poll: their pages go straight back into its alloc
+        cache (NAPI-local recycling, 6.4's ``page_pool_napi_local``), before the poll's RX refill takes
+        them out again."""
+        if self.skb_local:
+            ids = self.skb_local[0] if len(self.skb_local) == 1 else np.concatenate(self.skb_local)
+            self.skb_local.clear()
+            self.c[self.i["stack_rx"]] += len(ids)
+            self.pool.recycle_direct(ids, errors="count", expect=PageState.SKB)
 
     def refill(self) -> None:
         """Keep every bound RX ring full of pages from this CPU's pool (the driver's RX refill).  Called

@@ -213,7 +213,9 @@ class PageSample:
     page-allocator counters so far (summed over CPUs: ``alloc_slow``, pages taken = ``hold_cnt``, pages
     given back while running = recycle_ring_full + recycle_hard_limit + recycle_released_refcnt, as
     `derive_metrics` counts them), the adaptive watermarks (summed; 0 for `fixed`) and the packets
-    delivered so far, so that a run's report shows them over time (`SAMPLE_SERIES`)."""
+    delivered so far, and the returns to the pools so far (``recycle_cached``, and ``recycle_returned`` =
+    recycle_cached + recycle_ring + recycle_ring_full, `hit_ratio`'s denominator), so that a run's report
+    shows them over time (`SAMPLE_SERIES`)."""
 
     in_flight: int
     pool_bytes: int
@@ -223,10 +225,16 @@ class PageSample:
     page_free: int = 0
     watermark: int = 0
     delivered: int = 0
+    recycle_cached: int = 0
+    recycle_returned: int = 0
 
 
 # The report's time series (``pages.samples``): one list per name, one entry per sample, next to ``t_s``.
-SAMPLE_SERIES = ("in_flight", "pool_bytes", "alloc_slow", "page_alloc", "page_free", "watermark", "delivered")
+SAMPLE_SERIES = ("in_flight", "pool_bytes", "alloc_slow", "page_alloc", "page_free", "watermark", "delivered",
+                 "recycle_cached", "recycle_returned")
+# The returns `hit_ratio` divides by: so far, recycle_cached / recycle_returned is the hit ratio while
+# traffic ran (the report's `hit_ratio` also counts the posted RX buffers that come home at ndo_stop).
+_RETURNED = [C["recycle_cached"], C["recycle_ring"], C["recycle_ring_full"]]
 _FREED = [C["recycle_ring_full"], C["recycle_hard_limit"], C["recycle_released_refcnt"]]
 
 
@@ -234,7 +242,7 @@ def sample_pages(pms: dict[str, PageMemory], t_s: float = 0.0, delivered: int = 
     """A `PageSample` of every host's page table, from its state histogram (a snapshot without locks: the
     states are single bytes, so each page is counted in one state, if not the same instant for all), and
     of its pools' counters; `t_s` (seconds since START) and `delivered` come from the caller."""
-    in_flight = pool_bytes = alloc_slow = page_alloc = page_free = watermark = 0
+    in_flight = pool_bytes = alloc_slow = page_alloc = page_free = watermark = cached = returned = 0
     for pm in pms.values():
         hist = np.bincount(pm.state, minlength=len(PageState))
         in_flight += int(hist[list(IN_USE_STATES)].sum())
@@ -244,8 +252,10 @@ def sample_pages(pms: dict[str, PageMemory], t_s: float = 0.0, delivered: int = 
         page_alloc += int(cnt[:, C["hold_cnt"]].sum())
         page_free += int(cnt[:, _FREED].sum())
         watermark += int(pm.pool_ctl[:, P_WATERMARK].sum())
+        cached += int(cnt[:, C["recycle_cached"]].sum())
+        returned += int(cnt[:, _RETURNED].sum())
     return PageSample(in_flight, pool_bytes, round(t_s, 3), alloc_slow, page_alloc, page_free, watermark,
-                      delivered)
+                      delivered, cached, returned)
 
 
 def _samples_section(samples: list[PageSample]) -> dict[str, Any]:
