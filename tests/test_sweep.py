@@ -18,6 +18,7 @@ from emu.cli import main
 from emu.errors import BadInputError
 from emu.mem.pagepool import POOL_COUNTERS
 from emu.run import report as rep
+from emu.run.stats import CPU_COUNTERS
 from emu.sweep import output, runner
 from emu.sweep.spec import SweepSpec, SweepSpecError, load_spec
 from emu.topology.file import validate_topology_text
@@ -126,6 +127,24 @@ def test_multi_host_metrics_come_from_summed_counters() -> None:
     lopsided = {"h1": _part(90, 10, [1], [0]), "h2": _part(0, 300, [1], [0])}
     m = rep.build_report(rep.RunRecord(topo, final, elapsed=2.0, parts=lopsided))["metrics"]
     assert m["hit_ratio"] == 0.225  # 90 / 400, where the hosts' mean ratio would be 0.45
+
+
+def test_multi_host_cpu_time_is_summed_over_the_hosts() -> None:
+    """Each host measures its own processes; the merged report adds them up and puts the CPU workers'
+    time per packet received (on every host)."""
+    topo = validate_topology_text(TOPO, "tiny.yaml")
+    rows = {"gen0": {"generated": 4000, "received": 4000, "foreign": 0, "corrupted": 0, "duplicates": 0,
+                     "link_down": 0, "link_lost": 0, "bad_messages": 0},
+            "h1/cpu0": {**dict.fromkeys(CPU_COUNTERS, 0), "rx_packets": 3000},
+            "h2/cpu0": {**dict.fromkeys(CPU_COUNTERS, 0), "rx_packets": 1000}}
+    final = rep.Snapshot(0.0, rows, {"gen0": "traffic", "h1/cpu0": "cpu", "h2/cpu0": "cpu"})
+    parts = {"h1": _part(1, 1, [1], [0]), "h2": _part(1, 1, [1], [0])}
+    parts["h1"]["cpu_time_s"] = {"by_process": {"h1/cpu0": {"kind": "cpu", "s": 0.003},
+                                                "h1/eth0": {"kind": "device", "s": 0.5}}}
+    parts["h2"]["cpu_time_s"] = {"by_process": {"h2/cpu0": {"kind": "cpu", "s": 0.001}}}
+    report = rep.build_report(rep.RunRecord(topo, final, elapsed=2.0, parts=parts))
+    assert report["cpu_time_s"]["cpu"] == 0.004 and report["cpu_time_s"]["device"] == 0.5
+    assert report["metrics"]["cpu_ns_per_pkt"] == 1000.0  # 4 ms over 4,000 packets
 
 
 # -- specs refused before anything runs -----------------------------------------------------------------

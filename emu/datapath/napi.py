@@ -24,13 +24,15 @@ ring slot until its completion comes back here, as a driver's slot stays taken u
 TX completions for the TX queues this CPU services (the device's ``tx_cpus``) come back here; each page
 goes back to the pool that allocated it: directly when that is this CPU's, through that CPU's recycle
 ring otherwise.  A page is never recycled before its completion: the return path checks that it is
-``TX_INFLIGHT``.  Its own pages are reaped as a driver's NAPI poll cleans its TX ring
-(``txc_release: deferred``, the default): each poll first recycles at most `napi_budget` completions
-per RX queue it polls, then takes its RX packets and refills the RX rings, so the completed pages reach
-the refill through the alloc cache, whatever the size of the batch the device delivered them in; the
-rest wait (still ``TX_INFLIGHT``, held by this CPU) for the next polls, and a pass that polls no packet
-reaps them all.  ``immediate`` recycles a whole batch as it arrives: what overflows the 128-page cache
-goes to the ring (`recycle_cache_full`), and the refill then takes it back from there.
+``TX_INFLIGHT``.  A device completes a whole pass of frames (up to 16 polls' worth) in one message,
+where a driver's NAPI poll cleans its TX completions a budget at a time, each time just before the RX
+refill that reuses their pages; recycling such a message at once would overflow the 128-page alloc cache
+on every batch.  So this CPU's own completions wait (``txc_release: deferred``, the default: still
+``TX_INFLIGHT``, held by this CPU, their ring slots free) and each RX refill first reaps as many of them
+as it takes and the cache has room for (`_reap_for`), so they reach the RX rings through the cache, as
+in the kernel; the rest are reaped once no packet has been polled for `TXC_IDLE_NS` (traffic stopped),
+at ``ndo_stop`` and at shutdown.  ``immediate`` recycles a whole message as it arrives: what overflows
+the cache goes to the ring (`recycle_cache_full`), and the refill takes it back from there.
 
 Every change of a page's state is one of `emu.mem.pagepool`'s functions, and every descriptor handed in is
 checked by its `check_descs`.  The core sends through an `Outbox` (the CPU worker's channels, or a test's
@@ -416,11 +418,10 @@ class NapiCore(Core):
                 break
         if done and self.txc_deferred:
             self.last_rx_ns = self.clock()
-        elif self.txc_pending:
-            if not refilling or self.clock() - self.last_rx_ns >= TXC_IDLE_NS:
-                # Traffic stopped (no packet for TXC_IDLE_NS, not a gap between two batches), or the
-                # device is going down: NAPI cleans the rest of its TX ring before it completes.
-                self.reap_tx()
+        if self.txc_pending and (not refilling or (not done and self.clock() - self.last_rx_ns >= TXC_IDLE_NS)):
+            # The device is going down, or traffic stopped (no packet for TXC_IDLE_NS, not a gap between
+            # two batches): NAPI cleans the rest of its TX ring before it completes.
+            self.reap_tx()
         if refilling:
             self.refill()
         self.xdp_do_flush()

@@ -296,7 +296,7 @@ def cpu_time_section(cpu_s: dict[str, tuple[str, float]]) -> dict[str, Any]:
     for kind, s in cpu_s.values():
         by_kind[kind] = by_kind.get(kind, 0.0) + s
     return {**{k: round(v, 3) for k, v in by_kind.items()},
-            "by_process": {key: round(s, 3) for key, (_, s) in sorted(cpu_s.items())}}
+            "by_process": {key: {"kind": kind, "s": round(s, 3)} for key, (kind, s) in sorted(cpu_s.items())}}
 
 
 def derive_metrics(pool: dict[str, int], delivered: int, rx_packets: int, elapsed: float,
@@ -488,7 +488,12 @@ def build_report(r: RunRecord) -> dict[str, Any]:
     whether one machine ran it or several hosts did (`RunRecord.parts`)."""
     sections = _host_sections(r) if r.parts is None else _merged_sections(r, r.parts)
     traffic = traffic_section(r.final)
-    cpu_time = cpu_time_section(r.cpu_s)
+    cpu_s = dict(r.cpu_s)
+    for part in (r.parts or {}).values():
+        # A multi-host run: each host measured its own processes (their keys name their hosts).
+        for key, p in part.get("cpu_time_s", {}).get("by_process", {}).items():
+            cpu_s[key] = (p["kind"], p["s"])
+    cpu_time = cpu_time_section(cpu_s)
     if r.final.host_lost:
         traffic["lost_with_hosts"] = r.final.host_lost
     report = {
@@ -502,7 +507,7 @@ def build_report(r: RunRecord) -> dict[str, Any]:
         "metrics": derive_metrics(
             pool_totals(sections["cpus"]), traffic["delivered"], r.final.total("cpu", "rx_packets"), r.elapsed,
             sections["pages"]["samples"]["in_flight"], sections["pages"]["samples"]["pool_bytes"],
-            sections["violations"], cpu_s=cpu_time["cpu"] if r.cpu_s else None),
+            sections["violations"], cpu_s=cpu_time["cpu"] if cpu_s else None),
         "cpu_time_s": cpu_time,
         "maps": sections["maps"],
         "events": sections["events"],

@@ -227,13 +227,14 @@ HOST = Section("host", "`hosts.<host>`", (
         "CPU where the emulated network stack frees skbs of passed packets; null = the CPU that received "
         "the packet.", None, 0, MAX_CPUS - 1, hi_ref="cpus-1", kernel="softirq / `skb_free` CPU"),
     Key("txc_release", "choice",
-        "When a CPU recycles the pages of its own pool that TX completions bring back: `deferred` = its NAPI "
-        "polls reap them, at most `napi_budget` per RX queue polled before each poll's RX refill (as a "
-        "driver cleans its TX ring at the start of each poll), so completed pages refill the RX rings "
-        "through the alloc cache; `immediate` = the whole completion batch the device delivered, at once, "
-        "when it arrives (what overflows the 128-page cache goes to the ring: mlx5's release before its "
-        "deferred page release).", "deferred", choices=("deferred", "immediate"),
-        kernel="TX clean budget of `napi_poll`"),
+        "When a CPU recycles the pages of its own pool that TX completions bring back: `deferred` = each RX "
+        "refill first reaps as many as it takes and the alloc cache has room for (as a driver's NAPI poll "
+        "cleans its TX completions just before its refill), so completed pages refill the RX rings through "
+        "the cache; the rest once no packet came for 50 ms, or at `ndo_stop`; `immediate` = the whole "
+        "completion batch the device delivered (up to a pass of 16 polls), at once, when it arrives (what "
+        "overflows the 128-page cache goes to the ring: release before mlx5's deferred page release).",
+        "deferred", choices=("deferred", "immediate"),
+        kernel="`napi_poll`: TX completions cleaned before the RX refill"),
     Key("pool", "mapping", "Page-pool parameters, below.", None, type_doc="mapping",
         default_doc="kernel defaults (null ok)", kernel="`struct page_pool_params`"),
     Key("devices", "mapping", f"Device names {_NAME}.", REQUIRED, type_doc="mapping name → device",
