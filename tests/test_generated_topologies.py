@@ -96,6 +96,7 @@ def _host(draw: st.DrawFn, name: str) -> SimpleNamespace:
             ifindex=k + 2, rx_queues=rxq, tx_queues=txq, rx_ring_size=draw(_ring(hi)),
             tx_ring_size=draw(_ring(4096)),
             rx_cpus=draw(st.none() | st.lists(st.integers(0, cpus - 1), min_size=rxq, max_size=rxq)),
+            tx_cpus=draw(st.none() | st.lists(st.integers(0, cpus - 1), min_size=txq, max_size=txq)),
             xdp_xmit=draw(st.sampled_from([True, True, True, False])),
             redirect_fallback=draw(st.sampled_from(["drop", "skb"])),
             tx_completion_us=draw(st.one_of(st.just(0), st.integers(0, 2000))),
@@ -115,7 +116,8 @@ def _host(draw: st.DrawFn, name: str) -> SimpleNamespace:
                            napi_budget=draw(_small_or_any(1, 1024, usual=64)),
                            redirect_bulk=draw(_small_or_any(1, 1024, usual=16)),
                            tx_bulk=draw(_small_or_any(1, 1024, usual=16)),
-                           stack_cpu=draw(st.none() | st.integers(0, cpus - 1)))
+                           stack_cpu=draw(st.none() | st.integers(0, cpus - 1)),
+                           txc_release=draw(st.sampled_from([None, "deferred", "immediate"])))
     least = min_pages(host)
     fits = [ps for ps in PAGE_SIZES if least * ps <= HOST_BYTES] or [1024]
     host.page_size = draw(st.sampled_from(fits))
@@ -161,6 +163,8 @@ def _device_yaml(dev: SimpleNamespace) -> dict[str, Any]:
     }
     if dev.rx_cpus is not None:
         out["rx_cpus"] = dev.rx_cpus
+    if dev.tx_cpus is not None:
+        out["tx_cpus"] = dev.tx_cpus
     if dev.program is not None:
         xdp: dict[str, Any] = {"program": f"emu.programs:{dev.program}", "vectorised": dev.vectorised}
         if dev.program == "l2fwd":
@@ -235,6 +239,8 @@ def topologies(draw: st.DrawFn) -> str:
         }
         if host.stack_cpu is not None:
             spec["stack_cpu"] = host.stack_cpu
+        if host.txc_release is not None:
+            spec["txc_release"] = host.txc_release
         doc["hosts"][h] = spec
     return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)
 

@@ -4,12 +4,14 @@ and TX completions).  Each test runs in milliseconds."""
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import numpy as np
 import pytest
 from fakes import Counters, one_cpu_host
 
+from emu.datapath import napi
 from emu.datapath.napi import NapiCore, RxQueue
 from emu.mem import pagepool
 from emu.mem.page import DESC_DTYPE, PageState
@@ -47,11 +49,11 @@ def program(ctx) -> int:
     return v
 
 
-def make_core(page_memory, eth1: str = "", tx_ring: int = 128):
-    host = one_cpu_host(f"""
+def make_core(page_memory, eth1: str = "", tx_ring: int = 128, txc_release: str = "deferred"):
+    host = dataclasses.replace(one_cpu_host(f"""
         eth0: {{ifindex: 2, rx_ring_size: {RX_RING}, tx_ring_size: {tx_ring}}}
         eth1: {{ifindex: 3{', ' + eth1 if eth1 else ''}}}
-    """)
+    """), txc_release=txc_release)
     pm = page_memory(npages=1024, page_size=512, ncpus=1)
     counters = Counters("cpu")
     ctx = types.SimpleNamespace(data=None, redirect_ifindex=-1)
@@ -149,12 +151,77 @@ def test_tx_ring_room_and_its_completions(page_memory) -> None:
     tx_dma_start(pm, sent["page"][:5])
     core.dispatch(wire.pack_msg("txc", {"dev": "eth0", "txq": 0}, sent[:5].tobytes()))
     assert core.count("tx_completions") == 5 and eth0.tx_used == 0 and core.tx_room() == 8
+    # Completed, not reaped yet (txc_release: deferred): still TX_INFLIGHT.
+    assert (pm.state[sent["page"][:5]] == PageState.TX_INFLIGHT).all()
+    assert core.reap_tx() == 5
     assert (pm.state[sent["page"][:5]] == PageState.CACHE).all()
     # A completion repeated is refused (the pages are home): nothing counted twice.
     core.dispatch(wire.pack_msg("txc", {"dev": "eth0", "txq": 0}, sent[:5].tobytes()))
     assert core.count("tx_completions") == 5 and core.count("bad_descriptors") == 5
     # The waiting packets go now.
     assert core.poll_pass(got=0, refilling=False) == 4
+
+
+def _completed(pm, pool, n: int) -> np.ndarray:
+    """`n` pages of `pool` transmitted and completed: TX_INFLIGHT, as the descriptors of a txc message."""
+    ids = pool.alloc(n, PageState.TX_INFLIGHT)
+    d = np.zeros(n, dtype=DESC_DTYPE)
+    d["page"], d["gen"] = ids, pm.gen[ids]
+    return d
+
+
+def _pool_stats(core: NapiCore) -> dict[str, int]:
+    s = core.pool.stats()
+    return {k: s[k] for k in ("recycle_cached", "recycle_cache_full", "recycle_ring", "alloc_slow")}
+
+
+def test_deferred_completions_reach_the_refill_through_the_cache(page_memory) -> None:
+    """txc_release: deferred.  300 own completions in one message (more than the 128-page cache) wait;
+    the RX refill reaps what it takes and the cache has room for, so they reach it through the cache;
+    once no packet came for TXC_IDLE_NS the rest are reaped, the overflow going to the ring."""
+    core, pm, _out = make_core(page_memory)
+    d = _completed(pm, core.pool, 300)  # 5 slow-path bulks of 64: 20 pages left in the cache
+    assert core.pool.cache_count == 20
+    core.dispatch(wire.pack_msg("txc", {"dev": "eth0", "txq": 0}, d.tobytes()))
+    assert core.count("tx_completions") == 300 and _pool_stats(core)["recycle_cached"] == 0
+    core.refill()  # an RX ring of 64 to fill: 64 reaped into the cache, then taken from it
+    assert _pool_stats(core) == {"recycle_cached": 64, "recycle_cache_full": 0, "recycle_ring": 0, "alloc_slow": 5}
+    assert sum(len(x) for x in core.txc_pending) == 236 and core.pool.cache_count == 20
+    now = [10**12]
+    core.clock = lambda: now[0]
+    core.last_rx_ns = now[0]
+    core.poll_pass(got=0, refilling=True)  # a gap between two batches: they keep waiting
+    assert sum(len(x) for x in core.txc_pending) == 236
+    now[0] += napi.TXC_IDLE_NS
+    core.poll_pass(got=0, refilling=True)  # traffic stopped: the rest are reaped, 108 fit the cache
+    assert not core.txc_pending
+    assert _pool_stats(core) == {"recycle_cached": 64 + 108, "recycle_cache_full": 128, "recycle_ring": 128,
+                                 "alloc_slow": 5}
+    assert (pm.state[d["page"]] != PageState.TX_INFLIGHT).all()
+
+
+def test_immediate_completions_overflow_the_cache(page_memory) -> None:
+    """txc_release: immediate: the same 300 completions are recycled as they arrive; the cache takes the
+    108 it has room for, the rest go to the ring (mlx5's release before its deferred page release)."""
+    core, pm, _out = make_core(page_memory, txc_release="immediate")
+    d = _completed(pm, core.pool, 300)
+    core.dispatch(wire.pack_msg("txc", {"dev": "eth0", "txq": 0}, d.tobytes()))
+    assert core.count("tx_completions") == 300 and not core.txc_pending
+    assert _pool_stats(core) == {"recycle_cached": 108, "recycle_cache_full": 192, "recycle_ring": 192, "alloc_slow": 5}
+    core.refill()  # from the cache first: the completed pages reach it through the ring later
+    assert _pool_stats(core)["recycle_cached"] == 108
+
+
+def test_deferred_completions_are_reaped_when_going_down_and_at_shutdown(page_memory) -> None:
+    core, pm, _out = make_core(page_memory)
+    d = _completed(pm, core.pool, 40)
+    core.dispatch(wire.pack_msg("txc", {"dev": "eth0", "txq": 0}, d[:20].tobytes()))
+    core.clock = lambda: 0
+    core.poll_pass(got=1, refilling=False)  # ndo_stop: NAPI cleans its TX ring whatever the time
+    assert not core.txc_pending and (pm.state[d["page"][:20]] == PageState.CACHE).all()
+    core.dispatch(wire.pack_msg("txc", {"dev": "eth0", "txq": 0}, d[20:].tobytes()))
+    core.shutdown()  # page_pool_destroy: nothing left out
+    assert (pm.state[d["page"]] == PageState.FREE).all() and core.pool.inflight == 0
 
 
 def test_completion_before_the_wire_is_refused(page_memory) -> None:

@@ -376,13 +376,52 @@ def test_pacer_never_exceeds_rate_over_any_window(steps: list[float], rate: int)
     sent: list[tuple[float, int]] = []
     for dt in steps:
         clk.t += dt
-        sent.append((clk.t, p.next_burst()))
+        sent.append((clk.t, p.next_burst(limit=4 * burst)))  # a sender that catches up when behind
     for i in range(len(sent)):
         total = 0
         for j in range(i, len(sent)):
             total += sent[j][1]
             # 1e-3: the pacer reads the clock in whole nanoseconds
-            assert total <= burst + rate * (sent[j][0] - sent[i][0]) + 1e-3
+            assert total <= p.cap + rate * (sent[j][0] - sent[i][0]) + 1e-3
+
+
+def test_pacer_catches_up_within_its_backlog_and_counts_the_rest() -> None:
+    """A sender slower than burst / rate is owed up to the backlog and gets it back in one call; what it
+    owes past the backlog is lost and counted in `lag`, and sent + lag is exactly what the rate earned."""
+    clk = FakeClock()
+    p = Pacer(100_000, 64, clock=clk, backlog_s=0.010)  # 1,000 packets of backlog
+    assert p.cap == 1000
+    assert p.next_burst() == 64  # the first call starts the clock, with one burst in the bucket
+    clk.t += 0.002  # a pass of 2 ms (a burst is due every 0.64 ms): 200 owed
+    assert p.next_burst() == 64  # one burst at a time unless asked for more
+    assert p.next_burst(limit=10_000) == 136 and p.lag == 0
+    clk.t += 0.050  # descheduled for 50 ms: 5,000 earned, 1,000 kept, 4,000 given up
+    assert p.next_burst(limit=10_000) == 1000 and p.lag == 4000
+    clk.t += 0.001
+    assert p.next_burst(limit=10_000) == 100 and p.lag == 4000
+    assert 64 + 200 + 1000 + 100 + p.lag == 64 + 5300  # the first burst, then 53 ms at 100 kpps
+
+
+def test_pacer_time_before_the_first_call_earns_nothing() -> None:
+    """A pacer made long before START (the traffic port makes it at start-up) owes nothing for that time."""
+    clk = FakeClock()
+    p = Pacer(1000, 10, clock=clk)
+    clk.t += 5.0
+    assert p.next_burst(limit=1000) == 10 and p.lag == 0
+    clk.t += 1.0  # now it runs: 1,000 earned, 10 kept (the backlog is at least a burst)
+    assert p.next_burst(limit=1000) == 10 and p.lag == 990
+
+
+def test_schedule_lag_counts_only_phases_with_a_rate() -> None:
+    clk = FakeClock()
+    p = ScheduledPacer([(10_000, 100_000), (0, 100_000), (10_000, 100_000)], burst=10, clock=clk)
+    assert p.next_burst(limit=1000) == 10
+    clk.t += 0.050  # 500 earned in phase 0, backlog 100
+    assert p.next_burst(limit=1000) == 100 and p.lag == 400
+    clk.t += 0.100  # 500 more until the idle phase (100 kept), nothing while idle
+    assert p.next_burst(limit=1000) == 0 and p.phase == 1 and p.lag == 800
+    clk.t += 0.060  # 10 ms into phase 2: 100 earned, plus the 100 kept from phase 0
+    assert p.next_burst(limit=1000) == 100 and p.lag == 900
 
 
 def test_pacer_unlimited() -> None:

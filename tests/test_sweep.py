@@ -18,6 +18,7 @@ from emu.cli import main
 from emu.errors import BadInputError
 from emu.mem.pagepool import POOL_COUNTERS
 from emu.run import report as rep
+from emu.run.stats import CPU_COUNTERS
 from emu.sweep import output, runner
 from emu.sweep.spec import SweepSpec, SweepSpecError, load_spec
 from emu.topology.file import validate_topology_text
@@ -74,8 +75,9 @@ def test_derived_metrics_from_known_counters() -> None:
                  recycle_hard_limit=10, recycle_released_refcnt=2, release_cnt=320)
     m = rep.derive_metrics(pool, delivered=5000, rx_packets=2_000_000, elapsed=2.0,
                            in_flight=[*range(1, 101)], pool_bytes=[1000, 3000],
-                           violations={"double_free": 1, "leaked": 2})
+                           violations={"double_free": 1, "leaked": 2}, cpu_s=1.5)
     assert list(m) == list(rep.METRICS)
+    assert m["cpu_ns_per_pkt"] == 750.0  # 1.5 s of the CPU workers over 2 M packets
     assert m["pps"] == 2500.0
     assert m["hit_ratio"] == 0.98  # 98 / (98 + 1 + 1)
     assert m["alloc_slow_per_mpkt"] == 2.5  # 5 per 2 M packets
@@ -91,7 +93,7 @@ def test_undefined_metrics_are_none() -> None:
                            violations={"leaked": 0})
     assert m == {"pps": None, "hit_ratio": None, "alloc_slow_per_mpkt": None, "page_alloc_pps": None,
                  "page_free_pps": None, "inflight_mean": None, "inflight_p99": None, "pool_memory_bytes": None,
-                 "violations": 0}
+                 "violations": 0, "cpu_ns_per_pkt": None}
 
 
 def _part(cached: int, ring: int, samples: list[int], pool_bytes: list[int]) -> dict[str, Any]:
@@ -127,6 +129,24 @@ def test_multi_host_metrics_come_from_summed_counters() -> None:
     assert m["hit_ratio"] == 0.225  # 90 / 400, where the hosts' mean ratio would be 0.45
 
 
+def test_multi_host_cpu_time_is_summed_over_the_hosts() -> None:
+    """Each host measures its own processes; the merged report adds them up and puts the CPU workers'
+    time per packet received (on every host)."""
+    topo = validate_topology_text(TOPO, "tiny.yaml")
+    rows = {"gen0": {"generated": 4000, "received": 4000, "foreign": 0, "corrupted": 0, "duplicates": 0,
+                     "link_down": 0, "link_lost": 0, "bad_messages": 0},
+            "h1/cpu0": {**dict.fromkeys(CPU_COUNTERS, 0), "rx_packets": 3000},
+            "h2/cpu0": {**dict.fromkeys(CPU_COUNTERS, 0), "rx_packets": 1000}}
+    final = rep.Snapshot(0.0, rows, {"gen0": "traffic", "h1/cpu0": "cpu", "h2/cpu0": "cpu"})
+    parts = {"h1": _part(1, 1, [1], [0]), "h2": _part(1, 1, [1], [0])}
+    parts["h1"]["cpu_time_s"] = {"by_process": {"h1/cpu0": {"kind": "cpu", "s": 0.003},
+                                                "h1/eth0": {"kind": "device", "s": 0.5}}}
+    parts["h2"]["cpu_time_s"] = {"by_process": {"h2/cpu0": {"kind": "cpu", "s": 0.001}}}
+    report = rep.build_report(rep.RunRecord(topo, final, elapsed=2.0, parts=parts))
+    assert report["cpu_time_s"]["cpu"] == 0.004 and report["cpu_time_s"]["device"] == 0.5
+    assert report["metrics"]["cpu_ns_per_pkt"] == 1000.0  # 4 ms over 4,000 packets
+
+
 # -- specs refused before anything runs -----------------------------------------------------------------
 
 
@@ -143,6 +163,11 @@ BAD_SPECS = [
     ("a plot against an unknown key", SPEC.replace("{x: hosts.h1.pool.pool_size", "{x: hosts.h1.cpus"),
      "hosts.h1.cpus", 7),
     ("unknown top-level key", SPEC + "repeat: 3\n", "repeat", 8),
+    ("a time plot of what is no time series", SPEC.replace("{x: hosts.h1.pool.pool_size, y: hit_ratio}",
+                                                           "{x: time, y: hit_ratio}"), "hit_ratio", 7),
+    ("a time plot's lines not a grid key", SPEC.replace("{x: hosts.h1.pool.pool_size, y: hit_ratio}",
+                                                        "{x: time, y: in_flight, lines: hosts.h1.cpus}"),
+     "hosts.h1.cpus", 7),
     ("run without a length", SPEC.replace("run: {count: 3000}", "run: {}"), "run", 5),
 ]
 
@@ -179,9 +204,44 @@ def _png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+def test_time_series_average_repeats_sample_by_sample(tmp_path: Path) -> None:
+    """A time plot's line per grid point: the repeats' samples averaged index by index, cut to the
+    shortest repeat, against the first repeat's times."""
+    spec = load_spec(str(_write(tmp_path, SPEC.replace("repeats: 1", "repeats: 2")
+                                + "  - {x: time, y: pool_bytes, lines: hosts.h1.pool.pool_size}\n")))
+    plot = spec.plots[1]
+    assert plot.x == "time" and plot.y == "pool_bytes"
+
+    def run(size: int, pool_bytes: list[int]) -> dict[str, Any]:
+        samples = {"period_s": 0.05, "t_s": [0.05 * k + 0.01 for k in range(len(pool_bytes))],
+                   "pool_bytes": pool_bytes}
+        return {"params": {"hosts.h1.pool.pool_size": size}, "report": {"pages": {"samples": samples}}}
+
+    runs = [run(64, [10, 20, 30]), run(64, [30, 40]), run(256, [5, 5, 5, 5])]
+    lines = output.time_series(spec, plot, runs)
+    assert lines["pool_size=64"] == (pytest.approx([0.01, 0.06]), [20.0, 30.0])
+    assert lines["pool_size=256"][1] == [5.0] * 4
+    png = tmp_path / "t.png"
+    output.draw_plot(spec, plot, runs, str(png))
+    assert _png_size(png) == (640, 400)
+
+
+def test_a_plot_against_list_values(tmp_path: Path) -> None:
+    """A grid key whose values are lists (a device's rx_cpus, tx_cpus) is plotted by position."""
+    text = SPEC.replace("hosts.h1.pool.pool_size: [64, 256]",
+                        "hosts.h1.pool.pool_size: [64]\n  hosts.h1.devices.eth0.tx_cpus: [[0]]")
+    text = text.replace("{x: hosts.h1.pool.pool_size, y: hit_ratio}",
+                        "{x: hosts.h1.devices.eth0.tx_cpus, y: hit_ratio}")
+    spec = load_spec(str(_write(tmp_path, text)))
+    runs = [{"params": p.params, "metrics": dict.fromkeys(rep.METRICS, 0.5)} for p in spec.points]
+    png = tmp_path / "l.png"
+    output.draw_plot(spec, spec.plots[0], runs, str(png))
+    assert _png_size(png) == (640, 400)
+
+
 @pytest.mark.slow
 def test_sweep_tiny_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = _write(tmp_path)
+    path = _write(tmp_path, SPEC + "  - {x: time, y: alloc_slow, lines: hosts.h1.pool.pool_size}\n")
     out = tmp_path / "out"
     assert main(["sweep", str(path), "--out", str(out)]) == 0
     with open(out / "results.csv", newline="") as f:
@@ -200,6 +260,9 @@ def test_sweep_tiny_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
             assert int(col[name]) == sum(c["page_pool"][name] for c in report["cpus"]), name
         assert report["cpus"][0]["page_pool"]["hold_cnt"] > 0 and float(col["page_alloc_pps"]) > 0
         assert report["pages"]["samples"]["in_flight"], "sampled while traffic ran"
+        # CPU time measured from /proc for every process while traffic ran, put per packet.
+        assert report["cpu_time_s"]["cpu"] >= 0 and "h1/cpu0" in report["cpu_time_s"]["by_process"]
+        assert run["metrics"]["cpu_ns_per_pkt"] is not None
         assert run["params"]["hosts.h1.pool.pool_size"] == int(col["hosts.h1.pool.pool_size"])
     png = out / output.plot_file(0, load_spec(str(path)).plots[0])
     assert _png_size(png) == (640, 400)
@@ -208,6 +271,19 @@ def test_sweep_tiny_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert matplotlib.image.imread(str(png)).shape[:2] == (400, 640)
     md = (out / "report.md").read_text()
     assert f"]({png.name})" in md and "results.csv" in md
+    # The time series: every series as long as the times, the times rising, the counters never falling,
+    # and the last sample's alloc_slow no more than the run's total.
+    for run in results["runs"]:
+        samples = run["report"]["pages"]["samples"]
+        n = len(samples["t_s"])
+        assert n and all(len(samples[name]) == n for name in rep.SAMPLE_SERIES)
+        assert samples["t_s"] == sorted(samples["t_s"])
+        for name in ("alloc_slow", "page_alloc", "page_free", "delivered", "recycle_cached", "recycle_returned"):
+            assert samples[name] == sorted(samples[name]), name
+        assert 0 < samples["alloc_slow"][-1] <= run["page_pool"]["alloc_slow"]
+    timeplot = out / output.plot_file(1, load_spec(str(path)).plots[1])
+    assert timeplot.name.endswith("-vs-time.png") and _png_size(timeplot) == (640, 400)
+    assert f"]({timeplot.name})" in md and "alloc_slow over time" in md
 
 
 class _Interrupt:

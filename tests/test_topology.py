@@ -177,7 +177,14 @@ def test_defaults_and_derived_values() -> None:
         xdp_features=("basic", "redirect", "ndo-xmit"),
         profile="nic",
         peer="gen0",  # the far end of its cable
+        tx_cpus=(0, 1),
     )
+    assert h1.txc_release == "deferred"
+    # tx_cpus, like rx_cpus: one CPU of the host per TX queue.
+    for bad, why in (("[0, 2]", "between 0 and 1"), ("[0]", "2 entries")):
+        with pytest.raises(TopologyError, match=f"tx_cpus.*{why}"):
+            validate_topology_text(GOOD.replace("ifindex: 2\n", f"ifindex: 2\n        tx_cpus: {bad}\n"),
+                                   "t.yaml")
     assert topo.traffic["gen0"].generate == GeneratorConfig(
         count=0, rate=0, pkt_size=64, flows=16, burst=64, src_mac="02:00:00:ff:00:01", dst_mac=eth0.mac
     )

@@ -222,7 +222,11 @@ class TrafficPort:
             if self.tx.blocked() or self.tx.busy():
                 return 0  # the link is full (the device paused it): wait
         left = self.count - self.seq if self.count else LINK_BATCH
-        n = min(self.pacer.next_burst(), left)
+        burst = self.gen.burst
+        # Behind its rate, a paced generator catches up with several bursts in one message (a link
+        # message's worth at most); what it owes past its backlog is counted, not silently lost.
+        n = min(self.pacer.next_burst(max(burst, LINK_BATCH // burst * burst)), left)
+        self.c[self.i["pacer_lag"]] = self.pacer.lag
         if n <= 0:
             return 0
         if not self.gen.rate and not self.gen.schedule:

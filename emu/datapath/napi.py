@@ -21,9 +21,18 @@ What one poll does, in the kernel's order (drivers' ``napi_poll`` + ``xdp_do_flu
 A pass takes no more packets than this CPU's XDP TX queues have room for (`tx_room`): a frame holds its
 ring slot until its completion comes back here, as a driver's slot stays taken until NAPI reaps it.
 
-TX completions for the TX queues this CPU services come back here; each page goes back to the pool that
-allocated it: directly when that is this CPU's, through that CPU's recycle ring otherwise.  A page is
-never recycled before its completion: the return path checks that it is ``TX_INFLIGHT``.
+TX completions for the TX queues this CPU services (the device's ``tx_cpus``) come back here; each page
+goes back to the pool that allocated it: directly when that is this CPU's, through that CPU's recycle
+ring otherwise.  A page is never recycled before its completion: the return path checks that it is
+``TX_INFLIGHT``.  A device completes a whole pass of frames (up to 16 polls' worth) in one message,
+where a driver's NAPI poll cleans its TX completions a budget at a time, each time just before the RX
+refill that reuses their pages; recycling such a message at once would overflow the 128-page alloc cache
+on every batch.  So this CPU's own completions wait (``txc_release: deferred``, the default: still
+``TX_INFLIGHT``, held by this CPU, their ring slots free) and each RX refill first reaps as many of them
+as it takes and the cache has room for (`_reap_for`), so they reach the RX rings through the cache, as
+in the kernel; the rest are reaped once no packet has been polled for `TXC_IDLE_NS` (traffic stopped),
+at ``ndo_stop`` and at shutdown.  ``immediate`` recycles a whole message as it arrives: what overflows
+the cache goes to the ring (`recycle_cache_full`), and the refill takes it back from there.
 
 Every change of a page's state is one of `emu.mem.pagepool`'s functions, and every descriptor handed in is
 checked by its `check_descs`.  The core sends through an `Outbox` (the CPU worker's channels, or a test's
@@ -33,6 +42,8 @@ fake) and counts into a counter array indexed by name (the worker's stats row, o
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable, MutableSequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -97,6 +108,10 @@ TX_RESYNC_WAITS = 64
 PAGE_SIZE = 4096
 # GRO_NORMAL_BATCH-like: the cpumap kthread flushes GRO every this many skbs (and when its ring empties).
 GRO_FLUSH_SKBS = 64
+# txc_release: deferred.  Own TX completions wait for the RX refills that take their pages; once no packet
+# has been polled for this long, traffic has stopped (rather than paused between two of the emulator's
+# batches, which on a loaded machine can be milliseconds apart) and the rest are reaped at once.
+TXC_IDLE_NS = 50_000_000
 # What else makes a descriptor handed to a CPU invalid, in its one warning.
 _REFUSED_WHY = " (or stale, foreign or named twice)"
 
@@ -212,8 +227,10 @@ class NapiCore(Core):
         self.targets: dict[int, Target] = {}
         self.by_name: dict[str, Target] = {}
         for index_, (name, dev) in enumerate(host.devices.items()):
+            # Its own TX queue, whose completions come back here (tx_cpus), so that it sees its ring slots free.
+            own = dev.tx_queues >= self.ncpus and dev.tx_cpu(cpu % dev.tx_queues, self.ncpus) == cpu
             t = Target(name, index_, dev.ifindex, dev.xdp_xmit, dev.redirect_fallback, dev.tx_queues,
-                       dev.tx_ring_size, dev.tx_queues >= self.ncpus, dev.profile, dev.peer)
+                       dev.tx_ring_size, own, dev.profile, dev.peer)
             self.targets[dev.ifindex] = t
             self.by_name[name] = t
         self.rxqs: dict[tuple[str, int], RxQueue] = {(r.dev, r.q): r for r in rxqs}
@@ -246,6 +263,11 @@ class NapiCore(Core):
             for m in getattr(rxq.ctx, "maps", {}).values():
                 if isinstance(m, DevMap):
                     self.devmaps[(rxq.dev, (m.bcast_base - REDIRECT_BROADCAST) >> 16)] = m
+        # TX completions of this CPU's own pages not reaped yet (txc_release: deferred), oldest first.
+        self.txc_deferred = host.txc_release == "deferred"
+        self.txc_pending: deque[np.ndarray] = deque()
+        self.clock: Callable[[], int] = time.monotonic_ns  # replaceable (tests)
+        self.last_rx_ns = 0  # when a pass last polled packets
 
     def send_descs(self, to: str | int, kind: str, header: dict, ids: np.ndarray) -> None:
         """Describe pages `ids` from the page table and send them to `to`."""
@@ -300,8 +322,15 @@ class NapiCore(Core):
             if rxq is not None:
                 rxq.posted -= n
         elif kind == TXC:
-            # xdp_return_frame_bulk: another pool's pages go back tx_bulk (16) per ring-lock round trip.
-            self.c[self.i["tx_completions"]] += self._return(d, PageState.TX_INFLIGHT, bulk=self.tx_bulk_size)
+            if self.txc_deferred and check_descs(self.pm, d, PageState.TX_INFLIGHT, owner=self.cpu) is None:
+                # All this CPU's own: the NAPI polls reap them (reap_tx), before their RX refills.
+                self.txc_pending.append(d)
+                self.c[self.i["tx_completions"]] += len(d)
+            else:
+                # xdp_return_frame_bulk: another pool's pages go back tx_bulk (16) per ring-lock round trip.
+                self.c[self.i["tx_completions"]] += self._return(d, PageState.TX_INFLIGHT, bulk=self.tx_bulk_size)
+            # The ring slots are free now, where a driver frees them as it reaps: the pass that reaps them
+            # may then fill them again.
             self._tx_reaped(hdr, len(d))
         elif kind == TXDROP:
             what = "xdp_tx_full" if hdr.get("kind") == "tx" else "xmit_drops"
@@ -339,6 +368,33 @@ class NapiCore(Core):
         if remote:
             self.c[self.i["remote_returns"]] += remote
         return return_pages(self.pm, self.pool, ids, expect=expect)
+
+    def reap_tx(self, limit: int | None = None) -> int:
+        """Recycle up to `limit` (None: all) of this CPU's own TX completions not reaped yet, oldest
+        first, as a driver's NAPI poll cleans its TX ring before its RX work; returns how many."""
+        pending = self.txc_pending
+        n = 0
+        while pending and (limit is None or n < limit):
+            d = pending[0]
+            if limit is not None and len(d) > limit - n:
+                pending[0] = d[limit - n :]
+                d = d[: limit - n]
+            else:
+                pending.popleft()
+            n += len(d)
+            self._return(d, PageState.TX_INFLIGHT)  # counted in tx_completions when they came in
+        return n
+
+    def _reap_for(self, want: int) -> None:
+        """Before a refill of `want` buffers, reap the TX completions the kernel's finer polls would
+        have put into the cache since the last refill: as many as the refill takes and the cache has
+        room for, and at least what the pool lacks (so a completed page never leaves a refill to the
+        page allocator)."""
+        pool = self.pool
+        have = pool.cache_count
+        room = pool.cache_size - have
+        short = want - have - pool.ring_count
+        self.reap_tx(max(min(want, room), short))
 
     def _return(self, d: np.ndarray, expect: PageState, bulk: int | None = None, direct: bool = True) -> int:
         """Return pages a peer handed back to whichever pools own them; returns how many were valid.
@@ -429,13 +485,20 @@ class NapiCore(Core):
             recycles = pool.direct_recycles
             n = self.napi_poll()
             done += n
-            if refilling and pool.direct_recycles != recycles:
-                # The refill inside each poll, as drivers do, so that pages this poll freed are reused
-                # from the cache.  A poll that freed none left the pool as it was: its refill would
-                # take the same pages at the end of the pass, which does it for all of them at once.
+            if refilling and (pool.direct_recycles != recycles or (n and self.txc_pending)):
+                # The refill inside each poll, as drivers do, so that pages this poll freed (or TX
+                # completions it reaps, `refill`) are reused from the cache.  A poll that freed none
+                # left the pool as it was: its refill would take the same pages at the end of the
+                # pass, which does it for all of them at once.
                 self.refill()
             if not n:
                 break
+        if done and self.txc_deferred:
+            self.last_rx_ns = self.clock()
+        if self.txc_pending and (not refilling or (not done and self.clock() - self.last_rx_ns >= TXC_IDLE_NS)):
+            # The device is going down, or traffic stopped (no packet for TXC_IDLE_NS, not a gap between
+            # two batches): NAPI cleans the rest of its TX ring before it completes.
+            self.reap_tx()
         if refilling:
             self.refill()
         done += self.cpumap_kthread()
@@ -530,6 +593,8 @@ class NapiCore(Core):
                 rxq.ready = None
             rxq.posted -= n
             done += n
+        # The stack freed the poll's skbs on this CPU within the poll (before its refill), as in NAPI.
+        self.free_local_skbs()
         if done:
             self.c[self.i["polls"]] += 1
             # The devmap bulk queue: one ndo_xdp_xmit call per `bulk` frames, and a partial one at the
@@ -941,16 +1006,22 @@ class NapiCore(Core):
                 if t.own_txq:
                     t.tx_used += len(ids)
             self.tx_bulk.clear()
-        if self.skb_local:
-            ids = np.concatenate(self.skb_local)
-            self.skb_local.clear()
-            self.c[self.i["stack_rx"]] += len(ids)
-            self.pool.recycle_direct(ids, errors="count", expect=PageState.SKB)
+        self.free_local_skbs()
         if self.skb_remote:
             ids = np.concatenate(self.skb_remote)
             self.skb_remote.clear()
             page_hand_over(self.pm, ids, self.stack_cpu)
             self.send_descs(self.stack_cpu, SKB, {"cpu": self.cpu}, ids)
+
+    def free_local_skbs(self) -> None:
+        """The skbs this CPU's stack consumed in this poll: their pages go straight back into its alloc
+        cache (NAPI-local recycling, 6.4's ``page_pool_napi_local``), before the poll's RX refill takes
+        them out again."""
+        if self.skb_local:
+            ids = self.skb_local[0] if len(self.skb_local) == 1 else np.concatenate(self.skb_local)
+            self.skb_local.clear()
+            self.c[self.i["stack_rx"]] += len(ids)
+            self.pool.recycle_direct(ids, errors="count", expect=PageState.SKB)
 
     def refill(self) -> None:
         """Keep every bound RX ring full of pages from this CPU's pool (the driver's RX refill).  Called
@@ -960,6 +1031,8 @@ class NapiCore(Core):
             want = rxq.ring_size - rxq.posted
             if want < rxq.refill_min or self.by_name[rxq.dev].down:
                 continue
+            if self.txc_pending:
+                self._reap_for(want)
             ids = page_pool_dev_alloc_pages(self.pool, want, device_code(self.by_name[rxq.dev].index))
             if len(ids) < want:
                 self.c[self.i["rx_alloc_fail"]] += want - len(ids)
@@ -1011,4 +1084,5 @@ class NapiCore(Core):
             self.cpumaps[(dev, ordinal)].ring_consumed(self.cpu, len(ids))
             self._free(ids, PageState.XDP)
         self.kq.clear()
+        self.reap_tx()
         self.pool.drain()

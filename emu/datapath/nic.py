@@ -158,8 +158,8 @@ class NicCore(Core):
         self.offline = 0  # CPUs declared dead by the coordinator
         self.rxq_online = [True] * self.nrxq
         self.all_online = True
-        self.txc_cpu = [t % ncpus for t in range(cfg.tx_queues)]
         self.capture: CaptureTap | None = None  # xdpdump-style capture (emu.datapath.capture), when asked for
+        self.txc_cpu = [cfg.tx_cpu(t, ncpus) for t in range(cfg.tx_queues)]  # tx_cpus: the TX IRQ affinity
 
     # -- messages from CPUs -----------------------------------------------------------------------
 

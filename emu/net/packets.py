@@ -742,42 +742,83 @@ def rss_queue(batch: FrameBatch, nqueues: int, key: bytes = RSS_KEY) -> np.ndarr
 _NS = 1_000_000_000
 
 
+# How far behind its rate a paced generator may fall and still catch up: the packets its rate earns in
+# this time (at least one burst) may be owed at once and go out in several back-to-back bursts, as
+# TRex's and pktgen's pacers catch up after a late wake-up; credit past it is given up and counted
+# (`Pacer.lag`, the traffic port's ``pacer_lag``).
+PACER_BACKLOG_S = 0.010
+
+
 class Pacer:
     """Token-bucket pacing like pktgen's: at most `rate_pps` packets per second on average, in bursts of
-    at most `burst`.  Counted in integer nanoseconds so rounding can never let it run ahead of its rate:
-    over any interval of t seconds it allows at most ``burst + rate_pps * t`` packets.
+    `burst`.  Counted in integer nanoseconds so rounding can never let it run ahead of its rate: over any
+    interval of t seconds it allows at most ``cap + rate_pps * t`` packets, where `cap` (the bucket's
+    size) is the backlog it may owe: what the rate earns in `backlog_s` (`PACER_BACKLOG_S`), at least one
+    burst.
 
-    The bucket starts full, so the first burst goes out at once.  `clock` is injectable for tests.
+    A sender that falls behind (a pass slower than ``burst / rate``: a sleep, a flush, the scheduler)
+    is owed up to `cap` packets and catches up by asking for more than a burst (`next_burst` with a
+    larger `limit`); what it is owed past `cap` is lost for good and counted in `lag` (packets), so a
+    shortfall of the offered rate is never silent.
+
+    The clock starts at the first call (time before it, e.g. before START, earns nothing), with one burst
+    in the bucket, so the first burst goes out at once.  `clock` is injectable for tests.
     """
 
     finished = False  # a constant rate never ends by itself (a `ScheduledPacer` does)
 
-    def __init__(self, rate_pps: int, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, rate_pps: int, burst: int, clock: Callable[[], float] = time.monotonic,
+                 backlog_s: float = PACER_BACKLOG_S) -> None:
         if rate_pps < 0:
             raise ValueError(f"rate_pps must be >= 0 (0 = unlimited), got {rate_pps}")
         if burst < 1:
             raise ValueError(f"burst must be >= 1, got {burst}")
+        if backlog_s < 0:
+            raise ValueError(f"backlog_s must be >= 0, got {backlog_s}")
         self.rate = rate_pps
         self.burst = burst
+        self.backlog_s = backlog_s
         self._clock = clock
-        self._cap = burst * _NS  # bucket size in packet-nanoseconds
-        self._credit = self._cap  # packets * 1e9
-        self._last = self._now_ns()
+        self._cap = self._cap_for(rate_pps)  # bucket size in packet-nanoseconds
+        self._credit = burst * _NS  # packets * 1e9
+        self._last: int | None = None  # clock of the last refill; None: not started
+        self._lost = 0  # credit given up past the cap, packet-nanoseconds
+
+    def _cap_for(self, rate: int) -> int:
+        return max(self.burst, math.ceil(rate * self.backlog_s)) * _NS
+
+    @property
+    def cap(self) -> int:
+        """The most packets the pacer may owe at once (its bucket), at the current rate."""
+        return self._cap // _NS
+
+    @property
+    def lag(self) -> int:
+        """Packets the rate earned that the sender fell too far behind to send (credit past `cap`)."""
+        return self._lost // _NS
 
     def _now_ns(self) -> int:
-        return int(self._clock() * _NS)
+        return round(self._clock() * _NS)
 
     def _refill(self, now: int | None = None) -> None:
         if now is None:
             now = self._now_ns()
+        if self._last is None:
+            self._last = now
+            return
         elapsed = now - self._last
         if elapsed > 0:  # a clock that steps back (a test's, say) must not drain the bucket
-            self._credit = min(self._cap, self._credit + elapsed * self.rate)
+            credit = self._credit + elapsed * self.rate
+            if credit > self._cap:
+                self._lost += credit - self._cap
+                credit = self._cap
+            self._credit = credit
             self._last = now
 
     def next_burst(self, limit: int | None = None) -> int:
-        """How many packets may go now (0..burst, at most `limit`); the caller is assumed to send them."""
-        want = self.burst if limit is None else max(0, min(limit, self.burst))
+        """How many packets may go now, at most `limit` (default: one burst); the caller is assumed to
+        send them.  A `limit` above the burst lets a sender that fell behind catch up in one call."""
+        want = self.burst if limit is None else max(0, limit)
         if self.rate == 0:
             return want
         self._refill()
@@ -797,24 +838,30 @@ class Pacer:
         """From clock time `at` (default now) on, pace at `rate_pps`: the credit earned until `at` is
         earned at the old rate, so a change applied late (the caller noticed the boundary after it
         passed) grants no more than the rates in force allow.  The bound of the class holds across
-        changes: over an interval, at most ``burst`` plus the integral of the rate."""
+        changes: over an interval, at most the larger cap plus the integral of the rate."""
         if rate_pps < 0:
             raise ValueError(f"rate_pps must be >= 0 (0 = unlimited), got {rate_pps}")
         if self.rate:
-            self._refill(self._now_ns() if at is None else int(at * _NS))
+            self._refill(self._now_ns() if at is None else round(at * _NS))
         else:
-            self._credit = self._cap  # unlimited until now: the bucket is full
+            self._credit = self.burst * _NS  # unlimited until now: one burst in the bucket
+            self._last = self._now_ns() if at is None else round(at * _NS)
         self.rate = rate_pps
+        self._cap = self._cap_for(rate_pps)
+        self._credit = min(self._credit, self._cap)
 
     def pause(self, at: float) -> None:
         """Earn credit at the current rate until clock time `at`, then none until `resume`."""
         if self.rate:
-            self._refill(int(at * _NS))
+            self._refill(round(at * _NS))
 
     def resume(self, rate_pps: int, at: float) -> None:
         """Pace at `rate_pps` from clock time `at`, having earned nothing since `pause`."""
-        self._last = max(self._last, int(at * _NS))
+        at_ns = round(at * _NS)
+        self._last = at_ns if self._last is None else max(self._last, at_ns)
         self.rate = rate_pps
+        self._cap = self._cap_for(rate_pps)
+        self._credit = min(self._credit, self._cap)
 
 
 class ScheduledPacer:
@@ -823,8 +870,9 @@ class ScheduledPacer:
 
     A phase with a rate paces through one `Pacer` whose rate changes at each boundary (`Pacer.set_rate`
     applied at the boundary's time, however late the caller notices it), so the token-bucket bound
-    carries across phases: over the whole schedule at most ``burst`` plus the sum of ``rate x length``
-    of its phases (the bucket earns nothing while idle, so an idle phase does not buy an extra burst).
+    carries across phases, and so does its backlog (`Pacer.lag` counts what a late sender gave up): over
+    the whole schedule at most ``burst`` plus the sum of ``rate x length`` of its phases (the bucket
+    earns nothing while idle, so an idle phase does not buy an extra burst).
     A phase of rate 0 is idle: nothing is sent.  After the last phase `finished` is true and nothing
     more is sent: the generator is done, as when its `count` is reached (to run a pattern longer, repeat
     its phases).  `clock` is injectable for tests, as `Pacer`'s is.
@@ -846,6 +894,11 @@ class ScheduledPacer:
     @property
     def finished(self) -> bool:
         return self.phase >= len(self.phases)
+
+    @property
+    def lag(self) -> int:
+        """Packets the schedule's rates earned that the sender fell too far behind to send (`Pacer.lag`)."""
+        return self._pacer.lag
 
     @property
     def rate(self) -> int:

@@ -47,7 +47,7 @@ from emu.net.protocol import DEVICE_BIT, LINK_DOWN_BIT, Cmd, ProcState, device_c
 from emu.net.shmring import RING_BYTES, MsgRing
 from emu.run import capture, expect, launch, pools
 from emu.run import report as rep
-from emu.run.process import ProcSpec, read_last_words
+from emu.run.process import ProcSpec, cpu_seconds, read_last_words
 from emu.run.procname import process_name
 from emu.run.stats import StatsTable
 from emu.topology.model import Endpoint, HostConfig, Topology
@@ -214,6 +214,8 @@ class Run(Console):
         self.events: list[str] = []
         self.created_ns = time.monotonic_ns()
         self.started_ns = 0
+        self.cpu_at_start: dict[str, tuple[str, float]] = {}
+        self.cpu_used: dict[str, tuple[str, float]] = {}
         self.settled_ns = 0
         self.stalled: list[str] = []
         self.interrupted = False
@@ -623,7 +625,17 @@ class Run(Console):
         assert self.table is not None
         self.say(rep.banner(self.topo))
         self.started_ns = time.monotonic_ns()
+        self.cpu_at_start = self.cpu_times()
         self.table.command_all(Cmd.START)
+
+    def cpu_times(self) -> dict[str, tuple[str, float]]:
+        """Process key -> (kind, CPU seconds used so far), for every live worker process."""
+        out = {}
+        for p in self.procs:
+            s = None if p.process.pid is None else cpu_seconds(p.process.pid)
+            if s is not None:
+                out[p.key] = (p.kind, s)
+        return out
 
     @property
     def started(self) -> bool:
@@ -638,7 +650,9 @@ class Run(Console):
         if not self.started or self.settled_ns or not self.pms or (now < self.next_sample and not force):
             return
         self.next_sample = now + rep.SAMPLE_PERIOD
-        self.samples.append(rep.sample_pages(self.pms))
+        # With the time since START and the packets delivered so far: the report's time series.
+        delivered = rep.snapshot(self.table, now).delivered() if self.table is not None else 0
+        self.samples.append(rep.sample_pages(self.pms, (time.monotonic_ns() - self.started_ns) / 1e9, delivered))
 
     def quiesce(self, settle: bool = True) -> None:
         """QUIESCE: generators stop; unless `settle` is False (a multi-host run's coordinator judges that
@@ -662,6 +676,9 @@ class Run(Console):
         wait for every page to come home (``page_pool_release_retry``), warning while some stay out."""
         assert self.table is not None
         self.settled_ns = time.monotonic_ns()
+        # CPU time each process used while traffic ran (START to settled), for the report's cpu_time_s.
+        self.cpu_used = {key: (kind, s - self.cpu_at_start[key][1])
+                         for key, (kind, s) in self.cpu_times().items() if key in self.cpu_at_start}
         self.table.command_all(Cmd.DOWN)
         self.wait_pages_home()
 
@@ -714,6 +731,7 @@ class Run(Console):
             stalled=list(self.stalled),
             dead=sorted(self.dead),
             samples=list(self.samples),
+            cpu_s=dict(self.cpu_used),
         )
 
     def report(self) -> dict:

@@ -94,6 +94,18 @@ def channel(ctx: zmq.Context, spec: ProcSpec, src: str, dst: str, addr: str) -> 
     return Channel(push(ctx, addr), MsgRing.attach(name) if name else None)
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time a process has used so far (``utime + stime`` of ``/proc/PID/stat``), in seconds; None
+    when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # After the command's closing parenthesis: state is field 3, utime and stime fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Liveness:
     """Heartbeat into the stats row and notice a vanished parent, checked cheaply from a hot loop."""
 

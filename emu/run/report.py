@@ -35,7 +35,7 @@ CPU_DROPS = ("xdp_drop", "xdp_aborted", "redirect_err", "xdp_tx_full", "xmit_dro
 DEVICE_DROPS = ("rx_dropped", "tx_dropped", "link_lost")
 # The derived metrics of every report (its ``metrics`` key), in this order: the sweep's CSV columns too.
 METRICS = ("pps", "hit_ratio", "alloc_slow_per_mpkt", "page_alloc_pps", "page_free_pps", "inflight_mean",
-           "inflight_p99", "pool_memory_bytes", "violations")
+           "inflight_p99", "pool_memory_bytes", "violations", "cpu_ns_per_pkt")
 SAMPLE_PERIOD = 0.05  # seconds between the samples of the page table taken while traffic runs
 # CPU counters reported as they are, next to the issue's fixed keys.
 CPU_EXTRA = (
@@ -203,6 +203,9 @@ def traffic_section(final: Snapshot) -> dict[str, Any]:
         "corrupted": final.total("traffic", "corrupted"),
         "duplicates": final.total("traffic", "duplicates"),
         "unaccounted": final.unaccounted(),
+        # Packets paced generators owed but fell too far behind to send: the rate offered fell short by
+        # this much (not a loss: they were never generated).
+        "pacer_lag": sum(final.rows[k].get("pacer_lag", 0) for k in final.keys("traffic")),
         "drops": final.drops(),
         "ports": {k: {n: v for n, v in final.rows[k].items() if n not in CONTROL} for k in final.keys("traffic")},
     }
@@ -239,37 +242,73 @@ class HostPages:
 class PageSample:
     """One look at the page tables while traffic runs: pages in flight (out of every pool and of the page
     allocator: allocated, posted for RX, in XDP, queued or in flight for TX, held by an skb) and the bytes
-    of the pages the pools keep (alloc caches and recycle rings)."""
+    of the pages the pools keep (alloc caches and recycle rings); with the time since START, the pools'
+    page-allocator counters so far (summed over CPUs: ``alloc_slow``, pages taken = ``hold_cnt``, pages
+    given back while running = recycle_ring_full + recycle_hard_limit + recycle_released_refcnt, as
+    `derive_metrics` counts them), the adaptive watermarks (summed; 0 for `fixed`) and the packets
+    delivered so far, and the returns to the pools so far (``recycle_cached``, and ``recycle_returned`` =
+    recycle_cached + recycle_ring + recycle_ring_full, `hit_ratio`'s denominator), so that a run's report
+    shows them over time (`SAMPLE_SERIES`)."""
 
     in_flight: int
     pool_bytes: int
+    t_s: float = 0.0
+    alloc_slow: int = 0
+    page_alloc: int = 0
+    page_free: int = 0
+    watermark: int = 0
+    delivered: int = 0
+    recycle_cached: int = 0
+    recycle_returned: int = 0
 
 
-def sample_pages(pms: dict[str, PageMemory]) -> PageSample:
+# The report's time series (``pages.samples``): one list per name, one entry per sample, next to ``t_s``.
+SAMPLE_SERIES = ("in_flight", "pool_bytes", "alloc_slow", "page_alloc", "page_free", "watermark", "delivered",
+                 "recycle_cached", "recycle_returned")
+# The returns `hit_ratio` divides by: so far, recycle_cached / recycle_returned is the hit ratio while
+# traffic ran (the report's `hit_ratio` also counts the posted RX buffers that come home at ndo_stop).
+_RETURNED = [C["recycle_cached"], C["recycle_ring"], C["recycle_ring_full"]]
+_FREED = [C["recycle_ring_full"], C["recycle_hard_limit"], C["recycle_released_refcnt"]]
+
+
+def sample_pages(pms: dict[str, PageMemory], t_s: float = 0.0, delivered: int = 0) -> PageSample:
     """A `PageSample` of every host's page table, from its state histogram (a snapshot without locks: the
-    states are single bytes, so each page is counted in one state, if not the same instant for all)."""
-    in_flight = pool_bytes = 0
+    states are single bytes, so each page is counted in one state, if not the same instant for all), and
+    of its pools' counters; `t_s` (seconds since START) and `delivered` come from the caller."""
+    in_flight = pool_bytes = alloc_slow = page_alloc = page_free = watermark = cached = returned = 0
     for pm in pms.values():
         hist = np.bincount(pm.state, minlength=len(PageState))
         in_flight += int(hist[list(IN_USE_STATES)].sum())
         pool_bytes += int(hist[PageState.CACHE] + hist[PageState.RING]) * pm.page_size
-    return PageSample(in_flight, pool_bytes)
+        cnt = pm.pool_counters
+        alloc_slow += int(cnt[:, C["alloc_slow"]].sum())
+        page_alloc += int(cnt[:, C["hold_cnt"]].sum())
+        page_free += int(cnt[:, _FREED].sum())
+        watermark += int(pm.pool_ctl[:, P_WATERMARK].sum())
+        cached += int(cnt[:, C["recycle_cached"]].sum())
+        returned += int(cnt[:, _RETURNED].sum())
+    return PageSample(in_flight, pool_bytes, round(t_s, 3), alloc_slow, page_alloc, page_free, watermark,
+                      delivered, cached, returned)
 
 
 def _samples_section(samples: list[PageSample]) -> dict[str, Any]:
-    return {"period_s": SAMPLE_PERIOD, "in_flight": [s.in_flight for s in samples],
-            "pool_bytes": [s.pool_bytes for s in samples]}
+    return {"period_s": SAMPLE_PERIOD, "t_s": [s.t_s for s in samples],
+            **{name: [getattr(s, name) for s in samples] for name in SAMPLE_SERIES}}
 
 
 def _merge_samples(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """The hosts' sample series summed sample by sample: every host samples every `SAMPLE_PERIOD` from its
-    START to its end of traffic, so sample k of each is about the same instant.  Only the samples every
-    host has are kept (a host that started a little later has a few fewer)."""
+    START to its end of traffic, so sample k of each is about the same instant (``t_s`` is the first
+    host's).  Only the samples every host has are kept (a host that started a little later has a few
+    fewer)."""
     series = [p for p in parts if p.get("in_flight")]
     n = min((len(p["in_flight"]) for p in series), default=0)
-    return {"period_s": SAMPLE_PERIOD,
-            "in_flight": [sum(p["in_flight"][k] for p in series) for k in range(n)],
-            "pool_bytes": [sum(p["pool_bytes"][k] for p in series) for k in range(n)]}
+    out: dict[str, Any] = {"period_s": SAMPLE_PERIOD,
+                           "t_s": list(series[0].get("t_s", [k * SAMPLE_PERIOD for k in range(n)]))[:n] if series
+                           else []}
+    for name in SAMPLE_SERIES:
+        out[name] = [sum(p.get(name, [0] * n)[k] for p in series) for k in range(n)]
+    return out
 
 
 def pool_totals(cpus: list[dict[str, Any]]) -> dict[str, int]:
@@ -283,8 +322,19 @@ def _p99(values: list[int]) -> int:
     return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
 
 
+def cpu_time_section(cpu_s: dict[str, tuple[str, float]]) -> dict[str, Any]:
+    """The report's ``cpu_time_s``: CPU seconds (user + system, from ``/proc``) each kind of process used
+    while traffic ran, and each process's (by stats row), so that a run's CPU cost can be put per packet."""
+    by_kind = {"cpu": 0.0, "device": 0.0, "traffic": 0.0}
+    for kind, s in cpu_s.values():
+        by_kind[kind] = by_kind.get(kind, 0.0) + s
+    return {**{k: round(v, 3) for k, v in by_kind.items()},
+            "by_process": {key: {"kind": kind, "s": round(s, 3)} for key, (kind, s) in sorted(cpu_s.items())}}
+
+
 def derive_metrics(pool: dict[str, int], delivered: int, rx_packets: int, elapsed: float,
-                   in_flight: list[int], pool_bytes: list[int], violations: dict[str, int]) -> dict[str, Any]:
+                   in_flight: list[int], pool_bytes: list[int], violations: dict[str, int],
+                   cpu_s: float | None = None) -> dict[str, Any]:
     """The report's ``metrics`` (`METRICS`), from counters summed over every CPU of every host, so a
     multi-host run's are recomputed from its summed counters, never averaged from its hosts' ratios.
     A ratio or rate whose denominator is 0 (no recycling, no packet, no time) is None.
@@ -309,6 +359,10 @@ def derive_metrics(pool: dict[str, int], delivered: int, rx_packets: int, elapse
     * ``pool_memory_bytes``: the mean, over the same samples, of the bytes of the pages the pools kept
       (alloc caches and recycle rings; at the end they are empty, so the samples are what shows it).
     * ``violations``: the sum of the report's violation counters (0 in a correct run).
+    * ``cpu_ns_per_pkt``: CPU time the emulated CPUs' worker processes used while traffic ran (`cpu_s`
+      seconds, ``/proc``'s utime + stime) per packet received by XDP: the data path's cost per packet,
+      recycling included (None when not measured, e.g. a multi-host run's).  The emulator's cost, not a
+      kernel's: compare runs of one machine.
     """
     returned = pool["recycle_cached"] + pool["recycle_ring"] + pool["recycle_ring_full"]
     freed = pool["recycle_ring_full"] + pool["recycle_hard_limit"] + pool["recycle_released_refcnt"]
@@ -326,6 +380,7 @@ def derive_metrics(pool: dict[str, int], delivered: int, rx_packets: int, elapse
         "inflight_p99": _p99(in_flight) if in_flight else None,
         "pool_memory_bytes": round(sum(pool_bytes) / len(pool_bytes)) if pool_bytes else None,
         "violations": sum(violations.values()),
+        "cpu_ns_per_pkt": round(cpu_s * 1e9 / rx_packets, 1) if cpu_s is not None and rx_packets else None,
     }
 
 
@@ -360,6 +415,8 @@ class RunRecord:
     # over this run's hosts; a multi-host run's come from its parts' reports instead.
     samples: list[PageSample] = field(default_factory=list)
     bad_control_messages: int | None = None  # multi-host: control messages refused
+    # CPU time each process used while traffic ran (START to settled): process key -> (kind, seconds).
+    cpu_s: dict[str, tuple[str, float]] = field(default_factory=dict)
 
 
 def _host_sections(r: RunRecord) -> dict[str, Any]:
@@ -471,6 +528,12 @@ def build_report(r: RunRecord) -> dict[str, Any]:
     whether one machine ran it or several hosts did (`RunRecord.parts`)."""
     sections = _host_sections(r) if r.parts is None else _merged_sections(r, r.parts)
     traffic = traffic_section(r.final)
+    cpu_s = dict(r.cpu_s)
+    for part in (r.parts or {}).values():
+        # A multi-host run: each host measured its own processes (their keys name their hosts).
+        for key, p in part.get("cpu_time_s", {}).get("by_process", {}).items():
+            cpu_s[key] = (p["kind"], p["s"])
+    cpu_time = cpu_time_section(cpu_s)
     if r.final.host_lost:
         traffic["lost_with_hosts"] = r.final.host_lost
     report = {
@@ -484,7 +547,8 @@ def build_report(r: RunRecord) -> dict[str, Any]:
         "metrics": derive_metrics(
             pool_totals(sections["cpus"]), traffic["delivered"], r.final.total("cpu", "rx_packets"), r.elapsed,
             sections["pages"]["samples"]["in_flight"], sections["pages"]["samples"]["pool_bytes"],
-            sections["violations"]),
+            sections["violations"], cpu_s=cpu_time["cpu"] if cpu_s else None),
+        "cpu_time_s": cpu_time,
         "maps": sections["maps"],
         "events": sections["events"],
         "dead_processes": sections["dead_processes"],
@@ -513,6 +577,9 @@ def summary(r: dict[str, Any]) -> str:
     drops = ", ".join(f"{k} {n:,}" for k, n in t["drops"].items() if n)
     if drops:
         out.append(f"  drops    {drops}")
+    if t.get("pacer_lag"):
+        out.append(f"  pacer    {t['pacer_lag']:,} packets owed at the paced rate but not sent (pacer_lag: the "
+                   f"generator fell behind by more than its backlog)")
     out.append(f"  rate     {r['rx_pps']:,} XDP rx pkt/s, {r['delivered_pps']:,} delivered pkt/s")
     for c in r["cpus"]:
         x = c["xdp"]

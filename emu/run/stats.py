@@ -107,6 +107,7 @@ TRAFFIC_COUNTERS = (
     "duplicates",
     "link_down",  # generated while the link's peer was gone (counted as lost on the wire)
     "link_lost",  # frames the link's loss impairment dropped after this port sent them
+    "pacer_lag",  # packets a paced generator fell too far behind its rate to send (emu.net.packets.Pacer.lag)
     "bad_messages",
     "first_rx_ns",  # CLOCK_MONOTONIC time of the first frame received (for the start-up measurement)
     "replayed",  # received frames a replay port sent (recognised by content, emu.net.replay): delivered

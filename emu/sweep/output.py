@@ -8,7 +8,9 @@ returns), then every page-pool counter (`emu.mem.pagepool.POOL_COUNTERS`) summed
 A plot draws a metric against a grid key, one line per value of the plot's ``lines`` key (and of any
 other grid key that varies, so that no two different points are averaged together): each marker is the
 mean over the repeats, with the smallest and largest of them as its error bar.  matplotlib draws with its
-Agg backend (files only, no display).
+Agg backend (files only, no display).  A plot with ``x: time`` draws one of the runs' sample series
+(``pages.samples`` of each report in ``results.json``) against the seconds since START, one line per
+grid point, averaged over the repeats sample by sample.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from typing import Any
 
 from emu.errors import ResourceError
 from emu.mem.pagepool import POOL_COUNTERS
-from emu.run.report import METRICS
-from emu.sweep.spec import PlotSpec, SweepSpec
+from emu.run.report import METRICS, SAMPLE_PERIOD
+from emu.sweep.spec import TIME, PlotSpec, SweepSpec
 
 CSV = "results.csv"
 REPORT = "report.md"
@@ -95,7 +97,54 @@ def series(spec: SweepSpec, plot: PlotSpec, runs: list[dict[str, Any]]) -> dict[
     return out
 
 
+TimeLine = tuple[list[float], list[float]]  # (seconds since START, mean over repeats) per sample
+
+
+def time_series(spec: SweepSpec, plot: PlotSpec, runs: list[dict[str, Any]]) -> dict[str, TimeLine]:
+    """A time plot's lines: label -> the sample series `plot.y` of the runs of one grid point (one line
+    per value of `lines` and of any other grid key that varies), averaged over the repeats sample by
+    sample (as many samples as the shortest repeat has), against the first repeat's times."""
+    groups = ([plot.lines] if plot.lines else []) + [k for k in spec.grid if k != plot.lines and len(spec.grid[k]) > 1]
+    out: dict[str, TimeLine] = {}
+    for combo in itertools.product(*(spec.grid[k] for k in groups)):
+        fixed = dict(zip(groups, combo, strict=True))
+        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in fixed.items()) or plot.y
+        mine = [r["report"]["pages"]["samples"] for r in runs if all(r["params"][k] == v for k, v in fixed.items())]
+        mine = [s for s in mine if s.get(plot.y)]
+        if not mine:
+            continue
+        n = min(len(s[plot.y]) for s in mine)
+        t = mine[0].get("t_s") or [k * mine[0]["period_s"] for k in range(n)]
+        out[label] = (list(t[:n]), [sum(s[plot.y][k] for s in mine) / len(mine) for k in range(n)])
+    return out
+
+
+def draw_time_plot(spec: SweepSpec, plot: PlotSpec, runs: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=PLOT_SIZE, dpi=PLOT_DPI)
+    try:
+        for label, (t, ys) in time_series(spec, plot, runs).items():
+            ax.plot(t, ys, drawstyle="steps-post", label=label)
+        ax.set_xlabel("seconds since START")
+        ax.set_ylabel(plot.y)
+        ax.set_title(f"{plot.y} over time")
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(path, dpi=PLOT_DPI)
+    finally:
+        plt.close(fig)
+
+
 def draw_plot(spec: SweepSpec, plot: PlotSpec, runs: list[dict[str, Any]], path: str) -> None:
+    if plot.x == TIME:
+        draw_time_plot(spec, plot, runs, path)
+        return
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display, and safe in a process without one
@@ -104,7 +153,8 @@ def draw_plot(spec: SweepSpec, plot: PlotSpec, runs: list[dict[str, Any]], path:
     xs = spec.grid[plot.x]
     numeric = all(isinstance(x, int | float) and not isinstance(x, bool) for x in xs)
     # Non-numeric x values (``200kpps``, ``5ms``) are placed evenly, in the grid's order, and labelled.
-    where = (lambda x: x) if numeric else {x: i for i, x in enumerate(xs)}.__getitem__
+    # (By position, not a dict: a value may be a list, e.g. a device's tx_cpus.)
+    where = (lambda x: x) if numeric else xs.index
     fig, ax = plt.subplots(figsize=PLOT_SIZE, dpi=PLOT_DPI)
     try:
         for label, pts in series(spec, plot, runs).items():
@@ -155,6 +205,10 @@ def write_outputs(spec: SweepSpec, results: dict[str, Any], out_dir: str) -> lis
         draw_plot(spec, plot, runs, os.path.join(out_dir, name))
         written.append(os.path.join(out_dir, name))
         by = f", one line per {plot.lines}" if plot.lines else ""
+        if plot.x == TIME:
+            md += [f"## {plot.y} over time", "", f"The runs' samples (every {SAMPLE_PERIOD:g} s from START), "
+                   f"mean over repeats{by}.", "", f"![{plot.y} over time]({name})", ""]
+            continue
         md += [f"## {plot.y} against {plot.x}", "", f"Mean over repeats, min to max as error bars{by}.", "",
                f"![{plot.y} against {plot.x}]({name})", ""]
     md += ["## Means over repeats", "", *_mean_table(spec, runs), ""]

@@ -12,6 +12,7 @@ Its top-level keys::
     run: {count: 20000}                         # or {duration: 2}: how long each run is
     plots:                                      # one PNG each: y against x, a line per value of `lines`
       - {x: hosts.h1.pool.pool_size, y: hit_ratio, lines: traffic.gen0.generate.burst}
+      - {x: time, y: pool_bytes, lines: hosts.h1.pool.pool_size}   # a time series of the runs' samples
 
 A key path names a key of the topology's YAML tree, dot by dot; the value replaces the one there (or is
 added, when its mapping exists or can be made).  Each grid point is applied to the topology's tree and
@@ -36,7 +37,7 @@ from yaml.nodes import MappingNode, Node, SequenceNode
 
 from emu.errors import FileLineError
 from emu.mem.pagepool import POOL_COUNTERS
-from emu.run.report import METRICS
+from emu.run.report import METRICS, SAMPLE_SERIES
 from emu.topology.file import validate_topology_text
 from emu.topology.model import Topology, TopologyError
 
@@ -44,6 +45,9 @@ TOP_KEYS = ("topology", "grid", "repeats", "run", "plots")
 PLOT_KEYS = ("x", "y", "lines")
 # What a plot's y may name: a metric, or any page-pool counter summed over CPUs (the CSV's columns).
 PLOTTABLE = METRICS + POOL_COUNTERS
+# A plot's x that is no grid key: the run's time since START, for y one of the report's sample series
+# (``pages.samples``: `emu.run.report.SAMPLE_SERIES`), e.g. ``{x: time, y: pool_bytes, lines: KEY}``.
+TIME = "time"
 
 
 class SweepSpecError(FileLineError):
@@ -247,6 +251,16 @@ def _plots(item: tuple[Node, Node] | None, grid: dict[str, list[Any]], fail) -> 
             if name not in fields:
                 raise fail(pn, f"plot: missing {name!r}")
         got = {name: _construct(vn) for name, (_, vn) in fields.items()}
+        if got["x"] == TIME:
+            # Over time: y is one of the report's sample series, drawn against the seconds since START.
+            if got["y"] not in SAMPLE_SERIES:
+                raise fail(fields["y"][1], f"plot y: {got['y']!r} is not a time series of the report (with x: "
+                           f"{TIME}: {', '.join(SAMPLE_SERIES)})")
+            if "lines" in got and got["lines"] not in grid:
+                raise fail(fields["lines"][1], f"plot lines: {got['lines']!r} is not a key of the grid "
+                           f"({', '.join(grid)})")
+            plots.append(PlotSpec(TIME, got["y"], got.get("lines"), _line(pn)))
+            continue
         for name in ("x", "lines"):
             if name in got and got[name] not in grid:
                 raise fail(fields[name][1], f"plot {name}: {got[name]!r} is not a key of the grid "

@@ -681,6 +681,8 @@ class _Validator:
         stack_cpu = f.schema_int(
             HOST["stack_cpu"], hi=cpus - 1, nullable=True, hint=f" (host '{name}' has {cpus} cpus)"
         )
+        release = HOST["txc_release"]
+        txc_release = f.choice(release.name, release.choices, release.default)
         pool = self.pool(name, f)
         devices = self.devices(name, index, cpus, f)
         placement = self.placement(name, f)
@@ -695,6 +697,7 @@ class _Validator:
             redirect_bulk=redirect_bulk,
             tx_bulk=tx_bulk,
             stack_cpu=stack_cpu,
+            txc_release=txc_release,
             pool=pool,
             devices=devices,
             line=_line(key_node),
@@ -827,6 +830,9 @@ class _Validator:
         rx_cpus = f.int_list("rx_cpus", DEVICE["rx_cpus"].lo or 0, cpus - 1, rx_queues, "RX queue")
         if rx_cpus is None:
             rx_cpus = tuple(q % cpus for q in range(rx_queues))
+        tx_cpus = f.int_list("tx_cpus", DEVICE["tx_cpus"].lo or 0, cpus - 1, tx_queues, "TX queue")
+        if tx_cpus is None:
+            tx_cpus = tuple(t % cpus for t in range(tx_queues))
         xdp = self.xdp(where, f)
         xdp_xmit = f.bool("xdp_xmit", DEVICE["xdp_xmit"].default)
         profile = f.choice("profile", DEVICE_PROFILES, DEVICE["profile"].default)
@@ -877,6 +883,7 @@ class _Validator:
             line=_line(key_node),
             xdp_features=features,
             profile=profile,  # type: ignore[arg-type]
+            tx_cpus=tx_cpus,
         )
         return dev, f.require("ifindex")
 

@@ -154,6 +154,12 @@ class DeviceConfig:
     xdp_features: tuple[str, ...] = ("basic", "redirect", "ndo-xmit")
     profile: Literal["nic", "veth"] = "nic"
     peer: str = ""
+    # CPU handling each TX queue's completions (its TX IRQ affinity); () = queue q -> CPU q % cpus.
+    tx_cpus: tuple[int, ...] = ()
+
+    def tx_cpu(self, txq: int, cpus: int) -> int:
+        """The CPU that handles TX queue `txq`'s completions on a host of `cpus` CPUs."""
+        return self.tx_cpus[txq] if self.tx_cpus else txq % cpus
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +181,9 @@ class HostConfig:
     line: int = 0
     # `placement`: (swarm node attribute, value) pairs for `emu deploy --engine swarm`
     placement: tuple[tuple[str, str], ...] = ()
+    # When a CPU recycles its own pages that TX completions bring back: "deferred" (its NAPI polls reap
+    # them before each refill) or "immediate" (the whole batch as it arrives).
+    txc_release: str = "deferred"
 
     def device_by_ifindex(self, ifindex: int) -> DeviceConfig | None:
         """The device with this ifindex, or None (what a devmap lookup of a stale ifindex finds)."""
@@ -197,6 +206,7 @@ class HostConfig:
             "tx_bulk": self.tx_bulk,
             "stack_cpu": self.stack_cpu,
             "placement": [list(p) for p in self.placement],
+            "txc_release": self.txc_release,
             "pool": {
                 "cache_size": self.pool.cache_size,
                 "refill": self.pool.refill,
@@ -465,6 +475,7 @@ def _device_to_dict(dev: DeviceConfig) -> dict[str, Any]:
         "xdp_features": list(dev.xdp_features),
         "profile": dev.profile,
         "peer": dev.peer,
+        "tx_cpus": list(dev.tx_cpus),
     }
 
 
@@ -495,6 +506,7 @@ def host_from_dict(d: Mapping[str, Any]) -> HostConfig:
                                       else ("basic", "redirect"))),
             profile=dd.get("profile", "nic"),
             peer=dd.get("peer", ""),
+            tx_cpus=tuple(dd.get("tx_cpus", ())),
         )
     pool = d["pool"]
     return HostConfig(
@@ -509,6 +521,7 @@ def host_from_dict(d: Mapping[str, Any]) -> HostConfig:
         tx_bulk=d["tx_bulk"],
         stack_cpu=d["stack_cpu"],
         placement=tuple((str(k), str(v)) for k, v in d.get("placement", ())),
+        txc_release=d.get("txc_release", "deferred"),
         pool=PoolConfig(pool["cache_size"], pool["refill"], pool["pool_size"], pool["recycle_limit"],
                         pool.get("policy", "fixed")),
         devices=devices,

@@ -235,6 +235,15 @@ HOST = Section("host", "`hosts.<host>`", (
     Key("stack_cpu", "int",
         "CPU where the emulated network stack frees skbs of passed packets; null = the CPU that received "
         "the packet.", None, 0, MAX_CPUS - 1, hi_ref="cpus-1", kernel="softirq / `skb_free` CPU"),
+    Key("txc_release", "choice",
+        "When a CPU recycles the pages of its own pool that TX completions bring back: `deferred` = each RX "
+        "refill first reaps as many as it takes and the alloc cache has room for (as a driver's NAPI poll "
+        "cleans its TX completions just before its refill), so completed pages refill the RX rings through "
+        "the cache; the rest once no packet came for 50 ms, or at `ndo_stop`; `immediate` = the whole "
+        "completion batch the device delivered (up to a pass of 16 polls), at once, when it arrives (what "
+        "overflows the 128-page cache goes to the ring: release before mlx5's deferred page release).",
+        "deferred", choices=("deferred", "immediate"),
+        kernel="`napi_poll`: TX completions cleaned before the RX refill"),
     Key("pool", "mapping", "Page-pool parameters, below.", None, type_doc="mapping",
         default_doc="kernel defaults (null ok)", kernel="`struct page_pool_params`"),
     Key("devices", "mapping", f"Device names {_NAME}.", REQUIRED, type_doc="mapping name → device",
@@ -290,6 +299,13 @@ DEVICE = Section("device", "`hosts.<host>.devices.<dev>`", (
     Key("rx_cpus", "int_list", "CPU servicing each RX queue's NAPI.", None, 0, MAX_CPUS - 1,
         type_doc="list of CPU ids 0..cpus-1, one per RX queue", default_doc="queue *q* → CPU *q* % cpus",
         kernel="IRQ affinity"),
+    Key("tx_cpus", "int_list",
+        "CPU handling each TX queue's completions (its TX IRQ affinity): the completed pages go back to "
+        "their pools from there, directly into the cache on the CPU that allocated them, through its "
+        "recycle ring from any other.  A CPU transmitting on a queue whose completions another CPU handles "
+        "does not learn when its ring slots free up, so it is not held back by `tx_ring_size`.", None, 0,
+        MAX_CPUS - 1, type_doc="list of CPU ids 0..cpus-1, one per TX queue",
+        default_doc="queue *q* → CPU *q* % cpus", kernel="IRQ affinity (TX completion)"),
     Key("xdp", "mapping", "Attached XDP program, below.", None, type_doc="mapping",
         default_doc="null (no program: every packet is passed to the stack, `XDP_PASS` semantics)",
         kernel="`bpf_prog` on `XDP_FLAGS_DRV_MODE`"),
@@ -457,6 +473,8 @@ CONSTRAINTS: tuple[Constraint, ...] = (
     Constraint("policy", "`pool.policy: adaptive` takes `pool.recycle_limit: 0` (the watermark is the limit)."),
     Constraint("stack_cpu", "`stack_cpu` and every `rx_cpus` entry name a CPU of the host (0..`cpus`-1); "
                "`rx_cpus` has one entry per RX queue, `cpu_affinity` one per CPU."),
+    Constraint("tx_cpus", "every `tx_cpus` entry names a CPU of the host (0..`cpus`-1); `tx_cpus` has one "
+               "entry per TX queue."),
     Constraint("ifindex", "`ifindex` is unique within a host; a device whose ifindex is above 65535 (or on the "
                "256th host or later) needs an explicit `mac`."),
     Constraint("pkt_size", f"`generate.pkt_size` ≤ `page_size` − {XDP_PACKET_HEADROOM} of the linked host and "
