@@ -43,6 +43,24 @@ def _add_topology(p: argparse.ArgumentParser) -> None:
     p.add_argument("topology", help="topology YAML file (see topology/README.md)")
 
 
+def _add_no_kernel_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-kernel-verify", action="store_true",
+                   help="do not load the topology's eBPF objects into the kernel to have its verifier check "
+                   "them first (done where bpf(2) is permitted)")
+
+
+def _kernel_verify(args: argparse.Namespace, topo) -> None:
+    """The kernel's verifier on the topology's eBPF objects, unless --no-kernel-verify (emu.ebpf.kernel)."""
+    if getattr(args, "no_kernel_verify", False):
+        return
+    if not any(d.xdp is not None and getattr(d.xdp, "object", None) for h in topo.hosts.values()
+               for d in h.devices.values()):
+        return  # no object: not even the bpf(2) probe
+    from emu.ebpf.kernel import verify_topology
+
+    verify_topology(topo, lambda msg: print(msg, file=sys.stderr))
+
+
 def _positive(kind: type):
     def parse(text: str):
         try:
@@ -87,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-e", "--extended", action="store_true", help="per-CPU and per-device rows")
         p.add_argument("--json", metavar="FILE", help="write the final report as JSON (- for stdout)")
         p.add_argument("-q", "--quiet", action="store_true", help="no live lines or summary")
+        _add_no_kernel_verify(p)
     coord.add_argument("--bind", default="tcp://127.0.0.1:7700", metavar="ADDR",
                        help="zmq address the hosts connect to (default tcp://127.0.0.1:7700; loopback only "
                        "unless told otherwise)")
@@ -117,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a topology file without running it")
     _add_topology(val)
     val.add_argument("--json", action="store_true", help="print the parsed topology as JSON")
+    _add_no_kernel_verify(val)
     sub.add_parser("clean", help="remove shared memory left by runs whose coordinator was killed")
     pools = sub.add_parser("pools", help="show the page pools of a run in progress, as `ynl --family netdev "
                            "--dump page-pool-get` and `page-pool-stats-get` show them")
@@ -125,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "several runs are in progress)")
     pools.add_argument("--json", action="store_true", help="print the pools as one JSON list, as `ynl "
                        "--output-json` does")
+    insp = sub.add_parser("inspect", help="show an eBPF object's programs, maps, globals and helpers, and "
+                          "whether the emulator supports each")
+    insp.add_argument("object", help="an eBPF object file (clang -O2 -g -target bpf)")
+    insp.add_argument("--json", action="store_true", help="print it as JSON")
+    insp.add_argument("-d", "--disassemble", action="store_true", help="also print each program's instructions")
     sweep = sub.add_parser("sweep", help="run a topology over a grid of its keys; write a CSV, plots and a report")
     sweep.add_argument("spec", help="experiment file (README: Sweeps)")
     sweep.add_argument("--out", required=True, metavar="DIR",
@@ -137,6 +162,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from emu.topology.file import load_topology  # PyYAML and the schema: only the commands that read a file
 
     topo = load_topology(args.topology)
+    _kernel_verify(args, topo)
     if args.json:
         print(json.dumps(topo.to_dict(), indent=2))
     else:
@@ -144,6 +170,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
         devs = sum(len(h.devices) for h in topo.hosts.values())
         print(f"{args.topology}: ok: topology {topo.name!r}: {len(topo.hosts)} hosts, {cpus} CPUs, "
               f"{devs} devices, {len(topo.links)} links, {len(topo.traffic)} traffic ports")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from emu.ebpf.inspect import format_text, inspect_object
+
+    info = inspect_object(args.object, disassemble=args.disassemble)
+    print(json.dumps(info, indent=2) if args.json else format_text(info))
     return 0
 
 
@@ -222,6 +256,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from emu.topology.file import load_topology
 
     opts, topo = _options(args, load_topology(args.topology))
+    _kernel_verify(args, topo)
     set_title(f"run {topo.name}")
     return _finish(args, Run(topo, opts).run())
 
@@ -232,6 +267,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from emu.topology.file import load_topology
 
     opts, topo = _options(args, load_topology(args.topology))
+    _kernel_verify(args, topo)
     set_title(f"coordinator {topo.name}")
     cluster = Cluster(topo, args.bind, opts, keys_dir=args.keys, status_file=args.status_file,
                       host_timeout=args.host_timeout, register_timeout=args.register_timeout)
@@ -327,6 +363,7 @@ def cmd_pools(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "coordinator": cmd_coordinator, "host": cmd_host, "keys": cmd_keys, "clean": cmd_clean,
     "validate": cmd_validate, "sweep": cmd_sweep, "pools": cmd_pools,
+    "inspect": cmd_inspect,
 }
 
 

@@ -27,8 +27,17 @@ def clang() -> str | None:
     return None
 
 
-def clang_major() -> int:
-    cc = clang()
+def compilers() -> list[str]:
+    """Every clang on PATH of a distinct major version (Debian's default and a newer one, where both are)."""
+    seen: dict[int, str] = {}
+    for name in ("clang", "clang-19", "clang-18", "clang-17", "clang-16", "clang-15", "clang-14"):
+        if (path := shutil.which(name)) is not None:
+            seen.setdefault(clang_major(path), path)
+    return list(seen.values())
+
+
+def clang_major(cc: str | None = None) -> int:
+    cc = cc or clang()
     if cc is None:
         return 0
     out = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
@@ -53,9 +62,9 @@ def bundled() -> Path:
 
 
 def compile_c(src: Path | str, out_dir: Path, *, name: str | None = None, cflags: tuple[str, ...] = (),
-              target: str = "bpf") -> Path:
-    """`src` (a path, or C text) compiled with clang -O2 -g into `out_dir`."""
-    cc = need_clang()
+              target: str = "bpf", cc: str | None = None) -> Path:
+    """`src` (a path, or C text) compiled with clang -O2 -g (the newest, or `cc`) into `out_dir`."""
+    cc = cc or need_clang()
     if isinstance(src, str) and "\n" in src:
         c = out_dir / f"{name or 'prog'}.c"
         c.write_text(src)

@@ -96,7 +96,9 @@ class Btf:
         if tstart + type_len > len(data) or sstart + str_len > len(data):
             raise BtfError(f".BTF: type or string section runs past the section's {len(data)} bytes")
         self.strings = data[sstart:sstart + str_len]
+        self.raw = data
         self.types: list[BtfType] = [BtfType(0, "void", 0, 0)]
+        self.type_offsets: list[int] = [0]  # where each type's record starts in `raw`
         off, end = tstart, tstart + type_len
         while off < end:
             name_off, info, size_or_type = r.unpack("<III", off)
@@ -124,6 +126,7 @@ class Btf:
             elif kind == BTF_KIND_ARRAY:
                 array = r.unpack("<III", rec)  # type: ignore[assignment]
             self.types.append(BtfType(kind, name, size_or_type, vlen, members, array))
+            self.type_offsets.append(off)
             off = rec + fixed + per * vlen
 
     def type(self, type_id: int) -> BtfType:
@@ -164,6 +167,36 @@ class Btf:
         if t.kind == BTF_KIND_PTR:
             return self.describe(t.size_or_type) + " *"
         return (kinds.get(t.kind, "") + t.name) if t.name else f"type [{type_id}]"
+
+    def func_id(self, name: str) -> int | None:
+        """The id of the FUNC named `name` (func_info's type_id), None when there is none."""
+        for i, t in enumerate(self.types):
+            if t.kind == BTF_KIND_FUNC and t.name == name:
+                return i
+        return None
+
+    def fixed_datasecs(self, section_sizes: dict[str, int], symbols: dict[tuple[int, str], int],
+                       section_index: dict[str, int]) -> bytes:
+        """The BTF with every DATASEC's size and its variables' offsets filled in from the ELF section sizes
+        and symbols, which clang leaves to the loader (libbpf's ``btf_fixup_datasec``): what the kernel
+        takes with ``BPF_BTF_LOAD``."""
+        raw = bytearray(self.raw)
+        for i, t in enumerate(self.types):
+            if t.kind != BTF_KIND_DATASEC:
+                continue
+            off = self.type_offsets[i]
+            if t.name in section_sizes:
+                if section_sizes[t.name] > 0xFFFFFFFF:
+                    raise BtfError(f"DATASEC {t.name}: section size {section_sizes[t.name]} does not fit BTF")
+                struct.pack_into("<I", raw, off + 8, section_sizes[t.name])
+            shndx = section_index.get(t.name, -1)
+            for j, (_, var_id, _offset, size) in enumerate(t.members):
+                value = symbols.get((shndx, self.var_name(var_id)))
+                if value is not None and value > 0xFFFFFFFF:
+                    raise BtfError(f"DATASEC {t.name}: variable offset {value} does not fit BTF")
+                if value is not None:
+                    struct.pack_into("<III", raw, off + 12 + 12 * j, var_id, value, size)
+        return bytes(raw)
 
     def datasecs(self) -> dict[str, BtfType]:
         """Every DATASEC by section name (``.maps``, ``.data``, ``.rodata``, ``.bss``, ``.rodata.str1.1``...)."""

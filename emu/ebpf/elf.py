@@ -45,7 +45,7 @@ from emu.ebpf.obj import (
 )
 from emu.errors import ObjectError
 
-__all__ = ["XDP_SECTIONS", "ElfFile", "load_object", "parse_elf"]
+__all__ = ["XDP_SECTIONS", "ElfFile", "load_object", "parse_elf", "survey_object"]
 
 # libbpf's section definitions for XDP: section name -> (expected attach, program flags).
 XDP_SECTIONS: dict[str, tuple[str, int]] = {
@@ -234,16 +234,27 @@ def _is_data_section(name: str) -> bool:
 class _Loader:
     """One object's maps, globals and linked programs."""
 
-    def __init__(self, elf: ElfFile) -> None:
+    def __init__(self, elf: ElfFile, strict: bool = True) -> None:
         self.elf = elf
+        # strict: refuse what the emulator cannot run; not strict (emu inspect): record it in `problems`
+        self.strict = strict
+        self.problems: dict[str, list[str]] = {}  # program name ("" for the object) -> what it needs
         self.maps: list[MapDef] = []
         # (section index, offset of the map's definition) -> map index, for map relocations
         self.map_at: dict[tuple[int, int], int] = {}
         self.data_map: dict[int, int] = {}  # global-data section index -> map index
         self.globals: dict[str, GlobalVar] = {}
 
+    def refuse(self, prog: str, where: str, message: str) -> None:
+        if self.strict:
+            raise self.elf.err(where, message)
+        self.problems.setdefault(prog, []).append(f"{where}: {message}")
+
     def add_map(self, m: MapDef, where: str) -> int:
         if m.type not in MAP_TYPE_NAMES:
+            if not self.strict:
+                self.maps.append(m)
+                return len(self.maps) - 1
             raise self.elf.err(where, f"map '{m.name}': {map_type_name(m.type)} (type {m.type}) is not supported; "
                                f"supported: {', '.join(MAP_TYPE_NAMES.values())}")
         if any(x.name == m.name for x in self.maps):
@@ -374,10 +385,13 @@ class _Loader:
         helpers: list[int] = []
         lines: dict[int, str] = {}
 
-        def place(s: Section, a: int, b: int) -> int:
+        funcs: list[tuple[int, str]] = []
+
+        def place(s: Section, a: int, b: int, fname: str) -> int:
             key = (s.index, a)
             if key not in placed:
                 placed[key] = len(out) // 8
+                funcs.append((placed[key], fname))
                 out.extend(s.data[a * 8:b * 8])
                 work.append((s, a, b, placed[key]))
                 for li in elf.ext.lines.get(s.name, ()):
@@ -385,13 +399,13 @@ class _Loader:
                         lines[placed[key] + li.insn_off // 8 - a] = f"{li.file}:{li.line}"
             return placed[key]
 
-        place(sec, start, end)
+        place(sec, start, end, name)
         while work:
             s, a, b, base = work.pop(0)
             for relo in elf.ext.core_relos.get(s.name, ()):
                 if a <= relo.insn_off // 8 < b:
                     assert elf.btf is not None
-                    raise elf.err(f"{s.name}+{relo.insn_off // 8}", f"CO-RE relocation (kind {relo.kind}, "
+                    self.refuse(name, f"{s.name}+{relo.insn_off // 8}", f"CO-RE relocation (kind {relo.kind}, "
                                   f"{elf.btf.describe(relo.type_id)} access {relo.access}) is not supported; "
                                   "an XDP program's ctx and packet need none")
             rels = elf.rels.get(s.index, {})
@@ -423,23 +437,23 @@ class _Loader:
                             target = sym.value // 8 + ins.imm + 1
                         else:
                             ts, target = s, i + ins.imm + 1
-                        ta, tb, _ = self.function_at(ts, target, where)
-                        callee = place(ts, ta, tb)
+                        ta, tb, fname = self.function_at(ts, target, where)
+                        callee = place(ts, ta, tb, fname)
                         struct.pack_into("<i", out, at * 8 + 4, callee - (at + 1))
                     elif ins.src == I.BPF_PSEUDO_KFUNC_CALL:
-                        raise elf.err(where, f"call to kernel function (kfunc) {rel[0].name if rel else ins.imm}"
-                                      " is not supported")
+                        self.refuse(name, where, f"call to kernel function (kfunc) "
+                                    f"{rel[0].name if rel else ins.imm} is not supported")
                     elif ins.src == 0:
                         if ins.imm not in HELPER_NAMES:
-                            raise elf.err(where, f"unknown func {helper_name(ins.imm)}#{ins.imm}: the emulator "
-                                          "does not support this helper (emu inspect lists the supported ones)")
+                            self.refuse(name, where, f"unknown func {helper_name(ins.imm)}#{ins.imm}: the emulator "
+                                        "does not support this helper (emu inspect lists the supported ones)")
                         if ins.imm not in helpers:
                             helpers.append(ins.imm)
                     else:
                         raise elf.err(where, f"call with src_reg {ins.src}")
                 i += 1
         return ProgDef(name, sec.name, bytes(out), XDP_SECTIONS[sec.name][0], XDP_SECTIONS[sec.name][1],
-                       tuple(helpers), lines)
+                       tuple(helpers), lines, tuple(funcs))
 
     def ld_imm64(self, out: bytearray, at: int, ins: I.Insn, rel: tuple[Symbol, int], where: str,
                  place: object) -> None:
@@ -470,8 +484,8 @@ class _Loader:
             # a function's address (a bpf_loop callback): libbpf's RELO_SUBPROG_ADDR
             if (sym.value + ins.imm) % 8:
                 raise elf.err(where, f"function pointer {sym.name}+{ins.imm} is not at an instruction")
-            ta, tb, _ = self.function_at(ts, (sym.value + ins.imm) // 8, where)
-            callee = place(ts, ta, tb)  # type: ignore[operator]
+            ta, tb, fname = self.function_at(ts, (sym.value + ins.imm) // 8, where)
+            callee = place(ts, ta, tb, fname)  # type: ignore[operator]
             out[at * 8 + 1] = regs | I.BPF_PSEUDO_FUNC << 4
             struct.pack_into("<i", out, at * 8 + 4, callee - (at + 1))
             struct.pack_into("<i", out, at * 8 + 12, 0)
@@ -516,21 +530,45 @@ def load_object(path: Path, globals: Mapping[str, object] | None = None) -> BpfO
     """Read, check, relocate and link an eBPF object file; `globals` sets ``.rodata``/``.data``/``.bss``
     variables by name before load (ints, or bytes/str no longer than the variable), as a libbpf skeleton's
     ``skel->rodata->var = ...`` does.  Raises `ObjectError` (a `BadInputError`) for anything wrong."""
-    elf = parse_elf(Path(path))
-    ld = _Loader(elf)
+    obj, _, _ = _load(parse_elf(Path(path)), True, globals)
+    return obj
+
+
+def survey_object(path: Path) -> tuple[BpfObject, ElfFile, dict[str, list[str]]]:
+    """`load_object` that records, instead of refusing, what the emulator does not support (helpers, map
+    types, kfuncs, CO-RE relocations), by program name ("" for the object): for ``emu inspect``.  A
+    malformed file is still an `ObjectError`."""
+    return _load(parse_elf(Path(path)), False, None)
+
+
+def _load(elf: ElfFile, strict: bool, globals: Mapping[str, object] | None) \
+        -> tuple[BpfObject, ElfFile, dict[str, list[str]]]:
+    ld = _Loader(elf, strict)
     for sec in elf.sections:
         if sec.name == ".maps":
             ld.btf_maps(sec)
         elif sec.name == "maps":
             ld.legacy_maps(sec)
     ld.data_maps()
+    for m in ld.maps:
+        if m.type not in MAP_TYPE_NAMES:
+            ld.problems.setdefault("", []).append(f"{m.section}: map '{m.name}': {map_type_name(m.type)} "
+                                                  f"(type {m.type}) is not supported")
     programs = ld.programs()
     lic = elf.by_name("license")
     license_ = lic.data.split(b"\0", 1)[0].decode("utf-8", "replace") if lic is not None else ""
     maps = ld.maps
     if globals:
         maps = set_globals(elf, maps, ld.globals, globals)
-    return BpfObject(elf.path, programs, maps, ld.globals, license_)
+    btf = None
+    if elf.btf is not None:
+        try:
+            btf = elf.btf.fixed_datasecs({sec.name: len(sec.data) for sec in elf.sections},
+                                         {(sym.shndx, sym.name): sym.value for sym in elf.symbols},
+                                         {sec.name: sec.index for sec in elf.sections})
+        except BtfError as e:
+            raise elf.err(".BTF", str(e)) from None
+    return BpfObject(elf.path, programs, maps, ld.globals, license_, btf), elf, ld.problems
 
 
 def set_globals(elf: ElfFile, maps: list[MapDef], known: Mapping[str, GlobalVar],

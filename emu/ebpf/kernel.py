@@ -18,9 +18,11 @@ import errno
 import os
 import re
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
+from emu.ebpf.btf import Btf
 from emu.ebpf.obj import (
     BPF_F_RDONLY_PROG,
     BPF_MAP_TYPE_LRU_PERCPU_HASH,
@@ -33,12 +35,12 @@ from emu.ebpf.obj import (
 from emu.errors import ObjectError
 
 __all__ = ["BpfSyscallError", "KernelObject", "KernelRejected", "available", "load", "map_items", "map_lookup",
-           "map_update", "possible_cpus", "prog_test_run", "verify_object_programs"]
+           "map_update", "possible_cpus", "prog_test_run", "verify_object_programs", "verify_topology"]
 
 SYS_bpf = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
 
 BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM, BPF_MAP_GET_NEXT_KEY = 0, 1, 2, 3, 4
-BPF_PROG_LOAD, BPF_PROG_TEST_RUN, BPF_MAP_FREEZE = 5, 10, 22
+BPF_PROG_LOAD, BPF_PROG_TEST_RUN, BPF_BTF_LOAD, BPF_MAP_FREEZE = 5, 10, 18, 22
 BPF_PROG_TYPE_XDP = 6
 BPF_XDP_DEVMAP, BPF_XDP_CPUMAP, BPF_XDP = 33, 35, 37
 ATTACH_TYPES = {"xdp": BPF_XDP, "xdp/devmap": BPF_XDP_DEVMAP, "xdp/cpumap": BPF_XDP_CPUMAP}
@@ -199,12 +201,14 @@ class KernelObject:
     obj: BpfObject
     map_fds: list[int] = field(default_factory=list)
     prog_fds: dict[str, int] = field(default_factory=dict)
+    btf_fd: int = -1
 
     def close(self) -> None:
-        for fd in [*self.prog_fds.values(), *self.map_fds]:
+        for fd in [*self.prog_fds.values(), *self.map_fds, *([self.btf_fd] if self.btf_fd >= 0 else [])]:
             os.close(fd)
         self.prog_fds.clear()
         self.map_fds.clear()
+        self.btf_fd = -1
 
     def __enter__(self) -> KernelObject:
         return self
@@ -219,8 +223,42 @@ class KernelObject:
         return map_items(self.map_fd(name), self.obj.maps[self.obj.map_index(name)])
 
 
+def _load_btf(raw: bytes) -> int:
+    """``BPF_BTF_LOAD`` of the object's BTF; -1 when the kernel refuses it (libbpf then loads without)."""
+    buf = ctypes.create_string_buffer(raw, len(raw))
+    try:
+        return _bpf(BPF_BTF_LOAD, _attr(("<Q", 0, _addr(buf)), ("<I", 16, len(raw))), "BTF_LOAD")
+    except BpfSyscallError as e:
+        if e.errno in (errno.EPERM, errno.ENOSYS):
+            raise
+        return -1
+
+
+def _func_info(ko: KernelObject, name: str) -> ctypes.Array[ctypes.c_char] | None:
+    """``struct bpf_func_info`` records (insn_off, BTF FUNC id) of every function of the linked program:
+    the verifier wants them for bpf_loop callbacks and global functions, as libbpf passes them."""
+    p = ko.obj.programs[name]
+    if ko.btf_fd < 0 or not p.funcs or ko.obj.btf is None:
+        return None
+    btf = _btf_of(ko.obj)
+    recs = []
+    for off, fname in sorted(p.funcs):
+        type_id = btf.func_id(fname)
+        if type_id is None:
+            return None
+        recs.append(struct.pack("<II", off, type_id))
+    raw = b"".join(recs)
+    return ctypes.create_string_buffer(raw, len(raw))
+
+
+def _btf_of(obj: BpfObject) -> Btf:
+    assert obj.btf is not None
+    return Btf(obj.btf)
+
+
 def _load_prog(ko: KernelObject, name: str, log_level: int) -> tuple[int, str]:
     p = ko.obj.programs[name]
+    finfo = _func_info(ko, name)
     insns = ctypes.create_string_buffer(p.insns, len(p.insns))
     lic = ctypes.create_string_buffer((ko.obj.license or "").encode() + b"\0")
     fds = (ctypes.c_int * max(len(ko.map_fds), 1))(*ko.map_fds)
@@ -229,6 +267,10 @@ def _load_prog(ko: KernelObject, name: str, log_level: int) -> tuple[int, str]:
                  ("<Q", 16, _addr(lic)), ("<I", 24, log_level), ("<I", 28, LOG_SIZE if log_level else 0),
                  ("<Q", 32, _addr(log)), ("<I", 44, p.flags), ("<I", 68, ATTACH_TYPES[p.expected_attach]),
                  ("<Q", 120, ctypes.addressof(fds)))
+    if finfo is not None:
+        for fmt, off, value in (("<I", 72, ko.btf_fd), ("<I", 76, 8), ("<Q", 80, _addr(finfo)),
+                                ("<I", 88, len(finfo) // 8)):
+            struct.pack_into(fmt, attr, off, value)
     pname = _map_name(name)
     attr[48:48 + len(pname)] = pname
     try:
@@ -247,6 +289,8 @@ def load(obj: BpfObject, programs: Iterable[str] | None = None) -> KernelObject:
     verifier's log for a program the kernel refuses, `BpfSyscallError` when ``bpf(2)`` itself fails."""
     ko = KernelObject(obj)
     try:
+        if obj.btf is not None:
+            ko.btf_fd = _load_btf(obj.btf)
         for m in obj.maps:
             ko.map_fds.append(create_map(m))
         for name in programs if programs is not None else obj.programs:
@@ -293,7 +337,7 @@ _said_unavailable = False
 
 
 def verify_object_programs(obj: BpfObject, programs: Iterable[str] | None = None,
-                           warn: object = None) -> bool:
+                           warn: Callable[[str], None] | None = None) -> bool:
     """Load `obj`'s programs (all, or those named) into the kernel and unload them: the kernel's verifier as
     the judge, as ``emu validate`` and ``emu run`` use it.  Raises `KernelRejected` (exit status 2 from the
     CLI) for a program it rejects.  Where ``bpf(2)`` is not permitted, says so once through `warn` (a
@@ -304,7 +348,7 @@ def verify_object_programs(obj: BpfObject, programs: Iterable[str] | None = None
         if not _said_unavailable:
             _said_unavailable = True
             msg = f"emu: not verifying eBPF programs with the kernel: {reason}"
-            if callable(warn):
+            if warn is not None:
                 warn(msg)
             else:
                 import sys
@@ -314,3 +358,29 @@ def verify_object_programs(obj: BpfObject, programs: Iterable[str] | None = None
     with load(obj, programs):
         pass
     return True
+
+
+def verify_topology(topo: Any, warn: Callable[[str], None] | None = None) -> int:
+    """The kernel as the verifier of a topology's eBPF objects: every program of every object a device
+    attaches (with the device's globals set, as the run will load it) is loaded into the kernel and
+    unloaded, as ``emu validate`` and ``emu run`` do before anything starts.  Raises `KernelRejected`
+    (``FILE:program: kernel verifier rejected it:`` and the log's last lines; exit status 2) for one the
+    kernel refuses.  Where ``bpf(2)`` is not permitted, says so once and returns 0; else how many
+    objects were verified."""
+    from emu.xdp.runtime import load_xdp_object
+
+    seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+    n = 0
+    for host in topo.hosts.values():
+        for dev in host.devices.values():
+            if dev.xdp is None or getattr(dev.xdp, "object", None) is None:
+                continue
+            obj, _ = load_xdp_object(dev, host)
+            key = (str(obj.path), tuple(sorted((m.name, (m.data or b"").hex()) for m in obj.maps)))
+            if key in seen:
+                continue
+            seen.add(key)
+            if not verify_object_programs(obj, warn=warn):
+                return 0
+            n += 1
+    return n

@@ -78,7 +78,9 @@ class ProgDef:
     `section` is the ELF section (``xdp``, ``xdp.frags``, ``xdp/devmap``, ``xdp/cpumap``); `expected_attach`
     is the libbpf attach kind (``xdp``, ``xdp/devmap``, ``xdp/cpumap``); `flags` carries
     ``BPF_F_XDP_HAS_FRAGS`` for ``.frags`` sections; `helpers` lists the helper ids the program (with its
-    sub-programs) calls; `lines` maps instruction index -> ``file:line`` from BTF.ext line info, when present.
+    sub-programs) calls; `lines` maps instruction index -> ``file:line`` from BTF.ext line info, when present;
+    `funcs` lists where each function of the linked program starts and its name, the entry ``(0, name)``
+    first (what the kernel's ``func_info`` describes, with `BpfObject.btf`).
     """
 
     name: str
@@ -88,6 +90,7 @@ class ProgDef:
     flags: int = 0
     helpers: tuple[int, ...] = ()
     lines: dict[int, str] = field(default_factory=dict)
+    funcs: tuple[tuple[int, str], ...] = ()
 
     @property
     def insn_count(self) -> int:
@@ -97,13 +100,15 @@ class ProgDef:
 @dataclass(frozen=True, slots=True)
 class BpfObject:
     """A whole object file: its programs by function name, its maps (the instructions refer to them by
-    index), its global variables and its license."""
+    index), its global variables and its license; `btf` is the object's ``.BTF`` as the kernel takes it
+    (DATASEC sizes and offsets filled in, as libbpf does), None without BTF."""
 
     path: Path
     programs: dict[str, ProgDef]
     maps: list[MapDef]
     globals: dict[str, GlobalVar] = field(default_factory=dict)
     license: str = ""
+    btf: bytes | None = None
 
     def map_index(self, name: str) -> int:
         for i, m in enumerate(self.maps):

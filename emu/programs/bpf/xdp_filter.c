@@ -32,8 +32,27 @@ struct vlan_tag {
 	__be16 proto;
 };
 
+/* Both bounds a header must fit in: the frame (end, which the verifier checks) and the IP datagram's own
+ * length (lim, bytes from the frame's start: IPv4 tot_len, IPv6 payload_len; 0 when the field is 0, as a
+ * TSO packet's), as a packet library reads them. */
+static __always_inline long off_of(unsigned char *data, unsigned char *p)
+{
+	long off = p - data;
+
+	/* an opaque scalar from here: clang 14 would otherwise fold (p - data) + n into n - data + p, pointer
+	 * arithmetic the verifier refuses ("tried to subtract pointer from scalar") */
+	asm volatile("" : "+r"(off));
+	return off;
+}
+
+static __always_inline int fits(unsigned char *data, unsigned char *p, unsigned char *end, long lim, int n)
+{
+	return p + n <= end && (!lim || off_of(data, p) + n <= lim);
+}
+
 /* The L4 protocol and its header, or 0 when there is none to filter. */
-static __always_inline int l4_of_ipv4(unsigned char *p, unsigned char *end, unsigned char **l4)
+static __always_inline int l4_of_ipv4(unsigned char *data, unsigned char *p, unsigned char *end,
+				      unsigned char **l4, long *lim)
 {
 	struct iphdr *ip = (void *)p;
 
@@ -41,11 +60,13 @@ static __always_inline int l4_of_ipv4(unsigned char *p, unsigned char *end, unsi
 		return 0;
 	if (ip->frag_off & bpf_htons(0x1fff)) /* not the first fragment: no L4 header here */
 		return 0;
+	*lim = ip->tot_len ? off_of(data, p) + bpf_ntohs(ip->tot_len) : 0;
 	*l4 = p + ip->ihl * 4;
 	return ip->protocol;
 }
 
-static __always_inline int l4_of_ipv6(unsigned char *p, unsigned char *end, unsigned char **l4)
+static __always_inline int l4_of_ipv6(unsigned char *data, unsigned char *p, unsigned char *end,
+				      unsigned char **l4, long *lim)
 {
 	struct ipv6hdr *ip6 = (void *)p;
 	int nexthdr;
@@ -54,10 +75,18 @@ static __always_inline int l4_of_ipv6(unsigned char *p, unsigned char *end, unsi
 		return 0;
 	nexthdr = ip6->nexthdr;
 	p = (void *)(ip6 + 1);
+	*lim = ip6->payload_len ? off_of(data, p) + bpf_ntohs(ip6->payload_len) : 0;
 	for (int i = 0; i < IPV6_EXT_MAX; i++) {
 		unsigned char *h = p;
 
-		if (h + 8 > end)
+		if (nexthdr != IPPROTO_HOPOPTS && nexthdr != IPPROTO_DSTOPTS && nexthdr != IPPROTO_ROUTING &&
+		    nexthdr != IPPROTO_AH && nexthdr != IPPROTO_FRAGMENT && nexthdr != IPPROTO_ESP) {
+			*l4 = p;
+			return nexthdr;
+		}
+		if (nexthdr == IPPROTO_ESP) /* encrypted: nothing to read */
+			return 0;
+		if (!fits(data, h, end, *lim, 8))
 			return 0;
 		switch (nexthdr) {
 		case IPPROTO_HOPOPTS:
@@ -70,16 +99,10 @@ static __always_inline int l4_of_ipv6(unsigned char *p, unsigned char *end, unsi
 		case IPPROTO_AH:
 			p = h + (h[1] + 2) * 4;
 			break;
-		case IPPROTO_FRAGMENT:
+		default: /* IPPROTO_FRAGMENT */
 			if (((h[2] << 8) | h[3]) & 0xfff8) /* fragment offset: not the first fragment */
 				return 0;
 			p = h + 8;
-			break;
-		case IPPROTO_ESP: /* encrypted: nothing to read */
-			return 0;
-		default:
-			*l4 = p;
-			return nexthdr;
 		}
 		nexthdr = h[0];
 	}
@@ -95,6 +118,7 @@ int xdp_filter(struct xdp_md *ctx)
 	unsigned char *p, *l4 = 0;
 	__u16 proto, port;
 	int ipproto = 0;
+	long lim = 0;
 
 	if ((void *)(eth + 1) > (void *)end)
 		return XDP_DROP;
@@ -116,15 +140,15 @@ int xdp_filter(struct xdp_md *ctx)
 		}
 	}
 	if (proto == ETH_P_IP)
-		ipproto = l4_of_ipv4(p, end, &l4);
+		ipproto = l4_of_ipv4(data, p, end, &l4, &lim);
 	else if (proto == ETH_P_IPV6)
-		ipproto = l4_of_ipv6(p, end, &l4);
+		ipproto = l4_of_ipv6(data, p, end, &l4, &lim);
 
-	if (ipproto == IPPROTO_UDP && l4 && l4 + sizeof(struct udphdr) <= end) {
+	if (ipproto == IPPROTO_UDP && l4 && fits(data, l4, end, lim, sizeof(struct udphdr))) {
 		port = bpf_ntohs(((struct udphdr *)l4)->dest);
 		if (bpf_map_lookup_elem(&deny_ports, &port))
 			goto drop;
-	} else if (ipproto == IPPROTO_TCP && l4 && l4 + sizeof(struct tcphdr) <= end &&
+	} else if (ipproto == IPPROTO_TCP && l4 && fits(data, l4, end, lim, sizeof(struct tcphdr)) &&
 		   ((struct tcphdr *)l4)->doff >= 5) {
 		port = bpf_ntohs(((struct tcphdr *)l4)->dest);
 		if (bpf_map_lookup_elem(&deny_ports, &port))
