@@ -12,7 +12,6 @@ from __future__ import annotations
 import struct
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +108,17 @@ def kernel_ns(name: str, repeat: int = 20000) -> float | None:
         return None
 
 
-def all_cases() -> dict[str, Callable[[float], float]] | None:
+def all_cases() -> dict[str, EngineCase] | None:
+    """One case per bundled program (each holds a maps segment: `EngineCase.close` them), or None without
+    the objects."""
     if objects() is None:
         return None
-    return {name: EngineCase(name).ns_per_packet for name in PROGRAMS}
+    cases: dict[str, EngineCase] = {}
+    try:
+        for name in PROGRAMS:
+            cases[name] = EngineCase(name)
+    except BaseException:
+        for c in cases.values():
+            c.close()
+        raise
+    return cases

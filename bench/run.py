@@ -157,6 +157,9 @@ class Suite:
         self.capture_topo = emu_runs.l2fwd_capture()
 
     def close(self) -> None:
+        for case in (getattr(self, "engine_cases", None) or {}).values():
+            case.close()
+        self.engine_cases = None
         if self.bare is not None:
             self.bare.close()
             self.bare = None
@@ -219,7 +222,7 @@ class Suite:
         """ns per packet of the engine alone for each bundled C program (CPU time, pinned to one core)."""
         assert self.engine_cases is not None
         with pinned_to_one_core():
-            return {name: run(self.cfg.bare_seconds) for name, run in self.engine_cases.items()}
+            return {name: case.ns_per_packet(self.cfg.bare_seconds) for name, case in self.engine_cases.items()}
 
     def measure_emu(self, name: str) -> dict:
         return emu_runs.run_topology(self.topos[name], self.cfg.duration)
@@ -284,6 +287,8 @@ def derive(samples: dict[str, list[dict]], cli: dict | None, cores: int | None =
     """The suite's numbers from the per-round samples: medians, then ratios of those (rounded) medians;
     `cores` (default: those this process may use) for the ceilings."""
     emu = {name: samples.get(name, []) for name in EMU_CASES}
+    # The cases measured (l2fwd-obj is left out where the C objects cannot be built).
+    present = tuple(name for name in EMU_CASES if emu[name] or name != "l2fwd-obj")
     cores = cores or len(baselines.usable_cores())
 
     def emu_med(name: str, key: str) -> int:
@@ -318,7 +323,7 @@ def derive(samples: dict[str, list[dict]], cli: dict | None, cores: int | None =
     r["l2fwd_obj_pps"] = emu_med("l2fwd-obj", "delivered_pps") if obj else None
     r["l2fwd_obj_to_l2fwd"] = ratio(r["l2fwd_obj_pps"], r["l2fwd_pps"]) if obj else None
     eng = samples.get("engine", [])
-    r["xdp_engine_ns"] = {k: round(med([s[k] for s in eng]), 1) for k in eng[0]} if eng else None
+    r["xdp_engine_ns"] = {k: round(med([s[k] for s in eng]), 1) for k in ebpf_bench.PROGRAMS} if eng else None
     r["xdp_kernel_test_run_ns"] = kernel_test_run_ns() if eng else None
     # The capture's cost: l2fwd with eth0 captured against l2fwd, both in every round; the median of
     # each round's own ratio (measured minutes apart otherwise), and the share the capture ring dropped.
@@ -335,7 +340,7 @@ def derive(samples: dict[str, list[dict]], cli: dict | None, cores: int | None =
     r["pool_ns_per_page"] = {k: round(med([s[f"{k}_ns"] for s in samples["pool"]]), 1)
                              for k in ("fast", "ring", "allocator")}
 
-    runs = [s for name in EMU_CASES for s in emu[name]]
+    runs = [s for name in present for s in emu[name]]
     rss: dict[str, float] = {}
     priv: dict[str, float] = {}
     pss: dict[str, float] = {}
@@ -361,11 +366,11 @@ def derive(samples: dict[str, list[dict]], cli: dict | None, cores: int | None =
     # The peak VmHWM of a CPU worker or device in each case: which topology sets the peak above.
     r["rss_mb_by_topology"] = {
         name: max((max(s["rss_mb"].get("cpu", 0.0), s["rss_mb"].get("device", 0.0)) for s in emu[name]), default=0.0)
-        for name in EMU_CASES
+        for name in present
     }
     # The page memory ever handed out in each case: the part of the host's page memory in those VmHWMs.
     r["allocated_hwm_mb_by_topology"] = {
-        name: max((s.get("allocated_hwm_mb", 0.0) for s in emu[name]), default=0.0) for name in EMU_CASES
+        name: max((s.get("allocated_hwm_mb", 0.0) for s in emu[name]), default=0.0) for name in present
     }
     r["rss_private_mb"] = priv
     r["pss_mb"] = pss
@@ -373,7 +378,7 @@ def derive(samples: dict[str, list[dict]], cli: dict | None, cores: int | None =
     r["cpu_us_per_pkt"] = {
         name: {k: round(med([s["cpu_us_per_pkt"][k] for s in emu[name] if k in s["cpu_us_per_pkt"]]), 2)
                for k in sorted({k for s in emu[name] for k in s["cpu_us_per_pkt"]})}
-        for name in EMU_CASES
+        for name in present
     }
     r.update(ceilings(r, cores))
     fps = [s["first_packet_s"] for s in emu["l2fwd"] if s["first_packet_s"] is not None]

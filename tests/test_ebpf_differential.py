@@ -449,8 +449,6 @@ def test_corpus_tail_call_to_empty_slots(corpus: dict[str, Path], pair: Any) -> 
     assert {r for r, _ in before} == {XDP_DROP}
 
 
-@pytest.mark.xfail(reason="engine: the tail-called program does not get the ctx in r1, as the kernel passes it "
-                   "(its first ctx load faults: 'load through a bad pointer 0x4')")
 def test_corpus_tail_calls(corpus: dict[str, Path], pair: Any) -> None:
     p = pair(corpus["tailcall"])
     p.update("jmp", 0, "tail_a")
@@ -461,8 +459,6 @@ def test_corpus_tail_calls(corpus: dict[str, Path], pair: Any) -> None:
     assert {r for r, _ in after} >= {XDP_TX, 2, XDP_DROP}
 
 
-@pytest.mark.xfail(reason="engine: a tail call past the kernel's limit (MAX_TAIL_CALL_CNT 33) must fail and fall "
-                   "through, as the kernel does; the engine aborts the packet (XDP_ABORTED) instead")
 def test_corpus_tail_call_limit(corpus: dict[str, Path], pair: Any) -> None:
     p = pair(corpus["tailcall"])
     p.update("jmp", 0, "tail_a")  # tail_a jumps to itself through slot 0 until the limit stops it

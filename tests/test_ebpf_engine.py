@@ -293,13 +293,12 @@ def test_unknown_action_is_aborted_in_a_batch(run_prefix: str) -> None:
         targets = np.full(2, -1, dtype=np.int64)
         v, exc, _ = e.cpu().run_batch(0, pm_mem, pages, offs, lens, targets, 1, 0)
         assert list(v) == [XDP_ABORTED, XDP_ABORTED] and exc == 2
-        # ... and r0's upper half is ignored, as the kernel's u32 act is
-        e2 = Engine(make({"p": A.ld_imm64(0, (7 << 32) | XDP_PASS) + A.exit_()}))
-        v, exc, _ = e2.cpu().run_batch(0, pm_mem, pages, offs, lens, targets, 1, 0)
-        assert list(v) == [XDP_PASS, XDP_PASS] and exc == 0
-        e2.close()
     finally:
         e.close()
+    # ... and r0's upper half is ignored, as the kernel's u32 act is
+    with Engine(make({"p": A.ld_imm64(0, (7 << 32) | XDP_PASS) + A.exit_()})) as e2:
+        v, exc, _ = e2.cpu().run_batch(0, pm_mem, pages, offs, lens, targets, 1, 0)
+        assert list(v) == [XDP_PASS, XDP_PASS] and exc == 0
 
 
 def test_batch_faults_touch_no_other_page() -> None:
@@ -559,8 +558,9 @@ def test_map_helpers_from_the_program() -> None:
 
 def test_unsupported_helper_refused_at_load() -> None:
     from emu.errors import BadInputError
-    with pytest.raises(BadInputError, match="insn 0: unsupported helper 9999"):
-        Engine(make({"p": A.call(9999) + A.exit_()})).cpu()
+    with Engine(make({"p": A.call(9999) + A.exit_()})) as e, \
+            pytest.raises(BadInputError, match="insn 0: unsupported helper 9999"):
+        e.cpu()
 
 
 def test_batch_writes_back_offsets_and_targets() -> None:
@@ -591,3 +591,16 @@ def test_engine_supports_exactly_the_loaders_helpers() -> None:
     from emu.ebpf.helpers import HELPERS
 
     assert {i for i, _ in HELPERS} == set(SUPPORTED_HELPERS)
+
+
+def test_tail_called_program_gets_the_ctx() -> None:
+    # the target reads ctx->data_end - ctx->data through r1, as the kernel hands it the ctx
+    target = A.program(A.ldx("w", 2, 1, 0), A.ldx("w", 3, 1, 4), A.alu64("mov", 0, 3), A.alu64("sub", 0, 2),
+                       A.exit_())
+    entry = A.program(A.ld_map(2, 1), A.mov(3, 0), A.call(TAIL_CALL), A.ret(XDP_DROP))
+    e = Engine(make({"entry": entry, "len": target}, [prog_array()]))
+    try:
+        e.maps.populate({"jmp": {0: "len"}}, lambda n: 0)
+        assert e.run("entry", [bytes(60)])[0][0] == 60, e.cpu().last_fault
+    finally:
+        e.close()

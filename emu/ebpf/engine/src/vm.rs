@@ -502,17 +502,21 @@ impl Vm {
                         pc = (pc as i64 + i.imm as i64) as usize;
                     } else if i.src == 0 {
                         if i.imm == H_TAIL_CALL {
-                            if let Some(target) = self.tail_call(pkt, pc - 1, regs)? {
-                                pc = target;
-                                regs[1] = (TAG_CTX << 32) + BASE;
-                            } else {
-                                regs[0] = (-(ENOENT)) as u64;
+                            let target = self.tail_call(pkt, pc - 1, regs)?;
+                            regs[1..6].fill(0);
+                            match target {
+                                // the tail-called program starts as an entry does: the ctx in r1
+                                Some(t) => {
+                                    pc = t;
+                                    regs[1] = (TAG_CTX << 32) + BASE;
+                                }
+                                None => regs[0] = (-(ENOENT)) as u64, // falls through, as in the kernel
                             }
                         } else {
                             regs[0] = self.helper(pkt, pc - 1, i.imm, regs)?;
+                            // r1-r5 are clobbered by a helper call; the verifier makes them unreadable.
+                            regs[1..6].fill(0);
                         }
-                        // r1-r5 are clobbered by a helper call; the verifier makes them unreadable.
-                        regs[1..6].fill(0);
                     } else {
                         return fault(pc - 1, format!("unsupported call (src_reg {})", i.src));
                     }
@@ -729,6 +733,10 @@ impl Vm {
                 self.bytes(pkt, pc, data, size)?; // the data must be readable
                 let mut total = size as u64;
                 if id == H_PERF_EVENT_OUTPUT {
+                    // bpf_xdp_event_output: only BPF_F_INDEX_MASK and BPF_F_CTXLEN_MASK bits
+                    if flags & !(0xffff_ffff | (0xf_ffff << 32)) != 0 {
+                        return Ok(neg(EINVAL));
+                    }
                     let idx = flags & 0xffff_ffff;
                     if idx != BPF_F_CURRENT_CPU && idx as usize >= self.ncpus {
                         return Ok(neg(E2BIG));
