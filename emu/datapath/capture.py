@@ -84,8 +84,13 @@ class CaptureTap:
         n = len(pages)
         lens = np.asarray(lens, dtype=np.int64)
         cap = np.minimum(lens, tap.snaplen)
-        chunks = [data2d[p, o : o + c] for p, o, c in zip(pages.tolist(), np.asarray(offs).tolist(), cap.tolist(),
-                                                          strict=True)]
+        offs = np.asarray(offs, dtype=np.int64)
+        c0, o0 = int(cap[0]), int(offs[0])
+        if np.logical_and.reduce(cap == c0) and np.logical_and.reduce(offs == o0):
+            blob = data2d[pages.astype(np.intp), o0 : o0 + c0].tobytes()  # uniform frames: one gather
+        else:
+            blob = b"".join(data2d[p, o : o + c].tobytes()
+                            for p, o, c in zip(pages.tolist(), offs.tolist(), cap.tolist(), strict=True))
         recs = np.zeros(n, CAP_DTYPE)
         recs["ifindex"], recs["queue"], recs["cpu"], recs["point"] = tap.ifindex, q, self.cpu, point
         recs["len"], recs["caplen"] = lens, cap
@@ -95,9 +100,9 @@ class CaptureTap:
             if targets is not None:
                 recs["target"] = targets
         if point == ENTRY:
-            self.entry_ref = self.seq if self._put(recs, b"".join(c.tobytes() for c in chunks)) else NO_REF
+            self.entry_ref = self.seq if self._put(recs, blob) else NO_REF
         else:
-            self._put(recs, b"".join(c.tobytes() for c in chunks), self.entry_ref)
+            self._put(recs, blob, self.entry_ref)
 
     def tx(self, dev: str, data: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
            queues: np.ndarray | int) -> None:
@@ -113,7 +118,11 @@ class CaptureTap:
         recs["ifindex"], recs["queue"], recs["cpu"], recs["point"] = tap.ifindex, queues, self.cpu, TX
         recs["len"], recs["caplen"] = lens, cap
         recs["target"], recs["verdict"] = -1, -1
-        blob = b"".join(data[o : o + c].tobytes() for o, c in zip(offs.tolist(), cap.tolist(), strict=True))
+        total = int(lens.sum())
+        if np.array_equal(cap, lens) and offs[0] == 0 and (n == 1 or np.array_equal(offs[1:], np.cumsum(lens[:-1]))):
+            blob = data[:total].tobytes()  # whole frames back to back: one copy
+        else:
+            blob = b"".join(data[o : o + c].tobytes() for o, c in zip(offs.tolist(), cap.tolist(), strict=True))
         self._put(recs, blob)
 
     def _put(self, recs: np.ndarray, blob: bytes, ref: int = NO_REF) -> bool:
