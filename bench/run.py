@@ -401,7 +401,8 @@ def derive(samples: dict[str, list[dict]], cli: dict | None, cores: int | None =
 
 
 PPS_KEY = {"xdp-drop": "xdp_drop_pps", "xdp-tx": "xdp_tx_pps", "l2fwd": "l2fwd_pps", "l2fwd-1cpu": "l2fwd_1cpu_pps",
-           "l2fwd-filter": "l2fwd_filter_pps", "l2fwd-filter-1cpu": "l2fwd_filter_1cpu_pps"}
+           "l2fwd-filter": "l2fwd_filter_pps", "l2fwd-filter-1cpu": "l2fwd_filter_1cpu_pps",
+           "l2fwd-obj": "l2fwd_obj_pps"}
 
 
 def ceilings(r: dict, cores: int) -> dict:

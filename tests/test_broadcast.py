@@ -159,6 +159,8 @@ def test_three_targets_one_pool_page_and_two_page_allocator_pages(bcast) -> None
     # TX completion: the clones go back to the page allocator, the originals to the pool's cache.
     cached = int(pm.pool_counters[0, C["recycle_cached"]])
     b.complete([(to, None, hdr, d) for to, (hdr, d) in xmit.items()])
+    # This CPU's own completions wait for its next NAPI poll (txc_release: deferred), which reaps them.
+    b.core.reap_tx()
     assert b.counts["tx_completions"] == 30 and b.counts["remote_returns"] == 0
     assert (pm.state[clones] == PageState.FREE).all() and pm.free_count == free_before
     assert (pm.state[ids] == PageState.CACHE).all()

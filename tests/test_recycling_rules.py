@@ -127,6 +127,7 @@ def test_every_free_path_follows_the_napi_local_rule(cores) -> None:
     (_, _, hdr, d), = o0.take("xmit")
     tx_dma_start(pm, d["page"])
     c0.dispatch(wire.pack_msg("txc", {"dev": "eth0", "txq": 0}, d.tobytes()))
+    c0.reap_tx()  # own completions wait for the next NAPI poll (txc_release: deferred), which reaps them
     assert moved(pm, b)["recycle_cached"] == 6 and (pm.state[ids] == PageState.CACHE).all()
     # ...completed on another CPU (eth0's one TX queue is shared: CPU 1 may reap it): the ring.
     b = pm.pool_counters[0].copy()
