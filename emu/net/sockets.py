@@ -18,6 +18,10 @@ import zmq
 # packets, so a few hundred messages already buffer tens of thousands of packets in flight.
 DATA_HWM = 256
 LINK_HWM = 64
+# A TCP connect that has not completed in this long is abandoned and retried (zmq's reconnect interval):
+# a first SYN lost while a container network is still coming up would otherwise wait out the kernel's
+# SYN back-off (1, 3, 7, 15 s), long past the start of a short run.
+CONNECT_TIMEOUT_MS = 500
 
 SocketSetup = Callable[[zmq.Socket], None] | None
 
@@ -45,6 +49,7 @@ def push(ctx: zmq.Context, addr: str, hwm: int = DATA_HWM, setup: SocketSetup = 
     s = ctx.socket(zmq.PUSH)
     s.setsockopt(zmq.SNDHWM, hwm)
     s.setsockopt(zmq.IMMEDIATE, 0)
+    s.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
     if setup is not None:
         setup(s)
     s.connect(addr)
