@@ -1,5 +1,6 @@
 """Helpers for tests that drive a data-path core (`emu.datapath`) without a process: a host's config from
-a few YAML lines, and counters without a stats segment."""
+a few YAML lines, counters without a stats segment, an outbox that records messages, and a program whose
+verdicts the frames choose."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 from emu.run.stats import RowSpec
 from emu.topology.file import validate_topology_text
 from emu.topology.model import HostConfig
+from emu.xdp.context import XDP_REDIRECT
 
 
 def one_cpu_host(devices: str) -> HostConfig:
@@ -30,3 +32,31 @@ class Counters:
 
     def __getitem__(self, name: str) -> int:
         return int(self.array[self.index[name]])
+
+
+class FakeOutbox:
+    """A NAPI core's outbox (`emu.datapath.napi.Outbox`) that records every message: (to, kind, header,
+    descriptors) and (to, "frames", frames)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []
+
+    def send(self, to, kind, header, descs) -> None:
+        self.sent.append((to, kind, dict(header), descs.copy()))
+
+    def send_frames(self, to, frames) -> None:
+        self.sent.append((to, "frames", list(frames)))
+
+    def take(self, kind: str) -> list[tuple]:
+        """The messages of `kind` sent so far, removed from the record."""
+        out = [m for m in self.sent if m[1] == kind]
+        self.sent = [m for m in self.sent if m[1] != kind]
+        return out
+
+
+def byte_verdict_program(ctx) -> int:
+    """An XDP program for core tests: the verdict is the frame's first byte; a redirect's ifindex its second."""
+    v = ctx.data[0]
+    if v == XDP_REDIRECT:
+        ctx.redirect_ifindex = ctx.data[1]
+    return v

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import Counters
+from fakes import Counters, FakeOutbox
 
 from emu.datapath.napi import NapiCore, RxQueue
 from emu.mem.page import ORDER0_OWNER, PageState
@@ -47,22 +47,6 @@ hosts:
       eth2: {{ifindex: 4, xdp_xmit: {eth2_xmit}}}
       eth3: {{ifindex: 5, xdp_xmit: true}}
 """
-
-
-class FakeOutbox:
-    def __init__(self) -> None:
-        self.sent: list[tuple] = []
-
-    def send(self, to, kind, header, descs) -> None:
-        self.sent.append((to, kind, dict(header), descs.copy()))
-
-    def send_frames(self, to, frames) -> None:
-        self.sent.append((to, "frames", list(frames)))
-
-    def take(self, kind: str) -> list[tuple]:
-        out = [m for m in self.sent if m[1] == kind]
-        self.sent = [m for m in self.sent if m[1] != kind]
-        return out
 
 
 class Bcast:

@@ -9,7 +9,7 @@ import types
 
 import numpy as np
 import pytest
-from fakes import Counters, one_cpu_host
+from fakes import Counters, FakeOutbox, byte_verdict_program, one_cpu_host
 
 from emu.datapath import napi
 from emu.datapath.napi import NapiCore, RxQueue
@@ -23,32 +23,6 @@ from emu.xdp.context import XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_T
 RX_RING = 64
 
 
-class FakeOutbox:
-    """Records every message: (to, kind, header, descriptors) and (to, "frames", frames)."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple] = []
-
-    def send(self, to, kind, header, descs) -> None:
-        self.sent.append((to, kind, dict(header), descs.copy()))
-
-    def send_frames(self, to, frames) -> None:
-        self.sent.append((to, "frames", list(frames)))
-
-    def take(self, kind: str) -> list[tuple]:
-        out = [m for m in self.sent if m[1] == kind]
-        self.sent = [m for m in self.sent if m[1] != kind]
-        return out
-
-
-def program(ctx) -> int:
-    """The verdict is the frame's first byte; a redirect's ifindex its second."""
-    v = ctx.data[0]
-    if v == XDP_REDIRECT:
-        ctx.redirect_ifindex = ctx.data[1]
-    return v
-
-
 def make_core(page_memory, eth1: str = "", tx_ring: int = 128, txc_release: str = "deferred"):
     host = dataclasses.replace(one_cpu_host(f"""
         eth0: {{ifindex: 2, rx_ring_size: {RX_RING}, tx_ring_size: {tx_ring}}}
@@ -57,7 +31,7 @@ def make_core(page_memory, eth1: str = "", tx_ring: int = 128, txc_release: str 
     pm = page_memory(npages=1024, page_size=512, ncpus=1)
     counters = Counters("cpu")
     ctx = types.SimpleNamespace(data=None, redirect_ifindex=-1)
-    rxq = RxQueue("eth0", 2, 0, RX_RING, program, ctx, None, refill_batch(RX_RING))
+    rxq = RxQueue("eth0", 2, 0, RX_RING, byte_verdict_program, ctx, None, refill_batch(RX_RING))
     out = FakeOutbox()
     core = NapiCore(host, 0, pm, pool_of(pm, 0, owner=True), [rxq], out, counters.array, counters.index,
                     lambda key, text: None)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import Counters
+from fakes import Counters, FakeOutbox, byte_verdict_program
 
 from emu.datapath.napi import NapiCore, RxQueue
 from emu.mem.page import PageState
@@ -38,30 +38,6 @@ hosts:
 """
 
 
-def program(ctx) -> int:
-    """The verdict is the frame's first byte; a redirect's ifindex its second."""
-    v = ctx.data[0]
-    if v == XDP_REDIRECT:
-        ctx.redirect_ifindex = ctx.data[1]
-    return v
-
-
-class Out:
-    def __init__(self) -> None:
-        self.sent: list[tuple] = []
-
-    def send(self, to, kind, header, descs) -> None:
-        self.sent.append((to, kind, dict(header), descs.copy()))
-
-    def send_frames(self, to, frames) -> None:
-        self.sent.append((to, "frames", list(frames)))
-
-    def take(self, kind: str) -> list[tuple]:
-        out = [m for m in self.sent if m[1] == kind]
-        self.sent = [m for m in self.sent if m[1] != kind]
-        return out
-
-
 @pytest.fixture
 def cores(page_memory):
     host = validate_topology_text(HOST, "t.yaml").hosts["h1"]
@@ -71,9 +47,9 @@ def cores(page_memory):
     for cpu in (0, 1):
         ctx = types.SimpleNamespace(data=None, redirect_ifindex=-1)
         dev = "eth0" if cpu == 0 else "eth1"
-        rxq = RxQueue(dev, 2 + cpu, 0, RING, program, ctx, None, refill_batch(RING))
+        rxq = RxQueue(dev, 2 + cpu, 0, RING, byte_verdict_program, ctx, None, refill_batch(RING))
         counters = Counters("cpu")
-        out = Out()
+        out = FakeOutbox()
         core = NapiCore(host, cpu, pm, pool_of(pm, cpu, owner=True), [rxq], out, counters.array,
                         counters.index, lambda key, text: None)
         made.append((core, out))
@@ -83,7 +59,7 @@ def cores(page_memory):
 AVAIL: dict[int, np.ndarray] = {}  # per core: buffers posted to its device that no frame filled yet
 
 
-def receive(core: NapiCore, out: Out, pm, verdicts: list[int], ifindex: int = 0) -> np.ndarray:
+def receive(core: NapiCore, out: FakeOutbox, pm, verdicts: list[int], ifindex: int = 0) -> np.ndarray:
     core.refill()
     core.post_flush()
     key = id(core)
