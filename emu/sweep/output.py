@@ -19,6 +19,8 @@ import csv
 import itertools
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from emu.errors import ResourceError
@@ -119,19 +121,20 @@ def time_series(spec: SweepSpec, plot: PlotSpec, runs: list[dict[str, Any]]) -> 
     return out
 
 
-def draw_time_plot(spec: SweepSpec, plot: PlotSpec, runs: list[dict[str, Any]], path: str) -> None:
+@contextmanager
+def _figure(path: str, xlabel: str, ylabel: str, title: str) -> Iterator[Any]:
+    """A matplotlib axes to draw on; on exit its labels, grid and legend, saved to `path` as a PNG."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display, and safe in a process without one
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=PLOT_SIZE, dpi=PLOT_DPI)
     try:
-        for label, (t, ys) in time_series(spec, plot, runs).items():
-            ax.plot(t, ys, drawstyle="steps-post", label=label)
-        ax.set_xlabel("seconds since START")
-        ax.set_ylabel(plot.y)
-        ax.set_title(f"{plot.y} over time")
+        yield ax
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
@@ -141,22 +144,22 @@ def draw_time_plot(spec: SweepSpec, plot: PlotSpec, runs: list[dict[str, Any]], 
         plt.close(fig)
 
 
+def draw_time_plot(spec: SweepSpec, plot: PlotSpec, runs: list[dict[str, Any]], path: str) -> None:
+    with _figure(path, "seconds since START", plot.y, f"{plot.y} over time") as ax:
+        for label, (t, ys) in time_series(spec, plot, runs).items():
+            ax.plot(t, ys, drawstyle="steps-post", label=label)
+
+
 def draw_plot(spec: SweepSpec, plot: PlotSpec, runs: list[dict[str, Any]], path: str) -> None:
     if plot.x == TIME:
         draw_time_plot(spec, plot, runs, path)
         return
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display, and safe in a process without one
-    import matplotlib.pyplot as plt
-
     xs = spec.grid[plot.x]
     numeric = all(isinstance(x, int | float) and not isinstance(x, bool) for x in xs)
     # Non-numeric x values (``200kpps``, ``5ms``) are placed evenly, in the grid's order, and labelled.
     # (By position, not a dict: a value may be a list, e.g. a device's tx_cpus.)
     where = (lambda x: x) if numeric else xs.index
-    fig, ax = plt.subplots(figsize=PLOT_SIZE, dpi=PLOT_DPI)
-    try:
+    with _figure(path, plot.x, plot.y, f"{plot.y} against {plot.x.rsplit('.', 1)[-1]}") as ax:
         for label, pts in series(spec, plot, runs).items():
             px = [where(p[0]) for p in pts]
             mean = [p[1] for p in pts]
@@ -166,16 +169,6 @@ def draw_plot(spec: SweepSpec, plot: PlotSpec, runs: list[dict[str, Any]], path:
             ax.set_xscale("log", base=2)  # pool sizes, rates: spread over orders of magnitude
         if not numeric:
             ax.set_xticks(range(len(xs)), [str(x) for x in xs])
-        ax.set_xlabel(plot.x)
-        ax.set_ylabel(plot.y)
-        ax.set_title(f"{plot.y} against {plot.x.rsplit('.', 1)[-1]}")
-        ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
-        fig.tight_layout()
-        fig.savefig(path, dpi=PLOT_DPI)
-    finally:
-        plt.close(fig)
 
 
 def _mean_table(spec: SweepSpec, runs: list[dict[str, Any]]) -> list[str]:
