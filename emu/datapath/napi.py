@@ -269,8 +269,8 @@ class NapiCore(Core):
         self.clock: Callable[[], int] = time.monotonic_ns  # replaceable (tests)
         self.last_rx_ns = 0  # when a pass last polled packets
 
-    def send_descs(self, to: str | int, kind: str, header: dict, ids: np.ndarray) -> None:
-        """Describe pages `ids` from the page table and send them to `to`."""
+    def describe(self, ids: np.ndarray) -> np.ndarray:
+        """Descriptors of pages `ids`, from the page table, as this CPU hands them on."""
         d = np.empty(len(ids), dtype=DESC_DTYPE)
         pm = self.pm
         d["page"] = ids
@@ -279,7 +279,11 @@ class NapiCore(Core):
         d["len"] = pm.len.take(ids)
         d["owner"] = pm.owner.take(ids)
         d["aux"] = self.cpu
-        self.out.send(to, kind, header, d)
+        return d
+
+    def send_descs(self, to: str | int, kind: str, header: dict, ids: np.ndarray) -> None:
+        """Describe pages `ids` from the page table and send them to `to`."""
+        self.out.send(to, kind, header, self.describe(ids))
 
     # -- messages from devices and other CPUs -----------------------------------------------------
 
@@ -938,16 +942,7 @@ class NapiCore(Core):
             verdicts = np.full(len(ids), XDP_PASS, dtype=np.int64)
             targets = None
         else:
-            rq = self._kprog(dev, name)
-            pm = self.pm
-            d = np.empty(len(ids), dtype=DESC_DTYPE)
-            d["page"] = ids
-            d["gen"] = pm.gen.take(ids)
-            d["off"] = pm.off.take(ids)
-            d["len"] = pm.len.take(ids)
-            d["owner"] = pm.owner.take(ids)
-            d["aux"] = self.cpu
-            verdicts, targets = self.run_program(rq, d)
+            verdicts, targets = self.run_program(self._kprog(dev, name), self.describe(ids))
         passed = verdicts == XDP_PASS
         npass = int(np.count_nonzero(passed))
         redir = verdicts == XDP_REDIRECT
