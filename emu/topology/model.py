@@ -502,11 +502,10 @@ def host_from_dict(d: Mapping[str, Any]) -> HostConfig:
             redirect_fallback=dd["redirect_fallback"],
             tx_completion_us=dd["tx_completion_us"],
             line=dd["line"],
-            xdp_features=tuple(dd.get("xdp_features", ("basic", "redirect", "ndo-xmit") if dd["xdp_xmit"]
-                                      else ("basic", "redirect"))),
-            profile=dd.get("profile", "nic"),
-            peer=dd.get("peer", ""),
-            tx_cpus=tuple(dd.get("tx_cpus", ())),
+            xdp_features=tuple(dd["xdp_features"]),
+            profile=dd["profile"],
+            peer=dd["peer"],
+            tx_cpus=tuple(dd["tx_cpus"]),
         )
     pool = d["pool"]
     return HostConfig(
@@ -520,8 +519,8 @@ def host_from_dict(d: Mapping[str, Any]) -> HostConfig:
         redirect_bulk=d["redirect_bulk"],
         tx_bulk=d["tx_bulk"],
         stack_cpu=d["stack_cpu"],
-        placement=tuple((str(k), str(v)) for k, v in d.get("placement", ())),
-        txc_release=d.get("txc_release", "deferred"),
+        placement=tuple((str(k), str(v)) for k, v in d["placement"]),
+        txc_release=d["txc_release"],
         pool=PoolConfig(pool["cache_size"], pool["refill"], pool["pool_size"], pool["recycle_limit"],
                         pool.get("policy", "fixed")),
         devices=devices,
