@@ -11,7 +11,7 @@ import types
 
 import numpy as np
 import pytest
-from fakes import Counters
+from fakes import Counters, FakeOutbox
 
 from emu.datapath.napi import NapiCore, RxQueue
 from emu.errors import BadInputError
@@ -99,17 +99,6 @@ def test_bad_feature_settings_are_refused(kw: dict, words: str) -> None:
     with pytest.raises(BadInputError) as e:
         validate_topology_text(topo(**kw), "t.yaml")
     assert "t.yaml:" in str(e.value) and words in str(e.value), str(e.value)
-
-
-class FakeOutbox:
-    def __init__(self) -> None:
-        self.sent: list[tuple] = []
-
-    def send(self, to, kind, header, descs) -> None:
-        self.sent.append((to, kind, dict(header), descs.copy()))
-
-    def send_frames(self, to, frames) -> None:
-        self.sent.append((to, "frames", list(frames)))
 
 
 def program(ctx) -> int:

@@ -133,8 +133,13 @@ def segments_with_prefix(prefix: str) -> list[str]:
 
 def unlink_prefix(prefix: str) -> list[str]:
     """Unlink every segment of a run prefix; returns the names removed."""
+    return _unlink_all(segments_with_prefix(prefix))
+
+
+def _unlink_all(names: list[str]) -> list[str]:
+    """Unlink the segments `names`; returns those removed (one another process unlinked first is not)."""
     removed = []
-    for name in segments_with_prefix(prefix):
+    for name in names:
         try:
             _posixshmem.shm_unlink("/" + name)
             removed.append(name)
@@ -171,7 +176,6 @@ def sweep_stale() -> list[str]:
     import shutil  # the coordinator's business; workers never import these
     import tempfile
 
-    removed = []
     tmp = tempfile.gettempdir()
     try:
         for name in os.listdir(tmp):
@@ -182,13 +186,5 @@ def sweep_stale() -> list[str]:
     try:
         names = os.listdir(SHM_DIR)
     except FileNotFoundError:
-        return removed
-    for name in names:
-        if not _stale_pid(name):
-            continue
-        try:
-            _posixshmem.shm_unlink("/" + name)
-            removed.append(name)
-        except FileNotFoundError:
-            pass
-    return removed
+        return []
+    return _unlink_all([name for name in names if _stale_pid(name)])
