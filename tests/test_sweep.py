@@ -1,6 +1,7 @@
 """The report's derived metrics and ``emu sweep``: specs refused before anything runs, a tiny grid of real runs
-(CSV columns, results, a PNG per plot, report.md), resuming an interrupted sweep, and the bundled
-experiment end to end."""
+(CSV columns, results, a PNG per plot, report.md), resuming an interrupted sweep, the bundled
+experiment end to end, and the experiments of docs/experiments.md: every spec and base topology accepted,
+every command and plot the document shows there."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import csv
 import io
 import json
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from emu.cli import main
 from emu.errors import BadInputError
@@ -342,3 +345,51 @@ def test_bundled_experiment_runs_end_to_end(tmp_path: Path) -> None:
     assert all(r["violations"] == "0" for r in rows)
     for k, plot in enumerate(spec.plots):
         assert _png_size(out / output.plot_file(k, plot)) == (640, 400)
+
+
+# -- the experiments of docs/experiments.md ----------------------------------------------------------------
+
+EXPERIMENTS = ROOT / "experiments"
+
+
+def _is_spec(path: Path) -> bool:
+    """An experiment file (it has a grid) rather than a base topology the experiment files name."""
+    return "grid" in (yaml.safe_load(path.read_text()) or {})
+
+
+SPECS = sorted(p.name for p in EXPERIMENTS.glob("*.yaml") if _is_spec(p))
+BASES = sorted(p.name for p in EXPERIMENTS.glob("*.yaml") if not _is_spec(p))
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_every_experiment_spec_loads(name: str) -> None:
+    """Each experiment file of experiments/ is accepted with every grid point (so its documented command
+    runs), and its comment shows that command, writing where docs/experiments.md takes the plots from."""
+    spec = load_spec(str(EXPERIMENTS / name))
+    assert spec.points and spec.plots
+    stem = name.removesuffix(".yaml")
+    out = "/tmp/pool-size" if stem == "pool-size" else f"docs/experiments/{stem}"
+    assert f"emu sweep experiments/{name} --out {out}" in (EXPERIMENTS / name).read_text()
+
+
+@pytest.mark.parametrize("name", BASES)
+def test_every_experiment_base_topology_validates(name: str) -> None:
+    path = EXPERIMENTS / name
+    validate_topology_text(path.read_text(), str(path))
+    assert any(f"topology: {name}" in (EXPERIMENTS / s).read_text() for s in SPECS), f"{name}: no spec uses it"
+
+
+def test_experiments_doc_shows_every_experiment_and_its_plots() -> None:
+    """docs/experiments.md gives each experiment's one command, and every plot it embeds is a file there,
+    one of those its spec asks for."""
+    doc = (ROOT / "docs" / "experiments.md").read_text()
+    for name in SPECS:
+        stem = name.removesuffix(".yaml")
+        if stem == "pool-size":  # README's example, not one of the issue's experiments
+            continue
+        assert f"emu sweep experiments/{name} --out docs/experiments/{stem}\n" in doc, name
+        made = {output.plot_file(k, p) for k, p in enumerate(load_spec(str(EXPERIMENTS / name)).plots)}
+        shown = set(re.findall(rf"\]\(experiments/{re.escape(stem)}/([^)]+\.png)\)", doc))
+        assert shown and shown <= made, (name, shown - made)
+        for png in shown:
+            assert _png_size(ROOT / "docs" / "experiments" / stem / png) == (640, 400)
