@@ -393,3 +393,20 @@ def test_experiments_doc_shows_every_experiment_and_its_plots() -> None:
         assert shown and shown <= made, (name, shown - made)
         for png in shown:
             assert _png_size(ROOT / "docs" / "experiments" / stem / png) == (640, 400)
+
+
+def test_a_mapping_value_is_shown_by_its_values(tmp_path: Path) -> None:
+    """A grid key whose values are whole sections (a device's xdp: program and params) gets legend
+    labels that fit a plot: the values, a nested mapping's as key=value."""
+    text = SPEC.replace("hosts.h1.pool.pool_size: [64, 256]", "hosts.h1.pool.pool_size: [64, 256]\n"
+                        "  hosts.h1.devices.eth0.xdp:\n    - {program: \"emu.programs:xdp_tx\"}\n"
+                        "    - {program: \"emu.programs:l2fwd_cost\", params: {egress: eth0, cost_ns: 5}}")
+    text = text.replace("y: hit_ratio}", "y: hit_ratio, lines: hosts.h1.devices.eth0.xdp}")
+    spec = load_spec(str(_write(tmp_path, text)))
+    runs = [{"params": p.params, "metrics": dict.fromkeys(rep.METRICS, 0.5)} for p in spec.points]
+    lines = output.series(spec, spec.plots[0], runs)
+    assert list(lines) == ["xdp=emu.programs:xdp_tx", "xdp=emu.programs:l2fwd_cost egress=eth0 cost_ns=5"]
+    assert output.show_value({"a": {1: [2, "x"]}}) == "1=[2, x]" and output.show_value([0, 1]) == "[0, 1]"
+    png = tmp_path / "m.png"
+    output.draw_plot(spec, spec.plots[0], runs, str(png))
+    assert _png_size(png) == (640, 400)

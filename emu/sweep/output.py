@@ -7,7 +7,8 @@ returns), then every page-pool counter (`emu.mem.pagepool.POOL_COUNTERS`) summed
 
 A plot draws a metric against a grid key, one line per value of the plot's ``lines`` key (and of any
 other grid key that varies, so that no two different points are averaged together): each marker is the
-mean over the repeats, with the smallest and largest of them as its error bar.  matplotlib draws with its
+mean over the repeats, with the smallest and largest of them as its error bar; a grid value that is a
+mapping (a whole section, such as a device's ``xdp``) is labelled by its values (`show_value`).  matplotlib draws with its
 Agg backend (files only, no display).  A plot with ``x: time`` draws one of the runs' sample series
 (``pages.samples`` of each report in ``results.json``) against the seconds since START, one line per
 grid point, averaged over the repeats sample by sample.
@@ -76,6 +77,27 @@ def plot_file(k: int, plot: PlotSpec) -> str:
     return f"plot{k + 1}-{safe(plot.y)}-vs-{safe(plot.x.rsplit('.', 1)[-1])}.png"
 
 
+def show_value(v: Any) -> str:
+    """A grid value as a plot's legend and ticks show it: as written, except a mapping (a whole section,
+    e.g. a device's ``xdp``), shown by its values, a nested mapping's as ``key=value``, without braces
+    or quotes: ``{program: "emu.programs:l2fwd", params: {egress: eth1}}`` -> ``emu.programs:l2fwd
+    egress=eth1`` (the legend of a mapping written out in full is wider than the plot)."""
+    if not isinstance(v, dict):
+        return str(v)
+    parts = []
+    for x in v.values():
+        if isinstance(x, dict):
+            parts += [f"{k}={str(y).replace(chr(39), '')}" for k, y in x.items()]
+        else:
+            parts.append(str(x))
+    return " ".join(parts)
+
+
+def _label(fixed: dict[str, Any]) -> str:
+    """A line's label: the last part of each grid key it fixes, and the value."""
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={show_value(v)}" for k, v in fixed.items())
+
+
 Line = list[tuple[Any, float, float, float]]  # (x value, mean, min, max) per x
 
 
@@ -87,7 +109,7 @@ def series(spec: SweepSpec, plot: PlotSpec, runs: list[dict[str, Any]]) -> dict[
     out: dict[str, Line] = {}
     for combo in itertools.product(*(spec.grid[k] for k in groups)):
         fixed = dict(zip(groups, combo, strict=True))
-        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in fixed.items()) or plot.y
+        label = _label(fixed) or plot.y
         points = []
         for x in spec.grid[plot.x]:
             ys = [y for r in runs if r["params"][plot.x] == x and all(r["params"][k] == v for k, v in fixed.items())
@@ -110,7 +132,7 @@ def time_series(spec: SweepSpec, plot: PlotSpec, runs: list[dict[str, Any]]) -> 
     out: dict[str, TimeLine] = {}
     for combo in itertools.product(*(spec.grid[k] for k in groups)):
         fixed = dict(zip(groups, combo, strict=True))
-        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in fixed.items()) or plot.y
+        label = _label(fixed) or plot.y
         mine = [r["report"]["pages"]["samples"] for r in runs if all(r["params"][k] == v for k, v in fixed.items())]
         mine = [s for s in mine if s.get(plot.y)]
         if not mine:
@@ -168,7 +190,7 @@ def draw_plot(spec: SweepSpec, plot: PlotSpec, runs: list[dict[str, Any]], path:
         if numeric and len(xs) > 2 and min(xs) > 0 and max(xs) / min(xs) >= 16:
             ax.set_xscale("log", base=2)  # pool sizes, rates: spread over orders of magnitude
         if not numeric:
-            ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+            ax.set_xticks(range(len(xs)), [show_value(x) for x in xs])
 
 
 def _mean_table(spec: SweepSpec, runs: list[dict[str, Any]]) -> list[str]:
