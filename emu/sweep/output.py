@@ -8,8 +8,8 @@ returns), then every page-pool counter (`emu.mem.pagepool.POOL_COUNTERS`) summed
 A plot draws a metric against a grid key, one line per value of the plot's ``lines`` key (and of any
 other grid key that varies, so that no two different points are averaged together): each marker is the
 mean over the repeats, with the smallest and largest of them as its error bar; a grid value that is a
-mapping (a whole section, such as a device's ``xdp``) is labelled by its values (`show_value`).  matplotlib draws with its
-Agg backend (files only, no display).  A plot with ``x: time`` draws one of the runs' sample series
+mapping (a whole section, such as a device's ``xdp``) is labelled by its values (`show_value`).
+matplotlib draws with its Agg backend (files only, no display).  A plot with ``x: time`` draws one of the runs' sample series
 (``pages.samples`` of each report in ``results.json``) against the seconds since START, one line per
 grid point, averaged over the repeats sample by sample.
 """
