@@ -410,3 +410,19 @@ def test_a_mapping_value_is_shown_by_its_values(tmp_path: Path) -> None:
     png = tmp_path / "m.png"
     output.draw_plot(spec, spec.plots[0], runs, str(png))
     assert _png_size(png) == (640, 400)
+
+
+def test_mapping_values_with_int_keys_match_their_runs_from_json(tmp_path: Path) -> None:
+    """results.json gives a mapping's int keys (a cpumap's CPUs) back as strings: the plots and the table
+    still find each point's runs."""
+    text = SPEC.replace("hosts.h1.pool.pool_size: [64, 256]", "hosts.h1.pool.pool_size: [64, 256]\n"
+                        "  hosts.h1.devices.eth0.xdp:\n"
+                        "    - {program: \"emu.programs:redirect_cpu\", params: {cpu_map: {0: 256}}}")
+    spec = load_spec(str(_write(tmp_path, text)))
+    runs = [json.loads(json.dumps({"params": p.params, "metrics": dict.fromkeys(rep.METRICS, 0.5)}))
+            for p in spec.points]
+    assert runs[0]["params"]["hosts.h1.devices.eth0.xdp"]["params"]["cpu_map"] == {"0": 256}
+    (points,) = output.series(spec, spec.plots[0], runs).values()
+    assert [p[0] for p in points] == [64, 256]
+    table = output._mean_table(spec, runs)
+    assert all(" - |" not in row for row in table[2:]) and "0.5" in table[2]

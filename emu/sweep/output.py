@@ -9,15 +9,16 @@ A plot draws a metric against a grid key, one line per value of the plot's ``lin
 other grid key that varies, so that no two different points are averaged together): each marker is the
 mean over the repeats, with the smallest and largest of them as its error bar; a grid value that is a
 mapping (a whole section, such as a device's ``xdp``) is labelled by its values (`show_value`).
-matplotlib draws with its Agg backend (files only, no display).  A plot with ``x: time`` draws one of the runs' sample series
-(``pages.samples`` of each report in ``results.json``) against the seconds since START, one line per
-grid point, averaged over the repeats sample by sample.
+matplotlib draws with its Agg backend (files only, no display).  A plot with ``x: time`` draws one of the
+runs' sample series (``pages.samples`` of each report in ``results.json``) against the seconds since
+START, one line per grid point, averaged over the repeats sample by sample.
 """
 
 from __future__ import annotations
 
 import csv
 import itertools
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -93,6 +94,12 @@ def show_value(v: Any) -> str:
     return " ".join(parts)
 
 
+def _matches(params: dict[str, Any], fixed: dict[str, Any]) -> bool:
+    """Whether a run's parameters have the `fixed` values, compared as ``results.json`` holds them (JSON:
+    a mapping's int keys, e.g. a cpumap's CPUs, come back from it as strings)."""
+    return all(json.dumps(params[k], sort_keys=True) == json.dumps(v, sort_keys=True) for k, v in fixed.items())
+
+
 def _label(fixed: dict[str, Any]) -> str:
     """A line's label: the last part of each grid key it fixes, and the value."""
     return ", ".join(f"{k.rsplit('.', 1)[-1]}={show_value(v)}" for k, v in fixed.items())
@@ -112,7 +119,7 @@ def series(spec: SweepSpec, plot: PlotSpec, runs: list[dict[str, Any]]) -> dict[
         label = _label(fixed) or plot.y
         points = []
         for x in spec.grid[plot.x]:
-            ys = [y for r in runs if r["params"][plot.x] == x and all(r["params"][k] == v for k, v in fixed.items())
+            ys = [y for r in runs if _matches(r["params"], {**fixed, plot.x: x})
                   and (y := _value(r, plot.y)) is not None]
             if ys:
                 points.append((x, sum(ys) / len(ys), min(ys), max(ys)))
@@ -133,7 +140,7 @@ def time_series(spec: SweepSpec, plot: PlotSpec, runs: list[dict[str, Any]]) -> 
     for combo in itertools.product(*(spec.grid[k] for k in groups)):
         fixed = dict(zip(groups, combo, strict=True))
         label = _label(fixed) or plot.y
-        mine = [r["report"]["pages"]["samples"] for r in runs if all(r["params"][k] == v for k, v in fixed.items())]
+        mine = [r["report"]["pages"]["samples"] for r in runs if _matches(r["params"], fixed)]
         mine = [s for s in mine if s.get(plot.y)]
         if not mine:
             continue
@@ -197,7 +204,7 @@ def _mean_table(spec: SweepSpec, runs: list[dict[str, Any]]) -> list[str]:
     head = [*spec.grid, *METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for point in spec.points:
-        mine = [r for r in runs if r["params"] == point.params]
+        mine = [r for r in runs if _matches(r["params"], point.params)]
         cells = [str(v) for v in point.params.values()]
         for m in METRICS:
             vals = [v for r in mine if (v := r["metrics"][m]) is not None]
