@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     host.add_argument("--keys", metavar="DIR", help="CURVE keys made by `emu keys`")
     host.add_argument("--coordinator-timeout", type=_positive(float), default=10.0, metavar="S",
                       help="tear down alone when the coordinator is silent this long (default 10)")
+    host.add_argument("--link-timeout", type=_positive(float), metavar="S",
+                      help="fail the run when a link to another host is not connected within S seconds of "
+                           "getting its peer's address (default: emu.cluster.control.LINK_TIMEOUT, 90)")
     host.add_argument("--status-file", metavar="FILE",
                       help="write connecting/registered/running/finished here (healthchecks)")
     host.add_argument("--serve", action="store_true", help="stay up and join the coordinator's next run")
@@ -402,6 +405,8 @@ def cmd_host(args: argparse.Namespace) -> int:
     opts = AgentOptions(listen=args.listen, advertise=args.advertise, link_port=args.link_port,
                         keys_dir=args.keys, status_file=args.status_file, serve=args.serve,
                         coordinator_timeout=args.coordinator_timeout)
+    if args.link_timeout is not None:
+        opts.link_timeout = args.link_timeout
     return HostAgent(args.name, args.coordinator, opts).serve()
 
 

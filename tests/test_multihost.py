@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -232,4 +233,29 @@ def test_hosts_outlive_a_killed_coordinator_and_serve_the_next(tmp_path: Path, r
     reliability("coordinator lost mid-run", report)
     assert report["traffic"]["delivered"] == 5000 and report["traffic"]["unaccounted"] == 0
     assert report["pages"]["total"] == report["pages"]["accounted"] == 3 * 4096
+    check_clean([p.p.pid for p in hosts.values()])
+
+
+def test_a_cable_that_never_connects_fails_the_run_naming_it(tmp_path: Path) -> None:
+    """h2 advertises an address where nothing listens (127.0.0.2; it listens on 127.0.0.1): the cables
+    to it never connect, so h1 and h3 never report them plugged in and no traffic starts; after
+    --link-timeout the run fails with the cable named, and every host tears down what it set up."""
+    coord = f"ipc://{tmp_path}/control"
+    c = Proc(tmp_path, "coord", "coordinator", TOPO, "--bind", coord, "--count", "1000",
+             "--status-file", str(tmp_path / "coord.status"))
+    hosts = start_hosts(tmp_path, coord, ("h1", "h3"), "--link-timeout", "3")
+    hosts.update({"h2": Proc(tmp_path, "h2", "host", "h2", "--coordinator", coord, "--advertise", "127.0.0.2",
+                             "--link-timeout", "3")})
+    try:
+        code = c.wait()
+        host_codes = {h: p.wait(DEADLINE) for h, p in hosts.items()}
+    finally:
+        finish([*hosts.values(), c])
+    text = c.text()
+    assert code == 3, text
+    assert "no connection to the peer within 3 s" in text, text
+    assert re.search(r"link h[13]:eth[01] -> h2:eth[01] \(tcp://127\.0\.0\.2:\d+\)", text), text
+    assert "Running topology" not in text  # the traffic never started
+    failed = [h for h in ("h1", "h3") if "no connection to the peer" in hosts[h].text()]
+    assert failed and all(host_codes[h] == 3 for h in failed), {h: p.text() for h, p in hosts.items()}
     check_clean([p.p.pid for p in hosts.values()])

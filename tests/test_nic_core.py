@@ -13,7 +13,7 @@ from emu.datapath.nic import NicCore
 from emu.mem.page import DESC_DTYPE, PageState
 from emu.mem.pagepool import page_pool_dev_alloc_pages, pool_of, xdp_prepare_buff, xdp_xmit_queue
 from emu.net import wire
-from emu.net.protocol import XDP_PACKET_HEADROOM, device_code
+from emu.net.protocol import LINK_DOWN_BIT, XDP_PACKET_HEADROOM, device_code
 
 PAUSE_MS = 1000
 
@@ -36,9 +36,13 @@ class FakeWire:
 
     def __init__(self) -> None:
         self.frames: list[bytes] = []
+        self.up = True  # the carrier, as the test sets it
 
-    def connect(self, sock) -> None:
-        self.sock = sock
+    def connect(self, sock, carrier=None) -> None:
+        self.sock, self.watch = sock, carrier
+
+    def carrier(self) -> bool:
+        return self.up
 
     def busy(self) -> bool:
         return False
@@ -210,3 +214,30 @@ def test_go_down_returns_posted_buffers_and_frees_queued_frames(page_memory) -> 
     more = post(nic, pm, 2)
     (_, _, _, again), = cpus.take("rxret")
     assert again["page"].tolist() == more.tolist()
+
+
+def test_link_up_follows_the_cables_carrier_not_the_peers_address(page_memory) -> None:
+    """A cable to another host is up once its connection to the peer is made (the wire's carrier), not
+    when the ``link`` message names the peer; carrier lost: down; the peer's host gone: down for good."""
+    nic, _, _, tx, _, _ = make_nic(page_memory)
+    opened: list[str] = []
+    nic.link_socket = lambda addr: (opened.append(addr) or "sock", "carrier")
+    tx.up = False  # zmq still resolving the peer's name, connecting, or in its handshake
+    nic.dispatch(wire.pack_msg("link", {"peer": "tcp://h2.links:4000"}, b""))
+    assert opened == ["tcp://h2.links:4000"] and (tx.sock, tx.watch) == ("sock", "carrier")
+    assert nic.cabled and nic.count("link_up") == 0
+    nic.watch_carrier()
+    assert nic.count("link_up") == 0
+    tx.up = True  # the handshake with the peer's ingress succeeded
+    nic.watch_carrier()
+    assert nic.count("link_up") == 1
+    tx.up = False  # the connection was lost (zmq reconnects by itself)
+    nic.watch_carrier()
+    assert nic.count("link_up") == 0
+    tx.up = True
+    nic.watch_carrier()
+    assert nic.count("link_up") == 1
+    nic.apply_offline(1 << LINK_DOWN_BIT)  # the coordinator: the peer's host is lost
+    assert not nic.cabled and nic.count("link_up") == 0
+    nic.dispatch(wire.pack_msg("link", {"peer": "tcp://h2.links:4001"}, b""))
+    assert opened == ["tcp://h2.links:4000"]  # a cable whose far end is gone is not plugged in again

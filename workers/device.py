@@ -18,7 +18,7 @@ from emu.datapath.capture import CaptureTap
 from emu.datapath.nic import NicCore
 from emu.mem.pagemem import PageMemory
 from emu.net import doorbell, security, wire
-from emu.net.link import LinkReceiver, LinkSender
+from emu.net.link import Carrier, LinkReceiver, LinkSender
 from emu.net.netem import LinkShaper
 from emu.net.protocol import CMD, OFFLINE, Cmd, ProcState
 from emu.net.shmring import BELL_FILL, IDLE_POLL_MS, Channel, Inbox, MsgRing
@@ -86,7 +86,7 @@ class Device:
         self.tx = LinkSender(None, LinkShaper(imp) if imp is not None else None,
                              MsgRing.attach(ring_out) if ring_out else None)
         if ep.get("link_peer"):
-            self.tx.connect(self._link_socket(ep["link_peer"]))
+            self.tx.connect(*self._link_socket(ep["link_peer"], watch=False))
         self.cpus = CpuChannels([channel(self.zctx, spec, self.name, f"cpu{c}", ep["cpu"][c])
                                  for c in range(host.cpus)])
         self.core = NicCore(host.devices[self.name], host.cpus, self.pm, self.cpus, self.tx, self.rx,
@@ -95,10 +95,20 @@ class Device:
         if "capture" in spec.options:  # xdpdump-style capture of what this device transmits
             self.core.capture = CaptureTap.from_options(spec.options["capture"], 0, row.c, row.index)
 
-    def _link_socket(self, addr: str) -> zmq.Socket:
+    def _link_socket(self, addr: str, watch: bool = True) -> tuple[zmq.Socket, Carrier | None]:
+        """A socket to the link peer at `addr` (CURVE over TCP when keys are given) and, for a cable to
+        another host (`watch`), its carrier, watched from before the connect."""
         secure = self.keys is not None and addr.startswith("tcp://")
-        return push(self.zctx, addr, hwm=LINK_HWM,
-                    setup=lambda s: security.make_client(s, self.keys) if secure else None)
+        carrier: list[Carrier] = []
+
+        def setup(s: zmq.Socket) -> None:
+            if secure:
+                security.make_client(s, self.keys)
+            if watch:
+                carrier.append(Carrier(s))
+
+        sock = push(self.zctx, addr, hwm=LINK_HWM, setup=setup)
+        return sock, carrier[0] if carrier else None
 
     # -- main loop --------------------------------------------------------------------------------
 
@@ -141,6 +151,8 @@ class Device:
             if self.tx.backlog:
                 self.tx.flush()
             work += core.complete()
+            if core.cabled:
+                core.watch_carrier()
             c[self.i["rx_posted_now"]] = sum(core.nposted)
             if self.gatekeeper is not None:
                 c[self.i["link_refused"]] = self.gatekeeper.refused

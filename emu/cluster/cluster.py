@@ -426,7 +426,7 @@ class Cluster(Console):
         self.peers_sent = True
         for slot in self.slots.values():
             self.send(slot, "peers", None, {"links": links})
-        self.wait_for(("linked",), 60, "cable their links")
+        self.wait_for(("linked",), control.LINK_TIMEOUT + 30, "cable their links")
         if self.interrupted:
             raise RunError("interrupted during set-up")
         self.say(rep.banner(self.topo))

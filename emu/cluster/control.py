@@ -27,6 +27,11 @@ HOST_KINDS = ("hello", "ready", "linked", "stats", "home", "final", "failed", "l
 COORD_KINDS = ("assign", "refuse", "peers", "start", "quiesce", "down", "exit", "peer_down", "ping", "abort",
                "bye")
 MAX_PAYLOAD = 64 << 20  # a final report of a large host is a few MB at most
+# How long a host waits for its cables' connections (`emu.net.link.Carrier`) before it gives up, naming
+# them; the coordinator waits a little longer for its ``linked``, so that the host's reason is the one
+# reported.  Generous: a peer's name may take a few of the resolver's 5 s timeouts to resolve in a
+# container network, and zmq retries a connection that fails.
+LINK_TIMEOUT = 90.0
 
 
 class ControlError(BadInputError, ValueError):

@@ -38,7 +38,6 @@ from emu.topology.model import Endpoint, Topology, topology_from_dict
 
 HELLO_EVERY = 1.0
 STATS_EVERY = 0.25
-LINK_TIMEOUT = 30.0
 BYE_TIMEOUT = 60.0  # after our final report, how long to wait for the coordinator's
 
 
@@ -71,6 +70,7 @@ class AgentOptions:
     status_file: str | None = None
     serve: bool = False  # stay up for the next run
     coordinator_timeout: float = 10.0
+    link_timeout: float = control.LINK_TIMEOUT  # for the links to other hosts to connect
     out: TextIO = sys.stdout
 
 
@@ -125,7 +125,9 @@ class HostRun(Run):
 
     def cable(self, peers: dict) -> None:
         """Between `launch` and `go`: tell each device with a link to another host where its peer
-        listens, and wait until all are plugged in."""
+        listens, and wait until every cable's carrier is up (its connection to the peer made, not just
+        its address known: traffic started before then would go nowhere for as long as zmq is still
+        resolving the peer's name or connecting)."""
         assert self.table is not None
         ctx = self.agent.ctx
         assert ctx is not None
@@ -141,11 +143,14 @@ class HostRun(Run):
             s.connect(ep["hosts"][self.hname]["device"][dev.name])
             s.send(wire.pack_msg(LINK, {"peer": addr}))
             s.close()
-            waiting.append(f"{dev.host}/{dev.name}")
-        deadline = time.monotonic() + LINK_TIMEOUT
-        while any(not self.table.read(k)["link_up"] for k in waiting):
+            waiting.append((f"{dev.host}/{dev.name}", f"{mine} -> {other} ({addr})"))
+        timeout = self.agent.opts.link_timeout
+        deadline = time.monotonic() + timeout
+        while down := [cable for key, cable in waiting if not self.table.read(key)["link_up"]]:
             if time.monotonic() > deadline:
-                raise RunError(f"devices {', '.join(waiting)} were not cabled within {LINK_TIMEOUT:.0f} s")
+                raise RunError(f"link {'; link '.join(down)}: no connection to the peer within "
+                               f"{timeout:g} s (its name does not resolve, nothing listens "
+                               "there, or its CURVE key differs)")
             self.tick()
             self.check_procs()
             time.sleep(0.01)
@@ -394,6 +399,8 @@ class HostAgent:
         self.say(f"run ended by the coordinator ({kind}): {reason}")
         if self.run is not None and self.run.started:
             self.run.end(settle=False)
+        elif self.run is not None:
+            self.run.abort()  # ended during set-up (another host failed): our processes exit too
         return 1
 
     def serve(self) -> int:

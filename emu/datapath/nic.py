@@ -87,7 +87,10 @@ class WireOut(Protocol):
     @property
     def connected(self) -> bool: ...
 
-    def connect(self, sock: Any) -> None: ...
+    def connect(self, sock: Any, carrier: Any = None) -> None: ...
+
+    def carrier(self) -> bool:
+        """The link reaches its peer (for a cable to another host: zmq's handshake with it is done)."""
 
     def busy(self) -> bool: ...
 
@@ -116,7 +119,8 @@ class NicCore(Core):
     """One device's rings, RX FIFO, DMA, TX queues and completions.
 
     `counters` is indexed by `index` (the names of `emu.run.stats.DEVICE_COUNTERS`); `warn(key, text)` reports a
-    kind of problem once; `link_socket(addr)` opens a socket to a link peer (the ``link`` message)."""
+    kind of problem once; `link_socket(addr)` opens a socket to a link peer (the ``link`` message) and
+    returns it with its `emu.net.link.Carrier`."""
 
     def __init__(
         self, cfg: DeviceConfig, ncpus: int, pm: PageMemory, cpus: CpuOutbox, tx: WireOut, rx: LinkIn | None,
@@ -155,6 +159,7 @@ class NicCore(Core):
         self.xon = min(LINK_BATCH, cfg.rx_ring_size)
         self.xon_since = 0
         self.down = False
+        self.cabled = False  # plugged into a peer on another host (the ``link`` message): link_up follows its carrier
         self.offline = 0  # CPUs declared dead by the coordinator
         self.rxq_online = [True] * self.nrxq
         self.all_online = True
@@ -209,8 +214,15 @@ class NicCore(Core):
             raise ValueError(f"link peer address {peer!r} is not a tcp:// or ipc:// endpoint")
         if self.offline >> LINK_DOWN_BIT & 1 or self.link_socket is None:
             return
-        self.tx.connect(self.link_socket(peer))
-        self.c[self.i["link_up"]] = 1
+        self.tx.connect(*self.link_socket(peer))
+        self.cabled = True
+        self.watch_carrier()
+
+    def watch_carrier(self) -> None:
+        """``link_up`` follows the cable's carrier: 1 once the connection to the peer is made (zmq's
+        handshake done), not when its address is known; 0 while the connection is lost.  The host agent
+        reports its cables plugged in only when all are up."""
+        self.c[self.i["link_up"]] = int(self.tx.carrier())
 
     def _valid(self, d: np.ndarray, expect: PageState, owner: int | None = None) -> np.ndarray:
         """Keep the descriptors that name a page of this host in the state the message implies."""
@@ -535,6 +547,7 @@ class NicCore(Core):
             self.warn_once("linkdown", "link peer is gone: carrier down")
             self.c[self.i["tx_dropped"]] += self.tx.cut()
             self.c[self.i["link_up"]] = 0
+            self.cabled = False
         mask &= CPU_MASK
         live = [c for c in range(self.ncpus) if not mask >> c & 1]
         for q in range(self.nrxq):

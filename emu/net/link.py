@@ -13,11 +13,18 @@ Impairments (``delay``, ``jitter``, ``loss``, ``rate`` on the link in the topolo
 the sender, to what it sends, as netem would on each end of a veth pair: lost frames are counted in the
 sender's ``link_lost`` counter (a named drop in the run's accounting), and a delayed message waits in the
 backlog until its departure time.  Without impairments nothing of this is on the path.
+
+A cable to another host has a carrier (`Carrier`): it is up once zmq's handshake with the peer's link
+ingress has succeeded (CURVE's too, when the cable uses it), not when the peer's address is handed over.
+Between the two, zmq may still be resolving the peer's name (a lookup in a container network can take
+the resolver's 5 s timeout), connecting, or retrying; the host agent reports its cables plugged in, and
+the coordinator starts the traffic, only once every carrier is up.
 """
 
 from __future__ import annotations
 
 import collections
+import struct
 import time
 
 import numpy as np
@@ -34,6 +41,41 @@ from emu.net.shmring import BELL_FILL, BELL_MSG, Inbox, MsgRing, ring_bell, take
 LINK_BYTES = 1 << 16
 # Messages waiting to leave before a sender counts as busy (pauses its generator, stops transmitting).
 BACKLOG_MAX = 256
+# The socket monitor's events that move a cable's carrier: the handshake with the peer done (up), the
+# connection lost (down; zmq reconnects by itself, and the next handshake brings it up again).
+CARRIER_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+
+
+class Carrier:
+    """Whether a connecting link socket reaches its peer, from zmq's socket monitor: down until the
+    handshake with the peer's ingress succeeds, down again while the connection is lost.
+
+    Made by the socket's `setup`, before its ``connect``, so that no event can come before the monitor;
+    the monitor is a PAIR socket over inproc, read without blocking by whoever owns the link socket."""
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self.sock = sock
+        self.monitor = sock.get_monitor_socket(CARRIER_EVENTS)
+        self.up = False
+
+    def poll(self) -> bool:
+        """Take the events that came since the last call; returns whether the carrier is up."""
+        mon = self.monitor
+        while mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            frames = mon.recv_multipart(zmq.NOBLOCK)
+            # A monitor message's first frame: the event (16 bits) and its value (32 bits).
+            event = struct.unpack_from("=H", frames[0])[0]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.up = True
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.up = False
+        return self.up
+
+    def close(self) -> None:
+        """Before the link socket closes."""
+        if not self.sock.closed:
+            self.sock.disable_monitor()
+        self.monitor.close(0)
 
 
 class LinkSender:
@@ -43,6 +85,7 @@ class LinkSender:
     def __init__(self, sock: zmq.Socket | None, shaper: LinkShaper | None = None,
                  ring: MsgRing | None = None) -> None:
         self.sock = sock
+        self.watch: Carrier | None = None  # the carrier of a cable to another host (None: not watched)
         self.ring = ring
         self.shaper = shaper if shaper is not None and shaper.active else None
         self.backlog: collections.deque[tuple[int, bytes, int]] = collections.deque()  # (due_ns, msg, frames)
@@ -51,11 +94,26 @@ class LinkSender:
     def connected(self) -> bool:
         return self.sock is not None
 
-    def connect(self, sock: zmq.Socket) -> None:
-        """The peer's address became known (a link between hosts is cabled after both ends are up)."""
+    def connect(self, sock: zmq.Socket, carrier: Carrier | None = None) -> None:
+        """The peer's address became known (a link between hosts is cabled after both ends are up);
+        `carrier`, the socket's, says when it reaches the peer (without one it counts as up at once)."""
+        self._close_socket()
+        self.sock = sock
+        self.watch = carrier
+
+    def _close_socket(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
         if self.sock is not None:
             self.sock.close(0)
-        self.sock = sock
+            self.sock = None
+
+    def carrier(self) -> bool:
+        """The link reaches its peer: connected, and its handshake done when the carrier is watched."""
+        if self.sock is None:
+            return False
+        return self.watch is None or self.watch.poll()
 
     def busy(self) -> bool:
         """Too much waits to leave: the sender should stop producing until the peer takes more."""
@@ -136,9 +194,7 @@ class LinkSender:
         return dropped
 
     def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close(0)
-            self.sock = None
+        self._close_socket()
         if self.ring is not None:
             self.ring.close()
             self.ring = None

@@ -89,7 +89,7 @@ DEVICE_COUNTERS = (
     "link_lost",  # frames the link's loss impairment dropped after this device sent them
     "link_refused",  # connection attempts to this device's link ingress refused by CURVE
     "link_port",  # gauge: TCP port of the link ingress (links between hosts), 0 for local links
-    "link_up",  # gauge: 1 once a link between hosts is cabled to its peer
+    "link_up",  # gauge: 1 while a link between hosts is connected to its peer (zmq's handshake done)
     "bad_descriptors",
     "bad_messages",
     "capture_packets",  # transmitted frames copied into the capture ring (emu.datapath.capture)
