@@ -162,7 +162,7 @@ def host_shm_bytes(host: HostConfig) -> int:
 
 def pool_params(host: HostConfig) -> PoolParams:
     p = host.pool
-    return PoolParams(p.cache_size, p.refill, p.pool_size, p.recycle_limit, p.policy)
+    return PoolParams(p.cache_size, p.refill, p.pool_size, p.recycle_limit, p.policy, p.frag_size)
 
 
 class Console:
