@@ -219,7 +219,7 @@ def test_a_dead_worker_holding_half_a_page_is_reclaimed(page_memory) -> None:
     audit_ok(pm)
     # reclaim_stranded leaves the fragments that wait for a sibling alone (they are no one's to return).
     pool0 = pool_of(pm, 0, owner=True)
-    c, d = pool0.alloc(2, S.SKB, holder=0)
+    c, _ = pool0.alloc(2, S.SKB, holder=0)
     pool0.recycle_direct(np.array([c]), expect=S.SKB)
     assert reclaim.reclaim_stranded(pm) == reclaim.Reclaimed(pages=1, packets=0)
     assert pool0.stats()["double_free"] == 0 and free_pages(pm) == 256
