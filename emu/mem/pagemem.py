@@ -191,6 +191,10 @@ class PageMemory:
         self.off, self.len, self.refcnt, self.holder = a["off"], a["len"], a["refcnt"], a["holder"]
         self.frag_refs = a["frag_refs"]
         self.free_stack = a["free_stack"]
+        # The state and holder columns seen a page per row (its buffers side by side): a page's buffers
+        # are set in one indexed store (`emu.mem.pagepool`).
+        self.state_rows = self.state.reshape(self.npages, self.frags)
+        self.holder_rows = self.holder.reshape(self.npages, self.frags)
         # and one row per CPU of each pool array (`emu.mem.pagepool.pool_regions`).
         self.pool_ctl, self.pool_counters = a["pool_ctl"], a["pool_counters"]
         self.caches, self.rings = a["caches"], a["rings"]

@@ -315,6 +315,7 @@ class PagePool:
         self.limit = pm.params.recycle_limit
         self.adaptive = pm.params.policy == "adaptive"
         self.frags = pm.frags
+        self._frag_index = np.arange(self.frags, dtype=np.intp)
         self.ring_lock = 1 + cpu
         if owner:
             pid = os.getpid()
@@ -394,7 +395,7 @@ class PagePool:
             pages = self._take(-(-n // f))
             if len(pages):
                 pm.frag_refs.put(pages, f)
-                bufs = pm.bufs_of(pages).astype(np.intp)
+                bufs = (pages[:, None] * f + self._frag_index).ravel()
                 parts.append(bufs[:n])
                 rest = bufs[n:]
                 if len(rest):
@@ -464,7 +465,7 @@ class PagePool:
         k = min(avail, self.refill, self.cache_size)
         ids = self._ring_slice(head, k)
         self.cache[:k] = ids
-        self.pm.state.put(self.pm.bufs_of(ids), int(PageState.CACHE))
+        _set_pages(self.pm, ids, PageState.CACHE)
         self.ctl[P_CACHE_COUNT] = k
         self.ctl[P_RING_HEAD] = head + k  # published last: producers may now reuse the slots
         return k
@@ -665,12 +666,22 @@ class PagePool:
         fragments wait, FRAG, for their siblings.  Under the pool's ring lock (the kernel's atomic
         decrement), which every return path of this pool's pages takes."""
         pm = self.pm
-        pages = ids // self.frags
-        np.subtract.at(pm.frag_refs, pages, 1)  # a page named twice (both halves back) drops two
         pm.state.put(ids, int(PageState.FRAG))
         pm.holder.put(ids, NO_HOLDER)
-        pages = np.unique(pages)
-        return pages[pm.frag_refs.take(pages) == 0]
+        # Each page once, with how many of its fragments came back in this batch (often all: the halves
+        # of a page are posted, received and freed together): the runs of the sorted page ids.
+        pages = ids // self.frags
+        pages.sort()
+        n = len(pages)
+        bounds = np.empty(n + 1, dtype=bool)
+        bounds[0] = bounds[n] = True
+        np.not_equal(pages[1:], pages[:-1], out=bounds[1:n])
+        edges = bounds.nonzero()[0]
+        first = edges[:-1]
+        pages = pages[first]
+        left = pm.frag_refs.take(pages) - (edges[1:] - first)
+        pm.frag_refs.put(pages, left)
+        return pages[left == 0]
 
     def _recycle_valid(self, ids: np.ndarray) -> None:
         """Validated pages into the cache, what does not fit into the ring (or back to the allocator)."""
@@ -754,7 +765,7 @@ class PagePool:
         k = min(room, len(ids))
         if k:
             head = ids[:k]
-            self.pm.state.put(self.pm.bufs_of(head), PageState.CACHE)
+            _set_pages(self.pm, head, PageState.CACHE)
             self.cache[have : have + k] = head
             self.ctl[P_CACHE_COUNT] = have + k
             self.cnt[C["recycle_cached"]] += k
@@ -800,9 +811,7 @@ class PagePool:
             self.cnt[C["recycle_hard_limit"]] += fits - k
         if k:
             put = ids[:k]
-            bufs = self.pm.bufs_of(put)
-            self.pm.state.put(bufs, int(PageState.RING))
-            self.pm.holder[bufs] = NO_HOLDER
+            _set_pages(self.pm, put, PageState.RING, NO_HOLDER)
             i = tail % self.ring_size
             first = min(k, self.ring_size - i)
             self.ring[i : i + first] = put[:first]
@@ -969,6 +978,18 @@ def page_pool_return_page(pm: PageMemory, ids: np.ndarray, release_pool: int = N
             pm.pool_counters[release_pool, C["release_cnt"]] += k
         if order0:
             header[H_ORDER0_FREE] += k
+
+
+def _set_pages(pm: PageMemory, pages: np.ndarray, state: int, holder: int | None = None) -> None:
+    """Every buffer of `pages` to `state` (and `holder` when given): one store per column."""
+    if pm.frags == 1:
+        pm.state.put(pages, int(state))
+        if holder is not None:
+            pm.holder.put(pages, holder)
+        return
+    pm.state_rows[pages] = int(state)
+    if holder is not None:
+        pm.holder_rows[pages] = holder
 
 
 # The allocator's own name for the same step, as tests and benchmarks of the allocator call it.
