@@ -101,6 +101,15 @@ class PageSpans:
         v[pages.astype(np.intp, copy=False)] = np.ascontiguousarray(rows).view(dt)[:, 0]
 
 
+def _words(column: np.ndarray, frags: int) -> np.ndarray | None:
+    """`column` (a page-table column) with each page's entries as one unsigned word, when they fill 2, 4
+    or 8 bytes; else None."""
+    size = column.itemsize * frags
+    if frags == 1 or size not in (2, 4, 8):
+        return None
+    return column.view(np.dtype(f"<u{size}"))
+
+
 def _align(n: int, a: int = 64) -> int:
     return (n + a - 1) // a * a
 
@@ -191,10 +200,13 @@ class PageMemory:
         self.off, self.len, self.refcnt, self.holder = a["off"], a["len"], a["refcnt"], a["holder"]
         self.frag_refs = a["frag_refs"]
         self.free_stack = a["free_stack"]
-        # The state and holder columns seen a page per row (its buffers side by side): a page's buffers
-        # are set in one indexed store (`emu.mem.pagepool`).
+        # The state and holder columns seen a page per row (its buffers side by side), and where a page's
+        # entries fit one machine word, a page per word: `emu.mem.pagepool` sets all of a page's buffers
+        # in one indexed store (a word store is 6x cheaper than a row store for 1,024 pages).
         self.state_rows = self.state.reshape(self.npages, self.frags)
         self.holder_rows = self.holder.reshape(self.npages, self.frags)
+        self.state_words = _words(self.state, self.frags)
+        self.holder_words = _words(self.holder, self.frags)
         # and one row per CPU of each pool array (`emu.mem.pagepool.pool_regions`).
         self.pool_ctl, self.pool_counters = a["pool_ctl"], a["pool_counters"]
         self.caches, self.rings = a["caches"], a["rings"]
@@ -296,7 +308,13 @@ class PageMemory:
         if self.frags == 1:
             return pages
         f = self.frags
-        return (np.asarray(pages, dtype=np.int64)[:, None] * f + np.arange(f)).ravel()
+        # repeat, scale, then one strided add per fragment: half the cost of a broadcast for 1,024 pages
+        b = np.repeat(np.asarray(pages, dtype=np.intp), f)
+        b *= f
+        rows = b.reshape(-1, f)
+        for k in range(1, f):
+            rows[:, k] += k
+        return b
 
     def check_ids(self, ids: np.ndarray) -> np.ndarray:
         """Boolean mask of the ids that name a buffer of this host."""

@@ -315,7 +315,6 @@ class PagePool:
         self.limit = pm.params.recycle_limit
         self.adaptive = pm.params.policy == "adaptive"
         self.frags = pm.frags
-        self._frag_index = np.arange(self.frags, dtype=np.intp)
         self.ring_lock = 1 + cpu
         if owner:
             pid = os.getpid()
@@ -395,7 +394,7 @@ class PagePool:
             pages = self._take(-(-n // f))
             if len(pages):
                 pm.frag_refs.put(pages, f)
-                bufs = (pages[:, None] * f + self._frag_index).ravel()
+                bufs = pm.bufs_of(pages)
                 parts.append(bufs[:n])
                 rest = bufs[n:]
                 if len(rest):
@@ -981,15 +980,23 @@ def page_pool_return_page(pm: PageMemory, ids: np.ndarray, release_pool: int = N
 
 
 def _set_pages(pm: PageMemory, pages: np.ndarray, state: int, holder: int | None = None) -> None:
-    """Every buffer of `pages` to `state` (and `holder` when given): one store per column."""
-    if pm.frags == 1:
+    """Every buffer of `pages` to `state` (and `holder` when given): one store per column, of a word per
+    page where a page's entries fit one."""
+    f = pm.frags
+    if f == 1:
         pm.state.put(pages, int(state))
         if holder is not None:
             pm.holder.put(pages, holder)
         return
-    pm.state_rows[pages] = int(state)
+    if pm.state_words is not None:
+        pm.state_words.put(pages, int.from_bytes(bytes((int(state),)) * f, "little"))
+    else:
+        pm.state_rows[pages] = int(state)
     if holder is not None:
-        pm.holder_rows[pages] = holder
+        if pm.holder_words is not None:
+            pm.holder_words.put(pages, int.from_bytes(int(holder).to_bytes(2, "little", signed=True) * f, "little"))
+        else:
+            pm.holder_rows[pages] = holder
 
 
 # The allocator's own name for the same step, as tests and benchmarks of the allocator call it.
