@@ -135,3 +135,15 @@ def test_emu_pools_shows_pages_in_flight_not_buffers(tmp_path: Path) -> None:
         p.communicate(timeout=120)
     assert p.returncode == 0
     assert not segments_of(p.pid)
+
+
+def test_a_pool_destroyed_while_it_splits_a_page_drains_the_unused_half() -> None:
+    """An RX ring of 63 buffers is refilled in odd counts, so a pool usually ends the run with half a page
+    it never handed out: the shutdown does not wait for it (it is not in use) and page_pool_destroy
+    drains it (page_pool_drain_frag), so every page still comes home, without a stalled shutdown."""
+    text = DROP.replace("rx_ring_size: 1024", "rx_ring_size: 63").replace("pages: 2048", "pages: 512")
+    r = run(validate_topology_text(text, "odd.yaml"), count=3_000)
+    assert_clean(r)
+    assert r["stalled_shutdown"] == [] and r["traffic"]["dropped"] == 3_000
+    pp = r["cpus"][0]["page_pool"]
+    assert 0 <= lives(pp) - returns(pp) <= 1, pp
