@@ -315,6 +315,7 @@ class PagePool:
         self.limit = pm.params.recycle_limit
         self.adaptive = pm.params.policy == "adaptive"
         self.frags = pm.frags
+        self.frag_shift = pm.frags.bit_length() - 1  # frags is a power of two: a buffer's page is id >> this
         self.ring_lock = 1 + cpu
         if owner:
             pid = os.getpid()
@@ -667,9 +668,19 @@ class PagePool:
         pm = self.pm
         pm.state.put(ids, int(PageState.FRAG))
         pm.holder.put(ids, NO_HOLDER)
+        f, n = self.frags, len(ids)
+        if n % f == 0:
+            # The common case: whole pages back, their fragments side by side (a page's buffers are posted,
+            # received and freed together): every page's last reference goes, pp_ref_count being the
+            # fragments in use (the audit's invariant) and a buffer being named once (the validation's).
+            rows = ids.reshape(-1, f) >> self.frag_shift
+            if np.logical_and.reduce((rows == rows[:, :1]).ravel()):
+                pages = rows[:, 0]
+                pm.frag_refs.put(pages, 0)
+                return pages
         # Each page once, with how many of its fragments came back in this batch (often all: the halves
         # of a page are posted, received and freed together): the runs of the sorted page ids.
-        pages = ids // self.frags
+        pages = ids >> self.frag_shift
         pages.sort()
         n = len(pages)
         bounds = np.empty(n + 1, dtype=bool)
