@@ -25,10 +25,9 @@ N = 20_000
 def halves(name: str) -> object:
     """Bundled topology `name` on 4 KiB pages split in 2 KiB halves (the same 48 MiB of page memory)."""
     text = (TOPO / f"{name}.yaml").read_text()
-    if "frag_size" not in text:
-        old = "pages: 24576\n    page_size: 2048\n    pool: {pool_size: 4096}"
-        assert old in text
-        text = text.replace(old, "pages: 12288\n    page_size: 4096\n    pool: {pool_size: 4096, frag_size: 2048}")
+    old = "pages: 24576\n    page_size: 2048\n    pool: {pool_size: 4096}"
+    assert old in text
+    text = text.replace(old, "pages: 12288\n    page_size: 4096\n    pool: {pool_size: 4096, frag_size: 2048}")
     topo = validate_topology_text(text, f"{name}.yaml")
     h = topo.hosts["h1"]
     assert (h.page_size, h.pool.frag_size, h.buf_size) == (4096, 2048, 2048)
