@@ -84,6 +84,16 @@ Allocation semantics per page, as in ``page_pool_alloc_netmems``: served from th
 (`alloc_refill`; `alloc_empty` when the ring was empty); else the slow path bulk-allocates and serves
 it (`alloc_slow`).  `alloc` hands out many pages at once with exactly those per-page counts.
 
+Fragments (``PoolParams.frag_size``, the kernel's ``page_pool_alloc_frag``): a page serves
+``page_size / frag_size`` buffers (`emu.mem.page` says how a buffer id names a page and an offset).
+`alloc` then hands out buffers, taking whole pages as above (the counters count pages), each with one
+reference per fragment (``pp_ref_count``, the page memory's ``frag_refs``); the fragments of the last
+page it took that it did not hand out wait, FRAG, for the next call (``pool->frag_page``,
+`P_FRAG_PAGE`).  A returned fragment is validated as any buffer, then drops its page's reference under
+the pool's ring lock (standing for the kernel's atomic decrement) and waits, FRAG; only the put that
+drops the last one moves the page on, by the rules and counters of a whole page.  `drain` drops the
+references of the fragments it never handed out (``page_pool_drain_frag``).
+
 This module owns a page's whole life: every change of its `state` (and of the `holder` that goes with
 it) is made by one of the functions below, named as the kernel names that step, and every descriptor a
 process is handed is checked by one function, `check_descs`.  Workers, devices and the coordinator's
@@ -106,6 +116,7 @@ function                           transition                                  c
 `page_pool_return_page`            -> FREE (``page_pool_return_page``)         full ring, hard limit,
                                                                                drain, reclaim
 `page_get` / `put_page`            refcount (``get_page`` / ``put_page``)       tests, shared pages
+`PagePool._unref_frags`            fragment in use -> FRAG (pp_ref_count - 1)   every return, fragments
 `xdpf_clone`                       FREE -> XDP, no pool (MEM_TYPE_PAGE_ORDER0)  a CPU, devmap broadcast
 `xdp_return_frame_order0`          such a page -> FREE (``put_page``)          `return_pages`
 `audit`                            none: checks conservation                   the coordinator, tests
