@@ -142,6 +142,25 @@ def test_adjust_head_and_tail_move_the_frame_the_sink_sees(objs: Path, tmp_path:
     assert exceptions(r) == 0 and totals(r, "redirect") == 2_000
 
 
+@pytest.mark.slow
+def test_adjust_head_and_tail_in_half_page_fragments(objs: Path, tmp_path: Path) -> None:
+    """The same program on 2 KiB halves of 4 KiB pages (``pool.frag_size``): every second buffer starts
+    at byte 2048 of its page, so the frame the sink sees intact proves the engine's data, data_end and
+    headroom are the fragment's."""
+    obj = compile_c(TRIM, tmp_path, name="move", cflags=(f"-I{objs}",))
+    text = topology(obj)
+    assert "pages: 2048\n    page_size: 2048\n" in text
+    text = text.replace("pages: 2048\n    page_size: 2048\n",
+                        "pages: 1024\n    page_size: 4096\n    pool: {frag_size: 2048}\n")
+    topo = validate_topology_text(text, str(tmp_path / "t.yaml"))
+    assert topo.hosts["h1"].buf_size == 2048
+    r = run(topo, 2_000)
+    assert_clean(r)
+    assert r["traffic"]["delivered"] == 2_000
+    assert exceptions(r) == 0 and totals(r, "redirect") == 2_000
+    assert r["pages"]["total"] == 2 * 1024  # buffers
+
+
 def test_topology_errors_name_the_line(objs: Path, tmp_path: Path) -> None:
     f = str(tmp_path / "t.yaml")
     cases = [

@@ -4,9 +4,10 @@ every packet and every page.
 A hypothesis strategy (`topologies`) draws topology files from the schema of ``topology/README.md``:
 one to three hosts of 1..8 CPUs, 1..3 devices each with 1..8 RX/TX queues, rings from the smallest
 allowed (8) up, biased towards small and odd sizes, pages from the least the validator allows
-(`min_pages`) upwards, page sizes, page-pool parameters, NAPI budget and bulk sizes, the bundled XDP
-programs with valid params (or none), links from traffic ports to devices and between devices of
-different hosts (some impaired), generators with small counts, and sinks.  Each is validated with
+(`min_pages`) upwards, page sizes (some split into fragments: ``pool.frag_size``), page-pool parameters,
+NAPI budget and bulk sizes, the bundled XDP programs with valid params (or none), links from traffic
+ports to devices and between devices of different hosts (some impaired), generators with small counts,
+and sinks.  Each is validated with
 `emu.topology.validate_topology_text`, then run with ``emu run FILE --json F -q`` in its own process
 group, and must end by itself with ``generated == delivered + dropped + consumed``, nothing
 unaccounted, nothing corrupted, every page home and no violation (`test_emulation.assert_clean`).  A
@@ -118,9 +119,17 @@ def _host(draw: st.DrawFn, name: str) -> SimpleNamespace:
                            tx_bulk=draw(_small_or_any(1, 1024, usual=16)),
                            stack_cpu=draw(st.none() | st.integers(0, cpus - 1)),
                            txc_release=draw(st.sampled_from([None, "deferred", "immediate"])))
-    least = min_pages(host)
-    fits = [ps for ps in PAGE_SIZES if least * ps <= HOST_BYTES] or [1024]
-    host.page_size = draw(st.sampled_from(fits))
+    # Fragments per page (pool.frag_size = page_size / split, page_pool_alloc_frag): kept to buffers of
+    # 512 bytes or more, so that frames of 256 bytes still fit after the headroom.
+    split = draw(st.sampled_from([1, 1, 1, 2, 4]))
+
+    def least_for(ps: int) -> int:
+        host.page_size = ps
+        host.buf_size = ps // split if ps // split >= 512 else ps
+        return min_pages(host)
+
+    fits = [ps for ps in PAGE_SIZES if least_for(ps) * ps <= HOST_BYTES] or [1024]
+    least = least_for(draw(st.sampled_from(fits)))
     extra = draw(st.one_of(st.just(0), st.integers(0, 64), st.integers(0, 8192)))
     host.pages = min(max(least, least + extra if (least + extra) * host.page_size <= HOST_BYTES else least),
                      1048576)
@@ -182,9 +191,9 @@ def topologies(draw: st.DrawFn) -> str:
     hosts = {f"h{k + 1}": draw(_host(f"h{k + 1}")) for k in range(nhosts)}
     endpoints = draw(st.permutations([f"{h}:{d}" for h, host in hosts.items() for d in host.devices]))
     ngen = draw(st.integers(1, min(2, len(endpoints))))
-    # Frames may cross to any host: they must fit the smallest page of all (the schema bounds a
-    # generator's frames by the page of the host it is cabled to only).
-    max_pkt = min(h.page_size for h in hosts.values()) - XDP_PACKET_HEADROOM
+    # Frames may cross to any host: they must fit the smallest buffer of all (the schema bounds a
+    # generator's frames by the buffers of the hosts it is cabled to only).
+    max_pkt = min(h.buf_size for h in hosts.values()) - XDP_PACKET_HEADROOM
     traffic: dict[str, Any] = {}
     links: list[dict[str, Any]] = []
     peer: dict[str, str] = {}
@@ -232,6 +241,8 @@ def topologies(draw: st.DrawFn) -> str:
                                 "recycle_limit": host.pool.recycle_limit}
         if host.pool.refill is not None:
             pool["refill"] = host.pool.refill
+        if host.buf_size != host.page_size:
+            pool["frag_size"] = host.buf_size
         spec: dict[str, Any] = {
             "cpus": host.cpus, "pages": host.pages, "page_size": host.page_size, "napi_budget": host.napi_budget,
             "redirect_bulk": host.redirect_bulk, "tx_bulk": host.tx_bulk, "pool": pool,

@@ -697,7 +697,8 @@ BAD: list[tuple[str, str, int, str]] = [
             devices: {eth0: {ifindex: 1}}
         """,
         7,
-        "h1: pool: unknown key 'size' (expected one of: cache_size, refill, pool_size, recycle_limit, policy)",
+        "h1: pool: unknown key 'size' (expected one of: cache_size, refill, pool_size, recycle_limit, policy, "
+        "frag_size)",
     ),
     (
         "refill-greater-than-cache",

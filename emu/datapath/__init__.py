@@ -14,7 +14,7 @@ from emu.mem.pagemem import PageMemory, PageSpans
 
 
 class Core:
-    """What both cores keep: the host's page memory and its bytes seen per page, the counters they count
+    """What both cores keep: the host's page memory and its bytes seen per buffer, the counters they count
     into (a process's stats row, or a test's array) by name, and how they report a problem once."""
 
     def __init__(
@@ -25,8 +25,10 @@ class Core:
         self.c = counters
         self.i = index
         self.warn_once = warn
-        self.ps = pm.page_size
-        self.data2d = pm.data.reshape(pm.npages, self.ps)
+        # One row per buffer (a page, or a fragment of one: `emu.mem.page`): a descriptor's offset is from
+        # its buffer's start, so the cores address every buffer alike.
+        self.ps = pm.buf_size
+        self.data2d = pm.data.reshape(pm.nbufs, self.ps)
         self.spans = PageSpans(self.data2d)
 
     def refused(self, n: int, expect: PageState, why: str = "") -> None:

@@ -1,13 +1,20 @@
 """What a page is, for the page memory that lays pages out (`emu.mem.pagemem`) and the pool that moves them
 (`emu.mem.pagepool`).
 
-A page is `page_size` bytes of a host's data segment and one row of its page table, the emulator's
-``struct page``: its `state` (`PageState`: where it is), the CPU whose pool allocated it (`owner`, the
-kernel's ``page->pp``; `NO_OWNER` while it is in the page allocator), a generation number bumped at every
-allocation (so a descriptor that outlived its page is recognised), the data `offset` and `length`, a
-reference count (``page_ref_count``) and the `holder` (the CPU or device that has it now).
+A page is `page_size` bytes of a host's data segment.  A *buffer* is what a device receives one frame
+into: the whole page, or, when the host's pools split pages into fragments (``pool.frag_size``, the
+kernel's ``page_pool_alloc_frag``), one of its ``page_size / frag_size`` fragments.  Buffer ``b`` is the
+fragment at byte ``(b % frags) * frag_size`` of page ``b // frags`` (the driver's ``(page, page_offset)``
+pair in one number; with one fragment per page a buffer id is a page id), and each buffer is one row of
+the page table, the emulator's ``struct page``: its `state` (`PageState`: where it is), the CPU whose pool
+allocated it (`owner`, the kernel's ``page->pp``; `NO_OWNER` while it is in the page allocator), a
+generation number bumped at every allocation (so a descriptor that outlived its buffer is recognised), the
+data `offset` (from the buffer's start) and `length`, a reference count (``page_ref_count``) and the
+`holder` (the CPU or device that has it now).  Rows of one page share its `owner`; the page's fragments
+out (``pp_ref_count``) are counted per page (`emu.mem.pagemem`'s ``frag_refs``).
 
-A *page descriptor* is the fixed-size record that travels between processes in place of a page:
+A *page descriptor* is the fixed-size record that travels between processes in place of a buffer
+(its ``page`` field is the buffer id):
 ``(page, gen, offset, length, owner, aux)``; batches are numpy record arrays (`DESC_DTYPE`) and cross
 zmq as one packed blob.
 
@@ -38,6 +45,10 @@ class PageState(enum.IntEnum):
     TX_QUEUED = 6  # on a device's XDP TX queue, not yet on the wire
     TX_INFLIGHT = 7  # transmitted, awaiting TX-DMA completion
     SKB = 8  # held by an skb of the emulated network stack
+    # A fragment of a page that is out of its pool while the fragment itself is not in use: not handed out
+    # yet (the rest of the pool's current frag page, ``pool->frag_page``) or already put back while a
+    # sibling fragment is still out (the page's ``pp_ref_count`` is not 0 yet).  Only with `frag_size`.
+    FRAG = 9
 
 
 # States in which a page is out of its pool and may legitimately be returned to it.
@@ -83,6 +94,8 @@ H_POLICY = 12
 # back (under `ALLOCATOR_LOCK`): their difference is the clones out now, which the strict audit checks.
 H_ORDER0_ALLOC = 13
 H_ORDER0_FREE = 14
+# Fragments per page (`PoolParams.frag_size`: page_size / frag_size; 1 without fragments), written once.
+H_FRAGS = 15
 H_WORDS = 16
 # Locks on the meta segment: 0 is the page allocator, 1 + cpu is that CPU's recycle ring.
 ALLOCATOR_LOCK = 0

@@ -84,6 +84,16 @@ Allocation semantics per page, as in ``page_pool_alloc_netmems``: served from th
 (`alloc_refill`; `alloc_empty` when the ring was empty); else the slow path bulk-allocates and serves
 it (`alloc_slow`).  `alloc` hands out many pages at once with exactly those per-page counts.
 
+Fragments (``PoolParams.frag_size``, the kernel's ``page_pool_alloc_frag``): a page serves
+``page_size / frag_size`` buffers (`emu.mem.page` says how a buffer id names a page and an offset).
+`alloc` then hands out buffers, taking whole pages as above (the counters count pages), each with one
+reference per fragment (``pp_ref_count``, the page memory's ``frag_refs``); the fragments of the last
+page it took that it did not hand out wait, FRAG, for the next call (``pool->frag_page``,
+`P_FRAG_PAGE`).  A returned fragment is validated as any buffer, then drops its page's reference under
+the pool's ring lock (standing for the kernel's atomic decrement) and waits, FRAG; only the put that
+drops the last one moves the page on, by the rules and counters of a whole page.  `drain` drops the
+references of the fragments it never handed out (``page_pool_drain_frag``).
+
 This module owns a page's whole life: every change of its `state` (and of the `holder` that goes with
 it) is made by one of the functions below, named as the kernel names that step, and every descriptor a
 process is handed is checked by one function, `check_descs`.  Workers, devices and the coordinator's
@@ -106,6 +116,7 @@ function                           transition                                  c
 `page_pool_return_page`            -> FREE (``page_pool_return_page``)         full ring, hard limit,
                                                                                drain, reclaim
 `page_get` / `put_page`            refcount (``get_page`` / ``put_page``)       tests, shared pages
+`PagePool._unref_frags`            fragment in use -> FRAG (pp_ref_count - 1)   every return, fragments
 `xdpf_clone`                       FREE -> XDP, no pool (MEM_TYPE_PAGE_ORDER0)  a CPU, devmap broadcast
 `xdp_return_frame_order0`          such a page -> FREE (``put_page``)          `return_pages`
 `audit`                            none: checks conservation                   the coordinator, tests
@@ -142,6 +153,7 @@ from emu.mem.page import (
     H_FREE_LOW,
     H_ORDER0_ALLOC,
     H_ORDER0_FREE,
+    HOME,
     IN_USE,
     NO_OWNER,
     ORDER0_OWNER,
@@ -164,6 +176,9 @@ class PoolParams:
     pool_size: int = 1024  # ptr_ring size; 0 means 1024, at most 16384 (page_pool_init)
     recycle_limit: int = 0  # hard limit on recyclable pages kept (cache + ring); 0 = none
     policy: str = "fixed"  # `POOL_POLICIES`: "fixed" (recycle_limit) or "adaptive" (the watermark)
+    # RX buffers are fragments of this many bytes (page_pool_alloc_frag); 0 = a whole page each
+    # (page_pool_dev_alloc_pages).  Checked against page_size by `emu.mem.pagemem.PageMemory.create`.
+    frag_size: int = 0
 
     def normalised(self) -> PoolParams:
         size = self.pool_size or 1024
@@ -179,7 +194,9 @@ class PoolParams:
             raise ValueError(f"policy must be one of {', '.join(POOL_POLICIES)}, not {self.policy!r}")
         if self.policy == "adaptive" and self.recycle_limit:
             raise ValueError(f"policy 'adaptive' sets its own limit: recycle_limit must be 0, not {self.recycle_limit}")
-        return PoolParams(self.cache_size, self.refill, size, self.recycle_limit, self.policy)
+        if self.frag_size < 0:
+            raise ValueError(f"frag_size must be >= 0, not {self.frag_size}")
+        return PoolParams(self.cache_size, self.refill, size, self.recycle_limit, self.policy, self.frag_size)
 
 
 # The recycling policies (`PoolParams.policy`; the page memory's header stores the index): "fixed" keeps at
@@ -230,6 +247,9 @@ P_ID, P_IFINDEX, P_NAPI_ID, P_DETACH_TIME, P_DESTROYED = 4, 5, 6, 7, 8
 # watermark W (0: not measured yet, no limit), the mean and mean deviation of the pages out in use, in
 # 1/`WM_SCALE` pages, and the number of samples taken.
 P_WATERMARK, P_U_MEAN, P_U_DEV, P_U_SAMPLES = 9, 10, 11, 12
+# With fragments: the page the pool is splitting (``pool->frag_page``; its id + 1, 0 for none) and the
+# index of its next fragment to hand out (``pool->frag_offset`` / frag_size).  Owner only.
+P_FRAG_PAGE, P_FRAG_NEXT = 13, 14
 P_WORDS = 16
 # The estimator's constants (RFC 6298's alpha = 1/8, beta = 1/4, K = 4) and fixed point.
 WM_MEAN_SHIFT, WM_DEV_SHIFT, WM_K, WM_SCALE_SHIFT = 3, 2, 4, 8
@@ -305,6 +325,8 @@ class PagePool:
         self.ring_size = pm.params.pool_size
         self.limit = pm.params.recycle_limit
         self.adaptive = pm.params.policy == "adaptive"
+        self.frags = pm.frags
+        self.frag_shift = pm.frags.bit_length() - 1  # frags is a power of two: a buffer's page is id >> this
         self.ring_lock = 1 + cpu
         if owner:
             pid = os.getpid()
@@ -353,11 +375,52 @@ class PagePool:
             )
 
     def alloc(self, n: int, state: PageState = PageState.ALLOCATED, holder: int = NO_HOLDER) -> np.ndarray:
-        """Allocate up to `n` pages (fewer only when the page allocator runs dry); returns page ids.
+        """Allocate up to `n` buffers (fewer only when the page allocator runs dry); returns buffer ids:
+        pages, or with fragments (``page_pool_alloc_frag``) fragments of pages (`_alloc_frags`).
 
-        Each page's generation is bumped, so descriptors of its previous life become stale.
+        Each buffer's generation is bumped, so descriptors of its previous life become stale.
         """
         self._require_owner("alloc")
+        if self.frags > 1:
+            return self._alloc_frags(n, state, holder)
+        return self._hand_out(self._take(n), state, holder)
+
+    def _alloc_frags(self, n: int, state: int, holder: int) -> np.ndarray:
+        """``page_pool_alloc_frag`` for `n` buffers: the rest of the page being split first, then whole
+        pages from `_take` (counted as pages), each with one reference per fragment (``pp_ref_count``,
+        set once as ``page_pool_fragment_netmem`` does: equal fragments fill a page exactly, so the
+        kernel's bias drain is not needed while a page is split).  Fragments of the last page not handed
+        out stay with the pool (FRAG) for the next call."""
+        pm, ctl, f = self.pm, self.ctl, self.frags
+        parts = []
+        slot = int(ctl[P_FRAG_PAGE]) - 1
+        if slot >= 0 and n > 0:
+            nxt = int(ctl[P_FRAG_NEXT])
+            k = min(f - nxt, n)
+            parts.append(np.arange(slot * f + nxt, slot * f + nxt + k, dtype=np.intp))
+            n -= k
+            ctl[P_FRAG_NEXT] = nxt + k
+            if nxt + k == f:
+                ctl[P_FRAG_PAGE] = ctl[P_FRAG_NEXT] = 0
+        if n > 0:
+            pages = self._take(-(-n // f))
+            if len(pages):
+                pm.frag_refs.put(pages, f)
+                bufs = pm.bufs_of(pages)
+                parts.append(bufs[:n])
+                rest = bufs[n:]
+                if len(rest):
+                    pm.state.put(rest, int(PageState.FRAG))
+                    pm.holder.put(rest, NO_HOLDER)
+                    ctl[P_FRAG_PAGE] = int(pages[-1]) + 1
+                    ctl[P_FRAG_NEXT] = f - len(rest)
+        if not parts:
+            return np.empty(0, dtype=np.intp)
+        return self._hand_out(parts[0] if len(parts) == 1 else np.concatenate(parts), state, holder)
+
+    def _take(self, n: int) -> np.ndarray:
+        """Up to `n` pages off the cache (refilled from the ring, else the slow path), counted per page as
+        ``page_pool_alloc_netmems`` counts them; their states are the caller's to set."""
         cnt = self.cnt
         have = self.ctl[P_CACHE_COUNT]
         if have >= n > 0:
@@ -365,7 +428,7 @@ class PagePool:
             ids = self.cache[have - n : have].astype(np.intp)
             self.ctl[P_CACHE_COUNT] = have - n
             cnt[_ALLOC_FAST] += n
-            return self._hand_out(ids, state, holder)
+            return ids
         parts = []
         want = n
         while want > 0:
@@ -393,8 +456,7 @@ class PagePool:
             self._measure()
         if not parts:
             return np.empty(0, dtype=np.intp)
-        ids = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return self._hand_out(ids, state, holder)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _hand_out(self, ids: np.ndarray, state: int, holder: int) -> np.ndarray:
         pm = self.pm
@@ -414,7 +476,7 @@ class PagePool:
         k = min(avail, self.refill, self.cache_size)
         ids = self._ring_slice(head, k)
         self.cache[:k] = ids
-        self.pm.state.put(ids, int(PageState.CACHE))
+        _set_pages(self.pm, ids, PageState.CACHE)
         self.ctl[P_CACHE_COUNT] = k
         self.ctl[P_RING_HEAD] = head + k  # published last: producers may now reuse the slots
         return k
@@ -431,11 +493,12 @@ class PagePool:
         if k == 0:
             return 0
         pm = self.pm
-        pm.owner[ids] = self.cpu
-        pm.refcnt[ids] = 1
+        bufs = pm.bufs_of(ids)
+        pm.owner[bufs] = self.cpu
+        pm.refcnt[bufs] = 1
         self.cnt[C["hold_cnt"]] += k
         self.cache[:k] = ids
-        pm.state.put(ids, int(PageState.CACHE))
+        pm.state.put(bufs, int(PageState.CACHE))
         self.ctl[P_CACHE_COUNT] = k
         return k
 
@@ -500,11 +563,11 @@ class PagePool:
         pm = self.pm
         ids = np.asarray(ids, dtype=np.int64)
         cnt = self.cnt
-        inrange = (ids >= 0) & (ids < pm.npages)
+        inrange = (ids >= 0) & (ids < pm.nbufs)
         if not inrange.all():
             bad = ids[~inrange]
             cnt[C["bad_page"]] += len(bad)
-            errors.append(f"{len(bad)} page ids out of range 0..{pm.npages - 1}, e.g. {int(bad[0])}")
+            errors.append(f"{len(bad)} page ids out of range 0..{pm.nbufs - 1}, e.g. {int(bad[0])}")
             ids = ids[inrange]
             if gens is not None:
                 gens = np.asarray(gens)[inrange]
@@ -608,9 +671,45 @@ class PagePool:
         self._raise(problems, errors)
         return len(ids)
 
+    def _unref_frags(self, ids: np.ndarray) -> np.ndarray:
+        """``page_pool_unref_netmem`` for validated fragments `ids`: each drops a reference of its page;
+        returns the pages whose last fragment this was (only the last put recycles a page), the other
+        fragments wait, FRAG, for their siblings.  Under the pool's ring lock (the kernel's atomic
+        decrement), which every return path of this pool's pages takes."""
+        pm = self.pm
+        pm.state.put(ids, int(PageState.FRAG))
+        pm.holder.put(ids, NO_HOLDER)
+        f, n = self.frags, len(ids)
+        if n % f == 0:
+            # The common case: whole pages back, their fragments side by side (a page's buffers are posted,
+            # received and freed together): every page's last reference goes, pp_ref_count being the
+            # fragments in use (the audit's invariant) and a buffer being named once (the validation's).
+            rows = ids.reshape(-1, f) >> self.frag_shift
+            if np.logical_and.reduce((rows == rows[:, :1]).ravel()):
+                pages = rows[:, 0]
+                pm.frag_refs.put(pages, 0)
+                return pages
+        # Each page once, with how many of its fragments came back in this batch (often all: the halves
+        # of a page are posted, received and freed together): the runs of the sorted page ids.
+        pages = ids >> self.frag_shift
+        pages.sort()
+        n = len(pages)
+        bounds = np.empty(n + 1, dtype=bool)
+        bounds[0] = bounds[n] = True
+        np.not_equal(pages[1:], pages[:-1], out=bounds[1:n])
+        edges = bounds.nonzero()[0]
+        first = edges[:-1]
+        pages = pages[first]
+        left = pm.frag_refs.take(pages) - (edges[1:] - first)
+        pm.frag_refs.put(pages, left)
+        return pages[left == 0]
+
     def _recycle_valid(self, ids: np.ndarray) -> None:
         """Validated pages into the cache, what does not fit into the ring (or back to the allocator)."""
         self.direct_recycles += 1
+        if self.frags > 1:
+            with self.pm.locks.lock(self.ring_lock):
+                ids = self._unref_frags(ids)
         ids = self._release_refcnt(ids)
         if len(ids):
             ids = self._cache_put(ids)
@@ -687,7 +786,7 @@ class PagePool:
         k = min(room, len(ids))
         if k:
             head = ids[:k]
-            self.pm.state.put(head, PageState.CACHE)
+            _set_pages(self.pm, head, PageState.CACHE)
             self.cache[have : have + k] = head
             self.ctl[P_CACHE_COUNT] = have + k
             self.cnt[C["recycle_cached"]] += k
@@ -707,6 +806,8 @@ class PagePool:
             # second sees it in the ring and is refused as a double free.
             ids = self._validate(ids, gens, problems, expect)
             accepted = len(ids)
+            if self.frags > 1:
+                ids = self._unref_frags(ids)
             ids = self._release_refcnt(ids)
             if len(ids):
                 self._ring_put_locked(ids)
@@ -731,8 +832,7 @@ class PagePool:
             self.cnt[C["recycle_hard_limit"]] += fits - k
         if k:
             put = ids[:k]
-            self.pm.state.put(put, int(PageState.RING))
-            self.pm.holder[put] = NO_HOLDER
+            _set_pages(self.pm, put, PageState.RING, NO_HOLDER)
             i = tail % self.ring_size
             first = min(k, self.ring_size - i)
             self.ring[i : i + first] = put[:first]
@@ -763,10 +863,20 @@ class PagePool:
             k = int(self.ctl[P_RING_TAIL]) - head
             ring_ids = self._ring_slice(head, k) if k > 0 else np.empty(0, np.int32)
             self.ctl[P_RING_HEAD] = head + max(k, 0)
+            # page_pool_drain_frag: the fragments of the page being split that were never handed out drop
+            # their references; if its handed-out ones are all back, the page goes too.
+            slot = int(self.ctl[P_FRAG_PAGE]) - 1
+            done = np.empty(0, np.int32)
+            if slot >= 0:
+                self.ctl[P_FRAG_PAGE] = 0
+                self.pm.frag_refs[slot] -= self.frags - int(self.ctl[P_FRAG_NEXT])
+                self.ctl[P_FRAG_NEXT] = 0
+                if self.pm.frag_refs[slot] == 0:
+                    done = np.array([slot], np.int32)
         have = int(self.ctl[P_CACHE_COUNT])
         cache_ids = self.cache[:have].copy()
         self.ctl[P_CACHE_COUNT] = 0
-        page_pool_return_page(self.pm, np.concatenate((cache_ids, ring_ids)), self.cpu)
+        page_pool_return_page(self.pm, np.concatenate((cache_ids, ring_ids, done)), self.cpu)
         left = self.inflight
         # page_pool_destroy -> page_pool_detached: pages still out keep the pool listed, detached, with
         # the time of its first destroy (a pool is destroyed once; reclaim drains it again, later).
@@ -811,10 +921,10 @@ def return_pages(
     ids = np.asarray(ids, dtype=np.int64)
     if len(ids) == 0:
         return 0
-    if int(np.minimum.reduce(ids)) >= 0 and int(np.maximum.reduce(ids)) < pm.npages:
+    if int(np.minimum.reduce(ids)) >= 0 and int(np.maximum.reduce(ids)) < pm.nbufs:
         owners = pm.owner.take(ids).astype(np.int64)
     else:
-        inrange = (ids >= 0) & (ids < pm.npages)
+        inrange = (ids >= 0) & (ids < pm.nbufs)
         owners = np.full(len(ids), NO_OWNER, dtype=np.int64)
         owners[inrange] = pm.owner[ids[inrange]]
     accepted = 0
@@ -859,7 +969,7 @@ def alloc_pages_bulk(pm: PageMemory, n: int) -> np.ndarray:
         if have - k < header[H_FREE_LOW]:
             header[H_FREE_LOW] = have - k
         # Marked while still under the lock so that an audit never sees a page in no place.
-        pm.state[ids] = PageState.ALLOCATED
+        pm.state[pm.bufs_of(ids)] = PageState.ALLOCATED
     return ids
 
 
@@ -873,14 +983,17 @@ def page_pool_return_page(pm: PageMemory, ids: np.ndarray, release_pool: int = N
     if len(ids) == 0:
         return
     header = pm.header
+    bufs = pm.bufs_of(ids)
     with pm.locks.lock(ALLOCATOR_LOCK):
         have = int(header[H_FREE_COUNT])
         k = len(ids)
         pm.free_stack[have : have + k] = ids
-        pm.state[ids] = PageState.FREE
-        pm.owner[ids] = NO_OWNER
-        pm.holder[ids] = NO_HOLDER
-        pm.refcnt[ids] = 0
+        pm.state[bufs] = PageState.FREE
+        pm.owner[bufs] = NO_OWNER
+        pm.holder[bufs] = NO_HOLDER
+        pm.refcnt[bufs] = 0
+        if pm.frags > 1:
+            pm.frag_refs[ids] = 0
         header[H_FREE_COUNT] = have + k
         if release_pool >= 0:
             pm.pool_counters[release_pool, C["release_cnt"]] += k
@@ -888,12 +1001,36 @@ def page_pool_return_page(pm: PageMemory, ids: np.ndarray, release_pool: int = N
             header[H_ORDER0_FREE] += k
 
 
+def _set_pages(pm: PageMemory, pages: np.ndarray, state: int, holder: int | None = None) -> None:
+    """Every buffer of `pages` to `state` (and `holder` when given): one store per column, of a word per
+    page where a page's entries fit one."""
+    f = pm.frags
+    if f == 1:
+        pm.state.put(pages, int(state))
+        if holder is not None:
+            pm.holder.put(pages, holder)
+        return
+    if pm.state_words is not None:
+        pm.state_words.put(pages, int.from_bytes(bytes((int(state),)) * f, "little"))
+    else:
+        pm.state_rows[pages] = int(state)
+    if holder is not None:
+        if pm.holder_words is not None:
+            pm.holder_words.put(pages, int.from_bytes(int(holder).to_bytes(2, "little", signed=True) * f, "little"))
+        else:
+            pm.holder_rows[pages] = holder
+
+
 # The allocator's own name for the same step, as tests and benchmarks of the allocator call it.
 free_pages_bulk = page_pool_return_page
 
 
 def page_get(pm: PageMemory, ids: np.ndarray) -> None:
-    """``get_page``: take an extra reference (a pool will then release rather than recycle it)."""
+    """``get_page``: take an extra reference (a pool will then release rather than recycle it).  Not
+    with fragments: a fragment's references are its page's ``pp_ref_count``, which the pool keeps."""
+    if pm.frags > 1:
+        raise PageError(f"get_page on buffers of {pm.buf_size}-byte fragments: their page's references are "
+                        f"its pool's (pp_ref_count), not taken one by one")
     ids = np.asarray(ids, dtype=np.int64)
     ids = ids[pm.check_ids(ids)]
     np.add.at(pm.refcnt, ids, 1)  # add.at: a page named twice takes two references
@@ -931,6 +1068,13 @@ def xdpf_clone(pm: PageMemory, ids: np.ndarray, holder: int) -> np.ndarray:
         return new[:0]
     with pm.locks.lock(ALLOCATOR_LOCK):
         pm.header[H_ORDER0_ALLOC] += len(new)
+    if pm.frags > 1:
+        # A whole page per copy, as dev_alloc_page gives: the frame goes into its first buffer, the
+        # others are no buffer of anyone's (FRAG, of no pool) until the page goes back.
+        allb = pm.bufs_of(new)
+        pm.owner[allb] = ORDER0_OWNER
+        pm.state[allb] = PageState.FRAG
+        new = new * pm.frags
     pm.off[new] = pm.off[ids]
     pm.len[new] = pm.len[ids]
     pm.gen[new] += 1
@@ -955,7 +1099,7 @@ def xdp_return_frame_order0(
     if gens is not None:
         ok &= pm.gen[ids] == np.asarray(gens)
     good = np.unique(ids[ok])
-    page_pool_return_page(pm, good, order0=True)
+    page_pool_return_page(pm, good // pm.frags, order0=True)
     return len(good)
 
 
@@ -1032,7 +1176,7 @@ def check_descs(
                     return None
         except IndexError:
             pass  # a page id past the end: the masks below refuse it
-    ok = pages < pm.npages  # ids are unsigned: nothing below 0
+    ok = pages < pm.nbufs  # ids are unsigned: nothing below 0
     if np.logical_and.reduce(ok):
         ok = (pm.state.take(pages) == expect) & (pm.gen.take(pages) == d["gen"])
         if owner is not None:
@@ -1089,10 +1233,12 @@ class Audit:
 def audit(pm: PageMemory, strict: bool = False) -> Audit:
     """Check page conservation in `pm`; any process may call it at any time.
 
-    The state histogram always sums to the page count (each page has one state) and is safe to take
-    while traffic runs.  `strict` also checks every structure against the page table (each page in
-    exactly one place, in the state that place implies, owned by the right pool, and every pool's
-    hold_cnt - release_cnt equal to the pages it owns); that is exact only when the host is quiescent.
+    The state histogram counts buffers (a page each, or its fragments: ``frag_size``); it always sums to
+    the buffer count (each has one state) and is safe to take while traffic runs.  `strict` also checks
+    every structure against the page table (each page in exactly one place, all its buffers in the state
+    that place implies, owned by the right pool, every pool's hold_cnt - release_cnt equal to the pages
+    it owns, and with fragments each page out of its pool holding one reference per fragment in use or
+    not handed out yet); that is exact only when the host is quiescent.
     """
     states = pm.state.copy()
     hist = np.bincount(states, minlength=len(PageState))
@@ -1100,16 +1246,20 @@ def audit(pm: PageMemory, strict: bool = False) -> Audit:
     unknown = int(len(states) - sum(by_state.values()))
     problems: list[str] = []
     if unknown:
-        problems.append(f"{unknown} pages in an unknown state")
+        problems.append(f"{unknown} buffers in an unknown state")
     if strict:
         problems += _strict_problems(pm, states)
-    return Audit(pm.npages, by_state, problems)
+    return Audit(pm.nbufs, by_state, problems)
 
 
 def _strict_problems(pm: PageMemory, states: np.ndarray) -> list[str]:
     problems: list[str] = []
+    f = pm.frags
     seen = np.zeros(pm.npages, dtype=np.int32)
     owner = pm.owner.copy()
+    # Per page: its first buffer's owner (a page's buffers share it, checked below) and its states.
+    page_owner = owner[::f]
+    page_states = states.reshape(pm.npages, f)
 
     def place(ids: np.ndarray, want: PageState, where: str, cpu: int = NO_OWNER) -> None:
         bad = ids[(ids < 0) | (ids >= pm.npages)]
@@ -1117,22 +1267,22 @@ def _strict_problems(pm: PageMemory, states: np.ndarray) -> list[str]:
             problems.append(f"{where}: {len(bad)} ids out of range, e.g. {int(bad[0])}")
             ids = ids[(ids >= 0) & (ids < pm.npages)]
         np.add.at(seen, ids, 1)
-        wrong = ids[states[ids] != want]
+        wrong = ids[(page_states[ids] != want).any(axis=1)]
         if len(wrong):
             p = int(wrong[0])
-            problems.append(
-                f"{where}: {len(wrong)} pages not in state {want.name}, e.g. page {p} is "
-                f"{PageState(states[p]).name}"
-            )
+            st = PageState(int(page_states[p][page_states[p] != want][0]))
+            problems.append(f"{where}: {len(wrong)} pages not in state {want.name}, e.g. page {p} is {st.name}"
+                            + (" (a buffer of it)" if f > 1 else ""))
         if cpu != NO_OWNER:
-            foreign = ids[owner[ids] != cpu]
+            foreign = ids[page_owner[ids] != cpu]
             if len(foreign):
                 p = int(foreign[0])
                 problems.append(
-                    f"{where}: {len(foreign)} pages owned by another CPU, e.g. page {p} (cpu {owner[p]})"
+                    f"{where}: {len(foreign)} pages owned by another CPU, e.g. page {p} (cpu {page_owner[p]})"
                 )
 
     place(pm.free_stack[: pm.free_count], PageState.FREE, "page allocator")
+    slots: dict[int, int] = {}  # page being split -> its fragments not handed out yet
     for cpu in range(pm.ncpus):
         ctl = pm.pool_ctl[cpu]
         n = int(ctl[P_CACHE_COUNT])
@@ -1141,8 +1291,10 @@ def _strict_problems(pm: PageMemory, states: np.ndarray) -> list[str]:
         size = pm.params.pool_size
         ring_ids = pm.rings[cpu, (np.arange(head, tail) % size)] if tail > head else np.empty(0, int)
         place(ring_ids, PageState.RING, f"cpu {cpu} recycle ring", cpu)
+        if ctl[P_FRAG_PAGE]:
+            slots[int(ctl[P_FRAG_PAGE]) - 1] = f - int(ctl[P_FRAG_NEXT])
         cnt = pm.pool_counters[cpu]
-        owned = int(np.count_nonzero(owner == cpu))
+        owned = int(np.count_nonzero(page_owner == cpu))
         held = int(cnt[C["hold_cnt"]] - cnt[C["release_cnt"]])
         if owned != held:
             problems.append(
@@ -1151,13 +1303,16 @@ def _strict_problems(pm: PageMemory, states: np.ndarray) -> list[str]:
     twice = np.flatnonzero(seen > 1)
     if len(twice):
         problems.append(f"{len(twice)} pages in more than one place, e.g. page {int(twice[0])}")
-    in_struct = (states == PageState.FREE) | (states == PageState.CACHE) | (states == PageState.RING)
-    lost = np.flatnonzero(in_struct & (seen == 0))
+    in_struct = HOME[states]
+    page_home = in_struct[::f] if f == 1 else in_struct.reshape(pm.npages, f).any(axis=1)
+    lost = np.flatnonzero(page_home & (seen == 0))
     if len(lost):
         p = int(lost[0])
         problems.append(
-            f"{len(lost)} pages marked {PageState(states[p]).name} but in no structure, e.g. page {p}"
+            f"{len(lost)} pages marked {PageState(states[p * f]).name} but in no structure, e.g. page {p}"
         )
+    if f > 1:
+        problems += _frag_problems(pm, states, owner, page_home, slots)
     # A page released from its pool while someone still referenced it (recycle_released_refcnt)
     # legitimately has no owner until its last put_page.
     refs = pm.refcnt.copy()
@@ -1169,12 +1324,43 @@ def _strict_problems(pm: PageMemory, states: np.ndarray) -> list[str]:
     # xdpf_clone's pages from the page allocator: in use, with their one reference, until freed; and as
     # many out as the allocator gave them less those that came back.
     out0 = int(pm.header[H_ORDER0_ALLOC] - pm.header[H_ORDER0_FREE])
-    marked = int(np.count_nonzero(owner == ORDER0_OWNER))
+    marked = int(np.count_nonzero(page_owner == ORDER0_OWNER))
     if out0 != marked:
         problems.append(f"page allocator: {out0} cloned pages out (given - returned) but {marked} carry the mark")
-    order0 = np.flatnonzero((owner == ORDER0_OWNER) & (~IN_USE[states] | (refs != 1)))
+    # (with fragments, a clone is the first buffer of its page)
+    order0 = f * np.flatnonzero((page_owner == ORDER0_OWNER) & (~IN_USE[states[::f]] | (refs[::f] != 1)))
     if len(order0):
         p = int(order0[0])
         problems.append(f"{len(order0)} cloned (page-allocator) pages not in use with one reference, e.g. page "
                         f"{p} ({PageState(states[p]).name}, refcnt {int(refs[p])})")
+    return problems
+
+
+def _frag_problems(pm: PageMemory, states: np.ndarray, owner: np.ndarray, page_home: np.ndarray,
+                   slots: dict[int, int]) -> list[str]:
+    """The strict audit's fragment checks: a page is whole (every buffer home, or none), its buffers
+    share one owner, and a pool's page out holds ``pp_ref_count`` = its fragments in use + those of the
+    page being split not handed out yet (0 once home)."""
+    problems: list[str] = []
+    f = pm.frags
+    st = states.reshape(pm.npages, f)
+    home = HOME[st]
+    part = np.flatnonzero(home.any(axis=1) & ~home.all(axis=1))
+    if len(part):
+        problems.append(f"{len(part)} pages partly home (some fragments in a pool or the allocator, some "
+                        f"out), e.g. page {int(part[0])}")
+    own = owner.reshape(pm.npages, f)
+    split = np.flatnonzero((own != own[:, :1]).any(axis=1))
+    if len(split):
+        problems.append(f"{len(split)} pages whose fragments name different owners, e.g. page {int(split[0])}")
+    want = np.count_nonzero(IN_USE[st], axis=1).astype(np.int64)
+    for page, left in slots.items():
+        want[page] += left
+    pooled = own[:, 0] >= 0
+    refs = pm.frag_refs.astype(np.int64)
+    bad = np.flatnonzero(pooled & ~page_home & (refs != want) | page_home & (refs != 0))
+    if len(bad):
+        p = int(bad[0])
+        problems.append(f"{len(bad)} pages whose pp_ref_count is not their fragments out, e.g. page {p}: "
+                        f"pp_ref_count {int(refs[p])}, fragments out {int(want[p])}")
     return problems

@@ -17,6 +17,10 @@ pages a dead process stranded are found in the page table alone, without asking 
 * `wire_losses`: the frames lost on a dead device's cables, from the counters at both ends (they never
   were in a page of this host, or were and left it).
 
+With fragments (``pool.frag_size``) these return buffers: a fragment a dead process held drops its
+page's reference, and the page goes home with its last fragment, as on any other return (a fragment
+already back, FRAG, waiting for a sibling, is nobody's to return).
+
 Each returns what it did, with the packets the reclaimed pages carried, which the run counts as
 ``fault.lost``.  They are plain functions over a `PageMemory` (and the stats rows), given the facts they
 need as arguments, so a unit test drives them without a process.  The caller is responsible for the
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emu.mem.page import HOME, PageState
+from emu.mem.page import IN_USE, PageState
 from emu.mem.pagemem import PageMemory
 from emu.mem.pagepool import page_pool_return_page, pool_of, return_pages
 
@@ -75,8 +79,7 @@ def reclaim_cpu(pm: PageMemory, cpu: int) -> Reclaimed:
     st = pm.state.copy()
     holder = pm.holder.copy()
     owner = pm.owner.copy()
-    home = HOME[st]
-    held = np.flatnonzero((holder == cpu) & ~home)
+    held = np.flatnonzero((holder == cpu) & IN_USE[st])
     lost = carrying(pm, held, st[held])
     # Empty RX buffers of the dead CPU that devices dropped from their (now offline) rings: a device
     # holds the ones it still posts, so these name another holder and no live process uses them.
@@ -95,7 +98,7 @@ def reclaim_device(pm: PageMemory, holder: int) -> Reclaimed:
     queued on its TX queues are lost (posted buffers carry nothing yet, and a frame already transmitted
     is counted at the far end)."""
     st = pm.state.copy()
-    held = np.flatnonzero((pm.holder == holder) & ~HOME[st])
+    held = np.flatnonzero((pm.holder == holder) & IN_USE[st])
     lost = int(np.count_nonzero((st[held] == PageState.TX_QUEUED) & (pm.len[held] > 0)))
     if len(held):
         return_pages(pm, None, held, errors="count")
@@ -114,7 +117,9 @@ def reclaim_stranded(pm: PageMemory) -> Reclaimed:
     dead process) and drain every pool.  Call it only after a process died: without one, pages still
     out are a leak, for the audit to report."""
     st = pm.state.copy()
-    ids = np.flatnonzero(~HOME[st])
+    # In use: not a fragment that waits for its siblings (FRAG: nobody's to return; its page comes home
+    # with the last of them).
+    ids = np.flatnonzero(IN_USE[st])
     lost = carrying(pm, ids, st[ids])
     if len(ids):
         return_pages(pm, None, ids, errors="count")
@@ -127,8 +132,8 @@ def free_torn(pm: PageMemory) -> int:
     pool, left so by a process killed between two stores (a cache's count and its pages' states).  They
     carried no packet; each goes back to the page allocator, released by its pool.  Returns how many."""
     st = pm.state.copy()
-    torn = np.flatnonzero((st == PageState.CACHE) | (st == PageState.RING))
-    owners = pm.owner[torn]
+    torn = np.unique(np.flatnonzero((st == PageState.CACHE) | (st == PageState.RING)) // pm.frags)  # pages
+    owners = pm.owner[torn * pm.frags]
     for cpu in np.unique(owners).tolist():
         page_pool_return_page(pm, torn[owners == cpu], cpu if 0 <= cpu < pm.ncpus else -1)
     return len(torn)

@@ -54,9 +54,10 @@ ring); a device waiting for buffers expects them in steps of that size.
 
 Frames in pages
 ---------------
-A device writes a received frame `XDP_PACKET_HEADROOM` bytes into its page (the offset the CPU posted
-the buffer with), as the kernel's drivers do, so a frame is at most ``page_size - XDP_PACKET_HEADROOM``
-bytes and an XDP program may grow the head into the headroom.
+A device writes a received frame `XDP_PACKET_HEADROOM` bytes into its buffer (the offset the CPU posted
+the buffer with, from the buffer's start: a page, or a fragment of one at its offset in the page), as the
+kernel's drivers do, so a frame is at most ``buf_size - XDP_PACKET_HEADROOM`` bytes and an XDP program
+may grow the head into the headroom.
 
 Messages
 --------

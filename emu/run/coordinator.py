@@ -39,7 +39,7 @@ from typing import TextIO
 
 from emu.errors import ProcessFailure
 from emu.mem import pagepool, reclaim
-from emu.mem.page import HOME, PageState
+from emu.mem.page import IN_USE, PageState
 from emu.mem.pagemem import PageMemory, required_shm_bytes
 from emu.mem.pagepool import PoolParams
 from emu.mem.shm import SHM_DIR, ShmSpaceError, new_run_prefix, shm_free_bytes, sweep_stale, unlink_prefix
@@ -162,7 +162,7 @@ def host_shm_bytes(host: HostConfig) -> int:
 
 def pool_params(host: HostConfig) -> PoolParams:
     p = host.pool
-    return PoolParams(p.cache_size, p.refill, p.pool_size, p.recycle_limit, p.policy)
+    return PoolParams(p.cache_size, p.refill, p.pool_size, p.recycle_limit, p.policy, p.frag_size)
 
 
 class Console:
@@ -836,10 +836,12 @@ class Run(Console):
         out = {}
         for hname, pm in self.pms.items():
             st = pm.state.copy()
-            home = HOME[st]
+            # Buffers in use: not a fragment back and waiting for its siblings, nor one of the page a
+            # pool is splitting that it never handed out (FRAG: page_pool_destroy drains those).
+            used = IN_USE[st]
             owners = pm.owner.copy()
             for c in range(pm.ncpus):
-                out[f"{hname}/cpu{c}"] = int(((owners == c) & ~home).sum())
+                out[f"{hname}/cpu{c}"] = int(((owners == c) & used).sum())
         return out
 
     def join(self) -> None:

@@ -279,7 +279,7 @@ def sample_pages(pms: dict[str, PageMemory], t_s: float = 0.0, delivered: int = 
     for pm in pms.values():
         hist = np.bincount(pm.state, minlength=len(PageState))
         in_flight += int(hist[list(IN_USE_STATES)].sum())
-        pool_bytes += int(hist[PageState.CACHE] + hist[PageState.RING]) * pm.page_size
+        pool_bytes += int(hist[PageState.CACHE] + hist[PageState.RING]) * pm.buf_size  # buffers, not pages
         cnt = pm.pool_counters
         alloc_slow += int(cnt[:, C["alloc_slow"]].sum())
         page_alloc += int(cnt[:, C["hold_cnt"]].sum())

@@ -683,7 +683,7 @@ class _Validator:
         )
         release = HOST["txc_release"]
         txc_release = f.choice(release.name, release.choices, release.default)
-        pool = self.pool(name, f)
+        pool = self.pool(name, f, page_size)
         devices = self.devices(name, index, cpus, f)
         placement = self.placement(name, f)
         host = HostConfig(
@@ -744,7 +744,7 @@ class _Validator:
             f"least {need}, or shrink rx_ring_size, rx_queues or pool.cache_size",
         )
 
-    def pool(self, host: str, hf: _Fields) -> PoolConfig:
+    def pool(self, host: str, hf: _Fields, page_size: int) -> PoolConfig:
         node = hf.get("pool")
         if node is None:
             return PoolConfig()
@@ -774,7 +774,16 @@ class _Validator:
             assert node is not None
             self.fail(node, f"{f.pfx}'policy: adaptive' sets its own limit (the watermark): "
                                        f"'recycle_limit' must be 0, not {recycle_limit}")
-        return PoolConfig(cache_size, refill, pool_size, recycle_limit, policy)
+        frag_size = f.schema_int(POOL["frag_size"])
+        if frag_size:
+            node = f.get("frag_size")
+            assert node is not None
+            if frag_size < 64 or frag_size & (frag_size - 1) or frag_size > page_size:
+                self.fail(node, f"{f.pfx}'frag_size' must be 0 or a power of two between 64 and 'page_size' "
+                                f"({page_size}), not {frag_size}")
+            if frag_size == page_size:
+                frag_size = 0  # one fragment per page: the page itself
+        return PoolConfig(cache_size, refill, pool_size, recycle_limit, policy, frag_size)
 
     def devices(self, host: str, host_index: int, cpus: int, hf: _Fields) -> dict[str, DeviceConfig]:
         node = hf.require("devices")
@@ -1278,18 +1287,20 @@ class _Validator:
             self.fail(node, f"link endpoint '{text}': no traffic port '{text}'{hint}")
         return ep
 
-    def check_pkt_fits(self, f: _Fields, pkt_size: int, page_size: int, whose: str = "") -> None:
-        """`pkt_size` against the smallest page its frames may reach; `whose` says whose pages those are
-        when not the linked host's."""
-        max_pkt = page_size - XDP_PACKET_HEADROOM
+    def check_pkt_fits(self, f: _Fields, pkt_size: int, host: HostConfig, whose: str = "") -> None:
+        """`pkt_size` against the smallest RX buffer its frames may reach (a page, or a fragment of one:
+        `HostConfig.buf_size`); `whose` says whose buffers those are when not the linked host's."""
+        size = host.buf_size
+        max_pkt = size - XDP_PACKET_HEADROOM
         if pkt_size > max_pkt:
             node = f.get("pkt_size")
             assert node is not None
-            pages = f"the linked host's {page_size}-byte pages" if not whose else f"the {page_size}-byte pages{whose}"
+            kind, key = ("pages", "page_size") if size == host.page_size else ("page fragments", "pool.frag_size")
+            bufs = f"the linked host's {size}-byte {kind}" if not whose else f"the {size}-byte {kind}{whose}"
             self.fail(
                 node,
-                f"{f.pfx}'pkt_size' {pkt_size} does not fit {pages} "
-                f"(max {max_pkt} = page_size - {XDP_PACKET_HEADROOM} bytes of XDP headroom)",
+                f"{f.pfx}'pkt_size' {pkt_size} does not fit {bufs} "
+                f"(max {max_pkt} = {key} - {XDP_PACKET_HEADROOM} bytes of XDP headroom)",
             )
 
     def generator_values(self, f: _Fields) -> dict[str, Any]:
@@ -1355,8 +1366,8 @@ class _Validator:
                 # Its frames may be forwarded over cables to any host connected to this one, and a frame
                 # that does not fit a receiving device's buffer is not a frame that device can take: the
                 # smallest page on the way bounds pkt_size.
-                smallest = min(_cabled_hosts(peer.host, links, hosts), key=lambda h: (h.page_size, h.index))
-                self.check_pkt_fits(gen_fields, values["pkt_size"], smallest.page_size,
+                smallest = min(_cabled_hosts(peer.host, links, hosts), key=lambda h: (h.buf_size, h.index))
+                self.check_pkt_fits(gen_fields, values["pkt_size"], smallest,
                                     "" if smallest is host else f" of host '{smallest.name}', cabled to"
                                     f" the linked host '{host.name}'")
                 if values["src_mac"] is None:
@@ -1371,8 +1382,8 @@ class _Validator:
                 if peer is None:
                     self.fail(key_node, f"traffic port '{name}' replays a capture but is not linked to a device")
                 assert peer.host is not None
-                smallest = min(_cabled_hosts(peer.host, links, hosts), key=lambda h: (h.page_size, h.index))
-                replay = ReplayConfig(**rv, max_frame=smallest.page_size - XDP_PACKET_HEADROOM, port_id=index)
+                smallest = min(_cabled_hosts(peer.host, links, hosts), key=lambda h: (h.buf_size, h.index))
+                replay = ReplayConfig(**rv, max_frame=smallest.buf_size - XDP_PACKET_HEADROOM, port_id=index)
             traffic[name] = TrafficPort(name, gen, _line(key_node), replay, self.expects.get(name))
         return traffic
 

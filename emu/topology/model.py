@@ -96,6 +96,7 @@ class PoolConfig:
     pool_size: int = PP_DEFAULT_RING_SIZE
     recycle_limit: int = 0
     policy: str = "fixed"  # `emu.mem.pagepool.POOL_POLICIES`
+    frag_size: int = 0  # RX buffers are fragments of this many bytes (page_pool_alloc_frag); 0 = whole pages
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +186,11 @@ class HostConfig:
     # them before each refill) or "immediate" (the whole batch as it arrives).
     txc_release: str = "deferred"
 
+    @property
+    def buf_size(self) -> int:
+        """Bytes of one RX buffer: a fragment of `pool.frag_size`, else a whole page."""
+        return self.pool.frag_size or self.page_size
+
     def device_by_ifindex(self, ifindex: int) -> DeviceConfig | None:
         """The device with this ifindex, or None (what a devmap lookup of a stale ifindex finds)."""
         for dev in self.devices.values():
@@ -213,6 +219,7 @@ class HostConfig:
                 "pool_size": self.pool.pool_size,
                 "recycle_limit": self.pool.recycle_limit,
                 "policy": self.pool.policy,
+                "frag_size": self.pool.frag_size,
             },
             "devices": {name: _device_to_dict(dev) for name, dev in self.devices.items()},
             "line": self.line,
@@ -522,7 +529,7 @@ def host_from_dict(d: Mapping[str, Any]) -> HostConfig:
         placement=tuple((str(k), str(v)) for k, v in d["placement"]),
         txc_release=d["txc_release"],
         pool=PoolConfig(pool["cache_size"], pool["refill"], pool["pool_size"], pool["recycle_limit"],
-                        pool.get("policy", "fixed")),
+                        pool["policy"], pool["frag_size"]),
         devices=devices,
         line=d["line"],
     )

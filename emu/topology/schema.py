@@ -274,6 +274,13 @@ POOL = Section("pool", "`hosts.<host>.pool`", (
         "in use, plus one `refill`; `emu.mem.pagepool`), shown as `watermark` in the report's pool rows. "
         "`adaptive` requires `recycle_limit: 0` (see Constraints).", "fixed",
         choices=("fixed", "adaptive"), kernel="(emulator policy)"),
+    Key("frag_size", "int",
+        "Bytes of one RX buffer when pages are split into fragments, as i40e, ixgbe and mlx5 split 4 KiB "
+        "pages into 2 KiB halves: each page serves `page_size / frag_size` buffers, its pool counts pages "
+        "(not buffers) and recycles a page only when its last fragment comes back. `0` (or `page_size`) = "
+        "one buffer per page. A power of two ≤ `page_size`; frames must fit `frag_size` − 256.",
+        0, 0, MAX_PAGE_SIZE, type_doc="int, 0 or a power of two 64..`page_size`",
+        kernel="`page_pool_alloc_frag` (`pp_ref_count`)"),
 ))
 
 DEVICE = Section("device", "`hosts.<host>.devices.<dev>`", (
@@ -436,11 +443,13 @@ GENERATE = Section("generate", "`traffic.<port>.generate`", (
         f"it replaces; 1 to {MAX_PHASES} phases.", None,
         type_doc="list of `{rate: R, for: D}`", default_doc="absent (constant `rate`)"),
     Key("pkt_size", "int",
-        f"Frame size in bytes (without FCS); must fit a page after `XDP_PACKET_HEADROOM` "
+        f"Frame size in bytes (without FCS); must fit an RX buffer (a page, or a `pool.frag_size` "
+        f"fragment) after `XDP_PACKET_HEADROOM` "
         f"({XDP_PACKET_HEADROOM}). `imix` = the classic 7:4:1 mix of 64, 570 and 1518 bytes, or a list of "
         "`[size, weight]` pairs (each size in bounds; the largest must fit).", 64,
         MIN_PKT_SIZE, min(MAX_PKT_SIZE, MAX_PAGE_SIZE - XDP_PACKET_HEADROOM),
-        hi_ref=f"`page_size` − {XDP_PACKET_HEADROOM} of the linked host and hosts cabled to it"),
+        hi_ref=f"`page_size` (or `pool.frag_size`) − {XDP_PACKET_HEADROOM} of the linked host and hosts "
+               "cabled to it"),
     Key("flows", "int", "Distinct flows (spread over RX queues).", 16, 1, MAX_FLOWS),
     Key("burst", "int", "Packets sent back to back.", 64, 1, MAX_BURST),
     Key("src_mac", "mac", "Source MAC of generated frames.", None, type_doc="MAC string",
@@ -467,7 +476,8 @@ SECTIONS: dict[str, Section] = {s.name: s for s in (TOP, HOST, POOL, DEVICE, XDP
 CONSTRAINTS: tuple[Constraint, ...] = (
     Constraint("min_pages",
                "`pages` ≥ `min_pages` = Σ over devices of `rx_queues` × `rx_ring_size` + `cpus` × "
-               "`pool.cache_size`: every RX ring full while every CPU's alloc cache is full "
+               "`pool.cache_size`: every RX ring full while every CPU's alloc cache is full; with "
+               "`pool.frag_size` the rings take ⌈Σ / (`page_size` / `frag_size`)⌉ pages + one per CPU "
                "(`emu.topology.schema.min_pages`). Fewer pages strand a queue that can never be refilled."),
     Constraint("refill", "`pool.refill` ≤ `pool.cache_size` (the pool moves `refill` pages into an empty cache)."),
     Constraint("policy", "`pool.policy: adaptive` takes `pool.recycle_limit: 0` (the watermark is the limit)."),
@@ -477,7 +487,8 @@ CONSTRAINTS: tuple[Constraint, ...] = (
                "entry per TX queue."),
     Constraint("ifindex", "`ifindex` is unique within a host; a device whose ifindex is above 65535 (or on the "
                "256th host or later) needs an explicit `mac`."),
-    Constraint("pkt_size", f"`generate.pkt_size` ≤ `page_size` − {XDP_PACKET_HEADROOM} of the linked host and "
+    Constraint("pkt_size", f"`generate.pkt_size` ≤ `page_size` (`pool.frag_size` when set) − "
+               f"{XDP_PACKET_HEADROOM} of the linked host and "
                "of every host cabled to it, directly or through other hosts (its frames may be forwarded "
                "there); a port with `generate` must be linked to a host device."),
     Constraint("links", "Link endpoints exist, each is used by at most one link, and a link has a host "
@@ -496,9 +507,12 @@ CONSTRAINTS: tuple[Constraint, ...] = (
 
 
 def min_pages(host: HostConfig) -> int:
-    """The fewest pages `host` runs with: all its RX rings full while every CPU's alloc cache is full."""
+    """The fewest pages `host` runs with: all its RX rings full (of buffers: with fragments, a page serves
+    page_size / frag_size of them, plus one page each CPU is splitting) while every CPU's alloc cache is
+    full."""
     rings = sum(dev.rx_queues * dev.rx_ring_size for dev in host.devices.values())
-    return rings + host.cpus * host.pool.cache_size
+    frags = host.page_size // host.buf_size
+    return -(-rings // frags) + (host.cpus if frags > 1 else 0) + host.cpus * host.pool.cache_size
 
 
 def int_keys() -> Iterable[tuple[Section, Key]]:
