@@ -175,18 +175,24 @@ def load_rx_queues(host: HostConfig, cpu: int, mapsets: dict[str, str]) -> list[
     from emu.xdp.runtime import make_context, program_for
 
     ifindex_of = {name: dev.ifindex for name, dev in host.devices.items()}
+    mtus = host_mtus(host)
     out = []
     for name, dev in host.devices.items():
         prog, maps = program_for(dev, mapsets.get(name), host.cpus, cpu)
         for q in range(dev.rx_queues):
             if dev.rx_cpus[q] != cpu:
                 continue
-            ctx = make_context(prog, maps, dev, q, cpu, ifindex_of)
+            ctx = make_context(prog, maps, dev, q, cpu, ifindex_of, mtus)
             fn = None if prog is None else prog.fn
             batch = prog.batch if prog is not None and dev.xdp.vectorised else None
             out.append(RxQueue(name, dev.ifindex, q, dev.rx_ring_size, fn, ctx, batch,
                                refill_batch(dev.rx_ring_size), can_redirect="redirect" in dev.xdp_features))
     return out
+
+
+def host_mtus(host: HostConfig) -> dict[int, int]:
+    """The MTU of each device of `host` by ifindex: what ``bpf_check_mtu`` reads (``dev->mtu``)."""
+    return {dev.ifindex: dev.mtu for dev in host.devices.values()}
 
 
 def load_cpumaps(host: HostConfig, cpu: int, mapsets: dict[str, str]) -> dict[tuple[str, int], CpuMap]:
@@ -980,7 +986,7 @@ class NapiCore(Core):
             cfg = self.host.devices[dev]
             ifindexes = {n: dv.ifindex for n, dv in self.host.devices.items()}
             # The frame's rxq is its ingress device's (xdpf->dev_rx), queue 0: an xdp_frame keeps no queue.
-            ctx = prog.new_context(cfg.ifindex, 0, self.cpu, {}, {}, ifindexes)
+            ctx = prog.new_context(cfg.ifindex, 0, self.cpu, {}, {}, ifindexes, host_mtus(self.host))
             batch = prog.batch if cfg.xdp is None or cfg.xdp.vectorised else None
             rq = RxQueue(dev, cfg.ifindex, 0, 0, prog.fn, ctx, batch)
             self.kprogs[(dev, name)] = rq

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 CPU_DROPS = ("xdp_drop", "xdp_aborted", "redirect_err", "xdp_tx_full", "xmit_drops", "cpumap_enqueue_drop",
              "cpumap_kthread_drop", "redirect_bcast_empty")
-DEVICE_DROPS = ("rx_dropped", "tx_dropped", "link_lost")
+DEVICE_DROPS = ("rx_dropped", "rx_length_errors", "tx_dropped", "link_lost")
 # The derived metrics of every report (its ``metrics`` key), in this order: the sweep's CSV columns too.
 METRICS = ("pps", "hit_ratio", "alloc_slow_per_mpkt", "page_alloc_pps", "page_free_pps", "inflight_mean",
            "inflight_p99", "pool_memory_bytes", "violations", "cpu_ns_per_pkt")
@@ -458,7 +458,7 @@ def _host_sections(r: RunRecord) -> dict[str, Any]:
         for dname, dev in host.devices.items():
             row = final.rows[f"{hname}/{dname}"]
             devices.append({
-                "host": hname, "name": dname, "ifindex": dev.ifindex, "profile": dev.profile,
+                "host": hname, "name": dname, "ifindex": dev.ifindex, "profile": dev.profile, "mtu": dev.mtu,
                 "xdp_features": list(dev.xdp_features),
                 **{k: v for k, v in row.items() if k not in CONTROL},
             })
@@ -609,7 +609,8 @@ def summary(r: dict[str, Any]) -> str:
     for d in r["devices"]:
         out.append(
             f"  {d['host']}:{d['name']:<8} RX packets {d['rx_packets']:,} bytes {d['rx_bytes']:,} dropped "
-            f"{d['rx_dropped']:,} | TX packets {d['tx_packets']:,} bytes {d['tx_bytes']:,} completions "
+            f"{d['rx_dropped']:,}" + (f" length_errors {d['rx_length_errors']:,}" if d.get("rx_length_errors") else "")
+            + f" | TX packets {d['tx_packets']:,} bytes {d['tx_bytes']:,} completions "
             f"{d['tx_completions']:,} xdp_xmit {d['xdp_xmit']:,}"
         )
     p = r["pages"]

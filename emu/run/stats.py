@@ -74,6 +74,9 @@ DEVICE_COUNTERS = (
     "rx_bytes",
     "rx_dropped",  # no RX buffer posted on the queue RSS chose within pause_ms (or it is offline, or down)
     "rx_completed",  # frames written into pages and completed to a CPU
+    # frames longer than the device's MTU allows (mtu + Ethernet header + a VLAN tag), dropped on arrival as a
+    # NIC's MAC drops them (ethtool's rx_length_errors, folded into the netdev's rx_errors)
+    "rx_length_errors",
     # pauses of the link for want of RX buffers (802.3x XOFF sent; ixgbe's name): frames waited in the
     # RX FIFO until buffers were posted, or until pause_ms passed and they were dropped (rx_dropped)
     "tx_flow_control_xoff",
