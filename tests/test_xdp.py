@@ -158,6 +158,21 @@ def test_context_basics() -> None:
     assert ctx.data is data and ctx.redirect_ifindex == -1
 
 
+def test_check_mtu_is_bpf_check_mtu_for_xdp() -> None:
+    """``bpf_xdp_check_mtu``: the frame (or `mtu_len` + the Ethernet header) against the device's MTU + 14;
+    the ingress device when ifindex is 0; -ENODEV for no device, -EINVAL for any flag; devices without an
+    MTU of their own have 1500."""
+    ctx = XdpContext(2, 0, 0, ifindexes=IFINDEXES, mtus={3: 9000})
+    ctx.data = memoryview(bytearray(1514))
+    assert ctx.check_mtu() == (0, 1500) and ctx.device_mtus() == {2: 1500, 3: 9000}
+    assert ctx.check_mtu(len_diff=1) == (1, 1500)  # BPF_MTU_CHK_RET_FRAG_NEEDED
+    assert ctx.check_mtu(3, len_diff=7000) == (0, 9000)
+    assert ctx.check_mtu(3, mtu_len=9001) == (1, 9000)
+    assert ctx.check_mtu(2, mtu_len=1500) == (0, 1500)
+    assert ctx.check_mtu(7) == (-19, 0)  # -ENODEV
+    assert ctx.check_mtu(flags=1) == (-22, 0)  # -EINVAL
+
+
 def test_redirect() -> None:
     ctx = XdpContext(2, 0, 0)
     assert ctx.redirect(3) == XDP_REDIRECT and ctx.redirect_ifindex == 3
