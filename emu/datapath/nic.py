@@ -388,7 +388,8 @@ class NicCore(Core):
                 self.c[self.i["bad_messages"]] += 1
                 self.warn_once("badframes", f"refused a link message: {exc}")
                 continue
-            if int(np.maximum.reduce(frames.lengths, initial=0)) > self.max_len:
+            # Uniform frames (a generator's) carry their one length as the stride: no pass over the lengths.
+            if (frames.stride or int(np.maximum.reduce(frames.lengths, initial=0))) > self.max_len:
                 frames = self._too_long(frames)
                 if not len(frames):
                     continue
