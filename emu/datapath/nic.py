@@ -10,7 +10,8 @@ process.
   has lasted `pause_ms` without a waiting frame finding a buffer, the waiting frames are dropped
   (``rx_dropped``, the driver's missed/no-buffer count) and the link resumes.  So any RX ring size
   works with any link batch, a slow CPU loses nothing, and a queue that gets no buffers at all costs
-  drops, never a hang.
+  drops, never a hang.  A frame longer than the device's MTU allows (``mtu`` + 18) is dropped on arrival,
+  before any DMA, as ``rx_length_errors``.
 * **TX.**  One XDP TX queue per CPU (lockless, as in mlx5); with fewer queues than CPUs CPUs share
   them (``cpu % tx_queues``, as veth does).  Frames come from XDP_TX, from ``ndo_xdp_xmit`` (redirect
   bulks; only when the device has `xdp_xmit`) and from the normal skb path (copies).  A full TX ring

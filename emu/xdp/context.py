@@ -41,6 +41,9 @@ Programs
     `load_program` turns ``"module:function"`` into a `Program`; `Program.new_context` builds a context
     and runs the setup hook.
 
+Helpers beyond the redirects: ``ctx.check_mtu`` is ``bpf_check_mtu`` over the host's devices' MTUs
+(``ctx.device_mtus()``, which a native engine is given too).
+
 XDP itself keeps no counters: programs count in their maps, and the worker keeps the per-action totals
 the kernel's ``xdp:*`` tracepoints would show.
 """
