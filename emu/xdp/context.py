@@ -42,7 +42,8 @@ Programs
     and runs the setup hook.
 
 Helpers beyond the redirects: ``ctx.check_mtu`` is ``bpf_check_mtu`` over the host's devices' MTUs
-(``ctx.device_mtus()``, which a native engine is given too).
+(``ctx.device_mtus()``, which a native engine is given too); ``ctx.get_buff_len``, ``ctx.load_bytes`` and
+``ctx.store_bytes`` are the multi-buffer access helpers (188-190), over the frame's one buffer for now.
 
 XDP itself keeps no counters: programs count in their maps, and the worker keeps the per-action totals
 the kernel's ``xdp:*`` tracepoints would show.
@@ -204,6 +205,31 @@ class XdpContext:
         except KeyError:
             known = ", ".join(sorted(self._ifindexes)) or "none"
             raise ValueError(f"no device {name!r} on this host (devices: {known})") from None
+
+    def get_buff_len(self) -> int:
+        """``bpf_xdp_get_buff_len``: the frame's length over all its buffers (one buffer here: no XDP
+        multi-buffer yet, so ``len(ctx.data)``)."""
+        return len(self.data or b"")
+
+    def load_bytes(self, offset: int, buf: bytearray | memoryview) -> int:
+        """``bpf_xdp_load_bytes``: copy ``len(buf)`` bytes of the frame from `offset` into `buf`; 0, or
+        -EINVAL (nothing copied) for an empty `buf` or a span past the frame's end, as the engine's twin."""
+        data = self.data
+        n = len(buf)
+        if data is None or not n or offset < 0 or offset + n > len(data):
+            return -_EINVAL
+        buf[:] = data[offset : offset + n]
+        return 0
+
+    def store_bytes(self, offset: int, src: bytes | bytearray | memoryview) -> int:
+        """``bpf_xdp_store_bytes``: write `src` over the frame from `offset`; 0, or -EINVAL (nothing
+        written) for an empty `src` or a span past the frame's end."""
+        data = self.data
+        n = len(src)
+        if data is None or not n or offset < 0 or offset + n > len(data):
+            return -_EINVAL
+        data[offset : offset + n] = src
+        return 0
 
     def device_mtus(self) -> dict[int, int]:
         """The MTU of each device of this host, by ifindex (a copy: what a native engine is given)."""
