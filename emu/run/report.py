@@ -47,7 +47,8 @@ CPU_EXTRA = (
 )
 # Redirect errors by errno: the CPU counter and the name xdp-bench's redirect_err breakdown prints.
 REDIRECT_ERRNOS = (("redirect_err_einval", "-EINVAL"), ("redirect_err_enetdown", "-ENETDOWN"),
-                   ("redirect_err_eopnotsupp", "-EOPNOTSUPP"), ("redirect_err_enomem", "-ENOMEM"))
+                   ("redirect_err_eopnotsupp", "-EOPNOTSUPP"), ("redirect_err_enomem", "-ENOMEM"),
+                   ("redirect_err_emsgsize", "-EMSGSIZE"))
 # The cpumap counters (xdp-bench redirect-cpu's enqueue and kthread lines), in each CPU's `cpumap`.
 CPU_CPUMAP = (
     "cpumap_enqueue", "cpumap_enqueue_drop", "cpumap_enqueue_bulks", "cpumap_kthread_processed",

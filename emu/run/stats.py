@@ -37,6 +37,7 @@ CPU_COUNTERS = (
     "redirect_err_enetdown",  # the target device is gone
     "redirect_err_eopnotsupp",  # the target's XDP features lack ndo-xmit (a veth whose peer has no program)
     "redirect_err_enomem",  # a broadcast's clone could not be made (frame past a page, allocator empty)
+    "redirect_err_emsgsize",  # the frame is longer than the target's MTU allows (xdp_ok_fwd_dev)
     "xdp_exception",  # xdp:xdp_exception: the program raised or returned an unknown verdict
     "xdp_tx_full",  # XDP_TX frames dropped because the TX ring was full
     "xmit_drops",  # redirected frames the target's ndo_xdp_xmit did not take (devmap_xmit drops)
