@@ -26,6 +26,7 @@ from emu.net.packets import FrameBatch, rss_queue
 from emu.net.pcap import PcapngWriter, read_frames, write_pcap
 from emu.net.shmring import MsgRing
 from emu.topology.file import load_topology
+from emu.topology.model import max_frame
 
 FIELDS = ("frame.number", "frame.interface_name", "frame.interface_description", "frame.interface_queue",
           "frame.packet_id", "frame.verdict.ebpf_xdp", "frame.comment", "frame.time_epoch",
@@ -111,6 +112,7 @@ def test_pcapng_fields_as_tshark_reads_them(tmp_path: Path) -> None:
 
 def topo_file(tmp_path: Path, program: str, egress: bool, capture: str, cpus: int = 2) -> Path:
     params = ", params: {egress: eth1}" if egress else ""
+    xdp = f'{{program: "emu.programs:{program}"{params}}}'
     (tmp_path / "t.yaml").write_text(f"""name: cap
 hosts:
   h1:
@@ -118,8 +120,8 @@ hosts:
     pages: 4096
     page_size: 4096
     devices:
-      eth0: {{ifindex: 2, rx_ring_size: 256, rx_queues: 2, xdp: {{program: "emu.programs:{program}"{params}}}}}
-      eth1: {{ifindex: 3, rx_ring_size: 256}}
+      eth0: {{ifindex: 2, mtu: 3500, rx_ring_size: 256, rx_queues: 2, xdp: {xdp}}}
+      eth1: {{ifindex: 3, mtu: 3500, rx_ring_size: 256}}
 traffic:
   gen0: {{replay: {{pcap: in.pcap, timing: rate}}}}
   sink0: {{}}
@@ -132,7 +134,8 @@ links:
 
 
 def fitting(frames: list[bytes]) -> list[bytes]:
-    return [f for f in frames if 14 <= len(f) <= 4096 - 256]
+    """The frames a device of `topo_file` takes: MTU 3500 (the 3000-byte one fits, the 9000-byte not)."""
+    return [f for f in frames if 14 <= len(f) <= max_frame(3500)]
 
 
 def run(path: Path, **kw) -> dict:
@@ -266,8 +269,11 @@ def test_multi_host_replay_expect_and_capture_on_its_own_host(tmp_path: Path) ->
 
     frames = sample_frames()
     write_pcap(tmp_path / "in.pcap", frames)
-    write_pcap(tmp_path / "exp.pcap", expected_l2fwd(frames, 4096 - 256))
+    write_pcap(tmp_path / "exp.pcap", expected_l2fwd(frames, max_frame(3500)))
     text = (Path(__file__).resolve().parents[1] / "topology" / "multihost.yaml").read_text()
+    # Every device takes the 3000-byte frame (4 KiB pages: an MTU of 3502 at most).
+    text = text.replace("        ifindex: 2\n", "        ifindex: 2\n        mtu: 3500\n")
+    text = text.replace("        ifindex: 3\n", "        ifindex: 3\n        mtu: 3500\n")
     gen = text[text.index("  gen0:"):text.index("  sink0: {}")]
     text = text.replace(gen, "  gen0:\n    replay: {pcap: in.pcap, timing: rate}\n")
     text = text.replace("  sink0: {}", "  sink0: {expect: {pcap: exp.pcap}}")

@@ -484,6 +484,31 @@ def test_load_store_bytes_and_buff_len() -> None:
     assert run(beyond)[0][0][0] == (-22) & M32
 
 
+def _check_mtu_prog() -> bytes:
+    """r0 = mtu << 8 | bpf_check_mtu(ctx, 0, &mtu, 0, 0) of the ingress device."""
+    return A.program(A.st("w", 10, -4, 0), A.mov(2, 0), A.alu64("mov", 3, 10), A.alu64("add", 3, imm=-4),
+                     A.mov(4, 0), A.mov(5, 0), A.call(CHECK_MTU), A.ldx("w", 1, 10, -4), A.alu64("lsh", 1, imm=8),
+                     A.alu64("or", 0, 1), A.exit_())
+
+
+def test_check_mtu_reads_the_mtus_of_the_host_s_devices_from_the_context() -> None:
+    """A worker's engine learns the devices' MTUs from the program's context (the topology's `mtu`)."""
+    from emu.ebpf.engine import xdp_program
+    from emu.xdp.context import XdpContext
+
+    with Engine(make({"p": _check_mtu_prog()})) as e:
+        p = xdp_program(e.obj, "p", e.maps, 0)
+        ctx = XdpContext(2, 0, 0, ifindexes={"eth0": 2, "eth1": 3}, mtus={2: 9000, 3: 1454})
+        assert p.setup is not None
+        p.setup(ctx)
+        ctx.data = memoryview(bytearray(3000))
+        assert p.fn(ctx) == 9000 << 8
+        ctx2 = XdpContext(3, 0, 0, ifindexes={"eth0": 2, "eth1": 3}, mtus={2: 9000, 3: 1454})
+        p.setup(ctx2)
+        ctx2.data = memoryview(bytearray(1469))
+        assert p.fn(ctx2) == (1454 << 8) | 1  # 1469 > 1454 + 14: FRAG_NEEDED
+
+
 def test_check_mtu() -> None:
     prog = A.program(A.st("w", 10, -4, 0), A.mov(2, 0), A.alu64("mov", 3, 10), A.alu64("add", 3, imm=-4),
                      A.mov(4, 0), A.mov(5, 0), A.call(CHECK_MTU), A.ldx("w", 1, 10, -4), A.alu64("lsh", 1, imm=8),

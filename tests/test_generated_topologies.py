@@ -46,8 +46,8 @@ from test_emulation import assert_clean
 
 from emu.mem.shm import sweep_stale, unlink_prefix
 from emu.net.packets import MIN_PKT_SIZE
-from emu.net.protocol import XDP_PACKET_HEADROOM
 from emu.topology.file import validate_topology_text
+from emu.topology.model import max_frame, max_linear_mtu
 from emu.topology.schema import SECTIONS
 from emu.topology.schema import min_pages as schema_min_pages
 
@@ -120,16 +120,20 @@ def _host(draw: st.DrawFn, name: str) -> SimpleNamespace:
                            stack_cpu=draw(st.none() | st.integers(0, cpus - 1)),
                            txc_release=draw(st.sampled_from([None, "deferred", "immediate"])))
     # Fragments per page (pool.frag_size = page_size / split, page_pool_alloc_frag): kept to buffers of
-    # 512 bytes or more, so that frames of 256 bytes still fit after the headroom.
+    # 1,024 bytes or more, so that an RX buffer still takes an MTU (68 .. its max_mtu).
     split = draw(st.sampled_from([1, 1, 1, 2, 4]))
 
     def least_for(ps: int) -> int:
         host.page_size = ps
-        host.buf_size = ps // split if ps // split >= 512 else ps
+        host.buf_size = ps // split if ps // split >= 1024 else ps
         return min_pages(host)
 
     fits = [ps for ps in PAGE_SIZES if least_for(ps) * ps <= HOST_BYTES] or [1024]
     least = least_for(draw(st.sampled_from(fits)))
+    # The MTU: the default (1500, or what one RX buffer takes) or any a buffer takes.
+    most = min(9000, max_linear_mtu(host.buf_size))
+    for dev in devices.values():
+        dev.mtu = draw(st.none() | st.sampled_from([68, most]) | st.integers(68, most))
     extra = draw(st.one_of(st.just(0), st.integers(0, 64), st.integers(0, 8192)))
     host.pages = min(max(least, least + extra if (least + extra) * host.page_size <= HOST_BYTES else least),
                      1048576)
@@ -170,6 +174,8 @@ def _device_yaml(dev: SimpleNamespace) -> dict[str, Any]:
         "rx_ring_size": dev.rx_ring_size, "tx_ring_size": dev.tx_ring_size, "xdp_xmit": dev.xdp_xmit,
         "redirect_fallback": dev.redirect_fallback, "tx_completion_us": dev.tx_completion_us,
     }
+    if dev.mtu is not None:
+        out["mtu"] = dev.mtu
     if dev.rx_cpus is not None:
         out["rx_cpus"] = dev.rx_cpus
     if dev.tx_cpus is not None:
@@ -191,9 +197,10 @@ def topologies(draw: st.DrawFn) -> str:
     hosts = {f"h{k + 1}": draw(_host(f"h{k + 1}")) for k in range(nhosts)}
     endpoints = draw(st.permutations([f"{h}:{d}" for h, host in hosts.items() for d in host.devices]))
     ngen = draw(st.integers(1, min(2, len(endpoints))))
-    # Frames may cross to any host: they must fit the smallest buffer of all (the schema bounds a
-    # generator's frames by the buffers of the hosts it is cabled to only).
-    max_pkt = min(h.buf_size for h in hosts.values()) - XDP_PACKET_HEADROOM
+    # Frames may cross to any host: they must fit the smallest MTU of all (a device's default is 1500 or
+    # what one RX buffer takes; the schema bounds a generator's frames by the hosts it is cabled to only).
+    max_pkt = max_frame(min(min(1500, max_linear_mtu(h.buf_size)) if d.mtu is None else d.mtu
+                            for h in hosts.values() for d in h.devices.values()))
     traffic: dict[str, Any] = {}
     links: list[dict[str, Any]] = []
     peer: dict[str, str] = {}

@@ -71,13 +71,14 @@ class Clock:
         return self.ns
 
 
-def make_nic(page_memory, rx_ring: int = 64, tx_ring: int = 128, completion_us: int = 0, xdp_xmit: bool = True):
+def make_nic(page_memory, rx_ring: int = 64, tx_ring: int = 128, completion_us: int = 0, xdp_xmit: bool = True,
+             mtu: int = 1500, page_size: int = 512):
     xmit = str(xdp_xmit).lower()
     cfg = one_cpu_host(f"""
         eth0: {{ifindex: 2, rx_ring_size: {rx_ring}, tx_ring_size: {tx_ring}, tx_completion_us: {completion_us},
-                xdp_xmit: {xmit}}}
+                xdp_xmit: {xmit}, mtu: {mtu}}}
     """).devices["eth0"]
-    pm = page_memory(npages=1024, page_size=512, ncpus=1)
+    pm = page_memory(npages=1024, page_size=page_size, ncpus=1)
     counters = Counters("device")
     cpus, tx, link, clock = FakeCpus(), FakeWire(), FakeLink(), Clock()
     nic = NicCore(cfg, 1, pm, cpus, tx, link, counters.array, counters.index, lambda key, text: None,
@@ -143,6 +144,28 @@ def test_a_small_ring_takes_a_larger_message_through_the_fifo(page_memory) -> No
     clock.ns += 1
     nic.receive()
     assert nic.count("rx_dropped") == 8 and nic.fifo == 0 and nic.paused_since == 0
+
+
+def test_frames_longer_than_the_mtu_allows_are_dropped_on_arrival(page_memory) -> None:
+    """A frame longer than mtu + 18 is dropped by the MAC, alone (``rx_length_errors``, no buffer used); the
+    frames of the same link message around it are received.  An all-too-long message takes no buffer."""
+    nic, pm, cpus, _, link, _ = make_nic(page_memory, mtu=1000, page_size=2048)
+    ids = post(nic, pm, 64)
+    fs = [bytes([1]) * 1018, bytes([2]) * 1019, bytes([3]) * 64, bytes([4]) * 1500]
+    link.msgs.append(wire.pack_frames(fs))
+    assert nic.receive() == 2
+    (_, _, _, d), = cpus.take("rx")
+    assert d["page"].tolist() == ids[:2].tolist() and d["len"].tolist() == [1018, 64]
+    ps = pm.page_size
+    assert bytes(pm.data[ids[0] * ps + XDP_PACKET_HEADROOM : ids[0] * ps + XDP_PACKET_HEADROOM + 1018]) == fs[0]
+    assert nic.count("rx_length_errors") == 2 and nic.count("rx_packets") == 2 and nic.count("bad_messages") == 0
+    more = post(nic, pm, 2)  # a full ring again: the next message is taken at once
+    link.msgs.append(wire.pack_frames([bytes(2000)] * 3))
+    assert nic.receive() == 0 and nic.count("rx_length_errors") == 5 and nic.nposted == [64]
+    assert not cpus.take("rx") and not link.msgs
+    # Every page is where it should be: 2 completed to the CPU, the others still posted.
+    assert (pm.state[more] == PageState.RX_POSTED).all()
+    assert (pm.state[ids[:2]] == PageState.RX_POSTED).all() and (pm.holder[ids[:2]] == 0).all()
 
 
 def test_transmit_gathers_the_frames_and_completes_after_tx_completion_us(page_memory) -> None:

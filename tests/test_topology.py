@@ -22,6 +22,7 @@ from emu.topology.model import (
     Topology,
     TopologyError,
     XdpConfig,
+    max_linear_mtu,
     resolve_program,
     topology_from_dict,
 )
@@ -230,7 +231,7 @@ def test_explicit_values() -> None:
         traffic:
           g:
             generate:
-              {count: 5, rate: 1000, pkt_size: 1792, flows: 65536, burst: 4096, dst_mac: "02:00:00:00:00:09"}
+              {count: 5, rate: 1000, pkt_size: 1472, flows: 65536, burst: 4096, dst_mac: "02:00:00:00:00:09"}
         links:
           - endpoints: ["h1:eth0.10", g]
     """
@@ -245,7 +246,7 @@ def test_explicit_values() -> None:
     # An unquoted MAC that YAML 1.1 reads as a sexagesimal integer is still taken as written.
     assert h1.devices["eth1"].mac == "12:34:56:00:01:02" and h1.devices["eth1"].ifindex == 16
     gen = topo.traffic["g"].generate
-    assert gen is not None and gen.pkt_size == 1792 and gen.dst_mac == "02:00:00:00:00:09"
+    assert gen is not None and gen.pkt_size == 1472 and gen.dst_mac == "02:00:00:00:00:09"
     assert topology_from_dict(topo.to_dict()) == topo
 
 
@@ -1389,12 +1390,58 @@ BAD: list[tuple[str, str, int, str]] = [
         traffic:
           gen0:
             generate:
-              pkt_size: 769
+              pkt_size: 449
         links:
           - endpoints: [gen0, "h1:eth0"]
         """,
         10,
-        "'pkt_size' 769 does not fit the linked host's 1024-byte pages (max 768",
+        "'pkt_size' 449 is longer than h1:eth0 takes: max 448 = its mtu 430 + 18",
+    ),
+    (
+        "mtu-too-large-for-page",
+        """
+        name: t
+        hosts:
+          h1:
+            cpus: 1
+            page_size: 2048
+            devices: {eth0: {ifindex: 1, mtu: 1500}}
+        """,
+        6,
+        "h1:eth0: 'mtu' 1500 is more than the device can take: its largest frame (1518 bytes) does not fit one "
+        "RX buffer of a 2048-byte page (1472 bytes after 256 of headroom and 320 of skb_shared_info tailroom), "
+        "so max_mtu is 1454",
+    ),
+    (
+        "mtu-below-min",
+        """
+        name: t
+        hosts:
+          h1:
+            cpus: 1
+            devices: {eth0: {ifindex: 1, mtu: 67}}
+        """,
+        5,
+        "'mtu' must be between 68 and 9000, not 67",
+    ),
+    (
+        "pkt-size-over-mtu",
+        """
+        name: t
+        hosts:
+          h1:
+            cpus: 1
+            page_size: 4096
+            devices: {eth0: {ifindex: 1, mtu: 1000}}
+        traffic:
+          gen0:
+            generate:
+              pkt_size: 1019
+        links:
+          - endpoints: [gen0, "h1:eth0"]
+        """,
+        10,
+        "'pkt_size' 1019 is longer than h1:eth0 takes: max 1018 = its mtu 1000 + 18",
     ),
     (
         "generate-flows-bool",
@@ -1495,7 +1542,25 @@ def test_pkt_size_fits_every_host_its_frames_can_be_cabled_to() -> None:
           - endpoints: [gen0, "h1:eth0"]
           - endpoints: ["h1:eth1", "h2:eth0"]
         """)
-    with pytest.raises(TopologyError, match=r"t.yaml:17: .*'pkt_size' 769 does not fit the 1024-byte pages of "
-                                            r"host 'h2', cabled to the linked host 'h1' \(max 768"):
-        validate_topology_text(text.replace("PKT", "769"), "t.yaml")
-    assert validate_topology_text(text.replace("PKT", "768"), "t.yaml").traffic["gen0"].generate.pkt_size == 768
+    with pytest.raises(TopologyError, match=r"t.yaml:17: .*'pkt_size' 449 is longer than h2:eth0, cabled to the "
+                                            r"linked host 'h1', takes: max 448 = its mtu 430 \+ 18"):
+        validate_topology_text(text.replace("PKT", "449"), "t.yaml")
+    assert validate_topology_text(text.replace("PKT", "448"), "t.yaml").traffic["gen0"].generate.pkt_size == 448
+
+
+def test_mtu_defaults_to_1500_or_what_one_buffer_of_the_page_holds() -> None:
+    """``mtu``: 1500 unless the page is too small for it (then its ``max_mtu``); the largest a page takes is
+    ``page_size`` - 256 - 320 - 18, and it survives the trip through ``to_dict`` (what host processes get)."""
+    def topo(page_size: int, mtu: str = "") -> Topology:
+        dev = "{ifindex: 1" + (f", mtu: {mtu}" if mtu else "") + "}"
+        return validate_topology_text(f"name: t\nhosts:\n  h1:\n    cpus: 1\n    page_size: {page_size}\n"
+                                      f"    devices: {{eth0: {dev}}}\n", "t.yaml")
+    assert topo(4096).hosts["h1"].devices["eth0"].mtu == 1500
+    assert topo(2048).hosts["h1"].devices["eth0"].mtu == 1454 == max_linear_mtu(2048)
+    t = topo(4096, "3502")
+    assert t.hosts["h1"].devices["eth0"].mtu == 3502
+    assert topology_from_dict(t.to_dict()).hosts["h1"].devices["eth0"].mtu == 3502
+    assert topo(16384, "9000").hosts["h1"].devices["eth0"].mtu == 9000
+    with pytest.raises(TopologyError, match=r"t.yaml:6: h1:eth0: 'mtu' 3503 is more than the device can take.*"
+                                            r"so max_mtu is 3502"):
+        topo(4096, "3503")

@@ -158,6 +158,37 @@ def test_context_basics() -> None:
     assert ctx.data is data and ctx.redirect_ifindex == -1
 
 
+def test_check_mtu_is_bpf_check_mtu_for_xdp() -> None:
+    """``bpf_xdp_check_mtu``: the frame (or `mtu_len` + the Ethernet header) against the device's MTU + 14;
+    the ingress device when ifindex is 0; -ENODEV for no device, -EINVAL for any flag; devices without an
+    MTU of their own have 1500."""
+    ctx = XdpContext(2, 0, 0, ifindexes=IFINDEXES, mtus={3: 9000})
+    ctx.data = memoryview(bytearray(1514))
+    assert ctx.check_mtu() == (0, 1500) and ctx.device_mtus() == {2: 1500, 3: 9000}
+    assert ctx.check_mtu(len_diff=1) == (1, 1500)  # BPF_MTU_CHK_RET_FRAG_NEEDED
+    assert ctx.check_mtu(3, len_diff=7000) == (0, 9000)
+    assert ctx.check_mtu(3, mtu_len=9001) == (1, 9000)
+    assert ctx.check_mtu(2, mtu_len=1500) == (0, 1500)
+    assert ctx.check_mtu(7) == (-19, 0)  # -ENODEV
+    assert ctx.check_mtu(flags=1) == (-22, 0)  # -EINVAL
+
+
+def test_buff_len_load_and_store_bytes_are_the_helpers() -> None:
+    """``bpf_xdp_get_buff_len`` / ``_load_bytes`` / ``_store_bytes`` over the frame, -EINVAL (nothing moved)
+    for an empty span or one past the end, as the engine's helpers."""
+    ctx = XdpContext(2, 0, 0)
+    frame = bytearray(range(100))
+    ctx.data = memoryview(frame)
+    assert ctx.get_buff_len() == 100
+    buf = bytearray(4)
+    assert ctx.load_bytes(96, buf) == 0 and buf == bytes([96, 97, 98, 99])
+    assert ctx.load_bytes(97, buf) == -22 and buf == bytes([96, 97, 98, 99])
+    assert ctx.load_bytes(0, bytearray()) == -22 and ctx.load_bytes(-1, buf) == -22
+    assert ctx.store_bytes(10, b"\xff\xfe") == 0 and frame[9:13] == bytes([9, 0xFF, 0xFE, 12])
+    assert ctx.store_bytes(99, b"ab") == -22 and frame[99] == 99
+    assert ctx.store_bytes(5, b"") == -22
+
+
 def test_redirect() -> None:
     ctx = XdpContext(2, 0, 0)
     assert ctx.redirect(3) == XDP_REDIRECT and ctx.redirect_ifindex == 3

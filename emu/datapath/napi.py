@@ -81,6 +81,7 @@ from emu.net.protocol import (
     device_code,
     refill_batch,
 )
+from emu.topology.model import max_frame
 from emu.xdp.bpfmaps import CPU_MAP_BULK_SIZE, REDIRECT_BROADCAST, REDIRECT_CPUMAP, CpuMap, DevMap
 from emu.xdp.context import (
     XDP_ABORTED,
@@ -167,6 +168,8 @@ class Target:
     profile: str = "nic"  # the driver it behaves like ("veth": ndo-xmit only while its peer has XDP)
     peer: str = ""  # the far end of its cable, for the messages that explain a veth's rule
     down: bool = False  # the device process died
+    mtu: int = 1500
+    max_len: int = 0  # the longest frame it transmits (`max_frame` of its mtu): a longer redirect is -EMSGSIZE
     tx_used: int = 0  # frames this CPU queued on its TX queue whose completion (or refusal) it has not seen
 
 
@@ -175,18 +178,24 @@ def load_rx_queues(host: HostConfig, cpu: int, mapsets: dict[str, str]) -> list[
     from emu.xdp.runtime import make_context, program_for
 
     ifindex_of = {name: dev.ifindex for name, dev in host.devices.items()}
+    mtus = host_mtus(host)
     out = []
     for name, dev in host.devices.items():
         prog, maps = program_for(dev, mapsets.get(name), host.cpus, cpu)
         for q in range(dev.rx_queues):
             if dev.rx_cpus[q] != cpu:
                 continue
-            ctx = make_context(prog, maps, dev, q, cpu, ifindex_of)
+            ctx = make_context(prog, maps, dev, q, cpu, ifindex_of, mtus)
             fn = None if prog is None else prog.fn
             batch = prog.batch if prog is not None and dev.xdp.vectorised else None
             out.append(RxQueue(name, dev.ifindex, q, dev.rx_ring_size, fn, ctx, batch,
                                refill_batch(dev.rx_ring_size), can_redirect="redirect" in dev.xdp_features))
     return out
+
+
+def host_mtus(host: HostConfig) -> dict[int, int]:
+    """The MTU of each device of `host` by ifindex: what ``bpf_check_mtu`` reads (``dev->mtu``)."""
+    return {dev.ifindex: dev.mtu for dev in host.devices.values()}
 
 
 def load_cpumaps(host: HostConfig, cpu: int, mapsets: dict[str, str]) -> dict[tuple[str, int], CpuMap]:
@@ -230,7 +239,8 @@ class NapiCore(Core):
             # Its own TX queue, whose completions come back here (tx_cpus), so that it sees its ring slots free.
             own = dev.tx_queues >= self.ncpus and dev.tx_cpu(cpu % dev.tx_queues, self.ncpus) == cpu
             t = Target(name, index_, dev.ifindex, dev.xdp_xmit, dev.redirect_fallback, dev.tx_queues,
-                       dev.tx_ring_size, own, dev.profile, dev.peer)
+                       dev.tx_ring_size, own, dev.profile, dev.peer, mtu=dev.mtu,
+                       max_len=max_frame(dev.mtu))
             self.targets[dev.ifindex] = t
             self.by_name[name] = t
         self.rxqs: dict[tuple[str, int], RxQueue] = {(r.dev, r.q): r for r in rxqs}
@@ -546,7 +556,7 @@ class NapiCore(Core):
             verdicts, targets = self.run_xdp(rxq, d)
             if cap is not None:
                 cap.xdp(rxq.dev, rxq.q, self.data2d, pages, d["off"], d["len"], EXIT, verdicts, targets)
-            ahead = self._only_bulked(rxq, verdicts, targets)
+            ahead = self._only_bulked(rxq, verdicts, targets, pages)
             if ahead is not None:
                 # Every verdict only appends its page to a bulk queue, which the pass flushes once
                 # anyway: act on all of them now; the polls still count themselves and their bulks.
@@ -556,10 +566,11 @@ class NapiCore(Core):
             rxq.taken = 0
             room -= len(pages)
 
-    def _only_bulked(self, rxq: RxQueue, verdicts: np.ndarray, targets: np.ndarray | None) -> str | None:
+    def _only_bulked(self, rxq: RxQueue, verdicts: np.ndarray, targets: np.ndarray | None,
+                     pages: np.ndarray) -> str | None:
         """When every packet is XDP_TX on a live device, or XDP_REDIRECT to one live device with
-        ``ndo_xdp_xmit``, all `act` does is append them to that bulk queue (no page goes back to a pool):
-        the device's name ("" for XDP_TX).  Else None."""
+        ``ndo_xdp_xmit`` whose MTU they fit, all `act` does is append them to that bulk queue (no page goes
+        back to a pool): the device's name ("" for XDP_TX).  Else None."""
         if not len(verdicts):
             return None
         v0 = int(verdicts[0])
@@ -573,6 +584,8 @@ class NapiCore(Core):
         t = self.targets.get(t0)
         if t is None or t.down or not t.xdp_xmit or not np.logical_and.reduce(targets == t0):
             return None
+        if int(np.maximum.reduce(self.pm.len.take(pages))) > t.max_len:
+            return None  # some are too long for it: -EMSGSIZE (redirect)
         return t.name
 
     def napi_poll(self) -> int:
@@ -751,6 +764,16 @@ class NapiCore(Core):
                 continue
             t = self.targets.get(ifindex)
             if t is not None and not t.down and t.xdp_xmit:
+                # xdp_ok_fwd_dev: a frame longer than the target's MTU (+ header and a VLAN tag) fails.
+                lens = self.pm.len.take(ids)
+                if int(np.maximum.reduce(lens)) > t.max_len:
+                    big = lens > t.max_len
+                    self.redirect_err(ids[big], "emsgsize", f"msgsize{t.name}", f"redirect to {t.name} of "
+                                      f"frames longer than its mtu {t.mtu} allows ({t.max_len} bytes): "
+                                      "-EMSGSIZE")
+                    ids = ids[~big]
+                    if not len(ids):
+                        continue
                 self.tx_bulk.setdefault((t.name, "redirect"), []).append(ids)
                 self.bulked[t.name] = self.bulked.get(t.name, 0) + len(ids)
             elif t is not None and not t.down and t.fallback == "skb":
@@ -980,7 +1003,7 @@ class NapiCore(Core):
             cfg = self.host.devices[dev]
             ifindexes = {n: dv.ifindex for n, dv in self.host.devices.items()}
             # The frame's rxq is its ingress device's (xdpf->dev_rx), queue 0: an xdp_frame keeps no queue.
-            ctx = prog.new_context(cfg.ifindex, 0, self.cpu, {}, {}, ifindexes)
+            ctx = prog.new_context(cfg.ifindex, 0, self.cpu, {}, {}, ifindexes, host_mtus(self.host))
             batch = prog.batch if cfg.xdp is None or cfg.xdp.vectorised else None
             rq = RxQueue(dev, cfg.ifindex, 0, 0, prog.fn, ctx, batch)
             self.kprogs[(dev, name)] = rq

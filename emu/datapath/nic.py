@@ -10,7 +10,8 @@ process.
   has lasted `pause_ms` without a waiting frame finding a buffer, the waiting frames are dropped
   (``rx_dropped``, the driver's missed/no-buffer count) and the link resumes.  So any RX ring size
   works with any link batch, a slow CPU loses nothing, and a queue that gets no buffers at all costs
-  drops, never a hang.
+  drops, never a hang.  A frame longer than the device's MTU allows (``mtu`` + 18) is dropped on arrival,
+  before any DMA, as ``rx_length_errors``.
 * **TX.**  One XDP TX queue per CPU (lockless, as in mlx5); with fewer queues than CPUs CPUs share
   them (``cpu % tx_queues``, as veth does).  Frames come from XDP_TX, from ``ndo_xdp_xmit`` (redirect
   bulks; only when the device has `xdp_xmit`) and from the normal skb path (copies).  A full TX ring
@@ -59,9 +60,9 @@ from emu.net.protocol import (
     RXRET,
     TXC,
     TXDROP,
-    XDP_PACKET_HEADROOM,
     refill_batch,
 )
+from emu.topology.model import max_frame
 
 if TYPE_CHECKING:
     from emu.topology.model import DeviceConfig
@@ -165,6 +166,7 @@ class NicCore(Core):
         self.all_online = True
         self.capture: CaptureTap | None = None  # xdpdump-style capture (emu.datapath.capture), when asked for
         self.txc_cpu = [cfg.tx_cpu(t, ncpus) for t in range(cfg.tx_queues)]  # tx_cpus: the TX IRQ affinity
+        self.max_len = max_frame(cfg.mtu)  # the longest frame the MAC takes (validation makes it fit a buffer)
 
     # -- messages from CPUs -----------------------------------------------------------------------
 
@@ -394,11 +396,16 @@ class NicCore(Core):
             if msg is None:
                 break
             try:
-                frames = wire.unpack_frames(msg, max_frame=self.ps - XDP_PACKET_HEADROOM)
+                frames = wire.unpack_frames(msg)
             except wire.WireError as exc:
                 self.c[self.i["bad_messages"]] += 1
                 self.warn_once("badframes", f"refused a link message: {exc}")
                 continue
+            # Uniform frames (a generator's) carry their one length as the stride: no pass over the lengths.
+            if (frames.stride or int(np.maximum.reduce(frames.lengths, initial=0))) > self.max_len:
+                frames = self._too_long(frames)
+                if not len(frames):
+                    continue
             batches.append(frames)
             room -= len(frames)
         if not batches:
@@ -409,6 +416,17 @@ class NicCore(Core):
         c[i["rx_packets"]] += len(frames)
         c[i["rx_bytes"]] += int(np.add.reduce(frames.lengths))
         return work + self.dma(frames)
+
+    def _too_long(self, frames: FrameBatch) -> FrameBatch:
+        """Drop the frames longer than the MTU allows, as a NIC's MAC does before any DMA (no buffer is
+        used), counted as ``rx_length_errors``; the rest go on."""
+        over = frames.lengths > self.max_len
+        n = int(np.count_nonzero(over))
+        self.c[self.i["rx_length_errors"]] += n
+        self.warn_once("toolong", f"dropped frames longer than {self.max_len} bytes (mtu {self.cfg.mtu} + Ethernet "
+                                  "header and a VLAN tag) on arrival (rx_length_errors): raise the device's 'mtu'")
+        keep = ~over
+        return FrameBatch(frames.data, frames.offsets[keep], frames.lengths[keep])
 
     def _low_water(self) -> int:
         """The fewest buffers posted on any online RX queue (offline queues take no part in pausing)."""

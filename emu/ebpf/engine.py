@@ -26,7 +26,7 @@ from emu.ebpf.obj import BpfObject
 from emu.errors import BadInputError
 from emu.mem.shm import new_run_prefix
 
-__all__ = ["DEFAULT_BUDGET", "ETH_DATA_LEN", "SUPPORTED_HELPERS", "CpuEngine", "Engine", "choose_program",
+__all__ = ["DEFAULT_BUDGET", "SUPPORTED_HELPERS", "CpuEngine", "Engine", "choose_program",
            "xdp_program"]
 
 # Instructions one packet may execute (bpf_loop callbacks and tail calls included): the kernel bounds
@@ -35,7 +35,6 @@ __all__ = ["DEFAULT_BUDGET", "ETH_DATA_LEN", "SUPPORTED_HELPERS", "CpuEngine", "
 DEFAULT_BUDGET = 1_000_000
 SUPPORTED_HELPERS = frozenset(_engine.SUPPORTED_HELPERS)
 _MOVERS = frozenset((44, 54, 65))  # bpf_xdp_adjust_head, _meta, _tail
-ETH_DATA_LEN = 1500  # the MTU bpf_check_mtu sees for every device (the emulator's devices have no MTU key)
 # bpf_trace_printk lines a CPU worker prints to its stderr (the run's log) at most; the rest are counted.
 TRACE_PRINT_LIMIT = 200
 
@@ -176,7 +175,7 @@ def xdp_program(obj: BpfObject, prog: str, maps: ObjMaps, cpu: int) -> Any:
         maps.count_trace(cpu, len(lines), dropped)
 
     def setup(ctx: XdpContext) -> None:
-        eng.set_devices({i: ETH_DATA_LEN for i in ctx._ifindexes.values()})
+        eng.set_devices(ctx.device_mtus())
 
     def batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
         # A worker's descriptors are read-only views of a received message: the program gets copies, and

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 CPU_DROPS = ("xdp_drop", "xdp_aborted", "redirect_err", "xdp_tx_full", "xmit_drops", "cpumap_enqueue_drop",
              "cpumap_kthread_drop", "redirect_bcast_empty")
+# (rx_length_errors is no traffic drop: a run's generators and replays send no frame longer than the MTUs on
+# their way, so only a stranger's frames are counted there, as bad_messages counts a stranger's messages.)
 DEVICE_DROPS = ("rx_dropped", "tx_dropped", "link_lost")
 # The derived metrics of every report (its ``metrics`` key), in this order: the sweep's CSV columns too.
 METRICS = ("pps", "hit_ratio", "alloc_slow_per_mpkt", "page_alloc_pps", "page_free_pps", "inflight_mean",
@@ -45,7 +47,8 @@ CPU_EXTRA = (
 )
 # Redirect errors by errno: the CPU counter and the name xdp-bench's redirect_err breakdown prints.
 REDIRECT_ERRNOS = (("redirect_err_einval", "-EINVAL"), ("redirect_err_enetdown", "-ENETDOWN"),
-                   ("redirect_err_eopnotsupp", "-EOPNOTSUPP"), ("redirect_err_enomem", "-ENOMEM"))
+                   ("redirect_err_eopnotsupp", "-EOPNOTSUPP"), ("redirect_err_enomem", "-ENOMEM"),
+                   ("redirect_err_emsgsize", "-EMSGSIZE"))
 # The cpumap counters (xdp-bench redirect-cpu's enqueue and kthread lines), in each CPU's `cpumap`.
 CPU_CPUMAP = (
     "cpumap_enqueue", "cpumap_enqueue_drop", "cpumap_enqueue_bulks", "cpumap_kthread_processed",
@@ -458,7 +461,7 @@ def _host_sections(r: RunRecord) -> dict[str, Any]:
         for dname, dev in host.devices.items():
             row = final.rows[f"{hname}/{dname}"]
             devices.append({
-                "host": hname, "name": dname, "ifindex": dev.ifindex, "profile": dev.profile,
+                "host": hname, "name": dname, "ifindex": dev.ifindex, "profile": dev.profile, "mtu": dev.mtu,
                 "xdp_features": list(dev.xdp_features),
                 **{k: v for k, v in row.items() if k not in CONTROL},
             })
@@ -609,7 +612,8 @@ def summary(r: dict[str, Any]) -> str:
     for d in r["devices"]:
         out.append(
             f"  {d['host']}:{d['name']:<8} RX packets {d['rx_packets']:,} bytes {d['rx_bytes']:,} dropped "
-            f"{d['rx_dropped']:,} | TX packets {d['tx_packets']:,} bytes {d['tx_bytes']:,} completions "
+            f"{d['rx_dropped']:,}" + (f" length_errors {d['rx_length_errors']:,}" if d.get("rx_length_errors") else "")
+            + f" | TX packets {d['tx_packets']:,} bytes {d['tx_bytes']:,} completions "
             f"{d['tx_completions']:,} xdp_xmit {d['xdp_xmit']:,}"
         )
     p = r["pages"]

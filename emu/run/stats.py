@@ -37,6 +37,7 @@ CPU_COUNTERS = (
     "redirect_err_enetdown",  # the target device is gone
     "redirect_err_eopnotsupp",  # the target's XDP features lack ndo-xmit (a veth whose peer has no program)
     "redirect_err_enomem",  # a broadcast's clone could not be made (frame past a page, allocator empty)
+    "redirect_err_emsgsize",  # the frame is longer than the target's MTU allows (xdp_ok_fwd_dev)
     "xdp_exception",  # xdp:xdp_exception: the program raised or returned an unknown verdict
     "xdp_tx_full",  # XDP_TX frames dropped because the TX ring was full
     "xmit_drops",  # redirected frames the target's ndo_xdp_xmit did not take (devmap_xmit drops)
@@ -74,6 +75,9 @@ DEVICE_COUNTERS = (
     "rx_bytes",
     "rx_dropped",  # no RX buffer posted on the queue RSS chose within pause_ms (or it is offline, or down)
     "rx_completed",  # frames written into pages and completed to a CPU
+    # frames longer than the device's MTU allows (mtu + Ethernet header + a VLAN tag), dropped on arrival as a
+    # NIC's MAC drops them (ethtool's rx_length_errors, folded into the netdev's rx_errors)
+    "rx_length_errors",
     # pauses of the link for want of RX buffers (802.3x XOFF sent; ixgbe's name): frames waited in the
     # RX FIFO until buffers were posted, or until pause_ms passed and they were dropped (rx_dropped)
     "tx_flow_control_xoff",

@@ -42,9 +42,11 @@ from emu.net.protocol import XDP_PACKET_HEADROOM
 from emu.topology import schema
 from emu.topology.model import (
     DEVICE_PROFILES,
+    ETH_MIN_MTU,
     MAX_LINK_DELAY_US,
     MAX_LINK_RATE_BPS,
     PP_ALLOC_CACHE_REFILL,
+    SKB_SHARED_INFO,
     XDP_FEATURES,
     CaptureConfig,
     DeviceConfig,
@@ -60,6 +62,9 @@ from emu.topology.model import (
     TopologyError,
     TrafficPort,
     XdpConfig,
+    frame_room,
+    max_frame,
+    max_linear_mtu,
     xdp_features_of,
 )
 from emu.topology.schema import (
@@ -68,6 +73,7 @@ from emu.topology.schema import (
     MAX_PHASE_US,
     MAX_PHASES,
     MAX_RATE_PPS,
+    MIN_FRAG_SIZE,
     SECTIONS,
     Key,
 )
@@ -684,7 +690,8 @@ class _Validator:
         release = HOST["txc_release"]
         txc_release = f.choice(release.name, release.choices, release.default)
         pool = self.pool(name, f, page_size)
-        devices = self.devices(name, index, cpus, f)
+        # A device's RX buffer is a page or, with fragments, a fragment of one: that bounds its MTU.
+        devices = self.devices(name, index, cpus, pool.frag_size or page_size, f)
         placement = self.placement(name, f)
         host = HostConfig(
             name=name,
@@ -778,14 +785,15 @@ class _Validator:
         if frag_size:
             node = f.get("frag_size")
             assert node is not None
-            if frag_size < 64 or frag_size & (frag_size - 1) or frag_size > page_size:
-                self.fail(node, f"{f.pfx}'frag_size' must be 0 or a power of two between 64 and 'page_size' "
-                                f"({page_size}), not {frag_size}")
+            if frag_size < MIN_FRAG_SIZE or frag_size & (frag_size - 1) or frag_size > page_size:
+                self.fail(node, f"{f.pfx}'frag_size' must be 0 or a power of two between {MIN_FRAG_SIZE} (the "
+                                f"least buffer that takes a frame of the least MTU, {ETH_MIN_MTU}) and "
+                                f"'page_size' ({page_size}), not {frag_size}")
             if frag_size == page_size:
                 frag_size = 0  # one fragment per page: the page itself
         return PoolConfig(cache_size, refill, pool_size, recycle_limit, policy, frag_size)
 
-    def devices(self, host: str, host_index: int, cpus: int, hf: _Fields) -> dict[str, DeviceConfig]:
+    def devices(self, host: str, host_index: int, cpus: int, page_size: int, hf: _Fields) -> dict[str, DeviceConfig]:
         node = hf.require("devices")
         f = _Fields(
             self,
@@ -803,7 +811,7 @@ class _Validator:
         ifindex_owner: dict[int, tuple[str, int]] = {}
         for key_node, value_node in f.items.values():
             name = self.name(key_node, "device name", f"{host}: ", _DEVICE_NAME_RE, "A-Z a-z 0-9 _ . -")
-            dev, ifindex_node = self.device(host, host_index, cpus, name, key_node, value_node)
+            dev, ifindex_node = self.device(host, host_index, cpus, page_size, name, key_node, value_node)
             if dev.ifindex in ifindex_owner:
                 other, other_line = ifindex_owner[dev.ifindex]
                 also = f"(also used by '{other}' at line {other_line})"
@@ -813,7 +821,7 @@ class _Validator:
         return devices
 
     def device(
-        self, host: str, host_index: int, cpus: int, name: str, key_node: Node, node: Node
+        self, host: str, host_index: int, cpus: int, page_size: int, name: str, key_node: Node, node: Node
     ) -> tuple[DeviceConfig, Node]:
         where = f"{host}:{name}"
         f = _Fields(
@@ -873,6 +881,7 @@ class _Validator:
             self.fail(flags_node if flags_node is not None else key_node,
                       f"{where}: cannot attach an XDP program: the device's XDP features lack 'basic' "
                       "(the kernel refuses native XDP on it)")
+        mtu = self.mtu(where, page_size, f)
         fallback = DEVICE["redirect_fallback"]
         redirect_fallback = f.choice(fallback.name, fallback.choices, fallback.default)
         tx_completion_us = f.schema_int(DEVICE["tx_completion_us"])
@@ -893,8 +902,29 @@ class _Validator:
             xdp_features=features,
             profile=profile,  # type: ignore[arg-type]
             tx_cpus=tx_cpus,
+            mtu=mtu,
         )
         return dev, f.require("ifindex")
+
+    def mtu(self, where: str, buf_size: int, f: _Fields) -> int:
+        """``mtu``: at most the largest MTU whose frames fit one RX buffer of the host (`max_mtu`; a buffer
+        is a page, or a ``pool.frag_size`` fragment of one), as a driver refuses ``ip link set mtu`` above
+        its ``max_mtu`` (and an XDP program without frags support on a device whose MTU exceeds it);
+        absent, 1500 or that limit when smaller."""
+        key = DEVICE["mtu"]
+        limit = max_linear_mtu(buf_size)
+        node = f.get("mtu")
+        room = (f"one {buf_size}-byte RX buffer ({frame_room(buf_size)} bytes after {XDP_PACKET_HEADROOM} of "
+                f"headroom and {SKB_SHARED_INFO} of skb_shared_info tailroom)")
+        if node is None:
+            return min(key.default, limit)
+        mtu: int = f.schema_int(key)
+        if mtu > limit:
+            self.fail(node, f"{where}: 'mtu' {mtu} is more than the device can take: its largest frame "
+                            f"({max_frame(mtu)} bytes) does not fit {room}, so max_mtu is {limit}; a larger "
+                            "MTU needs XDP multi-buffer (rx-sg and an xdp.frags program), which the emulator "
+                            "does not have yet: raise the host's 'page_size' (or 'pool.frag_size') or lower 'mtu'")
+        return mtu
 
     def xdp(self, where: str, df: _Fields) -> XdpConfig | None:
         node = df.given("xdp")
@@ -1287,20 +1317,21 @@ class _Validator:
             self.fail(node, f"link endpoint '{text}': no traffic port '{text}'{hint}")
         return ep
 
-    def check_pkt_fits(self, f: _Fields, pkt_size: int, host: HostConfig, whose: str = "") -> None:
-        """`pkt_size` against the smallest RX buffer its frames may reach (a page, or a fragment of one:
-        `HostConfig.buf_size`); `whose` says whose buffers those are when not the linked host's."""
-        size = host.buf_size
-        max_pkt = size - XDP_PACKET_HEADROOM
-        if pkt_size > max_pkt:
+    def check_pkt_fits(self, f: _Fields, pkt_size: int, narrowest: tuple[HostConfig, DeviceConfig],
+                       linked: HostConfig) -> None:
+        """`pkt_size` against the smallest MTU its frames may reach (`narrowest`: that device and its host,
+        `linked` the host the port is cabled to)."""
+        host, dev = narrowest
+        limit = max_frame(dev.mtu)
+        if pkt_size > limit:
             node = f.get("pkt_size")
             assert node is not None
-            kind, key = ("pages", "page_size") if size == host.page_size else ("page fragments", "pool.frag_size")
-            bufs = f"the linked host's {size}-byte {kind}" if not whose else f"the {size}-byte {kind}{whose}"
+            whose = f"{host.name}:{dev.name}" + ("" if host is linked else f", cabled to the linked host "
+                                                                           f"'{linked.name}',")
             self.fail(
                 node,
-                f"{f.pfx}'pkt_size' {pkt_size} does not fit {bufs} "
-                f"(max {max_pkt} = {key} - {XDP_PACKET_HEADROOM} bytes of XDP headroom)",
+                f"{f.pfx}'pkt_size' {pkt_size} is longer than {whose} takes: max {limit} = its mtu {dev.mtu} + "
+                f"{limit - dev.mtu} (Ethernet header and a VLAN tag); raise that device's 'mtu'",
             )
 
     def generator_values(self, f: _Fields) -> dict[str, Any]:
@@ -1364,12 +1395,9 @@ class _Validator:
                 assert peer.host is not None
                 host = hosts[peer.host]
                 # Its frames may be forwarded over cables to any host connected to this one, and a frame
-                # that does not fit a receiving device's buffer is not a frame that device can take: the
-                # smallest page on the way bounds pkt_size.
-                smallest = min(_cabled_hosts(peer.host, links, hosts), key=lambda h: (h.buf_size, h.index))
-                self.check_pkt_fits(gen_fields, values["pkt_size"], smallest,
-                                    "" if smallest is host else f" of host '{smallest.name}', cabled to"
-                                    f" the linked host '{host.name}'")
+                # longer than a device's MTU allows is not a frame that device can take: the smallest MTU
+                # on the way bounds pkt_size.
+                self.check_pkt_fits(gen_fields, values["pkt_size"], _narrowest(peer.host, links, hosts), host)
                 if values["src_mac"] is None:
                     values["src_mac"] = f"02:00:00:ff:{(index + 1) >> 8:02x}:{(index + 1) & 0xFF:02x}"
                 if values["dst_mac"] is None:
@@ -1382,8 +1410,8 @@ class _Validator:
                 if peer is None:
                     self.fail(key_node, f"traffic port '{name}' replays a capture but is not linked to a device")
                 assert peer.host is not None
-                smallest = min(_cabled_hosts(peer.host, links, hosts), key=lambda h: (h.buf_size, h.index))
-                replay = ReplayConfig(**rv, max_frame=smallest.buf_size - XDP_PACKET_HEADROOM, port_id=index)
+                _, narrow = _narrowest(peer.host, links, hosts)
+                replay = ReplayConfig(**rv, max_frame=max_frame(narrow.mtu), port_id=index)
             traffic[name] = TrafficPort(name, gen, _line(key_node), replay, self.expects.get(name))
         return traffic
 
@@ -1402,6 +1430,14 @@ def _cabled_hosts(start: str, links: Iterable[LinkConfig], hosts: dict[str, Host
                 seen.add(other)
                 todo.append(other)
     return [hosts[h] for h in hosts if h in seen]
+
+
+def _narrowest(start: str, links: Iterable[LinkConfig], hosts: dict[str, HostConfig]) -> tuple[HostConfig,
+                                                                                               DeviceConfig]:
+    """The device of smallest MTU (and its host) among those of `start` and every host cabled to it: the
+    longest frame a traffic port cabled to `start` may send is what that device takes."""
+    return min(((h, d) for h in _cabled_hosts(start, links, hosts) for d in h.devices.values()),
+               key=lambda hd: (hd[1].mtu, hd[0].index, hd[1].ifindex))
 
 
 def _children(node: Node) -> list[Node]:

@@ -32,15 +32,22 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from emu.errors import FileLineError
+from emu.net.protocol import XDP_PACKET_HEADROOM
 
 __all__ = [
     "DEV_MAP_BULK_SIZE",
+    "ETH_DATA_LEN",
+    "ETH_HLEN",
+    "ETH_MIN_MTU",
     "MAX_LINK_DELAY_US",
     "MAX_LINK_RATE_BPS",
+    "MAX_MTU",
     "NAPI_POLL_WEIGHT",
     "PP_ALLOC_CACHE_REFILL",
     "PP_ALLOC_CACHE_SIZE",
     "PP_DEFAULT_RING_SIZE",
+    "SKB_SHARED_INFO",
+    "VLAN_HLEN",
     "XDP_BULK_QUEUE_SIZE",
     "CaptureConfig",
     "DeviceConfig",
@@ -56,7 +63,10 @@ __all__ = [
     "TopologyError",
     "TrafficPort",
     "XdpConfig",
+    "frame_room",
     "host_from_dict",
+    "max_frame",
+    "max_linear_mtu",
     "resolve_program",
     "topology_from_dict",
 ]
@@ -70,6 +80,18 @@ PP_DEFAULT_RING_SIZE = 1024  # page_pool_init(): a pool_size of 0 gets a 1024-en
 NAPI_POLL_WEIGHT = 64
 DEV_MAP_BULK_SIZE = 16
 XDP_BULK_QUEUE_SIZE = 16
+# A device's MTU (include/uapi/linux/if_ether.h): the default, the least any device takes, and the largest
+# the emulator's devices take (a 9000-byte jumbo MTU, what NICs commonly advertise and data centres use).
+ETH_DATA_LEN = 1500
+ETH_MIN_MTU = 68
+MAX_MTU = 9000
+# The link-layer bytes a frame carries beyond its MTU: the Ethernet header and one VLAN tag (no FCS: the
+# emulator's frames have none), as a NIC's max frame size and ``is_skb_forwardable`` allow.
+ETH_HLEN = 14
+VLAN_HLEN = 4
+# SKB_DATA_ALIGN(sizeof(struct skb_shared_info)) on x86-64: the tailroom a driver reserves at the end of
+# every RX buffer, so that an skb (or an xdp_buff's fragment list) can be built around the frame in place.
+SKB_SHARED_INFO = 320
 
 # Link impairment limits (emulator choices; tc-netem itself allows more).
 MAX_LINK_DELAY_US = 10_000_000  # 10 s for `delay` and `jitter`
@@ -120,6 +142,24 @@ XDP_FEATURES = ("basic", "redirect", "ndo-xmit", "ndo-xmit-sg", "rx-sg")
 DEVICE_PROFILES = ("nic", "veth")
 
 
+def frame_room(page_size: int) -> int:
+    """The bytes of a received frame one RX buffer holds: its page less ``XDP_PACKET_HEADROOM`` in front
+    and the ``skb_shared_info`` tailroom behind (``SKB_WITH_OVERHEAD(PAGE_SIZE - XDP_PACKET_HEADROOM)``)."""
+    return page_size - XDP_PACKET_HEADROOM - SKB_SHARED_INFO
+
+
+def max_frame(mtu: int) -> int:
+    """The longest frame (without FCS) a device of MTU `mtu` sends or takes: the MTU plus the Ethernet
+    header and one VLAN tag."""
+    return mtu + ETH_HLEN + VLAN_HLEN
+
+
+def max_linear_mtu(page_size: int) -> int:
+    """The largest MTU whose frames fit one RX buffer of a `page_size` page (`frame_room`), as mlx5's
+    ``mlx5e_xdp_max_mtu`` and veth's ``max_mtu`` compute it: beyond it a frame needs XDP multi-buffer."""
+    return frame_room(page_size) - ETH_HLEN - VLAN_HLEN
+
+
 def xdp_features_of(profile: str, xdp_xmit: bool, peer_has_xdp: bool = False) -> tuple[str, ...]:
     """The flags a device of `profile` advertises: a NIC's ``basic``, ``redirect`` and, with `xdp_xmit`,
     ``ndo-xmit``; a veth's ``basic``, ``redirect``, ``rx-sg``, and ``ndo-xmit`` and ``ndo-xmit-sg`` only
@@ -157,6 +197,9 @@ class DeviceConfig:
     peer: str = ""
     # CPU handling each TX queue's completions (its TX IRQ affinity); () = queue q -> CPU q % cpus.
     tx_cpus: tuple[int, ...] = ()
+    # ``dev->mtu``: the largest L3 payload the device sends and receives; a frame is at most
+    # `max_frame` (mtu) bytes on its wire.
+    mtu: int = ETH_DATA_LEN
 
     def tx_cpu(self, txq: int, cpus: int) -> int:
         """The CPU that handles TX queue `txq`'s completions on a host of `cpus` CPUs."""
@@ -316,7 +359,7 @@ class ReplayConfig:
     """``traffic.<port>.replay``: a capture file the port sends instead of generating (`emu.net.replay`).
 
     `pcap` is an absolute path (the file gives it relative to itself); `max_frame` is the longest frame
-    the devices on the way take (the smallest page of the hosts it may reach, less the XDP headroom)."""
+    the devices on the way take (the smallest MTU of the hosts it may reach, plus its link-layer header)."""
 
     pcap: str
     loop: int = 1  # passes over the file; 0 = until stopped
@@ -483,6 +526,7 @@ def _device_to_dict(dev: DeviceConfig) -> dict[str, Any]:
         "profile": dev.profile,
         "peer": dev.peer,
         "tx_cpus": list(dev.tx_cpus),
+        "mtu": dev.mtu,
     }
 
 
@@ -513,6 +557,7 @@ def host_from_dict(d: Mapping[str, Any]) -> HostConfig:
             profile=dd["profile"],
             peer=dd["peer"],
             tx_cpus=tuple(dd["tx_cpus"]),
+            mtu=dd["mtu"],
         )
     pool = d["pool"]
     return HostConfig(

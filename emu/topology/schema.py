@@ -30,10 +30,16 @@ from emu.net.packets import MAX_FLOWS, MAX_PKT_SIZE, MIN_PKT_SIZE, SeqTracker
 from emu.net.protocol import CPU_MASK, DEVICE_BIT, LINK_DOWN_BIT, XDP_PACKET_HEADROOM
 from emu.topology.model import (
     DEV_MAP_BULK_SIZE,
+    ETH_DATA_LEN,
+    ETH_HLEN,
+    ETH_MIN_MTU,
+    MAX_MTU,
     NAPI_POLL_WEIGHT,
     PP_ALLOC_CACHE_REFILL,
     PP_ALLOC_CACHE_SIZE,
     PP_DEFAULT_RING_SIZE,
+    SKB_SHARED_INFO,
+    VLAN_HLEN,
     XDP_BULK_QUEUE_SIZE,
     HostConfig,
 )
@@ -73,6 +79,9 @@ MAX_CPU_ID = 8191
 MAX_PAGES = 1 << 20
 MIN_PAGES = 256
 MIN_PAGE_SIZE = 1024
+# The least RX buffer fragment: the least power of two whose buffer takes a frame of the least MTU
+# (ETH_MIN_MTU) after the headroom and the skb_shared_info tailroom (`max_linear_mtu`).
+MIN_FRAG_SIZE = 1024
 MAX_PAGE_SIZE = 65536
 MAX_QUEUES = 64
 MIN_RING = 8
@@ -278,8 +287,8 @@ POOL = Section("pool", "`hosts.<host>.pool`", (
         "Bytes of one RX buffer when pages are split into fragments, as i40e, ixgbe and mlx5 split 4 KiB "
         "pages into 2 KiB halves: each page serves `page_size / frag_size` buffers, its pool counts pages "
         "(not buffers) and recycles a page only when its last fragment comes back. `0` (or `page_size`) = "
-        "one buffer per page. A power of two ≤ `page_size`; frames must fit `frag_size` − 256.",
-        0, 0, MAX_PAGE_SIZE, type_doc="int, 0 or a power of two 64..`page_size`",
+        "one buffer per page. A power of two ≤ `page_size`; it bounds the devices' `mtu` as a page does.",
+        0, 0, MAX_PAGE_SIZE, type_doc=f"int, 0 or a power of two {MIN_FRAG_SIZE}..`page_size`",
         kernel="`page_pool_alloc_frag` (`pp_ref_count`)"),
 ))
 
@@ -331,6 +340,17 @@ DEVICE = Section("device", "`hosts.<host>.devices.<dev>`", (
         "redirect target (`-EOPNOTSUPP`).  The `-sg` flags are shown but decide nothing (no multi-buffer "
         "frames yet).  Not for a `veth`.", None, type_doc="list of flags",
         default_doc="`basic`, `redirect`, and `ndo-xmit` when `xdp_xmit`", kernel="`dev->xdp_features`"),
+    Key("mtu", "int",
+        "The device's MTU: its frames are at most `mtu` + "
+        f"{ETH_HLEN + VLAN_HLEN} bytes (Ethernet header and a VLAN tag; a longer frame reaching it is dropped "
+        "as `rx_length_errors`), and `bpf_check_mtu` sees it.  One RX buffer holds a frame of `page_size` − "
+        f"{XDP_PACKET_HEADROOM} (headroom) − {SKB_SHARED_INFO} (`skb_shared_info` tailroom) bytes, so the "
+        f"largest MTU a device takes is that less {ETH_HLEN + VLAN_HLEN} (`max_mtu`: 1454 with 2 KiB pages, "
+        "3502 with 4 KiB); a larger one needs XDP multi-buffer, which the emulator does not have yet, and is "
+        "refused naming the limit.", ETH_DATA_LEN, ETH_MIN_MTU, MAX_MTU,
+        hi_ref=f"`max_mtu` of the device's page ({MAX_MTU} at most)",
+        default_doc=f"{ETH_DATA_LEN}, or `max_mtu` when the device's page is too small for it",
+        kernel="`dev->mtu` (`ip link set mtu`)"),
     Key("redirect_fallback", "choice",
         "What a redirect to a device without `xdp_xmit` does: `drop` = today's kernel (`-EOPNOTSUPP`, "
         "counted `redirect_err`); `skb` = copy into an skb and transmit normally.", "drop",
@@ -443,13 +463,11 @@ GENERATE = Section("generate", "`traffic.<port>.generate`", (
         f"it replaces; 1 to {MAX_PHASES} phases.", None,
         type_doc="list of `{rate: R, for: D}`", default_doc="absent (constant `rate`)"),
     Key("pkt_size", "int",
-        f"Frame size in bytes (without FCS); must fit an RX buffer (a page, or a `pool.frag_size` "
-        f"fragment) after `XDP_PACKET_HEADROOM` "
-        f"({XDP_PACKET_HEADROOM}). `imix` = the classic 7:4:1 mix of 64, 570 and 1518 bytes, or a list of "
+        f"Frame size in bytes (without FCS); at most `mtu` + {ETH_HLEN + VLAN_HLEN} of every device its frames "
+        "may reach. `imix` = the classic 7:4:1 mix of 64, 570 and 1518 bytes, or a list of "
         "`[size, weight]` pairs (each size in bounds; the largest must fit).", 64,
         MIN_PKT_SIZE, min(MAX_PKT_SIZE, MAX_PAGE_SIZE - XDP_PACKET_HEADROOM),
-        hi_ref=f"`page_size` (or `pool.frag_size`) − {XDP_PACKET_HEADROOM} of the linked host and hosts "
-               "cabled to it"),
+        hi_ref=f"`mtu` + {ETH_HLEN + VLAN_HLEN} of the devices of the linked host and hosts cabled to it"),
     Key("flows", "int", "Distinct flows (spread over RX queues).", 16, 1, MAX_FLOWS),
     Key("burst", "int", "Packets sent back to back.", 64, 1, MAX_BURST),
     Key("src_mac", "mac", "Source MAC of generated frames.", None, type_doc="MAC string",
@@ -487,10 +505,15 @@ CONSTRAINTS: tuple[Constraint, ...] = (
                "entry per TX queue."),
     Constraint("ifindex", "`ifindex` is unique within a host; a device whose ifindex is above 65535 (or on the "
                "256th host or later) needs an explicit `mac`."),
-    Constraint("pkt_size", f"`generate.pkt_size` ≤ `page_size` (`pool.frag_size` when set) − "
-               f"{XDP_PACKET_HEADROOM} of the linked host and "
-               "of every host cabled to it, directly or through other hosts (its frames may be forwarded "
-               "there); a port with `generate` must be linked to a host device."),
+    Constraint("pkt_size", f"`generate.pkt_size` ≤ `mtu` + {ETH_HLEN + VLAN_HLEN} of every device of the linked "
+               "host and of every host cabled to it, directly or through other hosts (its frames may be "
+               "forwarded there; a replayed capture's longer frames are skipped the same way); a port with "
+               "`generate` must be linked to a host device."),
+    Constraint("mtu", f"`mtu` ≤ `max_mtu` = the RX buffer (`page_size`, or `pool.frag_size` when set) − "
+               f"{XDP_PACKET_HEADROOM} − {SKB_SHARED_INFO} − {ETH_HLEN + VLAN_HLEN} of the device's host (one "
+               "RX buffer holds its largest frame), as a driver refuses an MTU above its `max_mtu`; without "
+               f"`mtu` a device takes the smaller of {ETH_DATA_LEN} and `max_mtu`; a buffer too small for the "
+               f"least MTU ({ETH_MIN_MTU}) is refused."),
     Constraint("links", "Link endpoints exist, each is used by at most one link, and a link has a host "
                "device at one end at least."),
     Constraint("params", "A program's params match what it declares (names, types, required ones); a device "

@@ -41,6 +41,10 @@ Programs
     `load_program` turns ``"module:function"`` into a `Program`; `Program.new_context` builds a context
     and runs the setup hook.
 
+Helpers beyond the redirects: ``ctx.check_mtu`` is ``bpf_check_mtu`` over the host's devices' MTUs
+(``ctx.device_mtus()``, which a native engine is given too); ``ctx.get_buff_len``, ``ctx.load_bytes`` and
+``ctx.store_bytes`` are the multi-buffer access helpers (188-190), over the frame's one buffer for now.
+
 XDP itself keeps no counters: programs count in their maps, and the worker keeps the per-action totals
 the kernel's ``xdp:*`` tracepoints would show.
 """
@@ -58,6 +62,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from emu.mem.pagemem import PageSpans
+from emu.topology.model import ETH_DATA_LEN, ETH_HLEN
 from emu.xdp.bpfmaps import BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS, BpfMap, CpuMap, DevMap, MapSpec
 
 __all__ = [
@@ -97,6 +102,9 @@ XDP_PASS = 2
 XDP_TX = 3
 XDP_REDIRECT = 4
 
+# bpf_check_mtu()'s errnos.
+_EINVAL, _ENODEV = 22, 19
+
 # bpf_redirect_map(): the low bits of flags are the action on a lookup miss (XDP_ABORTED..XDP_TX).
 _ACTION_MASK = XDP_ABORTED | XDP_DROP | XDP_PASS | XDP_TX
 # ...and a devmap takes BPF_F_BROADCAST (every device of the map) and BPF_F_EXCLUDE_INGRESS on top.
@@ -112,6 +120,7 @@ class XdpContext:
 
     __slots__ = (
         "_ifindexes",
+        "_mtus",
         "cpu",
         "data",
         "ingress_ifindex",
@@ -130,6 +139,7 @@ class XdpContext:
         params: Mapping[str, Any] | None = None,
         maps: Mapping[str, BpfMap] | None = None,
         ifindexes: Mapping[str, int] | None = None,
+        mtus: Mapping[int, int] | None = None,
     ) -> None:
         self.data: memoryview | None = None
         self.ingress_ifindex = ingress_ifindex
@@ -140,6 +150,10 @@ class XdpContext:
         self.params: Mapping[str, Any] = MappingProxyType(copy.deepcopy(dict(params or {})))
         self.maps: Mapping[str, BpfMap] = MappingProxyType(dict(maps or {}))
         self._ifindexes: dict[str, int] = dict(ifindexes or {})
+        # ``dev->mtu`` of the host's devices by ifindex (``bpf_check_mtu``: a device's length limit is its MTU
+        # plus its hard_header_len, an Ethernet header); a device not given one has the default 1500.
+        self._mtus: dict[int, int] = {i: ETH_DATA_LEN for i in self._ifindexes.values()}
+        self._mtus.update(mtus or {})
         self.redirect_ifindex = -1
         self.priv: Any = None
 
@@ -191,6 +205,49 @@ class XdpContext:
         except KeyError:
             known = ", ".join(sorted(self._ifindexes)) or "none"
             raise ValueError(f"no device {name!r} on this host (devices: {known})") from None
+
+    def get_buff_len(self) -> int:
+        """``bpf_xdp_get_buff_len``: the frame's length over all its buffers (one buffer here: no XDP
+        multi-buffer yet, so ``len(ctx.data)``)."""
+        return len(self.data or b"")
+
+    def load_bytes(self, offset: int, buf: bytearray | memoryview) -> int:
+        """``bpf_xdp_load_bytes``: copy ``len(buf)`` bytes of the frame from `offset` into `buf`; 0, or
+        -EINVAL (nothing copied) for an empty `buf` or a span past the frame's end, as the engine's twin."""
+        data = self.data
+        n = len(buf)
+        if data is None or not n or offset < 0 or offset + n > len(data):
+            return -_EINVAL
+        buf[:] = data[offset : offset + n]
+        return 0
+
+    def store_bytes(self, offset: int, src: bytes | bytearray | memoryview) -> int:
+        """``bpf_xdp_store_bytes``: write `src` over the frame from `offset`; 0, or -EINVAL (nothing
+        written) for an empty `src` or a span past the frame's end."""
+        data = self.data
+        n = len(src)
+        if data is None or not n or offset < 0 or offset + n > len(data):
+            return -_EINVAL
+        data[offset : offset + n] = src
+        return 0
+
+    def device_mtus(self) -> dict[int, int]:
+        """The MTU of each device of this host, by ifindex (a copy: what a native engine is given)."""
+        return dict(self._mtus)
+
+    def check_mtu(self, ifindex: int = 0, mtu_len: int = 0, len_diff: int = 0, flags: int = 0) -> tuple[int, int]:
+        """``bpf_check_mtu`` for XDP (``bpf_xdp_check_mtu``): (ret, mtu) for device `ifindex` (0: the
+        ingress device).  The frame's length is ``len(ctx.data)`` + `len_diff`, or `mtu_len` (an L3
+        length) plus the Ethernet header when `mtu_len` is not 0; ret is 0 when it fits ``mtu`` + ETH_HLEN,
+        1 (``BPF_MTU_CHK_RET_FRAG_NEEDED``) when not, -ENODEV for no such device and -EINVAL for any flag
+        (XDP takes none).  `mtu` is the device's MTU (0 when ret is negative)."""
+        if flags:
+            return -_EINVAL, 0
+        mtu = self._mtus.get(ifindex or self.ingress_ifindex)
+        if mtu is None:
+            return -_ENODEV, 0
+        length = (mtu_len + ETH_HLEN if mtu_len else len(self.data or b"")) + len_diff
+        return (1 if length > mtu + ETH_HLEN else 0), mtu
 
     def __repr__(self) -> str:
         return (
@@ -441,13 +498,14 @@ class Program:
         params: Mapping[str, Any] | None = None,
         maps: Mapping[str, BpfMap] | None = None,
         ifindexes: Mapping[str, int] | None = None,
+        mtus: Mapping[int, int] | None = None,
     ) -> XdpContext:
         """A context for one RX queue, with the program's setup hook already run on it."""
         maps = dict(maps or {})
         missing = sorted(set(self.maps) - set(maps))
         if missing:
             raise ValueError(f"xdp program {self.name}: maps {missing} were not created")
-        ctx = XdpContext(ingress_ifindex, rx_queue_index, cpu, params, maps, ifindexes)
+        ctx = XdpContext(ingress_ifindex, rx_queue_index, cpu, params, maps, ifindexes, mtus)
         if self.setup is not None:
             self.setup(ctx)
         return ctx

@@ -140,13 +140,15 @@ def program_for(
 
 
 def make_context(
-    prog: Program | None, maps: dict[str, Any], dev: DeviceConfig, q: int, cpu: int, ifindexes: dict[str, int]
+    prog: Program | None, maps: dict[str, Any], dev: DeviceConfig, q: int, cpu: int, ifindexes: dict[str, int],
+    mtus: dict[int, int] | None = None,
 ) -> XdpContext:
-    """The context of RX queue `q` of `dev` on `cpu`, with the program's setup hook run."""
+    """The context of RX queue `q` of `dev` on `cpu`, with the program's setup hook run; `mtus` are the
+    host's devices' MTUs by ifindex (``bpf_check_mtu``)."""
     params = dev.xdp.params if dev.xdp is not None else {}
     if prog is None:
-        return XdpContext(dev.ifindex, q, cpu, params, maps, ifindexes)
-    return prog.new_context(dev.ifindex, q, cpu, params, maps, ifindexes)
+        return XdpContext(dev.ifindex, q, cpu, params, maps, ifindexes, mtus)
+    return prog.new_context(dev.ifindex, q, cpu, params, maps, ifindexes, mtus)
 
 
 def snapshot_maps(sets: list[tuple[str, MapSet]]) -> dict[str, Any]:
