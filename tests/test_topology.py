@@ -1409,7 +1409,7 @@ BAD: list[tuple[str, str, int, str]] = [
         """,
         6,
         "h1:eth0: 'mtu' 1500 is more than the device can take: its largest frame (1518 bytes) does not fit one "
-        "RX buffer of a 2048-byte page (1472 bytes after 256 of headroom and 320 of skb_shared_info tailroom), "
+        "2048-byte RX buffer (1472 bytes after 256 of headroom and 320 of skb_shared_info tailroom), "
         "so max_mtu is 1454",
     ),
     (
