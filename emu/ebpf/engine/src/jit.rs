@@ -593,6 +593,32 @@ impl<'a, 'b> FnCompiler<'a, 'b> {
         }
     }
 
+    /// The arithmetic both ALU classes share, on values of type `ty` (I64, or I32 for the 32-bit class):
+    /// `None`, emitting nothing, for the rest (mov, movsx, byte swaps, unknown codes).
+    fn binop(&mut self, op: u8, off: i16, d: Value, s: Value, ty: Type) -> Option<Value> {
+        let mask = if ty == I64 { 63 } else { 31 };
+        Some(match op & 0xf0 {
+            0x00 => self.b.ins().iadd(d, s),
+            0x10 => self.b.ins().isub(d, s),
+            0x20 => self.b.ins().imul(d, s),
+            0x30 => self.divmod(d, s, off == 1, false, ty),
+            0x40 => self.b.ins().bor(d, s),
+            0x50 => self.b.ins().band(d, s),
+            0x60 | 0x70 | 0xc0 => {
+                let m = self.b.ins().band_imm_s(s, mask);
+                match op & 0xf0 {
+                    0x60 => self.b.ins().ishl(d, m),
+                    0x70 => self.b.ins().ushr(d, m),
+                    _ => self.b.ins().sshr(d, m),
+                }
+            }
+            0x80 if op & 8 == 0 => self.b.ins().ineg(d),
+            0x90 => self.divmod(d, s, off == 1, true, ty),
+            0xa0 => self.b.ins().bxor(d, s),
+            _ => return None,
+        })
+    }
+
     /// Emit one instruction; the next pc when control falls through, `None` after a terminator.
     fn insn(&mut self, pc: usize, i: Insn) -> Option<i64> {
         let next = pc as i64 + 1;
@@ -602,28 +628,7 @@ impl<'a, 'b> FnCompiler<'a, 'b> {
         if op & 7 == 7 {
             let d = self.get(i.dst);
             let s = if op & 8 != 0 { self.get(i.src) } else { self.k(imm) };
-            let v = match op {
-                0x07 | 0x0f => self.b.ins().iadd(d, s),
-                0x17 | 0x1f => self.b.ins().isub(d, s),
-                0x27 | 0x2f => self.b.ins().imul(d, s),
-                0x37 | 0x3f => self.divmod(d, s, i.off == 1, false, I64),
-                0x47 | 0x4f => self.b.ins().bor(d, s),
-                0x57 | 0x5f => self.b.ins().band(d, s),
-                0x67 | 0x6f => {
-                    let m = self.b.ins().band_imm_s(s, 63);
-                    self.b.ins().ishl(d, m)
-                }
-                0x77 | 0x7f => {
-                    let m = self.b.ins().band_imm_s(s, 63);
-                    self.b.ins().ushr(d, m)
-                }
-                0xc7 | 0xcf => {
-                    let m = self.b.ins().band_imm_s(s, 63);
-                    self.b.ins().sshr(d, m)
-                }
-                0x87 => self.b.ins().ineg(d),
-                0x97 | 0x9f => self.divmod(d, s, i.off == 1, true, I64),
-                0xa7 | 0xaf => self.b.ins().bxor(d, s),
+            let v = if let Some(v) = self.binop(op, i.off, d, s, I64) { v } else { match op {
                 0xb7 => s,
                 0xbf => match i.off {
                     8 | 16 | 32 => {
@@ -642,7 +647,7 @@ impl<'a, 'b> FnCompiler<'a, 'b> {
                     self.fault_here(pc, format!("unsupported instruction opcode {:#04x}", op));
                     return None;
                 }
-            };
+            } };
             self.set(i.dst, v);
             return Some(next);
         }
@@ -670,28 +675,7 @@ impl<'a, 'b> FnCompiler<'a, 'b> {
             } else {
                 self.b.ins().iconst(I32, i.imm as u32 as i64)
             };
-            let v = match op {
-                0x04 | 0x0c => self.b.ins().iadd(d, s),
-                0x14 | 0x1c => self.b.ins().isub(d, s),
-                0x24 | 0x2c => self.b.ins().imul(d, s),
-                0x34 | 0x3c => self.divmod(d, s, i.off == 1, false, I32),
-                0x44 | 0x4c => self.b.ins().bor(d, s),
-                0x54 | 0x5c => self.b.ins().band(d, s),
-                0x64 | 0x6c => {
-                    let m = self.b.ins().band_imm_s(s, 31);
-                    self.b.ins().ishl(d, m)
-                }
-                0x74 | 0x7c => {
-                    let m = self.b.ins().band_imm_s(s, 31);
-                    self.b.ins().ushr(d, m)
-                }
-                0xc4 | 0xcc => {
-                    let m = self.b.ins().band_imm_s(s, 31);
-                    self.b.ins().sshr(d, m)
-                }
-                0x84 => self.b.ins().ineg(d),
-                0x94 | 0x9c => self.divmod(d, s, i.off == 1, true, I32),
-                0xa4 | 0xac => self.b.ins().bxor(d, s),
+            let v = if let Some(v) = self.binop(op, i.off, d, s, I32) { v } else { match op {
                 0xb4 => s,
                 0xbc => match i.off {
                     8 | 16 => {
@@ -705,7 +689,7 @@ impl<'a, 'b> FnCompiler<'a, 'b> {
                     self.fault_here(pc, format!("unsupported instruction opcode {:#04x}", op));
                     return None;
                 }
-            };
+            } };
             let v = self.b.ins().uextend(I64, v);
             self.set(i.dst, v);
             return Some(next);
