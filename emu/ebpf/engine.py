@@ -191,6 +191,8 @@ def xdp_program(obj: BpfObject, prog: str, maps: ObjMaps, cpu: int) -> Any:
     from emu.xdp.context import XDP_ABORTED, XDP_REDIRECT, Program, XdpBatch, XdpContext
 
     eng = CpuEngine(obj, maps, cpu)
+    if eng.jit_error is not None:  # asked for the JIT, running interpreted: slower, so say it once
+        sys.stderr.write(f"emu: cpu{cpu} {obj.path.name}: no JIT ({eng.jit_error}); interpreting\n")
     idx = eng.index(prog)
     moves = eng.moves_packets
     printed = [0]
