@@ -230,13 +230,13 @@ def test_the_fuzzer_reaches_faults_helpers_and_clean_exits() -> None:
     kinds = {"refused": 0, "fault": 0, "ok": 0, "moved": 0}
     for seed in range(300):
         obj = BpfObject(Path("f.o"), {"p": ProgDef("p", "xdp", Gen(random.Random(seed)).program())}, MAPS)
+        e = Engine(obj, ncpus=1, budget=BUDGET, engine="jit")
         try:
-            e = Engine(obj, ncpus=1, budget=BUDGET, engine="jit")
-            cpu = e.cpu(0)
-        except BadInputError:
-            kinds["refused"] += 1
-            continue
-        try:
+            try:
+                cpu = e.cpu(0)
+            except BadInputError:
+                kinds["refused"] += 1
+                continue
             mem = np.zeros((2, PAGE), dtype=np.uint8)
             offs, lens = np.full(1, HEADROOM, dtype=np.uint32), np.full(1, 64, dtype=np.uint32)
             _v, exc, moved = cpu.run_batch(0, mem, np.ones(1, dtype=np.uint32), offs, lens,
