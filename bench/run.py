@@ -141,6 +141,8 @@ class Suite:
         # The bundled C programs (issue 17): built here when missing; without clang, the engine and the
         # l2fwd-obj cases are left out (their numbers None).
         self.engine_cases = ebpf_bench.all_cases()
+        # the interpreter too, the same rounds: the JIT's gain measured side by side
+        self.interp_cases = ebpf_bench.all_cases("interp") if self.engine_cases is not None else None
         cases = EMU_CASES if self.engine_cases is not None else tuple(c for c in EMU_CASES if c != "l2fwd-obj")
         self.topos = {name: emu_runs.case(name) for name in cases}
         self.measurements = {
@@ -157,9 +159,10 @@ class Suite:
         self.capture_topo = emu_runs.l2fwd_capture()
 
     def close(self) -> None:
-        for case in (getattr(self, "engine_cases", None) or {}).values():
-            case.close()
-        self.engine_cases = None
+        for cases in (getattr(self, "engine_cases", None), getattr(self, "interp_cases", None)):
+            for case in (cases or {}).values():
+                case.close()
+        self.engine_cases = self.interp_cases = None
         if self.bare is not None:
             self.bare.close()
             self.bare = None
@@ -219,10 +222,15 @@ class Suite:
         return out
 
     def measure_engine(self) -> dict:
-        """ns per packet of the engine alone for each bundled C program (CPU time, pinned to one core)."""
-        assert self.engine_cases is not None
+        """ns per packet of the engine alone for each bundled C program (CPU time, pinned to one core): the
+        JIT under the program's name, the interpreter under ``interp:`` + the name."""
+        assert self.engine_cases is not None and self.interp_cases is not None
         with pinned_to_one_core():
-            return {name: case.ns_per_packet(self.cfg.bare_seconds) for name, case in self.engine_cases.items()}
+            out = {}
+            for name, case in self.engine_cases.items():
+                out[name] = case.ns_per_packet(self.cfg.bare_seconds)
+                out[f"interp:{name}"] = self.interp_cases[name].ns_per_packet(self.cfg.bare_seconds)
+            return out
 
     def measure_emu(self, name: str) -> dict:
         return emu_runs.run_topology(self.topos[name], self.cfg.duration)
@@ -324,6 +332,8 @@ def derive(samples: dict[str, list[dict]], cli: dict | None, cores: int | None =
     r["l2fwd_obj_to_l2fwd"] = ratio(r["l2fwd_obj_pps"], r["l2fwd_pps"]) if obj else None
     eng = samples.get("engine", [])
     r["xdp_engine_ns"] = {k: round(med([s[k] for s in eng]), 1) for k in ebpf_bench.PROGRAMS} if eng else None
+    r["xdp_engine_interp_ns"] = ({k: round(med([s[f"interp:{k}"] for s in eng]), 1) for k in ebpf_bench.PROGRAMS}
+                                 if eng else None)
     r["xdp_kernel_test_run_ns"] = kernel_test_run_ns() if eng else None
     # The capture's cost: l2fwd with eth0 captured against l2fwd, both in every round; the median of
     # each round's own ratio (measured minutes apart otherwise), and the share the capture ring dropped.
@@ -506,9 +516,11 @@ def render_table(res: dict) -> str:
          "pkt/s"),
         *([("emulator l2fwd-obj: the C object, 2 CPUs", res["l2fwd_obj_pps"],
             spread(col("l2fwd-obj", "delivered_pps")), "pkt/s")] if res.get("l2fwd_obj_pps") is not None else []),
-        *[(f"eBPF engine alone: {k} (kernel test_run "
+        *[(f"eBPF engine alone (JIT): {k} (kernel test_run "
            f"{(res.get('xdp_kernel_test_run_ns') or {}).get(k, '-')} ns)", v, spread(col("engine", k)), "ns/pkt")
           for k, v in (res.get("xdp_engine_ns") or {}).items()],
+        *[(f"eBPF engine alone (interpreter): {k}", v, spread(col("engine", f"interp:{k}")), "ns/pkt")
+          for k, v in (res.get("xdp_engine_interp_ns") or {}).items()],
         *([("emulator l2fwd, eth0 captured (docs/capture.md)", res["l2fwd_capture_pps"],
             spread(col("l2fwd-capture", "delivered_pps")), "pkt/s")] if "l2fwd_capture_pps" in res else []),
         ("emulator l2fwd_filter (CPU-heavy program), 2 CPUs", res["l2fwd_filter_pps"],

@@ -3,7 +3,6 @@ lock, since pytest-xdist workers start together) and single C sources into a tes
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import shutil
@@ -12,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import emu
+from emu.ebpf.bundled import BPF_DIR, build
 
-BPF_DIR = Path(emu.__file__).parent / "programs" / "bpf"
 CORPUS_DIR = Path(__file__).parent / "ebpf_corpus"
 ARCH_INC = f"/usr/include/{os.uname().machine}-linux-gnu"
 
@@ -55,9 +53,7 @@ def need_clang() -> str:
 def bundled() -> Path:
     """The bundled objects' directory, built if needed (make is idempotent; the lock serialises workers)."""
     need_clang()
-    with open(BPF_DIR / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        subprocess.run(["make", "-s", "-C", str(BPF_DIR)], check=True, capture_output=True)
+    build().check_returncode()
     return BPF_DIR
 
 

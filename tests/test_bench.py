@@ -314,6 +314,8 @@ def test_tiny_suite_writes_every_key(tmp_path, no_leftovers):
     assert res["l2fwd_obj_pps"] > 0 and res["l2fwd_obj_to_l2fwd"] > 0
     assert set(res["xdp_engine_ns"]) == {"xdp_drop", "xdp_tx", "l2fwd", "l2fwd_map", "xdp_filter", "xdp_lb"}
     assert all(v > 0 for v in res["xdp_engine_ns"].values())
+    assert set(res["xdp_engine_interp_ns"]) == set(res["xdp_engine_ns"])  # the interpreter, same rounds
+    assert all(v > 0 for v in res["xdp_engine_interp_ns"].values())
     assert res["l2fwd_to_bare"] == pytest.approx(res["l2fwd_pps"] / res["bare_xdp_pps"], abs=1e-4)
     assert res["l2fwd_to_naive"] == pytest.approx(res["l2fwd_pps"] / res["naive_queue_pps"], abs=1e-4)
     assert res["scaling_2_to_1"] == pytest.approx(res["l2fwd_2cpu_pps"] / res["l2fwd_1cpu_pps"], abs=1e-4)

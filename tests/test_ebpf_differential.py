@@ -1,6 +1,7 @@
 """Differential tests: the same frames through the bundled Python programs (emu.xdp), their C twins in the
 kernel (BPF_PROG_TEST_RUN), and, where the native engine is built, the C twins in the engine: the same
-verdict and the same output bytes frame by frame, and the same map contents after."""
+verdict and the same output bytes frame by frame, and the same map contents after.  The engine's side
+runs in both of its modes, the JIT and the interpreter (the module fixture `engine_kind`)."""
 
 from __future__ import annotations
 
@@ -341,17 +342,26 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-class Pair:
-    """One object in the engine and in the kernel, same maps; frames run through both and compared."""
+@pytest.fixture(scope="module", params=["jit", "interp"])
+def engine_kind(request: pytest.FixtureRequest) -> str:
+    """The engine's mode for a test's `Pair`s: every engine-against-kernel test runs in both."""
+    return str(request.param)
 
-    def __init__(self, path: Path, globals_: Mapping[str, object] | None = None) -> None:
+
+class Pair:
+    """One object in the engine (`mode`: jit or interp) and in the kernel, same maps; frames run through
+    both and compared."""
+
+    def __init__(self, path: Path, globals_: Mapping[str, object] | None = None, mode: str = "jit") -> None:
         self.obj = load_object(path, globals_)
         engine = _engine()
         missing = {h for p in self.obj.programs.values() for h in p.helpers} - set(engine.SUPPORTED_HELPERS)
         if missing:  # in the loader's table (emu/ebpf/helpers.py) but not (yet) in the engine
             pytest.xfail(f"the engine lacks helpers {sorted(missing)} of emu/ebpf/helpers.py")
         self.ko = kernel.load(self.obj)
-        self.eng = _engine().Engine(self.obj, ncpus=1)
+        self.eng = engine.Engine(self.obj, ncpus=1, engine=mode)
+        cpu = self.eng.cpu(0)
+        assert cpu.jit == (mode == "jit"), cpu.jit_error
 
     def update(self, name: str, key: int, value: int | str) -> None:
         """The same entry in both: ints, a device name (devmap: lo in the kernel) or a program name."""
@@ -415,11 +425,11 @@ def _lane_sums(values: list[bytes]) -> list[int]:
 
 
 @pytest.fixture
-def pair() -> Iterator[Any]:
+def pair(engine_kind: str) -> Iterator[Any]:
     made: list[Pair] = []
 
     def make(path: Path, globals_: Mapping[str, object] | None = None) -> Pair:
-        made.append(Pair(path, globals_))
+        made.append(Pair(path, globals_, engine_kind))
         return made[-1]
 
     yield make
@@ -516,8 +526,9 @@ def test_corpus_engine_matches_kernel_on_generated_values(ops: list[tuple[int, i
 
 
 @pytest.fixture(scope="module")
-def corpus_pairs(corpus: dict[str, Path]) -> Iterator[dict[str, Pair]]:
-    pairs = {n: Pair(corpus[n]) for n in ("alu", "endian", "jumps", "calls", "adjust", "v4") if n in corpus}
+def corpus_pairs(corpus: dict[str, Path], engine_kind: str) -> Iterator[dict[str, Pair]]:
+    names = ("alu", "endian", "jumps", "calls", "adjust", "v4")
+    pairs = {n: Pair(corpus[n], mode=engine_kind) for n in names if n in corpus}
     yield pairs
     for p in pairs.values():
         p.close()
@@ -531,9 +542,9 @@ def test_filter_engine_matches_kernel_on_generated_frames(frame_list: list[bytes
 
 
 @pytest.fixture(scope="module")
-def filter_engine_pair(objs: Path) -> Iterator[Pair]:
+def filter_engine_pair(objs: Path, engine_kind: str) -> Iterator[Pair]:
     _, params, obj, globals_ = TWINS["l2fwd_filter"]
-    p = Pair(objs / obj, globals_)
+    p = Pair(objs / obj, globals_, engine_kind)
     for port in params["deny_ports"]:
         p.update("deny_ports", port, 1)
     yield p

@@ -1,6 +1,7 @@
 """The native eBPF engine: instruction semantics at edge values (as the kernel's interpreter defines them),
 memory safety (every out-of-region access, bad helper pointer or exhausted budget ends the packet as
-XDP_ABORTED, and the engine goes on), the helpers, and the batch entry point over page memory."""
+XDP_ABORTED, and the engine goes on), the helpers, and the batch entry point over page memory.  Every
+test runs in both engines, the JIT and the interpreter (the autouse fixture `engine_mode`)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,15 @@ XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
 LOOKUP, UPDATE, DELETE, TRACE, SMP_ID, TAIL_CALL, REDIRECT = 1, 2, 3, 6, 8, 12, 23
 PERF_OUT, CSUM_DIFF, ADJ_HEAD, REDIRECT_MAP, ADJ_META, ADJ_TAIL = 25, 28, 44, 51, 54, 65
 RINGBUF_OUT, CHECK_MTU, LOOP, BUFF_LEN, LOAD_BYTES, STORE_BYTES, PERCPU_LOOKUP = 130, 163, 181, 188, 189, 190, 195
+
+
+
+@pytest.fixture(autouse=True, params=["jit", "interp"])
+def engine_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every engine a test makes runs in this mode (emu.ebpf.engine reads EMU_EBPF_ENGINE per engine)."""
+    monkeypatch.setenv("EMU_EBPF_ENGINE", request.param)
+    return str(request.param)
+
 
 OUT = MapDef("out", o.BPF_MAP_TYPE_ARRAY, 4, 8, 1, section=".bss", data=bytes(8))
 

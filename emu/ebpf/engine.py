@@ -9,12 +9,18 @@ the packet, the stack, the ctx or a map value, a bad helper argument, the instru
 ends that packet as XDP_ABORTED, counted as ``xdp_exception``; the engine, the worker and shared memory
 are unaffected.
 
+Two modes run the same decoded programs: the JIT (emu/ebpf/engine/src/jit.rs: Cranelift compiles every
+function once at load, each access checked inline or by the interpreter's own check), the default where
+the host has one, and the interpreter (src/vm.rs), the reference the JIT is tested against.  ``engine=``
+or the environment variable ``EMU_EBPF_ENGINE`` (``jit`` or ``interp``) chooses.
+
 `CpuEngine` is one emulated CPU's engine (what a CPU worker holds); `Engine` is the test and benchmark
 entry point over frames: ``Engine(obj, maps, ncpus).run(prog, frames, cpu, ingress_ifindex, rx_queue)``.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -26,8 +32,8 @@ from emu.ebpf.obj import BpfObject
 from emu.errors import BadInputError
 from emu.mem.shm import new_run_prefix
 
-__all__ = ["DEFAULT_BUDGET", "SUPPORTED_HELPERS", "CpuEngine", "Engine", "choose_program",
-           "xdp_program"]
+__all__ = ["DEFAULT_BUDGET", "ENGINES", "SUPPORTED_HELPERS", "CpuEngine", "Engine", "choose_program",
+           "engine_mode", "xdp_program"]
 
 # Instructions one packet may execute (bpf_loop callbacks and tail calls included): the kernel bounds
 # programs at verification (1M processed instructions); a program looping on values the emulator's
@@ -37,13 +43,26 @@ SUPPORTED_HELPERS = frozenset(_engine.SUPPORTED_HELPERS)
 _MOVERS = frozenset((44, 54, 65))  # bpf_xdp_adjust_head, _meta, _tail
 # bpf_trace_printk lines a CPU worker prints to its stderr (the run's log) at most; the rest are counted.
 TRACE_PRINT_LIMIT = 200
+ENGINES = ("jit", "interp")
+ENGINE_ENV = "EMU_EBPF_ENGINE"
+
+
+def engine_mode(engine: str | None = None) -> str:
+    """`engine`, else ``$EMU_EBPF_ENGINE``, else ``jit``; BadInputError naming the source when unknown."""
+    where = "engine" if engine is not None else ENGINE_ENV
+    mode = engine if engine is not None else os.environ.get(ENGINE_ENV) or "jit"
+    if mode not in ENGINES:
+        raise BadInputError(f"{where}: unknown eBPF engine {mode!r} (one of: {', '.join(ENGINES)})")
+    return mode
 
 
 class CpuEngine:
-    """The programs of `obj` on emulated CPU `cpu`, over the maps `maps` (attached by this process)."""
+    """The programs of `obj` on emulated CPU `cpu`, over the maps `maps` (attached by this process), run by
+    `engine` (see `engine_mode`); ``jit`` falls back to the interpreter where the host has no JIT
+    (`jit_error` says why)."""
 
     def __init__(self, obj: BpfObject, maps: ObjMaps, cpu: int, budget: int = DEFAULT_BUDGET,
-                 trace_limit: int = 64, seed: int = 0) -> None:
+                 trace_limit: int = 64, seed: int = 0, engine: str | None = None) -> None:
         self.obj = obj
         self.maps = maps
         self.cpu = cpu
@@ -54,7 +73,7 @@ class CpuEngine:
         progs = [obj.programs[n].insns for n in self.names]
         try:
             self.native = _engine.Engine(self.names, progs, maps.mem, maps.layout, maps.lock_fd, maps.ncpus, cpu,
-                                         budget, trace_limit, seed)
+                                         budget, trace_limit, seed, engine_mode(engine) == "jit")
         except ValueError as exc:
             raise BadInputError(f"{obj.path}: {exc}") from None
 
@@ -85,6 +104,16 @@ class CpuEngine:
         return self.native.run_frames(self.index(prog), frames, ingress_ifindex, rx_queue, page_size)
 
     @property
+    def jit(self) -> bool:
+        """Whether the programs run compiled (False: interpreted)."""
+        return bool(self.native.jit)
+
+    @property
+    def jit_error(self) -> str | None:
+        """Why the JIT was asked for and the interpreter runs instead."""
+        return self.native.jit_error
+
+    @property
     def last_fault(self) -> str | None:
         return self.native.last_fault
 
@@ -102,8 +131,9 @@ class Engine:
     `close`) unless given, one `CpuEngine` per CPU on demand."""
 
     def __init__(self, obj: BpfObject, maps: ObjMaps | None = None, ncpus: int = 1,
-                 budget: int = DEFAULT_BUDGET) -> None:
+                 budget: int = DEFAULT_BUDGET, engine: str | None = None) -> None:
         self.obj = obj
+        self.engine = engine_mode(engine)
         self.ncpus = ncpus
         self.budget = budget
         self._own = maps is None
@@ -115,7 +145,7 @@ class Engine:
     def cpu(self, cpu: int = 0) -> CpuEngine:
         e = self._cpus.get(cpu)
         if e is None:
-            e = self._cpus[cpu] = CpuEngine(self.obj, self.maps, cpu, self.budget)
+            e = self._cpus[cpu] = CpuEngine(self.obj, self.maps, cpu, self.budget, engine=self.engine)
         return e
 
     def run(self, prog: str, frames: list[bytes], cpu: int = 0, ingress_ifindex: int = 1,
@@ -160,6 +190,8 @@ def xdp_program(obj: BpfObject, prog: str, maps: ObjMaps, cpu: int) -> Any:
     from emu.xdp.context import XDP_ABORTED, XDP_REDIRECT, Program, XdpBatch, XdpContext
 
     eng = CpuEngine(obj, maps, cpu)
+    if eng.jit_error is not None:  # asked for the JIT, running interpreted: slower, so say it once
+        sys.stderr.write(f"emu: cpu{cpu} {obj.path.name}: no JIT ({eng.jit_error}); interpreting\n")
     idx = eng.index(prog)
     moves = eng.moves_packets
     printed = [0]

@@ -1,6 +1,7 @@
 //! `emu.ebpf._engine`: pagepool-emu's native eBPF engine (see vm.rs for the interpreter, maps.rs for the
 //! maps).  Python drives it through emu/ebpf/engine.py and emu/ebpf/maps.py.
 
+mod jit;
 mod maps;
 mod vm;
 
@@ -139,6 +140,9 @@ struct Engine {
     faults: u64,
     #[pyo3(get)]
     last_fault: Option<String>,
+    /// Why the JIT was asked for and not used (None: JIT in use, or not asked for).
+    #[pyo3(get)]
+    jit_error: Option<String>,
 }
 
 const HELPER_CALL: u8 = 0x85;
@@ -231,11 +235,14 @@ fn decode(names: &[String], progs: &[Vec<u8>], nmaps: usize, store: &MapStore) -
 impl Engine {
     /// `names`/`progs`: the object's programs (relocated instructions); `maps`/`mem`/`lock_fd`: as for
     /// `Maps`; `cpu` of `ncpus`: the emulated CPU this engine runs on.
+    /// `jit`: compile the programs to native code (src/jit.rs); where the host has no JIT the engine
+    /// interprets them and `jit_error` says why.
     #[new]
-    #[pyo3(signature = (names, progs, mem, maps, lock_fd, ncpus, cpu, budget=1_000_000, trace_limit=64, seed=0))]
+    #[pyo3(signature = (names, progs, mem, maps, lock_fd, ncpus, cpu, budget=1_000_000, trace_limit=64, seed=0,
+                        jit=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(names: Vec<String>, progs: Vec<Vec<u8>>, mem: &Bound<'_, PyAny>, maps: Vec<MapTuple>, lock_fd: i32,
-           ncpus: usize, cpu: usize, budget: u64, trace_limit: usize, seed: u64) -> PyResult<Self> {
+           ncpus: usize, cpu: usize, budget: u64, trace_limit: usize, seed: u64, jit: bool) -> PyResult<Self> {
         if names.len() != progs.len() {
             return Err(PyValueError::new_err("one name per program"));
         }
@@ -251,8 +258,17 @@ impl Engine {
             rng: (seed ^ 0x9E3779B97F4A7C15).wrapping_mul(cpu as u64 * 2 + 1) | 1,
             events: Events { trace: Vec::new(), trace_dropped: 0, trace_limit },
             mtus: Vec::new(), left: 0, depth: 0,
+            jit: None, stack_base: std::ptr::null_mut(), jit_faulted: 0, jit_fault: None,
         };
-        Ok(Engine { vm, names, _mem: buf, faults: 0, last_fault: None })
+        let mut vm = vm;
+        let mut jit_error = None;
+        if jit {
+            match jit::Jit::compile(&vm) {
+                Ok(j) => vm.jit = Some(j),
+                Err(e) => jit_error = Some(e),
+            }
+        }
+        Ok(Engine { vm, names, _mem: buf, faults: 0, last_fault: None, jit_error })
     }
 
     /// The devices the helpers know (bpf_check_mtu): (ifindex, mtu) pairs.
@@ -403,6 +419,12 @@ impl Engine {
             out.push((r0, PyBytes::new_bound(py, &page[pkt.data..pkt.data_end]), target));
         }
         Ok(out)
+    }
+
+    /// Whether the programs run compiled (the JIT) rather than interpreted.
+    #[getter]
+    fn jit(&self) -> bool {
+        self.vm.jit.is_some()
     }
 
     /// The programs' names, in index order.

@@ -92,6 +92,7 @@ pub struct Fault {
 }
 
 /// Where the current packet lives and what the helpers changed.
+#[repr(C)]
 pub struct Pkt {
     pub page: *mut u8,
     pub page_size: usize,
@@ -125,10 +126,16 @@ pub struct Vm {
     // prog_array values hold (program index + 1); the map value's index resolves here.
     pub left: u64,
     pub depth: usize,
+    // The JIT (src/jit.rs): its compiled functions when enabled, the stack's address for the compiled
+    // code, and a fault the compiled code recorded (the flag is what the code tests after each call).
+    pub jit: Option<crate::jit::Jit>,
+    pub stack_base: *mut u8,
+    pub jit_faulted: u64,
+    pub jit_fault: Option<Box<Fault>>,
 }
 
 // A boxed fault keeps every `Result` on the hot path one word wide.
-type R<T> = Result<T, Box<Fault>>;
+pub(crate) type R<T> = Result<T, Box<Fault>>;
 
 #[cold]
 #[inline(never)]
@@ -201,7 +208,7 @@ impl Vm {
     }
 
     #[inline(always)]
-    fn load(&mut self, pkt: &Pkt, pc: usize, addr: u64, n: usize) -> R<u64> {
+    pub(crate) fn load(&mut self, pkt: &Pkt, pc: usize, addr: u64, n: usize) -> R<u64> {
         if addr >> 32 == TAG_CTX {
             return self.load_ctx(pkt, pc, (addr & 0xffff_ffff).wrapping_sub(BASE) & 0xffff_ffff, n);
         }
@@ -217,7 +224,7 @@ impl Vm {
     }
 
     #[inline(always)]
-    fn store_mem(&mut self, pkt: &Pkt, pc: usize, addr: u64, n: usize, v: u64) -> R<()> {
+    pub(crate) fn store_mem(&mut self, pkt: &Pkt, pc: usize, addr: u64, n: usize, v: u64) -> R<()> {
         let p = self.tr(pkt, pc, addr, n, true)?;
         unsafe {
             match n {
@@ -275,7 +282,24 @@ impl Vm {
         let mut regs = [0u64; 16];
         regs[1] = (TAG_CTX << 32) + BASE;
         regs[10] = frame_top(0);
-        self.exec(self.prog_start[prog], &mut regs, pkt)
+        self.call(self.prog_start[prog], &mut regs, pkt)
+    }
+
+    /// Run the function entered at `pc` (a program, a `bpf_loop` callback) at the current depth: its
+    /// compiled code when the JIT compiled one there, else the interpreter.
+    pub(crate) fn call(&mut self, pc: usize, regs: &mut [u64; 16], pkt: &mut Pkt) -> R<u64> {
+        if let Some(f) = self.jit.as_ref().and_then(|j| j.fns.get(pc).copied().flatten()) {
+            self.stack_base = self.stack.as_mut_ptr();
+            // Safety: the code was compiled for this Vm's layout; it touches memory only through the
+            // checks of src/jit.rs and calls back into this Vm's own functions.
+            let r0 = unsafe { f(self as *mut Vm, pkt as *mut Pkt, regs.as_mut_ptr()) };
+            if self.jit_faulted != 0 {
+                self.jit_faulted = 0;
+                return Err(self.jit_fault.take().unwrap_or_else(|| Box::new(Fault { pc, what: "fault".into() })));
+            }
+            return Ok(r0);
+        }
+        self.exec(pc, regs, pkt)
     }
 
     /// Interpret from `pc` until the frame entered at depth `self.depth` exits.
@@ -542,7 +566,7 @@ impl Vm {
         }
     }
 
-    fn atomic(&mut self, pkt: &Pkt, pc: usize, i: Insn, regs: &mut [u64; 16]) -> R<()> {
+    pub(crate) fn atomic(&mut self, pkt: &Pkt, pc: usize, i: Insn, regs: &mut [u64; 16]) -> R<()> {
         let wide = i.op == 0xdb;
         let n = if wide { 8 } else { 4 };
         let addr = regs[i.dst as usize].wrapping_add(i.off as i64 as u64);
@@ -590,7 +614,7 @@ impl Vm {
         Ok(())
     }
 
-    fn tail_call(&mut self, pkt: &mut Pkt, pc: usize, regs: &[u64; 16]) -> R<Option<usize>> {
+    pub(crate) fn tail_call(&mut self, pkt: &mut Pkt, pc: usize, regs: &[u64; 16]) -> R<Option<usize>> {
         let m = self.map_arg(pc, regs[2])?;
         if self.store.maps[m].mtype != BPF_MAP_TYPE_PROG_ARRAY {
             return fault(pc, "bpf_tail_call on a map that is not a prog_array".into());
@@ -609,7 +633,7 @@ impl Vm {
         Ok(Some(self.prog_start[v - 1]))
     }
 
-    fn helper(&mut self, pkt: &mut Pkt, pc: usize, id: i32, regs: &mut [u64; 16]) -> R<u64> {
+    pub(crate) fn helper(&mut self, pkt: &mut Pkt, pc: usize, id: i32, regs: &mut [u64; 16]) -> R<u64> {
         let (a1, a2, a3, a4, a5) = (regs[1], regs[2], regs[3], regs[4], regs[5]);
         let neg = |e: i64| (-e) as u64;
         match id {
@@ -873,7 +897,7 @@ impl Vm {
                     r[2] = cbctx;
                     self.depth += 1;
                     r[10] = frame_top(self.depth);
-                    let ret = self.exec((cb & 0xffff_ffff) as usize, &mut r, pkt);
+                    let ret = self.call((cb & 0xffff_ffff) as usize, &mut r, pkt);
                     self.depth -= 1;
                     let ret = ret?;
                     done = k + 1;
