@@ -14,6 +14,7 @@ import time
 from types import SimpleNamespace
 
 import numpy as np
+from fakes import FakeClock
 
 from emu.mem.page import HOME, PageState
 from emu.mem.pagepool import page_pool_dev_alloc_pages, pool_of, return_pages, xdpf_clone
@@ -33,14 +34,6 @@ hosts:
 """
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_a_hand_back_later_than_any_timeout_is_waited_for() -> None:
     """The device's hand-back arrives 60 (emulated) seconds after DOWN: the wait goes on, warning in the
     kernel's words once a second, and ends when the pages are home.  (It gave up after 10 s, and the
@@ -49,13 +42,13 @@ def test_a_hand_back_later_than_any_timeout_is_waited_for() -> None:
     warnings: list[str] = []
 
     def step() -> None:
-        clock.now += 0.5
+        clock.t += 0.5
 
     def pending() -> dict[str, int]:
-        return {"h2/cpu0": 5697 if clock.now < 60 else 0, "h2/no pool": 0}
+        return {"h2/cpu0": 5697 if clock.t < 60 else 0, "h2/no pool": 0}
 
     assert wait_pools_released(pending, lambda: True, step, warnings.append, lambda: False, clock)
-    assert clock.now == 60
+    assert clock.t == 60
     assert len(warnings) == 59
     assert warnings[0] == "page_pool_release_retry() stalled pool shutdown: id h2/cpu0 5697 inflight 1 sec"
     assert warnings[-1].endswith("inflight 59 sec")
@@ -71,7 +64,7 @@ def test_every_page_home_is_not_enough_until_everyone_acknowledged_down() -> Non
 
     def step() -> None:
         nonlocal acked
-        clock.now += 0.1
+        clock.t += 0.1
         n = len(log)
         log.append("step")
         if n == 2:  # the CPU's pass begun before DOWN refills its ring of 5,697, then it sees DOWN
@@ -88,11 +81,11 @@ def test_a_new_interrupt_ends_the_wait() -> None:
     stops = iter([False, False, True])
 
     def step() -> None:
-        clock.now += 1
+        clock.t += 1
 
     assert not wait_pools_released(lambda: {"h1/cpu0": 3}, lambda: True, step, lambda _: None,
                                    lambda: next(stops), clock)
-    assert clock.now == 2
+    assert clock.t == 2
 
 
 def test_pages_pending_counts_what_live_holders_hold_by_pool(page_memory) -> None:
