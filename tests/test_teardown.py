@@ -1,6 +1,6 @@
 """The coordinator's shutdown wait (DOWN, ``page_pool_release_retry``) without processes: it waits on a
 condition (every live CPU and device acknowledged DOWN, every page a live process holds came home),
-never for a fixed time.
+never for a fixed time; and its join after EXIT, which kills only a process that stopped beating.
 
 Found by the generated topologies (tests/test_generated_topologies.py): a 3-host topology whose h2 had
 an RX ring of 5,697 buffers and a pool cache of 1 ended, one run in four, with the whole ring
@@ -143,5 +143,41 @@ def test_run_waits_for_the_ring_a_cpu_posts_after_every_page_was_home(monkeypatc
         assert len(steps) >= 4 and len(posted) == 256
         assert HOME[pm.state].all()
         assert run.stalled == [] and run.failures == []
+    finally:
+        run.cleanup()
+
+
+class StuckProcess:
+    """A worker process that does not exit until killed."""
+
+    def __init__(self) -> None:
+        self.exitcode: int | None = None
+        self.pid = None
+
+    def is_alive(self) -> bool:
+        return self.exitcode is None
+
+    def kill(self) -> None:
+        self.exitcode = -9
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+
+def test_join_kills_a_process_that_stopped_beating_and_counts_it_dead(monkeypatch) -> None:
+    """After EXIT a CPU worker neither exits nor beats: it is killed, named in the failures, and counted
+    dead, so that `reclaim` takes back its pool (before, stragglers were killed after a fixed 10 s and
+    nobody reclaimed what they held)."""
+    run = Run(validate_topology_text(ONE, "one.yaml"), RunOptions(quiet=True))
+    try:
+        run.prepare()
+        stuck = StuckProcess()
+        run.procs = [Proc("cpu", "h1/cpu0", stuck)]  # type: ignore[arg-type]
+        monkeypatch.setattr(coordinator, "HUNG_NS", 0)
+        run.join()
+        assert stuck.exitcode == -9
+        assert run.dead == {"h1/cpu0"} and run.dead_pools == [("h1", 0)]
+        (failure,) = run.failures
+        assert failure["process"] == "h1/cpu0" and failure["last_words"].startswith("did not exit: sent no heartbeat")
     finally:
         run.cleanup()
