@@ -1,6 +1,6 @@
-"""Helpers for tests that drive a data-path core (`emu.datapath`) without a process: a host's config from
-a few YAML lines, counters without a stats segment, an outbox that records messages, and a program whose
-verdicts the frames choose."""
+"""Helpers for tests that drive a data-path core (`emu.datapath`) or a control loop without a process: a
+host's config from a few YAML lines, counters without a stats segment, an outbox that records messages, a
+program whose verdicts the frames choose, and a clock the test moves."""
 
 from __future__ import annotations
 
@@ -60,3 +60,13 @@ def byte_verdict_program(ctx) -> int:
     if v == XDP_REDIRECT:
         ctx.redirect_ifindex = ctx.data[1]
     return v
+
+
+class FakeClock:
+    """A clock (``time.monotonic``'s stand-in) that moves only when the test sets `t`."""
+
+    def __init__(self, t: float = 0.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t

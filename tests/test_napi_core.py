@@ -14,7 +14,7 @@ from fakes import Counters, FakeOutbox, byte_verdict_program, one_cpu_host
 from emu.datapath import napi
 from emu.datapath.napi import NapiCore, RxQueue
 from emu.mem import pagepool
-from emu.mem.page import DESC_DTYPE, PageState
+from emu.mem.page import DESC_DTYPE, HOME, PageState
 from emu.mem.pagepool import pool_of, tx_dma_start
 from emu.net import wire
 from emu.net.protocol import DEVICE_BIT, XDP_PACKET_HEADROOM, device_code, refill_batch
@@ -264,3 +264,20 @@ def test_rx_return_and_shutdown_bring_every_page_home(page_memory) -> None:
     assert core.rxqs[("eth0", 0)].posted == 0 and core.pool.inflight == 0
     audit = pagepool.audit(pm, strict=True)
     assert audit.ok and audit.by_state["free"] == pm.npages, audit.problems
+
+
+def test_a_ring_handed_back_at_ndo_stop_is_never_refilled(page_memory) -> None:
+    """A CPU pass that began before the CPU saw DOWN (``refilling=True``) takes the device's hand-back
+    of its ring, and must not post the ring right back: the coordinator, seeing every page home, may
+    already have told everyone to exit, and a whole ring of RX_POSTED pages would be leaked (seen as a
+    generated 3-host topology ending with an RX ring of 5,697 buffers `leaked`)."""
+    core, pm, out = make_core(page_memory)
+    posted = post(core, out)
+    core.dispatch(wire.pack_msg("rxret", {"dev": "eth0", "q": 0}, posted.tobytes()))  # ndo_stop
+    assert core.rxqs[("eth0", 0)].posted == 0
+    core.poll_pass(got=1, refilling=True)
+    core.refill()
+    core.post_flush()
+    assert out.take("post") == []
+    assert core.count("rx_posted") == RX_RING
+    assert HOME[pm.state[posted["page"]]].all()

@@ -7,6 +7,7 @@ import zlib
 import dpkt
 import numpy as np
 import pytest
+from fakes import FakeClock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -342,16 +343,8 @@ def test_seq_tracker_complete_out_of_range_and_growth() -> None:
 # -- Pacer ------------------------------------------------------------------------------------------
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def test_pacer_token_arithmetic() -> None:
-    clk = FakeClock()
+    clk = FakeClock(1000.0)
     p = Pacer(1000, 10, clock=clk)
     assert p.next_burst() == 10  # starts full
     assert p.next_burst() == 0
@@ -370,7 +363,7 @@ def test_pacer_token_arithmetic() -> None:
 @given(steps=st.lists(st.floats(0, 0.01), min_size=1, max_size=200), rate=st.integers(1, 100_000))
 @settings(max_examples=60, deadline=None)
 def test_pacer_never_exceeds_rate_over_any_window(steps: list[float], rate: int) -> None:
-    clk = FakeClock()
+    clk = FakeClock(1000.0)
     burst = 32
     p = Pacer(rate, burst, clock=clk)
     sent: list[tuple[float, int]] = []
@@ -388,7 +381,7 @@ def test_pacer_never_exceeds_rate_over_any_window(steps: list[float], rate: int)
 def test_pacer_catches_up_within_its_backlog_and_counts_the_rest() -> None:
     """A sender slower than burst / rate is owed up to the backlog and gets it back in one call; what it
     owes past the backlog is lost and counted in `lag`, and sent + lag is exactly what the rate earned."""
-    clk = FakeClock()
+    clk = FakeClock(1000.0)
     p = Pacer(100_000, 64, clock=clk, backlog_s=0.010)  # 1,000 packets of backlog
     assert p.cap == 1000
     assert p.next_burst() == 64  # the first call starts the clock, with one burst in the bucket
@@ -404,7 +397,7 @@ def test_pacer_catches_up_within_its_backlog_and_counts_the_rest() -> None:
 
 def test_pacer_time_before_the_first_call_earns_nothing() -> None:
     """A pacer made long before START (the traffic port makes it at start-up) owes nothing for that time."""
-    clk = FakeClock()
+    clk = FakeClock(1000.0)
     p = Pacer(1000, 10, clock=clk)
     clk.t += 5.0
     assert p.next_burst(limit=1000) == 10 and p.lag == 0
@@ -413,7 +406,7 @@ def test_pacer_time_before_the_first_call_earns_nothing() -> None:
 
 
 def test_schedule_lag_counts_only_phases_with_a_rate() -> None:
-    clk = FakeClock()
+    clk = FakeClock(1000.0)
     p = ScheduledPacer([(10_000, 100_000), (0, 100_000), (10_000, 100_000)], burst=10, clock=clk)
     assert p.next_burst(limit=1000) == 10
     clk.t += 0.050  # 500 earned in phase 0, backlog 100
@@ -425,7 +418,7 @@ def test_schedule_lag_counts_only_phases_with_a_rate() -> None:
 
 
 def test_pacer_unlimited() -> None:
-    p = Pacer(0, 64, clock=FakeClock())
+    p = Pacer(0, 64, clock=FakeClock(1000.0))
     assert [p.next_burst() for _ in range(3)] == [64, 64, 64]
     assert p.wait_hint() == 0.0 and p.next_burst(limit=5) == 5
     with pytest.raises(ValueError):
@@ -445,7 +438,7 @@ def run_schedule(p: ScheduledPacer, clk: FakeClock, step: float, until: float) -
 
 
 def test_schedule_phases_follow_the_clock_and_end() -> None:
-    clk = FakeClock()
+    clk = FakeClock(1000.0)
     p = ScheduledPacer([(1000, 100_000), (0, 50_000), (4000, 50_000)], burst=10, clock=clk)
     assert p.phase == -1 and not p.finished and p.rate == 0
     calls = run_schedule(p, clk, 0.001, 1000.3)
@@ -468,7 +461,7 @@ def test_schedule_phases_follow_the_clock_and_end() -> None:
 
 
 def test_schedule_wait_hint_sleeps_through_idle_phases() -> None:
-    clk = FakeClock()
+    clk = FakeClock(1000.0)
     p = ScheduledPacer([(0, 20_000), (100, 10_000)], burst=4, clock=clk)
     assert p.next_burst() == 0 and p.wait_hint() == pytest.approx(0.02)
     clk.t += 0.02
@@ -480,7 +473,7 @@ def test_schedule_wait_hint_sleeps_through_idle_phases() -> None:
 def test_schedule_applies_missed_boundaries_at_their_time() -> None:
     """A caller that sleeps through several phases is granted what their rates allow, no more: the rate of
     each phase is in force exactly for its length, whenever the boundary is noticed."""
-    clk = FakeClock()
+    clk = FakeClock(1000.0)
     p = ScheduledPacer([(1000, 5_000), (2000, 5_000), (0, 5_000), (1000, 30_000)], burst=1000, clock=clk)
     assert p.next_burst() == 1000  # the bucket starts full
     clk.t += 0.012  # past the first two phases, into the idle one: earned 5 + 10 packets, no more
@@ -494,7 +487,7 @@ def test_schedule_applies_missed_boundaries_at_their_time() -> None:
        steps=st.lists(st.floats(0, 0.01), min_size=1, max_size=100))
 @settings(max_examples=60, deadline=None)
 def test_schedule_never_exceeds_its_phases(phases: list[tuple[int, int]], steps: list[float]) -> None:
-    clk = FakeClock()
+    clk = FakeClock(1000.0)
     burst = 8
     p = ScheduledPacer(phases, burst, clock=clk)
     total = 0
@@ -516,7 +509,7 @@ def test_schedule_refuses_empty_and_bad_phases() -> None:
 
 
 def test_pacer_set_rate_at_a_past_boundary() -> None:
-    clk = FakeClock()
+    clk = FakeClock(1000.0)
     p = Pacer(1000, 100, clock=clk)
     assert p.next_burst() == 100
     clk.t += 0.010

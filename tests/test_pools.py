@@ -28,7 +28,7 @@ from emu.mem.pagepool import (
     page_pool_list,
     pool_of,
 )
-from emu.run import coordinator, pools
+from emu.run import pools
 from emu.run import report as rep
 from emu.run.coordinator import Run, RunOptions
 from emu.topology.file import load_topology, validate_topology_text
@@ -208,11 +208,17 @@ STUCK = STALL.replace("tx_completion_us: 3000000", "tx_completion_us: 10000000")
 
 @pytest.mark.slow
 def test_pool_destroyed_with_pages_in_flight_stays_listed_detached(monkeypatch) -> None:
-    """TX completions 10 s away (the most a topology allows): the shutdown gives up waiting (after 2 s
-    here, not 10), the CPU worker destroys its pool with pages still out, and the pool stays listed,
-    detached, with its in-flight count: live (`emu pools` before the run's segments go) and in the
-    report, whose audit counts the leak (made on purpose: not a fault for the reliability summary)."""
-    monkeypatch.setattr(coordinator, "SHUTDOWN_TIMEOUT", 2.0)
+    """TX completions 10 s away (the most a topology allows), and a Ctrl-C once the shutdown warned that
+    it stalled: the shutdown stops waiting, the CPU worker destroys its pool with pages still out, and
+    the pool stays listed, detached, with its in-flight count: live (`emu pools` before the run's
+    segments go) and in the report, whose audit counts the leak (made on purpose: not a fault for the
+    reliability summary)."""
+
+    def tick(run: Run) -> None:  # the waiting loops' hook: Ctrl-C, once the first warning is out
+        if run.stalled and not run.interrupted:
+            run.interrupt()
+
+    monkeypatch.setattr(Run, "tick", tick)
     report, live = end_with_frames_awaiting_completion(
         STUCK, lambda run: pools.live_pools(pools.LiveRun(run.prefix, os.getpid(), ("h1",))))
     (pool,) = report["page_pools"]

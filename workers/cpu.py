@@ -106,10 +106,16 @@ class CpuWorker:
         poller.register(inbox.sock, zmq.POLLIN)
         poller.register(bell.fd, zmq.POLLIN)
         self.row.set_state(ProcState.READY)
+        down = False
         while True:
             cmd = c[CMD]
             if cmd >= Cmd.EXIT or not live.tick():
                 break
+            if cmd >= Cmd.DOWN and not down:
+                # From this pass on nothing is refilled: saying so lets the coordinator wait for it
+                # before it trusts "every page home" (a pass begun earlier may still have posted).
+                down = True
+                self.row.set_state(ProcState.DOWN)
             if c[OFFLINE] != core.offline:
                 core.apply_offline(c[OFFLINE])
                 self.row.ack_offline(core.offline)

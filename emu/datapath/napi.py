@@ -149,6 +149,10 @@ class RxQueue:
     # The device's XDP features include `redirect` (else its driver takes XDP_REDIRECT for an unknown
     # action: bpf_warn_invalid_xdp_action, an xdp_exception, and the packet is dropped).
     can_redirect: bool = True
+    # The device handed this ring's posted buffers back (``ndo_stop``): it is never refilled again.  A
+    # pass that began before this CPU saw DOWN must not post them right back, since the coordinator may
+    # already have seen every page home and told everyone to exit.
+    stopped: bool = False
 
 
 @dataclass(slots=True)
@@ -335,6 +339,7 @@ class NapiCore(Core):
             n = self._return(d, PageState.RX_POSTED, direct=False)
             if rxq is not None:
                 rxq.posted -= n
+                rxq.stopped = True
         elif kind == TXC:
             if self.txc_deferred and check_descs(self.pm, d, PageState.TX_INFLIGHT, owner=self.cpu) is None:
                 # All this CPU's own: the NAPI polls reap them (reap_tx), before their RX refills.
@@ -1047,7 +1052,7 @@ class NapiCore(Core):
         counts the buffers an attempt could not get."""
         for rxq in self.rxqs.values():
             want = rxq.ring_size - rxq.posted
-            if want < rxq.refill_min or self.by_name[rxq.dev].down:
+            if want < rxq.refill_min or rxq.stopped or self.by_name[rxq.dev].down:
                 continue
             if self.txc_pending:
                 self._reap_for(want)

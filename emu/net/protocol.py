@@ -111,7 +111,7 @@ class ProcState(enum.IntEnum):
     READY = 1
     RUNNING = 2
     DONE = 3  # a generator that has sent its count
-    DOWN = 4
+    DOWN = 4  # saw DOWN: a device handed its posted buffers back, a CPU refills no more
     EXITED = 5
     FAILED = 6
 

@@ -8,11 +8,16 @@ order:
 
 1. QUIESCE: generators stop; forwarding goes on until every generated packet is delivered or counted
    in a named drop counter (or nothing moves any more);
-2. DOWN (``ndo_stop``): devices hand posted RX buffers back and deliver outstanding TX completions;
-   the coordinator waits for every page to come home, printing the kernel's
-   ``page_pool_release_retry() stalled pool shutdown`` warning while some stay in flight;
+2. DOWN (``ndo_stop``): devices hand posted RX buffers back and deliver outstanding TX completions,
+   CPUs stop refilling; the coordinator waits until every CPU and device has said so and every page
+   a live process holds has come home, printing the kernel's ``page_pool_release_retry() stalled pool
+   shutdown`` warning while some stay in flight.  It waits on that condition, never for a fixed time:
+   a process that dies or hangs meanwhile is noticed as at any time, and the pages it held are
+   reclaimed; only a new Ctrl-C or SIGTERM ends the wait early (the pools are then destroyed with pages
+   in flight, which the audit reports);
 3. EXIT: CPU workers destroy their pools (cache and ring back to the page allocator) and everyone
-   exits; the final strict audit counts every page, then every segment is unlinked.
+   exits (one that stops beating for `HUNG_NS` is killed and counted dead); the final strict audit
+   counts every page, then every segment is unlinked.
 
 These are `Run`'s phases (prepare, start, quiesce, teardown, reclaim, then the report), which ``emu run``
 runs in order and a host agent of a multi-host run drives one by one as its coordinator says.  Ctrl-C
@@ -33,13 +38,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TextIO
 
+import numpy as np
+
 from emu.errors import ProcessFailure
 from emu.mem import pagepool, reclaim
-from emu.mem.page import IN_USE, PageState
+from emu.mem.page import HOME, PageState
 from emu.mem.pagemem import PageMemory, required_shm_bytes
 from emu.mem.pagepool import PoolParams
 from emu.mem.shm import SHM_DIR, ShmSpaceError, new_run_prefix, shm_free_bytes, sweep_stale, unlink_prefix
@@ -57,7 +64,7 @@ from workers import traffic as traffic_worker
 
 READY_TIMEOUT = 60.0  # spawning a dozen Python processes on a loaded 2-core machine can take a while
 DRAIN_STALL = 3.0  # seconds without progress after which traffic is declared settled
-SHUTDOWN_TIMEOUT = 10.0
+STALL_WARN_S = 1.0  # between "stalled pool shutdown" warnings (the kernel's DEFER_WARN_INTERVAL is 60 s)
 HUNG_NS = 15_000_000_000  # this long without a heartbeat: declared hung and killed (generous: 2 loaded cores)
 
 
@@ -142,6 +149,48 @@ def wait_settled(step: Callable[[], None], snapshot: Callable[[], rep.Snapshot],
         step()
 
 
+def pages_pending(pm: PageMemory, hname: str, holders: Mapping[int, str]) -> dict[str, int]:
+    """Pages of host `hname` out of their pools and held by one of `holders` (holder code -> process
+    key: the live processes), by the pool that owns them (``h1/cpu0``; ``h1/no pool`` for
+    ``xdpf_clone`` copies): what ``page_pool_release_retry`` still waits for.  A page a dead process
+    held is not waited for: nobody will return it, `emu.mem.reclaim` does."""
+    st = pm.state.copy()
+    holder = pm.holder.copy()
+    owner = pm.owner.copy()
+    waiting = ~HOME[st] & np.isin(holder, np.fromiter(holders, dtype=np.int64, count=len(holders)))
+    out = {f"{hname}/cpu{c}": int(np.count_nonzero(waiting & (owner == c))) for c in range(pm.ncpus)}
+    out[f"{hname}/no pool"] = int(np.count_nonzero(waiting & ((owner < 0) | (owner >= pm.ncpus))))
+    return out
+
+
+def wait_pools_released(pending: Callable[[], dict[str, int]], downed: Callable[[], bool],
+                        step: Callable[[], None], warn: Callable[[str], None], stop: Callable[[], bool],
+                        clock: Callable[[], float] = time.monotonic) -> bool:
+    """After DOWN (``page_pool_release_retry``): until every live CPU and device has acknowledged DOWN
+    (`downed`: no CPU refills an RX ring any more, every device handed its posted buffers back) and
+    no page is out with a live holder (`pending`, by pool).  Both are needed: a CPU pass begun before
+    DOWN may post a whole ring after every page was seen home.  No time limit: while pages are out
+    their holders are alive (`step` watches the processes, and a dead or hung one's pages stop being
+    waited for), so they come home; every `STALL_WARN_S` the pools still waiting are named to `warn`,
+    in the kernel's words.  Returns False when `stop()` (a new Ctrl-C or SIGTERM) ended the wait first."""
+    start = clock()
+    next_warn = start + STALL_WARN_S
+    while True:
+        out = pending()
+        if downed() and not any(out.values()):
+            return True
+        if stop():
+            return False
+        now = clock()
+        if now >= next_warn:
+            for key, n in out.items():
+                if n:
+                    warn(f"page_pool_release_retry() stalled pool shutdown: id {key} {n} inflight "
+                         f"{int(now - start)} sec")
+            next_warn = now + STALL_WARN_S
+        step()
+
+
 def ring_pairs(host: HostConfig) -> list[tuple[str, str]]:
     """Producer -> consumer pairs of a host's shared-memory rings: each CPU with each device, both ways,
     and each CPU to each other CPU (skbs freed on the stack CPU)."""
@@ -219,6 +268,7 @@ class Run(Console):
         self.settled_ns = 0
         self.stalled: list[str] = []
         self.interrupted = False
+        self.signals = 0  # Ctrl-Cs and SIGTERMs so far: one during a teardown's wait ends that wait
         self.dead: set[str] = set()
         # The processes that died, by name: how, and their last words ("failures" in the report).
         self.failures: list[dict] = []
@@ -572,6 +622,7 @@ class Run(Console):
         """End the run the orderly way at the next check (what Ctrl-C and SIGTERM do): safe from a
         signal handler, as it only sets a flag."""
         self.interrupted = True
+        self.signals += 1
 
     # -- the phases ---------------------------------------------------------------------------------
     # run() = prepare, start, main_loop, end (= quiesce, teardown, reclaim, report).  A caller driving the
@@ -805,54 +856,72 @@ class Run(Console):
         return n
 
     def wait_pages_home(self) -> None:
-        """After DOWN: every page back in a pool or the allocator (``page_pool_release_retry``)."""
-        start = time.monotonic()
-        next_warn = start + 1.0
-        last, last_change = None, start
-        while True:
-            out = self.pages_out()
-            if not any(out.values()):
-                return
-            now = time.monotonic()
-            total = sum(out.values())
-            if total != last:
-                last, last_change = total, now
-            elif self.dead and now - last_change > 2.0:
-                return  # stranded by a dead process: reclaimed once everyone has exited
-            if now >= next_warn:
-                for key, n in out.items():
-                    if n:
-                        msg = (f"page_pool_release_retry() stalled pool shutdown: id {key} "
-                               f"{n} inflight {int(now - start)} sec")
-                        self.stalled.append(msg)
-                        self.event(msg)
-                next_warn = now + 1.0
-            if now - start > SHUTDOWN_TIMEOUT:
-                return
+        """After DOWN: every live CPU and device acknowledged it and every page they hold came home
+        (`wait_pools_released`); a new Ctrl-C or SIGTERM stops waiting."""
+        table = self.table
+        assert table is not None
+        signals = self.signals
+        watched = [p for p in self.procs if p.kind in ("cpu", "device")]
+
+        def pending() -> dict[str, int]:
+            out: dict[str, int] = {}
+            for hname, pm in self.pms.items():
+                out.update(pages_pending(pm, hname, self.live_holders(hname)))
+            return out
+
+        def downed() -> bool:
+            return all(table.read(p.key)["state"] >= ProcState.DOWN for p in watched if p.key not in self.dead)
+
+        def step() -> None:
+            self.check_procs()
             self.tick()
             time.sleep(0.02)
 
-    def pages_out(self) -> dict[str, int]:
-        out = {}
-        for hname, pm in self.pms.items():
-            st = pm.state.copy()
-            # Buffers in use: not a fragment back and waiting for its siblings, nor one of the page a
-            # pool is splitting that it never handed out (FRAG: page_pool_destroy drains those).
-            used = IN_USE[st]
-            owners = pm.owner.copy()
-            for c in range(pm.ncpus):
-                out[f"{hname}/cpu{c}"] = int(((owners == c) & used).sum())
-        return out
+        def warn(msg: str) -> None:
+            self.stalled.append(msg)
+            self.event(msg)
+
+        if not wait_pools_released(pending, downed, step, warn, lambda: self.signals != signals):
+            left = sum(pending().values())
+            self.event(f"interrupted during the shutdown: pools destroyed with {left} pages still in flight")
+
+    def live_holders(self, hname: str) -> dict[int, str]:
+        """Holder code -> key of the live CPUs and devices of host `hname` (see `emu.net.protocol`)."""
+        host = self.topo.hosts[hname]
+        codes = {c: f"{hname}/cpu{c}" for c in range(host.cpus)}
+        codes.update({device_code(i): f"{hname}/{d}" for i, d in enumerate(host.devices)})
+        local = {p.key for p in self.procs}
+        return {code: key for code, key in codes.items() if key in local and key not in self.dead}
 
     def join(self) -> None:
-        deadline = time.monotonic() + SHUTDOWN_TIMEOUT
-        for p in self.procs:
-            p.process.join(max(0.1, deadline - time.monotonic()))
-        for p in self.procs:
-            if p.process.is_alive():
-                self.event(f"{p.kind} process {p.key} did not exit; killing it")
+        """After EXIT: until every process has exited.  One still there once it sent no heartbeat for
+        `HUNG_NS` (or after a new Ctrl-C or SIGTERM) is killed and counted dead, so that `reclaim` takes
+        back what it held."""
+        table = self.table
+        assert table is not None
+        signals = self.signals
+        since = time.monotonic_ns()
+        while True:
+            alive = [p for p in self.procs if p.process.is_alive()]
+            if not alive:
+                return
+            now = time.monotonic_ns()
+            for p in alive:
+                idle = now - max(since, table.read(p.key)["heartbeat_ns"])
+                if idle <= HUNG_NS and self.signals == signals:
+                    continue
+                why = f"did not exit: sent no heartbeat for {idle / 1e9:.1f} s" if idle > HUNG_NS else \
+                    "did not exit before a new interrupt"
+                self.event(f"{p.kind} process {p.key} {why}; killing it")
                 p.process.kill()
                 p.process.join(5)
+                if p.key not in self.dead:
+                    self.failed(p, p.process.exitcode if p.process.exitcode is not None else -signal.SIGKILL, why)
+                    self.dead.add(p.key)
+                    if p.kind == "cpu":
+                        hname, cpu = p.key.split("/")
+                        self.dead_pools.append((hname, int(cpu[3:])))
+            alive[0].process.join(0.05)
 
     def abort(self) -> None:
         if self.table is not None:
