@@ -89,6 +89,8 @@ def valid_docs(draw: st.DrawFn) -> Doc:
     d.add(f"      refill: {draw(st.integers(1, cache))}", ("pool", "refill"))
     d.add(f"      pool_size: {draw(st.sampled_from([0, 64, 1024]))}", ("pool", "pool_size"))
     d.add(f"      recycle_limit: {draw(st.sampled_from([0, 100]))}", ("pool", "recycle_limit"))
+    # A fragment of the whole page is the page itself: frames up to 1,500 bytes still fit every buffer.
+    d.add(f"      frag_size: {draw(st.sampled_from([0, 4096]))}", ("pool", "frag_size"))
     d.add("    devices:")
     for i, (name, dd) in enumerate(dev.items()):
         d.add(f"      {name}:", (name, ""))
@@ -101,6 +103,7 @@ def valid_docs(draw: st.DrawFn) -> Doc:
         d.add(f"        tx_cpus: [{tx_cpus}]", (name, "tx_cpus"))
         d.add("        xdp_xmit: true", (name, "xdp_xmit"))
         d.add(f"        tx_completion_us: {draw(st.sampled_from([0, 100]))}", (name, "tx_completion_us"))
+        d.add(f"        mtu: {draw(st.sampled_from([1500, 3000]))}", (name, "mtu"))
         if name == "eth0":
             d.add("        xdp:", ("xdp", ""))
             d.add(f'          program: "emu.programs:{program}"', ("xdp", "program"))
