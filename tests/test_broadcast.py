@@ -2,7 +2,9 @@
 gets the frame; each extra copy is a clone in a page from the page allocator (``xdpf_clone``), the
 original goes to the last target.  So N targets cost one pool page and N-1 page-allocator pages, which
 the counters and the strict audit show exactly; a map with only the ingress device sends nothing, and a
-frame too large to clone is an -ENOMEM redirect error."""
+frame too large to clone is an -ENOMEM redirect error.  The C twin (emu/programs/bpf/xdp_broadcast.c, run
+by the engine in both of its modes) takes the same path: the engine returns the verdict and a broadcast
+code per packet, the CPU worker's one broadcast path does the rest."""
 
 from __future__ import annotations
 
@@ -15,14 +17,18 @@ import pytest
 from fakes import Counters, FakeOutbox
 
 from emu.datapath.napi import NapiCore, RxQueue
+from emu.ebpf.maps import ObjDevMap, ObjMaps
+from emu.ebpf.obj import BPF_MAP_TYPE_DEVMAP_HASH, MapDef
 from emu.mem.page import ORDER0_OWNER, PageState
 from emu.mem.pagepool import C, audit, pool_of, tx_dma_start
 from emu.net import wire
 from emu.net.protocol import XDP_PACKET_HEADROOM, refill_batch
 from emu.run.coordinator import Run, RunOptions
 from emu.topology.file import load_topology, validate_topology_text
-from emu.xdp.bpfmaps import BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS, MapSet, populate
-from emu.xdp.context import XDP_ABORTED, XDP_REDIRECT, XdpContext, load_program
+from emu.xdp.bpfmaps import BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS, REDIRECT_BROADCAST, MapSet, populate
+from emu.xdp.context import XDP_ABORTED, XDP_PASS, XDP_REDIRECT, XdpBatch, XdpContext, load_program
+from emu.xdp.runtime import create_object_maps, program_for
+from tests.ebpf_build import bundled
 
 ROOT = Path(__file__).resolve().parent.parent
 RX_RING = 64
@@ -40,9 +46,7 @@ hosts:
         ifindex: 2
         rx_ring_size: {ring}
         xdp_xmit: {eth0_xmit}
-        xdp:
-          program: "emu.programs:xdp_broadcast"
-          params: {params}
+        xdp: {xdp}
       eth1: {{ifindex: 3, xdp_xmit: true}}
       eth2: {{ifindex: 4, xdp_xmit: {eth2_xmit}}}
       eth3: {{ifindex: 5, xdp_xmit: true}}
@@ -50,21 +54,34 @@ hosts:
 
 
 class Bcast:
-    """One CPU polling eth0, which runs xdp_broadcast over the devmap `tx_ports`."""
+    """One CPU polling eth0, which runs xdp_broadcast over the devmap `tx_ports`: the Python program
+    (`kind` "py") or its C twin in the engine's mode `kind` ("jit", "interp"; EMU_EBPF_ENGINE is set)."""
 
     def __init__(self, page_memory, run_prefix: str, tx_ports: str, exclude: bool = True,
-                 page_size: int = 2048, npages: int = 1024, eth0_xmit: bool = False, eth2_xmit: bool = True) -> None:
-        params = f"{{tx_ports: {tx_ports}, exclude_ingress: {'true' if exclude else 'false'}}}"
-        topo = validate_topology_text(HOST.format(page_size=page_size, ring=RX_RING, params=params,
+                 page_size: int = 2048, npages: int = 1024, eth0_xmit: bool = False, eth2_xmit: bool = True,
+                 kind: str = "py") -> None:
+        if kind == "py":
+            xdp = (f'{{program: "emu.programs:xdp_broadcast", params: {{tx_ports: {tx_ports}, '
+                   f"exclude_ingress: {'true' if exclude else 'false'}}}}}")
+        else:
+            obj = bundled() / "xdp_broadcast.o"
+            xdp = (f'{{object: "{obj}", program: xdp_broadcast, maps: {{tx_ports: {tx_ports}}}, '
+                   f"globals: {{exclude_ingress: {int(exclude)}}}}}")
+        topo = validate_topology_text(HOST.format(page_size=page_size, ring=RX_RING, xdp=xdp,
                                                   eth0_xmit=str(eth0_xmit).lower(),
                                                   eth2_xmit=str(eth2_xmit).lower()), "t.yaml")
         host = topo.hosts["h1"]
         self.pm = pm = page_memory(npages=npages, page_size=page_size, ncpus=1)
-        prog = load_program("emu.programs:xdp_broadcast")
         dev = host.devices["eth0"]
-        self.ms = MapSet.create(f"{run_prefix}-maps", prog.maps, 1, 0)
-        populate(self.ms, prog.initial_maps(dev.xdp.params), IFX.__getitem__)
-        ctx = prog.new_context(2, 0, 0, dev.xdp.params, self.ms.maps, IFX)
+        if kind == "py":
+            prog = load_program("emu.programs:xdp_broadcast")
+            self.ms: MapSet | ObjMaps = MapSet.create(f"{run_prefix}-maps", prog.maps, 1, 0)
+            populate(self.ms, prog.initial_maps(dev.xdp.params), IFX.__getitem__)
+            maps = self.ms.maps
+        else:  # as a run attaches an object: the coordinator's maps, a CPU worker's program and devmaps
+            self.ms = create_object_maps(f"{run_prefix}-maps", dev, host)
+            prog, maps = program_for(dev, f"{run_prefix}-maps", 1, 0)  # type: ignore[assignment]
+        ctx = prog.new_context(2, 0, 0, dev.xdp.params, maps, IFX)
         rxq = RxQueue("eth0", 2, 0, RX_RING, prog.fn, ctx, prog.batch, refill_batch(RX_RING))
         self.counts = Counters("cpu")
         self.out = FakeOutbox()
@@ -105,12 +122,15 @@ class Bcast:
             self.core.dispatch(wire.pack_msg("txc", {"dev": to, "txq": hdr["txq"]}, d.tobytes()))
 
 
-@pytest.fixture
-def bcast(page_memory, run_prefix):
+@pytest.fixture(params=["py", "jit", "interp"])
+def bcast(request, page_memory, run_prefix, monkeypatch):
+    """Bcast for the Python program and for its C twin in each engine mode."""
     made: list[Bcast] = []
+    if request.param != "py":
+        monkeypatch.setenv("EMU_EBPF_ENGINE", request.param)
 
     def make(*args, **kw) -> Bcast:
-        b = Bcast(page_memory, f"{run_prefix}-{len(made)}", *args, **kw)
+        b = Bcast(page_memory, f"{run_prefix}-{len(made)}", *args, kind=request.param, **kw)
         made.append(b)
         return b
 
@@ -212,16 +232,59 @@ def test_broadcast_flags_per_packet_and_vectorised(run_prefix) -> None:
         flags = BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS
         assert ctx.redirect_map(tx, 7, flags) == XDP_REDIRECT and ctx.redirect_ifindex == tx.bcast_base | 1
         assert ctx.redirect_map(tx, 0, BPF_F_BROADCAST) == XDP_REDIRECT and ctx.redirect_ifindex == tx.bcast_base
-        assert ctx.redirect_map(tx, 0, BPF_F_EXCLUDE_INGRESS) == XDP_ABORTED  # not without BPF_F_BROADCAST
         assert ctx.redirect_map(tx, 0, flags | 1 << 5) == XDP_ABORTED  # an unknown flag
+        # BPF_F_EXCLUDE_INGRESS without BPF_F_BROADCAST: a plain lookup, its miss the low bits' action
+        assert ctx.redirect_map(tx, 0, BPF_F_EXCLUDE_INGRESS | XDP_PASS) == XDP_PASS
+        tx[0] = 5
+        assert ctx.redirect_map(tx, 0, BPF_F_EXCLUDE_INGRESS) == XDP_REDIRECT and ctx.redirect_ifindex == 5
+        # ...and the same in the vectorised form
+        batch = XdpBatch(np.zeros((3, 64), np.uint8), np.arange(3), np.zeros(3, np.int64), np.full(3, 60, np.int64))
+        assert batch.redirect_map(tx, np.array([0, 1, 0]), flags=BPF_F_EXCLUDE_INGRESS | XDP_PASS).tolist() == \
+            [XDP_REDIRECT, XDP_PASS, XDP_REDIRECT]
+        assert batch.redirect_map(tx, 0, flags=flags | 1 << 5).tolist() == [XDP_ABORTED] * 3
     finally:
         ms.unlink()
         ms.close()
 
 
+@pytest.mark.parametrize("mode", ["jit", "interp"])
+@pytest.mark.parametrize("exclude", [True, False])
+def test_the_engine_returns_redirect_and_a_broadcast_code(mode: str, exclude: bool) -> None:
+    """The kernel's __bpf_xdp_redirect_map with BPF_F_BROADCAST: XDP_REDIRECT whatever the map holds (it
+    is empty here), the target the map's broadcast code, its low bit BPF_F_EXCLUDE_INGRESS."""
+    from emu.ebpf.elf import load_object
+    from emu.ebpf.engine import Engine
+
+    obj = load_object(bundled() / "xdp_broadcast.o", {"exclude_ingress": int(exclude)})
+    with Engine(obj, engine=mode) as eng:
+        out = eng.run("xdp_broadcast", [bytes(60), bytes(14), b""])
+        (tx,) = eng.maps.devmaps().values()
+    assert tx.name == "tx_ports" and tx.bcast_base == REDIRECT_BROADCAST | obj.map_index("tx_ports") << 16
+    assert out == [(XDP_REDIRECT, f, tx.bcast_base | exclude) for f in (bytes(60), bytes(14), b"")]
+
+
+def test_an_object_devmap_hash_lists_its_devices_in_bucket_order(run_prefix) -> None:
+    """dev_map_enqueue_multi walks a devmap_hash bucket by bucket (key & (n_buckets - 1), n_buckets the
+    max_entries rounded up to a power of two); a deleted device is gone from the next broadcast."""
+    dh = MapDef("dh", BPF_MAP_TYPE_DEVMAP_HASH, 4, 4, 6)
+    with ObjMaps.create(f"{run_prefix}-dh", [dh], 1) as om:
+        try:
+            for key, ifx in ((9, 30), (3, 31), (0, 32), (7, 33)):  # 8 buckets: 9 is in bucket 1
+                om.update("dh", key, ifx)
+            view = om.devmaps()["dh"]
+            assert isinstance(view, ObjDevMap) and view.ifindexes == [32, 30, 31, 33]
+            om.delete("dh", 3)
+            assert view.ifindexes == [32, 30, 33]
+        finally:
+            om.unlink()
+
+
 @pytest.mark.slow
-def test_broadcast_topology_floods_three_sinks_and_accounts_for_every_page() -> None:
-    topo = load_topology(ROOT / "topology" / "broadcast.yaml")
+@pytest.mark.parametrize("name", ["broadcast", "broadcast-obj"])
+def test_broadcast_topology_floods_three_sinks_and_accounts_for_every_page(name: str) -> None:
+    if name == "broadcast-obj":
+        bundled()  # the C twin's object, built where it is not yet
+    topo = load_topology(ROOT / "topology" / f"{name}.yaml")
     r = Run(topo, RunOptions(count=20_000, interval=0.5, out=io.StringIO())).run()
     assert multiprocessing.active_children() == []
     assert all(n == 0 for n in r["violations"].values()), r["violations"]

@@ -36,6 +36,8 @@ TWINS: dict[str, tuple[str, dict[str, Any], str, dict[str, object]]] = {
     "l2fwd": ("emu.programs:l2fwd", {"egress": "eth1"}, "l2fwd.o", {"egress_ifindex": IFINDEXES["eth1"]}),
     "l2fwd_map": ("emu.programs:l2fwd_map", {"tx_port": {0: "eth1"}}, "l2fwd_map.o", {}),
     "l2fwd_map_empty": ("emu.programs:l2fwd_map", {}, "l2fwd_map.o", {}),
+    "xdp_broadcast": ("emu.programs:xdp_broadcast", {"tx_ports": {0: "eth0", 1: "eth1"}}, "xdp_broadcast.o", {}),
+    "xdp_broadcast_empty": ("emu.programs:xdp_broadcast", {}, "xdp_broadcast.o", {}),
     "l2fwd_filter": ("emu.programs:l2fwd_filter", {"egress": "eth1", "deny_ports": list(DENY)}, "xdp_filter.o",
                      {"egress_ifindex": IFINDEXES["eth1"]}),
 }
@@ -148,9 +150,9 @@ class KernelSide:
         self.obj = load_object(obj_path, globals_)
         self.ko = kernel.load(self.obj)
         self.fd = next(iter(self.ko.prog_fds.values()))
-        if "tx_port" in params:  # a devmap slot needs a real device in the kernel: lo
-            for k in params["tx_port"]:
-                kernel.map_update(self.ko.map_fd("tx_port"), struct.pack("<I", k), struct.pack("<I", 1))
+        for devmap in ("tx_port", "tx_ports"):  # a devmap slot needs a real device in the kernel: lo
+            for k in params.get(devmap, ()):
+                kernel.map_update(self.ko.map_fd(devmap), struct.pack("<I", k), struct.pack("<I", 1))
         for port in params.get("deny_ports", ()):
             kernel.map_update(self.ko.map_fd("deny_ports"), struct.pack("<H", port), b"\1")
 
@@ -482,16 +484,42 @@ def test_corpus_atomics_accumulate_in_the_map(corpus: dict[str, Path], pair: Any
         p.compare("atomics", edge_frames()[::7])
 
 
-@pytest.mark.parametrize("twin", ["xdp_drop", "xdp_tx", "l2fwd", "l2fwd_map", "l2fwd_filter"])
+@pytest.mark.parametrize("twin", ["xdp_drop", "xdp_tx", "l2fwd", "l2fwd_map", "l2fwd_filter", "xdp_broadcast",
+                                  "xdp_broadcast_empty"])
 def test_bundled_objects_engine_matches_kernel(twin: str, objs: Path, pair: Any) -> None:
     _, params, obj, globals_ = TWINS[twin]
     p = pair(objs / obj, globals_)
-    for k in params.get("tx_port", {}):
-        p.update("tx_port", k, "eth1")
+    for devmap in ("tx_port", "tx_ports"):
+        for k in params.get(devmap, {}):
+            p.update(devmap, k, "eth1")
     for port in params.get("deny_ports", ()):
         p.update("deny_ports", port, 1)
     prog = next(iter(p.obj.programs))
     p.compare(prog, [f for _, f in crafted_frames()])
+
+
+# bpf_redirect_map flags: none, the fallback action in the low bits, BPF_F_BROADCAST (8) with and without
+# BPF_F_EXCLUDE_INGRESS (16) and fallback bits, BPF_F_EXCLUDE_INGRESS alone, and unknown bits.
+REDIRECT_FLAGS = (0, 1, 2, 3, 8, 8 | 16, 8 | 16 | 2, 8 | 3, 16, 16 | 1, 4, 32, 8 | 32, 1 << 32, 8 | 1 << 63, U64)
+
+
+def test_corpus_redirect_map_flags(corpus: dict[str, Path], pair: Any) -> None:
+    """__bpf_xdp_redirect_map's flags on a devmap and a devmap_hash, empty and then holding a device:
+    the engine's verdict is the kernel's for every key and flag combination."""
+    p = pair(corpus["redirect"])
+    frames = [operand_frame(key, flags, 0) for key in (0, 1, 5, 1 << 32 | 1) for flags in REDIRECT_FLAGS]
+    seen = set()
+    for fill in (False, True):
+        if fill:
+            p.update("dm", 1, "eth1")
+            p.update("dh", 5, "eth1")
+        for prog in ("redir_devmap", "redir_devhash"):
+            results = p.compare(prog, frames)
+            seen |= {r for r, _ in results}
+            for (r, _), f in zip(results, frames, strict=True):
+                if struct.unpack_from("<Q", f, 24)[0] in (8, 8 | 16, 8 | 16 | 2, 8 | 3):
+                    assert r == XDP_REDIRECT  # broadcast: whatever the key and the map hold
+    assert seen == {XDP_ABORTED, 1, 2, 3, XDP_REDIRECT}
 
 
 def test_xdp_lb_engine_matches_kernel(objs: Path, pair: Any) -> None:

@@ -14,6 +14,7 @@ from emu.ebpf import asm as A
 from emu.ebpf import obj as o
 from emu.ebpf.engine import Engine
 from emu.ebpf.obj import BpfObject, MapDef, ProgDef
+from emu.xdp.bpfmaps import REDIRECT_BROADCAST
 
 M64 = (1 << 64) - 1
 M32 = (1 << 32) - 1
@@ -426,7 +427,13 @@ def test_redirect_map(mtype: int, vsize: int) -> None:
     assert go(0, 0)[::2] == (XDP_REDIRECT, 3)
     assert go(1, XDP_PASS)[::2] == (XDP_PASS, -1)  # miss: the fallback action in flags' low bits
     assert go(1, 0)[0] == XDP_ABORTED
-    assert go(0, 1 << 3)[0] == XDP_ABORTED  # BPF_F_BROADCAST is not emulated yet
+    # BPF_F_EXCLUDE_INGRESS alone: a plain lookup; an unknown flag bit aborts
+    assert go(0, 1 << 4)[::2] == (XDP_REDIRECT, 3) and go(1, 1 << 4 | XDP_PASS)[::2] == (XDP_PASS, -1)
+    assert go(0, 1 << 5 | 1 << 3)[0] == XDP_ABORTED
+    # BPF_F_BROADCAST: the key and the fallback bits ignored, the target the map's broadcast code (the map's
+    # index in the object, 1 here, and BPF_F_EXCLUDE_INGRESS in bit 0) for the worker's broadcast path
+    assert go(7, 1 << 3 | XDP_PASS)[::2] == (XDP_REDIRECT, REDIRECT_BROADCAST | 1 << 16)
+    assert go(0, 1 << 3 | 1 << 4)[::2] == (XDP_REDIRECT, REDIRECT_BROADCAST | 1 << 16 | 1)
 
 
 def test_adjust_head_tail_meta() -> None:

@@ -82,7 +82,7 @@ from emu.net.protocol import (
     refill_batch,
 )
 from emu.topology.model import max_frame
-from emu.xdp.bpfmaps import CPU_MAP_BULK_SIZE, REDIRECT_BROADCAST, REDIRECT_CPUMAP, CpuMap, DevMap
+from emu.xdp.bpfmaps import CPU_MAP_BULK_SIZE, REDIRECT_BROADCAST, REDIRECT_CPUMAP, BroadcastMap, CpuMap
 from emu.xdp.context import (
     XDP_ABORTED,
     XDP_DROP,
@@ -271,11 +271,12 @@ class NapiCore(Core):
         self.kq: list[tuple[str, int, np.ndarray]] = []
         self.kprogs: dict[tuple[str, str], RxQueue] = {}
         self.gro_held = 0
-        # The devmaps of the programs of the queues this CPU polls, by (device, ordinal): broadcasts.
-        self.devmaps: dict[tuple[str, int], DevMap] = {}
+        # The devmaps of the programs of the queues this CPU polls, by (device, ordinal): broadcasts (a
+        # Python program's DevMap, or an eBPF object's devmap, ordinal its index in the object).
+        self.devmaps: dict[tuple[str, int], BroadcastMap] = {}
         for rxq in self.rxqs.values():
             for m in getattr(rxq.ctx, "maps", {}).values():
-                if isinstance(m, DevMap):
+                if isinstance(m, BroadcastMap):
                     self.devmaps[(rxq.dev, (m.bcast_base - REDIRECT_BROADCAST) >> 16)] = m
         # TX completions of this CPU's own pages not reaped yet (txc_release: deferred), oldest first.
         self.txc_deferred = host.txc_release == "deferred"

@@ -34,9 +34,9 @@ from typing import Any
 from emu.ebpf import obj as o
 from emu.errors import BadInputError
 from emu.mem.shm import SHM_DIR, Segment
-from emu.xdp.bpfmaps import BPF_ANY, MapError
+from emu.xdp.bpfmaps import BPF_ANY, REDIRECT_BROADCAST, MapError
 
-__all__ = ["MAP_TYPE_NAMES", "ObjMaps", "map_layout"]
+__all__ = ["MAP_TYPE_NAMES", "ObjDevMap", "ObjMaps", "map_layout"]
 
 MAP_TYPE_NAMES = {
     o.BPF_MAP_TYPE_HASH: "hash",
@@ -84,8 +84,8 @@ def _check(m: o.MapDef) -> None:
     if m.max_entries < 1 or m.key_size < 1 or m.value_size < 1:
         raise BadInputError(f"{where}: key_size {m.key_size}, value_size {m.value_size}, "
                             f"max_entries {m.max_entries} must all be positive")
-    if m.type in _ARRAYS and m.key_size != 4:
-        raise BadInputError(f"{where}: an array-like map has 4-byte keys, not {m.key_size}")
+    if m.type in _ARRAYS | _DEVMAPS and m.key_size != 4:  # dev_map_alloc_check: devmap_hash too
+        raise BadInputError(f"{where}: an array-like map or devmap has 4-byte keys, not {m.key_size}")
     if m.type in _DEVMAPS and m.value_size not in (4, 8):
         raise BadInputError(f"{where}: a devmap's value is an ifindex (4 bytes) or struct bpf_devmap_val "
                             f"(8 bytes), not {m.value_size}")
@@ -322,6 +322,10 @@ class ObjMaps:
             out["(bpf_trace_printk)"] = {"lines": lines, "dropped": dropped}
         return out
 
+    def devmaps(self) -> dict[str, ObjDevMap]:
+        """The object's devmaps and devmap_hashes by name, as a broadcast reads them (`ObjDevMap`)."""
+        return {m.name: ObjDevMap(self, i) for i, m in enumerate(self.defs) if m.type in _DEVMAPS}
+
     def populate(self, initial: Mapping[str, Mapping[Any, Any]], ifindex_of: Callable[[str], int]) -> None:
         """Fill maps from the topology's ``maps: {MAP: {KEY: VALUE}}``: keys ints (or decimal strings, as
         YAML gives them), values ints, or device names for a devmap (its ifindex)."""
@@ -362,3 +366,24 @@ class ObjMaps:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ObjDevMap:
+    """A devmap (or devmap_hash) of an object, seen by the CPU worker's broadcast path
+    (`emu.xdp.bpfmaps.BroadcastMap`, `emu.datapath.napi.NapiCore.broadcast`): the engine's
+    ``bpf_redirect_map(&map, _, BPF_F_BROADCAST...)`` gives the target ``REDIRECT_BROADCAST | index << 16
+    (| 1 with BPF_F_EXCLUDE_INGRESS)``, `index` the map's place in the object, and the worker reads the
+    map's devices here when it makes the broadcast, as ``dev_map_enqueue_multi`` walks the map then."""
+
+    __slots__ = ("bcast_base", "index", "maps", "name")
+
+    def __init__(self, maps: ObjMaps, index: int) -> None:
+        self.maps = maps
+        self.index = index
+        self.name = maps.defs[index].name
+        self.bcast_base = REDIRECT_BROADCAST | index << 16
+
+    @property
+    def ifindexes(self) -> list[int]:
+        """The map's ifindexes in the kernel's walk order (a devmap by index, a devmap_hash by bucket)."""
+        return self.maps.native.devmap_ifindexes(self.index)

@@ -50,9 +50,9 @@ from __future__ import annotations
 import errno
 import struct
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -73,6 +73,7 @@ __all__ = [
     "REDIRECT_CPUMAP",
     "ArrayMap",
     "BpfMap",
+    "BroadcastMap",
     "CpuMap",
     "DevMap",
     "HashMap",
@@ -107,6 +108,22 @@ CPU_MAP_QSIZE_MAX = 16384
 REDIRECT_CPUMAP = 1 << 32
 # A devmap broadcast's target: ``REDIRECT_BROADCAST | ordinal << 16 | exclude_ingress`` (`DevMap.bcast_base`).
 REDIRECT_BROADCAST = 2 << 32
+
+
+@runtime_checkable
+class BroadcastMap(Protocol):
+    """A devmap a broadcast can name (a Python program's `DevMap`, an eBPF object's
+    `emu.ebpf.maps.ObjDevMap`): its name, `bcast_base` (``REDIRECT_BROADCAST | ordinal << 16``, the code its
+    program's redirect gives, ``| 1`` with BPF_F_EXCLUDE_INGRESS) and `ifindexes`, its devices in the order
+    ``dev_map_enqueue_multi`` walks them (0: an empty slot), read when the broadcast is made."""
+
+    name: str
+    bcast_base: int
+
+    @property
+    def ifindexes(self) -> Sequence[int]: ...
+
+
 # A cpumap entry: ``struct bpf_cpumap_val`` (qsize; the second program, here by its "module:function" name,
 # as a pinned path names a program) and the entry's ptr_ring, as frames produced and consumed.
 CPUMAP_DTYPE = np.dtype([("qsize", "<u4"), ("_pad", "<u4"), ("produced", "<u8"), ("consumed", "<u8"),

@@ -175,14 +175,16 @@ class XdpContext:
 
         On a devmap, ``BPF_F_BROADCAST`` ignores `key` and sends the frame to every device of the map
         (``BPF_F_EXCLUDE_INGRESS``: but the one it came in on), always XDP_REDIRECT, as the kernel's
-        ``dev_map_redirect`` does; any other flag returns XDP_ABORTED, as unknown flags do in the kernel.
+        ``dev_map_redirect`` does; ``BPF_F_EXCLUDE_INGRESS`` alone is a plain lookup; any other flag (a
+        cpumap takes none) returns XDP_ABORTED, as ``__bpf_xdp_redirect_map`` does.
         """
         if flags & ~_ACTION_MASK:
-            if flags & BPF_F_BROADCAST and not flags & ~(_ACTION_MASK | _BCAST_FLAGS) and \
-                    devmap.__class__ is DevMap:
+            if flags & ~(_ACTION_MASK | _BCAST_FLAGS) or devmap.__class__ is not DevMap:
+                return XDP_ABORTED
+            if flags & BPF_F_BROADCAST:
                 self.redirect_ifindex = devmap.bcast_base | bool(flags & BPF_F_EXCLUDE_INGRESS)  # type: ignore[union-attr]
                 return XDP_REDIRECT
-            return XDP_ABORTED
+            flags &= _ACTION_MASK  # only a broadcast reads BPF_F_EXCLUDE_INGRESS
         if devmap.__class__ is CpuMap:
             # __cpu_map_lookup_elem: an entry with a ring (qsize > 0) is a hit.
             qs = devmap.qsizes  # type: ignore[union-attr]
@@ -344,13 +346,15 @@ class XdpBatch:
                      where: np.ndarray | slice = slice(None), flags: int = 0) -> np.ndarray:
         """``bpf_redirect_map`` on a devmap or a cpumap for the packets `where` selects (`keys` one per
         selected packet, or one for all): the verdict of each, XDP_REDIRECT on a hit, else the action in
-        ``flags & 3``."""
+        ``flags & 3`` (the flags as `XdpContext.redirect_map` takes them)."""
         sel = np.arange(len(self.pages))[where]
         if flags & ~_ACTION_MASK:
-            if flags & BPF_F_BROADCAST and not flags & ~(_ACTION_MASK | _BCAST_FLAGS) and isinstance(devmap, DevMap):
+            if flags & ~(_ACTION_MASK | _BCAST_FLAGS) or not isinstance(devmap, DevMap):
+                return np.full(len(sel), XDP_ABORTED, dtype=np.int64)
+            if flags & BPF_F_BROADCAST:
                 self.redirect_ifindex[sel] = devmap.bcast_base | bool(flags & BPF_F_EXCLUDE_INGRESS)
                 return np.full(len(sel), XDP_REDIRECT, dtype=np.int64)
-            return np.full(len(sel), XDP_ABORTED, dtype=np.int64)
+            flags &= _ACTION_MASK  # only a broadcast reads BPF_F_EXCLUDE_INGRESS
         keys = np.broadcast_to(np.asarray(keys, dtype=np.int64), sel.shape)
         if isinstance(devmap, CpuMap):
             qs = np.asarray(devmap.qsizes, dtype=np.int64)

@@ -131,7 +131,8 @@ def program_for(
 
         obj, name = load_xdp_object(dev)
         assert mapset_name is not None
-        return xdp_program(obj, name, ObjMaps.attach(mapset_name, obj.maps, ncpus), cpu), {}
+        om = ObjMaps.attach(mapset_name, obj.maps, ncpus)
+        return xdp_program(obj, name, om, cpu), dict(om.devmaps())  # devmaps: for a broadcast's targets
     prog = load_program(dev.xdp.program)
     if not prog.maps or mapset_name is None:
         return prog, {}

@@ -122,6 +122,16 @@ impl Maps {
         Ok(PyList::new_bound(py, ks))
     }
 
+    /// The ifindexes of devmap (or devmap_hash) `m` in the order a broadcast walks them.
+    fn devmap_ifindexes(&self, m: usize) -> PyResult<Vec<u32>> {
+        check_map(&self.store, m)?;
+        let t = self.store.maps[m].mtype;
+        if t != maps::BPF_MAP_TYPE_DEVMAP && t != maps::BPF_MAP_TYPE_DEVMAP_HASH {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!("map {} is not a devmap", m)));
+        }
+        Ok(self.store.devmap_ifindexes(m))
+    }
+
     /// (events, bytes) a ringbuf or perf_event_array map collected.
     fn events(&self, m: usize) -> PyResult<(u64, u64)> {
         check_map(&self.store, m)?;

@@ -358,6 +358,30 @@ impl MapStore {
         }
     }
 
+    /// The devices of a devmap or devmap_hash, as dev_map_enqueue_multi walks them for a broadcast: a
+    /// devmap in index order, a devmap_hash bucket by bucket (the kernel's bucket is the key modulo
+    /// max_entries rounded up to a power of two; keys sharing one come here in key order, the kernel
+    /// lists them newest first).  Each value's first u32 is the ifindex (`struct bpf_devmap_val`).
+    pub fn devmap_ifindexes(&self, m: usize) -> Vec<u32> {
+        let d = &self.maps[m];
+        let mut out: Vec<(u32, u32)> = Vec::new(); // (bucket, key) -> sorted
+        let mut vals: Vec<u32> = Vec::new();
+        let nb = (d.max_entries.max(1) as u32).next_power_of_two();
+        for k in self.keys(m) {
+            let key = u32::from_le_bytes([k[0], k[1], k[2], k[3]]);
+            if let Some(slot) = self.find(m, &k) {
+                let v = unsafe { std::ptr::read_unaligned(self.value_ptr(m, 0, slot) as *const u32) };
+                if v != 0 {
+                    out.push((if d.is_hash() { key & (nb - 1) } else { 0 }, key));
+                    vals.push(v);
+                }
+            }
+        }
+        let mut order: Vec<usize> = (0..out.len()).collect();
+        order.sort_by_key(|&i| out[i]);
+        order.into_iter().map(|i| vals[i]).collect()
+    }
+
     /// Every key present, in slot order.
     pub fn keys(&self, m: usize) -> Vec<Vec<u8>> {
         let d = &self.maps[m];

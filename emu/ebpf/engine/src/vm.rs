@@ -72,6 +72,9 @@ pub const SUPPORTED_HELPERS: &[i32] = &[
 const BPF_F_BROADCAST: u64 = 1 << 3;
 const BPF_F_EXCLUDE_INGRESS: u64 = 1 << 4;
 const BPF_F_CURRENT_CPU: u64 = 0xffff_ffff;
+/// A broadcast's redirect target: `REDIRECT_BROADCAST | map index << 16 | exclude_ingress`, the code
+/// emu.xdp.bpfmaps.REDIRECT_BROADCAST gives the Python programs' devmaps (`DevMap.bcast_base`).
+pub const REDIRECT_BROADCAST: i64 = 2 << 32;
 
 /// One decoded instruction; `imm64` is the 64-bit immediate of `ld_imm64` with map references resolved.
 #[derive(Clone, Copy, Debug, Default)]
@@ -726,11 +729,22 @@ impl Vm {
                 if !matches!(d.mtype, BPF_MAP_TYPE_DEVMAP | BPF_MAP_TYPE_DEVMAP_HASH) {
                     return Ok(XDP_ABORTED); // cpumap and xskmap are not emulated yet
                 }
+                // __bpf_xdp_redirect_map: the low bits are the action on a failed lookup; a devmap also
+                // takes BPF_F_BROADCAST and BPF_F_EXCLUDE_INGRESS; any other bit aborts.
                 let flags = a3;
-                if flags & !(3 | BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS) != 0 || flags & BPF_F_BROADCAST != 0 {
+                if flags & !(3 | BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS) != 0 {
                     return Ok(XDP_ABORTED);
                 }
-                let key = if d.mtype == BPF_MAP_TYPE_DEVMAP { (a2 as u32).to_le_bytes() } else { (a2 as u32).to_le_bytes() };
+                if flags & BPF_F_BROADCAST != 0 {
+                    // The key is ignored and the verdict is XDP_REDIRECT whatever the map holds: the
+                    // targets are read at xdp_do_redirect (dev_map_enqueue_multi), by the CPU worker's
+                    // one broadcast path (emu/datapath/napi.py), from this code: the map's index and
+                    // whether the ingress device is excluded.
+                    let excl = (flags & BPF_F_EXCLUDE_INGRESS != 0) as i64;
+                    pkt.redirect = REDIRECT_BROADCAST | (m as i64) << 16 | excl;
+                    return Ok(XDP_REDIRECT);
+                }
+                let key = (a2 as u32).to_le_bytes();
                 match self.store.find(m, &key) {
                     Some(slot) => {
                         let v = unsafe { std::ptr::read_unaligned(self.store.value_ptr(m, 0, slot) as *const u32) };
