@@ -47,9 +47,9 @@ hosts:
         rx_ring_size: {ring}
         xdp_xmit: {eth0_xmit}
         xdp: {xdp}
-      eth1: {{ifindex: 3, xdp_xmit: true}}
-      eth2: {{ifindex: 4, xdp_xmit: {eth2_xmit}}}
-      eth3: {{ifindex: 5, xdp_xmit: true}}
+      eth1: {{ifindex: 3, xdp_xmit: true{mtu1}}}
+      eth2: {{ifindex: 4, xdp_xmit: {eth2_xmit}{mtu}}}
+      eth3: {{ifindex: 5, xdp_xmit: true{mtu}}}
 """
 
 
@@ -59,7 +59,7 @@ class Bcast:
 
     def __init__(self, page_memory, run_prefix: str, tx_ports: str, exclude: bool = True,
                  page_size: int = 2048, npages: int = 1024, eth0_xmit: bool = False, eth2_xmit: bool = True,
-                 kind: str = "py") -> None:
+                 kind: str = "py", mtu: int | None = None, eth1_mtu: int | None = None) -> None:
         if kind == "py":
             xdp = (f'{{program: "emu.programs:xdp_broadcast", params: {{tx_ports: {tx_ports}, '
                    f"exclude_ingress: {'true' if exclude else 'false'}}}}}")
@@ -69,7 +69,10 @@ class Bcast:
                    f"globals: {{exclude_ingress: {int(exclude)}}}}}")
         topo = validate_topology_text(HOST.format(page_size=page_size, ring=RX_RING, xdp=xdp,
                                                   eth0_xmit=str(eth0_xmit).lower(),
-                                                  eth2_xmit=str(eth2_xmit).lower()), "t.yaml")
+                                                  eth2_xmit=str(eth2_xmit).lower(),
+                                                  mtu="" if mtu is None else f", mtu: {mtu}",
+                                                  mtu1="" if (eth1_mtu or mtu) is None else
+                                                  f", mtu: {eth1_mtu or mtu}"), "t.yaml")
         host = topo.hosts["h1"]
         self.pm = pm = page_memory(npages=npages, page_size=page_size, ncpus=1)
         dev = host.devices["eth0"]
@@ -92,21 +95,23 @@ class Bcast:
         self.ms.unlink()
         self.ms.close()
 
-    def receive(self, n: int, length: int = 64) -> tuple[np.ndarray, list[bytes]]:
+    def receive(self, n: int, length: int | list[int] = 64) -> tuple[np.ndarray, list[bytes]]:
+        """`n` frames into eth0's ring, of `length` bytes (one for all, or one each)."""
         core, pm = self.core, self.pm
         core.refill()
         core.post_flush()
         (_, _, _, posted), = self.out.take("post")
         d = posted[:n].copy()
+        lengths = [length] * n if isinstance(length, int) else length
         frames = []
-        for k in range(n):
-            f = bytes([k % 251]) * length
+        for k, size in enumerate(lengths):
+            f = bytes([k % 251]) * size
             p = int(d["page"][k])
             start = p * pm.page_size + XDP_PACKET_HEADROOM
-            pm.data[start : start + length] = np.frombuffer(f, np.uint8)
-            pm.len[p] = length
+            pm.data[start : start + size] = np.frombuffer(f, np.uint8)
+            pm.len[p] = size
             frames.append(f)
-        d["len"] = length
+        d["len"] = lengths
         core.dispatch(wire.pack_msg("rx", {"dev": "eth0", "q": 0}, d.tobytes()))
         return d["page"].astype(np.int64), frames
 
@@ -201,16 +206,43 @@ def test_devices_without_ndo_xdp_xmit_are_skipped(bcast) -> None:
 
 
 def test_a_frame_larger_than_a_page_cannot_be_cloned(bcast) -> None:
-    b = bcast("{1: eth1, 2: eth2}", page_size=8192)
+    b = bcast("{1: eth1, 2: eth2}", page_size=8192, mtu=4000)
     ids, _ = b.receive(3, length=4000)  # at offset 256: it ends past the kernel's 4,096-byte page
     b.core.poll_pass(got=1, refilling=False)
     assert b.counts["redirect_err"] == 3 and b.counts["xdpf_clone"] == 0 and b.out.take("xmit") == []
     assert (b.pm.state[ids] == PageState.CACHE).all() and audit(b.pm, strict=True).problems == []
     # One target needs no clone: the frame itself goes.
-    one = bcast("{1: eth1}", page_size=8192)
+    one = bcast("{1: eth1}", page_size=8192, mtu=4000)
     ids, _ = one.receive(3, length=4000)
     one.core.poll_pass(got=1, refilling=False)
     assert one.counts["redirect_err"] == 0 and [to for to, *_ in one.out.take("xmit")] == ["eth1"]
+
+
+def test_a_target_whose_mtu_a_frame_exceeds_is_skipped_for_that_frame(bcast) -> None:
+    """is_valid_dst's xdp_ok_fwd_dev, frame by frame: eth1 (mtu 1000) gets the short frames only, eth2
+    and eth3 (mtu 3000) every frame; no error, every page home after the completions."""
+    b = bcast("{1: eth1, 2: eth2, 3: eth3}", page_size=4096, mtu=3000, eth1_mtu=1000)
+    b.receive(7, length=[600, 2000, 600, 2000, 600, 2000, 600])
+    b.core.poll_pass(got=1, refilling=False)
+    assert b.counts["redirect_err"] == 0 and b.counts["redirect_bcast_empty"] == 0
+    assert b.counts["xdpf_clone"] == 4 * 2 + 3 * 1
+    xmit = b.out.take("xmit")
+    got = {}
+    for to, _, _, d in xmit:
+        got.setdefault(to, []).extend(int(b.pm.len[p]) for p in d["page"])
+    assert sorted(got["eth1"]) == [600] * 4
+    assert sorted(got["eth2"]) == sorted(got["eth3"]) == [600] * 4 + [2000] * 3
+    b.complete(xmit)
+    b.core.reap_tx()
+    a = audit(b.pm, strict=True)
+    assert a.problems == [] and int(b.pm.header[13]) == 11  # the clones the page allocator gave out
+    assert a.by_state["tx_queued"] == a.by_state["tx_inflight"] == 0
+    # A frame too long for every target: nothing to send, as for a map without targets.
+    none = bcast("{1: eth1}", page_size=4096, mtu=1000)
+    ids, _ = none.receive(2, length=2000)
+    none.core.poll_pass(got=1, refilling=False)
+    assert none.counts["redirect_bcast_empty"] == 2 and none.out.take("xmit") == []
+    assert (none.pm.state[ids] == PageState.CACHE).all()
 
 
 def test_no_page_left_to_clone_into_is_enomem_and_loses_nothing(bcast) -> None:

@@ -780,8 +780,7 @@ class NapiCore(Core):
                     ids = ids[~big]
                     if not len(ids):
                         continue
-                self.tx_bulk.setdefault((t.name, "redirect"), []).append(ids)
-                self.bulked[t.name] = self.bulked.get(t.name, 0) + len(ids)
+                self._bq_enqueue(t, ids)
             elif t is not None and not t.down and t.fallback == "skb":
                 self.redirect_skb(t, ids)
             elif t is None:
@@ -840,25 +839,38 @@ class NapiCore(Core):
         No target left: the kernel frees the frame and reports success (``redirect_bcast_empty`` here, so
         that the packet is accounted for).  A frame that cannot be cloned (its end past the kernel's
         PAGE_SIZE) or no page to clone into: -ENOMEM, the frame is freed, a ``redirect_err``; the kernel
-        may have sent some clones by then, the emulator sends none (all or nothing per batch)."""
-        c, i = self.c, self.i
+        may have sent some clones by then, the emulator sends none (all or nothing per batch).  A target
+        whose MTU a frame exceeds does not get that frame (``is_valid_dst``), again silently."""
         ordinal, exclude = (code - REDIRECT_BROADCAST) >> 16, code & 1
         m = self.devmaps.get((dev, ordinal))
         if m is None:
             self.redirect_err(ids, "einval", f"nobcast{code}", f"broadcast to an unknown devmap {code:#x}: -EINVAL")
             return
         ingress = self.by_name[dev].ifindex if dev in self.by_name else -1
-        dsts = []
-        for ifx in m.ifindexes:
-            if not ifx or (exclude and ifx == ingress):
-                continue
-            t = self.targets.get(ifx)
-            if t is not None and not t.down and t.xdp_xmit:  # is_valid_dst: others are skipped silently
-                dsts.append(t)
+        # is_valid_dst: devices without ndo_xdp_xmit or down are skipped silently, and so, frame by frame,
+        # is a device whose MTU the frame exceeds (xdp_ok_fwd_dev).
+        dsts = [t for ifx in m.ifindexes if ifx and not (exclude and ifx == ingress)
+                and (t := self.targets.get(ifx)) is not None and not t.down and t.xdp_xmit]
+        if dsts:
+            lens = self.pm.len.take(ids)
+            if int(np.maximum.reduce(lens)) > min(t.max_len for t in dsts):
+                # Some frames are too long for some targets: the frames with the same targets together.
+                fits = sum((lens <= t.max_len).astype(np.int64) << j for j, t in enumerate(dsts))
+                for key in np.unique(fits).tolist():
+                    self._flood(dev, m.name, ordinal, ids[fits == key],
+                                [t for j, t in enumerate(dsts) if key >> j & 1])
+                return
+        self._flood(dev, m.name, ordinal, ids, dsts)
+
+    def _flood(self, dev: str, mname: str, ordinal: int, ids: np.ndarray, dsts: list[Target]) -> None:
+        """`broadcast`'s frames `ids` to their valid targets `dsts`: clones to all but the last, the frames
+        themselves to the last; none: freed, counted ``redirect_bcast_empty``."""
+        c, i = self.c, self.i
         if not dsts:
-            self.warn_once(f"bcastempty{dev}{ordinal}", f"broadcast from {dev} through devmap {m.name!r} has no "
-                           "target (only the ingress device, excluded, or devices without ndo_xdp_xmit): "
-                           "nothing is sent, as in the kernel (counted redirect_bcast_empty)")
+            self.warn_once(f"bcastempty{dev}{ordinal}", f"broadcast from {dev} through devmap {mname!r} has no "
+                           "target (only the ingress device, excluded, devices without ndo_xdp_xmit, or "
+                           "frames longer than their mtu allows): nothing is sent, as in the kernel "
+                           "(counted redirect_bcast_empty)")
             c[i["redirect_bcast_empty"]] += len(ids)
             self._free(ids, PageState.XDP)
             return
@@ -884,11 +896,13 @@ class NapiCore(Core):
                 clones.append((t, new))
             c[i["xdpf_clone"]] += len(ids) * len(clones)
             for t, new in clones:
-                self.tx_bulk.setdefault((t.name, "redirect"), []).append(new)
-                self.bulked[t.name] = self.bulked.get(t.name, 0) + len(new)
-        last = dsts[-1]
-        self.tx_bulk.setdefault((last.name, "redirect"), []).append(ids)
-        self.bulked[last.name] = self.bulked.get(last.name, 0) + len(ids)
+                self._bq_enqueue(t, new)
+        self._bq_enqueue(dsts[-1], ids)
+
+    def _bq_enqueue(self, t: Target, ids: np.ndarray) -> None:
+        """Frames into this CPU's bulk queue for device `t` (``bq_enqueue``), sent at the flush."""
+        self.tx_bulk.setdefault((t.name, "redirect"), []).append(ids)
+        self.bulked[t.name] = self.bulked.get(t.name, 0) + len(ids)
 
     # -- cpumap: XDP_REDIRECT to another CPU (kernel/bpf/cpumap.c) --------------------------------
 
