@@ -148,16 +148,15 @@ class TrafficPort:
             if self.tx.blocked() or self.tx.busy():
                 return 0
         left = self.count - self.seq if self.count else LINK_BATCH
-        before = dict(self.replay.skipped)
         batch, k, skipped = self.replay.next_batch(min(left, LINK_BATCH))
         if not k:
             return 0
         c, i = self.c, self.i
         self.seq += k
         c[i["generated"]] += k
-        if skipped:
-            for kind, name in (("oversize", "replay_oversize"), ("runt", "replay_runt")):
-                c[i[name]] += self.replay.skipped[kind] - before.get(kind, 0)
+        if skipped:  # the source counts them since the start, and this port is their only writer
+            c[i["replay_oversize"]] = self.replay.skipped["oversize"]
+            c[i["replay_runt"]] = self.replay.skipped["runt"]
         if batch is None:
             return k
         if c[OFFLINE] >> LINK_DOWN_BIT & 1:
@@ -193,7 +192,7 @@ class TrafficPort:
         c[i["verified"]] += res.ok
         c[i["corrupted"]] += res.corrupted
         c[i["foreign"]] += res.foreign - (self.account_replayed(frames, res.good, res.foreign)
-                                          if self.index is not None or self.expect is not None else 0)
+                                          if self.index is not None else 0)  # with `expect` too
         c[i["duplicates"]] += self.record(res.seqs, res.ports)
         return n
 
