@@ -143,10 +143,8 @@ class TrafficPort:
         """Send the replayed frames due now if the link allows; returns frames handed out (sent or
         skipped for not fitting)."""
         assert self.replay is not None
-        if self.tx.backlog:
-            self.tx.flush()
-            if self.tx.blocked() or self.tx.busy():
-                return 0
+        if self.link_full():
+            return 0
         left = self.count - self.seq if self.count else LINK_BATCH
         batch, k, skipped = self.replay.next_batch(min(left, LINK_BATCH))
         if not k:
@@ -162,11 +160,22 @@ class TrafficPort:
         if c[OFFLINE] >> LINK_DOWN_BIT & 1:
             c[i["link_down"]] += len(batch)
             return k
+        self.put_on_link(batch)
+        return k
+
+    def link_full(self) -> bool:
+        """Flush what waits for the link; True while it is still full (the device paused it): wait."""
+        if self.tx.backlog:
+            self.tx.flush()
+            return self.tx.blocked() or self.tx.busy()
+        return False
+
+    def put_on_link(self, batch: FrameBatch) -> None:
+        c, i = self.c, self.i
         c[i["tx_bytes"]] += int(np.add.reduce(batch.lengths))
         lost = self.tx.send(batch)
         if lost:
             c[i["link_lost"]] += lost
-        return k
 
     def receive(self) -> int:
         """Take what the link brought (several messages verified as one batch) and check every frame."""
@@ -216,10 +225,8 @@ class TrafficPort:
         """Send one burst if the pacer and the link allow; returns packets sent."""
         if self.replay is not None:
             return self.replay_step()
-        if self.tx.backlog:
-            self.tx.flush()
-            if self.tx.blocked() or self.tx.busy():
-                return 0  # the link is full (the device paused it): wait
+        if self.link_full():
+            return 0
         left = self.count - self.seq if self.count else LINK_BATCH
         burst = self.gen.burst
         # Behind its rate, a paced generator catches up with several bursts in one message (a link
@@ -239,11 +246,7 @@ class TrafficPort:
             # Carrier down: pktgen's transmit fails; the packets are counted, as generated and lost.
             c[i["link_down"]] += n
             return n
-        batch = self.factory.build(self.seq - n, n)
-        c[i["tx_bytes"]] += int(np.add.reduce(batch.lengths))
-        lost = self.tx.send(batch)
-        if lost:
-            c[i["link_lost"]] += lost
+        self.put_on_link(self.factory.build(self.seq - n, n))
         return n
 
     def run(self) -> None:
