@@ -143,31 +143,39 @@ class TrafficPort:
         """Send the replayed frames due now if the link allows; returns frames handed out (sent or
         skipped for not fitting)."""
         assert self.replay is not None
-        if self.tx.backlog:
-            self.tx.flush()
-            if self.tx.blocked() or self.tx.busy():
-                return 0
+        if self.link_full():
+            return 0
         left = self.count - self.seq if self.count else LINK_BATCH
-        before = dict(self.replay.skipped)
         batch, k, skipped = self.replay.next_batch(min(left, LINK_BATCH))
         if not k:
             return 0
         c, i = self.c, self.i
         self.seq += k
         c[i["generated"]] += k
-        if skipped:
-            for kind, name in (("oversize", "replay_oversize"), ("runt", "replay_runt")):
-                c[i[name]] += self.replay.skipped[kind] - before.get(kind, 0)
+        if skipped:  # the source counts them since the start, and this port is their only writer
+            c[i["replay_oversize"]] = self.replay.skipped["oversize"]
+            c[i["replay_runt"]] = self.replay.skipped["runt"]
         if batch is None:
             return k
         if c[OFFLINE] >> LINK_DOWN_BIT & 1:
             c[i["link_down"]] += len(batch)
             return k
+        self.put_on_link(batch)
+        return k
+
+    def link_full(self) -> bool:
+        """Flush what waits for the link; True while it is still full (the device paused it): wait."""
+        if self.tx.backlog:
+            self.tx.flush()
+            return self.tx.blocked() or self.tx.busy()
+        return False
+
+    def put_on_link(self, batch: FrameBatch) -> None:
+        c, i = self.c, self.i
         c[i["tx_bytes"]] += int(np.add.reduce(batch.lengths))
         lost = self.tx.send(batch)
         if lost:
             c[i["link_lost"]] += lost
-        return k
 
     def receive(self) -> int:
         """Take what the link brought (several messages verified as one batch) and check every frame."""
@@ -193,7 +201,7 @@ class TrafficPort:
         c[i["verified"]] += res.ok
         c[i["corrupted"]] += res.corrupted
         c[i["foreign"]] += res.foreign - (self.account_replayed(frames, res.good, res.foreign)
-                                          if self.index is not None or self.expect is not None else 0)
+                                          if self.index is not None else 0)  # with `expect` too
         c[i["duplicates"]] += self.record(res.seqs, res.ports)
         return n
 
@@ -217,10 +225,8 @@ class TrafficPort:
         """Send one burst if the pacer and the link allow; returns packets sent."""
         if self.replay is not None:
             return self.replay_step()
-        if self.tx.backlog:
-            self.tx.flush()
-            if self.tx.blocked() or self.tx.busy():
-                return 0  # the link is full (the device paused it): wait
+        if self.link_full():
+            return 0
         left = self.count - self.seq if self.count else LINK_BATCH
         burst = self.gen.burst
         # Behind its rate, a paced generator catches up with several bursts in one message (a link
@@ -240,11 +246,7 @@ class TrafficPort:
             # Carrier down: pktgen's transmit fails; the packets are counted, as generated and lost.
             c[i["link_down"]] += n
             return n
-        batch = self.factory.build(self.seq - n, n)
-        c[i["tx_bytes"]] += int(np.add.reduce(batch.lengths))
-        lost = self.tx.send(batch)
-        if lost:
-            c[i["link_lost"]] += lost
+        self.put_on_link(self.factory.build(self.seq - n, n))
         return n
 
     def run(self) -> None:

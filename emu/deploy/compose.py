@@ -71,20 +71,22 @@ def default_count(plan: Plan) -> int:
     return max(counts) if counts else 0
 
 
-def coordinator_command(plan: Plan, stop: list[str], keys: bool, report_json: bool) -> list[str]:
+def coordinator_command(plan: Plan, stop: list[str], keys: str | None, report_json: bool) -> list[str]:
+    """`keys`: where the CURVE keys are in the container (None: no CURVE)."""
     cmd = ["emu", "coordinator", plan.topology_target, "--bind", f"tcp://0.0.0.0:{COORD_PORT}", *stop,
            "--status-file", STATUS_FILE, "-i", "1"]
-    if keys:
-        cmd += ["--keys", KEYS_TARGET]
+    if keys is not None:
+        cmd += ["--keys", keys]
     if report_json:
         cmd += ["--json", "-"]  # the report alone on stdout, live lines and summary on stderr
     return cmd
 
 
-def host_command(name: str, keys: bool) -> list[str]:
+def host_command(name: str, keys: str | None) -> list[str]:
+    """`keys`: where the CURVE keys are in the container (None: no CURVE)."""
     cmd = ["emu", "host", name, "--coordinator", f"tcp://{COORDINATOR}:{COORD_PORT}", "--listen", "0.0.0.0",
            "--advertise", link_alias(name), "--status-file", STATUS_FILE]
-    return cmd + (["--keys", KEYS_TARGET] if keys else [])
+    return cmd + (["--keys", keys] if keys is not None else [])
 
 
 COORDINATOR_HEALTH = {
@@ -102,7 +104,7 @@ def render(plan: Plan, out_dir: str, *, count: int | None = None, duration: floa
            build_context: str | None = None, keys_dir: str | None = None, report_json: bool = False,
            header: str = "") -> str:
     """The compose file's text; paths are written relative to `out_dir`, the compose file's folder."""
-    keys = keys_dir is not None
+    keys = None if keys_dir is None else KEYS_TARGET
 
     def mounts(ms: tuple[Mount, ...]) -> list[str]:
         out = [f"{volume_path(m.source, out_dir)}:{m.target}:ro" for m in ms]

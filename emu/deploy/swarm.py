@@ -31,6 +31,7 @@ from emu.deploy.compose import (
     COORDINATOR_HEALTH,
     HOST_HEALTH,
     LINKS,
+    NETWORK,
     coordinator_command,
     default_count,
     dump,
@@ -42,7 +43,6 @@ from emu.deploy.compose import (
 from emu.deploy.plan import COORDINATOR, IMAGE_UID, Plan
 from emu.errors import BadInputError
 
-NETWORK = "emu"  # the control channel
 SECRETS_DIR = "/run/secrets"
 KEY_FILES = ("emu.key", "emu.key_secret")
 
@@ -54,7 +54,7 @@ def constraint(key: str, value: str) -> str:
 def render(plan: Plan, out_dir: str, image: str, *, count: int | None = None, duration: float | None = None,
            keys_dir: str | None = None, header: str = "") -> str:
     """The stack file's text; files are named relative to `out_dir`, the stack file's folder."""
-    keys = keys_dir is not None
+    keys = None if keys_dir is None else SECRETS_DIR
     configs: dict[str, Any] = {}
     secrets: dict[str, Any] = {}
 
@@ -88,11 +88,9 @@ def render(plan: Plan, out_dir: str, image: str, *, count: int | None = None, du
                                "networks": [NETWORK], "deploy": deploy}
         return svc
 
-    keys_args = keys
     services: dict[str, Any] = {}
     coord = common(COORDINATOR, {})
-    cmd = coordinator_command(plan, stop_args(count, duration, default_count(plan)), keys_args, True)
-    coord["command"] = [SECRETS_DIR if c == "/keys" else c for c in cmd]
+    coord["command"] = coordinator_command(plan, stop_args(count, duration, default_count(plan)), keys, True)
     coord["healthcheck"] = dict(COORDINATOR_HEALTH)
     programs = config_refs(plan.program_mounts)
     coord["configs"] = config_refs(plan.mounts) + programs  # it validates the topology: its programs
@@ -103,7 +101,7 @@ def render(plan: Plan, out_dir: str, image: str, *, count: int | None = None, du
     services[COORDINATOR] = coord
     for h in plan.hosts:
         svc = common(h.name, h.placement)
-        svc["command"] = [SECRETS_DIR if c == "/keys" else c for c in host_command(h.name, keys_args)]
+        svc["command"] = host_command(h.name, keys)
         svc["networks"] = {NETWORK: {}, LINKS: {"aliases": [link_alias(h.name)]}}
         svc["healthcheck"] = dict(HOST_HEALTH)
         svc["volumes"] = [{"type": "tmpfs", "target": "/dev/shm", "tmpfs": {"size": h.shm_bytes}}]
@@ -111,7 +109,7 @@ def render(plan: Plan, out_dir: str, image: str, *, count: int | None = None, du
             svc["configs"] = programs
             svc["environment"] = {"PYTHONPATH": plan.pythonpath}
         if keys:
-            svc["secrets"] = [dict(r) for r in secret_refs()]
+            svc["secrets"] = secret_refs()
         services[h.name] = svc
     doc: dict[str, Any] = {"version": "3.8", "services": services,
                            "networks": {n: {"driver": "overlay", "internal": True, "attachable": True}

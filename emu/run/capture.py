@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from struct import error as struct_error
 from typing import IO, Any
 
 from emu.datapath.capture import CAPTURE_RING_BYTES, ENTRY, EXIT, TX, Record, decode_record
@@ -119,12 +120,6 @@ def decode(frame: bytes) -> str:
     if isinstance(ip, dpkt.arp.ARP):
         return out + f", ARP, length {len(frame)}"
     return out + f", ethertype 0x{eth.type:04x}, length {len(frame)}"
-
-
-try:
-    from struct import error as struct_error
-except ImportError:  # pragma: no cover
-    struct_error = Exception  # type: ignore[assignment,misc]
 
 
 class CaptureSession:
