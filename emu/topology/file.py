@@ -1384,34 +1384,29 @@ class _Validator:
                     peers[ep.name] = other
         traffic: dict[str, TrafficPort] = {}
         for index, (name, (key_node, read)) in enumerate(ports.items()):
-            gen = None
-            if read is not None:
-                gen_fields, values = read[0], dict(read[1])
+            gen = replay = None
+            rv = self.replays[name][1] if name in self.replays else None
+            if read is not None or rv is not None:
                 peer = peers.get(name)
                 if peer is None:
-                    self.fail(
-                        key_node, f"traffic port '{name}' generates packets but is not linked to a device"
-                    )
+                    what = "generates packets" if read is not None else "replays a capture"
+                    self.fail(key_node, f"traffic port '{name}' {what} but is not linked to a device")
                 assert peer.host is not None
                 host = hosts[peer.host]
                 # Its frames may be forwarded over cables to any host connected to this one, and a frame
                 # longer than a device's MTU allows is not a frame that device can take: the smallest MTU
-                # on the way bounds pkt_size.
-                self.check_pkt_fits(gen_fields, values["pkt_size"], _narrowest(peer.host, links, hosts), host)
-                if values["src_mac"] is None:
-                    values["src_mac"] = f"02:00:00:ff:{(index + 1) >> 8:02x}:{(index + 1) & 0xFF:02x}"
-                if values["dst_mac"] is None:
-                    values["dst_mac"] = host.devices[peer.name].mac
-                gen = GeneratorConfig(**values, port_id=index)
-            replay = None
-            if name in self.replays:
-                _, rv = self.replays[name]
-                peer = peers.get(name)
-                if peer is None:
-                    self.fail(key_node, f"traffic port '{name}' replays a capture but is not linked to a device")
-                assert peer.host is not None
-                _, narrow = _narrowest(peer.host, links, hosts)
-                replay = ReplayConfig(**rv, max_frame=max_frame(narrow.mtu), port_id=index)
+                # on the way bounds pkt_size (and the frames a replay keeps).
+                narrowest = _narrowest(peer.host, links, hosts)
+                if read is not None:
+                    gen_fields, values = read[0], dict(read[1])
+                    self.check_pkt_fits(gen_fields, values["pkt_size"], narrowest, host)
+                    if values["src_mac"] is None:
+                        values["src_mac"] = f"02:00:00:ff:{(index + 1) >> 8:02x}:{(index + 1) & 0xFF:02x}"
+                    if values["dst_mac"] is None:
+                        values["dst_mac"] = host.devices[peer.name].mac
+                    gen = GeneratorConfig(**values, port_id=index)
+                if rv is not None:
+                    replay = ReplayConfig(**rv, max_frame=max_frame(narrowest[1].mtu), port_id=index)
             traffic[name] = TrafficPort(name, gen, _line(key_node), replay, self.expects.get(name))
         return traffic
 

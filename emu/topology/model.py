@@ -142,10 +142,11 @@ XDP_FEATURES = ("basic", "redirect", "ndo-xmit", "ndo-xmit-sg", "rx-sg")
 DEVICE_PROFILES = ("nic", "veth")
 
 
-def frame_room(page_size: int) -> int:
-    """The bytes of a received frame one RX buffer holds: its page less ``XDP_PACKET_HEADROOM`` in front
-    and the ``skb_shared_info`` tailroom behind (``SKB_WITH_OVERHEAD(PAGE_SIZE - XDP_PACKET_HEADROOM)``)."""
-    return page_size - XDP_PACKET_HEADROOM - SKB_SHARED_INFO
+def frame_room(buf_size: int) -> int:
+    """The bytes of a received frame one RX buffer of `buf_size` bytes (a page, or a ``pool.frag_size``
+    fragment of one) holds: less ``XDP_PACKET_HEADROOM`` in front and the ``skb_shared_info`` tailroom
+    behind (``SKB_WITH_OVERHEAD(PAGE_SIZE - XDP_PACKET_HEADROOM)``)."""
+    return buf_size - XDP_PACKET_HEADROOM - SKB_SHARED_INFO
 
 
 def max_frame(mtu: int) -> int:
@@ -154,10 +155,10 @@ def max_frame(mtu: int) -> int:
     return mtu + ETH_HLEN + VLAN_HLEN
 
 
-def max_linear_mtu(page_size: int) -> int:
-    """The largest MTU whose frames fit one RX buffer of a `page_size` page (`frame_room`), as mlx5's
+def max_linear_mtu(buf_size: int) -> int:
+    """The largest MTU whose frames fit one RX buffer of `buf_size` bytes (`frame_room`), as mlx5's
     ``mlx5e_xdp_max_mtu`` and veth's ``max_mtu`` compute it: beyond it a frame needs XDP multi-buffer."""
-    return frame_room(page_size) - ETH_HLEN - VLAN_HLEN
+    return frame_room(buf_size) - ETH_HLEN - VLAN_HLEN
 
 
 def xdp_features_of(profile: str, xdp_xmit: bool, peer_has_xdp: bool = False) -> tuple[str, ...]:

@@ -343,13 +343,14 @@ DEVICE = Section("device", "`hosts.<host>.devices.<dev>`", (
     Key("mtu", "int",
         "The device's MTU: its frames are at most `mtu` + "
         f"{ETH_HLEN + VLAN_HLEN} bytes (Ethernet header and a VLAN tag; a longer frame reaching it is dropped "
-        "as `rx_length_errors`), and `bpf_check_mtu` sees it.  One RX buffer holds a frame of `page_size` − "
-        f"{XDP_PACKET_HEADROOM} (headroom) − {SKB_SHARED_INFO} (`skb_shared_info` tailroom) bytes, so the "
+        "as `rx_length_errors`), and `bpf_check_mtu` sees it.  One RX buffer (a page, or a `pool.frag_size` "
+        f"fragment of one) holds a frame of its size − {XDP_PACKET_HEADROOM} (headroom) − {SKB_SHARED_INFO} "
+        "(`skb_shared_info` tailroom) bytes, so the "
         f"largest MTU a device takes is that less {ETH_HLEN + VLAN_HLEN} (`max_mtu`: 1454 with 2 KiB pages, "
         "3502 with 4 KiB); a larger one needs XDP multi-buffer, which the emulator does not have yet, and is "
         "refused naming the limit.", ETH_DATA_LEN, ETH_MIN_MTU, MAX_MTU,
-        hi_ref=f"`max_mtu` of the device's page ({MAX_MTU} at most)",
-        default_doc=f"{ETH_DATA_LEN}, or `max_mtu` when the device's page is too small for it",
+        hi_ref=f"`max_mtu` of the device's RX buffer ({MAX_MTU} at most)",
+        default_doc=f"{ETH_DATA_LEN}, or `max_mtu` when the device's RX buffer is too small for it",
         kernel="`dev->mtu` (`ip link set mtu`)"),
     Key("redirect_fallback", "choice",
         "What a redirect to a device without `xdp_xmit` does: `drop` = today's kernel (`-EOPNOTSUPP`, "
