@@ -117,7 +117,6 @@ pub struct Events {
 pub struct Vm {
     pub code: Vec<Insn>,
     pub prog_start: Vec<usize>, // entry instruction of each program
-    pub prog_end: Vec<usize>,
     pub store: MapStore,
     pub ncpus: usize,
     pub cpu: usize,
