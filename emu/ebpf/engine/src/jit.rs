@@ -19,6 +19,7 @@
 //! r6-r9 and leaves its r0-r5 to the caller (the verifier would forbid reading them; without a verifier
 //! the emulator keeps the two engines equal).  r10 is the frame top of the current depth.
 
+use crate::maps::ENOENT;
 use crate::vm::*;
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{I16, I32, I64, I8};
@@ -834,7 +835,7 @@ impl<'a, 'b> FnCompiler<'a, 'b> {
             self.b.ins().return_(&[r0]);
             // not taken: r0 = -ENOENT, on with the next instruction
             self.b.switch_to_block(fall);
-            let e = self.k((-2i64) as u64);
+            let e = self.k((-ENOENT) as u64);
             self.set(0, e);
             return Some(next);
         }

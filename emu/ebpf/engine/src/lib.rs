@@ -157,10 +157,9 @@ struct Engine {
 
 const HELPER_CALL: u8 = 0x85;
 
-fn decode(names: &[String], progs: &[Vec<u8>], nmaps: usize, store: &MapStore) -> PyResult<(Vec<Insn>, Vec<usize>, Vec<usize>)> {
+fn decode(names: &[String], progs: &[Vec<u8>], nmaps: usize, store: &MapStore) -> PyResult<(Vec<Insn>, Vec<usize>)> {
     let mut code = Vec::new();
     let mut starts = Vec::new();
-    let mut ends = Vec::new();
     for (p, raw) in progs.iter().enumerate() {
         if raw.len() % 8 != 0 || raw.is_empty() {
             return Err(PyValueError::new_err(format!("program {}: {} bytes is not a whole number of instructions", names[p], raw.len())));
@@ -236,9 +235,8 @@ fn decode(names: &[String], progs: &[Vec<u8>], nmaps: usize, store: &MapStore) -
             k += 1;
         }
         starts.push(start);
-        ends.push(code.len());
     }
-    Ok((code, starts, ends))
+    Ok((code, starts))
 }
 
 #[pymethods]
@@ -261,9 +259,9 @@ impl Engine {
         }
         let buf = PyBuffer::<u8>::get_bound(mem)?;
         let st = store(&buf, &maps, lock_fd)?;
-        let (code, starts, ends) = decode(&names, &progs, maps.len(), &st)?;
+        let (code, starts) = decode(&names, &progs, maps.len(), &st)?;
         let vm = Vm {
-            code, prog_start: starts, prog_end: ends, store: st, ncpus, cpu, budget,
+            code, prog_start: starts, store: st, ncpus, cpu, budget,
             stack: vec![0u8; STACK_SIZE],
             rng: (seed ^ 0x9E3779B97F4A7C15).wrapping_mul(cpu as u64 * 2 + 1) | 1,
             events: Events { trace: Vec::new(), trace_dropped: 0, trace_limit },
@@ -449,7 +447,6 @@ impl Engine {
         self.faults += 1;
         // Name the instruction relative to its program, as the verifier's log would.
         let p = self.vm.prog_start.iter().rposition(|&s| s <= f.pc).unwrap_or(prog);
-        let _ = self.vm.prog_end[p];
         self.last_fault = Some(format!("{} insn {}: {}", self.names[p], f.pc - self.vm.prog_start[p], f.what));
     }
 }

@@ -89,6 +89,11 @@ impl MapDesc {
     pub fn lru(&self) -> bool {
         matches!(self.mtype, BPF_MAP_TYPE_LRU_HASH | BPF_MAP_TYPE_LRU_PERCPU_HASH)
     }
+    /// Whether a program may not write this map's values (BPF_F_RDONLY_PROG; a devmap's values are the
+    /// kernel's own).
+    pub fn prog_readonly(&self) -> bool {
+        self.flags & BPF_F_RDONLY_PROG != 0 || matches!(self.mtype, BPF_MAP_TYPE_DEVMAP | BPF_MAP_TYPE_DEVMAP_HASH)
+    }
     /// Offset of (row, slot)'s value inside the values area.
     #[inline]
     pub fn value_off(&self, row: usize, slot: usize) -> usize {

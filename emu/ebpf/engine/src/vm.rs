@@ -117,7 +117,6 @@ pub struct Events {
 pub struct Vm {
     pub code: Vec<Insn>,
     pub prog_start: Vec<usize>, // entry instruction of each program
-    pub prog_end: Vec<usize>,
     pub store: MapStore,
     pub ncpus: usize,
     pub cpu: usize,
@@ -173,10 +172,7 @@ impl Vm {
             }
         } else if tag >= TAG_VALUE && ((tag - TAG_VALUE) as usize) < self.store.maps.len() {
             let d = &self.store.maps[(tag - TAG_VALUE) as usize];
-            if off < d.values_len && off % d.vstride + n <= d.value_size
-                && !(write && (d.flags & BPF_F_RDONLY_PROG != 0
-                    || matches!(d.mtype, BPF_MAP_TYPE_DEVMAP | BPF_MAP_TYPE_DEVMAP_HASH)))
-            {
+            if off < d.values_len && off % d.vstride + n <= d.value_size && !(write && d.prog_readonly()) {
                 return Ok(unsafe { self.store.base.add(d.off_values + off) });
             }
         }
@@ -198,8 +194,7 @@ impl Vm {
             t if t >= TAG_VALUE && ((t - TAG_VALUE) as usize) < self.store.maps.len() => {
                 let m = (t - TAG_VALUE) as usize;
                 let d = &self.store.maps[m];
-                if write && (d.flags & BPF_F_RDONLY_PROG != 0
-                    || matches!(d.mtype, BPF_MAP_TYPE_DEVMAP | BPF_MAP_TYPE_DEVMAP_HASH)) {
+                if write && d.prog_readonly() {
                     return fault(pc, format!("store into read-only map value (map {})", m));
                 }
                 fault(pc, format!("{} of {} bytes at offset {} of a map value of {} bytes (map {})",
@@ -666,9 +661,7 @@ impl Vm {
             H_MAP_UPDATE_ELEM => {
                 let m = self.map_arg(pc, a1)?;
                 let d = self.store.maps[m].clone();
-                if !(d.is_hash() || matches!(d.mtype, BPF_MAP_TYPE_ARRAY | BPF_MAP_TYPE_PERCPU_ARRAY))
-                    || d.mtype == BPF_MAP_TYPE_DEVMAP_HASH || d.flags & BPF_F_RDONLY_PROG != 0
-                {
+                if !(d.is_hash() || matches!(d.mtype, BPF_MAP_TYPE_ARRAY | BPF_MAP_TYPE_PERCPU_ARRAY)) || d.prog_readonly() {
                     return fault(pc, format!("bpf_map_update_elem on map {} (not writable by a program)", m));
                 }
                 let key = self.bytes(pkt, pc, a2, d.key_size)?;
