@@ -396,6 +396,20 @@ def test_link_impairments_lose_delay_and_shape_without_losing_track() -> None:
     assert eth1["tx_packets"] == eth1["tx_completions"] == 6_000 - lost and eth1["link_lost"] == 0
 
 
+
+def test_frames_on_a_link_longer_than_the_drain_stall_are_waited_for() -> None:
+    """A count run over a link whose delay and jitter (up to 10 s each are allowed) keep frames on the wire
+    longer than `DRAIN_STALL` without any delivery: the run waits for them (`settle_stall`) instead of
+    ending with them unaccounted (it did: 200 of 200 unaccounted, exit status 1, with ``delay: 10s``)."""
+    from emu.run.coordinator import DRAIN_STALL
+
+    text = IMPAIRED.replace("loss: 10%, delay: 2ms, jitter: 1ms", f"delay: {DRAIN_STALL + 1.5:g}s") \
+        .replace("rate: 20mbit, delay: 500us", "jitter: 1s")
+    r = run(validate_topology_text(text, "slow-wire.yaml"), count=300)
+    assert_clean(r)
+    assert r["traffic"]["generated"] == r["traffic"]["delivered"] == 300
+
+
 TWO_GENERATORS = """
 name: two-generators
 hosts:

@@ -387,3 +387,16 @@ def test_departure_never_goes_back_when_now_does() -> None:
     sh = LinkShaper(LinkImpairment(delay_us=10), seed=0)
     first = sh.departure(64, 100 * MS)
     assert sh.departure(64, 50 * MS) == first  # a clock that went backwards still leaves FIFO order
+
+
+def test_settle_stall_covers_the_longest_time_a_frame_stays_on_a_link() -> None:
+    """The coordinator waits for traffic to settle at least as long as a frame can stay on any link: delay
+    plus jitter, plus one message's serialisation at the link's rate."""
+    from emu.net.link import LINK_BYTES
+    from emu.run.coordinator import DRAIN_STALL, settle_stall
+
+    assert settle_stall(validate_topology_text(_topo("loss: 1%"), "n.yaml")) == DRAIN_STALL
+    topo = validate_topology_text(_topo("delay: 10s, jitter: 10s"), "n.yaml")
+    assert settle_stall(topo) == DRAIN_STALL + 20
+    topo = validate_topology_text(_topo("delay: 5ms, rate: 1mbit"), "n.yaml")
+    assert settle_stall(topo) == pytest.approx(DRAIN_STALL + 0.005 + LINK_BYTES * 8 / 1e6)

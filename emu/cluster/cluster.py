@@ -40,12 +40,12 @@ from emu.net.sockets import new_context
 from emu.run import expect
 from emu.run import report as rep
 from emu.run.coordinator import (
-    DRAIN_STALL,
     READY_TIMEOUT,
     Console,
     RunError,
     RunOptions,
     generators_done,
+    settle_stall,
     wait_settled,
 )
 from emu.topology.model import Endpoint, Topology
@@ -464,8 +464,8 @@ class Cluster(Console):
             self.event("interrupted: tearing down and reporting what ran")
 
     def wait_settled(self) -> None:
-        # Counters arrive a few times a second: a stall is judged over a little more than DRAIN_STALL.
-        wait_settled(self.pump, self.snapshot, self.in_transit, DRAIN_STALL + 2 * self.host_timeout / 5)
+        # Counters arrive a few times a second: a stall is judged over a little more than a host's own.
+        wait_settled(self.pump, self.snapshot, self.in_transit, settle_stall(self.topo) + 2 * self.host_timeout / 5)
 
     # The phases of a `Run`, across hosts: each host runs its own on our word (``quiesce`` is its
     # quiesce without the settling, which is judged here over every host's counters; ``down`` its down;

@@ -130,15 +130,34 @@ def generators_done(topo: Topology, count: int | None, done: Callable[[str], boo
     return True
 
 
+def settle_stall(topo: Topology) -> float:
+    """Seconds without progress after which traffic counts as settled: `DRAIN_STALL`, plus the longest a
+    frame can stay on one of the topology's links once sent (its ``delay`` + ``jitter``, and one message's
+    serialisation at its ``rate``), so that frames still on an impaired wire (``delay: 10s`` is allowed)
+    are waited for instead of being reported unaccounted."""
+    from emu.net.link import LINK_BYTES
+
+    on_wire = 0.0
+    for link in topo.links:
+        imp = link.impair
+        wire = (imp.delay_us + imp.jitter_us) / 1e6
+        if imp.rate_bps:
+            wire += LINK_BYTES * 8 / imp.rate_bps
+        on_wire = max(on_wire, wire)
+    return DRAIN_STALL + on_wire
+
+
 def wait_settled(step: Callable[[], None], snapshot: Callable[[], rep.Snapshot], in_transit: Callable[[], int],
-                 stall: float) -> None:
+                 stall: float, stop: Callable[[], bool] = lambda: False) -> None:
     """After QUIESCE (one host or many): until every generated packet is delivered, dropped or consumed
-    and no page carries one, or until the totals stop moving for `stall` seconds.  `step` waits a
-    little and watches the processes (or hosts)."""
+    and no page carries one, or until the totals stop moving for `stall` seconds (`settle_stall`), or
+    `stop()` (a new Ctrl-C or SIGTERM).  `step` waits a little and watches the processes (or hosts)."""
     last_sig, last_change = None, time.monotonic()
     while True:
         s = snapshot()
         if s.unaccounted() == 0 and in_transit() == 0:
+            return
+        if stop():
             return
         sig = (s.delivered(), s.dropped(), s.consumed())
         now = time.monotonic()
@@ -837,14 +856,16 @@ class Run(Console):
                     self.event(f"audit: {hname}: {prob}")
 
     def wait_settled(self) -> None:
-        """After QUIESCE: until every generated packet is accounted for, or nothing moves."""
+        """After QUIESCE: until every generated packet is accounted for, or nothing moves (for longer than
+        a frame can stay on the wire), or a new Ctrl-C or SIGTERM."""
+        signals = self.signals
 
         def step() -> None:
             time.sleep(0.02)
             self.check_procs()
             self.sample_pages()
 
-        wait_settled(step, self.snapshot, self.in_transit, DRAIN_STALL)
+        wait_settled(step, self.snapshot, self.in_transit, settle_stall(self.topo), lambda: self.signals != signals)
 
     def in_transit(self) -> int:
         """Pages carrying packets (received, queued or awaiting TX completion)."""
