@@ -274,6 +274,9 @@ def test_emu_inspect_text_and_json(objs: Path, capsys: pytest.CaptureFixture[str
     text = capsys.readouterr().out
     assert "xdp_lb" in text and "map_lookup_elem, xdp_adjust_head, csum_diff" in text
     assert "backends" in text and "percpu_array" in text and "num_backends" in text and "read-only" in text
+    # `const volatile __u32 num_backends = 1`: the value the program reads, not its bytes read as big-endian
+    # hex (it showed 0x01000000)
+    assert "size 4    initial 0x00000001  read-only" in text.split("num_backends", 1)[1].splitlines()[0]
     assert main(["inspect", "--json", "-d", str(objs / "l2fwd_map.o")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["loadable"] and info["license"] == "GPL"

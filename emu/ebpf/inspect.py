@@ -55,6 +55,15 @@ def inspect_object(path: Path | str, disassemble: bool = False) -> dict[str, Any
             "other_sections": elf.other_programs, "loadable": not unsupported, "unsupported": problems.get("", [])}
 
 
+def _initial(hex_bytes: str, size: int) -> str:
+    """A global's initial value as the program reads it: an integer variable (1, 2, 4 or 8 bytes) as its
+    little-endian value in hex (the loader takes little-endian objects only), anything else as its bytes."""
+    data = bytes.fromhex(hex_bytes)
+    if size in (1, 2, 4, 8) and len(data) == size:
+        return f"0x{int.from_bytes(data, 'little'):0{2 * size}x}"
+    return f"bytes {data.hex(' ') or '-'}"
+
+
 def format_text(info: dict[str, Any]) -> str:
     """The human form: one block per kind, aligned columns, as ``bpftool`` lists them."""
     out = [f"{info['file']}: license \"{info['license']}\""
@@ -75,7 +84,7 @@ def format_text(info: dict[str, Any]) -> str:
     out.append("globals:" if info["globals"] else "globals: none")
     for g in info["globals"]:
         out.append(f"  {g['name']:<20} {g['section']:<16} offset {g['offset']:<5} size {g['size']:<4} "
-                   f"initial 0x{g['initial'] or '0'}{'  read-only' if g['read_only'] else ''}")
+                   f"initial {_initial(g['initial'], g['size'])}{'  read-only' if g['read_only'] else ''}")
     if info["other_sections"]:
         out.append(f"ignored (not XDP): {', '.join(info['other_sections'])}")
     out += [f"unsupported: {u}" for u in info["unsupported"]]
