@@ -285,6 +285,8 @@ def test_cpumap_update_refuses_what_the_kernel_refuses(run_prefix, value, err, w
         ("{1: 64, 5: 64}", 15, "key 5: the host has no CPU 5"),
         ("{1: 0}", 15, "qsize 0"),
         ("{}", 14, "needs at least one entry"),
+        # a string is no qsize; it was taken for a device name ("no device 'eth1' on host ...")
+        ("{1: eth1}", 15, "CPU 1's entry: qsize 'eth1' is not a frame count"),
     ],
 )
 def test_topology_refuses_a_bad_cpumap_entry(cpu_map: str, line: int, words: str) -> None:

@@ -1115,10 +1115,11 @@ def populate(
                 key = int(k)
             except (TypeError, ValueError):
                 raise ValueError(f"map {name!r}: key {k!r} is not an integer") from None
+            if isinstance(m, CpuMap):  # a struct bpf_cpumap_val (qsize, program), never a device name
+                m.update(key, v)
+                continue
             value = ifindex_of(v) if isinstance(v, str) else v
             if isinstance(m, PerCpuArrayMap | PerCpuHashMap):
                 m.update_all(key, value)
-            elif isinstance(m, CpuMap):
-                m.update(key, v)
             elif isinstance(m, ArrayMap | DevMap | HashMap):
                 m.update(key, value)
