@@ -280,7 +280,16 @@ def check_block(block: Block, tmp: Path) -> int:
     return n
 
 
+def module_name(block: Block) -> str | None:
+    """``myprog`` for a Python block that starts ``# myprog.py``: a module the docs tell the reader to write."""
+    m = re.match(r"^# (\w+)\.py\s*$", block.lines[0]) if block.lang == "python" and block.lines else None
+    return m.group(1) if m else None
+
+
 def check_python(block: Block, tmp: Path) -> None:
+    if module_name(block):  # a module of the reader's: it imports and defines what it says
+        exec(compile("\n".join(block.lines) + "\n", block.where, "exec"), {"__name__": module_name(block)})
+        return
     pytest.importorskip("emu.ebpf._engine", reason="the eBPF engine is not built")
     cwd = os.getcwd()
     os.chdir(tmp)
@@ -366,3 +375,43 @@ def test_the_ebpf_build_recipe_builds_an_object_the_loader_takes(tmp_path: Path)
     from emu.ebpf.elf import load_object
     obj = load_object(tmp_path / "prog.o")
     assert "xdp_drop" in obj.programs
+
+
+def test_the_readme_python_program_runs_as_the_readme_says(tmp_path: Path) -> None:
+    """README's program module, written where the reader would, named by the topology key the README gives
+    and run with the README's PYTHONPATH: it validates, every frame comes back (XDP_TX), its map counts them."""
+    import json
+    import sys
+
+    readme = ROOT / "README.md"
+    (block,) = [b for b in blocks_of(readme) if module_name(b)]
+    name = module_name(block)
+    (tmp_path / f"{name}.py").write_text("\n".join(block.lines) + "\n")
+    m = re.search(r"`xdp: (\{program: \"" + name + r":\w+\".*?\})`", readme.read_text())
+    assert m, f"README names no program of {name}.py in an xdp key"
+    xdp = m.group(1)
+    topo = tmp_path / "my.yaml"
+    topo.write_text(f"""name: my
+hosts:
+  h1:
+    cpus: 1
+    devices:
+      eth0: {{ifindex: 2, xdp: {xdp}}}
+traffic:
+  t0: {{generate: {{count: 2000, pkt_size: 64}}}}
+links:
+  - endpoints: [t0, "h1:eth0"]
+""")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    # (not run from tmp_path: `python -m` would put the current directory on sys.path, as `emu` does not)
+    done = subprocess.run([sys.executable, "-m", "emu.cli", "run", str(topo), "--json", str(tmp_path / "r.json"),
+                           "-q"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["traffic"]["generated"] == r["traffic"]["delivered"] == 2000 and r["traffic"]["unaccounted"] == 0
+    assert r["maps"]["h1:eth0"]["seen"]["entries"]["0"]["sum"] == 2000
+    # Without the module's directory on PYTHONPATH the error says what to do.
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run([sys.executable, "-m", "emu.cli", "validate", str(topo)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "my.yaml:6:" in done.stderr and "PYTHONPATH" in done.stderr, done.stderr

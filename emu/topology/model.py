@@ -638,7 +638,8 @@ def resolve_program(spec: str) -> Callable[..., Any]:
         # Distinguish "the named module does not exist" from "it exists but imports something missing".
         if e.name is not None and (e.name == module_name or module_name.startswith(e.name + ".")):
             raise ValueError(
-                f"{what}: cannot import module '{module_name}' (no module named '{e.name}')"
+                f"{what}: cannot import module '{module_name}' (no module named '{e.name}'; a module of "
+                f"your own must be importable by emu and its workers: put its directory on PYTHONPATH)"
             ) from e
         raise ValueError(f"{what}: importing module '{module_name}' raised ModuleNotFoundError: {e}") from e
     except (Exception, SystemExit) as e:
