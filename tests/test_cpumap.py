@@ -329,6 +329,11 @@ def test_redirect_cpu_topology_accounts_for_every_page() -> None:
         assert c["page_pool"]["hold_cnt"] == 0 and c["page_pool"]["recycle_cached"] == 0
     assert pp0["hold_cnt"] == pp0["release_cnt"]
     assert r["maps"]["h1:eth0"]["cpu_map"]["entries"]["1"] == {"qsize": 2048, "program": None, "queued": 0}
+    # The summary's pool rows of the kthread-only CPUs say their pools moved nothing (the line ended
+    # after "page_pool").
+    lines = out.getvalue().splitlines()
+    rows = [lines[i + 2] for i, t in enumerate(lines) if t.startswith(("  h1/cpu1 ", "  h1/cpu2 ")) and " rx " in t]
+    assert rows == ["      page_pool (no page allocated or returned)"] * 2, rows
 
 
 def test_a_forged_cpumap_message_frees_nothing(pair) -> None:

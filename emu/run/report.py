@@ -607,8 +607,10 @@ def summary(r: dict[str, Any]) -> str:
                        f"{cm['kthread_drop']:,}  pass {cm['kthread_pass']:,}  redirect {cm['kthread_redirect']:,}"
                        f"  sched {cm['kthread_sched']:,}  gro_flush {cm['gro_flush']:,}")
         pp = c["page_pool"]
-        out.append("      page_pool " + "  ".join(f"{k} {pp[k]:,}" for k in POOL_STATS if pp[k])
-                   + (f"  watermark {pp['watermark']:,}" if "watermark" in pp else ""))
+        # A pool no page ever went through (a cpumap target's: the frames it frees are other pools')
+        # says so rather than ending the line after its name.
+        moved = "  ".join(f"{k} {pp[k]:,}" for k in POOL_STATS if pp[k]) or "(no page allocated or returned)"
+        out.append("      page_pool " + moved + (f"  watermark {pp['watermark']:,}" if "watermark" in pp else ""))
     for d in r["devices"]:
         out.append(
             f"  {d['host']}:{d['name']:<8} RX packets {d['rx_packets']:,} bytes {d['rx_bytes']:,} dropped "
