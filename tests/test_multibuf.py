@@ -211,3 +211,244 @@ def test_audit_sees_a_fragment_out_of_step(page_memory) -> None:
     pm.state[fr[0]] = S.XDP
     assert pool.recycle_direct(heads, expect=S.XDP) == 1
     audit_ok(pm)
+
+
+# -- the NIC and NAPI cores over a multi-buffer host ---------------------------------------------------
+
+SG = "[basic, redirect, ndo-xmit, ndo-xmit-sg, rx-sg]"
+NOSG = "[basic, redirect, ndo-xmit, rx-sg]"
+
+
+class Rig:
+    """One CPU's NAPI core and eth0's NIC core over one page memory (4 KiB pages, multi-buffer): eth0
+    (rx-sg, ndo-xmit-sg, MTU 9000) receives; eth2 (ndo-xmit-sg) and eth3 (no ndo-xmit-sg) are redirect
+    targets; the frame's first byte is its verdict and its second a redirect's ifindex."""
+
+    def __init__(self, page_memory, program=None) -> None:
+        import dataclasses
+
+        from fakes import Counters, FakeOutbox, byte_verdict_program, one_cpu_host
+        from test_nic_core import Clock, FakeCpus, FakeLink, FakeWire
+
+        from emu.datapath.napi import NapiCore, RxQueue
+        from emu.datapath.nic import NicCore
+        from emu.net.protocol import refill_batch
+        from emu.xdp.context import XdpContext
+
+        host = one_cpu_host(f"""
+            eth0: {{ifindex: 2, rx_ring_size: 64, tx_ring_size: 128, mtu: 9000, xdp_features: {SG},
+                    tx_completion_us: 0}}
+            eth2: {{ifindex: 4, mtu: 9000, xdp_features: {SG}}}
+            eth3: {{ifindex: 5, mtu: 9000, xdp_features: {NOSG}}}
+            eth4: {{ifindex: 6, mtu: 9000, xdp_features: {SG}}}
+        """)
+        assert host.multibuf
+        host = dataclasses.replace(host, page_size=4096)
+        self.pm = pm = mb_memory(page_memory, npages=512, ncpus=1)
+        self.ctx = XdpContext(2, 0, 0)
+        self.cc = Counters("cpu")
+        rxq = RxQueue("eth0", 2, 0, 64, program or byte_verdict_program, self.ctx, None, refill_batch(64))
+        self.out = FakeOutbox()
+        self.core = NapiCore(host, 0, pm, pool_of(pm, 0, owner=True), [rxq], self.out, self.cc.array,
+                             self.cc.index, lambda key, text: None)
+        self.dc = Counters("device")
+        self.cpus, self.wire, self.link = FakeCpus(), FakeWire(), FakeLink()
+        self.nic = NicCore(host.devices["eth0"], 1, pm, self.cpus, self.wire, self.link, self.dc.array,
+                           self.dc.index, lambda key, text: None, clock=Clock())
+        self.nic.xon = 1  # (no pause for want of a full ring's worth of buffers: the test posts them)
+
+    def msg(self, kind: str, hdr: dict, d: np.ndarray) -> bytes:
+        from emu.net import wire
+
+        return wire.pack_msg(kind, hdr, d.tobytes())
+
+    def post(self) -> None:
+        self.core.refill()
+        self.core.post_flush()
+        for to, kind, hdr, d in self.out.take("post"):
+            assert to == "eth0"
+            self.nic.dispatch(self.msg(kind, hdr, d))
+
+    def receive(self, fs: list[bytes]) -> int:
+        from emu.net import wire
+
+        self.link.msgs.append(wire.pack_frames(fs))
+        got = self.nic.receive()
+        for _cpu, kind, hdr, d in self.cpus.take("rx"):
+            self.core.dispatch(self.msg(kind, hdr, d))
+        return got
+
+    def tx_eth0(self) -> list[bytes]:
+        """eth0 takes its xmit messages, transmits, completes; the CPU reaps every completion."""
+        for to, kind, hdr, d in self.out.take("xmit"):
+            if to == "eth0":
+                self.nic.dispatch(self.msg(kind, hdr, d))
+            else:
+                self.out.sent.append((to, kind, hdr, d))
+        self.nic.transmit()
+        self.nic.complete(force=True)
+        for _cpu, kind, hdr, d in self.cpus.take("txc"):
+            self.core.dispatch(self.msg(kind, hdr, d))
+        self.core.reap_tx()
+        got, self.wire.frames = self.wire.frames, []
+        return got
+
+
+def jumbo(verdict: int, ifindex: int = 0, size: int = 9018, seed: int = 0) -> bytes:
+    body = np.random.default_rng(seed).integers(0, 256, size - 2, dtype=np.uint8).tobytes()
+    return bytes([verdict, ifindex]) + body
+
+
+def home(pm: PageMemory) -> None:
+    """Everything home and the audit strict."""
+    audit_ok(pm)
+    st = pm.state
+    assert not np.isin(st, [S.RX_POSTED, S.XDP, S.TX_QUEUED, S.TX_INFLIGHT, S.SKB]).any()
+
+
+def test_the_nic_scatters_a_jumbo_frame_over_three_buffers(page_memory) -> None:
+    from emu.xdp.context import XDP_DROP
+
+    r = Rig(page_memory)
+    r.post()
+    assert r.nic.nposted == [64]
+    fs = [jumbo(XDP_DROP, seed=k) for k in range(3)] + [bytes([XDP_DROP]) * 64]
+    assert r.receive(fs) == 4
+    assert r.nic.nposted == [64 - 3 * 3 - 1]  # 9018 bytes = 3 buffers of 3520
+    assert r.dc["rx_sg_frames"] == 3 and r.dc["rx_sg_frags"] == 6 and r.dc["rx_completed"] == 4
+    (ready,) = r.core.rxqs.values()
+    d = ready.pending[0]
+    heads = d["page"].astype(np.int64)
+    assert r.pm.nfrags[heads].tolist() == [2, 2, 2, 0]
+    assert d["len"].tolist() == [ROOM, ROOM, ROOM, 64]
+    assert frame_lens(r.pm, heads).tolist() == [9018, 9018, 9018, 64]
+    assert ready.posted == 64 - 6  # the fragments' ring slots are free at once, the heads' at the poll
+    assert states(r.pm, frame_bufs(r.pm, heads)) == {S.XDP}
+    assert r.core.poll_pass(got=1, refilling=False) == 4
+    assert r.cc["rx_frags_frames"] == 3 and r.cc["rx_frags"] == 6 and r.cc["xdp_drop"] == 4
+    assert r.cc["rx_bytes"] == 3 * 9018 + 64
+    for rxq in r.core.rxqs.values():
+        rxq.posted = 0
+    r.nic.go_down()
+    for _cpu, kind, hdr, dd in r.cpus.take("rxret"):
+        r.core.dispatch(r.msg(kind, hdr, dd))
+    r.core.pool.drain()
+    home(r.pm)
+    assert r.pm.free_count == r.pm.npages
+
+
+def test_xdp_tx_sends_the_whole_frame_and_its_completion_returns_every_buffer(page_memory) -> None:
+    from emu.xdp.context import XDP_TX
+
+    r = Rig(page_memory)
+    r.post()
+    fs = [jumbo(XDP_TX, seed=k) for k in range(4)]
+    r.receive(fs)
+    r.core.poll_pass(got=1, refilling=False)
+    assert r.tx_eth0() == fs  # gathered head + fragments, byte for byte
+    assert r.dc["tx_sg_frames"] == 4 and r.cc["xdp_tx"] == 4
+    assert r.nic.txqs[0].ninflight == 0 and r.core.by_name["eth0"].tx_used == 0
+    # Every buffer of the frames is back in the pool (cache or ring), none out.
+    assert not np.isin(r.pm.state, [S.XDP, S.TX_QUEUED, S.TX_INFLIGHT]).any()
+    audit_ok(r.pm)
+
+
+def test_pass_builds_skbs_with_frags_and_frees_them_whole(page_memory) -> None:
+    from emu.xdp.context import XDP_PASS
+
+    r = Rig(page_memory)
+    r.post()
+    r.receive([jumbo(XDP_PASS, seed=k) for k in range(5)])
+    inuse = int(np.count_nonzero(pagepool.IN_USE[r.pm.state]))
+    r.core.poll_pass(got=1, refilling=False)
+    assert r.cc["xdp_pass"] == 5 and r.cc["stack_rx"] == 5
+    assert int(np.count_nonzero(pagepool.IN_USE[r.pm.state])) == inuse - 15
+    audit_ok(r.pm)
+
+
+def test_redirect_to_an_sg_device_and_eopnotsupp_to_one_without(page_memory) -> None:
+    from emu.xdp.context import XDP_REDIRECT
+
+    r = Rig(page_memory)
+    r.post()
+    r.receive([jumbo(XDP_REDIRECT, 4, seed=1), jumbo(XDP_REDIRECT, 5, seed=2), bytes([XDP_REDIRECT, 5]) + bytes(62)])
+    r.core.poll_pass(got=1, refilling=False)
+    assert r.cc["xdp_redirect"] == 3
+    assert r.cc["xmit_sg_drop"] == 1 and r.cc["redirect_err_eopnotsupp"] == 1 and r.cc["redirect_err"] == 1
+    xmit = {to: d for to, _k, _h, d in r.out.take("xmit")}
+    assert sorted(xmit) == ["eth2", "eth3"]
+    (h2,) = xmit["eth2"]["page"].astype(np.int64)
+    assert r.pm.nfrags[h2] == 2 and states(r.pm, frame_bufs(r.pm, np.array([h2]))) == {S.TX_QUEUED}
+    assert len(xmit["eth3"]) == 1 and r.pm.nfrags[int(xmit["eth3"]["page"][0])] == 0  # the linear frame goes
+    # The dropped frame's three buffers are back in the cache; eth2's and eth3's frames complete later.
+    for to, d in xmit.items():
+        ids = d["page"].astype(np.int64)
+        tx_dma_start(r.pm, ids)
+        r.core.dispatch(r.msg("txc", {"dev": to, "txq": 0}, d))
+    r.core.reap_tx()
+    assert not np.isin(r.pm.state, [S.XDP, S.TX_QUEUED, S.TX_INFLIGHT]).any()
+    audit_ok(r.pm)
+
+
+def test_broadcast_of_a_multibuffer_frame(page_memory) -> None:
+    """dev_map_enqueue_multi: is_valid_dst skips eth3 (no ndo-xmit-sg); with one target left the frame
+    itself goes; with two, dev_map_enqueue_clone refuses to clone a frame with frags: -EOPNOTSUPP, freed."""
+    from emu.xdp.bpfmaps import MapSet, MapSpec
+    from emu.xdp.context import XDP_REDIRECT
+
+    r = Rig(page_memory)
+    for targets, sent, err in (([4, 5], ["eth2"], 0), ([4, 5, 6], [], 1)):
+        ms = MapSet.create(f"{r.pm.prefix}-bc{len(targets)}", {"ports": MapSpec("devmap", max_entries=8)}, 1)
+        try:
+            dm = ms.maps["ports"]
+            for k, ifx in enumerate(targets):
+                dm.update(k, ifx)
+            from emu.xdp.bpfmaps import REDIRECT_BROADCAST
+
+            r.core.devmaps[("eth0", 0)] = dm
+            code = dm.bcast_base
+            assert (code - REDIRECT_BROADCAST) >> 16 == 0
+            r.post()
+            r.receive([jumbo(XDP_REDIRECT, seed=7)])
+            (rxq,) = r.core.rxqs.values()
+            d = rxq.pending.pop()
+            heads = d["page"].astype(np.int64)
+            r.core.broadcast("eth0", code, heads)
+            rxq.posted -= 1
+            r.core.xdp_do_flush()
+            xmit = {to: dd for to, _k, _h, dd in r.out.take("xmit")}
+            assert sorted(xmit) == sent
+            assert r.cc["redirect_err_eopnotsupp"] == err and r.cc["xdpf_clone"] == 0
+            for to, dd in xmit.items():
+                tx_dma_start(r.pm, dd["page"])
+                r.core.dispatch(r.msg("txc", {"dev": to, "txq": 0}, dd))
+            r.core.reap_tx()
+            assert not np.isin(r.pm.state, [S.XDP, S.TX_QUEUED, S.TX_INFLIGHT]).any()
+            audit_ok(r.pm)
+        finally:
+            ms.unlink()
+            ms.close()
+
+
+def test_reap_for_counts_pages_not_buffers(page_memory) -> None:
+    """With 2 KiB fragments a refill of `want` buffers takes want / 2 pages: the TX completions reaped
+    before it are counted in the same unit as the cache's room (buffers reaped = pages * 2)."""
+    from fakes import Counters, FakeOutbox, byte_verdict_program, one_cpu_host
+
+    from emu.datapath.napi import NapiCore, RxQueue
+
+    host = one_cpu_host("eth0: {ifindex: 2, rx_ring_size: 64}")
+    pm = page_memory(npages=512, page_size=4096, ncpus=1, params=PoolParams(frag_size=2048))
+    cc = Counters("cpu")
+    core = NapiCore(host, 0, pm, pool_of(pm, 0, owner=True), [RxQueue("eth0", 2, 0, 64, byte_verdict_program,
+                    None, None, 8)], FakeOutbox(), cc.array, cc.index, lambda k, t: None)
+    asked = []
+    core.reap_tx = lambda limit=None: asked.append(limit) or 0  # type: ignore[method-assign]
+    core.txc_pending.append(np.zeros(1))
+    # An empty pool, 128 buffers wanted: 64 pages, the cache (128) has room for all: 128 buffers reaped.
+    core._reap_for(128)
+    # 40 pages in the cache: room 88 pages, still short of 24: min(64, 88) = 64 pages = 128 buffers.
+    core.pool.alloc(2)  # (takes a bulk of 64 pages into the cache, hands out one page's halves)
+    have = core.pool.cache_count
+    core._reap_for(128)
+    assert asked == [128, 2 * max(min(64, 128 - have), 64 - have)]
