@@ -471,6 +471,18 @@ class XdpBatch:
             return
         self.mem[self._span(ok, every, rows.shape[1])] = rows
 
+    def buff_lens(self) -> np.ndarray:
+        """``bpf_xdp_get_buff_len`` of every packet: `lens`, plus ``xdp_frags_size`` (from its head buffer's
+        shinfo, `emu.mem.page`) for a multi-buffer frame."""
+        lens = self.lens.astype(np.int64)
+        nf = self.nfrags
+        if nf is not None and np.logical_or.reduce(nf):
+            from emu.mem.page import shinfo_view
+
+            multi = np.flatnonzero(nf)
+            lens[multi] += shinfo_view(self.mem)[self.pages[multi].astype(np.intp), 1]
+        return lens
+
     def redirect(self, ifindex: int, where: np.ndarray | slice = slice(None)) -> int:
         """``bpf_redirect`` for the packets `where` selects: remember the target, return XDP_REDIRECT."""
         self.redirect_ifindex[where] = ifindex
