@@ -348,6 +348,13 @@ def test_xdp_tx_sends_the_whole_frame_and_its_completion_returns_every_buffer(pa
     assert r.tx_eth0() == fs  # gathered head + fragments, byte for byte
     assert r.dc["tx_sg_frames"] == 4 and r.cc["xdp_tx"] == 4
     assert r.nic.txqs[0].ninflight == 0 and r.core.by_name["eth0"].tx_used == 0
+    # Frames of several lengths (scattered and gathered one by one): 2, 3 and 1 buffers.
+    r.post()
+    mixed = [jumbo(XDP_TX, size=5000, seed=9), jumbo(XDP_TX, seed=10), jumbo(XDP_TX, size=100, seed=11)]
+    r.receive(mixed)
+    r.core.poll_pass(got=1, refilling=False)
+    assert r.tx_eth0() == mixed
+    assert r.dc["tx_sg_frames"] == 4 + 2 and r.dc["rx_sg_frags"] == 4 * 2 + 1 + 2
     # Every buffer of the frames is back in the pool (cache or ring), none out.
     assert not np.isin(r.pm.state, [S.XDP, S.TX_QUEUED, S.TX_INFLIGHT]).any()
     audit_ok(r.pm)

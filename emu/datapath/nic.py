@@ -356,6 +356,20 @@ class NicCore(Core):
         pages = d["page"].astype(np.int64)
         nf = pm.nfrags.take(pages)
         si = pm.shinfo
+        self.c[self.i["tx_sg_frames"]] += int(np.count_nonzero(nf))
+        k = int(nf[0])
+        if k and np.logical_and.reduce(nf == k) and np.logical_and.reduce(d["len"] == d["len"][0]) \
+                and np.logical_and.reduce(d["off"] == d["off"][0]):
+            # A generator's frames, scattered alike: one gather per buffer index over all frames.
+            rows = si[pages.astype(np.intp), : 2 + 3 * k]
+            ent = rows[:, 2:].reshape(len(d), k, 3)
+            if np.logical_and.reduce((ent[:, :, 1:] == ent[:1, :, 1:]).ravel()):
+                parts = [self.spans.gather(pages, int(d["off"][0]), int(d["len"][0]))]
+                parts += [self.spans.gather(ent[:, m, 0], int(ent[0, m, 1]), int(ent[0, m, 2])) for m in range(k)]
+                whole = np.concatenate(parts, axis=1)
+                ln = whole.shape[1]
+                return FrameBatch._make(whole.reshape(-1), np.arange(len(d), dtype=np.uint32) * ln,
+                                        np.full(len(d), ln, dtype=np.uint32), ln)
         chunks = []
         for p, o, ln, k in zip(pages.tolist(), d["off"].tolist(), d["len"].tolist(), nf.tolist(), strict=True):
             chunks.append(data2d[p, o : o + ln])
@@ -365,7 +379,6 @@ class NicCore(Core):
                     b, fo, fl = (int(x) for x in row[2 + 3 * m : 5 + 3 * m])
                     chunks.append(data2d[b, fo : fo + fl])
         lens = frame_lens(pm, pages)
-        self.c[self.i["tx_sg_frames"]] += int(np.count_nonzero(nf))
         data = np.concatenate(chunks) if chunks else np.empty(0, np.uint8)
         offsets = np.zeros(len(d), dtype=np.uint32)
         if len(d) > 1:
@@ -581,6 +594,12 @@ class NicCore(Core):
         pm, data2d, data = self.pm, self.data2d, frames.data
         pages = bufs["page"].astype(np.int64)
         offs = bufs["off"].astype(np.int64)
+        rows = frames.rows()
+        if rows is not None and np.logical_and.reduce(offs == offs[0]):
+            self._scatter_uniform(rows[idx[:k]], pages, int(offs[0]), int(need[0]))
+            d = bufs[:: int(need[0])].copy()
+            d["len"] = min(int(lens[0]), room)
+            return self._rx_sg_done(q, d, k, int(need[0]) - 1)
         starts = (cum[:k] - need[:k]).tolist()
         foffs = frames.offsets[idx[:k]].astype(np.int64).tolist()
         heads = pages[cum[:k] - need[:k]]
@@ -610,6 +629,39 @@ class NicCore(Core):
         if multi:
             c[i["rx_sg_frames"]] += multi
             c[i["rx_sg_frags"]] += nfr
+        self._send(self.rx_cpus[q], RX, {"dev": self.name, "q": q}, d)
+        return k
+
+    def _scatter_uniform(self, rows: np.ndarray, pages: np.ndarray, off: int, nb: int) -> None:
+        """`_scatter` for frames of one length (a generator's), `nb` buffers each, every posted buffer at
+        offset `off`: one scatter per buffer index over all frames, and the shinfo rows in a few stores."""
+        pm, room = self.pm, self.room
+        k, ln = rows.shape
+        grid = pages.reshape(k, nb)
+        chunks = [min(room, ln - m * room) for m in range(nb)]
+        for m in range(nb):
+            self.spans.scatter(grid[:, m], off, rows[:, m * room : m * room + chunks[m]])
+        heads = grid[:, 0]
+        pm.len.put(heads, chunks[0])
+        pm.nfrags.put(heads, nb - 1)
+        if nb > 1:
+            fr = grid[:, 1:]
+            pm.len.put(fr, np.broadcast_to(np.array(chunks[1:], dtype=np.uint32), fr.shape))
+            si = pm.shinfo[heads.astype(np.intp)]
+            si[:, 0] = nb - 1
+            si[:, 1] = ln - chunks[0]
+            si[:, 2 : 2 + 3 * (nb - 1) : 3] = fr
+            si[:, 3 : 3 + 3 * (nb - 1) : 3] = off
+            si[:, 4 : 4 + 3 * (nb - 1) : 3] = chunks[1:]
+            pm.shinfo[heads.astype(np.intp)] = si
+
+    def _rx_sg_done(self, q: int, d: np.ndarray, k: int, nfrags: int) -> int:
+        """Complete `k` frames of `nfrags` fragments each (their heads' descriptors `d`) to the CPU."""
+        c, i = self.c, self.i
+        c[i["rx_completed"]] += k
+        if nfrags:
+            c[i["rx_sg_frames"]] += k
+            c[i["rx_sg_frags"]] += k * nfrags
         self._send(self.rx_cpus[q], RX, {"dev": self.name, "q": q}, d)
         return k
 

@@ -351,7 +351,8 @@ DEVICE = Section("device", "`hosts.<host>.devices.<dev>`", (
         f"largest MTU a device takes is that less {ETH_HLEN + VLAN_HLEN} (`max_mtu`: 1454 with 2 KiB pages, "
         "3502 with 4 KiB); a larger one needs XDP multi-buffer: `rx-sg` in `xdp_features`, an RX ring of at "
         "least the buffers its largest frame takes, and no program or one that supports frags "
-        "(`@xdp_program(frags=True)`, `SEC(\"xdp.frags\")`); else it is refused naming the limit.", ETH_DATA_LEN, ETH_MIN_MTU, MAX_MTU,
+        "(`@xdp_program(frags=True)`, `SEC(\"xdp.frags\")`); else it is refused naming the limit.",
+        ETH_DATA_LEN, ETH_MIN_MTU, MAX_MTU,
         hi_ref=f"`max_mtu` of the device's RX buffer ({MAX_MTU} at most)",
         default_doc=f"{ETH_DATA_LEN}, or `max_mtu` when the device's RX buffer is too small for it",
         kernel="`dev->mtu` (`ip link set mtu`)"),
