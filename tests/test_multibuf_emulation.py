@@ -24,7 +24,7 @@ def run(topo, n: int) -> dict:
     r = Run(topo, RunOptions(count=n, interval=0.5, out=io.StringIO())).run()
     assert multiprocessing.active_children() == []
     p = r["pages"]
-    assert p["total"] == p["accounted"] == p["by_state"]["free"] == 4096 and not p["problems"], p
+    assert p["total"] == p["accounted"] == p["by_state"]["free"] == 8192 and not p["problems"], p
     for c in r["cpus"]:
         assert c["page_pool"]["hold_cnt"] == c["page_pool"]["release_cnt"]
     assert all(v == 0 for v in r["violations"].values()), r["violations"]
@@ -174,5 +174,5 @@ def test_a_process_killed_holding_multibuffer_frames_strands_no_buffer(victim: s
     v = r["violations"]
     assert v["leaked"] == 0 and v["double_free"] == 0 and v["foreign_cache_return"] == 0, (v, r["pages"])
     p = r["pages"]
-    assert p["total"] == p["accounted"] == p["by_state"]["free"] == 4096 and not p["problems"], p
+    assert p["total"] == p["accounted"] == p["by_state"]["free"] == 8192 and not p["problems"], p
     assert r["traffic"]["corrupted"] == 0

@@ -410,11 +410,28 @@ class NapiCore(Core):
 
     def reap_tx(self, limit: int | None = None) -> int:
         """Recycle up to `limit` (None: all) of this CPU's own TX completions not reaped yet, oldest
-        first, as a driver's NAPI poll cleans its TX ring before its RX work; returns how many."""
+        first, as a driver's NAPI poll cleans its TX ring before its RX work; returns how many.  `limit`
+        counts buffers: a multi-buffer frame's completion returns its head and every fragment (at least
+        one frame is reaped)."""
         pending = self.txc_pending
         n = 0
         while pending and (limit is None or n < limit):
             d = pending[0]
+            if self.multibuf and limit is not None:
+                w = np.cumsum(self.pm.nfrags.take(d["page"]).astype(np.int64) + 1)
+                if int(w[-1]) > limit - n:
+                    k = max(1, int(np.searchsorted(w, limit - n, side="right")))
+                    if k < len(d):
+                        pending[0] = d[k:]
+                        d = d[:k]
+                    else:
+                        pending.popleft()
+                else:
+                    pending.popleft()
+                    k = len(d)
+                n += int(w[k - 1])
+                self._return(d, PageState.TX_INFLIGHT)
+                continue
             if limit is not None and len(d) > limit - n:
                 pending[0] = d[limit - n :]
                 d = d[: limit - n]
