@@ -459,3 +459,44 @@ def test_reap_for_counts_pages_not_buffers(page_memory) -> None:
     have = core.pool.cache_count
     core._reap_for(128)
     assert asked == [128, 2 * max(min(64, 128 - have), 64 - have)]
+
+
+def test_a_per_packet_program_reads_writes_and_shrinks_a_frame_across_its_buffers(page_memory) -> None:
+    """get_buff_len, load_bytes and store_bytes see the whole frame; adjust_tail grows into the last
+    fragment's tailroom (zeroed) and shrinks releasing whole fragments, which go back to the pool at once;
+    XDP_TX then sends what is left."""
+    from emu.xdp.context import XDP_TX
+
+    seen: list[tuple] = []
+
+    def prog(ctx) -> int:
+        n = ctx.get_buff_len()
+        whole = bytearray(n)
+        assert ctx.load_bytes(0, whole) == 0 and ctx.load_bytes(n - 10, bytearray(11)) < 0
+        assert ctx.store_bytes(3515, b"XYZWVUTSRQ") == 0  # across the head and the first fragment
+        cut = whole[2]  # the frame's third byte: how many hundred bytes to cut (0: grow by 100)
+        ret = ctx.adjust_tail(-100 * cut if cut else 100)
+        seen.append((n, ret, ctx.get_buff_len(), len(ctx.data)))
+        return XDP_TX
+
+    r = Rig(page_memory, program=prog)
+    r.post()
+    f1 = bytearray(jumbo(XDP_TX, seed=1))
+    f1[2] = 50  # 9018 - 5000 = 4018: the last fragment (1978 bytes) goes, the second keeps 498
+    f2 = bytearray(jumbo(XDP_TX, seed=2))
+    f2[2] = 0  # + 100 into the last fragment's tailroom
+    f3 = bytearray(jumbo(XDP_TX, size=7000, seed=3))
+    f3[2] = 36  # 7000 = 3520 + 3480: 3600 off takes the fragment and 120 bytes of the linear part
+    r.receive([bytes(f1), bytes(f2), bytes(f3)])
+    before = int(np.count_nonzero(pagepool.IN_USE[r.pm.state]))
+    r.core.poll_pass(got=1, refilling=False)
+    assert seen == [(9018, 0, 4018, ROOM), (9018, 0, 9118, ROOM), (7000, 0, 3400, 3400)]
+    assert r.cc["xdp_frags_released"] == 1 + 0 + 1
+    assert int(np.count_nonzero(pagepool.IN_USE[r.pm.state])) == before - 2
+    audit_ok(r.pm)
+    for f in (f1, f2, f3):
+        f[3515:3525] = b"XYZWVUTSRQ"
+    sent = r.tx_eth0()
+    assert sent == [bytes(f1[:4018]), bytes(f2) + bytes(100), bytes(f3[:3400])]
+    assert not np.isin(r.pm.state, [S.XDP, S.TX_QUEUED, S.TX_INFLIGHT]).any()
+    audit_ok(r.pm)

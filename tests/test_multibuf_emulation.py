@@ -176,3 +176,34 @@ def test_a_process_killed_holding_multibuffer_frames_strands_no_buffer(victim: s
     p = r["pages"]
     assert p["total"] == p["accounted"] == p["by_state"]["free"] == 8192 and not p["problems"], p
     assert r["traffic"]["corrupted"] == 0
+
+
+REDIRECT_CPU = (ROOT / "topology" / "redirect-cpu.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_cpumap_takes_multibuffer_frames_whole_to_the_remote_cpu() -> None:
+    """redirect-cpu with jumbo frames on 4 KiB pages: each frame (3 buffers) goes whole through the
+    cpumap to CPU 1 (built into an skb with frags, freed there) or CPU 2 (dropped by its second program);
+    every buffer comes home through its owner's ring."""
+    text = REDIRECT_CPU.replace("page_size: 2048", "page_size: 4096", 1).replace(
+        "        rx_queues: 1\n", "        rx_queues: 1\n        mtu: 9000\n"
+        "        xdp_features: [basic, redirect, ndo-xmit, ndo-xmit-sg, rx-sg]\n", 1).replace(
+        "pkt_size: 64", "pkt_size: 9018", 1)
+    topo = validate_topology_text(text, "redirect-cpu-sg.yaml")
+    assert topo.hosts["h1"].multibuf
+    n = 2_000
+    r = Run(topo, RunOptions(count=n, interval=0.5, out=io.StringIO())).run()
+    assert multiprocessing.active_children() == []
+    assert all(v == 0 for v in r["violations"].values()), r["violations"]
+    p = r["pages"]
+    assert p["total"] == p["accounted"] == p["by_state"]["free"] == 8192 and not p["problems"], p
+    cpus = r["cpus"]
+    for c in cpus:
+        assert c["page_pool"]["hold_cnt"] == c["page_pool"]["release_cnt"]
+    cm = [c["cpumap"] for c in cpus]
+    assert sum(c["rx_frags_frames"] for c in cpus) == n
+    assert sum(m["enqueue"] + m["enqueue_drop"] for m in cm) == n
+    assert cm[1]["kthread_pass"] + cm[2]["kthread_drop"] == sum(m["enqueue"] for m in cm)
+    assert cm[1]["kthread_pass"] > 0 and cm[2]["kthread_drop"] > 0
+    assert r["traffic"]["unaccounted"] == 0

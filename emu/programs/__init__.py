@@ -331,6 +331,7 @@ def _redirect_cpu_batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
     setup=_redirect_cpu_setup,
     batch=_redirect_cpu_batch,
     params={},  # only `cpu_map`, which populates the map of that name
+    frags=True,  # (it reads the UDP source port, in the linear part of a multi-buffer frame)
 )
 def redirect_cpu(ctx: XdpContext) -> int:
     """``bpf_redirect_map(&cpu_map, cpu, 0)`` with `cpu` picked by the UDP source port among the map's
@@ -374,7 +375,7 @@ def _cpumap_drop_batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
     return np.full(len(pkts), XDP_DROP, dtype=np.int64)
 
 
-@xdp_program(batch=_cpumap_drop_batch, params={})
+@xdp_program(batch=_cpumap_drop_batch, params={}, frags=True)
 def cpumap_drop(ctx: XdpContext) -> int:
     """Drop every frame: a cpumap entry's second program (``xdp-bench redirect-cpu -r drop``)."""
     return XDP_DROP
