@@ -207,3 +207,13 @@ def test_cpumap_takes_multibuffer_frames_whole_to_the_remote_cpu() -> None:
     assert cm[1]["kthread_pass"] + cm[2]["kthread_drop"] == sum(m["enqueue"] for m in cm)
     assert cm[1]["kthread_pass"] > 0 and cm[2]["kthread_drop"] > 0
     assert r["traffic"]["unaccounted"] == 0
+
+
+def test_an_ebpf_object_outside_xdp_frags_is_refused_on_a_multibuffer_mtu() -> None:
+    obj = (ROOT / "emu" / "programs" / "bpf" / "l2fwd.o").resolve()
+    if not obj.is_file():
+        pytest.skip("the bundled eBPF objects are not built (scripts/build-bpf.sh)")
+    program = (f"        xdp: {{object: {obj}, program: l2fwd, globals: {{egress_ifindex: eth0}}}}\n")
+    e = refused("too big for an XDP program not aware of multi buffer: l2fwd is in section 'xdp'",
+                features=SGF, program=program)
+    assert str(e).startswith("mb.yaml:12:")  # the xdp key

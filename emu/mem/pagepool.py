@@ -1103,6 +1103,10 @@ def xdpf_clone(pm: PageMemory, ids: np.ndarray, holder: int) -> np.ndarray:
     every frame, it gives none (the caller's broadcast then fails with -ENOMEM).  The caller copies the
     bytes; the pages go back to the allocator through `return_pages` when their frames are done."""
     ids = np.asarray(ids, dtype=np.int64)
+    if pm.multibuf and np.logical_or.reduce(pm.nfrags.take(ids)):
+        # (dev_map_enqueue_clone refuses such frames first: "Frags live outside the linear frame and cannot
+        # be cloned safely"; a copy of the linear part would name the original's fragments.)
+        raise PageError("xdpf_clone of a multi-buffer frame: its fragments cannot be cloned")
     new = alloc_pages_bulk(pm, len(ids)).astype(np.int64)
     if len(new) < len(ids):
         page_pool_return_page(pm, new)

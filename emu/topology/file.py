@@ -1026,7 +1026,7 @@ class _Validator:
         pfx = f"{where}: xdp: "
         object_node = f.items["object"][1]
         try:
-            obj, _ = load_xdp_object(dev, host)
+            obj, pname = load_xdp_object(dev, host)
         except BadInputError as e:
             text = str(e)
             at = f.items["globals"][1] if "globals" in f.items and "global" in text else object_node
@@ -1040,8 +1040,7 @@ class _Validator:
         limit = max_linear_mtu(host.buf_size)
         if dev.mtu > limit:
             # Only reached with rx-sg (`mtu`): the program must be an xdp.frags one.
-            _, pname = load_xdp_object(dev, host)
-            pdef = next((p for p in obj.programs if p.name == pname), None)
+            pdef = obj.programs.get(pname)
             if pdef is not None and not pdef.flags & BPF_F_XDP_HAS_FRAGS:
                 self.fail(object_node, f"{pfx}mtu {dev.mtu} > {limit}, too big for an XDP program not aware of "
                                        f"multi buffer: {pname} is in section '{pdef.section}', not an xdp.frags one "
