@@ -34,6 +34,11 @@ in the kernel; the rest are reaped once no packet has been polled for `TXC_IDLE_
 at ``ndo_stop`` and at shutdown.  ``immediate`` recycles a whole message as it arrives: what overflows
 the cache goes to the ring (`recycle_cache_full`), and the refill takes it back from there.
 
+A multi-buffer frame (XDP multi-buffer, a device with ``rx-sg``) is named by its head buffer throughout:
+every verdict moves it whole (`emu.mem.pagepool` moves its fragments), a redirect of one to a device
+without ``ndo-xmit-sg`` fails with -EOPNOTSUPP, and the fragments a program released with
+``bpf_xdp_adjust_tail`` go home after it ran.
+
 Every change of a page's state is one of `emu.mem.pagepool`'s functions, and every descriptor handed in is
 checked by its `check_descs`.  The core sends through an `Outbox` (the CPU worker's channels, or a test's
 fake) and counts into a counter array indexed by name (the worker's stats row, or a test's array), so

@@ -11,10 +11,13 @@ process.
   (``rx_dropped``, the driver's missed/no-buffer count) and the link resumes.  So any RX ring size
   works with any link batch, a slow CPU loses nothing, and a queue that gets no buffers at all costs
   drops, never a hang.  A frame longer than the device's MTU allows (``mtu`` + 18) is dropped on arrival,
-  before any DMA, as ``rx_length_errors``.
+  before any DMA, as ``rx_length_errors``.  With ``rx-sg`` a frame longer than one buffer's room is
+  scattered over 1 + N posted buffers of its queue (XDP multi-buffer: the head's shinfo lists the others)
+  and waits in the FIFO while fewer are posted.
 * **TX.**  One XDP TX queue per CPU (lockless, as in mlx5); with fewer queues than CPUs CPUs share
   them (``cpu % tx_queues``, as veth does).  Frames come from XDP_TX, from ``ndo_xdp_xmit`` (redirect
-  bulks; only when the device has `xdp_xmit`) and from the normal skb path (copies).  A full TX ring
+  bulks; only when the device has `xdp_xmit`) and from the normal skb path (copies); a multi-buffer frame
+  takes one ring slot and goes on the wire head and fragments end to end.  A full TX ring
   refuses the excess back to the submitting CPU.  Queued pages are transmitted onto the link (frame
   bytes, never page ids), then after `tx_completion_us` their TX completion goes to the CPU servicing
   the queue, which returns each page to its pool.  Until then the page is ``TX_INFLIGHT`` and nobody may

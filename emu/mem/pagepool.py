@@ -94,6 +94,13 @@ the pool's ring lock (standing for the kernel's atomic decrement) and waits, FRA
 drops the last one moves the page on, by the rules and counters of a whole page.  `drain` drops the
 references of the fragments it never handed out (``page_pool_drain_frag``).
 
+XDP multi-buffer (a host whose page memory has ``H_MULTIBUF``; `PageMemory.multibuf`): a frame may be a head
+buffer plus up to 17 fragment buffers listed in the head's shinfo (`emu.mem.page`), and is named by its head.
+Every function below that moves a frame moves its fragments with it (`frame_bufs`), and every return takes
+them home with their validated head, each to its own pool by the usual rule (`PagePool._with_frags`);
+`xdp_frags_release` returns the fragments a program's ``bpf_xdp_adjust_tail`` released.  Without the
+header word none of this runs (one attribute test).
+
 This module owns a page's whole life: every change of its `state` (and of the `holder` that goes with
 it) is made by one of the functions below, named as the kernel names that step, and every descriptor a
 process is handed is checked by one function, `check_descs`.  Workers, devices and the coordinator's
@@ -117,6 +124,7 @@ function                           transition                                  c
                                                                                drain, reclaim
 `page_get` / `put_page`            refcount (``get_page`` / ``put_page``)       tests, shared pages
 `PagePool._unref_frags`            fragment in use -> FRAG (pp_ref_count - 1)   every return, fragments
+`xdp_frags_release`                fragments XDP -> CACHE or RING              a CPU, after adjust_tail
 `xdpf_clone`                       FREE -> XDP, no pool (MEM_TYPE_PAGE_ORDER0)  a CPU, devmap broadcast
 `xdp_return_frame_order0`          such a page -> FREE (``put_page``)          `return_pages`
 `audit`                            none: checks conservation                   the coordinator, tests
