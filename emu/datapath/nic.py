@@ -17,7 +17,8 @@ process.
 * **TX.**  One XDP TX queue per CPU (lockless, as in mlx5); with fewer queues than CPUs CPUs share
   them (``cpu % tx_queues``, as veth does).  Frames come from XDP_TX, from ``ndo_xdp_xmit`` (redirect
   bulks; only when the device has `xdp_xmit`) and from the normal skb path (copies); a multi-buffer frame
-  takes one ring slot and goes on the wire head and fragments end to end.  A full TX ring
+  takes one ring slot (the ring counts frames: a simplification, i40e takes a descriptor per buffer) and
+  goes on the wire head and fragments end to end.  A full TX ring
   refuses the excess back to the submitting CPU.  Queued pages are transmitted onto the link (frame
   bytes, never page ids), then after `tx_completion_us` their TX completion goes to the CPU servicing
   the queue, which returns each page to its pool.  Until then the page is ``TX_INFLIGHT`` and nobody may
