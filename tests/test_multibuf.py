@@ -500,3 +500,21 @@ def test_a_per_packet_program_reads_writes_and_shrinks_a_frame_across_its_buffer
     assert sent == [bytes(f1[:4018]), bytes(f2) + bytes(100), bytes(f3[:3400])]
     assert not np.isin(r.pm.state, [S.XDP, S.TX_QUEUED, S.TX_INFLIGHT]).any()
     audit_ok(r.pm)
+
+
+def test_check_descs_refuses_a_frame_whose_fragment_is_out_of_step(page_memory) -> None:
+    from emu.mem.page import DESC_DTYPE
+    from emu.mem.pagepool import check_descs
+
+    pm = mb_memory(page_memory)
+    pool = pool_of(pm, 0, owner=True)
+    heads = received(pm, pool, 0, [2, 0, 3])
+    d = np.zeros(3, dtype=DESC_DTYPE)
+    d["page"], d["gen"] = heads, pm.gen[heads]
+    assert check_descs(pm, d, S.XDP) is None
+    fr = frame_bufs(pm, heads[2:])[1:]
+    pm.state[fr[1]] = S.RING  # torn
+    assert check_descs(pm, d, S.XDP).tolist() == [True, True, False]
+    pm.state[fr[1]] = S.XDP
+    assert pool.recycle_direct(heads, expect=S.XDP) == 3
+    audit_ok(pm)

@@ -1276,12 +1276,42 @@ def check_descs(
 ) -> np.ndarray | None:
     """The check of descriptors a process is handed: each must name a page of this host (range) in its
     current life (generation), in the state the message implies (`expect`), of pool `owner` when given,
-    and with `unique` no page twice.
+    and with `unique` no page twice; a multi-buffer frame's fragments must be in that state too.
 
     Returns None when every descriptor passes (the common case: a few gathers and one reduction), else
     the mask of those that do.  It changes and counts nothing: the caller refuses the rest and counts
     them as ``bad_descriptors``.
     """
+    ok = _check_heads(pm, d, expect, owner, unique)
+    if pm.multibuf and len(d):
+        ok = _check_frags(pm, d["page"], expect, ok)
+    return ok
+
+
+def _check_frags(pm: PageMemory, pages: np.ndarray, expect: PageState, ok: np.ndarray | None) -> np.ndarray | None:
+    """`check_descs` for the fragments of the frames that passed: a frame whose fragment is not in state
+    `expect` (a page table a dead process tore, a forged message) is refused whole."""
+    idx = np.arange(len(pages)) if ok is None else np.flatnonzero(ok)
+    heads = pages[idx].astype(np.int64)
+    nf = pm.nfrags.take(heads)
+    if not np.logical_or.reduce(nf):
+        return ok
+    multi = np.flatnonzero(nf)
+    fr = shinfo_frags(pm.shinfo, heads[multi], nf[multi])
+    of = np.repeat(idx[multi], nf[multi].astype(np.int64))
+    bad = fr >= pm.nbufs
+    inr = ~bad
+    bad[inr] = pm.state.take(fr[inr]) != expect
+    if not np.logical_or.reduce(bad):
+        return ok
+    mask = np.ones(len(pages), dtype=bool) if ok is None else ok.copy()
+    mask[of[bad]] = False
+    return mask
+
+
+def _check_heads(
+    pm: PageMemory, d: np.ndarray, expect: PageState, owner: int | None = None, unique: bool = False
+) -> np.ndarray | None:
     pages = d["page"]
     n = len(pages)
     if 0 < n <= _UNIFORM_MAX:
