@@ -518,3 +518,32 @@ def test_check_descs_refuses_a_frame_whose_fragment_is_out_of_step(page_memory) 
     pm.state[fr[1]] = S.XDP
     assert pool.recycle_direct(heads, expect=S.XDP) == 3
     audit_ok(pm)
+
+
+def test_a_frame_waits_in_the_rx_fifo_until_all_its_buffers_are_posted(page_memory) -> None:
+    from emu.mem.pagepool import page_pool_dev_alloc_pages
+    from emu.net import wire
+    from emu.xdp.context import XDP_DROP
+
+    r = Rig(page_memory)
+
+    def post(n: int) -> None:
+        from test_nic_core import descs_of
+
+        ids = page_pool_dev_alloc_pages(r.core.pool, n, device_code(0))
+        r.nic.dispatch(wire.pack_msg("post", {"q": 0, "cpu": 0}, descs_of(r.pm, ids).tobytes()))
+
+    post(4)
+    fs = [jumbo(XDP_DROP, seed=1), jumbo(XDP_DROP, size=5000, seed=2), bytes([XDP_DROP]) * 64]
+    r.link.msgs.append(wire.pack_frames(fs))
+    assert r.nic.receive() == 1  # 3 buffers for the first; the second needs 2, 1 is posted
+    assert r.nic.fifo == 2 and r.nic.nposted == [1] and r.dc["rx_dropped"] == 0
+    post(1)
+    assert r.nic.receive() == 1 and r.nic.fifo == 1 and r.nic.nposted == [0]
+    post(1)
+    assert r.nic.receive() == 1 and r.nic.fifo == 0
+    got = [d for _c, _k, _h, d in r.cpus.take("rx")]
+    heads = np.concatenate([d["page"] for d in got]).astype(np.int64)
+    assert r.pm.nfrags[heads].tolist() == [2, 1, 0]  # in arrival order
+    assert frame_lens(r.pm, heads).tolist() == [9018, 5000, 64]
+    audit_ok(r.pm)
