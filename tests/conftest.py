@@ -30,8 +30,9 @@ def page_memory(run_prefix: str) -> Iterator[Callable[..., PageMemory]]:
     under a fresh name (``<run_prefix>-<n>``); every one created is unlinked and closed at teardown."""
     created: list[PageMemory] = []
 
-    def make(npages: int = 256, page_size: int = 256, ncpus: int = 2, params: PoolParams | None = None) -> PageMemory:
-        pm = PageMemory.create(f"{run_prefix}-{len(created)}", npages, page_size, ncpus, params)
+    def make(npages: int = 256, page_size: int = 256, ncpus: int = 2, params: PoolParams | None = None,
+             multibuf: bool = False) -> PageMemory:
+        pm = PageMemory.create(f"{run_prefix}-{len(created)}", npages, page_size, ncpus, params, multibuf)
         created.append(pm)
         return pm
 

@@ -34,6 +34,11 @@ in the kernel; the rest are reaped once no packet has been polled for `TXC_IDLE_
 at ``ndo_stop`` and at shutdown.  ``immediate`` recycles a whole message as it arrives: what overflows
 the cache goes to the ring (`recycle_cache_full`), and the refill takes it back from there.
 
+A multi-buffer frame (XDP multi-buffer, a device with ``rx-sg``) is named by its head buffer throughout:
+every verdict moves it whole (`emu.mem.pagepool` moves its fragments), a redirect of one to a device
+without ``ndo-xmit-sg`` fails with -EOPNOTSUPP, and the fragments a program released with
+``bpf_xdp_adjust_tail`` go home after it ran.
+
 Every change of a page's state is one of `emu.mem.pagepool`'s functions, and every descriptor handed in is
 checked by its `check_descs`.  The core sends through an `Outbox` (the CPU worker's channels, or a test's
 fake) and counts into a counter array indexed by name (the worker's stats row, or a test's array), so
@@ -57,10 +62,13 @@ from emu.mem.pagemem import PageMemory
 from emu.mem.pagepool import (
     PagePool,
     check_descs,
+    frame_frags,
+    frame_lens,
     page_hand_over,
     page_pool_dev_alloc_pages,
     return_pages,
     xdp_build_skb,
+    xdp_frags_release,
     xdp_prepare_buff,
     xdp_xmit_queue,
     xdpf_clone,
@@ -174,6 +182,7 @@ class Target:
     down: bool = False  # the device process died
     mtu: int = 1500
     max_len: int = 0  # the longest frame it transmits (`max_frame` of its mtu): a longer redirect is -EMSGSIZE
+    xmit_sg: bool = False  # its XDP features include ndo-xmit-sg: it takes multi-buffer frames by redirect
     tx_used: int = 0  # frames this CPU queued on its TX queue whose completion (or refusal) it has not seen
 
 
@@ -244,7 +253,7 @@ class NapiCore(Core):
             own = dev.tx_queues >= self.ncpus and dev.tx_cpu(cpu % dev.tx_queues, self.ncpus) == cpu
             t = Target(name, index_, dev.ifindex, dev.xdp_xmit, dev.redirect_fallback, dev.tx_queues,
                        dev.tx_ring_size, own, dev.profile, dev.peer, mtu=dev.mtu,
-                       max_len=max_frame(dev.mtu))
+                       max_len=max_frame(dev.mtu), xmit_sg="ndo-xmit-sg" in dev.xdp_features)
             self.targets[dev.ifindex] = t
             self.by_name[name] = t
         self.rxqs: dict[tuple[str, int], RxQueue] = {(r.dev, r.q): r for r in rxqs}
@@ -282,7 +291,18 @@ class NapiCore(Core):
         self.txc_deferred = host.txc_release == "deferred"
         self.txc_pending: deque[np.ndarray] = deque()
         self.clock: Callable[[], int] = time.monotonic_ns  # replaceable (tests)
+        # XDP multi-buffer: a host laid out for it gives its programs' contexts the frames' fragments.
+        self.multibuf = pm.multibuf
+        if self.multibuf:
+            for rxq in self.rxqs.values():
+                self._frags_context(rxq.ctx)
         self.last_rx_ns = 0  # when a pass last polled packets
+
+    def _frags_context(self, ctx: object) -> None:
+        """Let a per-packet program's context reach a frame's fragments (``get_buff_len``, ``load_bytes``,
+        ``store_bytes``, ``adjust_tail``)."""
+        if hasattr(ctx, "attach_frames"):
+            ctx.attach_frames(self.data2d, self.pm.shinfo, self.buf)  # type: ignore[attr-defined]
 
     def describe(self, ids: np.ndarray) -> np.ndarray:
         """Descriptors of pages `ids`, from the page table, as this CPU hands them on."""
@@ -329,6 +349,10 @@ class NapiCore(Core):
             # A completed descriptor keeps its ring slot until NAPI processes it (see napi_poll); only
             # refused ones free theirs now.  So the pool lends out no more than the ring holds.
             rxq.posted -= n - len(d)
+            if len(d) and self.multibuf:
+                # A multi-buffer frame's fragments took ring slots of their own: free them now (the head's
+                # stays taken until NAPI processes the frame).
+                rxq.posted -= len(frame_frags(self.pm, d["page"]))
             if len(d):
                 xdp_prepare_buff(self.pm, d["page"], self.cpu)
                 rxq.pending.append(d)
@@ -391,11 +415,28 @@ class NapiCore(Core):
 
     def reap_tx(self, limit: int | None = None) -> int:
         """Recycle up to `limit` (None: all) of this CPU's own TX completions not reaped yet, oldest
-        first, as a driver's NAPI poll cleans its TX ring before its RX work; returns how many."""
+        first, as a driver's NAPI poll cleans its TX ring before its RX work; returns how many.  `limit`
+        counts buffers: a multi-buffer frame's completion returns its head and every fragment (at least
+        one frame is reaped)."""
         pending = self.txc_pending
         n = 0
         while pending and (limit is None or n < limit):
             d = pending[0]
+            if self.multibuf and limit is not None:
+                w = np.cumsum(self.pm.nfrags.take(d["page"]).astype(np.int64) + 1)
+                if int(w[-1]) > limit - n:
+                    k = max(1, int(np.searchsorted(w, limit - n, side="right")))
+                    if k < len(d):
+                        pending[0] = d[k:]
+                        d = d[:k]
+                    else:
+                        pending.popleft()
+                else:
+                    pending.popleft()
+                    k = len(d)
+                n += int(w[k - 1])
+                self._return(d, PageState.TX_INFLIGHT)
+                continue
             if limit is not None and len(d) > limit - n:
                 pending[0] = d[limit - n :]
                 d = d[: limit - n]
@@ -411,10 +452,14 @@ class NapiCore(Core):
         room for, and at least what the pool lacks (so a completed page never leaves a refill to the
         page allocator)."""
         pool = self.pool
+        # `want` counts buffers, the cache and ring count pages: with `pool.frag_size` fragments a page
+        # serves `frags` buffers, and a reaped completion returns a buffer (the refill's pages, in buffers).
+        f = self.pm.frags
+        pages = -(-want // f)
         have = pool.cache_count
         room = pool.cache_size - have
-        short = want - have - pool.ring_count
-        self.reap_tx(max(min(want, room), short))
+        short = pages - have - pool.ring_count
+        self.reap_tx(max(min(pages, room), short) * f)
 
     def _return(self, d: np.ndarray, expect: PageState, bulk: int | None = None, direct: bool = True) -> int:
         """Return pages a peer handed back to whichever pools own them; returns how many were valid.
@@ -592,6 +637,8 @@ class NapiCore(Core):
             return None
         if int(np.maximum.reduce(self.pm.len.take(pages))) > t.max_len:
             return None  # some are too long for it: -EMSGSIZE (redirect)
+        if self.multibuf and np.logical_or.reduce(self.pm.nfrags.take(pages)):
+            return None  # multi-buffer frames: their whole length and the target's ndo-xmit-sg decide
         return t.name
 
     def napi_poll(self) -> int:
@@ -632,6 +679,13 @@ class NapiCore(Core):
         program redirected none)."""
         c, i = self.c, self.i
         c[i["rx_packets"]] += len(d)
+        if self.multibuf:
+            nf = self.pm.nfrags.take(d["page"])
+            if np.logical_or.reduce(nf):
+                c[i["rx_frags_frames"]] += int(np.count_nonzero(nf))
+                c[i["rx_frags"]] += int(np.add.reduce(nf, dtype=np.int64))
+                c[i["rx_bytes"]] += int(np.add.reduce(frame_lens(self.pm, d["page"])))
+                return self.run_program(rxq, d)
         c[i["rx_bytes"]] += int(np.add.reduce(d["len"]))
         return self.run_program(rxq, d)
 
@@ -646,6 +700,8 @@ class NapiCore(Core):
             return np.full(n, XDP_PASS, dtype=np.int64), None
         if rxq.batch is not None:
             return self.run_batch(rxq, d)
+        if self.multibuf:
+            return self.run_frames(rxq, d)
         starts = (pages.astype(np.int64) * self.ps + d["off"]).tolist()
         ln = lens.tolist()
         ctx = rxq.ctx
@@ -682,11 +738,72 @@ class NapiCore(Core):
             targets[list(redirects)] = list(redirects.values())
         return verdicts, targets
 
+    def run_frames(self, rxq: RxQueue, d: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """`run_program`'s per-packet loop on a host with multi-buffer devices: the context also knows each
+        frame's head buffer and fragments, and what the program did to them (``bpf_xdp_adjust_tail``: a new
+        data_end, fragments shrunk or released) is stored back after the loop; released fragments go home."""
+        n = len(d)
+        pages = d["page"].astype(np.int64)
+        pm = self.pm
+        nfr = pm.nfrags.take(pages)
+        starts = (pages * self.ps + d["off"]).tolist()
+        ln = d["len"].tolist()
+        ctx = rxq.ctx
+        prog = rxq.program
+        buf = self.buf
+        out = [0] * n
+        newlen = list(ln)
+        redirects: dict[int, int] = {}
+        errors = bad = 0
+        for k, (p, nf) in enumerate(zip(pages.tolist(), nfr.tolist(), strict=True)):
+            s = starts[k]
+            ctx.data = buf[s : s + ln[k]]
+            ctx.frame_start(p, s, nf)
+            ctx.redirect_ifindex = -1
+            try:
+                v = prog(ctx)
+            except Exception as exc:
+                errors += 1
+                self.warn_once("raise", f"XDP program raised {type(exc).__name__}: {exc} (counted ABORTED)")
+                v = XDP_ABORTED
+            if type(v) is not int or not XDP_ABORTED <= v <= XDP_REDIRECT:
+                v, wrong = classify_verdict(v)
+                bad += wrong
+            if v == XDP_REDIRECT:
+                redirects[k] = ctx.redirect_ifindex
+            out[k] = v
+            newlen[k] = len(ctx.data)
+        ctx.data = None
+        if newlen != ln:
+            pm.len.put(pages, newlen)
+        if np.logical_or.reduce(nfr):
+            self._release_frags(pages, pm.shinfo[pages.astype(np.intp), 0].astype(np.uint8) * (nfr != 0))
+        verdicts = np.fromiter(out, dtype=np.int64, count=n)
+        if bad:
+            self.warn_once("verdict", "XDP program returned something that is not an action (counted ABORTED)")
+        if bad or errors:
+            self.c[self.i["xdp_exception"]] += bad + errors
+        targets = None
+        if redirects:
+            targets = np.full(n, -1, dtype=np.int64)
+            targets[list(redirects)] = list(redirects.values())
+        return verdicts, targets
+
+    def _release_frags(self, pages: np.ndarray, nfrags: np.ndarray) -> None:
+        """Fragments a program released (``bpf_xdp_adjust_tail``): home now, from this CPU's softirq."""
+        freed = xdp_frags_release(self.pm, self.pool, pages, nfrags)
+        if freed:
+            self.c[self.i["xdp_frags_released"]] += freed
+
     def run_batch(self, rxq: RxQueue, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The program's vectorised form over all of `d`; anything but one verdict per packet aborts them
         all (each an ``xdp_exception``, as a raise per packet would be)."""
         n = len(d)
         pkts = XdpBatch(self.data2d, d["page"], d["off"], d["len"], self.spans)
+        if self.multibuf:
+            nf = self.pm.nfrags.take(d["page"])
+            if np.logical_or.reduce(nf):
+                pkts.nfrags = nf  # (a copy: the program may change it)
         try:
             ret = rxq.batch(rxq.ctx, pkts)
         except Exception as exc:
@@ -695,6 +812,8 @@ class NapiCore(Core):
         if pkts.moved:  # a native program's adjust_head/tail: the frames' new place in their pages
             self.pm.off.put(d["page"], pkts.offs)
             self.pm.len.put(d["page"], pkts.lens)
+        if pkts.nfrags is not None:
+            self._release_frags(d["page"].astype(np.int64), pkts.nfrags)
         if pkts.exceptions:  # a native program's faults (emu.ebpf.engine): ABORTED, each an xdp_exception
             self.warn_once("fault", f"XDP program faulted: {pkts.fault} (counted ABORTED)")
             self.c[self.i["xdp_exception"]] += pkts.exceptions
@@ -769,9 +888,21 @@ class NapiCore(Core):
                 self.cpumap_enqueue(dev, ifindex, ids)
                 continue
             t = self.targets.get(ifindex)
+            if t is not None and not t.down and t.xdp_xmit and self.multibuf and not t.xmit_sg:
+                # __xdp_enqueue: a multi-buffer frame to a device without ndo-xmit-sg is -EOPNOTSUPP.
+                sg = self.pm.nfrags.take(ids) != 0
+                if np.logical_or.reduce(sg):
+                    self.c[self.i["xmit_sg_drop"]] += int(np.count_nonzero(sg))
+                    self.redirect_err(ids[sg], "eopnotsupp", f"nosg{t.name}", f"redirect of multi-buffer frames "
+                                      f"to {t.name} failed with -EOPNOTSUPP: its XDP features lack ndo-xmit-sg "
+                                      "(__xdp_enqueue); give it ndo-xmit-sg, or keep frames within one buffer")
+                    ids = ids[~sg]
+                    if not len(ids):
+                        continue
             if t is not None and not t.down and t.xdp_xmit:
-                # xdp_ok_fwd_dev: a frame longer than the target's MTU (+ header and a VLAN tag) fails.
-                lens = self.pm.len.take(ids)
+                # xdp_ok_fwd_dev: a frame longer than the target's MTU (+ header and a VLAN tag) fails; its
+                # whole length (xdp_get_frame_len) for a multi-buffer frame.
+                lens = frame_lens(self.pm, ids) if self.multibuf else self.pm.len.take(ids)
                 if int(np.maximum.reduce(lens)) > t.max_len:
                     big = lens > t.max_len
                     self.redirect_err(ids[big], "emsgsize", f"msgsize{t.name}", f"redirect to {t.name} of "
@@ -823,6 +954,15 @@ class NapiCore(Core):
         lens = pm.len.take(ids)
         spans = zip(ids.tolist(), offs.tolist(), lens.tolist(), strict=True)
         frames = [bytes(self.data2d[p, o : o + n]) for p, o, n in spans]
+        if self.multibuf:
+            # A multi-buffer frame's skb carries its fragments: the copy is the whole frame.
+            si = pm.shinfo
+            for k, (p, nf) in enumerate(zip(ids.tolist(), pm.nfrags.take(ids).tolist(), strict=True)):
+                if nf:
+                    row = si[p]
+                    frames[k] += b"".join(bytes(self.data2d[int(row[2 + 3 * m]), int(row[3 + 3 * m]) :
+                                                            int(row[3 + 3 * m]) + int(row[4 + 3 * m])])
+                                          for m in range(nf))
         self.out.send_frames(t.name, frames)
         self.c[self.i["redirect_skb"]] += len(ids)
         self._free(ids, PageState.XDP)
@@ -851,6 +991,15 @@ class NapiCore(Core):
         # is a device whose MTU the frame exceeds (xdp_ok_fwd_dev).
         dsts = [t for ifx in m.ifindexes if ifx and not (exclude and ifx == ingress)
                 and (t := self.targets.get(ifx)) is not None and not t.down and t.xdp_xmit]
+        if dsts and self.multibuf and np.logical_or.reduce(self.pm.nfrags.take(ids)):
+            # is_valid_dst: a multi-buffer frame skips the devices without ndo-xmit-sg, and the MTU check
+            # takes its whole length (xdp_get_frame_len).
+            lens = frame_lens(self.pm, ids)
+            sg = self.pm.nfrags.take(ids) != 0
+            fits = sum(((lens <= t.max_len) & (t.xmit_sg | ~sg)).astype(np.int64) << j for j, t in enumerate(dsts))
+            for key in np.unique(fits).tolist():
+                self._flood(dev, m.name, ordinal, ids[fits == key], [t for j, t in enumerate(dsts) if key >> j & 1])
+            return
         if dsts:
             lens = self.pm.len.take(ids)
             if int(np.maximum.reduce(lens)) > min(t.max_len for t in dsts):
@@ -875,6 +1024,18 @@ class NapiCore(Core):
             self._free(ids, PageState.XDP)
             return
         pm = self.pm
+        if len(dsts) > 1 and self.multibuf:
+            # dev_map_enqueue_clone: "Frags live outside the linear frame and cannot be cloned safely" (the
+            # 2026 fix to xdpf_clone's callers): a multi-buffer frame with more than one target fails with
+            # -EOPNOTSUPP before any copy is made, and is freed.
+            sg = pm.nfrags.take(ids) != 0
+            if np.logical_or.reduce(sg):
+                self.redirect_err(ids[sg], "eopnotsupp", "bcastsg", "broadcast of multi-buffer frames to more "
+                                  "than one device: a frame with fragments cannot be cloned "
+                                  "(dev_map_enqueue_clone): -EOPNOTSUPP")
+                ids = ids[~sg]
+                if not len(ids):
+                    return
         if len(dsts) > 1:
             clonable = pm.off.take(ids).astype(np.int64) + pm.len.take(ids) <= PAGE_SIZE
             if not np.logical_and.reduce(clonable):
@@ -1026,6 +1187,8 @@ class NapiCore(Core):
             ctx = prog.new_context(cfg.ifindex, 0, self.cpu, {}, {}, ifindexes, host_mtus(self.host))
             batch = prog.batch if cfg.xdp is None or cfg.xdp.vectorised else None
             rq = RxQueue(dev, cfg.ifindex, 0, 0, prog.fn, ctx, batch)
+            if self.multibuf:
+                self._frags_context(ctx)
             self.kprogs[(dev, name)] = rq
         return rq
 

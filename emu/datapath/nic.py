@@ -11,10 +11,14 @@ process.
   (``rx_dropped``, the driver's missed/no-buffer count) and the link resumes.  So any RX ring size
   works with any link batch, a slow CPU loses nothing, and a queue that gets no buffers at all costs
   drops, never a hang.  A frame longer than the device's MTU allows (``mtu`` + 18) is dropped on arrival,
-  before any DMA, as ``rx_length_errors``.
+  before any DMA, as ``rx_length_errors``.  With ``rx-sg`` a frame longer than one buffer's room is
+  scattered over 1 + N posted buffers of its queue (XDP multi-buffer: the head's shinfo lists the others)
+  and waits in the FIFO while fewer are posted.
 * **TX.**  One XDP TX queue per CPU (lockless, as in mlx5); with fewer queues than CPUs CPUs share
   them (``cpu % tx_queues``, as veth does).  Frames come from XDP_TX, from ``ndo_xdp_xmit`` (redirect
-  bulks; only when the device has `xdp_xmit`) and from the normal skb path (copies).  A full TX ring
+  bulks; only when the device has `xdp_xmit`) and from the normal skb path (copies); a multi-buffer frame
+  takes one ring slot (the ring counts frames: a simplification, i40e takes a descriptor per buffer) and
+  goes on the wire head and fragments end to end.  A full TX ring
   refuses the excess back to the submitting CPU.  Queued pages are transmitted onto the link (frame
   bytes, never page ids), then after `tx_completion_us` their TX completion goes to the CPU servicing
   the queue, which returns each page to its pool.  Until then the page is ``TX_INFLIGHT`` and nobody may
@@ -43,9 +47,9 @@ import numpy as np
 
 from emu.datapath import Core
 from emu.datapath.capture import CaptureTap
-from emu.mem.page import DESC_DTYPE, PageState, concat_descs, descs, descs_from_bytes
+from emu.mem.page import DESC_DTYPE, PageState, concat_descs, descs, descs_from_bytes, shinfo_write
 from emu.mem.pagemem import PageMemory
-from emu.mem.pagepool import check_descs, page_hand_over, tx_dma_start
+from emu.mem.pagepool import check_descs, frame_lens, page_hand_over, tx_dma_start
 from emu.net import wire
 from emu.net.packets import FrameBatch, rss_queue
 from emu.net.protocol import (
@@ -62,7 +66,7 @@ from emu.net.protocol import (
     TXDROP,
     refill_batch,
 )
-from emu.topology.model import max_frame
+from emu.topology.model import frame_room, max_frame
 
 if TYPE_CHECKING:
     from emu.topology.model import DeviceConfig
@@ -167,6 +171,10 @@ class NicCore(Core):
         self.capture: CaptureTap | None = None  # xdpdump-style capture (emu.datapath.capture), when asked for
         self.txc_cpu = [cfg.tx_cpu(t, ncpus) for t in range(cfg.tx_queues)]  # tx_cpus: the TX IRQ affinity
         self.max_len = max_frame(cfg.mtu)  # the longest frame the MAC takes (validation makes it fit a buffer)
+        # XDP multi-buffer: with rx-sg (on a host laid out for it) a frame longer than one buffer's room is
+        # scattered over 1 + N posted buffers of its queue, `room` bytes each (`_scatter`).
+        self.room = frame_room(pm.buf_size)
+        self.sg = pm.multibuf and "rx-sg" in cfg.xdp_features and self.max_len > self.room
 
     # -- messages from CPUs -----------------------------------------------------------------------
 
@@ -325,7 +333,11 @@ class NicCore(Core):
         return len(d)
 
     def _gather(self, d: np.ndarray) -> FrameBatch:
-        """The frames' bytes out of their pages (one fancy-indexing copy when they are uniform)."""
+        """The frames' bytes out of their pages (one fancy-indexing copy when they are uniform); a
+        multi-buffer frame's head and fragments end to end (the NIC's TX gather: one TX descriptor with a
+        data segment per buffer, as mlx5's multi-buffer XDP transmit builds one WQE)."""
+        if self.pm.multibuf and len(d) and np.logical_or.reduce(self.pm.nfrags.take(d["page"])):
+            return self._gather_sg(d)
         pages = d["page"].astype(np.int64)
         offs = d["off"].astype(np.int64)
         lens = d["len"].astype(np.int64)
@@ -340,6 +352,40 @@ class NicCore(Core):
         data = np.concatenate(chunks) if chunks else np.empty(0, np.uint8)
         offsets = np.zeros(n, dtype=np.uint32)
         if n > 1:
+            offsets[1:] = np.cumsum(lens[:-1])
+        return FrameBatch(data, offsets, lens.astype(np.uint32))
+
+    def _gather_sg(self, d: np.ndarray) -> FrameBatch:
+        pm, data2d = self.pm, self.data2d
+        pages = d["page"].astype(np.int64)
+        nf = pm.nfrags.take(pages)
+        si = pm.shinfo
+        self.c[self.i["tx_sg_frames"]] += int(np.count_nonzero(nf))
+        k = int(nf[0])
+        if k and np.logical_and.reduce(nf == k) and np.logical_and.reduce(d["len"] == d["len"][0]) \
+                and np.logical_and.reduce(d["off"] == d["off"][0]):
+            # A generator's frames, scattered alike: one gather per buffer index over all frames.
+            rows = si[pages.astype(np.intp), : 2 + 3 * k]
+            ent = rows[:, 2:].reshape(len(d), k, 3)
+            if np.logical_and.reduce((ent[:, :, 1:] == ent[:1, :, 1:]).ravel()):
+                parts = [self.spans.gather(pages, int(d["off"][0]), int(d["len"][0]))]
+                parts += [self.spans.gather(ent[:, m, 0], int(ent[0, m, 1]), int(ent[0, m, 2])) for m in range(k)]
+                whole = np.concatenate(parts, axis=1)
+                ln = whole.shape[1]
+                return FrameBatch._make(whole.reshape(-1), np.arange(len(d), dtype=np.uint32) * ln,
+                                        np.full(len(d), ln, dtype=np.uint32), ln)
+        chunks = []
+        for p, o, ln, k in zip(pages.tolist(), d["off"].tolist(), d["len"].tolist(), nf.tolist(), strict=True):
+            chunks.append(data2d[p, o : o + ln])
+            if k:
+                row = si[p]
+                for m in range(k):
+                    b, fo, fl = (int(x) for x in row[2 + 3 * m : 5 + 3 * m])
+                    chunks.append(data2d[b, fo : fo + fl])
+        lens = frame_lens(pm, pages)
+        data = np.concatenate(chunks) if chunks else np.empty(0, np.uint8)
+        offsets = np.zeros(len(d), dtype=np.uint32)
+        if len(d) > 1:
             offsets[1:] = np.cumsum(lens[:-1])
         return FrameBatch(data, offsets, lens.astype(np.uint32))
 
@@ -434,14 +480,19 @@ class NicCore(Core):
             return min(self.nposted)
         return min((n for n, up in zip(self.nposted, self.rxq_online, strict=True) if up), default=0)
 
-    def _hold(self, q: int, frames: FrameBatch, idx: np.ndarray) -> None:
+    def _hold(self, q: int, frames: FrameBatch, idx: np.ndarray, front: bool = False) -> None:
         """Frames of queue `q` that found no posted buffer: into the RX FIFO, which pauses the link (or
-        dropped at once when the queue will never have a buffer again: it is offline)."""
+        dropped at once when the queue will never have a buffer again: it is offline).  `front`: they were
+        the oldest waiting (taken from the FIFO for buffers too few for all of a multi-buffer frame's)."""
         n = len(idx)
         if not self.rxq_online[q]:
             self.c[self.i["rx_dropped"]] += n
             return
-        self.waiting[q].append(FrameBatch(frames.data, frames.offsets[idx], frames.lengths[idx]))
+        fb = FrameBatch(frames.data, frames.offsets[idx], frames.lengths[idx])
+        if front:
+            self.waiting[q].appendleft(fb)
+        else:
+            self.waiting[q].append(fb)
         self.nwaiting[q] += n
         self.fifo += n
         if not self.paused_since:
@@ -489,9 +540,13 @@ class NicCore(Core):
         # every frame found a buffer at the same offset (one scatter, no per-queue gather of rows).
         filled: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
         dest = np.empty(n, dtype=np.int64)  # the page each frame goes to
+        sg_taken = 0  # frames of queues that received multi-buffer frames (`_scatter` completed them)
         for q in range(self.nrxq) if only is None else (only,):
             idx = np.flatnonzero(qs == q) if qs is not None else np.arange(n)
             if not len(idx):
+                continue
+            if self.sg and int(np.maximum.reduce(frames.lengths[idx])) > self.room:
+                sg_taken += self._scatter(q, frames, idx, front=only is not None)
                 continue
             bufs = self._take_posted(q, len(idx))
             k = len(bufs)
@@ -505,7 +560,7 @@ class NicCore(Core):
             filled.append((q, idx, pages, bufs))
         taken = sum(len(idx) for _, idx, _, _ in filled)
         if not taken:
-            return 0
+            return sg_taken
         rows = frames.rows()
         off = int(filled[0][3]["off"][0])
         if (taken == n and rows is not None
@@ -521,7 +576,98 @@ class NicCore(Core):
             bufs["len"] = lens
             c[i["rx_completed"]] += len(idx)
             self._send(self.rx_cpus[q], RX, {"dev": self.name, "q": q}, bufs)
-        return taken
+        return taken + sg_taken
+
+    def _scatter(self, q: int, frames: FrameBatch, idx: np.ndarray, front: bool) -> int:
+        """RX scatter-gather (``rx-sg``): queue `q`'s frames `idx`, some longer than one buffer's `room`,
+        each into 1 + N posted buffers (N <= MAX_SKB_FRAGS), in order, as far as the posted buffers go (the
+        rest wait in the RX FIFO, the first of them a frame whose buffers are not all posted yet).  Each
+        buffer gets up to `room` bytes at its headroom; the head's shinfo lists the others
+        (``xdp_buff_add_frag``) and its descriptor completes with the linear length, as a driver builds a
+        multi-buffer xdp_buff from its RX descriptors.  Returns the frames completed."""
+        lens = frames.lengths[idx].astype(np.int64)
+        room = self.room
+        need = 1 + np.maximum(0, -(-(lens - room) // room))
+        cum = np.cumsum(need)
+        k = int(np.searchsorted(cum, self.nposted[q], side="right"))
+        if k < len(idx):
+            self._hold(q, frames, idx[k:], front)
+        if not k:
+            return 0
+        bufs = self._take_posted(q, int(cum[k - 1]))
+        pm, data2d, data = self.pm, self.data2d, frames.data
+        pages = bufs["page"].astype(np.int64)
+        offs = bufs["off"].astype(np.int64)
+        rows = frames.rows()
+        if rows is not None and np.logical_and.reduce(offs == offs[0]):
+            self._scatter_uniform(rows[idx[:k]], pages, int(offs[0]), int(need[0]))
+            d = bufs[:: int(need[0])].copy()
+            d["len"] = min(int(lens[0]), room)
+            return self._rx_sg_done(q, d, k, int(need[0]) - 1)
+        starts = (cum[:k] - need[:k]).tolist()
+        foffs = frames.offsets[idx[:k]].astype(np.int64).tolist()
+        heads = pages[cum[:k] - need[:k]]
+        lin = np.minimum(lens[:k], room)
+        nfr = 0
+        for j, (s0, fo, ln) in enumerate(zip(starts, foffs, lens[:k].tolist(), strict=True)):
+            nb = int(need[j])
+            b = pages[s0 : s0 + nb].tolist()
+            o = offs[s0 : s0 + nb].tolist()
+            chunk = [min(room, ln - m * room) for m in range(nb)]
+            pos = fo
+            for bb, oo, cl in zip(b, o, chunk, strict=True):
+                data2d[bb, oo : oo + cl] = data[pos : pos + cl]
+                pos += cl
+            if nb > 1:
+                fr = pages[s0 + 1 : s0 + nb]
+                pm.len.put(fr, chunk[1:])
+                shinfo_write(pm.shinfo, b[0], fr, o[1:], chunk[1:])
+                nfr += nb - 1
+            pm.nfrags[b[0]] = nb - 1
+        pm.len.put(heads, lin)
+        d = bufs[cum[:k] - need[:k]].copy()
+        d["len"] = lin
+        c, i = self.c, self.i
+        c[i["rx_completed"]] += k
+        multi = int(np.count_nonzero(need[:k] > 1))
+        if multi:
+            c[i["rx_sg_frames"]] += multi
+            c[i["rx_sg_frags"]] += nfr
+        self._send(self.rx_cpus[q], RX, {"dev": self.name, "q": q}, d)
+        return k
+
+    def _scatter_uniform(self, rows: np.ndarray, pages: np.ndarray, off: int, nb: int) -> None:
+        """`_scatter` for frames of one length (a generator's), `nb` buffers each, every posted buffer at
+        offset `off`: one scatter per buffer index over all frames, and the shinfo rows in a few stores."""
+        pm, room = self.pm, self.room
+        k, ln = rows.shape
+        grid = pages.reshape(k, nb)
+        chunks = [min(room, ln - m * room) for m in range(nb)]
+        for m in range(nb):
+            self.spans.scatter(grid[:, m], off, rows[:, m * room : m * room + chunks[m]])
+        heads = grid[:, 0]
+        pm.len.put(heads, chunks[0])
+        pm.nfrags.put(heads, nb - 1)
+        if nb > 1:
+            fr = grid[:, 1:]
+            pm.len.put(fr, np.broadcast_to(np.array(chunks[1:], dtype=np.uint32), fr.shape))
+            si = pm.shinfo[heads.astype(np.intp)]
+            si[:, 0] = nb - 1
+            si[:, 1] = ln - chunks[0]
+            si[:, 2 : 2 + 3 * (nb - 1) : 3] = fr
+            si[:, 3 : 3 + 3 * (nb - 1) : 3] = off
+            si[:, 4 : 4 + 3 * (nb - 1) : 3] = chunks[1:]
+            pm.shinfo[heads.astype(np.intp)] = si
+
+    def _rx_sg_done(self, q: int, d: np.ndarray, k: int, nfrags: int) -> int:
+        """Complete `k` frames of `nfrags` fragments each (their heads' descriptors `d`) to the CPU."""
+        c, i = self.c, self.i
+        c[i["rx_completed"]] += k
+        if nfrags:
+            c[i["rx_sg_frames"]] += k
+            c[i["rx_sg_frags"]] += k * nfrags
+        self._send(self.rx_cpus[q], RX, {"dev": self.name, "q": q}, d)
+        return k
 
     def _write(self, frames: FrameBatch, idx: np.ndarray, pages: np.ndarray, offs: np.ndarray,
                lens: np.ndarray) -> None:

@@ -96,9 +96,62 @@ H_ORDER0_ALLOC = 13
 H_ORDER0_FREE = 14
 # Fragments per page (`PoolParams.frag_size`: page_size / frag_size; 1 without fragments), written once.
 H_FRAGS = 15
-H_WORDS = 16
+# 1 when some device of the host receives multi-buffer frames (``rx-sg`` and an MTU beyond one buffer),
+# written once: every frame-moving function of `emu.mem.pagepool` skips its fragment work while it is 0.
+H_MULTIBUF = 16
+H_WORDS = 17
 # Locks on the meta segment: 0 is the page allocator, 1 + cpu is that CPU's recycle ring.
 ALLOCATOR_LOCK = 0
+
+
+# -- XDP multi-buffer: the skb_shared_info of a head buffer (the contract shared with emu.ebpf) ---------
+# A frame longer than one RX buffer is a *head* buffer (the linear part) plus up to MAX_SKB_FRAGS fragment
+# buffers, listed in the head's ``skb_shared_info``, which lives where the kernel puts it
+# (``xdp_get_shared_info_from_buff``): the last SHINFO_TAILROOM bytes of the head's buffer.  Little-endian
+# u32 words: nr_frags, xdp_frags_size, then per fragment (buffer id, offset of its data in its buffer,
+# length).  Only the head's page-table row knows it has fragments (`PageMemory.nfrags`): a frame is named
+# by its head everywhere in the data path, and its fragments move with it.
+MAX_SKB_FRAGS = 17
+SHINFO_TAILROOM = 320  # SKB_DATA_ALIGN(sizeof(struct skb_shared_info)) on x86-64 (topology's SKB_SHARED_INFO)
+SHINFO_WORDS = 2 + 3 * MAX_SKB_FRAGS  # 53 words, 212 bytes, inside the tailroom
+SHINFO_BYTES = 4 * SHINFO_WORDS
+SI_NR_FRAGS, SI_FRAGS_SIZE, SI_FRAG0 = 0, 1, 2  # word indexes; fragment k is words SI_FRAG0 + 3k .. + 2
+
+
+def shinfo_view(mem2d: np.ndarray) -> np.ndarray:
+    """Every buffer's shinfo words as a writable ``(nbufs, SHINFO_WORDS)`` uint32 view of the buffer rows
+    `mem2d` (``(nbufs, buf_size)`` uint8): row ``b`` is valid only while buffer ``b`` heads a multi-buffer
+    frame."""
+    start = mem2d.shape[1] - SHINFO_TAILROOM
+    return mem2d[:, start : start + SHINFO_BYTES].view("<u4")
+
+
+def shinfo_frags(si: np.ndarray, heads: np.ndarray, nfrags: np.ndarray) -> np.ndarray:
+    """The fragment buffer ids of frames `heads` (their shinfo rows in `si`, `shinfo_view`), the first
+    `nfrags[i]` entries of head ``i``, frame after frame (int64)."""
+    if len(heads) == 1:
+        k = int(nfrags[0])
+        return si[int(heads[0]), SI_FRAG0 : SI_FRAG0 + 3 * k : 3].astype(np.int64)
+    m = int(np.maximum.reduce(nfrags)) if len(nfrags) else 0
+    if not m:
+        return np.empty(0, np.int64)
+    bufs = si[heads.astype(np.intp)][:, SI_FRAG0 : SI_FRAG0 + 3 * m : 3]
+    return bufs[np.arange(m) < nfrags[:, None].astype(np.int64)].astype(np.int64)
+
+
+def shinfo_write(si: np.ndarray, head: int, bufs: Sequence[int] | np.ndarray, offs: Sequence[int] | np.ndarray,
+                 lens: Sequence[int] | np.ndarray) -> None:
+    """Write head buffer `head`'s shinfo (`shinfo_view` rows `si`): its fragments `bufs`, each with its data's
+    offset in its buffer and its length (``xdp_buff_add_frag``'s result for all of them at once)."""
+    k = len(bufs)
+    if k > MAX_SKB_FRAGS:
+        raise ValueError(f"{k} fragments: a frame has at most MAX_SKB_FRAGS ({MAX_SKB_FRAGS})")
+    row = si[head]
+    row[SI_NR_FRAGS] = k
+    row[SI_FRAGS_SIZE] = int(np.add.reduce(np.asarray(lens, dtype=np.int64))) if k else 0
+    row[SI_FRAG0 : SI_FRAG0 + 3 * k : 3] = bufs
+    row[SI_FRAG0 + 1 : SI_FRAG0 + 3 * k : 3] = offs
+    row[SI_FRAG0 + 2 : SI_FRAG0 + 3 * k : 3] = lens
 
 
 def descs(n: int = 0) -> np.ndarray:

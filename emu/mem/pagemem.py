@@ -36,6 +36,7 @@ from emu.mem.page import (
     H_FREE_LOW,
     H_LIMIT,
     H_MAGIC,
+    H_MULTIBUF,
     H_NCPUS,
     H_NPAGES,
     H_PAGE_SIZE,
@@ -45,15 +46,16 @@ from emu.mem.page import (
     H_VERSION,
     H_WORDS,
     NO_OWNER,
+    shinfo_view,
 )
 from emu.mem.pagepool import POOL_POLICIES, PoolParams, pool_regions
 from emu.mem.shm import SHM_DIR, Segment, ShmSpaceError, shm_free_bytes
 from emu.net.protocol import NO_HOLDER
 
 MAGIC = 0x50504D31  # "PPM1"
-LAYOUT_VERSION = 5  # 2: the allocator's low-water mark (H_FREE_LOW); 3: 16 pool words (netlink view);
+LAYOUT_VERSION = 6  # 2: the allocator's low-water mark (H_FREE_LOW); 3: 16 pool words (netlink view);
 # 4: the pools' recycling policy (H_POLICY) and the adaptive watermark's pool words; 5: fragments (H_FRAGS,
-# a page table row per buffer, frag_refs)
+# a page table row per buffer, frag_refs); 6: XDP multi-buffer (H_MULTIBUF, the page table's nfrags)
 HEADER_BYTES = 4096
 
 
@@ -143,6 +145,7 @@ class Layout:
             ("len", np.dtype(np.uint32), n),
             ("refcnt", np.dtype(np.uint16), n),
             ("holder", np.dtype(np.int16), n),
+            ("nfrags", np.dtype(np.uint8), n),
             ("frag_refs", np.dtype(np.int32), (self.npages,)),
             ("free_stack", np.dtype(np.int32), (self.npages,)),
             *pool_regions(self.ncpus, self.params),
@@ -200,6 +203,13 @@ class PageMemory:
         self.off, self.len, self.refcnt, self.holder = a["off"], a["len"], a["refcnt"], a["holder"]
         self.frag_refs = a["frag_refs"]
         self.free_stack = a["free_stack"]
+        # XDP multi-buffer (`emu.mem.page`'s shinfo): a head buffer's fragment count (0 for a linear frame and
+        # for a fragment), and every buffer's shinfo words; `multibuf` is the host's H_MULTIBUF word: while
+        # False, no frame has fragments and the pool's frame-moving functions skip them at no cost.
+        self.nfrags = a["nfrags"]
+        self.multibuf = bool(self.header[H_MULTIBUF])
+        self.data = data.array(np.uint8, data.size, 0)
+        self.shinfo = shinfo_view(self.data.reshape(self.nbufs, self.buf_size)) if self.multibuf else None
         # The state and holder columns seen a page per row (its buffers side by side), and where a page's
         # entries fit one machine word, a page per word: `emu.mem.pagepool` sets all of a page's buffers
         # in one indexed store (a word store is 6x cheaper than a row store for 1,024 pages).
@@ -210,7 +220,6 @@ class PageMemory:
         # and one row per CPU of each pool array (`emu.mem.pagepool.pool_regions`).
         self.pool_ctl, self.pool_counters = a["pool_ctl"], a["pool_counters"]
         self.caches, self.rings = a["caches"], a["rings"]
-        self.data = data.array(np.uint8, data.size, 0)
         self.locks = OfdLockFile(os.path.join(SHM_DIR, meta.name))
         # Scratch for the pools' O(n) duplicate detection inside one returned batch (private to this
         # process; `emu.mem.pagepool`).
@@ -223,9 +232,11 @@ class PageMemory:
 
     @classmethod
     def create(
-        cls, prefix: str, npages: int, page_size: int, ncpus: int, params: PoolParams | None = None
+        cls, prefix: str, npages: int, page_size: int, ncpus: int, params: PoolParams | None = None,
+        multibuf: bool = False,
     ) -> PageMemory:
-        """Create a host's page memory with every page in the page allocator."""
+        """Create a host's page memory with every page in the page allocator; `multibuf`: some device of the
+        host receives XDP multi-buffer frames (H_MULTIBUF)."""
         params = (params or PoolParams()).normalised()
         if npages < 1 or npages >= 2**31:
             raise ValueError(f"npages must be 1..2**31-1, not {npages}")
@@ -257,6 +268,7 @@ class PageMemory:
         h[H_RING], h[H_LIMIT] = params.pool_size, params.recycle_limit
         h[H_POLICY] = POOL_POLICIES.index(params.policy)
         h[H_FRAGS] = layout.frags
+        h[H_MULTIBUF] = int(multibuf)
         pm = cls(prefix, data, meta, layout)
         pm.owner[:] = NO_OWNER
         pm.holder[:] = NO_HOLDER

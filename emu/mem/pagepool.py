@@ -94,6 +94,13 @@ the pool's ring lock (standing for the kernel's atomic decrement) and waits, FRA
 drops the last one moves the page on, by the rules and counters of a whole page.  `drain` drops the
 references of the fragments it never handed out (``page_pool_drain_frag``).
 
+XDP multi-buffer (a host whose page memory has ``H_MULTIBUF``; `PageMemory.multibuf`): a frame may be a head
+buffer plus up to 17 fragment buffers listed in the head's shinfo (`emu.mem.page`), and is named by its head.
+Every function below that moves a frame moves its fragments with it (`frame_bufs`), and every return takes
+them home with their validated head, each to its own pool by the usual rule (`PagePool._with_frags`);
+`xdp_frags_release` returns the fragments a program's ``bpf_xdp_adjust_tail`` released.  Without the
+header word none of this runs (one attribute test).
+
 This module owns a page's whole life: every change of its `state` (and of the `holder` that goes with
 it) is made by one of the functions below, named as the kernel names that step, and every descriptor a
 process is handed is checked by one function, `check_descs`.  Workers, devices and the coordinator's
@@ -117,6 +124,7 @@ function                           transition                                  c
                                                                                drain, reclaim
 `page_get` / `put_page`            refcount (``get_page`` / ``put_page``)       tests, shared pages
 `PagePool._unref_frags`            fragment in use -> FRAG (pp_ref_count - 1)   every return, fragments
+`xdp_frags_release`                fragments XDP -> CACHE or RING              a CPU, after adjust_tail
 `xdpf_clone`                       FREE -> XDP, no pool (MEM_TYPE_PAGE_ORDER0)  a CPU, devmap broadcast
 `xdp_return_frame_order0`          such a page -> FREE (``put_page``)          `return_pages`
 `audit`                            none: checks conservation                   the coordinator, tests
@@ -157,8 +165,10 @@ from emu.mem.page import (
     IN_USE,
     NO_OWNER,
     ORDER0_OWNER,
+    SI_FRAG0,
     PageError,
     PageState,
+    shinfo_frags,
 )
 from emu.mem.shm import pid_alive
 from emu.net.protocol import NO_HOLDER, XDP_PACKET_HEADROOM
@@ -462,6 +472,8 @@ class PagePool:
         pm = self.pm
         gen = pm.gen
         gen.put(ids, gen.take(ids) + 1)
+        if pm.multibuf:
+            pm.nfrags.put(ids, 0)  # a new life starts linear
         pm.state.put(ids, int(state))
         pm.holder.put(ids, holder)
         return ids
@@ -667,9 +679,34 @@ class PagePool:
             )
         problems: list[str] = []
         ids = self._validate(ids, gens, problems, expect)
+        n = len(ids)
+        foreign = None
+        if self.pm.multibuf:
+            ids, foreign = self._with_frags(ids)
         self._recycle_valid(ids)
+        if foreign is not None:
+            return_pages(self.pm, None, foreign)
         self._raise(problems, errors)
-        return len(ids)
+        return n
+
+    def _with_frags(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Validated frames `ids` end (``xdp_return_frame`` of a multi-buffer frame, ``xdp_return_frags``):
+        their fragment buffers join them, each to its own pool.  Returns the heads with the fragments of
+        this pool, and those of other pools (None: none), which go home through their owners' rings.
+        The heads' fragment counts are cleared: they are linear buffers again."""
+        pm = self.pm
+        nf = pm.nfrags.take(ids)
+        if not len(ids) or not np.logical_or.reduce(nf):
+            return ids, None
+        multi = nf != 0
+        fr = shinfo_frags(pm.shinfo, ids[multi], nf[multi])
+        pm.nfrags.put(ids[multi], 0)
+        fr = fr[IN_USE[pm.state.take(fr)]]  # (a fragment already home cannot come back twice)
+        own = pm.owner.take(fr) == self.cpu
+        foreign = None
+        if not np.logical_and.reduce(own):
+            foreign, fr = fr[~own], fr[own]
+        return np.concatenate((np.asarray(ids, dtype=np.int64), fr)), foreign
 
     def _unref_frags(self, ids: np.ndarray) -> np.ndarray:
         """``page_pool_unref_netmem`` for validated fragments `ids`: each drops a reference of its page;
@@ -772,7 +809,12 @@ class PagePool:
                 return None
         except IndexError:
             return None
+        foreign = None
+        if self.pm.multibuf:
+            ids, foreign = self._with_frags(ids)
         self._recycle_valid(ids)
+        if foreign is not None:
+            return_pages(self.pm, None, foreign)
         return n
 
     def _cache_put(self, ids: np.ndarray) -> np.ndarray:
@@ -801,16 +843,21 @@ class PagePool:
         """Return pages from any context through the recycle ring (``page_pool_put_page`` without
         allow_direct); a full ring, or the hard limit, releases them to the page allocator."""
         problems: list[str] = []
+        foreign = None
         with self.pm.locks.lock(self.ring_lock):
             # Validated under the ring lock: two processes returning the same page serialise here, so the
             # second sees it in the ring and is refused as a double free.
             ids = self._validate(ids, gens, problems, expect)
             accepted = len(ids)
+            if self.pm.multibuf:
+                ids, foreign = self._with_frags(ids)
             if self.frags > 1:
                 ids = self._unref_frags(ids)
             ids = self._release_refcnt(ids)
             if len(ids):
                 self._ring_put_locked(ids)
+        if foreign is not None:
+            return_pages(self.pm, None, foreign)  # (after the lock: another pool's ring lock is taken)
         self._raise(problems, errors)
         return accepted
 
@@ -992,6 +1039,8 @@ def page_pool_return_page(pm: PageMemory, ids: np.ndarray, release_pool: int = N
         pm.owner[bufs] = NO_OWNER
         pm.holder[bufs] = NO_HOLDER
         pm.refcnt[bufs] = 0
+        if pm.multibuf:
+            pm.nfrags[bufs] = 0
         if pm.frags > 1:
             pm.frag_refs[ids] = 0
         header[H_FREE_COUNT] = have + k
@@ -1062,6 +1111,10 @@ def xdpf_clone(pm: PageMemory, ids: np.ndarray, holder: int) -> np.ndarray:
     every frame, it gives none (the caller's broadcast then fails with -ENOMEM).  The caller copies the
     bytes; the pages go back to the allocator through `return_pages` when their frames are done."""
     ids = np.asarray(ids, dtype=np.int64)
+    if pm.multibuf and np.logical_or.reduce(pm.nfrags.take(ids)):
+        # (dev_map_enqueue_clone refuses such frames first: "Frags live outside the linear frame and cannot
+        # be cloned safely"; a copy of the linear part would name the original's fragments.)
+        raise PageError("xdpf_clone of a multi-buffer frame: its fragments cannot be cloned")
     new = alloc_pages_bulk(pm, len(ids)).astype(np.int64)
     if len(new) < len(ids):
         page_pool_return_page(pm, new)
@@ -1120,31 +1173,101 @@ def page_pool_dev_alloc_pages(pool: PagePool, n: int, holder: int) -> np.ndarray
 
 
 def xdp_prepare_buff(pm: PageMemory, ids: np.ndarray, cpu: int) -> None:
-    """``xdp_prepare_buff``: completed RX buffers become the XDP buffers of CPU `cpu` (RX_POSTED -> XDP)."""
+    """``xdp_prepare_buff``: completed RX buffers become the XDP buffers of CPU `cpu` (RX_POSTED -> XDP),
+    a multi-buffer frame's fragments with its head (as every function below moves a frame whole)."""
+    if pm.multibuf:
+        ids = frame_bufs(pm, ids)
     pm.state.put(ids, PageState.XDP)
     pm.holder.put(ids, cpu)
 
 
 def xdp_build_skb(pm: PageMemory, ids: np.ndarray) -> None:
-    """``xdp_build_skb_from_frame``: XDP_PASS hands the pages to the stack as skbs (XDP -> SKB)."""
+    """``xdp_build_skb_from_frame``: XDP_PASS hands the pages to the stack as skbs (XDP -> SKB); a
+    multi-buffer frame's fragments become the skb's frags (``xdp_update_skb_shared_info``)."""
+    if pm.multibuf:
+        ids = frame_bufs(pm, ids)
     pm.state.put(ids, PageState.SKB)
 
 
 def xdp_xmit_queue(pm: PageMemory, ids: np.ndarray, holder: int) -> None:
     """``ndo_xdp_xmit`` (and XDP_TX's ring): the frames go onto a device's TX queue (XDP -> TX_QUEUED),
     which holds them from now on."""
+    if pm.multibuf:
+        ids = frame_bufs(pm, ids)
     pm.state.put(ids, PageState.TX_QUEUED)
     pm.holder.put(ids, holder)
 
 
+def frame_frags(pm: PageMemory, heads: np.ndarray) -> np.ndarray:
+    """The fragment buffers of frames `heads` (their shinfo entries, frame after frame; none for linear
+    frames or a host without multi-buffer devices)."""
+    if not pm.multibuf or not len(heads):
+        return np.empty(0, np.int64)
+    nf = pm.nfrags.take(heads)
+    if not np.logical_or.reduce(nf):
+        return np.empty(0, np.int64)
+    multi = nf != 0
+    return shinfo_frags(pm.shinfo, np.asarray(heads)[multi], nf[multi])
+
+
+def frame_bufs(pm: PageMemory, ids: np.ndarray) -> np.ndarray:
+    """Frames `ids` as all their buffers: the heads, then every fragment (`ids` itself when none has any)."""
+    fr = frame_frags(pm, ids)
+    return ids if not len(fr) else np.concatenate((np.asarray(ids, dtype=np.int64), fr))
+
+
+def frame_lens(pm: PageMemory, ids: np.ndarray) -> np.ndarray:
+    """``xdp_get_frame_len``: each frame's whole length, its linear part plus ``xdp_frags_size``."""
+    lens = pm.len.take(ids).astype(np.int64)
+    if pm.multibuf:
+        nf = pm.nfrags.take(ids)
+        if np.logical_or.reduce(nf):
+            multi = np.flatnonzero(nf)
+            lens[multi] += pm.shinfo[np.asarray(ids)[multi].astype(np.intp), 1]
+    return lens
+
+
+def fragments_in_use(pm: PageMemory) -> np.ndarray:
+    """Every buffer that is a fragment of a frame in use (from the whole page table: for reclaim and the
+    audit, which must not take a fragment for a frame of its own)."""
+    if not pm.multibuf:
+        return np.empty(0, np.int64)
+    heads = np.flatnonzero((pm.nfrags != 0) & IN_USE[pm.state])
+    return frame_frags(pm, heads)
+
+
+def xdp_frags_release(pm: PageMemory, local: PagePool | None, heads: np.ndarray, nfrags: np.ndarray) -> int:
+    """After a program ran: the fragments ``bpf_xdp_adjust_tail`` released (``bpf_xdp_frags_shrink_tail``,
+    which the kernel frees at once with ``__xdp_return``), entries ``[nfrags[i], old)`` of each head's
+    shinfo, go back to their pools (in this CPU's softirq: `local`'s own straight into its cache) and
+    the heads' counts become `nfrags`.  Returns the buffers freed."""
+    old = pm.nfrags.take(heads)
+    new = np.asarray(nfrags, dtype=np.uint8)
+    sel = new < old
+    if not np.logical_or.reduce(sel):
+        return 0
+    h = np.asarray(heads)[sel].astype(np.intp)
+    o, n = old[sel].astype(np.int64), new[sel].astype(np.int64)
+    m = int(np.maximum.reduce(o))
+    ent = pm.shinfo[h][:, SI_FRAG0 : SI_FRAG0 + 3 * m : 3]
+    k = np.arange(m)
+    rel = ent[(k >= n[:, None]) & (k < o[:, None])].astype(np.int64)
+    pm.nfrags.put(h, n)
+    return return_pages(pm, local, rel, expect=PageState.XDP)
+
+
 def tx_dma_start(pm: PageMemory, ids: np.ndarray) -> None:
     """The device puts queued frames on the wire: TX_QUEUED -> TX_INFLIGHT until their completion."""
+    if pm.multibuf:
+        ids = frame_bufs(pm, ids)
     pm.state.put(ids, PageState.TX_INFLIGHT)
 
 
 def page_hand_over(pm: PageMemory, ids: np.ndarray, holder: int) -> None:
     """The pages go to `holder` (a CPU or a device code) in the state they are in: if it dies, the
     coordinator finds them there."""
+    if pm.multibuf:
+        ids = frame_bufs(pm, ids)
     pm.holder.put(ids, holder)
 
 
@@ -1153,12 +1276,42 @@ def check_descs(
 ) -> np.ndarray | None:
     """The check of descriptors a process is handed: each must name a page of this host (range) in its
     current life (generation), in the state the message implies (`expect`), of pool `owner` when given,
-    and with `unique` no page twice.
+    and with `unique` no page twice; a multi-buffer frame's fragments must be in that state too.
 
     Returns None when every descriptor passes (the common case: a few gathers and one reduction), else
     the mask of those that do.  It changes and counts nothing: the caller refuses the rest and counts
     them as ``bad_descriptors``.
     """
+    ok = _check_heads(pm, d, expect, owner, unique)
+    if pm.multibuf and len(d):
+        ok = _check_frags(pm, d["page"], expect, ok)
+    return ok
+
+
+def _check_frags(pm: PageMemory, pages: np.ndarray, expect: PageState, ok: np.ndarray | None) -> np.ndarray | None:
+    """`check_descs` for the fragments of the frames that passed: a frame whose fragment is not in state
+    `expect` (a page table a dead process tore, a forged message) is refused whole."""
+    idx = np.arange(len(pages)) if ok is None else np.flatnonzero(ok)
+    heads = pages[idx].astype(np.int64)
+    nf = pm.nfrags.take(heads)
+    if not np.logical_or.reduce(nf):
+        return ok
+    multi = np.flatnonzero(nf)
+    fr = shinfo_frags(pm.shinfo, heads[multi], nf[multi])
+    of = np.repeat(idx[multi], nf[multi].astype(np.int64))
+    bad = fr >= pm.nbufs
+    inr = ~bad
+    bad[inr] = pm.state.take(fr[inr]) != expect
+    if not np.logical_or.reduce(bad):
+        return ok
+    mask = np.ones(len(pages), dtype=bool) if ok is None else ok.copy()
+    mask[of[bad]] = False
+    return mask
+
+
+def _check_heads(
+    pm: PageMemory, d: np.ndarray, expect: PageState, owner: int | None = None, unique: bool = False
+) -> np.ndarray | None:
     pages = d["page"]
     n = len(pages)
     if 0 < n <= _UNIFORM_MAX:
@@ -1313,6 +1466,8 @@ def _strict_problems(pm: PageMemory, states: np.ndarray) -> list[str]:
         )
     if f > 1:
         problems += _frag_problems(pm, states, owner, page_home, slots)
+    if pm.multibuf:
+        problems += _multibuf_problems(pm, states)
     # A page released from its pool while someone still referenced it (recycle_released_refcnt)
     # legitimately has no owner until its last put_page.
     refs = pm.refcnt.copy()
@@ -1333,6 +1488,36 @@ def _strict_problems(pm: PageMemory, states: np.ndarray) -> list[str]:
         p = int(order0[0])
         problems.append(f"{len(order0)} cloned (page-allocator) pages not in use with one reference, e.g. page "
                         f"{p} ({PageState(states[p]).name}, refcnt {int(refs[p])})")
+    return problems
+
+
+def _multibuf_problems(pm: PageMemory, states: np.ndarray) -> list[str]:
+    """The strict audit's multi-buffer checks: only a frame in use counts fragments, and each of its
+    fragments is a buffer of this host in its head's state, named by no other frame and heading none."""
+    problems: list[str] = []
+    heads = np.flatnonzero(pm.nfrags)
+    idle = heads[~IN_USE[states[heads]]]
+    if len(idle):
+        problems.append(f"{len(idle)} buffers not in use still list fragments (nfrags), e.g. buffer {int(idle[0])}")
+    heads = heads[IN_USE[states[heads]]]
+    if not len(heads):
+        return problems
+    nf = pm.nfrags[heads]
+    fr = shinfo_frags(pm.shinfo, heads, nf)
+    hs = np.repeat(heads, nf.astype(np.int64))
+    out = (fr < 0) | (fr >= pm.nbufs)
+    if out.any():
+        problems.append(f"{int(np.count_nonzero(out))} fragments name no buffer, e.g. frame {int(hs[out][0])}")
+        fr, hs = fr[~out], hs[~out]
+    wrong = states[fr] != states[hs]
+    if wrong.any():
+        b, h = int(fr[wrong][0]), int(hs[wrong][0])
+        problems.append(f"{int(np.count_nonzero(wrong))} fragments not in their frame's state, e.g. buffer {b} is "
+                        f"{PageState(int(states[b])).name}, its frame {h} {PageState(int(states[h])).name}")
+    uniq, cnt = np.unique(np.concatenate((fr, heads)), return_counts=True)
+    if (cnt > 1).any():
+        problems.append(f"{int(np.count_nonzero(cnt > 1))} buffers in more than one frame, e.g. buffer "
+                        f"{int(uniq[cnt > 1][0])}")
     return problems
 
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from emu.mem.page import IN_USE, PageState
 from emu.mem.pagemem import PageMemory
-from emu.mem.pagepool import page_pool_return_page, pool_of, return_pages
+from emu.mem.pagepool import fragments_in_use, page_pool_return_page, pool_of, return_pages
 
 # States in which a page holds a packet that has not reached its end (received, in XDP, queued to
 # transmit, in an skb); a posted RX buffer does too once its length is set (a frame was DMAed into it).
@@ -66,8 +66,15 @@ class DeadLink:
 
 def carrying(pm: PageMemory, ids: np.ndarray, states: np.ndarray) -> int:
     """How many of pages `ids` (in states `states`) carry a packet: a frame was written into them and has
-    not reached its end."""
+    not reached its end (a multi-buffer frame is one packet: `heads_only` leaves its fragments out first)."""
     return int(np.count_nonzero(_CARRYING[states] & (pm.len[ids] > 0)))
+
+
+def heads_only(pm: PageMemory, ids: np.ndarray) -> np.ndarray:
+    """`ids` without the fragments of multi-buffer frames in use: those go home with their heads, as every
+    return of a frame takes them (a fragment returned on its own would be returned twice)."""
+    fr = fragments_in_use(pm)
+    return ids if not len(fr) else ids[~np.isin(ids, fr)]
 
 
 def reclaim_cpu(pm: PageMemory, cpu: int) -> Reclaimed:
@@ -79,7 +86,7 @@ def reclaim_cpu(pm: PageMemory, cpu: int) -> Reclaimed:
     st = pm.state.copy()
     holder = pm.holder.copy()
     owner = pm.owner.copy()
-    held = np.flatnonzero((holder == cpu) & IN_USE[st])
+    held = heads_only(pm, np.flatnonzero((holder == cpu) & IN_USE[st]))
     lost = carrying(pm, held, st[held])
     # Empty RX buffers of the dead CPU that devices dropped from their (now offline) rings: a device
     # holds the ones it still posts, so these name another holder and no live process uses them.
@@ -98,7 +105,7 @@ def reclaim_device(pm: PageMemory, holder: int) -> Reclaimed:
     queued on its TX queues are lost (posted buffers carry nothing yet, and a frame already transmitted
     is counted at the far end)."""
     st = pm.state.copy()
-    held = np.flatnonzero((pm.holder == holder) & IN_USE[st])
+    held = heads_only(pm, np.flatnonzero((pm.holder == holder) & IN_USE[st]))
     lost = int(np.count_nonzero((st[held] == PageState.TX_QUEUED) & (pm.len[held] > 0)))
     if len(held):
         return_pages(pm, None, held, errors="count")
@@ -119,7 +126,7 @@ def reclaim_stranded(pm: PageMemory) -> Reclaimed:
     st = pm.state.copy()
     # In use: not a fragment that waits for its siblings (FRAG: nobody's to return; its page comes home
     # with the last of them).
-    ids = np.flatnonzero(IN_USE[st])
+    ids = heads_only(pm, np.flatnonzero(IN_USE[st]))
     lost = carrying(pm, ids, st[ids])
     if len(ids):
         return_pages(pm, None, ids, errors="count")

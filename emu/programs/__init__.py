@@ -6,6 +6,9 @@ The bundled topologies name them as ``emu.programs:<name>``:
 ``xdp_pass``    XDP_PASS everything.
 ``xdp_tx``      swap the Ethernet MACs in place and bounce with XDP_TX (``xdp2``, ``xdp-bench tx``).
 ``l2fwd``       swap MACs and ``bpf_redirect`` to ``params.egress`` (``xdp_redirect``).
+``l2fwd_frags`` ``l2fwd`` for XDP multi-buffer (``SEC("xdp.frags")``, declared ``frags=True``): jumbo frames
+                over 1 + N buffers; ``rxcnt`` counts frames and their whole length (``bpf_xdp_get_buff_len``),
+                and a frame shorter than an Ethernet header over all its buffers is dropped.
 ``l2fwd_cost``  ``l2fwd`` that also spends ``params.cost_ns`` of CPU per packet (busy work, not a sleep:
                 a program's processing time occupies its CPU), so that processing time can be swept
                 (issue 19: the knob against processing time, Little's law).
@@ -85,6 +88,7 @@ __all__ = [
     "l2fwd",
     "l2fwd_cost",
     "l2fwd_filter",
+    "l2fwd_frags",
     "l2fwd_map",
     "redirect_cpu",
     "xdp_broadcast",
@@ -135,7 +139,7 @@ def _xdp_pass_batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
     return np.full(len(pkts), XDP_PASS, dtype=np.int64)
 
 
-@xdp_program(batch=_xdp_pass_batch, params={})
+@xdp_program(batch=_xdp_pass_batch, params={}, frags=True)
 def xdp_pass(ctx: XdpContext) -> int:
     """Hand every packet to the stack."""
     return XDP_PASS
@@ -145,7 +149,7 @@ def _xdp_tx_batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
     return np.where(_swap_macs(pkts), XDP_TX, XDP_DROP)
 
 
-@xdp_program(batch=_xdp_tx_batch, params={})
+@xdp_program(batch=_xdp_tx_batch, params={}, frags=True)
 def xdp_tx(ctx: XdpContext) -> int:
     """Swap source and destination MAC and send the frame back out of the port it came in on."""
     d = ctx.data
@@ -187,6 +191,32 @@ def l2fwd(ctx: XdpContext) -> int:
     _pack_macs(d, 0, src, dst)  # type: ignore[arg-type]
     egress, cnt = ctx.priv
     cnt[0] += 1
+    return ctx.redirect(egress)
+
+
+def _l2fwd_frags_batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
+    ok = _swap_macs(pkts)
+    egress, cnt = ctx.priv
+    cnt[0] += int(np.count_nonzero(ok))
+    cnt[1] += int(np.add.reduce(pkts.buff_lens()[ok], dtype=np.int64))
+    return np.where(ok, pkts.redirect(egress, ok), XDP_DROP)
+
+
+@xdp_program(maps={"rxcnt": MapSpec("percpu_array", 2)}, setup=_l2fwd_setup, batch=_l2fwd_frags_batch,
+             params={"egress": _EGRESS}, frags=True)
+def l2fwd_frags(ctx: XdpContext) -> int:
+    """``l2fwd`` declared for XDP multi-buffer (``xdp.frags``): a jumbo frame's MACs are in its linear part
+    (a device's first buffer holds at least an Ethernet header); ``rxcnt[0]`` counts frames, ``rxcnt[1]``
+    their bytes over every buffer (``bpf_xdp_get_buff_len``)."""
+    d = ctx.data
+    try:
+        dst, src = _unpack_macs(d)  # type: ignore[arg-type]
+    except struct.error:
+        return XDP_DROP
+    _pack_macs(d, 0, src, dst)  # type: ignore[arg-type]
+    egress, cnt = ctx.priv
+    cnt[0] += 1
+    cnt[1] += ctx.get_buff_len()
     return ctx.redirect(egress)
 
 
@@ -301,6 +331,7 @@ def _redirect_cpu_batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
     setup=_redirect_cpu_setup,
     batch=_redirect_cpu_batch,
     params={},  # only `cpu_map`, which populates the map of that name
+    frags=True,  # (it reads the UDP source port, in the linear part of a multi-buffer frame)
 )
 def redirect_cpu(ctx: XdpContext) -> int:
     """``bpf_redirect_map(&cpu_map, cpu, 0)`` with `cpu` picked by the UDP source port among the map's
@@ -344,7 +375,7 @@ def _cpumap_drop_batch(ctx: XdpContext, pkts: XdpBatch) -> np.ndarray:
     return np.full(len(pkts), XDP_DROP, dtype=np.int64)
 
 
-@xdp_program(batch=_cpumap_drop_batch, params={})
+@xdp_program(batch=_cpumap_drop_batch, params={}, frags=True)
 def cpumap_drop(ctx: XdpContext) -> int:
     """Drop every frame: a cpumap entry's second program (``xdp-bench redirect-cpu -r drop``)."""
     return XDP_DROP

@@ -334,7 +334,8 @@ class Run(Console):
         ids = pools.pool_identities(self.topo.hosts.values())
         for hname, host in self.topo.hosts.items():
             pm = self.pms[hname] = PageMemory.create(
-                f"{self.prefix}-{hname}", host.pages, host.page_size, host.cpus, pool_params(host)
+                f"{self.prefix}-{hname}", host.pages, host.page_size, host.cpus, pool_params(host),
+                multibuf=host.multibuf,
             )
             for c in range(host.cpus):  # the pools' netlink identities (`emu.run.pools`)
                 ident = ids[(hname, c)]

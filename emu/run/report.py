@@ -44,6 +44,7 @@ CPU_EXTRA = (
     "rx_packets", "rx_bytes", "xdp_tx_full", "xmit_drops", "xmit_bulks", "redirect_skb", "stack_rx",
     "skb_remote_free", "tx_completions", "remote_returns", "rx_posted", "rx_alloc_fail", "polls",
     "tx_ring_waits", "bad_descriptors", "bad_messages", "xdpf_clone", "redirect_bcast_empty",
+    "rx_frags_frames", "rx_frags", "xdp_frags_released", "xmit_sg_drop",
 )
 # Redirect errors by errno: the CPU counter and the name xdp-bench's redirect_err breakdown prints.
 REDIRECT_ERRNOS = (("redirect_err_einval", "-EINVAL"), ("redirect_err_enetdown", "-ENETDOWN"),
@@ -599,6 +600,11 @@ def summary(r: dict[str, Any]) -> str:
             + (f"  tx_ring_waits {waits:,}" if waits else "")
             + "".join(f"  {k} {c[k]:,}" for k in ("xdpf_clone", "redirect_bcast_empty") if c.get(k))
         )
+        if c.get("rx_frags_frames") or c.get("xdp_frags_released") or c.get("xmit_sg_drop"):
+            # XDP multi-buffer: frames that came in with fragments (XDP_FLAGS_HAS_FRAGS), their fragment
+            # buffers, those bpf_xdp_adjust_tail released, and redirects refused for want of ndo-xmit-sg.
+            out.append(f"      multi-buffer frames {c['rx_frags_frames']:,}  frags {c['rx_frags']:,}  frags_released "
+                       f"{c['xdp_frags_released']:,}  xmit_sg_drop {c['xmit_sg_drop']:,}")
         cm = c.get("cpumap", {})
         if any(cm.values()):
             # xdp-bench redirect-cpu's lines: what this CPU enqueued, and what its kthread did.
@@ -617,6 +623,9 @@ def summary(r: dict[str, Any]) -> str:
             f"{d['rx_dropped']:,}" + (f" length_errors {d['rx_length_errors']:,}" if d.get("rx_length_errors") else "")
             + f" | TX packets {d['tx_packets']:,} bytes {d['tx_bytes']:,} completions "
             f"{d['tx_completions']:,} xdp_xmit {d['xdp_xmit']:,}"
+            + (f" | rx_sg_frames {d['rx_sg_frames']:,} rx_sg_frags {d['rx_sg_frags']:,}"
+               if d.get("rx_sg_frames") else "")
+            + (f" tx_sg_frames {d['tx_sg_frames']:,}" if d.get("tx_sg_frames") else "")
         )
     p = r["pages"]
     out.append(f"  pages    total {p['total']:,}  accounted {p['accounted']:,}  in_flight {p['in_flight']:,}  "

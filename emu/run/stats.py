@@ -68,6 +68,11 @@ CPU_COUNTERS = (
     "cpumap_kthread_redirect",  # of those, redirected by the second program
     "cpumap_kthread_sched",  # times the kthread found its rings empty and slept (schedule())
     "cpumap_gro_flush",  # GRO flushes of the kthread's skbs (every 64, and when its ring empties)
+    # XDP multi-buffer (frames over 1 + N buffers: rx-sg):
+    "rx_frags_frames",  # frames with fragments the XDP program ran on (XDP_FLAGS_HAS_FRAGS)
+    "rx_frags",  # their fragment buffers
+    "xdp_frags_released",  # fragment buffers bpf_xdp_adjust_tail released (bpf_xdp_frags_shrink_tail)
+    "xmit_sg_drop",  # multi-buffer frames redirected to a device without ndo-xmit-sg (-EOPNOTSUPP, freed)
 )
 
 DEVICE_COUNTERS = (
@@ -78,6 +83,10 @@ DEVICE_COUNTERS = (
     # frames longer than the device's MTU allows (mtu + Ethernet header + a VLAN tag), dropped on arrival as a
     # NIC's MAC drops them (ethtool's rx_length_errors, folded into the netdev's rx_errors)
     "rx_length_errors",
+    # XDP multi-buffer (rx-sg): frames scattered over more than one RX buffer, and their fragment buffers
+    "rx_sg_frames",
+    "rx_sg_frags",
+    "tx_sg_frames",  # frames gathered from more than one buffer onto the wire (ndo-xmit-sg, XDP_TX)
     # pauses of the link for want of RX buffers (802.3x XOFF sent; ixgbe's name): frames waited in the
     # RX FIFO until buffers were posted, or until pause_ms passed and they were dropped (rx_dropped)
     "tx_flow_control_xoff",

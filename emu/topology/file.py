@@ -45,6 +45,7 @@ from emu.topology.model import (
     ETH_MIN_MTU,
     MAX_LINK_DELAY_US,
     MAX_LINK_RATE_BPS,
+    MAX_SKB_FRAGS,
     PP_ALLOC_CACHE_REFILL,
     SKB_SHARED_INFO,
     XDP_FEATURES,
@@ -65,6 +66,8 @@ from emu.topology.model import (
     frame_room,
     max_frame,
     max_linear_mtu,
+    max_sg_mtu,
+    sg_buffers,
     xdp_features_of,
 )
 from emu.topology.schema import (
@@ -881,7 +884,7 @@ class _Validator:
             self.fail(flags_node if flags_node is not None else key_node,
                       f"{where}: cannot attach an XDP program: the device's XDP features lack 'basic' "
                       "(the kernel refuses native XDP on it)")
-        mtu = self.mtu(where, page_size, f)
+        mtu = self.mtu(where, page_size, f, features, xdp, rx_ring_size)
         fallback = DEVICE["redirect_fallback"]
         redirect_fallback = f.choice(fallback.name, fallback.choices, fallback.default)
         tx_completion_us = f.schema_int(DEVICE["tx_completion_us"])
@@ -906,11 +909,15 @@ class _Validator:
         )
         return dev, f.require("ifindex")
 
-    def mtu(self, where: str, buf_size: int, f: _Fields) -> int:
-        """``mtu``: at most the largest MTU whose frames fit one RX buffer of the host (`max_mtu`; a buffer
-        is a page, or a ``pool.frag_size`` fragment of one), as a driver refuses ``ip link set mtu`` above
-        its ``max_mtu`` (and an XDP program without frags support on a device whose MTU exceeds it);
-        absent, 1500 or that limit when smaller."""
+    def mtu(self, where: str, buf_size: int, f: _Fields, features: tuple[str, ...] = (),
+            xdp: XdpConfig | None = None, rx_ring_size: int = 0) -> int:
+        """``mtu``: at most the largest MTU whose frames fit one RX buffer of the host (`max_linear_mtu`; a
+        buffer is a page, or a ``pool.frag_size`` fragment of one), as a driver refuses ``ip link set mtu``
+        above its ``max_mtu``; beyond it only with XDP multi-buffer: the device has ``rx-sg`` (it scatters a
+        frame over 1 + up to MAX_SKB_FRAGS buffers, `max_sg_mtu`), an RX ring with that many buffers, and
+        no XDP program or one that supports frags (mlx5's "too big for an XDP program not aware of multi
+        buffer"; an eBPF object's is checked with the object, `check_object`).  Absent, 1500 or the
+        one-buffer limit when smaller."""
         key = DEVICE["mtu"]
         limit = max_linear_mtu(buf_size)
         node = f.get("mtu")
@@ -919,11 +926,31 @@ class _Validator:
         if node is None:
             return min(key.default, limit)
         mtu: int = f.schema_int(key)
-        if mtu > limit:
+        if mtu <= limit:
+            return mtu
+        if "rx-sg" not in features:
             self.fail(node, f"{where}: 'mtu' {mtu} is more than the device can take: its largest frame "
                             f"({max_frame(mtu)} bytes) does not fit {room}, so max_mtu is {limit}; a larger "
-                            "MTU needs XDP multi-buffer (rx-sg and an xdp.frags program), which the emulator "
-                            "does not have yet: raise the host's 'page_size' (or 'pool.frag_size') or lower 'mtu'")
+                            "MTU needs XDP multi-buffer: give the device 'rx-sg' in 'xdp_features' (and, if it "
+                            "has a program, one that supports frags: xdp.frags, or @xdp_program(frags=True)), "
+                            "or raise the host's 'page_size' (or 'pool.frag_size'), or lower 'mtu'")
+        sg_limit = max_sg_mtu(buf_size)
+        if mtu > sg_limit:
+            self.fail(node, f"{where}: 'mtu' {mtu} is more than the device can take even with rx-sg: its largest "
+                            f"frame ({max_frame(mtu)} bytes) does not fit 1 + {MAX_SKB_FRAGS} RX buffers of "
+                            f"{frame_room(buf_size)} bytes, so max_mtu is {sg_limit}: raise the host's "
+                            "'page_size' (or 'pool.frag_size') or lower 'mtu'")
+        need = sg_buffers(max_frame(mtu), buf_size)
+        if rx_ring_size and rx_ring_size < need:
+            self.fail(f.get("rx_ring_size") or node, f"{where}: 'rx_ring_size' {rx_ring_size} is too small for "
+                      f"mtu {mtu} with rx-sg: its largest frame takes {need} RX buffers of {buf_size} bytes")
+        if xdp is not None and xdp.object is None:
+            prog = load_program(xdp.program)
+            if not prog.frags:
+                self.fail(node, f"{where}: 'mtu' {mtu} > {limit}, too big for an XDP program not aware of "
+                                f"multi buffer ({xdp.program}; as mlx5 refuses it): a frame takes up to {need} "
+                                "RX buffers; declare the program @xdp_program(..., frags=True) (SEC(\"xdp.frags\") "
+                                "for an eBPF object), or raise the host's 'page_size' (or 'pool.frag_size')")
         return mtu
 
     def xdp(self, where: str, df: _Fields) -> XdpConfig | None:
@@ -990,6 +1017,7 @@ class _Validator:
         the maps created in a scratch place and populated); errors point at the key at fault."""
         from emu.ebpf.engine import CpuEngine
         from emu.ebpf.maps import ObjMaps
+        from emu.ebpf.obj import BPF_F_XDP_HAS_FRAGS
         from emu.xdp.runtime import load_xdp_object
 
         assert dev.xdp is not None
@@ -998,7 +1026,7 @@ class _Validator:
         pfx = f"{where}: xdp: "
         object_node = f.items["object"][1]
         try:
-            obj, _ = load_xdp_object(dev, host)
+            obj, pname = load_xdp_object(dev, host)
         except BadInputError as e:
             text = str(e)
             at = f.items["globals"][1] if "globals" in f.items and "global" in text else object_node
@@ -1009,6 +1037,14 @@ class _Validator:
             om = ObjMaps.create(f"{new_run_prefix()}-scratch", obj.maps, host.cpus)
         except BadInputError as e:
             self.fail(object_node, f"{pfx}{obj.path}: {e}")
+        limit = max_linear_mtu(host.buf_size)
+        if dev.mtu > limit:
+            # Only reached with rx-sg (`mtu`): the program must be an xdp.frags one.
+            pdef = obj.programs.get(pname)
+            if pdef is not None and not pdef.flags & BPF_F_XDP_HAS_FRAGS:
+                self.fail(object_node, f"{pfx}mtu {dev.mtu} > {limit}, too big for an XDP program not aware of "
+                                       f"multi buffer: {pname} is in section '{pdef.section}', not an xdp.frags one "
+                                       "(BPF_F_XDP_HAS_FRAGS)")
         try:
             om.programs = list(obj.programs)
             try:

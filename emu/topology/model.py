@@ -42,6 +42,7 @@ __all__ = [
     "MAX_LINK_DELAY_US",
     "MAX_LINK_RATE_BPS",
     "MAX_MTU",
+    "MAX_SKB_FRAGS",
     "NAPI_POLL_WEIGHT",
     "PP_ALLOC_CACHE_REFILL",
     "PP_ALLOC_CACHE_SIZE",
@@ -67,7 +68,9 @@ __all__ = [
     "host_from_dict",
     "max_frame",
     "max_linear_mtu",
+    "max_sg_mtu",
     "resolve_program",
+    "sg_buffers",
     "topology_from_dict",
 ]
 
@@ -161,6 +164,22 @@ def max_linear_mtu(buf_size: int) -> int:
     return frame_room(buf_size) - ETH_HLEN - VLAN_HLEN
 
 
+MAX_SKB_FRAGS = 17  # a multi-buffer frame's fragment buffers at most (its head buffer is one more)
+
+
+def sg_buffers(frame_len: int, buf_size: int) -> int:
+    """The RX buffers of `buf_size` bytes a frame of `frame_len` bytes takes on a device with ``rx-sg``:
+    ``frame_room`` bytes in each (the head and every fragment alike)."""
+    room = frame_room(buf_size)
+    return max(1, -(-frame_len // room))
+
+
+def max_sg_mtu(buf_size: int) -> int:
+    """The largest MTU an ``rx-sg`` device takes: its frames fit 1 + MAX_SKB_FRAGS buffers (at most the
+    emulator's `MAX_MTU`)."""
+    return min(MAX_MTU, (1 + MAX_SKB_FRAGS) * frame_room(buf_size) - ETH_HLEN - VLAN_HLEN)
+
+
 def xdp_features_of(profile: str, xdp_xmit: bool, peer_has_xdp: bool = False) -> tuple[str, ...]:
     """The flags a device of `profile` advertises: a NIC's ``basic``, ``redirect`` and, with `xdp_xmit`,
     ``ndo-xmit``; a veth's ``basic``, ``redirect``, ``rx-sg``, and ``ndo-xmit`` and ``ndo-xmit-sg`` only
@@ -234,6 +253,13 @@ class HostConfig:
     def buf_size(self) -> int:
         """Bytes of one RX buffer: a fragment of `pool.frag_size`, else a whole page."""
         return self.pool.frag_size or self.page_size
+
+    @property
+    def multibuf(self) -> bool:
+        """Some device of the host receives XDP multi-buffer frames: it has ``rx-sg`` and an MTU beyond one
+        buffer.  The page memory is laid out for it (``H_MULTIBUF``); other hosts pay nothing for it."""
+        room = frame_room(self.buf_size)
+        return any("rx-sg" in d.xdp_features and max_frame(d.mtu) > room for d in self.devices.values())
 
     def device_by_ifindex(self, ifindex: int) -> DeviceConfig | None:
         """The device with this ifindex, or None (what a devmap lookup of a stale ifindex finds)."""

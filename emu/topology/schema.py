@@ -337,8 +337,10 @@ DEVICE = Section("device", "`hosts.<host>.devices.<dev>`", (
         "The XDP feature flags the device advertises, any of `basic`, `redirect`, `ndo-xmit`, "
         "`ndo-xmit-sg`, `rx-sg`: without `basic` no program can be attached, without `redirect` an "
         "`XDP_REDIRECT` verdict is an `xdp_exception` (dropped), without `ndo-xmit` the device is no "
-        "redirect target (`-EOPNOTSUPP`).  The `-sg` flags are shown but decide nothing (no multi-buffer "
-        "frames yet).  Not for a `veth`.", None, type_doc="list of flags",
+        "redirect target (`-EOPNOTSUPP`).  XDP multi-buffer: with `rx-sg` the device scatters a frame "
+        "longer than one RX buffer over 1 + up to 17 buffers (so its `mtu` may exceed one buffer), with "
+        "`ndo-xmit-sg` it takes such frames by redirect (without it they fail with `-EOPNOTSUPP`).  Not for "
+        "a `veth`.", None, type_doc="list of flags",
         default_doc="`basic`, `redirect`, and `ndo-xmit` when `xdp_xmit`", kernel="`dev->xdp_features`"),
     Key("mtu", "int",
         "The device's MTU: its frames are at most `mtu` + "
@@ -347,8 +349,10 @@ DEVICE = Section("device", "`hosts.<host>.devices.<dev>`", (
         f"fragment of one) holds a frame of its size − {XDP_PACKET_HEADROOM} (headroom) − {SKB_SHARED_INFO} "
         "(`skb_shared_info` tailroom) bytes, so the "
         f"largest MTU a device takes is that less {ETH_HLEN + VLAN_HLEN} (`max_mtu`: 1454 with 2 KiB pages, "
-        "3502 with 4 KiB); a larger one needs XDP multi-buffer, which the emulator does not have yet, and is "
-        "refused naming the limit.", ETH_DATA_LEN, ETH_MIN_MTU, MAX_MTU,
+        "3502 with 4 KiB); a larger one needs XDP multi-buffer: `rx-sg` in `xdp_features`, an RX ring of at "
+        "least the buffers its largest frame takes, and no program or one that supports frags "
+        "(`@xdp_program(frags=True)`, `SEC(\"xdp.frags\")`); else it is refused naming the limit.",
+        ETH_DATA_LEN, ETH_MIN_MTU, MAX_MTU,
         hi_ref=f"`max_mtu` of the device's RX buffer ({MAX_MTU} at most)",
         default_doc=f"{ETH_DATA_LEN}, or `max_mtu` when the device's RX buffer is too small for it",
         kernel="`dev->mtu` (`ip link set mtu`)"),
@@ -514,7 +518,10 @@ CONSTRAINTS: tuple[Constraint, ...] = (
                f"{XDP_PACKET_HEADROOM} − {SKB_SHARED_INFO} − {ETH_HLEN + VLAN_HLEN} of the device's host (one "
                "RX buffer holds its largest frame), as a driver refuses an MTU above its `max_mtu`; without "
                f"`mtu` a device takes the smaller of {ETH_DATA_LEN} and `max_mtu`; a buffer too small for the "
-               f"least MTU ({ETH_MIN_MTU}) is refused."),
+               f"least MTU ({ETH_MIN_MTU}) is refused.  With `rx-sg` (XDP multi-buffer) `mtu` may reach what "
+               "1 + 17 buffers hold (less the same 18 bytes), when `rx_ring_size` holds that many buffers and "
+               "the device's program, if any, supports frags (mlx5's \"too big for an XDP program not aware of "
+               "multi buffer\")."),
     Constraint("links", "Link endpoints exist, each is used by at most one link, and a link has a host "
                "device at one end at least."),
     Constraint("params", "A program's params match what it declares (names, types, required ones); a device "

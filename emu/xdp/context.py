@@ -43,7 +43,8 @@ Programs
 
 Helpers beyond the redirects: ``ctx.check_mtu`` is ``bpf_check_mtu`` over the host's devices' MTUs
 (``ctx.device_mtus()``, which a native engine is given too); ``ctx.get_buff_len``, ``ctx.load_bytes`` and
-``ctx.store_bytes`` are the multi-buffer access helpers (188-190), over the frame's one buffer for now.
+``ctx.store_bytes`` are the multi-buffer access helpers (188-190), across a frame's fragments, and
+``ctx.adjust_tail`` is ``bpf_xdp_adjust_tail`` (a per-packet program's, on hosts with multi-buffer devices).
 
 XDP itself keeps no counters: programs count in their maps, and the worker keeps the per-action totals
 the kernel's ``xdp:*`` tracepoints would show.
@@ -119,8 +120,14 @@ class XdpContext:
     """
 
     __slots__ = (
+        "_buf",
+        "_head",
         "_ifindexes",
+        "_mem",
         "_mtus",
+        "_nf",
+        "_si",
+        "_start",
         "cpu",
         "data",
         "ingress_ifindex",
@@ -156,6 +163,32 @@ class XdpContext:
         self._mtus.update(mtus or {})
         self.redirect_ifindex = -1
         self.priv: Any = None
+        # XDP multi-buffer (`attach_frames`, `frame_start`): the host's buffer rows, their shinfo words and
+        # the data segment; the frame's head buffer, where its data starts in the segment, and whether it
+        # arrived with fragments (XDP_FLAGS_HAS_FRAGS).  Unset (None, 0) on a host without rx-sg devices.
+        self._mem: np.ndarray | None = None
+        self._si: np.ndarray | None = None
+        self._buf: memoryview | None = None
+        self._head = self._start = self._nf = 0
+
+    def attach_frames(self, mem: np.ndarray, shinfo: np.ndarray | None, buf: memoryview) -> None:
+        """A CPU of a host with multi-buffer devices: the buffer rows `mem`, their shinfo words and the data
+        segment `buf`, through which the helpers below reach a frame's fragments."""
+        self._mem, self._si, self._buf = mem, shinfo, buf
+
+    def frame_start(self, head: int, start: int, nfrags: int) -> None:
+        """Per packet on such a host: the frame's head buffer, the byte of the segment its data starts at,
+        and its fragment count as it arrived (0: linear; its shinfo is then not read)."""
+        self._head, self._start, self._nf = head, start, nfrags
+
+    def _frags(self) -> list[tuple[int, int, int]]:
+        """The frame's fragments as (buffer, offset, length), from its shinfo (none for a linear frame)."""
+        if not self._nf or self._si is None:
+            return []
+        row = self._si[self._head]
+        k = int(row[0])
+        w = row[2 : 2 + 3 * k].tolist()
+        return [(w[3 * m], w[3 * m + 1], w[3 * m + 2]) for m in range(k)]
 
     def reset(self, data: memoryview | None) -> None:
         """Per-packet: point at the next frame and forget the previous packet's redirect target."""
@@ -209,28 +242,125 @@ class XdpContext:
             raise ValueError(f"no device {name!r} on this host (devices: {known})") from None
 
     def get_buff_len(self) -> int:
-        """``bpf_xdp_get_buff_len``: the frame's length over all its buffers (one buffer here: no XDP
-        multi-buffer yet, so ``len(ctx.data)``)."""
-        return len(self.data or b"")
+        """``bpf_xdp_get_buff_len``: the frame's length over all its buffers (``len(ctx.data)`` plus
+        ``xdp_frags_size`` of a multi-buffer frame)."""
+        n = len(self.data or b"")
+        if self._nf and self._si is not None:
+            n += int(self._si[self._head, 1])
+        return n
+
+    def _spans(self, offset: int, n: int) -> list[tuple[Any, int, int]] | None:
+        """Where bytes ``offset .. offset + n`` of the frame lie: (view, start in it, count) pieces over the
+        linear part and the fragments (``bpf_xdp_copy_buf``); None past the frame's end."""
+        data = self.data
+        if data is None or not n or offset < 0 or offset + n > self.get_buff_len():
+            return None
+        out: list[tuple[Any, int, int]] = []
+        pos = offset
+        for view, size in [(data, len(data))] + [(self._mem[b, o : o + ln], ln)  # type: ignore[index]
+                                                  for b, o, ln in self._frags()]:
+            if pos < size and n:
+                k = min(n, size - pos)
+                out.append((view, pos, k))
+                n -= k
+                pos = 0
+            else:
+                pos -= size
+        return out
 
     def load_bytes(self, offset: int, buf: bytearray | memoryview) -> int:
-        """``bpf_xdp_load_bytes``: copy ``len(buf)`` bytes of the frame from `offset` into `buf`; 0, or
-        -EINVAL (nothing copied) for an empty `buf` or a span past the frame's end, as the engine's twin."""
+        """``bpf_xdp_load_bytes``: copy ``len(buf)`` bytes of the frame from `offset` into `buf`, across its
+        fragments; 0, or -EINVAL (nothing copied) for an empty `buf` or a span past the frame's end, as the
+        engine's twin."""
         data = self.data
         n = len(buf)
-        if data is None or not n or offset < 0 or offset + n > len(data):
+        if not self._nf:
+            if data is None or not n or offset < 0 or offset + n > len(data):
+                return -_EINVAL
+            buf[:] = data[offset : offset + n]
+            return 0
+        spans = self._spans(offset, n)
+        if spans is None:
             return -_EINVAL
-        buf[:] = data[offset : offset + n]
+        at = 0
+        for view, start, k in spans:
+            buf[at : at + k] = bytes(view[start : start + k])
+            at += k
         return 0
 
     def store_bytes(self, offset: int, src: bytes | bytearray | memoryview) -> int:
-        """``bpf_xdp_store_bytes``: write `src` over the frame from `offset`; 0, or -EINVAL (nothing
-        written) for an empty `src` or a span past the frame's end."""
+        """``bpf_xdp_store_bytes``: write `src` over the frame from `offset`, across its fragments; 0, or
+        -EINVAL (nothing written) for an empty `src` or a span past the frame's end."""
         data = self.data
         n = len(src)
-        if data is None or not n or offset < 0 or offset + n > len(data):
+        if not self._nf:
+            if data is None or not n or offset < 0 or offset + n > len(data):
+                return -_EINVAL
+            data[offset : offset + n] = src
+            return 0
+        spans = self._spans(offset, n)
+        if spans is None:
             return -_EINVAL
-        data[offset : offset + n] = src
+        src = bytes(src)
+        at = 0
+        for view, start, k in spans:
+            if isinstance(view, np.ndarray):
+                view[start : start + k] = np.frombuffer(src, np.uint8, k, at)
+            else:
+                view[start : start + k] = src[at : at + k]
+            at += k
+        return 0
+
+    def adjust_tail(self, offset: int) -> int:
+        """``bpf_xdp_adjust_tail``: move the frame's end by `offset` bytes; 0, or -EINVAL.
+
+        A multi-buffer frame grows only into its last fragment's tailroom (zeroed, as the kernel does) and
+        shrinks from the tail, releasing whole fragments (``bpf_xdp_frags_shrink_tail``; the CPU returns
+        them to their pools after the program); once none is left the linear part shrinks.  A linear frame
+        moves ``data_end`` within its buffer (at least an Ethernet header, at most up to the
+        skb_shared_info tailroom).  Only on a host with multi-buffer devices (elsewhere -EOPNOTSUPP: a
+        per-packet program's frame length is fixed there)."""
+        if self._buf is None or self.data is None:
+            return -95  # -EOPNOTSUPP
+        si, mem = self._si, self._mem
+        assert si is not None and mem is not None
+        limit = mem.shape[1] - 320  # a buffer's data ends before its skb_shared_info tailroom
+        if self._nf and int(si[self._head, 0]):
+            row = si[self._head]
+            k = int(row[0])
+            if offset > 0:
+                b, o, ln = (int(x) for x in row[2 + 3 * (k - 1) : 5 + 3 * (k - 1)])
+                if offset > limit - o - ln:
+                    return -_EINVAL
+                mem[b, o + ln : o + ln + offset] = 0
+                row[4 + 3 * (k - 1)] = ln + offset
+                row[1] += offset
+                return 0
+            shrink = -offset
+            if shrink > self.get_buff_len() - ETH_HLEN:
+                return -_EINVAL
+            freed = 0
+            for m in range(k - 1, -1, -1):
+                if not shrink:
+                    break
+                ln = int(row[4 + 3 * m])
+                cut = min(shrink, ln)
+                shrink -= cut
+                row[1] -= cut
+                row[4 + 3 * m] = ln - cut
+                if cut == ln:
+                    freed += 1
+            row[0] = k - freed
+            if k - freed:
+                return 0
+            offset = -shrink  # every fragment went: the rest shrinks the linear part
+        n = len(self.data) + offset
+        start = self._start
+        if n < ETH_HLEN or start % mem.shape[1] + n > limit:
+            return -_EINVAL
+        if offset > 0:
+            self._buf[start + len(self.data) : start + n] = bytes(offset)
+        self.data = self._buf[start : start + n]
         return 0
 
     def device_mtus(self) -> dict[int, int]:
@@ -268,8 +398,8 @@ class XdpBatch:
     per-CPU ``bpf_redirect_info`` for each packet: -1 until `redirect` or `redirect_map` sets it.
     """
 
-    __slots__ = ("_uniform", "exceptions", "fault", "lens", "mem", "moved", "offs", "pages", "redirect_ifindex",
-                 "spans")
+    __slots__ = ("_uniform", "exceptions", "fault", "lens", "mem", "moved", "nfrags", "offs", "pages",
+                 "redirect_ifindex", "spans")
 
     def __init__(self, mem: np.ndarray, pages: np.ndarray, offs: np.ndarray, lens: np.ndarray,
                  spans: PageSpans | None = None) -> None:
@@ -289,6 +419,10 @@ class XdpBatch:
         # A native program moved packets' data or data_end (bpf_xdp_adjust_head/tail): `offs`/`lens` are the
         # new ones, which the worker stores in the pages' metadata.
         self.moved = False
+        # XDP multi-buffer: each packet's fragment count as it arrived (XDP_FLAGS_HAS_FRAGS; its shinfo in
+        # its head buffer's tailroom, `emu.mem.page`), a writable uint8 array a native program's
+        # bpf_xdp_adjust_tail lowers when it releases fragments; None when no packet of the batch has any.
+        self.nfrags: np.ndarray | None = None
 
     def _offset(self) -> int | None:
         """The offset every packet's data starts at (None when they differ), found once."""
@@ -336,6 +470,18 @@ class XdpBatch:
             self.spans.scatter(self.pages if every else self.pages[ok], o, rows)
             return
         self.mem[self._span(ok, every, rows.shape[1])] = rows
+
+    def buff_lens(self) -> np.ndarray:
+        """``bpf_xdp_get_buff_len`` of every packet: `lens`, plus ``xdp_frags_size`` (from its head buffer's
+        shinfo, `emu.mem.page`) for a multi-buffer frame."""
+        lens = self.lens.astype(np.int64)
+        nf = self.nfrags
+        if nf is not None and np.logical_or.reduce(nf):
+            from emu.mem.page import shinfo_view
+
+            multi = np.flatnonzero(nf)
+            lens[multi] += shinfo_view(self.mem)[self.pages[multi].astype(np.intp), 1]
+        return lens
 
     def redirect(self, ifindex: int, where: np.ndarray | slice = slice(None)) -> int:
         """``bpf_redirect`` for the packets `where` selects: remember the target, return XDP_REDIRECT."""
@@ -438,16 +584,20 @@ def xdp_program(
     setup: SetupFn | None = None,
     batch: BatchFn | None = None,
     params: Mapping[str, ParamSpec] | None = None,
+    frags: bool = False,
 ) -> Callable[[F], F]:
     """Declare a program's maps, setup hook, vectorised form and params: sets ``fn.maps``, ``fn.setup``,
     ``fn.batch`` and ``fn.params``, returns `fn` itself.  ``params=None`` (the default) declares nothing:
-    any params are accepted; ``params={}`` declares that the program takes none."""
+    any params are accepted; ``params={}`` declares that the program takes none.  ``frags=True``
+    (``fn.frags``) declares XDP multi-buffer support, as ``SEC("xdp.frags")`` (``BPF_F_XDP_HAS_FRAGS``)
+    does: only such a program may be attached to a device whose MTU needs more than one buffer."""
 
     def wrap(fn: F) -> F:
         fn.maps = dict(maps or {})  # type: ignore[attr-defined]
         fn.setup = setup  # type: ignore[attr-defined]
         fn.batch = batch  # type: ignore[attr-defined]
         fn.params = None if params is None else dict(params)  # type: ignore[attr-defined]
+        fn.frags = bool(frags)  # type: ignore[attr-defined]
         return fn
 
     return wrap
@@ -464,6 +614,7 @@ class Program:
     setup: SetupFn | None = None
     batch: BatchFn | None = None
     params: Mapping[str, ParamSpec] | None = None
+    frags: bool = False  # XDP multi-buffer support (xdp.frags, BPF_F_XDP_HAS_FRAGS)
 
     @classmethod
     def from_callable(cls, fn: ProgramFn, name: str | None = None) -> Program:
@@ -488,7 +639,10 @@ class Program:
         ):
             raise TypeError(f"xdp program {name}: 'params' must map names to emu.xdp.ParamSpec")
         declared = None if params is None else MappingProxyType(dict(params))
-        return cls(fn, name, MappingProxyType(dict(maps)), setup, batch, declared)
+        frags = getattr(fn, "frags", False)
+        if not isinstance(frags, bool):
+            raise TypeError(f"xdp program {name}: 'frags' must be True or False")
+        return cls(fn, name, MappingProxyType(dict(maps)), setup, batch, declared, frags)
 
     def initial_maps(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The params named after one of this program's maps: its initial entries (`emu.xdp.bpfmaps.populate`)."""
