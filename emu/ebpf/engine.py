@@ -20,6 +20,7 @@ entry point over frames: ``Engine(obj, maps, ncpus).run(prog, frames, cpu, ingre
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Any
@@ -88,20 +89,35 @@ class CpuEngine:
         self.native.set_devices(sorted(mtus.items()))
 
     def run_batch(self, prog: int, mem: np.ndarray, pages: np.ndarray, offs: np.ndarray, lens: np.ndarray,
-                  targets: np.ndarray, ingress_ifindex: int, rx_queue: int) -> tuple[np.ndarray, int, int]:
+                  targets: np.ndarray, ingress_ifindex: int, rx_queue: int,
+                  nfrags: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
         """Program `prog` over the packets (page ids, offsets and lengths, writable u32 arrays of any stride,
-        written back after adjust_head/meta/tail) in `mem` (npages x page_size uint8): their verdicts
-        (int64), how many faulted or returned an unknown action, and how many moved their data or data_end.
-        `targets` (int64) receives redirect targets."""
+        written back after adjust_head/meta/tail) in `mem` (nbufs x buf_size uint8): their verdicts
+        (int64), how many faulted or returned an unknown action, and how many moved their data or data_end
+        or changed their fragments.  `targets` (int64) receives redirect targets.
+
+        `nfrags` (XDP multi-buffer, docs/architecture.md): None when no packet has fragments, else a
+        writable u8 array of each packet's nr_frags as it arrived, its fragments listed in the head
+        buffer's shinfo (row tail, ``buf_size - 320``); the engine writes the new count there and into the
+        shinfo when bpf_xdp_adjust_tail released or resized fragments, and frees nothing: the caller
+        returns the buffers of the entries from the new count to the old one."""
         verdicts = np.empty(len(pages), dtype=np.int64)
         exc, moved, self.trace_pending = self.native.run_batch(prog, mem, mem.shape[1], pages, offs, lens, verdicts,
-                                                               targets, ingress_ifindex, rx_queue)
+                                                               targets, ingress_ifindex, rx_queue, nfrags)
         return verdicts, exc, moved
 
     def run(self, prog: str, frames: list[bytes], ingress_ifindex: int = 1, rx_queue: int = 0,
             page_size: int = 4096) -> list[tuple[int, bytes, int]]:
-        """Each frame in a page of its own at the 256-byte headroom: (r0, the frame after, redirect target)."""
-        return self.native.run_frames(self.index(prog), frames, ingress_ifindex, rx_queue, page_size)
+        """Each frame as ``BPF_PROG_TEST_RUN`` lays it out (``bpf_prog_test_run_xdp``): at the 256-byte
+        headroom of a `page_size` buffer, at most ``page_size - 256 - 320`` bytes in the linear part and
+        the rest in fragments of `page_size` bytes (up to MAX_SKB_FRAGS; more is a BadInputError, the
+        kernel's -ENOMEM).  The kernel does this for any XDP program, ``xdp.frags`` or not (6.18: a
+        program without BPF_F_XDP_HAS_FRAGS runs over a multi-buffer frame too); the attach check is where
+        frags support matters.  (r0, the frame after — linear part and fragments —, redirect target)."""
+        try:
+            return self.native.run_frames(self.index(prog), frames, ingress_ifindex, rx_queue, page_size)
+        except ValueError as exc:
+            raise BadInputError(f"{self.obj.path}: {prog}: {exc}") from None
 
     @property
     def jit(self) -> bool:
@@ -218,10 +234,17 @@ def xdp_program(obj: BpfObject, prog: str, maps: ObjMaps, cpu: int) -> Any:
             offs = np.array(offs, dtype=np.uint32)
         if moves and not lens.flags.writeable:
             lens = np.array(lens, dtype=np.uint32)
+        # XDP multi-buffer: each packet's nr_frags (None: no packet of the batch has fragments, no cost);
+        # the engine writes the new counts when bpf_xdp_adjust_tail released fragments.
+        nfrags = getattr(pkts, "nfrags", None)
+        if nfrags is not None and not nfrags.flags.writeable:
+            nfrags = np.array(nfrags, dtype=np.uint8)
         v, exc, moved = eng.run_batch(idx, pkts.mem, pkts.pages, offs, lens, pkts.redirect_ifindex,
-                                      ctx.ingress_ifindex, ctx.rx_queue_index)
+                                      ctx.ingress_ifindex, ctx.rx_queue_index, nfrags)
         if moved:
             pkts.offs, pkts.lens, pkts.moved = offs, lens, True
+            if nfrags is not None:
+                pkts.nfrags = nfrags
         if exc:
             pkts.exceptions += exc
             pkts.fault = eng.last_fault
@@ -232,16 +255,50 @@ def xdp_program(obj: BpfObject, prog: str, maps: ObjMaps, cpu: int) -> Any:
     def fn(ctx: XdpContext) -> int:
         data = ctx.data
         assert data is not None
-        (r0, out, target), = eng.run(prog, [bytes(data)], ctx.ingress_ifindex, ctx.rx_queue_index)
+        # A frame with fragments (ctx.get_buff_len() beyond the linear part) is read whole through
+        # bpf_xdp_load_bytes' face and written back through bpf_xdp_store_bytes'; the engine lays it out
+        # as BPF_PROG_TEST_RUN does (its own linear part and fragments: a program reading data_end sees
+        # that split, not the device's).
+        total = ctx.get_buff_len()
+        frame = bytes(data) if total == len(data) else _read_frame(ctx, total)
+        (r0, out, target), = eng.run(prog, [frame], ctx.ingress_ifindex, ctx.rx_queue_index)
         drain()
-        if len(out) != len(data):
-            raise ValueError(f"{prog} changed the frame's length ({len(data)} -> {len(out)} bytes): "
+        if len(out) != total:
+            raise ValueError(f"{prog} changed the frame's length ({total} -> {len(out)} bytes): "
                              f"adjust_head/tail need the vectorised path")
-        data[:] = out
+        if total == len(data):
+            data[:] = out
+        else:
+            _write_frame(ctx, out)
         if r0 == XDP_REDIRECT:
             ctx.redirect_ifindex = target
         if eng.last_fault is not None and r0 == XDP_ABORTED:
             raise RuntimeError(eng.last_fault)
         return r0
 
-    return Program(fn, f"{obj.path.name}:{prog}", {}, setup, batch, None)
+    made = Program(fn, f"{obj.path.name}:{prog}", {}, setup, batch, None)
+    # BPF_F_XDP_HAS_FRAGS (an xdp.frags section): what the attach check reads (dev_xdp_attach refuses a
+    # program without it on a device whose MTU needs multi-buffer), where Program has the field.
+    if "frags" in {f.name for f in dataclasses.fields(Program)}:
+        made = dataclasses.replace(made, frags=obj.programs[prog].frags)  # type: ignore[call-arg]
+    return made
+
+
+# bpf_xdp_pointer refuses offsets and lengths above 0xffff: a whole frame is moved in chunks under that.
+_CHUNK = 0x8000
+
+
+def _read_frame(ctx: Any, total: int) -> bytes:
+    """The whole multi-buffer frame (linear part and fragments) through ``ctx.load_bytes``."""
+    buf = bytearray(total)
+    view = memoryview(buf)
+    for at in range(0, total, _CHUNK):
+        if ctx.load_bytes(at, view[at:at + _CHUNK]):
+            raise RuntimeError(f"bpf_xdp_load_bytes at {at} of a {total}-byte frame failed")
+    return bytes(buf)
+
+
+def _write_frame(ctx: Any, out: bytes) -> None:
+    for at in range(0, len(out), _CHUNK):
+        if ctx.store_bytes(at, out[at:at + _CHUNK]):
+            raise RuntimeError(f"bpf_xdp_store_bytes at {at} of a {len(out)}-byte frame failed")

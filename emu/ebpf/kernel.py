@@ -319,7 +319,10 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ctx: bytes | None 
                   out_size: int | None = None) -> tuple[int, bytes, int]:
     """``BPF_PROG_TEST_RUN`` of an XDP program on one frame: (return value, the frame after the program, the
     kernel's mean duration per run in ns).  `ctx` is a ``struct xdp_md`` (`XDP_MD`; data 0, data_end
-    ``len(data)``)."""
+    ``len(data)``).  A frame longer than ``4096 - 256 - 320`` bytes is XDP multi-buffer in the kernel
+    (``bpf_prog_test_run_xdp``: the rest in up to 17 page fragments; a program from an ``xdp.frags`` section
+    is loaded with ``BPF_F_XDP_HAS_FRAGS``) and the bytes out are the linear part then the fragments; the
+    default `out_size` leaves a page of room for bpf_xdp_adjust_tail's growth."""
     din = ctypes.create_string_buffer(data, len(data))
     size = out_size if out_size is not None else len(data) + 4096
     dout = ctypes.create_string_buffer(size)

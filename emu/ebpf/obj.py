@@ -96,6 +96,12 @@ class ProgDef:
     def insn_count(self) -> int:
         return len(self.insns) // 8
 
+    @property
+    def frags(self) -> bool:
+        """Whether the program supports XDP multi-buffer (``BPF_F_XDP_HAS_FRAGS``, from an ``xdp.frags``
+        section): the kernel's ``prog->aux->xdp_has_frags``."""
+        return bool(self.flags & BPF_F_XDP_HAS_FRAGS)
+
 
 @dataclass(frozen=True, slots=True)
 class BpfObject:

@@ -266,7 +266,7 @@ impl Engine {
             rng: (seed ^ 0x9E3779B97F4A7C15).wrapping_mul(cpu as u64 * 2 + 1) | 1,
             events: Events { trace: Vec::new(), trace_dropped: 0, trace_limit },
             mtus: Vec::new(), left: 0, depth: 0,
-            jit: None, stack_base: std::ptr::null_mut(), jit_faulted: 0, jit_fault: None,
+            jit: None, stack_base: std::ptr::null_mut(), jit_faulted: 0, jit_fault: None, frags: Frags::new(),
         };
         let mut vm = vm;
         let mut jit_error = None;
@@ -292,15 +292,28 @@ impl Engine {
     }
 
     /// Run program `prog` over the packets described by `pages`/`offs`/`lens` (u32 arrays, any stride: a
-    /// worker passes its descriptors' own fields) in `mem` (uint8, npages x page_size).  Writes each
-    /// verdict (int64; ABORTED after a fault or an unknown action) and redirect target (int64, -1 none),
-    /// and the new offset and length back into `offs`/`lens` (only for packets whose data or data_end
-    /// moved).  Returns (packets that faulted or returned an unknown action: the kernel's xdp_exception,
-    /// packets whose data or data_end moved, bpf_trace_printk lines waiting for `drain_trace`).
+    /// worker passes its descriptors' own fields) in `mem` (uint8, nbufs x buf_size: `page_size` is the
+    /// buffer size).  Writes each verdict (int64; ABORTED after a fault or an unknown action) and redirect
+    /// target (int64, -1 none), and the new offset and length back into `offs`/`lens` (only for packets
+    /// whose data or data_end moved).
+    ///
+    /// `nfrags` (a writable u8 array, or None when no packet has fragments): each packet's nr_frags as it
+    /// arrived (0: a linear frame, its shinfo not read).  A packet with fragments has them listed in its
+    /// head buffer's shinfo at `page_size - 320` (the multi-buffer contract, see vm.rs `Frags`), checked
+    /// before the program runs (a malformed one aborts the packet, nothing touched); the helpers work
+    /// across them, and when bpf_xdp_adjust_tail changed them the shinfo is written back (nr_frags,
+    /// xdp_frags_size, the lengths kept; released entries keep their buffer ids) and the new count goes
+    /// into `nfrags`.  Nothing is ever freed here.
+    ///
+    /// Returns (packets that faulted or returned an unknown action: the kernel's xdp_exception, packets
+    /// whose data, data_end or fragments changed, bpf_trace_printk lines waiting for `drain_trace`).
+    #[pyo3(signature = (prog, mem, page_size, pages, offs, lens, verdicts, targets, ingress_ifindex, rx_queue,
+                        nfrags=None))]
     #[allow(clippy::too_many_arguments)]
     fn run_batch(&mut self, prog: usize, mem: &Bound<'_, PyAny>, page_size: usize, pages: &Bound<'_, PyAny>,
                  offs: &Bound<'_, PyAny>, lens: &Bound<'_, PyAny>, verdicts: &Bound<'_, PyAny>,
-                 targets: &Bound<'_, PyAny>, ingress_ifindex: u32, rx_queue: u32) -> PyResult<(u64, u64, u64)> {
+                 targets: &Bound<'_, PyAny>, ingress_ifindex: u32, rx_queue: u32,
+                 nfrags: Option<&Bound<'_, PyAny>>) -> PyResult<(u64, u64, u64)> {
         if prog >= self.names.len() {
             return Err(PyValueError::new_err(format!("no program {}", prog)));
         }
@@ -310,10 +323,19 @@ impl Engine {
         let ln = PyBuffer::<u32>::get_bound(lens)?;
         let vd = PyBuffer::<i64>::get_bound(verdicts)?;
         let tg = PyBuffer::<i64>::get_bound(targets)?;
+        let nf = match nfrags {
+            Some(b) if !b.is_none() => Some(PyBuffer::<u8>::get_bound(b)?),
+            _ => None,
+        };
         let n = pg.item_count();
         for (what, b) in [("offs", &of), ("lens", &ln)] {
             if b.item_count() != n || b.dimensions() != 1 {
                 return Err(PyValueError::new_err(format!("{}: {} items expected", what, n)));
+            }
+        }
+        if let Some(b) = &nf {
+            if b.item_count() != n || b.dimensions() != 1 || b.readonly() {
+                return Err(PyValueError::new_err(format!("nfrags: {} writable items expected", n)));
             }
         }
         // Read-only descriptors are fine for a program that moves no packet; one that does has that
@@ -335,6 +357,15 @@ impl Engine {
         let base = mem.buf_ptr() as *mut u8;
         let at = |b: &PyBuffer<u32>, k: usize| unsafe { (b.buf_ptr() as *mut u8).offset(b.strides()[0] * k as isize) as *mut u32 };
         let at64 = |b: &PyBuffer<i64>, k: usize| unsafe { (b.buf_ptr() as *mut u8).offset(b.strides()[0] * k as isize) as *mut i64 };
+        let at8 = |b: &PyBuffer<u8>, k: usize| unsafe { (b.buf_ptr() as *mut u8).offset(b.strides()[0] * k as isize) };
+        if nf.is_some() {
+            // rxq->frag_size: every buffer's data ends at most at its tailroom (the contract)
+            let fr = &mut self.vm.frags;
+            fr.base = base;
+            fr.buf_size = page_size;
+            fr.nbufs = npages;
+            fr.frag_size = page_size - SKB_SHARED_INFO;
+        }
         let mut exc = 0u64;
         let mut moved = 0u64;
         for k in 0..n {
@@ -342,16 +373,34 @@ impl Engine {
                 (std::ptr::read_unaligned(at(&pg, k)) as usize, std::ptr::read_unaligned(at(&of, k)) as usize,
                  std::ptr::read_unaligned(at(&ln, k)) as usize)
             };
+            let nfr = match &nf {
+                Some(b) => (unsafe { *at8(b, k) }) as usize,
+                None => 0,
+            };
             let mut verdict = XDP_ABORTED as i64;
             let mut target = -1i64;
-            if page >= npages || off < XDP_FRAME_SIZE || off + len > page_size {
+            let bad = if page >= npages || off < XDP_FRAME_SIZE || off + len > page_size {
+                Some(format!("descriptor {}: page {} off {} len {} outside the page memory", k, page, off, len))
+            } else if nfr > 0 {
+                let shinfo = unsafe { base.add(page * page_size + page_size - SKB_SHARED_INFO) };
+                if off + len > page_size - SKB_SHARED_INFO {
+                    Some(format!("descriptor {}: page {} off {} len {}: the linear part of a frame with fragments \
+                                  runs into its shinfo at {}", k, page, off, len, page_size - SKB_SHARED_INFO))
+                } else {
+                    self.vm.frags.parse(shinfo, nfr).err().map(|e| format!("descriptor {} (page {}): {}", k, page, e))
+                }
+            } else {
+                None
+            };
+            if let Some(msg) = bad {
                 exc += 1;
                 self.faults += 1;
-                self.last_fault = Some(format!("descriptor {}: page {} off {} len {} outside the page memory", k, page, off, len));
+                self.last_fault = Some(msg);
             } else {
+                let frags_size = if nfr > 0 { self.vm.frags.size } else { 0 };
                 let mut pkt = Pkt {
                     page: unsafe { base.add(page * page_size) }, page_size, data: off, data_end: off + len,
-                    data_meta: off, ingress_ifindex, rx_queue, redirect: -1, tail_calls: 0,
+                    data_meta: off, ingress_ifindex, rx_queue, redirect: -1, tail_calls: 0, has_frags: nfr > 0,
                 };
                 let res = self.vm.run(prog, &mut pkt);
                 let res = match res {
@@ -380,8 +429,19 @@ impl Engine {
                         self.note(prog, &f);
                     }
                 }
-                if pkt.data != off || pkt.data_end != off + len {
+                // Fragments released or resized (also by a program that faulted afterwards: the caller
+                // frees what the shinfo no longer lists, whatever the verdict).
+                let fr = &self.vm.frags;
+                let frags_changed = nfr > 0 && (fr.nr != nfr || fr.size != frags_size);
+                if frags_changed {
+                    fr.store(unsafe { base.add(page * page_size + page_size - SKB_SHARED_INFO) });
+                    unsafe { *at8(nf.as_ref().unwrap(), k) = fr.nr as u8 };
+                }
+                let data_moved = pkt.data != off || pkt.data_end != off + len;
+                if data_moved || frags_changed {
                     moved += 1;
+                }
+                if data_moved {
                     unsafe {
                         std::ptr::write_unaligned(at(&of, k), pkt.data as u32);
                         std::ptr::write_unaligned(at(&ln, k), (pkt.data_end - pkt.data) as u32);
@@ -396,26 +456,62 @@ impl Engine {
         Ok((exc, moved, self.vm.events.trace.len() as u64 + self.vm.events.trace_dropped))
     }
 
-    /// Run program `prog` once per frame, each in a page of its own at the kernel's 256-byte headroom:
-    /// a list of (r0 as u32, the frame's bytes after the program, redirect target or -1).  A fault gives
-    /// r0 = XDP_ABORTED and the frame as the program left it; `last_fault` says why.
+    /// Run program `prog` once per frame as `bpf_prog_test_run_xdp` does: each frame at the 256-byte
+    /// headroom of a buffer of `page_size` bytes whose linear part holds at most `page_size - 256 - 320`
+    /// bytes; the rest of a longer frame goes into fragments of up to `page_size` bytes each (offset 0 in
+    /// buffers of their own, `rxq->frag_size` = `page_size`), at most MAX_SKB_FRAGS of them (more: the
+    /// kernel's -ENOMEM, a ValueError here).  A list of (r0 as u32, the frame's bytes after the program
+    /// — the linear part, then every fragment left —, redirect target or -1).  A fault gives r0 =
+    /// XDP_ABORTED and the frame as the program left it; `last_fault` says why.
     #[pyo3(signature = (prog, frames, ingress_ifindex=1, rx_queue=0, page_size=4096))]
     fn run_frames<'py>(&mut self, py: Python<'py>, prog: usize, frames: Vec<Vec<u8>>, ingress_ifindex: u32,
                        rx_queue: u32, page_size: usize) -> PyResult<Vec<(u64, Bound<'py, PyBytes>, i64)>> {
         if prog >= self.names.len() {
             return Err(PyValueError::new_err(format!("no program {}", prog)));
         }
+        if page_size <= XDP_PACKET_HEADROOM + SKB_SHARED_INFO || page_size > (1 << 24) {
+            return Err(PyValueError::new_err(format!("page size {} leaves no room for a frame", page_size)));
+        }
+        let max_data = page_size - XDP_PACKET_HEADROOM - SKB_SHARED_INFO;
         let mut out = Vec::with_capacity(frames.len());
-        let mut page = vec![0u8; page_size];
+        let mut mem: Vec<u8> = Vec::new();
         for f in frames {
-            if XDP_PACKET_HEADROOM + f.len() + SKB_SHARED_INFO > page_size {
-                return Err(PyValueError::new_err(format!("a frame of {} bytes does not fit a {}-byte page", f.len(), page_size)));
+            let lin = f.len().min(max_data);
+            let nfr = (f.len() - lin).div_ceil(page_size);
+            if nfr > MAX_SKB_FRAGS {
+                return Err(PyValueError::new_err(format!(
+                    "a frame of {} bytes needs {} fragments of {} bytes after its {}-byte linear part; at most {} \
+                     (BPF_PROG_TEST_RUN: -ENOMEM)", f.len(), nfr, page_size, max_data, MAX_SKB_FRAGS)));
             }
-            page.fill(0);
-            page[XDP_PACKET_HEADROOM..XDP_PACKET_HEADROOM + f.len()].copy_from_slice(&f);
+            mem.clear();
+            mem.resize(page_size * (1 + nfr), 0);
+            mem[XDP_PACKET_HEADROOM..XDP_PACKET_HEADROOM + lin].copy_from_slice(&f[..lin]);
+            let sh = page_size - SKB_SHARED_INFO;
+            let put = |mem: &mut Vec<u8>, w: usize, v: usize| {
+                mem[sh + 4 * w..sh + 4 * w + 4].copy_from_slice(&(v as u32).to_le_bytes())
+            };
+            put(&mut mem, 0, nfr);
+            put(&mut mem, 1, f.len() - lin);
+            for i in 0..nfr {
+                let (from, to) = (lin + i * page_size, (lin + (i + 1) * page_size).min(f.len()));
+                mem[(1 + i) * page_size..(1 + i) * page_size + to - from].copy_from_slice(&f[from..to]);
+                put(&mut mem, 2 + 3 * i, 1 + i);
+                put(&mut mem, 3 + 3 * i, 0);
+                put(&mut mem, 4 + 3 * i, to - from);
+            }
+            let base = mem.as_mut_ptr();
+            if nfr > 0 {
+                let fr = &mut self.vm.frags;
+                fr.base = base;
+                fr.buf_size = page_size;
+                fr.nbufs = 1 + nfr;
+                fr.frag_size = page_size;
+                fr.parse(unsafe { base.add(sh) }, nfr).map_err(PyValueError::new_err)?;
+            }
             let mut pkt = Pkt {
-                page: page.as_mut_ptr(), page_size, data: XDP_PACKET_HEADROOM, data_end: XDP_PACKET_HEADROOM + f.len(),
+                page: base, page_size, data: XDP_PACKET_HEADROOM, data_end: XDP_PACKET_HEADROOM + lin,
                 data_meta: XDP_PACKET_HEADROOM, ingress_ifindex, rx_queue, redirect: -1, tail_calls: 0,
+                has_frags: nfr > 0,
             };
             let (r0, target) = match self.vm.run(prog, &mut pkt) {
                 Ok(r0) => (r0 as u32 as u64, if r0 as u32 as u64 == XDP_REDIRECT { pkt.redirect } else { -1 }),
@@ -424,7 +520,16 @@ impl Engine {
                     (XDP_ABORTED, -1)
                 }
             };
-            out.push((r0, PyBytes::new_bound(py, &page[pkt.data..pkt.data_end]), target));
+            // bpf_test_finish: the linear part, then the fragments the frame still has
+            let mut bytes = mem[pkt.data..pkt.data_end].to_vec();
+            if pkt.has_frags {
+                let fr = &self.vm.frags;
+                for e in &fr.ent[..fr.nr] {
+                    let at = e.buf as usize * page_size + e.off as usize;
+                    bytes.extend_from_slice(&mem[at..at + e.len as usize]);
+                }
+            }
+            out.push((r0, PyBytes::new_bound(py, &bytes), target));
         }
         Ok(out)
     }
@@ -458,5 +563,6 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SUPPORTED_HELPERS", SUPPORTED_HELPERS.to_vec())?;
     m.add("STACK_SIZE", STACK_SIZE)?;
     m.add("MAX_TAIL_CALL_CNT", MAX_TAIL_CALL_CNT)?;
+    m.add("MAX_SKB_FRAGS", MAX_SKB_FRAGS)?;
     Ok(())
 }

@@ -30,6 +30,10 @@ pub const XDP_PACKET_HEADROOM: usize = 256;
 pub const XDP_FRAME_SIZE: usize = 40; // sizeof(struct xdp_frame), kept at the start of the headroom
 pub const SKB_SHARED_INFO: usize = 320; // SKB_DATA_ALIGN(sizeof(struct skb_shared_info)): the tailroom
 pub const ETH_HLEN: usize = 14;
+pub const MAX_SKB_FRAGS: usize = 17;
+/// The emulator's `skb_shared_info` in a head buffer's tailroom (the multi-buffer contract,
+/// emu/topology/model.py): u32 nr_frags, u32 xdp_frags_size, then MAX_SKB_FRAGS x (buf, off, len).
+pub const SHINFO_BYTES: usize = 8 + MAX_SKB_FRAGS * 12;
 pub const BPF_MAX_LOOPS: u64 = 1 << 23;
 
 pub const XDP_ABORTED: u64 = 0;
@@ -106,6 +110,91 @@ pub struct Pkt {
     pub rx_queue: u32,
     pub redirect: i64,
     pub tail_calls: u32,
+    /// XDP_FLAGS_HAS_FRAGS: the frame has fragments, described by `Vm::frags` (the kernel's
+    /// `xdp_buff_has_frags`).  Cleared when bpf_xdp_adjust_tail releases the last one.
+    pub has_frags: bool,
+}
+
+/// One fragment (`skb_frag_t`): its buffer (a row of the buffer memory), where its data starts in the
+/// buffer and how long it is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Frag {
+    pub buf: u32,
+    pub off: u32,
+    pub len: u32,
+}
+
+/// The fragments of the packet being run (its `skb_shared_info`, validated and copied out of the head
+/// buffer before the program runs; written back after it when a helper changed them).  Only a packet
+/// with `Pkt::has_frags` reads it.
+pub struct Frags {
+    pub base: *mut u8,     // the buffer memory: `nbufs` rows of `buf_size` bytes
+    pub buf_size: usize,
+    pub nbufs: usize,
+    /// `rxq->frag_size`: a fragment's data may end at most this far into its buffer (its tailroom is
+    /// `frag_size - off - len`, what bpf_xdp_adjust_tail may grow the last fragment by).
+    pub frag_size: usize,
+    pub nr: usize,
+    pub size: usize, // xdp_frags_size: the sum of the fragments' lengths
+    pub ent: [Frag; MAX_SKB_FRAGS],
+}
+
+impl Frags {
+    pub fn new() -> Frags {
+        Frags { base: std::ptr::null_mut(), buf_size: 0, nbufs: 0, frag_size: 0, nr: 0, size: 0,
+                ent: [Frag::default(); MAX_SKB_FRAGS] }
+    }
+
+    fn addr(&self, f: &Frag) -> *mut u8 {
+        // Safety (for the caller's access of up to `frag_size - off` bytes): `parse` checked buf < nbufs
+        // and off + len <= frag_size <= buf_size; growth stays within frag_size.
+        unsafe { self.base.add(f.buf as usize * self.buf_size + f.off as usize) }
+    }
+
+    /// Read and check the shinfo at `shinfo` (SHINFO_BYTES readable bytes): the fragments of a packet that
+    /// arrived with `expect` of them.  A malformed one is an error naming what is wrong, never an access
+    /// outside the buffer memory later.
+    pub fn parse(&mut self, shinfo: *const u8, expect: usize) -> Result<(), String> {
+        let word = |k: usize| unsafe { std::ptr::read_unaligned(shinfo.add(4 * k) as *const u32) } as usize;
+        let nr = word(0);
+        if nr != expect || nr > MAX_SKB_FRAGS {
+            return Err(format!("shinfo nr_frags {} (the packet arrived with {}, at most {})", nr, expect, MAX_SKB_FRAGS));
+        }
+        let mut sum = 0usize;
+        for i in 0..nr {
+            let f = Frag { buf: word(2 + 3 * i) as u32, off: word(3 + 3 * i) as u32, len: word(4 + 3 * i) as u32 };
+            if f.buf as usize >= self.nbufs || f.off as usize + f.len as usize > self.frag_size {
+                return Err(format!("shinfo fragment {}: buffer {} offset {} length {} outside {} buffers of {} bytes \
+                                    (data at most {} bytes in)", i, f.buf, f.off, f.len, self.nbufs, self.buf_size,
+                                   self.frag_size));
+            }
+            sum += f.len as usize;
+            self.ent[i] = f;
+        }
+        if word(1) != sum {
+            return Err(format!("shinfo xdp_frags_size {} is not the sum of its {} fragments' lengths ({})", word(1), nr, sum));
+        }
+        self.nr = nr;
+        self.size = sum;
+        Ok(())
+    }
+
+    /// Write nr_frags, xdp_frags_size and the lengths of the fragments kept back into the shinfo; the
+    /// entries of released fragments keep their buffer ids (the contract: the Python side frees them).
+    pub fn store(&self, shinfo: *mut u8) {
+        let put = |k: usize, v: usize| unsafe { std::ptr::write_unaligned(shinfo.add(4 * k) as *mut u32, v as u32) };
+        put(0, self.nr);
+        put(1, self.size);
+        for i in 0..self.nr {
+            put(4 + 3 * i, self.ent[i].len as usize);
+        }
+    }
+}
+
+impl Default for Frags {
+    fn default() -> Self {
+        Frags::new()
+    }
 }
 
 pub struct Events {
@@ -134,6 +223,8 @@ pub struct Vm {
     pub stack_base: *mut u8,
     pub jit_faulted: u64,
     pub jit_fault: Option<Box<Fault>>,
+    /// The current packet's fragments (read only when `Pkt::has_frags`).
+    pub frags: Frags,
 }
 
 // A boxed fault keeps every `Result` on the hot path one word wide.
@@ -631,6 +722,96 @@ impl Vm {
         Ok(Some(self.prog_start[v - 1]))
     }
 
+    /// `xdp_get_buff_len`: the linear part, plus the fragments' bytes when the frame has them.
+    #[inline(always)]
+    fn buff_len(&self, pkt: &Pkt) -> usize {
+        pkt.data_end - pkt.data + if pkt.has_frags { self.frags.size } else { 0 }
+    }
+
+    /// `bpf_xdp_copy_buf`: `len` bytes at offset `off` of the frame (the linear part, then each fragment)
+    /// copied out to `buf`, or in from it when `flush`.  The caller checked `off + len <= buff_len`.
+    fn copy_buf(&self, pkt: &Pkt, mut off: usize, mut buf: *mut u8, mut len: usize, flush: bool) {
+        let mut ptr_off = 0usize;
+        let mut ptr_buf = unsafe { pkt.page.add(pkt.data) };
+        let mut ptr_len = pkt.data_end - pkt.data;
+        let nr = if pkt.has_frags { self.frags.nr } else { 0 };
+        let mut next = 0usize;
+        loop {
+            if off < ptr_off + ptr_len {
+                let at = off - ptr_off;
+                let n = len.min(ptr_len - at);
+                // ptr::copy (memmove): the program's buffer may be the packet itself
+                unsafe {
+                    if flush {
+                        std::ptr::copy(buf, ptr_buf.add(at), n);
+                    } else {
+                        std::ptr::copy(ptr_buf.add(at), buf, n);
+                    }
+                    buf = buf.add(n);
+                }
+                off += n;
+                len -= n;
+            }
+            if len == 0 || next == nr {
+                break;
+            }
+            ptr_off += ptr_len;
+            let f = self.frags.ent[next];
+            ptr_buf = self.frags.addr(&f);
+            ptr_len = f.len as usize;
+            next += 1;
+        }
+    }
+
+    /// `bpf_xdp_frags_increase_tail`: grow the last fragment into its tailroom (`rxq->frag_size - off -
+    /// len`), the new bytes zeroed; -EINVAL beyond it.
+    fn frags_increase_tail(&mut self, offset: i32) -> u64 {
+        let fs = &mut self.frags;
+        let last = fs.ent[fs.nr - 1];
+        let tailroom = fs.frag_size - last.off as usize - last.len as usize;
+        if offset as usize > tailroom {
+            return (-EINVAL) as u64;
+        }
+        unsafe { std::ptr::write_bytes(fs.addr(&last).add(last.len as usize), 0, offset as usize) };
+        fs.ent[fs.nr - 1].len += offset as u32;
+        fs.size += offset as usize;
+        0
+    }
+
+    /// `bpf_xdp_frags_shrink_tail`: take `offset` bytes off the end, whole fragments from the last one
+    /// (each released when emptied: nr_frags drops, the entry keeps its buffer id for the caller to free),
+    /// then from the next one's length; with no fragment left the frame is linear again and data_end moves
+    /// back by what remains.  -EINVAL when fewer than ETH_HLEN bytes would be left.  (`offset` is the
+    /// negated i32 argument: INT_MIN stays negative and changes nothing, as in the kernel.)
+    fn frags_shrink_tail(&mut self, pkt: &mut Pkt, mut offset: i32) -> u64 {
+        if offset as i64 > self.buff_len(pkt) as i64 - ETH_HLEN as i64 {
+            return (-EINVAL) as u64;
+        }
+        let fs = &mut self.frags;
+        let (mut n_free, mut len_free) = (0usize, 0usize);
+        let mut i = fs.nr;
+        while i > 0 && offset > 0 {
+            i -= 1;
+            let f = &mut fs.ent[i];
+            let shrink = offset.min(f.len as i32);
+            len_free += shrink as usize;
+            offset -= shrink;
+            if f.len as i32 == shrink {
+                n_free += 1;
+            } else {
+                f.len -= shrink as u32;
+                break;
+            }
+        }
+        fs.nr -= n_free;
+        fs.size -= len_free;
+        if fs.nr == 0 {
+            pkt.has_frags = false; // xdp_buff_clear_frags_flag
+            pkt.data_end -= offset as usize;
+        }
+        0
+    }
+
     pub(crate) fn helper(&mut self, pkt: &mut Pkt, pc: usize, id: i32, regs: &mut [u64; 16]) -> R<u64> {
         let (a1, a2, a3, a4, a5) = (regs[1], regs[2], regs[3], regs[4], regs[5]);
         let neg = |e: i64| (-e) as u64;
@@ -773,7 +954,7 @@ impl Vm {
                         return Ok(neg(E2BIG));
                     }
                     let ctxlen = flags >> 32 & 0xf_ffff; // BPF_F_CTXLEN_MASK: bytes of the packet appended
-                    if ctxlen as usize > pkt.data_end - pkt.data {
+                    if ctxlen as usize > self.buff_len(pkt) {
                         return Ok(neg(EFAULT));
                     }
                     total += ctxlen;
@@ -831,7 +1012,16 @@ impl Vm {
                 Ok(0)
             }
             H_XDP_ADJUST_TAIL => {
-                let end = pkt.data_end as i64 + a2 as i32 as i64;
+                let offset = a2 as i32;
+                if pkt.has_frags {
+                    // a frame with fragments grows or shrinks at its last fragment
+                    return Ok(if offset < 0 {
+                        self.frags_shrink_tail(pkt, offset.wrapping_neg())
+                    } else {
+                        self.frags_increase_tail(offset)
+                    });
+                }
+                let end = pkt.data_end as i64 + offset as i64;
                 if end > (pkt.page_size - SKB_SHARED_INFO) as i64 || end < (pkt.data + ETH_HLEN) as i64 {
                     return Ok(neg(EINVAL));
                 }
@@ -843,20 +1033,19 @@ impl Vm {
                 pkt.data_end = end;
                 Ok(0)
             }
-            H_XDP_GET_BUFF_LEN => Ok((pkt.data_end - pkt.data) as u64),
+            H_XDP_GET_BUFF_LEN => Ok(self.buff_len(pkt) as u64),
             H_XDP_LOAD_BYTES | H_XDP_STORE_BYTES => {
+                // bpf_xdp_pointer's checks, then bpf_xdp_copy_buf across the linear part and the fragments
                 let (off, len) = (a2 as u32 as usize, a4 as u32 as usize);
-                if len == 0 || off + len > pkt.data_end - pkt.data {
+                if off > 0xffff || len > 0xffff {
+                    return Ok(neg(EFAULT));
+                }
+                if len == 0 || off + len > self.buff_len(pkt) {
                     return Ok(neg(EINVAL));
                 }
-                let at = pkt.data + off;
-                if id == H_XDP_LOAD_BYTES {
-                    let p = self.tr(pkt, pc, a3, len, true)?;
-                    unsafe { std::ptr::copy(pkt.page.add(at), p, len) };
-                } else {
-                    let p = self.tr(pkt, pc, a3, len, false)?;
-                    unsafe { std::ptr::copy(p, pkt.page.add(at), len) };
-                }
+                let load = id == H_XDP_LOAD_BYTES;
+                let p = self.tr(pkt, pc, a3, len, load)?;
+                self.copy_buf(pkt, off, p, len, !load);
                 Ok(0)
             }
             H_CHECK_MTU => {
@@ -869,12 +1058,15 @@ impl Vm {
                 };
                 let p = self.tr(pkt, pc, a3, 4, true)?;
                 let given = unsafe { std::ptr::read_unaligned(p as *const u32) } as i64;
-                let mut len = (pkt.data_end - pkt.data) as i64;
+                // bpf_xdp_check_mtu measures the linear part only (data_end - data), also for a frame
+                // with fragments (6.18: checked against BPF_PROG_TEST_RUN), in int arithmetic.
+                let mut len = (pkt.data_end - pkt.data) as i32;
                 if given != 0 {
-                    len = given + ETH_HLEN as i64;
+                    len = (given as u32).wrapping_add(ETH_HLEN as u32) as i32;
                 }
-                len += a4 as i32 as i64;
-                let ret = if len > mtu as i64 + ETH_HLEN as i64 { 1 } else { 0 }; // BPF_MTU_CHK_RET_FRAG_NEEDED
+                len = len.wrapping_add(a4 as i32);
+                let dev_len = (mtu as i32).wrapping_add(ETH_HLEN as i32);
+                let ret = if len > dev_len { 1 } else { 0 }; // BPF_MTU_CHK_RET_FRAG_NEEDED
                 unsafe { std::ptr::write_unaligned(p as *mut u32, mtu) };
                 Ok(ret)
             }
@@ -921,6 +1113,8 @@ impl Vm {
 }
 
 const EFAULT: i64 = 14;
+#[allow(dead_code)]
+const _SHINFO_FITS: () = assert!(SHINFO_BYTES <= SKB_SHARED_INFO);
 const EACCES: i64 = 13;
 const ENODEV: i64 = 19;
 
