@@ -547,3 +547,30 @@ def test_a_frame_waits_in_the_rx_fifo_until_all_its_buffers_are_posted(page_memo
     assert r.pm.nfrags[heads].tolist() == [2, 1, 0]  # in arrival order
     assert frame_lens(r.pm, heads).tolist() == [9018, 5000, 64]
     audit_ok(r.pm)
+
+
+def test_a_multibuffer_frame_takes_a_tx_ring_slot_per_buffer(page_memory) -> None:
+    """eth0's TX ring of 8 slots: two 3-buffer frames fit (6 slots), a third waits in the RX ring for the
+    completions (the CPU's tx_room counts buffers); the device refuses what a peer queues beyond it."""
+    from emu.xdp.context import XDP_TX
+
+    r = Rig(page_memory)
+    r.nic.tx_ring = r.core.by_name["eth0"].tx_ring = r.core.tx_poll_min = 8  # (as tx_ring_size: 8 makes them)
+    r.post()
+    fs = [jumbo(XDP_TX, seed=k) for k in range(3)]
+    r.receive(fs)
+    assert r.core.tx_room() == 8
+    r.core.poll_pass(got=1, refilling=False)
+    assert r.cc["xdp_tx"] == 2 and r.core.by_name["eth0"].tx_used == 6 and r.core.tx_room() == 2
+    xmit = r.out.take("xmit")
+    for _to, kind, hdr, d in xmit:
+        r.nic.dispatch(r.msg(kind, hdr, d))
+    assert r.nic.txqs[0].nqueued == 2 and r.nic.txqs[0].frag_slots == 4
+    # The pass that finds 2 slots free takes nothing: the third frame needs 3.
+    assert r.core.poll_pass(got=1, refilling=False) == 0 and r.cc["xdp_tx"] == 2
+    sent = r.tx_eth0()
+    assert sent == fs[:2] and r.core.by_name["eth0"].tx_used == 0 and r.nic.txqs[0].frag_slots == 0
+    r.core.poll_pass(got=1, refilling=False)
+    assert r.cc["xdp_tx"] == 3 and r.tx_eth0() == fs[2:]
+    assert r.cc["xdp_tx_full"] == 0 and r.dc["xmit_full"] == 0
+    audit_ok(r.pm)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import multiprocessing
+import os
 from pathlib import Path
 
 import pytest
@@ -61,8 +62,7 @@ def test_jumbo_sg_forwards_9018_byte_frames_over_three_buffers_each() -> None:
 
 @pytest.mark.slow
 def test_a_redirect_to_a_device_without_ndo_xmit_sg_is_eopnotsupp_and_loses_nothing() -> None:
-    old = """        rx_ring_size: 512
-        tx_ring_size: 512
+    old = """        tx_ring_size: 1536     # a TX descriptor per buffer: 512 jumbo frames of 3
         xdp_features: [basic, redirect, ndo-xmit, ndo-xmit-sg, rx-sg]"""
     topo = variant(old, old.replace("[basic, redirect, ndo-xmit, ndo-xmit-sg, rx-sg]", NOSG))
     n = 1_000
@@ -214,6 +214,9 @@ def test_an_ebpf_object_outside_xdp_frags_is_refused_on_a_multibuffer_mtu() -> N
     if not obj.is_file():
         pytest.skip("the bundled eBPF objects are not built (scripts/build-bpf.sh)")
     program = (f"        xdp: {{object: {obj}, program: l2fwd, globals: {{egress_ifindex: eth0}}}}\n")
+    from procs import segments_of
+
     e = refused("too big for an XDP program not aware of multi buffer: l2fwd is in section 'xdp'",
                 features=SGF, program=program)
     assert str(e).startswith("mb.yaml:12:")  # the xdp key
+    assert segments_of(os.getpid()) == []  # (refused before its scratch maps were made)

@@ -183,7 +183,9 @@ class Target:
     mtu: int = 1500
     max_len: int = 0  # the longest frame it transmits (`max_frame` of its mtu): a longer redirect is -EMSGSIZE
     xmit_sg: bool = False  # its XDP features include ndo-xmit-sg: it takes multi-buffer frames by redirect
-    tx_used: int = 0  # frames this CPU queued on its TX queue whose completion (or refusal) it has not seen
+    # TX ring slots (a buffer each: a multi-buffer frame takes 1 + N) of the frames this CPU queued on its TX
+    # queue whose completion (or refusal) it has not seen
+    tx_used: int = 0
 
 
 def load_rx_queues(host: HostConfig, cpu: int, mapsets: dict[str, str]) -> list[RxQueue]:
@@ -366,6 +368,7 @@ class NapiCore(Core):
                 rxq.posted -= n
                 rxq.stopped = True
         elif kind == TXC:
+            slots = self._slots(d)  # (before the frames go home: a frame's fragments take slots too)
             if self.txc_deferred and check_descs(self.pm, d, PageState.TX_INFLIGHT, owner=self.cpu) is None:
                 # All this CPU's own: the NAPI polls reap them (reap_tx), before their RX refills.
                 self.txc_pending.append(d)
@@ -375,11 +378,12 @@ class NapiCore(Core):
                 self.c[self.i["tx_completions"]] += self._return(d, PageState.TX_INFLIGHT, bulk=self.tx_bulk_size)
             # The ring slots are free now, where a driver frees them as it reaps: the pass that reaps them
             # may then fill them again.
-            self._tx_reaped(hdr, len(d))
+            self._tx_reaped(hdr, slots)
         elif kind == TXDROP:
             what = "xdp_tx_full" if hdr.get("kind") == "tx" else "xmit_drops"
+            slots = self._slots(d)
             self.c[self.i[what]] += self._return(d, PageState.TX_QUEUED)
-            self._tx_reaped(hdr, len(d))
+            self._tx_reaped(hdr, slots)
         elif kind == SKB:
             n = self._return(d, PageState.SKB)
             self.c[self.i["stack_rx"]] += n
@@ -486,6 +490,14 @@ class NapiCore(Core):
         return return_pages(pm, self.pool if direct else None, ids, d["gen"], expect=expect, bulk=bulk)
 
     # -- the TX rings this CPU fills --------------------------------------------------------------
+
+    def _slots(self, d: np.ndarray) -> int:
+        """The TX ring slots frames `d` take: one per buffer, a multi-buffer frame's fragments included."""
+        if not self.multibuf or not len(d):
+            return len(d)
+        ids = d["page"]
+        ids = ids[ids < self.pm.nbufs]
+        return len(d) + int(np.add.reduce(self.pm.nfrags.take(ids), dtype=np.int64))
 
     def _tx_reaped(self, hdr: dict, n: int) -> None:
         """Frames of this CPU's TX queue came back (completed or refused): their ring slots are free."""
@@ -600,6 +612,15 @@ class NapiCore(Core):
                     have += len(pending[0])
                     parts.append(pending.pop(0))
                 d = concat_descs(parts)
+            if self.multibuf:
+                # A multi-buffer frame takes a TX ring slot per buffer: no more frames than their buffers fit.
+                w = np.cumsum(self.pm.nfrags.take(d["page"]).astype(np.int64) + 1)
+                if int(w[-1]) > limit:
+                    k = max(1, int(np.searchsorted(w, limit, side="right")))
+                    if k < len(d):
+                        pending.insert(0, d[k:])
+                        d = d[:k]
+                room -= int(w[len(d) - 1]) - len(d)
             pages = d["page"]
             cap = self.capture
             if cap is not None:
@@ -1205,7 +1226,7 @@ class NapiCore(Core):
                 hdr = {"txq": self.cpu % t.tx_queues, "cpu": self.cpu, "kind": kind}
                 self.send_descs(dev, XMIT, hdr, ids)
                 if t.own_txq:
-                    t.tx_used += len(ids)
+                    t.tx_used += len(ids) + (len(frame_frags(self.pm, ids)) if self.multibuf else 0)
             self.tx_bulk.clear()
         self.free_local_skbs()
         if self.skb_remote:

@@ -17,8 +17,8 @@ process.
 * **TX.**  One XDP TX queue per CPU (lockless, as in mlx5); with fewer queues than CPUs CPUs share
   them (``cpu % tx_queues``, as veth does).  Frames come from XDP_TX, from ``ndo_xdp_xmit`` (redirect
   bulks; only when the device has `xdp_xmit`) and from the normal skb path (copies); a multi-buffer frame
-  takes one ring slot (the ring counts frames: a simplification, i40e takes a descriptor per buffer) and
-  goes on the wire head and fragments end to end.  A full TX ring
+  takes a ring slot per buffer (a TX descriptor each, as i40e takes them) and goes on the wire head and
+  fragments end to end.  A full TX ring
   refuses the excess back to the submitting CPU.  Queued pages are transmitted onto the link (frame
   bytes, never page ids), then after `tx_completion_us` their TX completion goes to the CPU servicing
   the queue, which returns each page to its pool.  Until then the page is ``TX_INFLIGHT`` and nobody may
@@ -116,6 +116,9 @@ class LinkIn(Protocol):
 class TxQueue:
     queued: collections.deque = field(default_factory=collections.deque)  # (descs, kind, cpu)
     nqueued: int = 0
+    # With multi-buffer frames: the ring slots their fragments take beyond one per frame (queued and in
+    # flight), since a driver takes a TX descriptor per buffer; 0 on a host without multi-buffer devices.
+    frag_slots: int = 0
     inflight: collections.deque = field(default_factory=collections.deque)  # (deadline_ns, descs)
     ninflight: int = 0
 
@@ -252,12 +255,21 @@ class NicCore(Core):
             self._send(cpu, TXDROP, {"dev": self.name, "kind": kind}, d)
             return
         q = self.txqs[txq]
-        if not self.down and q.nqueued + q.ninflight + len(d) > self.tx_ring:
+        # One ring slot per buffer (a TX descriptor each, as i40e and ice take them): a multi-buffer frame's
+        # fragments take slots of their own.
+        nf = self.pm.nfrags.take(d["page"]) if self.pm.multibuf else None
+        extra = 0 if nf is None else int(np.add.reduce(nf, dtype=np.int64))
+        if not self.down and q.nqueued + q.ninflight + q.frag_slots + len(d) + extra > self.tx_ring:
             # Hardware drains its rings while the CPUs fill them: send and complete what is due first.
             self.transmit()
             self.complete()
-        room = 0 if self.down else max(0, self.tx_ring - q.nqueued - q.ninflight)
-        take = min(room, len(d))
+        room = 0 if self.down else max(0, self.tx_ring - q.nqueued - q.ninflight - q.frag_slots)
+        if extra:
+            w = np.cumsum(nf.astype(np.int64) + 1)  # type: ignore[union-attr]
+            take = int(np.searchsorted(w, room, side="right"))
+            q.frag_slots += int(w[take - 1]) - take if take else 0
+        else:
+            take = min(room, len(d))
         if take < len(d):
             self.c[self.i["xmit_full"]] += len(d) - take
             self._send(cpu, TXDROP, {"dev": self.name, "kind": kind}, d[take:])
@@ -334,8 +346,7 @@ class NicCore(Core):
 
     def _gather(self, d: np.ndarray) -> FrameBatch:
         """The frames' bytes out of their pages (one fancy-indexing copy when they are uniform); a
-        multi-buffer frame's head and fragments end to end (the NIC's TX gather: one TX descriptor with a
-        data segment per buffer, as mlx5's multi-buffer XDP transmit builds one WQE)."""
+        multi-buffer frame's head and fragments end to end (the NIC's TX gather over its descriptors)."""
         if self.pm.multibuf and len(d) and np.logical_or.reduce(self.pm.nfrags.take(d["page"])):
             return self._gather_sg(d)
         pages = d["page"].astype(np.int64)
@@ -397,6 +408,8 @@ class NicCore(Core):
             while q.inflight and (force or q.inflight[0][0] <= now):
                 _, d = q.inflight.popleft()
                 q.ninflight -= len(d)
+                if q.frag_slots:
+                    q.frag_slots -= int(np.add.reduce(self.pm.nfrags.take(d["page"]), dtype=np.int64))
                 done += len(d)
                 self._send(self.txc_cpu[t], TXC, {"dev": self.name, "txq": t}, d)
         if done:

@@ -1033,10 +1033,6 @@ class _Validator:
             if "program" in f.items and "no program" in text:
                 at = f.items["program"][1]
             self.fail(at, f"{pfx}{text}")
-        try:
-            om = ObjMaps.create(f"{new_run_prefix()}-scratch", obj.maps, host.cpus)
-        except BadInputError as e:
-            self.fail(object_node, f"{pfx}{obj.path}: {e}")
         limit = max_linear_mtu(host.buf_size)
         if dev.mtu > limit:
             # Only reached with rx-sg (`mtu`): the program must be an xdp.frags one.
@@ -1045,6 +1041,10 @@ class _Validator:
                 self.fail(object_node, f"{pfx}mtu {dev.mtu} > {limit}, too big for an XDP program not aware of "
                                        f"multi buffer: {pname} is in section '{pdef.section}', not an xdp.frags one "
                                        "(BPF_F_XDP_HAS_FRAGS)")
+        try:
+            om = ObjMaps.create(f"{new_run_prefix()}-scratch", obj.maps, host.cpus)
+        except BadInputError as e:
+            self.fail(object_node, f"{pfx}{obj.path}: {e}")
         try:
             om.programs = list(obj.programs)
             try:
