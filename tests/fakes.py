@@ -14,11 +14,12 @@ from emu.topology.model import HostConfig
 from emu.xdp.context import XDP_REDIRECT
 
 
-def one_cpu_host(devices: str) -> HostConfig:
-    """Host h1 of a topology with one CPU and the devices given as YAML lines (``eth0: {ifindex: 2}``),
-    every default resolved as a worker sees them."""
+def one_cpu_host(devices: str, page_size: int | None = None) -> HostConfig:
+    """Host h1 of a topology with one CPU (and `page_size`, when given) and the devices given as YAML lines
+    (``eth0: {ifindex: 2}``), every default resolved as a worker sees them."""
     lines = textwrap.indent(textwrap.dedent(devices).strip("\n") + "\n", " " * 6)
-    topo = validate_topology_text(f"name: t\nhosts:\n  h1:\n    cpus: 1\n    devices:\n{lines}", "t.yaml")
+    size = f"    page_size: {page_size}\n" if page_size else ""
+    topo = validate_topology_text(f"name: t\nhosts:\n  h1:\n    cpus: 1\n{size}    devices:\n{lines}", "t.yaml")
     return topo.hosts["h1"]
 
 

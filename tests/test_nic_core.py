@@ -72,13 +72,14 @@ class Clock:
 
 
 def make_nic(page_memory, rx_ring: int = 64, tx_ring: int = 128, completion_us: int = 0, xdp_xmit: bool = True,
-             mtu: int = 1500, page_size: int = 512):
+             mtu: int = 1500, page_size: int = 512, sg: bool = False):
     xmit = str(xdp_xmit).lower()
+    feats = ", xdp_features: [basic, redirect, ndo-xmit, ndo-xmit-sg, rx-sg]" if sg else ""
     cfg = one_cpu_host(f"""
         eth0: {{ifindex: 2, rx_ring_size: {rx_ring}, tx_ring_size: {tx_ring}, tx_completion_us: {completion_us},
-                xdp_xmit: {xmit}, mtu: {mtu}}}
-    """).devices["eth0"]
-    pm = page_memory(npages=1024, page_size=page_size, ncpus=1)
+                xdp_xmit: {xmit}, mtu: {mtu}{feats}}}
+    """, page_size=page_size if page_size >= 2048 else None).devices["eth0"]
+    pm = page_memory(npages=1024, page_size=page_size, ncpus=1, multibuf=sg)
     counters = Counters("device")
     cpus, tx, link, clock = FakeCpus(), FakeWire(), FakeLink(), Clock()
     nic = NicCore(cfg, 1, pm, cpus, tx, link, counters.array, counters.index, lambda key, text: None,
@@ -264,3 +265,62 @@ def test_link_up_follows_the_cables_carrier_not_the_peers_address(page_memory) -
     assert not nic.cabled and nic.count("link_up") == 0
     nic.dispatch(wire.pack_msg("link", {"peer": "tcp://h2.links:4001"}, b""))
     assert opened == ["tcp://h2.links:4000"]  # a cable whose far end is gone is not plugged in again
+
+
+def _jumbo_messages(link: FakeLink, nmsgs: int, size: int = 9018) -> None:
+    """`nmsgs` link messages of 7 frames of `size` bytes, as a LinkSender cuts them (`msg_frames`)."""
+    from emu.net.link import msg_frames
+
+    per = msg_frames(size)
+    assert per == 7
+    for m in range(nmsgs):
+        link.msgs.append(wire.pack_frames(frames(per, size, start=m * per)))
+
+
+def test_flow_control_waits_for_one_message_of_the_longest_frames_not_256_buffers(page_memory) -> None:
+    """16 KiB pages, a ring of 64, MTU 9000: a link message holds 7 frames of 9018 bytes, so the device takes
+    messages while 7 buffers are posted (xon) and coalesces them while 7 more are free, never pausing the
+    link for a ring's worth (which a CPU with frames in flight never posts: every message would wait
+    XON_WAIT_NS)."""
+    nic, pm, cpus, _, link, clock = make_nic(page_memory, rx_ring=64, mtu=9000, page_size=16384)
+    assert nic.xon == 7
+    post(nic, pm, 40)  # the CPU holds the ring's other 24 buffers (frames in its poll)
+    _jumbo_messages(link, 10)
+    # 40 buffers: 5 messages of 7 (35 frames) coalesced into one DMA pass; 5 left < 7: the rest stay on the link.
+    assert nic.receive() == 35
+    assert len(link.msgs) == 5 and nic.nposted == [5] and nic.fifo == 0
+    assert nic.count("tx_flow_control_xoff") == 0
+    # Below one message's worth: a short pause for the refill (one xoff), and the bell asks for the 2 missing.
+    assert nic.receive() == 0 and nic.count("tx_flow_control_xoff") == 1 and len(link.msgs) == 5
+    assert nic.post_bell() == 2 * DESC_DTYPE.itemsize
+    post(nic, pm, 2)
+    assert nic.receive() == 7 and len(link.msgs) == 4 and nic.count("tx_flow_control_xoff") == 1
+    assert clock.ns == 1_000_000_000  # (no time passed: nothing waited for XON_WAIT_NS)
+    (_, _, _, d1), (_, _, _, d2) = cpus.take("rx")
+    assert len(d1) == 35 and len(d2) == 7 and (d1["len"] == 9018).all()
+
+
+def test_small_frames_keep_the_coalescing_of_full_messages(page_memory) -> None:
+    """MTU 1454 on 2 KiB pages (max frame 1472 bytes: 44 a message; l2fwd.yaml): xon is 44, whatever the frames' size;
+    64-byte frames come 256 a message and what the posted buffers do not hold waits in the RX FIFO."""
+    nic, pm, _, _, link, _ = make_nic(page_memory, rx_ring=512, mtu=1454, page_size=2048)
+    assert nic.xon == 44
+    post(nic, pm, 300)
+    link.msgs.extend(wire.pack_frames(frames(256, start=k)) for k in range(3))
+    assert nic.receive() == 300 and nic.fifo == 212 and len(link.msgs) == 1  # 300 - 256 = 44: one more taken
+    assert nic.count("tx_flow_control_xoff") == 0
+
+
+def test_an_sg_device_counts_a_message_in_buffers(page_memory) -> None:
+    """4 KiB pages with rx-sg, MTU 9000: a 9018-byte frame takes 3 buffers, a message of 7 takes 21 (xon),
+    and the coalescing stops when fewer than 21 buffers are left, not 21 frames."""
+    nic, pm, cpus, _, link, _ = make_nic(page_memory, rx_ring=128, mtu=9000, page_size=4096, sg=True)
+    assert nic.sg and nic.xon == 21
+    post(nic, pm, 70)
+    _jumbo_messages(link, 5)
+    # 70 buffers: 3 messages (63 buffers) in one pass; 7 left < 21.  Counted in frames (7 a message), the
+    # loop would have taken a fourth message and 4 of its frames would wait in the FIFO.
+    assert nic.receive() == 21 and len(link.msgs) == 2 and nic.fifo == 0 and nic.nposted == [7]
+    assert nic.count("rx_sg_frames") == 21 and nic.count("tx_flow_control_xoff") == 0
+    (_, _, _, d), = cpus.take("rx")
+    assert pm.nfrags[d["page"]].tolist() == [2] * 21

@@ -51,13 +51,13 @@ from emu.mem.page import DESC_DTYPE, PageState, concat_descs, descs, descs_from_
 from emu.mem.pagemem import PageMemory
 from emu.mem.pagepool import check_descs, frame_lens, page_hand_over, tx_dma_start
 from emu.net import wire
+from emu.net.link import msg_frames
 from emu.net.packets import FrameBatch, rss_queue
 from emu.net.protocol import (
     CPU_MASK,
     DEVICE_KINDS,
     FRAMES,
     LINK,
-    LINK_BATCH,
     LINK_DOWN_BIT,
     POST,
     RX,
@@ -66,7 +66,7 @@ from emu.net.protocol import (
     TXDROP,
     refill_batch,
 )
-from emu.topology.model import frame_room, max_frame
+from emu.topology.model import frame_room, max_frame, sg_buffers
 
 if TYPE_CHECKING:
     from emu.topology.model import DeviceConfig
@@ -161,10 +161,6 @@ class NicCore(Core):
         self.completion_ns = cfg.tx_completion_us * 1000
         self.pause_ns = int(pause_ms * 1e6)
         self.paused_since = 0  # when the link was paused, or last made progress while paused (0: not paused)
-        # Nothing waits but a queue is short of a link message's worth of buffers (or of its whole ring,
-        # when smaller): the link stays paused a little (XON_WAIT_NS at most) for the CPUs' refills, so
-        # that frames are DMAed in large batches, as they are while the CPUs keep up.
-        self.xon = min(LINK_BATCH, cfg.rx_ring_size)
         self.xon_since = 0
         self.down = False
         self.cabled = False  # plugged into a peer on another host (the ``link`` message): link_up follows its carrier
@@ -178,6 +174,15 @@ class NicCore(Core):
         # scattered over 1 + N posted buffers of its queue, `room` bytes each (`_scatter`).
         self.room = frame_room(pm.buf_size)
         self.sg = pm.multibuf and "rx-sg" in cfg.xdp_features and self.max_len > self.room
+        # Nothing waits but a queue is short of a link message's worth of buffers (or of its whole ring,
+        # when smaller): the link stays paused a little (XON_WAIT_NS at most) for the CPUs' refills, so
+        # that frames are DMAed in large batches, as they are while the CPUs keep up.  The message is one
+        # of the device's longest frames, counted in buffers (1 + N for a multi-buffer frame): a message
+        # of 9018-byte frames holds 7 of them, and waiting for 256 buffers (or a small ring's all) before
+        # taking it would hold every message the full XON_WAIT_NS.  The coalescing of messages in
+        # `receive` takes another while this many are still free.
+        per = sg_buffers(self.max_len, pm.buf_size) if self.sg else 1
+        self.xon = min(cfg.rx_ring_size, msg_frames(self.max_len) * per)
 
     # -- messages from CPUs -----------------------------------------------------------------------
 
@@ -451,7 +456,7 @@ class NicCore(Core):
         # The first message is taken whatever room there is: what does not fit waits in the FIFO.
         batches: list[FrameBatch] = []
         for _ in range(16):
-            msg = rx.take() if not batches or room >= LINK_BATCH else None
+            msg = rx.take() if not batches or room >= self.xon else None
             if msg is None:
                 break
             try:
@@ -466,7 +471,7 @@ class NicCore(Core):
                 if not len(frames):
                     continue
             batches.append(frames)
-            room -= len(frames)
+            room -= self._bufs(frames) if self.sg else len(frames)
         if not batches:
             return work
         self.xon_since = 0
@@ -475,6 +480,13 @@ class NicCore(Core):
         c[i["rx_packets"]] += len(frames)
         c[i["rx_bytes"]] += int(np.add.reduce(frames.lengths))
         return work + self.dma(frames)
+
+    def _bufs(self, frames: FrameBatch) -> int:
+        """The RX buffers `frames` take on an ``rx-sg`` device: 1 + N each (`sg_buffers`)."""
+        room = self.room
+        if frames.stride:
+            return len(frames) * max(1, -(-frames.stride // room))
+        return int(np.add.reduce(np.maximum(1, -(-frames.lengths.astype(np.int64) // room))))
 
     def _too_long(self, frames: FrameBatch) -> FrameBatch:
         """Drop the frames longer than the MTU allows, as a NIC's MAC does before any DMA (no buffer is

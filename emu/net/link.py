@@ -39,6 +39,14 @@ from emu.net.shmring import BELL_FILL, BELL_MSG, Inbox, MsgRing, ring_bell, take
 
 # Bytes of frames per message (64-byte frames: 256 a message; 1500-byte frames: 43).
 LINK_BYTES = 1 << 16
+
+
+def msg_frames(longest: int) -> int:
+    """How many frames of `longest` bytes one link message holds (`LINK_BATCH` frames, `LINK_BYTES` bytes,
+    each frame with its 4-byte length: 256 of 64 bytes, 43 of 1518, 7 of 9018)."""
+    return min(LINK_BATCH, max(1, LINK_BYTES // (longest + 4)))
+
+
 # Messages waiting to leave before a sender counts as busy (pauses its generator, stops transmitting).
 BACKLOG_MAX = 256
 # The socket monitor's events that move a cable's carrier: the handshake with the peer done (up), the
@@ -140,7 +148,7 @@ class LinkSender:
                 n = len(keep)
         now = time.monotonic_ns() if shaper is not None else 0
         longest = frames.stride or (int(np.maximum.reduce(frames.lengths)) if n else 0)
-        step = min(LINK_BATCH, max(1, LINK_BYTES // (longest + 4)))
+        step = msg_frames(longest)
         for s in range(0, n, step):
             e = min(n, s + step)
             part = frames if (s, e) == (0, n) else frames.slice(s, e)
