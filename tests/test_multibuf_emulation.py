@@ -134,6 +134,20 @@ def test_an_mtu_beyond_eighteen_buffers_and_a_ring_too_small_are_refused() -> No
     assert str(e).startswith("mb.yaml:10:")
 
 
+def test_a_tx_ring_smaller_than_the_largest_frames_buffers_is_refused() -> None:
+    """A frame takes a TX descriptor per buffer: a TX ring of 8 can never hold a frame of 18 buffers (i40e
+    would drop every one), so the topology is refused at its tx_ring_size, naming the buffers."""
+    text = BASE.format(page=1024, mtu=8000, ring=32, features=SGF, program="").replace(
+        "        rx_ring_size: 32\n", "        rx_ring_size: 32\n        tx_ring_size: 8\n")
+    with pytest.raises(TopologyError, match="'tx_ring_size' 8 is too small for mtu 8000 with rx-sg: its largest "
+                                            "frame takes 18 buffers of 1024 bytes") as e:
+        validate_topology_text(text, "mb.yaml")
+    assert str(e.value).startswith("mb.yaml:11:") and "at least 18" in str(e.value)
+    # 18 descriptors hold one such frame: accepted.
+    topo = validate_topology_text(text.replace("tx_ring_size: 8", "tx_ring_size: 18"), "mb.yaml")
+    assert topo.hosts["h1"].devices["eth0"].tx_ring_size == 18
+
+
 def test_rx_sg_with_a_frags_program_or_none_is_accepted() -> None:
     for program in ("", '        xdp: {program: "emu.programs:l2fwd_frags", params: {egress: eth0}}\n'):
         topo = validate_topology_text(BASE.format(page=4096, mtu=9000, ring=256, features=SGF, program=program),

@@ -884,7 +884,7 @@ class _Validator:
             self.fail(flags_node if flags_node is not None else key_node,
                       f"{where}: cannot attach an XDP program: the device's XDP features lack 'basic' "
                       "(the kernel refuses native XDP on it)")
-        mtu = self.mtu(where, page_size, f, features, xdp, rx_ring_size)
+        mtu = self.mtu(where, page_size, f, features, xdp, rx_ring_size, tx_ring_size)
         fallback = DEVICE["redirect_fallback"]
         redirect_fallback = f.choice(fallback.name, fallback.choices, fallback.default)
         tx_completion_us = f.schema_int(DEVICE["tx_completion_us"])
@@ -910,11 +910,14 @@ class _Validator:
         return dev, f.require("ifindex")
 
     def mtu(self, where: str, buf_size: int, f: _Fields, features: tuple[str, ...] = (),
-            xdp: XdpConfig | None = None, rx_ring_size: int = 0) -> int:
+            xdp: XdpConfig | None = None, rx_ring_size: int = 0, tx_ring_size: int = 0) -> int:
         """``mtu``: at most the largest MTU whose frames fit one RX buffer of the host (`max_linear_mtu`; a
         buffer is a page, or a ``pool.frag_size`` fragment of one), as a driver refuses ``ip link set mtu``
         above its ``max_mtu``; beyond it only with XDP multi-buffer: the device has ``rx-sg`` (it scatters a
         frame over 1 + up to MAX_SKB_FRAGS buffers, `max_sg_mtu`), an RX ring with that many buffers, and
+        a TX ring with a descriptor for each of them (a frame it XDP_TXes or is redirected takes one per
+        buffer, and a driver drops a frame its ring can never hold: i40e's ``i40e_xmit_xdp_ring`` finds fewer
+        than 1 + nr_frags descriptors unused, so every one of its largest frames would go), and
         no XDP program or one that supports frags (mlx5's "too big for an XDP program not aware of multi
         buffer"; an eBPF object's is checked with the object, `check_object`).  Absent, 1500 or the
         one-buffer limit when smaller."""
@@ -944,6 +947,11 @@ class _Validator:
         if rx_ring_size and rx_ring_size < need:
             self.fail(f.get("rx_ring_size") or node, f"{where}: 'rx_ring_size' {rx_ring_size} is too small for "
                       f"mtu {mtu} with rx-sg: its largest frame takes {need} RX buffers of {buf_size} bytes")
+        if tx_ring_size and tx_ring_size < need:
+            self.fail(f.get("tx_ring_size") or node, f"{where}: 'tx_ring_size' {tx_ring_size} is too small for "
+                      f"mtu {mtu} with rx-sg: its largest frame takes {need} buffers of {buf_size} bytes, a TX "
+                      f"descriptor each, so a frame it sends (XDP_TX, or a redirect with ndo-xmit-sg) could never "
+                      f"fit the ring and every one would be dropped: make 'tx_ring_size' at least {need}")
         if xdp is not None and xdp.object is None:
             prog = load_program(xdp.program)
             if not prog.frags:
