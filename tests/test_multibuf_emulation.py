@@ -234,3 +234,44 @@ def test_an_ebpf_object_outside_xdp_frags_is_refused_on_a_multibuffer_mtu() -> N
                 features=SGF, program=program)
     assert str(e).startswith("mb.yaml:12:")  # the xdp key
     assert segments_of(os.getpid()) == []  # (refused before its scratch maps were made)
+
+
+@pytest.mark.slow
+def test_jumbo_sg_obj_runs_the_c_frags_program_over_every_buffer() -> None:
+    """topology/jumbo-sg-obj.yaml: jumbo-sg with emu/programs/bpf/xdp_l2fwd_frags.o in the eBPF engine.  Every
+    frame is delivered and verified, every page is home, and the object's per-CPU maps count each frame once
+    with its whole length (bpf_xdp_get_buff_len: lenclass[2]) and its last 4 bytes, read from its last
+    fragment (tailsum[0], the sum the generator's frames give)."""
+    import struct
+
+    import numpy as np
+
+    from emu.net.packets import FrameFactory
+    from tests.ebpf_build import bundled
+
+    bundled()  # the C object, built where it is not yet
+    topo = load_topology(ROOT / "topology" / "jumbo-sg-obj.yaml")
+    assert topo.hosts["h1"].multibuf and topo.hosts["h1"].devices["eth0"].xdp.object is not None
+    n = 3_000
+    r = run(topo, n)
+    t = r["traffic"]
+    assert t["generated"] == n == t["delivered"] and t["dropped"] == 0 and t["unaccounted"] == 0
+    assert t["corrupted"] == 0 and t["duplicates"] == 0 and t["ports"]["sink0"]["verified"] == n
+    eth = {d["name"]: d for d in r["devices"]}
+    assert eth["eth0"]["rx_sg_frames"] == n and eth["eth0"]["rx_sg_frags"] == 2 * n
+    assert eth["eth1"]["tx_sg_frames"] == eth["eth1"]["tx_completions"] == n and eth["eth1"]["tx_bytes"] == n * 9018
+    assert sum(c["xdp"]["redirect"] for c in r["cpus"]) == n
+    assert sum(c["rx_frags_frames"] for c in r["cpus"]) == n and sum(c["rx_frags"] for c in r["cpus"]) == 2 * n
+    maps = r["maps"]["h1:eth0"]
+    assert maps[".rodata"]["vars"] == {"egress_ifindex": 3}
+    assert maps["rxcnt"]["entries"]["0"]["sum"] == n
+    # lenclass: struct {__u64 packets, bytes} per CPU, in the report as each CPU's value bytes in hex.
+    assert set(maps["lenclass"]["entries"]) == {"2"}  # every frame 9018 bytes: class 2 only
+    per_cpu = [struct.unpack("<QQ", bytes.fromhex(v)) for v in maps["lenclass"]["entries"]["2"]["cpus"]]
+    assert len(per_cpu) == 2 and all(p for p, _ in per_cpu)  # both CPUs' RX queues had frames
+    assert sum(p for p, _ in per_cpu) == n and sum(b for _, b in per_cpu) == n * 9018
+    assert [p for p, _ in per_cpu] == maps["rxcnt"]["entries"]["0"]["cpus"]
+    gen = topo.traffic["gen0"].generate
+    sent = FrameFactory(gen.pkt_size, gen.flows, gen.src_mac, gen.dst_mac, port=gen.port_id).build(0, n)
+    tails = sent.rows()[:, -4:].copy().view("<u4").astype(np.uint64)
+    assert maps["tailsum"]["entries"]["0"]["sum"] == int(tails.sum())
