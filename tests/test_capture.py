@@ -301,3 +301,48 @@ def test_multi_host_replay_expect_and_capture_on_its_own_host(tmp_path: Path) ->
     assert (cap["device"], cap["host"], cap["packets"], cap["capture_drops"]) == ("h2:eth0", "h2", 18, 0)
     rows = tshark(tmp_path / "caps" / "h2-eth0.pcapng")
     assert len(rows) == 18 and sum(r["frame.verdict.ebpf_xdp"] == "4" for r in rows) == 9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("snaplen", [262144, 5000])
+def test_multibuffer_frames_are_captured_whole_at_entry_and_exit(tmp_path: Path, snaplen: int) -> None:
+    """jumbo-sg: 9018-byte frames over 3 buffers (3520 + 3520 + 1978 bytes).  At XDP entry and exit a frame's
+    record holds its linear part and its fragments, up to the snap length, with the whole 9018 bytes as its
+    length (bpf_xdp_output of bpf_xdp_get_buff_len), not the linear part's 3520; tshark and dpkt read the
+    same.  With a snap length of 5000 the record holds the linear part and 1480 bytes of the first fragment."""
+    import dpkt
+
+    from emu.net.packets import FrameFactory, swap_macs_batch
+
+    root = Path(__file__).resolve().parent.parent
+    n = 200
+    text = (root / "topology" / "jumbo-sg.yaml").read_text()
+    text += f"\ncapture: {{devices: ['h1:eth0@exit', 'h1:eth1'], dir: caps, snaplen: {snaplen}}}\n"
+    (tmp_path / "t.yaml").write_text(text)
+    topo = load_topology(tmp_path / "t.yaml")
+    r = run(tmp_path / "t.yaml", count=n)
+    assert r["traffic"]["delivered"] == n and r["traffic"]["unaccounted"] == 0
+    assert {c["device"]: c["packets"] for c in r["capture"]} == {"h1:eth0": 2 * n, "h1:eth1": n}
+    assert all(c["capture_drops"] == 0 for c in r["capture"])
+    gen = topo.traffic["gen0"].generate
+    sent = FrameFactory(gen.pkt_size, gen.flows, gen.src_mac, gen.dst_mac, port=gen.port_id).build(0, n)
+    fwd = FrameBatch(sent.data.copy(), sent.offsets, sent.lengths)
+    swap_macs_batch(fwd.data, fwd.offsets, fwd.lengths)
+    cut = min(9018, snaplen)
+    want_in = sorted(f[:cut] for f in sent.to_list())
+    want_out = sorted(f[:cut] for f in fwd.to_list())
+    ins, outs = tmp_path / "caps" / "h1-eth0.pcapng", tmp_path / "caps" / "h1-eth1.pcapng"
+    rows, data = tshark(ins), tshark_bytes(ins)
+    assert len(rows) == 2 * n == len(data)
+    assert {(r["frame.len"], r["frame.cap_len"]) for r in rows} == {("9018", str(cut))}
+    entries = [d for r, d in zip(rows, data, strict=True) if "@fentry" in r["frame.interface_name"]]
+    exits = [d for r, d in zip(rows, data, strict=True) if "@fexit" in r["frame.interface_name"]]
+    assert sorted(entries) == want_in and sorted(exits) == want_out  # l2fwd_frags swapped the MACs
+    # dpkt reads the pcapng too: every block's original length is the whole frame's.
+    with open(ins, "rb") as f:
+        got = [(len(buf), buf) for _ts, buf in dpkt.pcapng.Reader(f)]
+    assert sorted(b for _, b in got) == sorted(want_in + want_out)
+    # What eth1 transmitted was whole before (its TX gather): the same frames, cut at the same length.
+    tx = tshark(outs)
+    assert {(r["frame.len"], r["frame.cap_len"]) for r in tx} == {("9018", str(cut))}
+    assert sorted(tshark_bytes(outs)) == want_out

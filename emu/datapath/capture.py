@@ -9,6 +9,14 @@ writer fell behind) is not written and its frames are counted as capture drops (
 the next record carries the count, which the file shows as the next packet's ``epb_dropcount``); the
 data path never waits for the writer.  A core without a tap (`capture` None) pays one check per batch.
 
+A multi-buffer frame (XDP multi-buffer: a head buffer and the fragments its shinfo lists) is captured
+whole at XDP entry and exit: its linear part then its fragments, up to the snap length, with the whole
+frame's length as its ``len``, as an fentry/fexit program captures it with ``bpf_xdp_output`` given
+``bpf_xdp_get_buff_len`` in ``BPF_F_CTXLEN_MASK`` (the kernel's ``bpf_xdp_event_output`` copies across the
+fragments, ``bpf_xdp_copy_buf``; the kernel's own fentry selftest, test_xdp_bpf2bpf.c, does so).  xdpdump
+itself (xdp-tools) still asks for ``data_end - data``, the linear part only, which would write a
+truncated 3,520-byte frame for a 9,018-byte one.  What a device transmits is already whole (its TX gather).
+
 A record is ``RECORD_HDR`` (magic, frame count, drops since the last record), then one `CAP_DTYPE` entry
 per frame, then the captured bytes of every frame back to back (each at most the snap length).
 """
@@ -19,10 +27,15 @@ import struct
 import time
 from collections.abc import MutableSequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from emu.mem.page import SI_FRAG0, SI_NR_FRAGS
 from emu.net.shmring import MsgRing
+
+if TYPE_CHECKING:
+    from emu.mem.pagemem import PageMemory
 
 __all__ = ["CAP_DTYPE", "ENTRY", "EXIT", "RECORD_HDR", "TX", "CaptureTap", "Record", "TapDevice", "decode_record"]
 
@@ -75,22 +88,23 @@ class CaptureTap:
     # -- the hooks: one call per batch ----------------------------------------------------------------
 
     def xdp(self, dev: str, q: int, data2d: np.ndarray, pages: np.ndarray, offs: np.ndarray, lens: np.ndarray,
-            point: int, verdicts: np.ndarray | None = None, targets: np.ndarray | None = None) -> None:
+            point: int, verdicts: np.ndarray | None = None, targets: np.ndarray | None = None,
+            pm: PageMemory | None = None) -> None:
         """Frames of RX queue `q` of `dev` in their pages, at XDP `point` (entry, or exit with the
-        verdicts and redirect targets)."""
+        verdicts and redirect targets).  `pm`: the page memory of a host laid out for multi-buffer, whose
+        frames are captured whole (their fragments after their linear parts; None: linear frames only)."""
         tap = self.devices.get(dev)
         if tap is None or (point == EXIT and not tap.exit) or not len(pages):
             return
         n = len(pages)
         lens = np.asarray(lens, dtype=np.int64)
-        cap = np.minimum(lens, tap.snaplen)
         offs = np.asarray(offs, dtype=np.int64)
-        c0, o0 = int(cap[0]), int(offs[0])
-        if np.logical_and.reduce(cap == c0) and np.logical_and.reduce(offs == o0):
-            blob = data2d[pages.astype(np.intp), o0 : o0 + c0].tobytes()  # uniform frames: one gather
+        nf = pm.nfrags.take(pages) if pm is not None and pm.shinfo is not None else None
+        if nf is not None and np.logical_or.reduce(nf):
+            blob, lens, cap = self._whole(pm, data2d, pages, offs, lens, nf, tap.snaplen)  # type: ignore[arg-type]
         else:
-            blob = b"".join(data2d[p, o : o + c].tobytes()
-                            for p, o, c in zip(pages.tolist(), offs.tolist(), cap.tolist(), strict=True))
+            cap = np.minimum(lens, tap.snaplen)
+            blob = self._linear(data2d, pages, offs, cap)
         recs = np.zeros(n, CAP_DTYPE)
         recs["ifindex"], recs["queue"], recs["cpu"], recs["point"] = tap.ifindex, q, self.cpu, point
         recs["len"], recs["caplen"] = lens, cap
@@ -103,6 +117,45 @@ class CaptureTap:
             self.entry_ref = self.seq if self._put(recs, blob) else NO_REF
         else:
             self._put(recs, blob, self.entry_ref)
+
+    @staticmethod
+    def _linear(data2d: np.ndarray, pages: np.ndarray, offs: np.ndarray, cap: np.ndarray) -> bytes:
+        """The first `cap` bytes of each frame's linear part, back to back."""
+        c0, o0 = int(cap[0]), int(offs[0])
+        if np.logical_and.reduce(cap == c0) and np.logical_and.reduce(offs == o0):
+            return data2d[pages.astype(np.intp), o0 : o0 + c0].tobytes()  # uniform frames: one gather
+        return b"".join(data2d[p, o : o + c].tobytes()
+                        for p, o, c in zip(pages.tolist(), offs.tolist(), cap.tolist(), strict=True))
+
+    @staticmethod
+    def _whole(pm: PageMemory, data2d: np.ndarray, pages: np.ndarray, offs: np.ndarray, lens: np.ndarray,
+               nf: np.ndarray, snaplen: int) -> tuple[bytes, np.ndarray, np.ndarray]:
+        """Frames some of which have fragments: each one's linear part (`lens` bytes at `offs`) and then its
+        fragments in shinfo order, up to `snaplen` bytes (``bpf_xdp_copy_buf`` over the frame); returns the
+        bytes and each frame's whole length (``xdp_get_buff_len``) and captured length."""
+        si = pm.shinfo
+        assert si is not None
+        whole = lens.copy()
+        parts: list[bytes] = []
+        caps = np.empty(len(pages), dtype=np.int64)
+        for j, (p, o, ln, k) in enumerate(zip(pages.tolist(), offs.tolist(), lens.tolist(), nf.tolist(), strict=True)):
+            left = snaplen
+            c = min(ln, left)
+            parts.append(data2d[p, o : o + c].tobytes())
+            left -= c
+            total = ln
+            if k:
+                row = si[p, SI_FRAG0 : SI_FRAG0 + 3 * min(int(k), int(si[p, SI_NR_FRAGS]))].tolist()
+                for m in range(0, len(row), 3):
+                    b, fo, fl = row[m : m + 3]
+                    total += fl
+                    if left > 0:
+                        c2 = min(fl, left)
+                        parts.append(data2d[b, fo : fo + c2].tobytes())
+                        left -= c2
+            whole[j] = total
+            caps[j] = snaplen - left
+        return b"".join(parts), whole, caps
 
     def tx(self, dev: str, data: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
            queues: np.ndarray | int) -> None:

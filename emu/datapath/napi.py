@@ -624,10 +624,12 @@ class NapiCore(Core):
             pages = d["page"]
             cap = self.capture
             if cap is not None:
-                cap.xdp(rxq.dev, rxq.q, self.data2d, pages, d["off"], d["len"], ENTRY)
+                cap.xdp(rxq.dev, rxq.q, self.data2d, pages, d["off"], d["len"], ENTRY,
+                        pm=self.pm if self.multibuf else None)
             verdicts, targets = self.run_xdp(rxq, d)
             if cap is not None:
-                cap.xdp(rxq.dev, rxq.q, self.data2d, pages, d["off"], d["len"], EXIT, verdicts, targets)
+                cap.xdp(rxq.dev, rxq.q, self.data2d, pages, d["off"], d["len"], EXIT, verdicts, targets,
+                        pm=self.pm if self.multibuf else None)
             ahead = self._only_bulked(rxq, verdicts, targets, pages)
             if ahead is not None:
                 # Every verdict only appends its page to a bulk queue, which the pass flushes once
