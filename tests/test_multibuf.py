@@ -574,3 +574,50 @@ def test_a_multibuffer_frame_takes_a_tx_ring_slot_per_buffer(page_memory) -> Non
     assert r.cc["xdp_tx"] == 3 and r.tx_eth0() == fs[2:]
     assert r.cc["xdp_tx_full"] == 0 and r.dc["xmit_full"] == 0
     audit_ok(r.pm)
+
+
+def test_a_refused_rx_head_frees_its_frames_ring_slots_and_buffers(page_memory) -> None:
+    """The device completes 3 jumbo frames (9 buffers); the message reaches the CPU with the second head's
+    generation torn.  NAPI refuses that head, and the frame the device really completed under it (its page
+    this CPU's own, posted, handed over to this CPU) frees all 3 of its ring slots and goes back to the
+    pool whole, as a driver recycles a frame it drops; a forged descriptor (a page out of range, a page
+    still posted in the device) frees no slot and moves no page.  The ring's count stays what the device
+    holds, and every buffer is accounted for."""
+    from emu.net import wire
+    from emu.xdp.context import XDP_DROP
+
+    r = Rig(page_memory)
+    r.post()
+    (rxq,) = r.core.rxqs.values()
+    assert rxq.posted == 64 == r.nic.nposted[0]
+    r.link.msgs.append(wire.pack_frames([jumbo(XDP_DROP, seed=k) for k in range(3)]))
+    assert r.nic.receive() == 3
+    ((_cpu, kind, hdr, d),) = r.cpus.take("rx")
+    heads = d["page"].astype(np.int64)
+    victim = frame_bufs(r.pm, heads[1:2])
+    assert len(victim) == 3
+    d = d.copy()
+    d["gen"][1] += 1
+    r.core.dispatch(r.msg(kind, hdr, d))
+    assert r.cc["bad_descriptors"] == 1
+    # 9 buffers left the ring: the accepted frames' fragments (4) and the refused frame's 3 are free now,
+    # the 2 accepted heads at the poll.
+    assert rxq.posted == 64 - 4 - 3 == r.nic.nposted[0] + 2
+    assert states(r.pm, victim) == {S.CACHE} and not r.pm.nfrags[victim].any()
+    assert r.core.poll_pass(got=1, refilling=False) == 2 and r.cc["xdp_drop"] == 2
+    assert rxq.posted == r.nic.nposted[0] == 55
+    # Forged: a page id past the end and a buffer the device still holds posted.
+    posted_in_nic = r.nic.posted[0][0][:1].copy()
+    forged = np.concatenate([posted_in_nic, posted_in_nic]).astype(d.dtype)
+    forged["page"][0] = r.pm.nbufs + 5
+    forged["gen"][1] += 1
+    r.core.dispatch(r.msg("rx", hdr, forged))
+    assert r.cc["bad_descriptors"] == 3 and rxq.posted == 55
+    assert r.pm.state[int(posted_in_nic["page"][0])] == S.RX_POSTED
+    r.nic.go_down()
+    for _cpu, kind2, hdr2, dd in r.cpus.take("rxret"):
+        r.core.dispatch(r.msg(kind2, hdr2, dd))
+    assert rxq.posted == 0
+    r.core.pool.drain()
+    home(r.pm)
+    assert r.pm.free_count == r.pm.npages
