@@ -136,7 +136,8 @@ def test_an_mtu_beyond_eighteen_buffers_and_a_ring_too_small_are_refused() -> No
 
 def test_a_tx_ring_smaller_than_the_largest_frames_buffers_is_refused() -> None:
     """A frame takes a TX descriptor per buffer: a TX ring of 8 can never hold a frame of 18 buffers (i40e
-    would drop every one), so the topology is refused at its tx_ring_size, naming the buffers."""
+    would drop every one), so the topology is refused at its tx_ring_size, naming the buffers, when such
+    frames can reach that ring (by redirect with ndo-xmit-sg here)."""
     text = BASE.format(page=1024, mtu=8000, ring=32, features=SGF, program="").replace(
         "        rx_ring_size: 32\n", "        rx_ring_size: 32\n        tx_ring_size: 8\n")
     with pytest.raises(TopologyError, match="'tx_ring_size' 8 is too small for mtu 8000 with rx-sg: its largest "
@@ -146,6 +147,9 @@ def test_a_tx_ring_smaller_than_the_largest_frames_buffers_is_refused() -> None:
     # 18 descriptors hold one such frame: accepted.
     topo = validate_topology_text(text.replace("tx_ring_size: 8", "tx_ring_size: 18"), "mb.yaml")
     assert topo.hosts["h1"].devices["eth0"].tx_ring_size == 18
+    # Without a program (no XDP_TX) and without ndo-xmit-sg no multi-buffer frame reaches its TX ring.
+    topo = validate_topology_text(text.replace("ndo-xmit, ndo-xmit-sg, rx-sg", "ndo-xmit, rx-sg"), "mb.yaml")
+    assert topo.hosts["h1"].devices["eth0"].tx_ring_size == 8
 
 
 def test_rx_sg_with_a_frags_program_or_none_is_accepted() -> None:

@@ -915,11 +915,12 @@ class _Validator:
         buffer is a page, or a ``pool.frag_size`` fragment of one), as a driver refuses ``ip link set mtu``
         above its ``max_mtu``; beyond it only with XDP multi-buffer: the device has ``rx-sg`` (it scatters a
         frame over 1 + up to MAX_SKB_FRAGS buffers, `max_sg_mtu`), an RX ring with that many buffers, and
-        a TX ring with a descriptor for each of them (a frame it XDP_TXes or is redirected takes one per
-        buffer, and a driver drops a frame its ring can never hold: i40e's ``i40e_xmit_xdp_ring`` finds fewer
-        than 1 + nr_frags descriptors unused, so every one of its largest frames would go), and
-        no XDP program or one that supports frags (mlx5's "too big for an XDP program not aware of multi
-        buffer"; an eBPF object's is checked with the object, `check_object`).  Absent, 1500 or the
+        a TX ring with a descriptor for each of them when such frames can reach it (a program's XDP_TX, or
+        a redirect with ``ndo-xmit-sg``: a frame takes one per buffer, and a driver drops a frame its ring
+        can never hold: i40e's ``i40e_xmit_xdp_ring`` finds fewer than 1 + nr_frags descriptors unused, so
+        every one of its largest frames would go), and no XDP program or one that supports frags (mlx5's
+        "too big for an XDP program not aware of multi buffer"; an eBPF object's is checked with the
+        object, `check_object`).  Absent, 1500 or the
         one-buffer limit when smaller."""
         key = DEVICE["mtu"]
         limit = max_linear_mtu(buf_size)
@@ -947,7 +948,8 @@ class _Validator:
         if rx_ring_size and rx_ring_size < need:
             self.fail(f.get("rx_ring_size") or node, f"{where}: 'rx_ring_size' {rx_ring_size} is too small for "
                       f"mtu {mtu} with rx-sg: its largest frame takes {need} RX buffers of {buf_size} bytes")
-        if tx_ring_size and tx_ring_size < need:
+        # Such frames reach its TX ring by XDP_TX (it has a program) or by redirect (ndo-xmit-sg).
+        if tx_ring_size and tx_ring_size < need and (xdp is not None or "ndo-xmit-sg" in features):
             self.fail(f.get("tx_ring_size") or node, f"{where}: 'tx_ring_size' {tx_ring_size} is too small for "
                       f"mtu {mtu} with rx-sg: its largest frame takes {need} buffers of {buf_size} bytes, a TX "
                       f"descriptor each, so a frame it sends (XDP_TX, or a redirect with ndo-xmit-sg) could never "
