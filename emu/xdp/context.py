@@ -104,7 +104,9 @@ XDP_TX = 3
 XDP_REDIRECT = 4
 
 # bpf_check_mtu()'s errnos.
-_EINVAL, _ENODEV = 22, 19
+_EINVAL, _ENODEV, _EFAULT = 22, 19, 14
+# bpf_xdp_pointer: an offset or length above this is -EFAULT (whatever the frame's length).
+_XDP_ACCESS_MAX = 0xFFFF
 
 # bpf_redirect_map(): the low bits of flags are the action on a lookup miss (XDP_ABORTED..XDP_TX).
 _ACTION_MASK = XDP_ABORTED | XDP_DROP | XDP_PASS | XDP_TX
@@ -270,10 +272,13 @@ class XdpContext:
 
     def load_bytes(self, offset: int, buf: bytearray | memoryview) -> int:
         """``bpf_xdp_load_bytes``: copy ``len(buf)`` bytes of the frame from `offset` into `buf`, across its
-        fragments; 0, or -EINVAL (nothing copied) for an empty `buf` or a span past the frame's end, as the
-        engine's twin."""
+        fragments; 0, or (nothing copied) -EFAULT for an offset or length above 0xffff (a negative offset
+        being a u32 one above it) and -EINVAL for an empty `buf` or a span past the frame's end, as
+        ``bpf_xdp_pointer`` and the engine's twin."""
         data = self.data
         n = len(buf)
+        if not 0 <= offset <= _XDP_ACCESS_MAX or n > _XDP_ACCESS_MAX:
+            return -_EFAULT
         if not self._nf:
             if data is None or not n or offset < 0 or offset + n > len(data):
                 return -_EINVAL
@@ -290,9 +295,11 @@ class XdpContext:
 
     def store_bytes(self, offset: int, src: bytes | bytearray | memoryview) -> int:
         """``bpf_xdp_store_bytes``: write `src` over the frame from `offset`, across its fragments; 0, or
-        -EINVAL (nothing written) for an empty `src` or a span past the frame's end."""
+        (nothing written) -EFAULT or -EINVAL as `load_bytes`."""
         data = self.data
         n = len(src)
+        if not 0 <= offset <= _XDP_ACCESS_MAX or n > _XDP_ACCESS_MAX:
+            return -_EFAULT
         if not self._nf:
             if data is None or not n or offset < 0 or offset + n > len(data):
                 return -_EINVAL
@@ -336,6 +343,8 @@ class XdpContext:
                 row[4 + 3 * (k - 1)] = ln + offset
                 row[1] += offset
                 return 0
+            if offset == -(2**31):
+                return 0  # the kernel's -offset of INT_MIN is INT_MIN again: bpf_xdp_frags_shrink_tail does nothing
             shrink = -offset
             if shrink > self.get_buff_len() - ETH_HLEN:
                 return -_EINVAL
@@ -347,9 +356,10 @@ class XdpContext:
                 cut = min(shrink, ln)
                 shrink -= cut
                 row[1] -= cut
-                row[4 + 3 * m] = ln - cut
                 if cut == ln:
-                    freed += 1
+                    freed += 1  # (a released entry keeps its buffer and size, as the kernel's and the engine's)
+                else:
+                    row[4 + 3 * m] = ln - cut
             row[0] = k - freed
             if k - freed:
                 return 0
@@ -379,6 +389,8 @@ class XdpContext:
         if mtu is None:
             return -_ENODEV, 0
         length = (mtu_len + ETH_HLEN if mtu_len else len(self.data or b"")) + len_diff
+        # In C's int, as bpf_xdp_check_mtu adds (and the engine): len_diff = INT_MAX wraps to a fit.
+        length = (length + 2**31) % 2**32 - 2**31
         return (1 if length > mtu + ETH_HLEN else 0), mtu
 
     def __repr__(self) -> str:
