@@ -251,12 +251,11 @@ class XdpContext:
             n += int(self._si[self._head, 1])
         return n
 
-    def _spans(self, offset: int, n: int) -> list[tuple[Any, int, int]] | None:
-        """Where bytes ``offset .. offset + n`` of the frame lie: (view, start in it, count) pieces over the
-        linear part and the fragments (``bpf_xdp_copy_buf``); None past the frame's end."""
+    def _spans(self, offset: int, n: int) -> list[tuple[Any, int, int]]:
+        """Where bytes ``offset .. offset + n`` of the frame (a span `_access` accepted) lie: (view, start in
+        it, count) pieces over the linear part and the fragments (``bpf_xdp_copy_buf``)."""
         data = self.data
-        if data is None or not n or offset < 0 or offset + n > self.get_buff_len():
-            return None
+        assert data is not None
         out: list[tuple[Any, int, int]] = []
         pos = offset
         for view, size in [(data, len(data))] + [(self._mem[b, o : o + ln], ln)  # type: ignore[index]
@@ -270,25 +269,30 @@ class XdpContext:
                 pos -= size
         return out
 
+    def _access(self, offset: int, n: int) -> int:
+        """``bpf_xdp_pointer``'s checks of `n` bytes at `offset`: -EFAULT for an offset or length above
+        0xffff (a negative offset being a u32 one above it), -EINVAL for none or a span past the frame's
+        end, else 0."""
+        if not 0 <= offset <= _XDP_ACCESS_MAX or n > _XDP_ACCESS_MAX:
+            return -_EFAULT
+        if self.data is None or not n or offset + n > self.get_buff_len():
+            return -_EINVAL
+        return 0
+
     def load_bytes(self, offset: int, buf: bytearray | memoryview) -> int:
         """``bpf_xdp_load_bytes``: copy ``len(buf)`` bytes of the frame from `offset` into `buf`, across its
         fragments; 0, or (nothing copied) -EFAULT for an offset or length above 0xffff (a negative offset
         being a u32 one above it) and -EINVAL for an empty `buf` or a span past the frame's end, as
         ``bpf_xdp_pointer`` and the engine's twin."""
-        data = self.data
         n = len(buf)
-        if not 0 <= offset <= _XDP_ACCESS_MAX or n > _XDP_ACCESS_MAX:
-            return -_EFAULT
+        err = self._access(offset, n)
+        if err:
+            return err
         if not self._nf:
-            if data is None or not n or offset < 0 or offset + n > len(data):
-                return -_EINVAL
-            buf[:] = data[offset : offset + n]
+            buf[:] = self.data[offset : offset + n]  # type: ignore[index]
             return 0
-        spans = self._spans(offset, n)
-        if spans is None:
-            return -_EINVAL
         at = 0
-        for view, start, k in spans:
+        for view, start, k in self._spans(offset, n):
             buf[at : at + k] = bytes(view[start : start + k])
             at += k
         return 0
@@ -296,21 +300,16 @@ class XdpContext:
     def store_bytes(self, offset: int, src: bytes | bytearray | memoryview) -> int:
         """``bpf_xdp_store_bytes``: write `src` over the frame from `offset`, across its fragments; 0, or
         (nothing written) -EFAULT or -EINVAL as `load_bytes`."""
-        data = self.data
         n = len(src)
-        if not 0 <= offset <= _XDP_ACCESS_MAX or n > _XDP_ACCESS_MAX:
-            return -_EFAULT
+        err = self._access(offset, n)
+        if err:
+            return err
         if not self._nf:
-            if data is None or not n or offset < 0 or offset + n > len(data):
-                return -_EINVAL
-            data[offset : offset + n] = src
+            self.data[offset : offset + n] = src  # type: ignore[index]
             return 0
-        spans = self._spans(offset, n)
-        if spans is None:
-            return -_EINVAL
         src = bytes(src)
         at = 0
-        for view, start, k in spans:
+        for view, start, k in self._spans(offset, n):
             if isinstance(view, np.ndarray):
                 view[start : start + k] = np.frombuffer(src, np.uint8, k, at)
             else:
