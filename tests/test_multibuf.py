@@ -201,9 +201,10 @@ def test_reclaim_of_a_dead_cpu_holding_multibuffer_frames(page_memory) -> None:
 
 
 def test_reclaim_of_a_dead_cpu_with_multibuffer_frames_on_their_way_to_it(page_memory) -> None:
-    """Frames a device scattered into the dead CPU's posted buffers and completed to it (RX descriptors in
-    flight, every buffer still RX_POSTED, held by the device): reclaim returns each buffer once (a frame's
-    fragments with their head, not again as empty posted buffers)."""
+    """Frames a device scattered into the dead CPU's posted buffers but has not handed over yet (every
+    buffer still RX_POSTED and held by the device, the heads listing their fragments: the device is between
+    `_scatter`'s writes and its `_send`): reclaim returns each buffer once (a frame's fragments with their
+    head, not again as empty posted buffers)."""
     pm = mb_memory(page_memory)
     pool = pool_of(pm, 0, owner=True)
     bufs = pool.alloc(1 + 3 + 1 + 1 + 17 + 5, S.RX_POSTED, holder=device_code(0))

@@ -90,8 +90,8 @@ def reclaim_cpu(pm: PageMemory, cpu: int) -> Reclaimed:
     lost = carrying(pm, held, st[held])
     # Empty RX buffers of the dead CPU that devices dropped from their (now offline) rings: a device
     # holds the ones it still posts, so these name another holder and no live process uses them.  Among them
-    # the buffers of multi-buffer frames a device completed to the CPU before it died: a fragment goes home
-    # with its head (returned on its own too, it would be in its pool twice).
+    # may be the buffers of a multi-buffer frame a device scattered but has not handed over yet: a fragment
+    # goes home with its head (returned on its own too, it would be in its pool twice).
     empty = heads_only(pm, np.flatnonzero((owner == cpu) & (st == PageState.RX_POSTED) & (holder != cpu)))
     for ids in (held, empty):
         if len(ids):
