@@ -128,9 +128,13 @@ def layout(length: int, a: int, b: int, c: int, seed: int, grow_room: int) -> tu
 
 
 @pytest.fixture(scope="module")
-def frags_engine(tmp_path_factory: pytest.TempPathFactory):
-    path = compile_c(CORPUS_DIR / "frags.c", tmp_path_factory.mktemp("fragsdiff"), cflags=("-mcpu=v3",))
-    with Engine(load_object(Path(path)), ncpus=1, engine="interp") as e:
+def frags_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return compile_c(CORPUS_DIR / "frags.c", tmp_path_factory.mktemp("fragsdiff"), cflags=("-mcpu=v3",))
+
+
+@pytest.fixture(scope="module", params=["jit", "interp"])
+def frags_engine(request: pytest.FixtureRequest, frags_path: Path):
+    with Engine(load_object(frags_path), ncpus=1, engine=str(request.param)) as e:
         e.cpu(0).set_devices({1: MTU})
         yield e
 
