@@ -63,6 +63,29 @@ def wait_for(cond, what: str, deadline: float = DEADLINE) -> None:
         time.sleep(0.05)
 
 
+def run_killing(run, victim_key: str, watch: str = "h1/cpu1", after: int = 5000) -> dict:
+    """Run `run` (an `emu.run.coordinator.Run`) and SIGKILL its process `victim_key` once stats row `watch`
+    counts more than `after` rx_packets; returns the report, which must name the victim, alone, dead."""
+    import signal
+
+    killed: list[int] = []
+
+    def killer() -> None:
+        wait_for(lambda: run.started_ns and run.table is not None
+                 and run.table.read(watch)["rx_packets"] > after, "traffic")
+        victim = next(p for p in run.procs if p.key == victim_key)
+        os.kill(victim.process.pid, signal.SIGKILL)
+        killed.append(victim.process.pid)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    report = run.run()
+    t.join(5)
+    assert killed
+    assert report["dead_processes"] == [victim_key]
+    return report
+
+
 def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "emu.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=None if env is None else {**os.environ, **env})

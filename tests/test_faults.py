@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -26,7 +25,19 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from procs import DEADLINE, ROOT, Lines, alive, descendants_of, received, segments_of, start_cli, wait_for, wait_traffic
+from procs import (
+    DEADLINE,
+    ROOT,
+    Lines,
+    alive,
+    descendants_of,
+    received,
+    run_killing,
+    segments_of,
+    start_cli,
+    wait_for,
+    wait_traffic,
+)
 
 from emu.mem import pagepool
 from emu.mem.page import DESC_DTYPE, PageState
@@ -279,22 +290,7 @@ links:
 
 def run_and_kill(victim_key: str, watch: str = "h1/cpu1") -> dict:
     """Run the KILL topology and SIGKILL process `victim_key` once traffic flows; returns the report."""
-    run = Run(validate_topology_text(KILL, "kill.yaml"), RunOptions(quiet=True))
-    killed = []
-
-    def killer() -> None:
-        wait_for(lambda: run.started_ns and run.table is not None
-                 and run.table.read(watch)["rx_packets"] > 5000, "traffic")
-        victim = next(p for p in run.procs if p.key == victim_key)
-        os.kill(victim.process.pid, signal.SIGKILL)
-        killed.append(victim.process.pid)
-
-    t = threading.Thread(target=killer, daemon=True)
-    t.start()
-    report = run.run()
-    t.join(5)
-    assert killed
-    assert report["dead_processes"] == [victim_key]
+    report = run_killing(Run(validate_topology_text(KILL, "kill.yaml"), RunOptions(quiet=True)), victim_key, watch)
     assert segments_of(os.getpid()) == []
     return report
 

@@ -7,7 +7,9 @@ allowed (8) up, biased towards small and odd sizes, pages from the least the val
 (`min_pages`) upwards, page sizes (some split into fragments: ``pool.frag_size``), page-pool parameters,
 NAPI budget and bulk sizes, the bundled XDP programs with valid params (or none), links from traffic
 ports to devices and between devices of different hosts (some impaired), generators with small counts,
-and sinks.  Each is validated with
+and sinks.  One topology in four is XDP multi-buffer throughout: every device has ``rx-sg`` (some
+``ndo-xmit-sg``), an MTU beyond one RX buffer (up to 9000), an RX ring holding its largest frame and a
+frags program (or none), so that generators' frames of up to the smallest MTU span buffers.  Each is validated with
 `emu.topology.validate_topology_text`, then run with ``emu run FILE --json F -q`` in its own process
 group, and must end by itself with ``generated == delivered + dropped + consumed``, nothing
 unaccounted, nothing corrupted, every page home and no violation (`test_emulation.assert_clean`).  A
@@ -47,7 +49,7 @@ from test_emulation import assert_clean
 from emu.mem.shm import sweep_stale, unlink_prefix
 from emu.net.packets import MIN_PKT_SIZE
 from emu.topology.file import validate_topology_text
-from emu.topology.model import max_frame, max_linear_mtu
+from emu.topology.model import max_frame, max_linear_mtu, max_sg_mtu, sg_buffers
 from emu.topology.schema import SECTIONS
 from emu.topology.schema import min_pages as schema_min_pages
 
@@ -58,6 +60,10 @@ RUN_DEADLINE = 120.0  # seconds before a run that has not ended is declared hung
 HOST_BYTES = 64 << 20
 PAGE_SIZES = (1024, 2048, 4096, 8192, 16384)
 PROGRAMS = ("xdp_drop", "xdp_pass", "xdp_tx", "l2fwd", "l2fwd_map")
+# The programs that support XDP multi-buffer (frags=True): the only ones a device whose MTU needs more
+# than one RX buffer may run.
+SG_PROGRAMS = ("xdp_pass", "xdp_tx", "l2fwd_frags")
+SG_MTU_MAX = 9000
 
 
 def min_pages(host: Any) -> int:
@@ -84,7 +90,10 @@ def _ring(hi: int) -> st.SearchStrategy[int]:
 
 
 @st.composite
-def _host(draw: st.DrawFn, name: str) -> SimpleNamespace:
+def _host(draw: st.DrawFn, name: str, sg: bool = False) -> SimpleNamespace:
+    """A host; `sg`: every device takes XDP multi-buffer frames (``rx-sg``, an MTU beyond one RX buffer,
+    an RX ring holding its largest frame, a frags program or none) where the host's buffers are small
+    enough for that to mean anything."""
     cpus = draw(st.one_of(st.integers(1, 4), st.integers(1, 8)))
     ndev = draw(st.integers(1, 3))
     devices: dict[str, SimpleNamespace] = {}
@@ -128,12 +137,24 @@ def _host(draw: st.DrawFn, name: str) -> SimpleNamespace:
         host.buf_size = ps // split if ps // split >= 1024 else ps
         return min_pages(host)
 
-    fits = [ps for ps in PAGE_SIZES if least_for(ps) * ps <= HOST_BYTES] or [1024]
+    sizes = [ps for ps in PAGE_SIZES if not sg or max_linear_mtu(ps // split) < SG_MTU_MAX]
+    fits = [ps for ps in sizes if least_for(ps) * ps <= HOST_BYTES] or [1024]
     least = least_for(draw(st.sampled_from(fits)))
     # The MTU: the default (1500, or what one RX buffer takes) or any a buffer takes.
     most = min(9000, max_linear_mtu(host.buf_size))
     for dev in devices.values():
         dev.mtu = draw(st.none() | st.sampled_from([68, most]) | st.integers(68, most))
+        dev.features = None
+    linear = max_linear_mtu(host.buf_size)
+    if sg and linear < SG_MTU_MAX:
+        top = min(SG_MTU_MAX, max_sg_mtu(host.buf_size))
+        for dev in devices.values():
+            dev.mtu = draw(st.sampled_from([linear + 1, top]) | st.integers(linear + 1, top))
+            dev.features = ["basic", "redirect", *(["ndo-xmit"] if dev.xdp_xmit else []),
+                            *(["ndo-xmit-sg"] if dev.xdp_xmit and draw(st.booleans()) else []), "rx-sg"]
+            dev.rx_ring_size = max(dev.rx_ring_size, sg_buffers(max_frame(dev.mtu), host.buf_size))
+            dev.program = draw(st.sampled_from([None, *SG_PROGRAMS]))
+        least = min_pages(host)
     extra = draw(st.one_of(st.just(0), st.integers(0, 64), st.integers(0, 8192)))
     host.pages = min(max(least, least + extra if (least + extra) * host.page_size <= HOST_BYTES else least),
                      1048576)
@@ -147,7 +168,7 @@ def _output(hosts: dict[str, SimpleNamespace], ep: str) -> str | None:
     dev = hosts[h].devices[d]
     if dev.program == "xdp_tx":
         return ep
-    if dev.program in ("l2fwd", "l2fwd_map"):
+    if dev.program in ("l2fwd", "l2fwd_map", "l2fwd_frags"):
         return f"{h}:{dev.egress}"
     return None
 
@@ -161,7 +182,8 @@ def _break_loops(hosts: dict[str, SimpleNamespace], peer: dict[str, str]) -> Non
         while ep is not None and ":" in ep:
             if ep in seen:
                 h, d = ep.split(":")
-                hosts[h].devices[d].program = "xdp_drop"
+                dev = hosts[h].devices[d]
+                dev.program = "xdp_drop" if dev.features is None else "xdp_pass"  # (a frags program)
                 break
             seen.append(ep)
             out = _output(hosts, ep)
@@ -176,13 +198,15 @@ def _device_yaml(dev: SimpleNamespace) -> dict[str, Any]:
     }
     if dev.mtu is not None:
         out["mtu"] = dev.mtu
+    if dev.features is not None:
+        out["xdp_features"] = dev.features
     if dev.rx_cpus is not None:
         out["rx_cpus"] = dev.rx_cpus
     if dev.tx_cpus is not None:
         out["tx_cpus"] = dev.tx_cpus
     if dev.program is not None:
         xdp: dict[str, Any] = {"program": f"emu.programs:{dev.program}", "vectorised": dev.vectorised}
-        if dev.program == "l2fwd":
+        if dev.program in ("l2fwd", "l2fwd_frags"):
             xdp["params"] = {"egress": dev.egress}
         elif dev.program == "l2fwd_map":
             xdp["params"] = {"tx_port": {0: dev.egress}}
@@ -194,7 +218,9 @@ def _device_yaml(dev: SimpleNamespace) -> dict[str, Any]:
 def topologies(draw: st.DrawFn) -> str:
     """The text of a valid topology file (see the module docstring)."""
     nhosts = draw(st.sampled_from([1, 1, 1, 2, 2, 3]))
-    hosts = {f"h{k + 1}": draw(_host(f"h{k + 1}")) for k in range(nhosts)}
+    # XDP multi-buffer everywhere (one device without it would bound every generator's frames to one buffer).
+    sg = draw(st.sampled_from([False, False, False, True]))
+    hosts = {f"h{k + 1}": draw(_host(f"h{k + 1}", sg)) for k in range(nhosts)}
     endpoints = draw(st.permutations([f"{h}:{d}" for h, host in hosts.items() for d in host.devices]))
     ngen = draw(st.integers(1, min(2, len(endpoints))))
     # Frames may cross to any host: they must fit the smallest MTU of all (a device's default is 1500 or

@@ -4,7 +4,8 @@ The strategy draws a small valid topology (one host, two devices, a bundled prog
 sink) written out in block style so that every key has a line of its own, then breaks exactly one thing:
 an int just past a bound that `emu.topology.schema` declares (so a changed bound is tested automatically), a value
 of the wrong type, an unknown key, a dangling name (link endpoint, egress device, devmap value, rx_cpus
-entry), fewer pages than `emu.topology.schema.min_pages`, or an alias bomb.  ``emu validate`` must exit 2 with one
+entry), fewer pages than `emu.topology.schema.min_pages`, an MTU beyond one RX buffer without ``rx-sg`` or
+with a program that does not support frags (XDP multi-buffer), or an alias bomb.  ``emu validate`` must exit 2 with one
 ``FILE:LINE: message`` line naming the line of the offending key or value, no traceback, and nothing
 started: no process, no shared-memory segment.
 """
@@ -158,7 +159,7 @@ def invalid_docs(draw: st.DrawFn) -> tuple[str, int, str]:
     """(text, line the message must name, what was broken) for a drawn valid topology broken once."""
     d = draw(valid_docs())
     assert validate_topology_text(d.text(), "base.yaml")  # the base is valid: only the mutation is wrong
-    kind = draw(st.sampled_from(["bound", "type", "unknown_key", "dangling", "pages", "aliases"]))
+    kind = draw(st.sampled_from(["bound", "type", "unknown_key", "dangling", "pages", "sg", "aliases"]))
     if kind == "bound":
         sect, key, value = draw(st.sampled_from(BOUND_CASES))
         if key in LIST_KEYS:
@@ -210,6 +211,16 @@ def invalid_docs(draw: st.DrawFn) -> tuple[str, int, str]:
         i = d.tags[("eth0", "rx_ring_size")]
         d.lines[i] = f"        rx_ring_size: {schema.DEVICE['rx_ring_size'].hi}"
         return d.text(), d.tags[("host", "pages")] + 1, "pages below min_pages"
+    if kind == "sg":
+        # XDP multi-buffer's rules: an MTU beyond one RX buffer (3,502 with 4 KiB pages) needs rx-sg, and a
+        # program on such a device must support frags (eth0's, unless it is xdp_tx, which does).
+        dev = draw(st.sampled_from(["eth0", "eth1"]))
+        line = d.set_value((dev, "mtu"), str(draw(st.sampled_from([3503, 9000]))))
+        program = d.lines[d.tags[("xdp", "program")]].split(":")[-1].strip('"')
+        if dev == "eth0" and program != "xdp_tx" and draw(st.booleans()):
+            d.lines.insert(line, "        xdp_features: [basic, redirect, ndo-xmit, rx-sg]")
+            return d.text(), line, f"rx-sg with {program}, not a frags program"
+        return d.text(), line, "mtu beyond one buffer without rx-sg"
     levels = draw(st.integers(15, 24))  # 2**15 leaves is already past MAX_ALIAS_EXPANSION
     d.add("x-bomb-0: &b0 [x, x]")
     for k in range(1, levels):

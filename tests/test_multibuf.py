@@ -200,6 +200,23 @@ def test_reclaim_of_a_dead_cpu_holding_multibuffer_frames(page_memory) -> None:
     assert pm.free_count == pm.npages
 
 
+def test_reclaim_of_a_dead_cpu_with_multibuffer_frames_on_their_way_to_it(page_memory) -> None:
+    """Frames a device scattered into the dead CPU's posted buffers but has not handed over yet (every
+    buffer still RX_POSTED and held by the device, the heads listing their fragments: the device is between
+    `_scatter`'s writes and its `_send`): reclaim returns each buffer once (a frame's fragments with their
+    head, not again as empty posted buffers)."""
+    pm = mb_memory(page_memory)
+    pool = pool_of(pm, 0, owner=True)
+    bufs = pool.alloc(1 + 3 + 1 + 1 + 17 + 5, S.RX_POSTED, holder=device_code(0))
+    frames(pm, bufs[:-5], [3, 0, 17])  # and 5 posted buffers nothing was received into
+    got = reclaim.reclaim_cpu(pm, 0)
+    assert got.pages == 3 + 5
+    reclaim.reclaim_stranded(pm)
+    audit_ok(pm)
+    assert pm.free_count == pm.npages
+    assert len(np.unique(pm.free_stack)) == pm.npages  # no buffer in the page allocator twice
+
+
 def test_audit_sees_a_fragment_out_of_step(page_memory) -> None:
     pm = mb_memory(page_memory)
     pool = pool_of(pm, 0, owner=True)

@@ -168,27 +168,10 @@ def test_a_process_killed_holding_multibuffer_frames_strands_no_buffer(victim: s
     """SIGKILL a CPU worker (or the egress device) while jumbo frames of 3 buffers flow: reclaim returns
     each frame whole (its fragments with its head, each to its pool) and the strict audit finds every
     buffer home."""
-    import os
-    import signal
-    import threading
+    from procs import run_killing
 
-    from procs import wait_for
-
-    run_ = Run(load_topology(ROOT / "topology" / "jumbo-sg.yaml"), RunOptions(count=40_000, quiet=True))
-    killed: list[int] = []
-
-    def killer() -> None:
-        wait_for(lambda: run_.started_ns and run_.table is not None
-                 and run_.table.read("h1/cpu1")["rx_packets"] > 2000, "traffic")
-        proc = next(p for p in run_.procs if p.key == victim)
-        os.kill(proc.process.pid, signal.SIGKILL)
-        killed.append(proc.process.pid)
-
-    t = threading.Thread(target=killer, daemon=True)
-    t.start()
-    r = run_.run()
-    t.join(5)
-    assert killed and r["dead_processes"] == [victim]
+    r = run_killing(Run(load_topology(ROOT / "topology" / "jumbo-sg.yaml"), RunOptions(count=40_000, quiet=True)),
+                    victim, after=2000)
     v = r["violations"]
     assert v["leaked"] == 0 and v["double_free"] == 0 and v["foreign_cache_return"] == 0, (v, r["pages"])
     p = r["pages"]

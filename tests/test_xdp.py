@@ -175,7 +175,8 @@ def test_check_mtu_is_bpf_check_mtu_for_xdp() -> None:
 
 def test_buff_len_load_and_store_bytes_are_the_helpers() -> None:
     """``bpf_xdp_get_buff_len`` / ``_load_bytes`` / ``_store_bytes`` over the frame, -EINVAL (nothing moved)
-    for an empty span or one past the end, as the engine's helpers."""
+    for an empty span or one past the end, -EFAULT for an offset (a negative one is a u32 above it) or a
+    length above 0xffff, as the engine's helpers (``bpf_xdp_pointer``)."""
     ctx = XdpContext(2, 0, 0)
     frame = bytearray(range(100))
     ctx.data = memoryview(frame)
@@ -183,7 +184,9 @@ def test_buff_len_load_and_store_bytes_are_the_helpers() -> None:
     buf = bytearray(4)
     assert ctx.load_bytes(96, buf) == 0 and buf == bytes([96, 97, 98, 99])
     assert ctx.load_bytes(97, buf) == -22 and buf == bytes([96, 97, 98, 99])
-    assert ctx.load_bytes(0, bytearray()) == -22 and ctx.load_bytes(-1, buf) == -22
+    assert ctx.load_bytes(0, bytearray()) == -22 and ctx.load_bytes(-1, buf) == -14
+    assert ctx.load_bytes(0x10000, buf) == -14 and ctx.load_bytes(0, bytearray(0x10000)) == -14
+    assert ctx.store_bytes(0x10000, b"ab") == -14 and buf == bytes([96, 97, 98, 99])
     assert ctx.store_bytes(10, b"\xff\xfe") == 0 and frame[9:13] == bytes([9, 0xFF, 0xFE, 12])
     assert ctx.store_bytes(99, b"ab") == -22 and frame[99] == 99
     assert ctx.store_bytes(5, b"") == -22

@@ -753,7 +753,6 @@ class NapiCore(Core):
         n = len(d)
         pages = d["page"]
         lens = d["len"]
-        c, i = self.c, self.i
         prog = rxq.program
         if prog is None:
             return np.full(n, XDP_PASS, dtype=np.int64), None
@@ -786,11 +785,18 @@ class NapiCore(Core):
                 redirects[k] = ctx.redirect_ifindex
             out[k] = v
         ctx.data = None
+        return self._per_packet_verdicts(out, bad, errors, redirects)
+
+    def _per_packet_verdicts(self, out: list[int], bad: int, errors: int,
+                             redirects: dict[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The per-packet loops' (`run_program`, `run_frames`) result: their verdicts, with what was not an
+        action and what raised counted ``xdp_exception``, and the redirect targets (None: none)."""
+        n = len(out)
         verdicts = np.fromiter(out, dtype=np.int64, count=n)
         if bad:
             self.warn_once("verdict", "XDP program returned something that is not an action (counted ABORTED)")
         if bad or errors:
-            c[i["xdp_exception"]] += bad + errors
+            self.c[self.i["xdp_exception"]] += bad + errors
         targets = None
         if redirects:
             targets = np.full(n, -1, dtype=np.int64)
@@ -814,6 +820,8 @@ class NapiCore(Core):
         newlen = list(ln)
         redirects: dict[int, int] = {}
         errors = bad = 0
+        # (run_program's loop, with the frame's buffers and length: kept apart so that a host without
+        # multi-buffer devices pays nothing per packet for them)
         for k, (p, nf) in enumerate(zip(pages.tolist(), nfr.tolist(), strict=True)):
             s = starts[k]
             ctx.data = buf[s : s + ln[k]]
@@ -837,16 +845,7 @@ class NapiCore(Core):
             pm.len.put(pages, newlen)
         if np.logical_or.reduce(nfr):
             self._release_frags(pages, pm.shinfo[pages.astype(np.intp), 0].astype(np.uint8) * (nfr != 0))
-        verdicts = np.fromiter(out, dtype=np.int64, count=n)
-        if bad:
-            self.warn_once("verdict", "XDP program returned something that is not an action (counted ABORTED)")
-        if bad or errors:
-            self.c[self.i["xdp_exception"]] += bad + errors
-        targets = None
-        if redirects:
-            targets = np.full(n, -1, dtype=np.int64)
-            targets[list(redirects)] = list(redirects.values())
-        return verdicts, targets
+        return self._per_packet_verdicts(out, bad, errors, redirects)
 
     def _release_frags(self, pages: np.ndarray, nfrags: np.ndarray) -> None:
         """Fragments a program released (``bpf_xdp_adjust_tail``): home now, from this CPU's softirq."""

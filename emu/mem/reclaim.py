@@ -89,8 +89,10 @@ def reclaim_cpu(pm: PageMemory, cpu: int) -> Reclaimed:
     held = heads_only(pm, np.flatnonzero((holder == cpu) & IN_USE[st]))
     lost = carrying(pm, held, st[held])
     # Empty RX buffers of the dead CPU that devices dropped from their (now offline) rings: a device
-    # holds the ones it still posts, so these name another holder and no live process uses them.
-    empty = np.flatnonzero((owner == cpu) & (st == PageState.RX_POSTED) & (holder != cpu))
+    # holds the ones it still posts, so these name another holder and no live process uses them.  Among them
+    # may be the buffers of a multi-buffer frame a device scattered but has not handed over yet: a fragment
+    # goes home with its head (returned on its own too, it would be in its pool twice).
+    empty = heads_only(pm, np.flatnonzero((owner == cpu) & (st == PageState.RX_POSTED) & (holder != cpu)))
     for ids in (held, empty):
         if len(ids):
             return_pages(pm, None, ids, errors="count")

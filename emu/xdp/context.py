@@ -104,7 +104,9 @@ XDP_TX = 3
 XDP_REDIRECT = 4
 
 # bpf_check_mtu()'s errnos.
-_EINVAL, _ENODEV = 22, 19
+_EINVAL, _ENODEV, _EFAULT = 22, 19, 14
+# bpf_xdp_pointer: an offset or length above this is -EFAULT (whatever the frame's length).
+_XDP_ACCESS_MAX = 0xFFFF
 
 # bpf_redirect_map(): the low bits of flags are the action on a lookup miss (XDP_ABORTED..XDP_TX).
 _ACTION_MASK = XDP_ABORTED | XDP_DROP | XDP_PASS | XDP_TX
@@ -249,12 +251,11 @@ class XdpContext:
             n += int(self._si[self._head, 1])
         return n
 
-    def _spans(self, offset: int, n: int) -> list[tuple[Any, int, int]] | None:
-        """Where bytes ``offset .. offset + n`` of the frame lie: (view, start in it, count) pieces over the
-        linear part and the fragments (``bpf_xdp_copy_buf``); None past the frame's end."""
+    def _spans(self, offset: int, n: int) -> list[tuple[Any, int, int]]:
+        """Where bytes ``offset .. offset + n`` of the frame (a span `_access` accepted) lie: (view, start in
+        it, count) pieces over the linear part and the fragments (``bpf_xdp_copy_buf``)."""
         data = self.data
-        if data is None or not n or offset < 0 or offset + n > self.get_buff_len():
-            return None
+        assert data is not None
         out: list[tuple[Any, int, int]] = []
         pos = offset
         for view, size in [(data, len(data))] + [(self._mem[b, o : o + ln], ln)  # type: ignore[index]
@@ -268,42 +269,47 @@ class XdpContext:
                 pos -= size
         return out
 
+    def _access(self, offset: int, n: int) -> int:
+        """``bpf_xdp_pointer``'s checks of `n` bytes at `offset`: -EFAULT for an offset or length above
+        0xffff (a negative offset being a u32 one above it), -EINVAL for none or a span past the frame's
+        end, else 0."""
+        if not 0 <= offset <= _XDP_ACCESS_MAX or n > _XDP_ACCESS_MAX:
+            return -_EFAULT
+        if self.data is None or not n or offset + n > self.get_buff_len():
+            return -_EINVAL
+        return 0
+
     def load_bytes(self, offset: int, buf: bytearray | memoryview) -> int:
         """``bpf_xdp_load_bytes``: copy ``len(buf)`` bytes of the frame from `offset` into `buf`, across its
-        fragments; 0, or -EINVAL (nothing copied) for an empty `buf` or a span past the frame's end, as the
-        engine's twin."""
-        data = self.data
+        fragments; 0, or (nothing copied) -EFAULT for an offset or length above 0xffff (a negative offset
+        being a u32 one above it) and -EINVAL for an empty `buf` or a span past the frame's end, as
+        ``bpf_xdp_pointer`` and the engine's twin."""
         n = len(buf)
+        err = self._access(offset, n)
+        if err:
+            return err
         if not self._nf:
-            if data is None or not n or offset < 0 or offset + n > len(data):
-                return -_EINVAL
-            buf[:] = data[offset : offset + n]
+            buf[:] = self.data[offset : offset + n]  # type: ignore[index]
             return 0
-        spans = self._spans(offset, n)
-        if spans is None:
-            return -_EINVAL
         at = 0
-        for view, start, k in spans:
+        for view, start, k in self._spans(offset, n):
             buf[at : at + k] = bytes(view[start : start + k])
             at += k
         return 0
 
     def store_bytes(self, offset: int, src: bytes | bytearray | memoryview) -> int:
         """``bpf_xdp_store_bytes``: write `src` over the frame from `offset`, across its fragments; 0, or
-        -EINVAL (nothing written) for an empty `src` or a span past the frame's end."""
-        data = self.data
+        (nothing written) -EFAULT or -EINVAL as `load_bytes`."""
         n = len(src)
+        err = self._access(offset, n)
+        if err:
+            return err
         if not self._nf:
-            if data is None or not n or offset < 0 or offset + n > len(data):
-                return -_EINVAL
-            data[offset : offset + n] = src
+            self.data[offset : offset + n] = src  # type: ignore[index]
             return 0
-        spans = self._spans(offset, n)
-        if spans is None:
-            return -_EINVAL
         src = bytes(src)
         at = 0
-        for view, start, k in spans:
+        for view, start, k in self._spans(offset, n):
             if isinstance(view, np.ndarray):
                 view[start : start + k] = np.frombuffer(src, np.uint8, k, at)
             else:
@@ -336,6 +342,8 @@ class XdpContext:
                 row[4 + 3 * (k - 1)] = ln + offset
                 row[1] += offset
                 return 0
+            if offset == -(2**31):
+                return 0  # the kernel's -offset of INT_MIN is INT_MIN again: bpf_xdp_frags_shrink_tail does nothing
             shrink = -offset
             if shrink > self.get_buff_len() - ETH_HLEN:
                 return -_EINVAL
@@ -347,9 +355,10 @@ class XdpContext:
                 cut = min(shrink, ln)
                 shrink -= cut
                 row[1] -= cut
-                row[4 + 3 * m] = ln - cut
                 if cut == ln:
-                    freed += 1
+                    freed += 1  # (a released entry keeps its buffer and size, as the kernel's and the engine's)
+                else:
+                    row[4 + 3 * m] = ln - cut
             row[0] = k - freed
             if k - freed:
                 return 0
@@ -379,6 +388,8 @@ class XdpContext:
         if mtu is None:
             return -_ENODEV, 0
         length = (mtu_len + ETH_HLEN if mtu_len else len(self.data or b"")) + len_diff
+        # In C's int, as bpf_xdp_check_mtu adds (and the engine): len_diff = INT_MAX wraps to a fit.
+        length = (length + 2**31) % 2**32 - 2**31
         return (1 if length > mtu + ETH_HLEN else 0), mtu
 
     def __repr__(self) -> str:
