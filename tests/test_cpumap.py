@@ -52,10 +52,10 @@ class Pair:
     """CPU 0 (polls eth0, runs redirect_cpu) and CPU 1, each a NAPI core over one page memory, sharing
     the program's map set as two workers would."""
 
-    def __init__(self, page_memory, run_prefix: str, cpu_map: str) -> None:
-        topo = validate_topology_text(HOST.format(ring=RX_RING, cpu_map=cpu_map), "t.yaml")
+    def __init__(self, page_memory, run_prefix: str, cpu_map: str, ring: int = RX_RING) -> None:
+        topo = validate_topology_text(HOST.format(ring=ring, cpu_map=cpu_map), "t.yaml")
         self.host = host = topo.hosts["h1"]
-        self.pm = pm = page_memory(npages=1024, page_size=512, ncpus=2)
+        self.pm = pm = page_memory(npages=max(1024, 4 * ring), page_size=512, ncpus=2)
         prog = load_program("emu.programs:redirect_cpu")
         dev = host.devices["eth0"]
         self.sets = [MapSet.create(f"{run_prefix}-maps", prog.maps, 2, 0)]
@@ -71,7 +71,7 @@ class Pair:
             rxqs = []
             if cpu == 0:
                 ctx = prog.new_context(2, 0, 0, dev.xdp.params, maps, {"eth0": 2})
-                rxqs = [RxQueue("eth0", 2, 0, RX_RING, prog.fn, ctx, prog.batch, refill_batch(RX_RING))]
+                rxqs = [RxQueue("eth0", 2, 0, ring, prog.fn, ctx, prog.batch, refill_batch(ring))]
             counters = Counters("cpu")
             out = FakeOutbox()
             core = NapiCore(host, cpu, pm, pool_of(pm, cpu, owner=True), rxqs, out, counters.array,
@@ -125,8 +125,8 @@ class Pair:
 def pair(page_memory, run_prefix):
     made: list[Pair] = []
 
-    def make(cpu_map: str) -> Pair:
-        p = Pair(page_memory, run_prefix, cpu_map)
+    def make(cpu_map: str, ring: int = RX_RING) -> Pair:
+        p = Pair(page_memory, run_prefix, cpu_map, ring)
         made.append(p)
         return p
 
@@ -191,7 +191,7 @@ def test_gro_flushes_every_64_skbs_and_when_the_ring_empties(pair) -> None:
     assert p.pool(0, "recycle_ring") == 90
 
 
-def test_redirect_to_its_own_cpu_recycles_napi_locally(pair) -> None:
+def test_a_kthread_on_the_owning_cpu_frees_through_the_ring_once_napi_completed(pair) -> None:
     p = pair("{0: 64}")
     ids = p.receive([3] * 10)
     p.cores[0].poll_pass(got=1, refilling=False)
@@ -199,12 +199,39 @@ def test_redirect_to_its_own_cpu_recycles_napi_locally(pair) -> None:
     # Produced at the end of the pass (xdp_do_flush); the kthread's share of the CPU takes them in the next.
     assert c0["cpumap_kthread_processed"] == 0 and p.cpu_map.queued(0) == 10
     assert p.cores[0].poll_pass(got=0, refilling=False) == 10
-    # The kthread shares the CPU of the pool's NAPI and frees with BH disabled: the NAPI-local rule
-    # sends its own pool's pages straight to the cache.
+    # The poll that took 10 of a budget of 64 completed the NAPI (list_owner -1): the kthread frees with
+    # BH disabled, but page_pool_napi_local finds the pool's NAPI on no CPU's poll list, so its own
+    # pool's pages go through the ring, as any other CPU's would (and are no remote returns).
     assert p.outs[0].take(CPUMAP) == []
     assert c0["cpumap_enqueue"] == 10 and c0["cpumap_kthread_pass"] == 10 and c0["remote_returns"] == 0
-    assert (p.pm.state[ids] == PageState.CACHE).all()
-    assert p.pool(0, "recycle_cached") == 10 and p.pool(0, "recycle_ring") == 0
+    assert c0["cpumap_kthread_sched"] == 1
+    assert (p.pm.state[ids] == PageState.RING).all()
+    assert p.pool(0, "recycle_ring") == 10 and p.pool(0, "recycle_cached") == 0
+
+
+def test_a_kthread_sharing_the_cpu_with_a_busy_napi_gets_a_round_per_softirq(pair) -> None:
+    p = pair("{0: 1024}", ring=512)
+    first = p.receive([3] * 40)
+    core, c0 = p.cores[0], p.counts[0]
+    core.poll_pass(got=1, refilling=False)
+    assert p.cpu_map.queued(0) == 40 and c0["cpumap_kthread_processed"] == 0
+    later = p.receive([3] * 400)
+    # 400 packets, polls of 64: after the fifth (320 >= netdev_budget 300) the NAPI still has 80 to poll,
+    # so it is on the poll list when the kthread's round (8 frames) runs in its local_bh_enable: those 8
+    # go to the cache.  After the seventh poll (16) NAPI completes; the kthread then takes the other 32
+    # with the CPU to itself, through the ring.  The 400 reach the kthread's ring at the flush.
+    assert core.poll_pass(got=1, refilling=False) == 400 + 40
+    assert c0["polls"] == 1 + 7 and c0["cpumap_kthread_processed"] == 40
+    assert c0["cpumap_kthread_pass"] == 40 and c0["cpumap_kthread_sched"] == 1 and c0["remote_returns"] == 0
+    assert (p.pm.state[first[:8]] == PageState.CACHE).all()
+    assert (p.pm.state[first[8:]] == PageState.RING).all()
+    assert p.pool(0, "recycle_cached") == 8 and p.pool(0, "recycle_ring") == 32
+    assert p.cpu_map.queued(0) == 400 and c0["cpumap_enqueue"] == 440
+    # No more RX: the next pass is the kthread's alone, a pass's worth (1,024) at most: all 400, ring.
+    assert core.poll_pass(got=0, refilling=False) == 400
+    assert c0["cpumap_kthread_processed"] == 440 and c0["cpumap_kthread_sched"] == 2
+    assert (p.pm.state[later] == PageState.RING).all() and p.pool(0, "recycle_ring") == 432
+    assert p.pool(0, "recycle_cached") == 8 and p.cpu_map.queued(0) == 0
 
 
 def test_shutdown_frees_what_the_kthread_did_not_take(pair) -> None:

@@ -90,7 +90,7 @@ from emu.net.protocol import (
     refill_batch,
 )
 from emu.topology.model import max_frame
-from emu.xdp.bpfmaps import CPU_MAP_BULK_SIZE, REDIRECT_BROADCAST, REDIRECT_CPUMAP, BroadcastMap, CpuMap
+from emu.xdp.bpfmaps import CPU_MAP_BULK_SIZE, CPUMAP_BATCH, REDIRECT_BROADCAST, REDIRECT_CPUMAP, BroadcastMap, CpuMap
 from emu.xdp.context import (
     XDP_ABORTED,
     XDP_DROP,
@@ -117,6 +117,10 @@ TX_RESYNC_WAITS = 64
 PAGE_SIZE = 4096
 # GRO_NORMAL_BATCH-like: the cpumap kthread flushes GRO every this many skbs (and when its ring empties).
 GRO_FLUSH_SKBS = 64
+# net.core.netdev_budget: the packets one NET_RX softirq (net_rx_action) polls before it yields.  A cpumap
+# kthread on a CPU whose NAPI has work runs one round (CPUMAP_BATCH frames) per this many polled packets:
+# each round's local_bh_enable() runs the pending NET_RX softirq (cpu_map_kthread_run).
+NETDEV_BUDGET = 300
 # txc_release: deferred.  Own TX completions wait for the RX refills that take their pages; once no packet
 # has been polled for this long, traffic has stopped (rather than paused between two of the emulator's
 # batches, which on a loaded machine can be milliseconds apart) and the rest are reaped at once.
@@ -574,7 +578,8 @@ class NapiCore(Core):
     # -- a pass: the NAPI polls between two flushes -----------------------------------------------
 
     def poll_pass(self, got: int, refilling: bool) -> int:
-        """Up to `POLLS_PER_FLUSH` NAPI polls and one flush; returns the packets the polls took.
+        """Up to `POLLS_PER_FLUSH` NAPI polls and one flush, and this CPU's cpumap kthread's share of the
+        CPU (`cpumap_kthread`); returns the packets the polls and the kthread took.
 
         `got` is how many messages came in before this pass (none: no completion is on its way);
         `refilling` is False once the device is going down (``ndo_stop``: nothing more is posted).
@@ -594,6 +599,8 @@ class NapiCore(Core):
             # completion is on its way), or after many waits in a row, not on every waiting pass.
             if not got or self.waits % TX_RESYNC_WAITS == 0:
                 self.tx_resync()
+        softirq = 0  # packets polled since this CPU's cpumap kthread last had a round
+        taken = 0  # frames that kthread took in its rounds between the polls
         for _ in range(POLLS_PER_FLUSH):
             recycles = pool.direct_recycles
             n = self.napi_poll()
@@ -606,15 +613,30 @@ class NapiCore(Core):
                 self.refill()
             if not n:
                 break
-        if done and self.txc_deferred:
+            softirq += n
+            if self.kq and softirq >= NETDEV_BUDGET and self.napi_scheduled():
+                # A cpumap kthread sharing the CPU with a busy NAPI: one round of CPUMAP_BATCH frames
+                # per NET_RX softirq (each round's local_bh_enable runs the pending softirq), its frees
+                # NAPI-local as the NAPI is still on this CPU's poll list.
+                softirq = 0
+                taken += self.cpumap_kthread(CPUMAP_BATCH, napi_local=True)
+        polled = done
+        done += taken
+        if polled and self.txc_deferred:
             self.last_rx_ns = self.clock()
-        if self.txc_pending and (not refilling or (not done and self.clock() - self.last_rx_ns >= TXC_IDLE_NS)):
+        if self.txc_pending and (not refilling or (not polled and self.clock() - self.last_rx_ns >= TXC_IDLE_NS)):
             # The device is going down, or traffic stopped (no packet for TXC_IDLE_NS, not a gap between
             # two batches): NAPI cleans the rest of its TX ring before it completes.
             self.reap_tx()
         if refilling:
             self.refill()
-        done += self.cpumap_kthread()
+        if self.kq:
+            busy = self.napi_scheduled()
+            if not busy or not polled:
+                # NAPI completed (napi_complete_done: list_owner is -1), or could poll nothing (its TX
+                # queues full): the kthread has the CPU to itself, its frees NAPI-local only while the
+                # NAPI is still on this CPU's poll list.
+                done += self.cpumap_kthread(POLLS_PER_FLUSH * self.budget, napi_local=busy)
         self.xdp_do_flush()
         self.post_flush()
         return done
@@ -1161,15 +1183,29 @@ class NapiCore(Core):
                 self.send_descs(cpu, CPUMAP, {"cpu": self.cpu, "dev": dev, "map": ordinal}, ids)
         self.cpu_bulk.clear()
 
-    def cpumap_kthread(self) -> int:
-        """This CPU's share for its cpumap kthread (``cpu_map_kthread_run``): frames off its ptr_rings,
-        `CPUMAP_BATCH` (8) a round, at most a pass's worth of NAPI polls (1,024) per pass so that NAPI gets
-        the CPU too, as the scheduler shares a CPU between the kthread and softirq.  Returns the frames
-        taken."""
+    def napi_scheduled(self) -> bool:
+        """Whether this CPU's NAPI is still on its poll list (``napi->list_owner`` is this CPU): some RX
+        queue it polls has packets its polls have not taken yet, so the poll that took a full budget
+        will be repolled; with none left, ``napi_complete_done`` took it off (list_owner -1)."""
+        for rxq in self.rxqs.values():
+            if rxq.ready is not None or rxq.pending:
+                return True
+        return False
+
+    def cpumap_kthread(self, limit: int, napi_local: bool) -> int:
+        """This CPU's cpumap kthread (``cpu_map_kthread_run``): up to `limit` frames off its ptr_rings,
+        in rounds of `CPUMAP_BATCH` (8) with BH disabled; returns the frames taken.
+
+        How it shares the CPU with NAPI: while this CPU's NAPI has work, each round's ``local_bh_enable``
+        runs the pending NET_RX softirq, so `poll_pass` gives the kthread one round per `NETDEV_BUDGET`
+        polled packets (`napi_local`: the NAPI is on this CPU's poll list meanwhile).  Once NAPI has
+        completed, the kthread has the CPU to itself: up to a pass's worth of NAPI polls (1,024 frames)
+        a pass, a chunk after which the worker reads its messages (and NAPI gets the CPU when traffic is
+        back).  The rounds of one call are processed as one batch, with the counters of its rounds
+        (``cpumap_kthread_sched`` when the ring empties and the kthread sleeps)."""
         if not self.kq:
             return 0
         c, i = self.c, self.i
-        limit = POLLS_PER_FLUSH * self.budget
         done = 0
         while self.kq and done < limit:
             dev, ordinal, ids = self.kq[0]
@@ -1182,7 +1218,7 @@ class NapiCore(Core):
             m = self.cpumaps[(dev, ordinal)]
             m.ring_consumed(self.cpu, len(ids))
             done += len(ids)
-            self._kthread_frames(dev, m, ids)
+            self._kthread_frames(dev, m, ids, napi_local)
         c[i["cpumap_kthread_processed"]] += done
         if not self.kq:
             # The ring is empty: the last GRO flush, and the kthread sleeps until a producer wakes it.
@@ -1192,12 +1228,28 @@ class NapiCore(Core):
             c[i["cpumap_kthread_sched"]] += 1
         return done
 
-    def _kthread_frames(self, dev: str, m: CpuMap, ids: np.ndarray) -> None:
+    def _kthread_free(self, ids: np.ndarray, expect: PageState, napi_local: bool) -> None:
+        """Frees in the kthread (``xdp_return_frame`` of a dropped frame, the stack freeing an skb's page
+        through ``napi_pp_put_page``), with BH disabled: ``page_pool_put_unrefed_netmem`` without
+        allow_direct, so ``page_pool_napi_local`` decides.  In softirq context, it recycles into the
+        alloc cache when the pool's ``cpuid`` is this CPU (only the per-CPU system pools) or the pool's
+        NAPI is scheduled on this CPU (``napi->list_owner``).  Here a CPU's pool is its NAPI's: this CPU's
+        own pages go to its cache while its NAPI has work (`napi_local`), else through its ring like every
+        other pool's pages."""
+        if napi_local:
+            self._free(ids, expect)
+            return
+        owners = self.pm.owner.take(ids)
+        remote = int(np.count_nonzero((owners != self.cpu) & (owners >= 0)))
+        if remote:
+            self.c[self.i["remote_returns"]] += remote
+        return_pages(self.pm, None, ids, expect=expect)
+
+    def _kthread_frames(self, dev: str, m: CpuMap, ids: np.ndarray, napi_local: bool) -> None:
         """One stretch of frames of one entry: the entry's second program (if any) over them, then
         ``cpu_map_bpf_prog_run_xdp``'s verdicts: XDP_PASS builds skbs for the stack, XDP_REDIRECT goes
         through ``xdp_do_redirect``, anything else is dropped (XDP_TX is not allowed there: a warning and
-        an ``xdp_exception``).  Every free is on this CPU: its own pool's pages to its cache, the others'
-        through their rings."""
+        an ``xdp_exception``).  Every free is on this CPU, by `_kthread_free`'s rule."""
         c, i = self.c, self.i
         name = m.program(self.cpu)
         if name is None:
@@ -1217,7 +1269,7 @@ class NapiCore(Core):
                                            "cannot do (dropped, counted as xdp_exception)")
                 c[i["xdp_exception"]] += tx
             c[i["cpumap_kthread_drop"]] += ndrop
-            self._free(ids[~(passed | redir)], PageState.XDP)
+            self._kthread_free(ids[~(passed | redir)], PageState.XDP, napi_local)
         if nredir:
             c[i["cpumap_kthread_redirect"]] += nredir
             self.redirect(ids[redir], None if targets is None else targets[redir], dev)
@@ -1230,7 +1282,7 @@ class NapiCore(Core):
             held = self.gro_held + npass
             c[i["cpumap_gro_flush"]] += held // GRO_FLUSH_SKBS
             self.gro_held = held % GRO_FLUSH_SKBS
-            self._free(skbs, PageState.SKB)
+            self._kthread_free(skbs, PageState.SKB, napi_local)
 
     def _kprog(self, dev: str, name: str) -> RxQueue:
         """The second program `name` as this CPU's kthread runs it for frames of `dev` (loaded once)."""

@@ -182,16 +182,26 @@ def pages_pending(pm: PageMemory, hname: str, holders: Mapping[int, str]) -> dic
     return out
 
 
+def stalled_warning(pool_id: int, inflight: int, sec: int, where: str) -> str:
+    """The kernel's warning for a pool whose shutdown waits on pages in flight, in its format
+    (``page_pool_release_retry``: ``"%s() stalled pool shutdown: id %u, %d inflight %d sec"``), with the
+    pool's place in the run in parentheses: `pool_id` is its id as ``emu pools`` and the report's
+    ``page_pools`` show it (0 for pages of no pool, ``xdpf_clone`` copies), `where` is ``h1/cpu0``."""
+    return f"page_pool_release_retry() stalled pool shutdown: id {pool_id}, {inflight} inflight {sec} sec ({where})"
+
+
 def wait_pools_released(pending: Callable[[], dict[str, int]], downed: Callable[[], bool],
                         step: Callable[[], None], warn: Callable[[str], None], stop: Callable[[], bool],
-                        clock: Callable[[], float] = time.monotonic) -> bool:
+                        clock: Callable[[], float] = time.monotonic,
+                        pool_ids: Mapping[str, int] | None = None) -> bool:
     """After DOWN (``page_pool_release_retry``): until every live CPU and device has acknowledged DOWN
     (`downed`: no CPU refills an RX ring any more, every device handed its posted buffers back) and
     no page is out with a live holder (`pending`, by pool).  Both are needed: a CPU pass begun before
     DOWN may post a whole ring after every page was seen home.  No time limit: while pages are out
     their holders are alive (`step` watches the processes, and a dead or hung one's pages stop being
     waited for), so they come home; every `STALL_WARN_S` the pools still waiting are named to `warn`,
-    in the kernel's words.  Returns False when `stop()` (a new Ctrl-C or SIGTERM) ended the wait first."""
+    in the kernel's words (`stalled_warning`, with each pool's id from `pool_ids` by `pending`'s key).
+    Returns False when `stop()` (a new Ctrl-C or SIGTERM) ended the wait first."""
     start = clock()
     next_warn = start + STALL_WARN_S
     while True:
@@ -204,8 +214,7 @@ def wait_pools_released(pending: Callable[[], dict[str, int]], downed: Callable[
         if now >= next_warn:
             for key, n in out.items():
                 if n:
-                    warn(f"page_pool_release_retry() stalled pool shutdown: id {key} {n} inflight "
-                         f"{int(now - start)} sec")
+                    warn(stalled_warning((pool_ids or {}).get(key, 0), n, int(now - start), key))
             next_warn = now + STALL_WARN_S
         step()
 
@@ -903,7 +912,10 @@ class Run(Console):
             self.stalled.append(msg)
             self.event(msg)
 
-        if not wait_pools_released(pending, downed, step, warn, lambda: self.signals != signals):
+        # The pools' ids as `emu pools` and the report show them (`pages_pending`'s keys; no pool: 0).
+        ids = {f"{hname}/cpu{c}": int(pm.pool_ctl[c][pagepool.P_ID])
+               for hname, pm in self.pms.items() for c in range(pm.ncpus)}
+        if not wait_pools_released(pending, downed, step, warn, lambda: self.signals != signals, pool_ids=ids):
             left = sum(pending().values())
             self.event(f"interrupted during the shutdown: pools destroyed with {left} pages still in flight")
 
