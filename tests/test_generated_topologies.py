@@ -8,7 +8,7 @@ allowed (8) up, biased towards small and odd sizes, pages from the least the val
 NAPI budget and bulk sizes, the bundled XDP programs with valid params (or none), links from traffic
 ports to devices and between devices of different hosts (some impaired), generators with small counts,
 and sinks.  One topology in four is XDP multi-buffer throughout: every device has ``rx-sg`` (some
-``ndo-xmit-sg``), an MTU beyond one RX buffer (up to 9000), an RX ring holding its largest frame and a
+``ndo-xmit-sg``), an MTU beyond one RX buffer (up to 9000), RX and TX rings holding its largest frame and a
 frags program (or none), so that generators' frames of up to the smallest MTU span buffers.  Each is validated with
 `emu.topology.validate_topology_text`, then run with ``emu run FILE --json F -q`` in its own process
 group, and must end by itself with ``generated == delivered + dropped + consumed``, nothing
@@ -92,7 +92,7 @@ def _ring(hi: int) -> st.SearchStrategy[int]:
 @st.composite
 def _host(draw: st.DrawFn, name: str, sg: bool = False) -> SimpleNamespace:
     """A host; `sg`: every device takes XDP multi-buffer frames (``rx-sg``, an MTU beyond one RX buffer,
-    an RX ring holding its largest frame, a frags program or none) where the host's buffers are small
+    RX and TX rings holding its largest frame, a frags program or none) where the host's buffers are small
     enough for that to mean anything."""
     cpus = draw(st.one_of(st.integers(1, 4), st.integers(1, 8)))
     ndev = draw(st.integers(1, 3))
@@ -152,7 +152,9 @@ def _host(draw: st.DrawFn, name: str, sg: bool = False) -> SimpleNamespace:
             dev.mtu = draw(st.sampled_from([linear + 1, top]) | st.integers(linear + 1, top))
             dev.features = ["basic", "redirect", *(["ndo-xmit"] if dev.xdp_xmit else []),
                             *(["ndo-xmit-sg"] if dev.xdp_xmit and draw(st.booleans()) else []), "rx-sg"]
+            # Both rings take the largest frame's buffers (an RX descriptor, and a TX one, each).
             dev.rx_ring_size = max(dev.rx_ring_size, sg_buffers(max_frame(dev.mtu), host.buf_size))
+            dev.tx_ring_size = max(dev.tx_ring_size, sg_buffers(max_frame(dev.mtu), host.buf_size))
             dev.program = draw(st.sampled_from([None, *SG_PROGRAMS]))
         least = min_pages(host)
     extra = draw(st.one_of(st.just(0), st.integers(0, 64), st.integers(0, 8192)))
