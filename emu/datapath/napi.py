@@ -350,13 +350,11 @@ class NapiCore(Core):
             # Only this CPU's own posted buffers, each once, become its XDP buffers.
             ok = check_descs(self.pm, d, PageState.RX_POSTED, owner=self.cpu, unique=True)
             if ok is not None:
-                bad = d[~ok]
                 d = d[ok]
                 self.refused(n - len(d), PageState.RX_POSTED, _REFUSED_WHY)
-                # A completed descriptor keeps its ring slot until NAPI processes it (see napi_poll); a
-                # refused one frees the slots of the frame the device really completed under it, if any.
-                # So the pool lends out no more than the ring holds.
-                rxq.posted -= self._rx_refused(bad, d["page"])
+            # A completed descriptor keeps its ring slot until NAPI processes it (see napi_poll); only
+            # refused ones free theirs now.  So the pool lends out no more than the ring holds.
+            rxq.posted -= n - len(d)
             if len(d) and self.multibuf:
                 # A multi-buffer frame's fragments took ring slots of their own: free them now (the head's
                 # stays taken until NAPI processes the frame).
@@ -411,40 +409,6 @@ class NapiCore(Core):
                 m.ring_consumed(self.cpu, n - len(d))  # they held ring slots: give them back
             if len(d):
                 self.kq.append((key[0], key[1], d["page"].astype(np.int64)))  # type: ignore[arg-type]
-
-    def _rx_refused(self, bad: np.ndarray, accepted: np.ndarray) -> int:
-        """RX descriptors refused (`bad`; `accepted`: the pages of the message that passed): returns the RX
-        ring slots they free.  A descriptor names a frame the device really completed to this CPU when its
-        page is this CPU's own, posted (``RX_POSTED``) and handed over to this CPU (the device's completion
-        does that, `NicCore._send`), and is not one the message also names validly: that frame took 1 + N
-        ring slots (its fragments' too), which are free now, and its buffers go back to the pool (as a
-        driver recycles the buffers of a frame it drops for a bad descriptor); a stale generation is what
-        makes such a descriptor refused.  Any other refused descriptor (a page out of range, in another
-        state or of another holder: forged) took no slot and frees none, and moves no page.  A frame whose
-        fragments are not all posted (torn) frees its slots but stays where it is, for the audit to see."""
-        pm = self.pm
-        pages = bad["page"].astype(np.int64)
-        pages = np.unique(pages[pages < pm.nbufs])
-        if len(accepted):
-            pages = pages[~np.isin(pages, accepted)]
-        if not len(pages):
-            return 0
-        mine = ((pm.state.take(pages) == PageState.RX_POSTED) & (pm.holder.take(pages) == self.cpu)
-                & (pm.owner.take(pages) == self.cpu))
-        heads = pages[mine]
-        if not len(heads):
-            return 0
-        slots = len(heads)
-        if self.multibuf:
-            slots += int(np.add.reduce(pm.nfrags.take(heads), dtype=np.int64))
-        d = np.zeros(len(heads), dtype=DESC_DTYPE)
-        d["page"], d["gen"], d["owner"] = heads, pm.gen.take(heads), self.cpu
-        ok = check_descs(pm, d, PageState.RX_POSTED, owner=self.cpu)
-        if ok is not None:
-            d = d[ok]
-        if len(d):
-            return_pages(pm, self.pool, d["page"], d["gen"], expect=PageState.RX_POSTED)
-        return slots
 
     def _free(self, ids: np.ndarray, expect: PageState) -> int:
         """Free frames on this CPU, in softirq: this CPU's own pages go straight to its cache (NAPI-local
