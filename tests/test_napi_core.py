@@ -17,7 +17,7 @@ from emu.mem import pagepool
 from emu.mem.page import DESC_DTYPE, HOME, PageState
 from emu.mem.pagepool import pool_of, tx_dma_start
 from emu.net import wire
-from emu.net.protocol import DEVICE_BIT, XDP_PACKET_HEADROOM, device_code, refill_batch
+from emu.net.protocol import DEVICE_BIT, XDP_PACKET_HEADROOM, device_code, refill_batch, transit_code
 from emu.xdp.context import XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
 
 RX_RING = 64
@@ -281,3 +281,35 @@ def test_a_ring_handed_back_at_ndo_stop_is_never_refilled(page_memory) -> None:
     assert out.take("post") == []
     assert core.count("rx_posted") == RX_RING
     assert HOME[pm.state[posted["page"]]].all()
+
+
+def test_pages_a_dead_device_handed_over_but_never_sent_come_home(page_memory) -> None:
+    """A device killed between handing its completions over (``NicCore._send``: the pages are on their
+    way to the CPU, `transit_code`) and sending the message: once the CPU has taken every message (the
+    worker calls `reclaim_transit` when its inbox runs dry after the device was declared dead), it
+    takes those pages back itself, and nothing else moves; before, nobody returned them and the shutdown
+    waited for them for ever."""
+    core, pm, out = make_core(page_memory)
+    posted = post(core, out)
+    ids = posted["page"].astype(np.int64)
+    # eth0 (device 0) completed 5 frames: handed over, the message never sent; 3 more in a message taken.
+    pagepool.page_hand_over(pm, ids[:5], transit_code(0, 0))
+    complete_rx(core, pm, posted[5:], [frame(XDP_DROP)] * 3)
+    # A TX completion of eth1 (device 1) also on its way: eth1 lives, so it is not touched.
+    txd = _completed(pm, core.pool, 2)
+    tx = txd["page"].astype(np.int64)
+    pagepool.page_hand_over(pm, tx, transit_code(1, 0))
+    assert core.reclaim_transit() == 0  # no device died yet
+    core.apply_offline(1 << DEVICE_BIT)  # eth0 died
+    assert core.transit_dead and core.reclaim_transit() == 5 and not core.transit_dead
+    assert (pm.state[ids[:5]] != PageState.RX_POSTED).all() and HOME[pm.state[ids[:5]]].all()
+    assert (pm.state[ids[5:8]] == PageState.XDP).all() and (pm.state[tx] == PageState.TX_INFLIGHT).all()
+    assert core.reclaim_transit() == 0  # once per death
+    # eth1's completion arrives: this CPU holds those pages now; all goes home at shutdown.
+    core.dispatch(wire.pack_msg("txc", {"dev": "eth1", "txq": 0}, txd.tobytes()))
+    assert (pm.holder[tx] == 0).all()
+    core.poll_pass(got=1, refilling=False)
+    core.dispatch(wire.pack_msg("rxret", {"dev": "eth0", "q": 0}, posted[8:].tobytes()))
+    core.shutdown()
+    audit = pagepool.audit(pm, strict=True)
+    assert audit.ok and audit.by_state["free"] == pm.npages, audit.problems

@@ -13,7 +13,7 @@ from emu.datapath.nic import NicCore
 from emu.mem.page import DESC_DTYPE, PageState
 from emu.mem.pagepool import page_pool_dev_alloc_pages, pool_of, xdp_prepare_buff, xdp_xmit_queue
 from emu.net import wire
-from emu.net.protocol import LINK_DOWN_BIT, XDP_PACKET_HEADROOM, device_code
+from emu.net.protocol import LINK_DOWN_BIT, XDP_PACKET_HEADROOM, device_code, transit_code
 
 PAUSE_MS = 1000
 
@@ -117,7 +117,7 @@ def test_dma_writes_the_frames_at_the_headroom(page_memory) -> None:
     ps = pm.page_size
     for p, f in zip(d["page"].tolist(), fs, strict=True):
         assert bytes(pm.data[p * ps + XDP_PACKET_HEADROOM : p * ps + XDP_PACKET_HEADROOM + 100]) == f
-    assert (pm.len[ids[:10]] == 100).all() and (pm.holder[ids[:10]] == 0).all()
+    assert (pm.len[ids[:10]] == 100).all() and (pm.holder[ids[:10]] == transit_code(0, 0)).all()
     assert nic.count("rx_packets") == 10 and nic.count("rx_completed") == 10 and nic.nposted == [54]
 
 
@@ -166,7 +166,7 @@ def test_frames_longer_than_the_mtu_allows_are_dropped_on_arrival(page_memory) -
     assert not cpus.take("rx") and not link.msgs
     # Every page is where it should be: 2 completed to the CPU, the others still posted.
     assert (pm.state[more] == PageState.RX_POSTED).all()
-    assert (pm.state[ids[:2]] == PageState.RX_POSTED).all() and (pm.holder[ids[:2]] == 0).all()
+    assert (pm.state[ids[:2]] == PageState.RX_POSTED).all() and (pm.holder[ids[:2]] == transit_code(0, 0)).all()
 
 
 def test_transmit_gathers_the_frames_and_completes_after_tx_completion_us(page_memory) -> None:

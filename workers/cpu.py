@@ -123,6 +123,9 @@ class CpuWorker:
             while got < 256:
                 msg = inbox.take()
                 if msg is None:
+                    # Every message sent here so far is taken: a dead device's can all be looked for now.
+                    if core.transit_dead:
+                        core.reclaim_transit()
                     break
                 core.dispatch(msg)
                 got += 1

@@ -91,7 +91,7 @@ class Device:
                                  for c in range(host.cpus)])
         self.core = NicCore(host.devices[self.name], host.cpus, self.pm, self.cpus, self.tx, self.rx,
                             row.c, row.index, WarnOnce(spec.key), pause_ms=spec.options.get("pause_ms", 1000),
-                            link_socket=self._link_socket)
+                            link_socket=self._link_socket, dev_index=list(host.devices).index(self.name))
         if "capture" in spec.options:  # xdpdump-style capture of what this device transmits
             self.core.capture = CaptureTap.from_options(spec.options["capture"], 0, row.c, row.index)
 

@@ -88,6 +88,7 @@ from emu.net.protocol import (
     XMIT,
     device_code,
     refill_batch,
+    transit_code,
 )
 from emu.topology.model import max_frame
 from emu.xdp.bpfmaps import CPU_MAP_BULK_SIZE, CPUMAP_BATCH, REDIRECT_BROADCAST, REDIRECT_CPUMAP, BroadcastMap, CpuMap
@@ -303,6 +304,8 @@ class NapiCore(Core):
             for rxq in self.rxqs.values():
                 self._frags_context(rxq.ctx)
         self.last_rx_ns = 0  # when a pass last polled packets
+        # Devices declared dead whose pages on their way here `reclaim_transit` has not looked for yet.
+        self.transit_dead: list[Target] = []
 
     def _frags_context(self, ctx: object) -> None:
         """Let a per-packet program's context reach a frame's fragments (``get_buff_len``, ``load_bytes``,
@@ -374,7 +377,9 @@ class NapiCore(Core):
         elif kind == TXC:
             slots = self._slots(d)  # (before the frames go home: a frame's fragments take slots too)
             if self.txc_deferred and check_descs(self.pm, d, PageState.TX_INFLIGHT, owner=self.cpu) is None:
-                # All this CPU's own: the NAPI polls reap them (reap_tx), before their RX refills.
+                # All this CPU's own: the NAPI polls reap them (reap_tx), before their RX refills.  This CPU
+                # holds them now (they were on their way to it).
+                page_hand_over(self.pm, d["page"], self.cpu)
                 self.txc_pending.append(d)
                 self.c[self.i["tx_completions"]] += len(d)
             else:
@@ -1332,8 +1337,35 @@ class NapiCore(Core):
             self.stack_cpu = self.cpu
         for t in self.by_name.values():
             if mask >> (DEVICE_BIT + t.index) & 1:
+                if not t.down:
+                    self.transit_dead.append(t)
                 t.down = True
                 t.tx_used = 0
+
+    def reclaim_transit(self) -> int:
+        """Once this CPU has taken every message of a dead device (its inbox ran dry after the device was
+        declared dead: nothing more can come from it), the pages that device handed to this CPU in a
+        message it never sent (killed between the hand-over and the send, `NicCore._send`) are still on
+        their way here (`transit_code`) and nobody else will return them: back to their pools, from process
+        context (through the rings).  Returns how many frames."""
+        if not self.transit_dead:
+            return 0
+        pm = self.pm
+        codes = np.array([transit_code(t.index, self.cpu) for t in self.transit_dead], dtype=np.int64)
+        names = ", ".join(t.name for t in self.transit_dead)
+        self.transit_dead.clear()
+        ids = np.flatnonzero(np.isin(pm.holder, codes))
+        if pm.multibuf and len(ids):
+            ids = ids[~np.isin(ids, frame_frags(pm, ids))]  # each frame by its head (its fragments follow)
+        n = 0
+        for state in (PageState.RX_POSTED, PageState.TX_INFLIGHT, PageState.TX_QUEUED):
+            some = ids[pm.state.take(ids) == state]
+            if len(some):
+                n += return_pages(pm, None, some, pm.gen.take(some), expect=state)
+        if n:
+            self.warn_once(f"transit{names}", f"{names} died with {n} frames it had handed to this CPU in a message "
+                                              "it never sent: their pages are back in their pools")
+        return n
 
     def shutdown(self) -> None:
         """``page_pool_destroy``: the pages this CPU still has as XDP buffers go home, then the cache's

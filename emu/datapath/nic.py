@@ -65,6 +65,7 @@ from emu.net.protocol import (
     TXC,
     TXDROP,
     refill_batch,
+    transit_code,
 )
 from emu.topology.model import frame_room, max_frame, sg_buffers
 
@@ -134,9 +135,10 @@ class NicCore(Core):
         self, cfg: DeviceConfig, ncpus: int, pm: PageMemory, cpus: CpuOutbox, tx: WireOut, rx: LinkIn | None,
         counters: MutableSequence[int], index: dict[str, int], warn: Callable[[str, str], None],
         pause_ms: float = 1000, clock: Callable[[], int] = time.monotonic_ns,
-        link_socket: Callable[[str], Any] | None = None,
+        link_socket: Callable[[str], Any] | None = None, dev_index: int = 0,
     ) -> None:
         super().__init__(pm, counters, index, warn)
+        self.dev_index = dev_index  # its number in the host's devices (the holder codes of `emu.net.protocol`)
         self.cfg = cfg
         self.name = cfg.name
         self.ncpus = ncpus
@@ -294,8 +296,9 @@ class NicCore(Core):
 
     def _send(self, cpu: int, kind: str, hdr: dict, d: np.ndarray) -> None:
         if len(d):
-            # The receiving CPU holds these pages from now on: if it dies, the coordinator finds them here.
-            page_hand_over(self.pm, d["page"], cpu)
+            # On their way to the receiving CPU from now on: if it dies, the coordinator finds them there; if
+            # this device dies before the message is out, the CPU takes them back (`transit_code`).
+            page_hand_over(self.pm, d["page"], transit_code(self.dev_index, cpu))
             self.cpus.send(cpu, kind, hdr, d)
 
     # -- the wire ---------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import numpy as np
 from emu.mem.page import IN_USE, PageState
 from emu.mem.pagemem import PageMemory
 from emu.mem.pagepool import fragments_in_use, page_pool_return_page, pool_of, return_pages
+from emu.net.protocol import transit_to
 
 # States in which a page holds a packet that has not reached its end (received, in XDP, queued to
 # transmit, in an skb); a posted RX buffer does too once its length is set (a frame was DMAed into it).
@@ -86,13 +87,15 @@ def reclaim_cpu(pm: PageMemory, cpu: int) -> Reclaimed:
     st = pm.state.copy()
     holder = pm.holder.copy()
     owner = pm.owner.copy()
-    held = heads_only(pm, np.flatnonzero((holder == cpu) & IN_USE[st]))
+    # Its pages, and those on their way to it from a device (`emu.net.protocol.transit_code`).
+    to_it = (holder == cpu) | transit_to(holder, cpu)
+    held = heads_only(pm, np.flatnonzero(to_it & IN_USE[st]))
     lost = carrying(pm, held, st[held])
     # Empty RX buffers of the dead CPU that devices dropped from their (now offline) rings: a device
     # holds the ones it still posts, so these name another holder and no live process uses them.  Among them
     # may be the buffers of a multi-buffer frame a device scattered but has not handed over yet: a fragment
     # goes home with its head (returned on its own too, it would be in its pool twice).
-    empty = heads_only(pm, np.flatnonzero((owner == cpu) & (st == PageState.RX_POSTED) & (holder != cpu)))
+    empty = heads_only(pm, np.flatnonzero((owner == cpu) & (st == PageState.RX_POSTED) & ~to_it))
     for ids in (held, empty):
         if len(ids):
             return_pages(pm, None, ids, errors="count")

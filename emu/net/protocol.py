@@ -87,6 +87,7 @@ bell       producer -> consumer         nothing: "your ring holds what you asked
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 # -- control words ------------------------------------------------------------------------------------
 
@@ -132,6 +133,24 @@ DEVICE_HOLDER_BASE = 256  # above every CPU number (a topology's hosts have at m
 def device_code(index: int) -> int:
     """`holder` value of a page held by device number `index` of the host."""
     return DEVICE_HOLDER_BASE + index
+
+
+# Pages a device handed to a CPU in a message the CPU has not taken yet: ``TRANSIT_HOLDER_BASE + device *
+# TRANSIT_CPUS + cpu``.  The receiving CPU becomes their holder as it takes the message; if the device dies
+# between handing them over and sending, the message never comes, and the CPU (the only one who can know
+# that its ring from the dead device is empty) takes them back (`emu.datapath.napi.NapiCore.reclaim_transit`).
+TRANSIT_HOLDER_BASE = 1024
+TRANSIT_CPUS = 32
+
+
+def transit_code(device: int, cpu: int) -> int:
+    """`holder` value of pages device number `device` handed to CPU `cpu`, on their way to it."""
+    return TRANSIT_HOLDER_BASE + device * TRANSIT_CPUS + cpu
+
+
+def transit_to(holder: Any, cpu: int) -> Any:
+    """Which `holder` values (an integer array) name pages on their way from some device to CPU `cpu`."""
+    return (holder >= TRANSIT_HOLDER_BASE) & ((holder - TRANSIT_HOLDER_BASE) % TRANSIT_CPUS == cpu)
 
 
 # -- RX refill ----------------------------------------------------------------------------------------

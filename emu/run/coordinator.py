@@ -50,7 +50,7 @@ from emu.mem.page import HOME, PageState
 from emu.mem.pagemem import PageMemory, required_shm_bytes
 from emu.mem.pagepool import PoolParams
 from emu.mem.shm import SHM_DIR, ShmSpaceError, new_run_prefix, shm_free_bytes, sweep_stale, unlink_prefix
-from emu.net.protocol import DEVICE_BIT, LINK_DOWN_BIT, Cmd, ProcState, device_code
+from emu.net.protocol import DEVICE_BIT, LINK_DOWN_BIT, Cmd, ProcState, device_code, transit_code
 from emu.net.shmring import RING_BYTES, MsgRing
 from emu.run import capture, expect, launch, pools
 from emu.run import report as rep
@@ -924,6 +924,10 @@ class Run(Console):
         host = self.topo.hosts[hname]
         codes = {c: f"{hname}/cpu{c}" for c in range(host.cpus)}
         codes.update({device_code(i): f"{hname}/{d}" for i, d in enumerate(host.devices)})
+        # Pages on their way from a device to a CPU are the CPU's to wait for: it takes the message, or,
+        # the device dead, takes them back itself (`NapiCore.reclaim_transit`).
+        codes.update({transit_code(i, c): f"{hname}/cpu{c}"
+                      for i in range(len(host.devices)) for c in range(host.cpus)})
         local = {p.key for p in self.procs}
         return {code: key for code, key in codes.items() if key in local and key not in self.dead}
 
