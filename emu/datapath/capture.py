@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from emu.mem.page import SI_FRAG0, SI_NR_FRAGS
+from emu.mem.page import SI_NR_FRAGS, shinfo_entries
 from emu.net.shmring import MsgRing
 
 if TYPE_CHECKING:
@@ -145,9 +145,7 @@ class CaptureTap:
             left -= c
             total = ln
             if k:
-                row = si[p, SI_FRAG0 : SI_FRAG0 + 3 * min(int(k), int(si[p, SI_NR_FRAGS]))].tolist()
-                for m in range(0, len(row), 3):
-                    b, fo, fl = row[m : m + 3]
+                for b, fo, fl in shinfo_entries(si, p, min(int(k), int(si[p, SI_NR_FRAGS]))):
                     total += fl
                     if left > 0:
                         c2 = min(fl, left)

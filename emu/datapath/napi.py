@@ -57,7 +57,7 @@ import numpy as np
 
 from emu.datapath import Core
 from emu.datapath.capture import ENTRY, EXIT, CaptureTap
-from emu.mem.page import DESC_DTYPE, PageState, concat_descs, descs_from_bytes
+from emu.mem.page import DESC_DTYPE, SI_NR_FRAGS, PageState, concat_descs, descs_from_bytes, shinfo_entries
 from emu.mem.pagemem import PageMemory
 from emu.mem.pagepool import (
     PagePool,
@@ -73,6 +73,7 @@ from emu.mem.pagepool import (
     xdp_xmit_queue,
     xdpf_clone,
 )
+from emu.mem.reclaim import heads_only
 from emu.net import wire
 from emu.net.protocol import (
     CPU_KINDS,
@@ -415,16 +416,17 @@ class NapiCore(Core):
             if len(d):
                 self.kq.append((key[0], key[1], d["page"].astype(np.int64)))  # type: ignore[arg-type]
 
-    def _free(self, ids: np.ndarray, expect: PageState) -> int:
+    def _free(self, ids: np.ndarray, expect: PageState, direct: bool = True) -> int:
         """Free frames on this CPU, in softirq: this CPU's own pages go straight to its cache (NAPI-local
-        direct recycling, 6.4), every other pool's through that pool's ring (``xdp_return_frame``)."""
+        direct recycling, 6.4; not `direct`: through its ring too), every other pool's through that pool's
+        ring (``xdp_return_frame``)."""
         if not len(ids):
             return 0
         owners = self.pm.owner.take(ids)
         remote = int(np.count_nonzero((owners != self.cpu) & (owners >= 0)))
         if remote:
             self.c[self.i["remote_returns"]] += remote
-        return return_pages(self.pm, self.pool, ids, expect=expect)
+        return return_pages(self.pm, self.pool if direct else None, ids, expect=expect)
 
     def reap_tx(self, limit: int | None = None) -> int:
         """Recycle up to `limit` (None: all) of this CPU's own TX completions not reaped yet, oldest
@@ -435,29 +437,25 @@ class NapiCore(Core):
         n = 0
         while pending and (limit is None or n < limit):
             d = pending[0]
-            if self.multibuf and limit is not None:
-                w = np.cumsum(self.pm.nfrags.take(d["page"]).astype(np.int64) + 1)
-                if int(w[-1]) > limit - n:
-                    k = max(1, int(np.searchsorted(w, limit - n, side="right")))
-                    if k < len(d):
-                        pending[0] = d[k:]
-                        d = d[:k]
-                    else:
-                        pending.popleft()
-                else:
-                    pending.popleft()
-                    k = len(d)
-                n += int(w[k - 1])
-                self._return(d, PageState.TX_INFLIGHT)
-                continue
-            if limit is not None and len(d) > limit - n:
-                pending[0] = d[limit - n :]
-                d = d[: limit - n]
+            k, bufs = (len(d), len(d)) if limit is None else self._frames_within(d, limit - n)
+            if k < len(d):
+                pending[0] = d[k:]
+                d = d[:k]
             else:
                 pending.popleft()
-            n += len(d)
+            n += bufs
             self._return(d, PageState.TX_INFLIGHT)  # counted in tx_completions when they came in
         return n
+
+    def _frames_within(self, d: np.ndarray, limit: int) -> tuple[int, int]:
+        """How many of frames `d`, from the first, fit `limit` (> 0) buffers (at least one frame), and the
+        buffers they take: a multi-buffer frame takes 1 + N (a TX ring slot, a reaped page each)."""
+        if not self.multibuf:
+            k = min(len(d), limit)
+            return k, k
+        w = np.cumsum(self.pm.nfrags.take(d["page"]).astype(np.int64) + 1)
+        k = len(d) if int(w[-1]) <= limit else max(1, int(np.searchsorted(w, limit, side="right")))
+        return k, int(w[k - 1])
 
     def _reap_for(self, want: int) -> None:
         """Before a refill of `want` buffers, reap the TX completions the kernel's finer polls would
@@ -641,13 +639,11 @@ class NapiCore(Core):
                 d = concat_descs(parts)
             if self.multibuf:
                 # A multi-buffer frame takes a TX ring slot per buffer: no more frames than their buffers fit.
-                w = np.cumsum(self.pm.nfrags.take(d["page"]).astype(np.int64) + 1)
-                if int(w[-1]) > limit:
-                    k = max(1, int(np.searchsorted(w, limit, side="right")))
-                    if k < len(d):
-                        pending.insert(0, d[k:])
-                        d = d[:k]
-                room -= int(w[len(d) - 1]) - len(d)
+                k, bufs = self._frames_within(d, limit)
+                if k < len(d):
+                    pending.insert(0, d[k:])
+                    d = d[:k]
+                room -= bufs - len(d)
             pages = d["page"]
             cap = self.capture
             if cap is not None:
@@ -835,7 +831,7 @@ class NapiCore(Core):
         if newlen != ln:
             pm.len.put(pages, newlen)
         if np.logical_or.reduce(nfr):
-            self._release_frags(pages, pm.shinfo[pages.astype(np.intp), 0].astype(np.uint8) * (nfr != 0))
+            self._release_frags(pages, pm.shinfo[pages.astype(np.intp), SI_NR_FRAGS].astype(np.uint8) * (nfr != 0))
         return self._per_packet_verdicts(out, bad, errors, redirects)
 
     def _release_frags(self, pages: np.ndarray, nfrags: np.ndarray) -> None:
@@ -1005,13 +1001,10 @@ class NapiCore(Core):
         frames = [bytes(self.data2d[p, o : o + n]) for p, o, n in spans]
         if self.multibuf:
             # A multi-buffer frame's skb carries its fragments: the copy is the whole frame.
-            si = pm.shinfo
             for k, (p, nf) in enumerate(zip(ids.tolist(), pm.nfrags.take(ids).tolist(), strict=True)):
                 if nf:
-                    row = si[p]
-                    frames[k] += b"".join(bytes(self.data2d[int(row[2 + 3 * m]), int(row[3 + 3 * m]) :
-                                                            int(row[3 + 3 * m]) + int(row[4 + 3 * m])])
-                                          for m in range(nf))
+                    frames[k] += b"".join(bytes(self.data2d[b, o : o + n])
+                                          for b, o, n in shinfo_entries(pm.shinfo, p, nf))
         self.out.send_frames(t.name, frames)
         self.c[self.i["redirect_skb"]] += len(ids)
         self._free(ids, PageState.XDP)
@@ -1040,20 +1033,21 @@ class NapiCore(Core):
         # is a device whose MTU the frame exceeds (xdp_ok_fwd_dev).
         dsts = [t for ifx in m.ifindexes if ifx and not (exclude and ifx == ingress)
                 and (t := self.targets.get(ifx)) is not None and not t.down and t.xdp_xmit]
-        if dsts and self.multibuf and np.logical_or.reduce(self.pm.nfrags.take(ids)):
-            # is_valid_dst: a multi-buffer frame skips the devices without ndo-xmit-sg, and the MTU check
-            # takes its whole length (xdp_get_frame_len).
-            lens = frame_lens(self.pm, ids)
-            sg = self.pm.nfrags.take(ids) != 0
-            fits = sum(((lens <= t.max_len) & (t.xmit_sg | ~sg)).astype(np.int64) << j for j, t in enumerate(dsts))
-            for key in np.unique(fits).tolist():
-                self._flood(dev, m.name, ordinal, ids[fits == key], [t for j, t in enumerate(dsts) if key >> j & 1])
-            return
         if dsts:
-            lens = self.pm.len.take(ids)
-            if int(np.maximum.reduce(lens)) > min(t.max_len for t in dsts):
-                # Some frames are too long for some targets: the frames with the same targets together.
-                fits = sum((lens <= t.max_len).astype(np.int64) << j for j, t in enumerate(dsts))
+            # A multi-buffer frame also skips the devices without ndo-xmit-sg, and its MTU check takes its
+            # whole length (xdp_get_frame_len).
+            sg = self.pm.nfrags.take(ids) != 0 if self.multibuf else None
+            if sg is not None and not np.logical_or.reduce(sg):
+                sg = None
+            lens = self.pm.len.take(ids) if sg is None else frame_lens(self.pm, ids)
+            if sg is not None or int(np.maximum.reduce(lens)) > min(t.max_len for t in dsts):
+                # Some frames cannot go to some targets: the frames with the same targets together.
+                fits = np.zeros(len(ids), dtype=np.int64)
+                for j, t in enumerate(dsts):
+                    ok = lens <= t.max_len
+                    if sg is not None and not t.xmit_sg:
+                        ok &= ~sg
+                    fits |= ok.astype(np.int64) << j
                 for key in np.unique(fits).tolist():
                     self._flood(dev, m.name, ordinal, ids[fits == key],
                                 [t for j, t in enumerate(dsts) if key >> j & 1])
@@ -1205,14 +1199,7 @@ class NapiCore(Core):
         NAPI is scheduled on this CPU (``napi->list_owner``).  Here a CPU's pool is its NAPI's: this CPU's
         own pages go to its cache while its NAPI has work (`napi_local`), else through its ring like every
         other pool's pages."""
-        if napi_local:
-            self._free(ids, expect)
-            return
-        owners = self.pm.owner.take(ids)
-        remote = int(np.count_nonzero((owners != self.cpu) & (owners >= 0)))
-        if remote:
-            self.c[self.i["remote_returns"]] += remote
-        return_pages(self.pm, None, ids, expect=expect)
+        self._free(ids, expect, direct=napi_local)
 
     def _kthread_frames(self, dev: str, m: CpuMap, ids: np.ndarray, napi_local: bool) -> None:
         """One stretch of frames of one entry: the entry's second program (if any) over them, then
@@ -1354,9 +1341,7 @@ class NapiCore(Core):
         codes = np.array([transit_code(t.index, self.cpu) for t in self.transit_dead], dtype=np.int64)
         names = ", ".join(t.name for t in self.transit_dead)
         self.transit_dead.clear()
-        ids = np.flatnonzero(np.isin(pm.holder, codes))
-        if pm.multibuf and len(ids):
-            ids = ids[~np.isin(ids, frame_frags(pm, ids))]  # each frame by its head (its fragments follow)
+        ids = heads_only(pm, np.flatnonzero(np.isin(pm.holder, codes)))  # each frame by its head
         n = 0
         for state in (PageState.RX_POSTED, PageState.TX_INFLIGHT, PageState.TX_QUEUED):
             some = ids[pm.state.take(ids) == state]

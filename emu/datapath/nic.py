@@ -47,7 +47,7 @@ import numpy as np
 
 from emu.datapath import Core
 from emu.datapath.capture import CaptureTap
-from emu.mem.page import DESC_DTYPE, PageState, concat_descs, descs, descs_from_bytes, shinfo_write
+from emu.mem.page import DESC_DTYPE, PageState, concat_descs, descs, descs_from_bytes, shinfo_entries, shinfo_write
 from emu.mem.pagemem import PageMemory
 from emu.mem.pagepool import check_descs, frame_lens, page_hand_over, tx_dma_start
 from emu.net import wire
@@ -78,6 +78,11 @@ POST_BYTES = DESC_DTYPE.itemsize
 # queues have (what does not fit then waits in the RX FIFO): long enough for the CPUs' refills to make
 # room for a whole message when they keep up, short next to pause_ms when a queue gets few buffers.
 XON_WAIT_NS = 20_000_000
+
+
+def _sg_bufs(lens: Any, room: int) -> Any:
+    """`sg_buffers` over frame lengths (an int or an array): the RX buffers of `room` bytes each takes."""
+    return np.maximum(1, -(-lens // room))
 
 
 class CpuOutbox(Protocol):
@@ -397,10 +402,7 @@ class NicCore(Core):
         for p, o, ln, k in zip(pages.tolist(), d["off"].tolist(), d["len"].tolist(), nf.tolist(), strict=True):
             chunks.append(data2d[p, o : o + ln])
             if k:
-                row = si[p]
-                for m in range(k):
-                    b, fo, fl = (int(x) for x in row[2 + 3 * m : 5 + 3 * m])
-                    chunks.append(data2d[b, fo : fo + fl])
+                chunks += [data2d[b, fo : fo + fl] for b, fo, fl in shinfo_entries(si, p, k)]
         lens = frame_lens(pm, pages)
         data = np.concatenate(chunks) if chunks else np.empty(0, np.uint8)
         offsets = np.zeros(len(d), dtype=np.uint32)
@@ -486,10 +488,9 @@ class NicCore(Core):
 
     def _bufs(self, frames: FrameBatch) -> int:
         """The RX buffers `frames` take on an ``rx-sg`` device: 1 + N each (`sg_buffers`)."""
-        room = self.room
         if frames.stride:
-            return len(frames) * max(1, -(-frames.stride // room))
-        return int(np.add.reduce(np.maximum(1, -(-frames.lengths.astype(np.int64) // room))))
+            return len(frames) * int(_sg_bufs(frames.stride, self.room))
+        return int(np.add.reduce(_sg_bufs(frames.lengths.astype(np.int64), self.room)))
 
     def _too_long(self, frames: FrameBatch) -> FrameBatch:
         """Drop the frames longer than the MTU allows, as a NIC's MAC does before any DMA (no buffer is
@@ -615,7 +616,7 @@ class NicCore(Core):
         multi-buffer xdp_buff from its RX descriptors.  Returns the frames completed."""
         lens = frames.lengths[idx].astype(np.int64)
         room = self.room
-        need = 1 + np.maximum(0, -(-(lens - room) // room))
+        need = _sg_bufs(lens, room)
         cum = np.cumsum(need)
         k = int(np.searchsorted(cum, self.nposted[q], side="right"))
         if k < len(idx):

@@ -20,7 +20,6 @@ entry point over frames: ``Engine(obj, maps, ncpus).run(prog, frames, cpu, ingre
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from typing import Any
@@ -236,7 +235,7 @@ def xdp_program(obj: BpfObject, prog: str, maps: ObjMaps, cpu: int) -> Any:
             lens = np.array(lens, dtype=np.uint32)
         # XDP multi-buffer: each packet's nr_frags (None: no packet of the batch has fragments, no cost);
         # the engine writes the new counts when bpf_xdp_adjust_tail released fragments.
-        nfrags = getattr(pkts, "nfrags", None)
+        nfrags = pkts.nfrags
         if nfrags is not None and not nfrags.flags.writeable:
             nfrags = np.array(nfrags, dtype=np.uint8)
         v, exc, moved = eng.run_batch(idx, pkts.mem, pkts.pages, offs, lens, pkts.redirect_ifindex,
@@ -276,12 +275,9 @@ def xdp_program(obj: BpfObject, prog: str, maps: ObjMaps, cpu: int) -> Any:
             raise RuntimeError(eng.last_fault)
         return r0
 
-    made = Program(fn, f"{obj.path.name}:{prog}", {}, setup, batch, None)
     # BPF_F_XDP_HAS_FRAGS (an xdp.frags section): what the attach check reads (dev_xdp_attach refuses a
-    # program without it on a device whose MTU needs multi-buffer), where Program has the field.
-    if "frags" in {f.name for f in dataclasses.fields(Program)}:
-        made = dataclasses.replace(made, frags=obj.programs[prog].frags)  # type: ignore[call-arg]
-    return made
+    # program without it on a device whose MTU needs multi-buffer).
+    return Program(fn, f"{obj.path.name}:{prog}", {}, setup, batch, None, frags=obj.programs[prog].frags)
 
 
 # bpf_xdp_pointer refuses offsets and lengths above 0xffff: a whole frame is moved in chunks under that.

@@ -139,6 +139,13 @@ def shinfo_frags(si: np.ndarray, heads: np.ndarray, nfrags: np.ndarray) -> np.nd
     return bufs[np.arange(m) < nfrags[:, None].astype(np.int64)].astype(np.int64)
 
 
+def shinfo_entries(si: np.ndarray, head: int, k: int) -> list[tuple[int, int, int]]:
+    """The first `k` fragments of head buffer `head` (its `shinfo_view` row in `si`) as (buffer, offset,
+    length): what a copy of the whole frame reads after the linear part."""
+    w = si[head, SI_FRAG0 : SI_FRAG0 + 3 * k].tolist()
+    return [(w[j], w[j + 1], w[j + 2]) for j in range(0, 3 * k, 3)]
+
+
 def shinfo_write(si: np.ndarray, head: int, bufs: Sequence[int] | np.ndarray, offs: Sequence[int] | np.ndarray,
                  lens: Sequence[int] | np.ndarray) -> None:
     """Write head buffer `head`'s shinfo (`shinfo_view` rows `si`): its fragments `bufs`, each with its data's

@@ -166,6 +166,7 @@ from emu.mem.page import (
     NO_OWNER,
     ORDER0_OWNER,
     SI_FRAG0,
+    SI_FRAGS_SIZE,
     PageError,
     PageState,
     shinfo_frags,
@@ -695,12 +696,10 @@ class PagePool:
         this pool, and those of other pools (None: none), which go home through their owners' rings.
         The heads' fragment counts are cleared: they are linear buffers again."""
         pm = self.pm
-        nf = pm.nfrags.take(ids)
-        if not len(ids) or not np.logical_or.reduce(nf):
+        fr = frame_frags(pm, ids)
+        if not len(fr):
             return ids, None
-        multi = nf != 0
-        fr = shinfo_frags(pm.shinfo, ids[multi], nf[multi])
-        pm.nfrags.put(ids[multi], 0)
+        pm.nfrags.put(ids, 0)
         fr = fr[IN_USE[pm.state.take(fr)]]  # (a fragment already home cannot come back twice)
         own = pm.owner.take(fr) == self.cpu
         foreign = None
@@ -1223,7 +1222,7 @@ def frame_lens(pm: PageMemory, ids: np.ndarray) -> np.ndarray:
         nf = pm.nfrags.take(ids)
         if np.logical_or.reduce(nf):
             multi = np.flatnonzero(nf)
-            lens[multi] += pm.shinfo[np.asarray(ids)[multi].astype(np.intp), 1]
+            lens[multi] += pm.shinfo[np.asarray(ids)[multi].astype(np.intp), SI_FRAGS_SIZE]
     return lens
 
 

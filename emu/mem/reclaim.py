@@ -71,10 +71,12 @@ def carrying(pm: PageMemory, ids: np.ndarray, states: np.ndarray) -> int:
     return int(np.count_nonzero(_CARRYING[states] & (pm.len[ids] > 0)))
 
 
-def heads_only(pm: PageMemory, ids: np.ndarray) -> np.ndarray:
-    """`ids` without the fragments of multi-buffer frames in use: those go home with their heads, as every
-    return of a frame takes them (a fragment returned on its own would be returned twice)."""
-    fr = fragments_in_use(pm)
+def heads_only(pm: PageMemory, ids: np.ndarray, fr: np.ndarray | None = None) -> np.ndarray:
+    """`ids` without the fragments of multi-buffer frames in use (`fr`, `fragments_in_use`, given when the
+    caller has it): those go home with their heads, as every return of a frame takes them (a fragment
+    returned on its own would be returned twice)."""
+    if fr is None:
+        fr = fragments_in_use(pm)
     return ids if not len(fr) else ids[~np.isin(ids, fr)]
 
 
@@ -89,13 +91,14 @@ def reclaim_cpu(pm: PageMemory, cpu: int) -> Reclaimed:
     owner = pm.owner.copy()
     # Its pages, and those on their way to it from a device (`emu.net.protocol.transit_code`).
     to_it = (holder == cpu) | transit_to(holder, cpu)
-    held = heads_only(pm, np.flatnonzero(to_it & IN_USE[st]))
+    fr = fragments_in_use(pm)
+    held = heads_only(pm, np.flatnonzero(to_it & IN_USE[st]), fr)
     lost = carrying(pm, held, st[held])
     # Empty RX buffers of the dead CPU that devices dropped from their (now offline) rings: a device
     # holds the ones it still posts, so these name another holder and no live process uses them.  Among them
     # may be the buffers of a multi-buffer frame a device scattered but has not handed over yet: a fragment
     # goes home with its head (returned on its own too, it would be in its pool twice).
-    empty = heads_only(pm, np.flatnonzero((owner == cpu) & (st == PageState.RX_POSTED) & ~to_it))
+    empty = heads_only(pm, np.flatnonzero((owner == cpu) & (st == PageState.RX_POSTED) & ~to_it), fr)
     for ids in (held, empty):
         if len(ids):
             return_pages(pm, None, ids, errors="count")

@@ -62,6 +62,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from emu.mem.page import SHINFO_TAILROOM, SI_FRAG0, SI_FRAGS_SIZE, SI_NR_FRAGS, shinfo_entries, shinfo_view
 from emu.mem.pagemem import PageSpans
 from emu.topology.model import ETH_DATA_LEN, ETH_HLEN
 from emu.xdp.bpfmaps import BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS, BpfMap, CpuMap, DevMap, MapSpec
@@ -187,10 +188,7 @@ class XdpContext:
         """The frame's fragments as (buffer, offset, length), from its shinfo (none for a linear frame)."""
         if not self._nf or self._si is None:
             return []
-        row = self._si[self._head]
-        k = int(row[0])
-        w = row[2 : 2 + 3 * k].tolist()
-        return [(w[3 * m], w[3 * m + 1], w[3 * m + 2]) for m in range(k)]
+        return shinfo_entries(self._si, self._head, int(self._si[self._head, SI_NR_FRAGS]))
 
     def reset(self, data: memoryview | None) -> None:
         """Per-packet: point at the next frame and forget the previous packet's redirect target."""
@@ -248,7 +246,7 @@ class XdpContext:
         ``xdp_frags_size`` of a multi-buffer frame)."""
         n = len(self.data or b"")
         if self._nf and self._si is not None:
-            n += int(self._si[self._head, 1])
+            n += int(self._si[self._head, SI_FRAGS_SIZE])
         return n
 
     def _spans(self, offset: int, n: int) -> list[tuple[Any, int, int]]:
@@ -330,17 +328,18 @@ class XdpContext:
             return -95  # -EOPNOTSUPP
         si, mem = self._si, self._mem
         assert si is not None and mem is not None
-        limit = mem.shape[1] - 320  # a buffer's data ends before its skb_shared_info tailroom
-        if self._nf and int(si[self._head, 0]):
+        limit = mem.shape[1] - SHINFO_TAILROOM  # a buffer's data ends before its skb_shared_info tailroom
+        if self._nf and int(si[self._head, SI_NR_FRAGS]):
             row = si[self._head]
-            k = int(row[0])
+            k = int(row[SI_NR_FRAGS])
+            last = SI_FRAG0 + 3 * (k - 1)  # the last fragment's (buffer, offset, length) words
             if offset > 0:
-                b, o, ln = (int(x) for x in row[2 + 3 * (k - 1) : 5 + 3 * (k - 1)])
+                b, o, ln = (int(x) for x in row[last : last + 3])
                 if offset > limit - o - ln:
                     return -_EINVAL
                 mem[b, o + ln : o + ln + offset] = 0
-                row[4 + 3 * (k - 1)] = ln + offset
-                row[1] += offset
+                row[last + 2] = ln + offset
+                row[SI_FRAGS_SIZE] += offset
                 return 0
             if offset == -(2**31):
                 return 0  # the kernel's -offset of INT_MIN is INT_MIN again: bpf_xdp_frags_shrink_tail does nothing
@@ -351,15 +350,15 @@ class XdpContext:
             for m in range(k - 1, -1, -1):
                 if not shrink:
                     break
-                ln = int(row[4 + 3 * m])
+                ln = int(row[SI_FRAG0 + 3 * m + 2])
                 cut = min(shrink, ln)
                 shrink -= cut
-                row[1] -= cut
+                row[SI_FRAGS_SIZE] -= cut
                 if cut == ln:
                     freed += 1  # (a released entry keeps its buffer and size, as the kernel's and the engine's)
                 else:
-                    row[4 + 3 * m] = ln - cut
-            row[0] = k - freed
+                    row[SI_FRAG0 + 3 * m + 2] = ln - cut
+            row[SI_NR_FRAGS] = k - freed
             if k - freed:
                 return 0
             offset = -shrink  # every fragment went: the rest shrinks the linear part
@@ -488,10 +487,8 @@ class XdpBatch:
         lens = self.lens.astype(np.int64)
         nf = self.nfrags
         if nf is not None and np.logical_or.reduce(nf):
-            from emu.mem.page import shinfo_view
-
             multi = np.flatnonzero(nf)
-            lens[multi] += shinfo_view(self.mem)[self.pages[multi].astype(np.intp), 1]
+            lens[multi] += shinfo_view(self.mem)[self.pages[multi].astype(np.intp), SI_FRAGS_SIZE]
         return lens
 
     def redirect(self, ifindex: int, where: np.ndarray | slice = slice(None)) -> int:
